@@ -1,0 +1,396 @@
+//! The local API between the Switchyard dataplane and its clients (`switchyard-control`,
+//! `switchyard-cni`).
+//!
+//! Wire format: one JSON object per line over a Unix stream socket. Every request carries the
+//! protocol `version`; every response carries it back together with either `ok` (a [`Reply`]) or
+//! `error` (an [`ApiError`]). A line longer than [`MAX_MESSAGE_BYTES`] is refused. A request
+//! either takes full effect or none: an error leaves the dataplane's state as it was.
+#![deny(unsafe_code)]
+
+mod client;
+mod mac;
+
+pub use client::{Client, ClientError};
+pub use ipnet::IpNet;
+pub use mac::{MacAddr, ParseMacError};
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The protocol version this crate speaks.
+pub const API_VERSION: u32 = 1;
+/// Where the dataplane listens unless told otherwise (`--api PATH`).
+pub const DEFAULT_API_PATH: &str = "/run/switchyard/dataplane.sock";
+/// The largest request or response line accepted, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// A request line: the protocol version and what is asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestEnvelope {
+    /// Protocol version of the sender; must equal [`API_VERSION`].
+    pub version: u32,
+    /// The request itself.
+    pub request: Request,
+}
+
+/// What a client can ask of the dataplane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Check that the dataplane is up and learn its identity.
+    Hello,
+    /// Create a pod port (a TAP device inside the pod's network namespace).
+    AddPort(AddPort),
+    /// Remove a pod port and its routes.
+    DelPort(PortSelector),
+    /// List every port.
+    ListPorts,
+    /// Add a static route.
+    AddRoute(RouteSpec),
+    /// Remove a static route.
+    DelRoute {
+        /// The destination prefix of the route to remove.
+        dst: IpNet,
+    },
+    /// List every route (pod routes and static ones).
+    ListRoutes,
+    /// Read the counters.
+    Stats,
+}
+
+/// Parameters of [`Request::AddPort`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AddPort {
+    /// Path of the pod's network namespace (`/run/netns/NAME`, `/proc/PID/ns/net`).
+    pub netns: String,
+    /// Interface name inside the pod (`eth0`); at most 15 bytes.
+    pub ifname: String,
+    /// The pod's addresses with their prefix length (`10.244.0.5/24`, `fd00::5/64`).
+    pub ips: Vec<IpNet>,
+    /// Interface MTU; the dataplane's default when absent.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// The pod interface's MAC address; derived from the first IP when absent.
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+    /// Free-form owner key (the CNI container ID), kept for listing and garbage collection.
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+/// Names one port: by its id, or by the namespace and interface name it was created with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PortSelector {
+    /// The port's numeric id.
+    Id {
+        /// Port id as listed by [`Request::ListPorts`].
+        id: u32,
+    },
+    /// The namespace path and interface name given at creation.
+    Attachment {
+        /// Network namespace path.
+        netns: String,
+        /// Interface name inside that namespace.
+        ifname: String,
+    },
+}
+
+/// Where a route sends matching packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NextHop {
+    /// Out of the given port, to the pod behind it.
+    Port(u32),
+    /// Dropped silently (counted).
+    Blackhole,
+    /// Dropped with an ICMP destination-unreachable to the sender.
+    Unreachable,
+}
+
+/// A route: destination prefix and next hop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteSpec {
+    /// Destination prefix.
+    pub dst: IpNet,
+    /// Where matching packets go.
+    pub via: NextHop,
+}
+
+/// Where a route came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteOrigin {
+    /// Installed with a pod port for the pod's own address.
+    Pod,
+    /// Added through [`Request::AddRoute`].
+    Static,
+}
+
+/// A route as listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteInfo {
+    /// Destination prefix.
+    pub dst: IpNet,
+    /// Where matching packets go.
+    pub via: NextHop,
+    /// Who installed it.
+    pub origin: RouteOrigin,
+}
+
+/// A port as listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PortInfo {
+    /// Port id, unique for the dataplane's lifetime.
+    pub id: u32,
+    /// Port kind: `tap` or `memory`.
+    pub kind: String,
+    /// Network namespace path.
+    pub netns: String,
+    /// Interface name inside the namespace.
+    pub ifname: String,
+    /// Interface index inside the namespace (0 for in-memory ports).
+    pub ifindex: u32,
+    /// The pod interface's MAC address.
+    pub mac: MacAddr,
+    /// Interface MTU.
+    pub mtu: u32,
+    /// The pod's addresses.
+    pub ips: Vec<IpNet>,
+    /// Owner key given at creation.
+    pub owner: Option<String>,
+    /// Index of the worker thread that reads this port.
+    pub worker: usize,
+}
+
+/// Per-port traffic counters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PortCounters {
+    /// Port id.
+    pub id: u32,
+    /// Interface name inside the pod.
+    pub ifname: String,
+    /// Frames read from the pod.
+    pub rx_frames: u64,
+    /// Bytes read from the pod (GSO super-frames count whole).
+    pub rx_bytes: u64,
+    /// Frames written to the pod.
+    pub tx_frames: u64,
+    /// Bytes written to the pod.
+    pub tx_bytes: u64,
+    /// Writes to the pod that failed (the frame was dropped).
+    pub tx_errors: u64,
+}
+
+/// The dataplane's counters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Number of worker threads.
+    pub workers: usize,
+    /// Pipeline event counters by name (`forwarded_ipv4`, `arp_replies`, ...), summed over workers.
+    pub counters: BTreeMap<String, u64>,
+    /// Drops by reason (`spoofed_source`, `no_route`, ...), summed over workers.
+    pub drops: BTreeMap<String, u64>,
+    /// Per-port traffic.
+    pub ports: Vec<PortCounters>,
+}
+
+/// Identity of the dataplane, answered to [`Request::Hello`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HelloReply {
+    /// Protocol version spoken.
+    pub version: u32,
+    /// Software version of the dataplane.
+    pub software: String,
+    /// Number of worker threads.
+    pub workers: usize,
+    /// Gateway MAC answered for ARP / ND.
+    pub gateway_mac: MacAddr,
+    /// IPv4 gateway address pods route through.
+    pub gateway_ipv4: std::net::Ipv4Addr,
+    /// IPv6 gateway address pods route through.
+    pub gateway_ipv6: std::net::Ipv6Addr,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// Answer to [`Request::Hello`].
+    Hello(HelloReply),
+    /// The port created.
+    Port(PortInfo),
+    /// All ports.
+    Ports(Vec<PortInfo>),
+    /// All routes.
+    Routes(Vec<RouteInfo>),
+    /// Counters.
+    Stats(Stats),
+    /// The request took effect and has nothing to report.
+    Done,
+}
+
+/// Classes of error, so that callers can react without parsing messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request could not be parsed or has an invalid field.
+    InvalidRequest,
+    /// The request's protocol version is not spoken here.
+    UnsupportedVersion,
+    /// The request line exceeds [`MAX_MESSAGE_BYTES`].
+    TooLarge,
+    /// The request conflicts with existing state (duplicate address, name or route).
+    Conflict,
+    /// The thing named does not exist (port, route, network namespace).
+    NotFound,
+    /// The kernel refused an operation (creating the TAP, configuring the interface).
+    System,
+}
+
+/// An error answer: a code and a message that says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ApiError {
+    /// Class of error.
+    pub code: ErrorCode,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl ApiError {
+    /// Builds an error of the given code.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A response line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseEnvelope {
+    /// Protocol version of the responder.
+    pub version: u32,
+    /// Success or failure.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// Success or failure of one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The request succeeded.
+    Ok(Reply),
+    /// The request failed and changed nothing.
+    Error(ApiError),
+}
+
+impl From<Result<Reply, ApiError>> for ResponseEnvelope {
+    fn from(result: Result<Reply, ApiError>) -> Self {
+        Self {
+            version: API_VERSION,
+            outcome: match result {
+                Ok(reply) => Outcome::Ok(reply),
+                Err(err) => Outcome::Error(err),
+            },
+        }
+    }
+}
+
+/// Parses one request line, checking size and version.
+pub fn parse_request(line: &[u8]) -> Result<Request, ApiError> {
+    if line.len() > MAX_MESSAGE_BYTES {
+        return Err(ApiError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "request of {} bytes exceeds the limit of {MAX_MESSAGE_BYTES}",
+                line.len()
+            ),
+        ));
+    }
+    let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("request is not valid JSON: {e}"),
+        )
+    })?;
+    match value.get("version").and_then(|v| v.as_u64()) {
+        Some(v) if v == u64::from(API_VERSION) => {}
+        Some(v) => {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedVersion,
+                format!("protocol version {v} is not supported; this dataplane speaks version {API_VERSION}"),
+            ))
+        }
+        None => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "request has no numeric \"version\" field",
+            ))
+        }
+    }
+    let envelope: RequestEnvelope = serde_json::from_value(value)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid request: {e}")))?;
+    Ok(envelope.request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_port_round_trips() {
+        let line = br#"{"version":1,"request":{"op":"add_port","netns":"/run/netns/a","ifname":"eth0","ips":["10.0.0.2/24","fd00::2/64"],"mtu":9000}}"#;
+        let req = parse_request(line).unwrap();
+        let Request::AddPort(add) = &req else {
+            panic!("wrong request {req:?}")
+        };
+        assert_eq!(add.mtu, Some(9000));
+        assert_eq!(add.ips.len(), 2);
+        let text = serde_json::to_string(&RequestEnvelope {
+            version: API_VERSION,
+            request: req.clone(),
+        })
+        .unwrap();
+        assert_eq!(parse_request(text.as_bytes()).unwrap(), req);
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert_eq!(
+            parse_request(b"{").unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
+        assert_eq!(
+            parse_request(br#"{"version":7,"request":{"op":"hello"}}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::UnsupportedVersion
+        );
+        let bad_cidr =
+            br#"{"version":1,"request":{"op":"add_route","dst":"10.0.0.0/33","via":"blackhole"}}"#;
+        assert_eq!(
+            parse_request(bad_cidr).unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
+        let huge = vec![b' '; MAX_MESSAGE_BYTES + 1];
+        assert_eq!(parse_request(&huge).unwrap_err().code, ErrorCode::TooLarge);
+    }
+
+    #[test]
+    fn response_shape() {
+        let ok: ResponseEnvelope = Ok(Reply::Done).into();
+        assert_eq!(
+            serde_json::to_string(&ok).unwrap(),
+            r#"{"version":1,"ok":"done"}"#
+        );
+        let err: ResponseEnvelope = Err(ApiError::new(ErrorCode::NotFound, "no port 3")).into();
+        assert_eq!(
+            serde_json::to_string(&err).unwrap(),
+            r#"{"version":1,"error":{"code":"not_found","message":"no port 3"}}"#
+        );
+    }
+}

@@ -1,0 +1,64 @@
+//! Ports: where frames enter and leave the dataplane. This is the only module with
+//! `unsafe` (system calls), each block with a `// SAFETY:` line.
+//!
+//! A port moves *batches*: [`PortIo::recv_batch`] fills several buffers per call until the
+//! device has nothing left, [`PortIo::send`] writes one frame. Kinds:
+//! * [`tap::TapDevice`]: a TAP device inside the pod's namespace, with a virtio-net
+//!   header and TSO/USO offloads, so GSO super-frames cross unsegmented;
+//! * [`memory::MemoryPort`]: queues in memory, for tests, benchmarks and fuzzing.
+//!
+//! AF_XDP sockets will be a third variant: their receive fills the same buffers (copy
+//! mode on veth copies anyway) and their send posts to the TX ring, with the fd polled
+//! the same way.
+
+pub mod memory;
+pub mod netlink;
+pub mod netns;
+pub mod tap;
+
+use crate::buffer::PacketBuf;
+use std::io;
+use std::os::fd::RawFd;
+
+/// The device behind a port.
+pub enum PortIo {
+    /// A TAP device in a pod's network namespace.
+    Tap(tap::TapDevice),
+    /// An in-memory port.
+    Memory(memory::MemoryPort),
+}
+
+impl PortIo {
+    /// Reads frames into `bufs` until the device is empty or `bufs` is full; returns how
+    /// many were read. An error is returned only if nothing was read.
+    pub fn recv_batch(&self, bufs: &mut [PacketBuf]) -> io::Result<usize> {
+        match self {
+            PortIo::Tap(tap) => tap.recv_batch(bufs),
+            PortIo::Memory(mem) => Ok(mem.recv_batch(bufs)),
+        }
+    }
+
+    /// Writes one frame (virtio-net header included).
+    pub fn send(&self, frame: &[u8]) -> io::Result<()> {
+        match self {
+            PortIo::Tap(tap) => tap.send(frame),
+            PortIo::Memory(mem) => mem.send(frame),
+        }
+    }
+
+    /// The file descriptor to poll for readability, if the port has one.
+    pub fn raw_fd(&self) -> Option<RawFd> {
+        match self {
+            PortIo::Tap(tap) => Some(tap.raw_fd()),
+            PortIo::Memory(_) => None,
+        }
+    }
+
+    /// Short name of the kind, as listed by the API.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PortIo::Tap(_) => "tap",
+            PortIo::Memory(_) => "memory",
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! A minimal rtnetlink client: just what configuring a pod interface needs (link state,
+//! MAC, MTU, addresses, routes). Synchronous; every request is acknowledged.
+
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use switchyard_api::{IpNet, MacAddr};
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_NEWADDR: u16 = 20;
+const RTM_NEWROUTE: u16 = 24;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
+const NLMSG_ERROR: u16 = 2;
+const IFLA_ADDRESS: u16 = 1;
+const IFLA_MTU: u16 = 4;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+const IFA_F_NODAD: u8 = 0x02;
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_GATEWAY: u16 = 5;
+const RT_TABLE_MAIN: u8 = 254;
+const RTPROT_STATIC: u8 = 4;
+const RT_SCOPE_UNIVERSE: u8 = 0;
+const RT_SCOPE_LINK: u8 = 253;
+const RTN_UNICAST: u8 = 1;
+
+/// A NETLINK_ROUTE socket in the namespace of the thread that opened it.
+pub struct Netlink {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+struct Message(Vec<u8>);
+
+impl Message {
+    fn new(kind: u16, flags: u16, seq: u32) -> Self {
+        let mut b = Vec::with_capacity(128);
+        b.extend_from_slice(&0u32.to_ne_bytes()); // length, set in finish()
+        b.extend_from_slice(&kind.to_ne_bytes());
+        b.extend_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+        b.extend_from_slice(&seq.to_ne_bytes());
+        b.extend_from_slice(&0u32.to_ne_bytes());
+        Self(b)
+    }
+
+    fn bytes(&mut self, data: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(data);
+        self
+    }
+
+    fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Self {
+        let len = 4 + data.len();
+        self.0.extend_from_slice(&(len as u16).to_ne_bytes());
+        self.0.extend_from_slice(&kind.to_ne_bytes());
+        self.0.extend_from_slice(data);
+        while self.0.len() % 4 != 0 {
+            self.0.push(0);
+        }
+        self
+    }
+
+    fn finish(&mut self) -> &[u8] {
+        let len = self.0.len() as u32;
+        self.0[0..4].copy_from_slice(&len.to_ne_bytes());
+        &self.0
+    }
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+fn family(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        libc::AF_INET as u8
+    } else {
+        libc::AF_INET6 as u8
+    }
+}
+
+impl Netlink {
+    /// Opens a socket in the calling thread's network namespace.
+    pub fn open() -> io::Result<Self> {
+        // SAFETY: plain socket(2) call with constant arguments.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { fd, seq: 1 })
+    }
+
+    fn transact(&mut self, mut msg: Message) -> io::Result<()> {
+        let bytes = msg.finish();
+        // SAFETY: `bytes` is a valid buffer of `bytes.len()` bytes; the kernel's netlink
+        // address is the zeroed sockaddr_nl that a null destination implies for a
+        // connected-less netlink socket (send to the kernel).
+        let sent =
+            unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        let mut buf = [0u8; 8192];
+        loop {
+            // SAFETY: `buf` is a writable buffer of the given length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut rest = &buf[..n as usize];
+            while rest.len() >= 16 {
+                let len = u32::from_ne_bytes(rest[0..4].try_into().unwrap_or_default()) as usize;
+                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+                let msg_seq = u32::from_ne_bytes(rest[8..12].try_into().unwrap_or_default());
+                if len < 16 || len > rest.len() {
+                    return Err(io::Error::other("truncated netlink answer"));
+                }
+                if kind == NLMSG_ERROR && msg_seq == seq && len >= 20 {
+                    let code = i32::from_ne_bytes(rest[16..20].try_into().unwrap_or_default());
+                    return if code == 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::from_raw_os_error(-code))
+                    };
+                }
+                rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+            }
+        }
+    }
+
+    /// Sets a link's MAC and MTU (when given) and brings it up.
+    pub fn set_link(
+        &mut self,
+        index: u32,
+        mac: Option<MacAddr>,
+        mtu: Option<u32>,
+    ) -> io::Result<()> {
+        let mut msg = Message::new(RTM_NEWLINK, 0, self.seq);
+        msg.bytes(&[libc::AF_UNSPEC as u8, 0])
+            .bytes(&0u16.to_ne_bytes())
+            .bytes(&(index as i32).to_ne_bytes())
+            .bytes(&(libc::IFF_UP as u32).to_ne_bytes())
+            .bytes(&(libc::IFF_UP as u32).to_ne_bytes());
+        if let Some(mac) = mac {
+            msg.attr(IFLA_ADDRESS, &mac.0);
+        }
+        if let Some(mtu) = mtu {
+            msg.attr(IFLA_MTU, &mtu.to_ne_bytes());
+        }
+        self.transact(msg)
+    }
+
+    /// Adds an address (without duplicate address detection) to a link.
+    pub fn add_address(&mut self, index: u32, net: IpNet) -> io::Result<()> {
+        let ip = net.addr();
+        let mut msg = Message::new(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, self.seq);
+        msg.bytes(&[family(ip), net.prefix_len(), IFA_F_NODAD, RT_SCOPE_UNIVERSE])
+            .bytes(&index.to_ne_bytes());
+        if ip.is_ipv4() {
+            msg.attr(IFA_LOCAL, &ip_bytes(ip));
+        }
+        msg.attr(IFA_ADDRESS, &ip_bytes(ip));
+        self.transact(msg)
+    }
+
+    /// Adds a route out of `index`: through `gateway` when given, else on-link.
+    pub fn add_route(&mut self, index: u32, dst: IpNet, gateway: Option<IpAddr>) -> io::Result<()> {
+        let scope = if gateway.is_some() {
+            RT_SCOPE_UNIVERSE
+        } else {
+            RT_SCOPE_LINK
+        };
+        let mut msg = Message::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, self.seq);
+        msg.bytes(&[
+            family(dst.addr()),
+            dst.prefix_len(),
+            0,
+            0,
+            RT_TABLE_MAIN,
+            RTPROT_STATIC,
+            scope,
+            RTN_UNICAST,
+        ])
+        .bytes(&0u32.to_ne_bytes());
+        if dst.prefix_len() > 0 {
+            msg.attr(RTA_DST, &ip_bytes(dst.addr()));
+        }
+        if let Some(gw) = gateway {
+            msg.attr(RTA_GATEWAY, &ip_bytes(gw));
+        }
+        msg.attr(RTA_OIF, &index.to_ne_bytes());
+        self.transact(msg)
+    }
+}

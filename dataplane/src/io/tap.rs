@@ -1,0 +1,203 @@
+//! TAP ports: one TAP device per pod, created inside the pod's network namespace and held
+//! by the dataplane.
+//!
+//! The device is opened with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` and a 12-byte virtio-net
+//! header, and `TUNSETOFFLOAD` enables checksum and TCP segmentation offload (plus UDP
+//! segmentation when the kernel accepts both USO4 and USO6). The pod's kernel then hands
+//! over 64 KiB TCP super-frames with a partial checksum, which the dataplane forwards
+//! whole to the destination TAP: segmentation, if any, happens in the receiving kernel.
+//!
+//! The device lives as long as its file descriptor: when the dataplane exits, every pod
+//! interface disappears with it (see docs/architecture.md for the planned hitless restart
+//! with `TUNSETPERSIST` and re-attaching by name).
+
+use super::netlink::Netlink;
+use super::netns;
+use crate::buffer::PacketBuf;
+use crate::tables::Gateway;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use switchyard_api::{IpNet, MacAddr};
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+/// Offload flags: checksum, TSO4, TSO6, TSO with ECN.
+pub const TUN_F_TSO: u32 = 0x01 | 0x02 | 0x04 | 0x08;
+/// Offload flags: UDP segmentation for IPv4 and IPv6.
+pub const TUN_F_USO: u32 = 0x20 | 0x40;
+
+/// How to set up a pod's interface.
+#[derive(Debug, Clone)]
+pub struct TapConfig {
+    /// Interface name in the pod.
+    pub ifname: String,
+    /// Interface MAC.
+    pub mac: MacAddr,
+    /// Interface MTU.
+    pub mtu: u32,
+    /// Addresses with prefix length.
+    pub ips: Vec<IpNet>,
+    /// The gateway the default routes point to.
+    pub gateway: Gateway,
+}
+
+/// An open TAP device.
+pub struct TapDevice {
+    fd: OwnedFd,
+    offloads: u32,
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+impl TapDevice {
+    /// Creates and configures the pod's interface inside the namespace at `netns`; returns
+    /// the device and the interface index in that namespace. On any failure nothing is left
+    /// behind: the device goes away with its file descriptor.
+    pub fn create(netns_path: &Path, config: &TapConfig) -> io::Result<(Self, u32)> {
+        netns::run_in(netns_path, || {
+            if netns::link_index(&config.ifname).is_some() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "an interface named {} already exists in the namespace",
+                        config.ifname
+                    ),
+                ));
+            }
+            let device = Self::open(&config.ifname)?;
+            let index = netns::link_index(&config.ifname)
+                .ok_or_else(|| io::Error::other("TAP device vanished after creation"))?;
+            configure(index, config)?;
+            Ok((device, index))
+        })
+    }
+
+    fn open(ifname: &str) -> io::Result<Self> {
+        // SAFETY: the path is a NUL-terminated literal; flags are constants.
+        let fd = unsafe {
+            libc::open(
+                c"/dev/net/tun".as_ptr(),
+                libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by open(2) and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            _pad: [0; 22],
+        };
+        let name = ifname.as_bytes();
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "bad interface name",
+            ));
+        }
+        req.name[..name.len()].copy_from_slice(name);
+        // SAFETY: `req` is a properly sized `struct ifreq` that lives across the call.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let hdr_len: libc::c_int = crate::wire::vnet::HEADER_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer, which is valid.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut offloads = TUN_F_TSO | TUN_F_USO;
+        // SAFETY: TUNSETOFFLOAD takes its flags by value.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, offloads as libc::c_ulong) } < 0 {
+            offloads = TUN_F_TSO;
+            // SAFETY: as above.
+            if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, offloads as libc::c_ulong) } < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(Self { fd, offloads })
+    }
+
+    /// The `TUN_F_*` offload flags the kernel accepted.
+    pub fn offloads(&self) -> u32 {
+        self.offloads
+    }
+
+    /// The file descriptor to poll.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    pub(super) fn recv_batch(&self, bufs: &mut [PacketBuf]) -> io::Result<usize> {
+        let mut n = 0;
+        while n < bufs.len() {
+            let space = bufs[n].receive_space();
+            // SAFETY: `space` is a writable buffer of `space.len()` bytes.
+            let got =
+                unsafe { libc::read(self.fd.as_raw_fd(), space.as_mut_ptr().cast(), space.len()) };
+            if got < 0 {
+                let err = io::Error::last_os_error();
+                if n == 0 && err.kind() != io::ErrorKind::WouldBlock {
+                    return Err(err);
+                }
+                break;
+            }
+            bufs[n].set_len(got as usize);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    pub(super) fn send(&self, frame: &[u8]) -> io::Result<()> {
+        // SAFETY: `frame` is a readable buffer of `frame.len()` bytes.
+        let put = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+        if put < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// Brings `lo` and the TAP up and gives the TAP its MAC, MTU, addresses and routes through
+/// the gateway. Runs inside the pod's namespace.
+fn configure(index: u32, config: &TapConfig) -> io::Result<()> {
+    let mut nl = Netlink::open()?;
+    if let Some(lo) = netns::link_index("lo") {
+        nl.set_link(lo, None, None)?;
+    }
+    nl.set_link(index, Some(config.mac), Some(config.mtu))?;
+    for ip in &config.ips {
+        nl.add_address(index, *ip)?;
+    }
+    let gw = config.gateway;
+    if config.ips.iter().any(|ip| ip.addr().is_ipv4()) {
+        let gw_net = IpNet::new(IpAddr::V4(gw.ipv4), 32).map_err(io::Error::other)?;
+        nl.add_route(index, gw_net, None)?;
+        nl.add_route(
+            index,
+            "0.0.0.0/0".parse().map_err(io::Error::other)?,
+            Some(IpAddr::V4(gw.ipv4)),
+        )?;
+    }
+    if config.ips.iter().any(|ip| ip.addr().is_ipv6()) {
+        nl.add_route(
+            index,
+            "::/0".parse().map_err(io::Error::other)?,
+            Some(IpAddr::V6(gw.ipv6)),
+        )?;
+    }
+    Ok(())
+}

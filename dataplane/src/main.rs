@@ -1,0 +1,62 @@
+//! `switchyard-dataplane`: runs the switch in the current (node's) network namespace and
+//! serves its API socket.
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::sync::Arc;
+use switchyard_dataplane::{server, Switch, SwitchConfig};
+
+/// Switchyard's userspace dataplane.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Path of the API socket.
+    #[arg(long, default_value = switchyard_api::DEFAULT_API_PATH)]
+    api: PathBuf,
+    /// Number of worker threads (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// MTU of pod interfaces whose request names none.
+    #[arg(long, default_value_t = 1500)]
+    mtu: u32,
+}
+
+fn main() {
+    let args = Args::parse();
+    let mut config = SwitchConfig::default();
+    if let Some(workers) = args.workers {
+        config.workers = workers.max(1);
+    }
+    config.default_mtu = args.mtu;
+    let listener = match server::bind(&args.api) {
+        Ok(l) => l,
+        Err(err) => {
+            eprintln!(
+                "switchyard-dataplane: cannot listen on {}: {err}",
+                args.api.display()
+            );
+            std::process::exit(1);
+        }
+    };
+    let switch = match Switch::start(config) {
+        Ok(s) => Arc::new(s),
+        Err(err) => {
+            eprintln!("switchyard-dataplane: cannot start workers: {err}");
+            std::process::exit(1);
+        }
+    };
+    let socket = args.api.clone();
+    if let Err(err) = ctrlc::set_handler(move || {
+        let _ = std::fs::remove_file(&socket);
+        // Exiting closes every TAP file descriptor: the pod interfaces go with them.
+        std::process::exit(0);
+    }) {
+        eprintln!("switchyard-dataplane: cannot install signal handler: {err}");
+    }
+    eprintln!(
+        "switchyard-dataplane: {} workers, API on {}",
+        switch.stats().workers,
+        args.api.display()
+    );
+    server::serve(listener, switch);
+}

@@ -1,0 +1,313 @@
+//! The packet pipeline: a batch of frames from one port in, one [`Verdict`] per frame out.
+//!
+//! Sans-IO: no system calls, no clock (the caller passes `now`), no allocation, no lock.
+//! Stages, in order, for each frame:
+//!
+//! 1. **ingress**: the virtio-net header and Ethernet header must be there; the source MAC
+//!    must be the port's own (anti-spoofing).
+//! 2. **neighbour** ([`neighbor`]): ARP requests and IPv6 neighbour solicitations are
+//!    answered in place with the gateway's MAC (proxy-ARP / proxy-ND, as Calico does).
+//! 3. **forward** (this file): IPv4 / IPv6 validation, source address check,
+//!    longest-prefix match, TTL / hop-limit, MTU, then an in-place rewrite (MACs, TTL with
+//!    an incremental checksum). The virtio-net header is kept as it is, so a GSO
+//!    super-frame stays one.
+//! 4. **errors** ([`icmp_error`]): where the packet cannot go on, it is turned into an
+//!    ICMP / ICMPv6 error back to the sender, rate-limited.
+//!
+//! Later stages (conntrack, NAT, policy, encapsulation) slot in between routing and the
+//! rewrite, or as next-hop kinds, without changing this shape.
+
+pub mod counters;
+pub mod icmp_error;
+pub mod neighbor;
+
+use crate::buffer::PacketBuf;
+use crate::tables::{NextHop, Port, Tables};
+use crate::wire::ethernet::{self, EtherType, EthernetFrame};
+use crate::wire::{ipv4::Ipv4Packet, ipv6::Ipv6Packet, vnet, VnetHeader};
+pub use counters::{Counters, DropReason, Event};
+use icmp_error::{IcmpError, RateLimiter};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// Offset of the Ethernet header in a frame (after the virtio-net header).
+pub const ETH_OFFSET: usize = vnet::HEADER_LEN;
+/// Offset of the IP header in a frame.
+pub const L3_OFFSET: usize = vnet::HEADER_LEN + ethernet::HEADER_LEN;
+
+/// What happens to one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Dropped (and counted).
+    Drop,
+    /// Sent back out of the port it came from (ARP / ND answers, ICMP errors).
+    Reply,
+    /// Sent to the next hop with this index in [`Tables::nexthops`].
+    Forward(u32),
+}
+
+/// One worker's pipeline: its counters and its ICMP rate limiter.
+pub struct Pipeline {
+    counters: Counters,
+    icmp_limit: RateLimiter,
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Why a routed packet cannot be forwarded.
+enum Reject {
+    Drop(DropReason),
+    Icmp(IcmpError, DropReason),
+}
+
+impl Pipeline {
+    /// A pipeline with zeroed counters and the default ICMP rate limit.
+    pub fn new() -> Self {
+        Self {
+            counters: Counters::default(),
+            icmp_limit: RateLimiter::default(),
+        }
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The counters, for the I/O layer to add transmit failures.
+    pub fn counters_mut(&mut self) -> &mut Counters {
+        &mut self.counters
+    }
+
+    /// Runs the pipeline over frames that arrived on `ingress`, writing one verdict per
+    /// frame. `now_ns` is a monotonic clock reading for rate limits.
+    pub fn process(
+        &mut self,
+        tables: &Tables,
+        ingress: &Port,
+        frames: &mut [PacketBuf],
+        verdicts: &mut [Verdict],
+        now_ns: u64,
+    ) {
+        self.icmp_limit.refill(now_ns);
+        for (frame, verdict) in frames.iter_mut().zip(verdicts.iter_mut()) {
+            *verdict = self.process_one(tables, ingress, frame);
+        }
+    }
+
+    fn drop(&mut self, reason: DropReason) -> Verdict {
+        self.counters.drop(reason);
+        Verdict::Drop
+    }
+
+    fn process_one(&mut self, tables: &Tables, ingress: &Port, pkt: &mut PacketBuf) -> Verdict {
+        let Some(eth) = pkt
+            .frame()
+            .get(ETH_OFFSET..)
+            .and_then(|b| EthernetFrame::new_checked(b).ok())
+        else {
+            return self.drop(DropReason::Truncated);
+        };
+        if eth.src() != ingress.mac {
+            return self.drop(DropReason::SpoofedMac);
+        }
+        let to_gateway = eth.dst() == tables.gateway.mac;
+        match eth.ethertype() {
+            EtherType::Arp => neighbor::answer_arp(self, tables, ingress, pkt),
+            EtherType::Ipv4 if to_gateway => self.forward_ipv4(tables, ingress, pkt),
+            EtherType::Ipv6 => {
+                if let Some(verdict) = neighbor::answer_nd(self, tables, ingress, pkt) {
+                    verdict
+                } else if to_gateway {
+                    self.forward_ipv6(tables, ingress, pkt)
+                } else {
+                    self.drop(DropReason::NotForGateway)
+                }
+            }
+            EtherType::Ipv4 => self.drop(DropReason::NotForGateway),
+            EtherType::Unknown(_) => self.drop(DropReason::UnsupportedEthertype),
+        }
+    }
+
+    fn forward_ipv4(&mut self, tables: &Tables, ingress: &Port, pkt: &mut PacketBuf) -> Verdict {
+        let (head, l3) = pkt.frame_mut().split_at_mut(L3_OFFSET);
+        let Ok(mut ip) = Ipv4Packet::new_checked(&mut *l3) else {
+            return self.drop(DropReason::MalformedIpv4);
+        };
+        let (src, dst) = (ip.src(), ip.dst());
+        if !ingress.ipv4.contains(&src) {
+            return self.drop(DropReason::SpoofedSource);
+        }
+        if !ip.verify_checksum() {
+            return self.drop(DropReason::BadIpv4Checksum);
+        }
+        if dst == tables.gateway.ipv4 {
+            return self.drop(DropReason::ToGateway);
+        }
+        if is_martian_v4(dst) {
+            return self.drop(DropReason::Martian);
+        }
+        let vnet = &head[..vnet::HEADER_LEN];
+        let wire_len = wire_l3_len(vnet, ip.header_len(), ip.total_len(), ip.payload());
+        let nh = tables.routes_v4.lookup(u32::from(dst));
+        match self.route(tables, nh, ip.ttl(), wire_len) {
+            Ok(egress) => {
+                ip.decrement_ttl();
+                self.rewrite_ethernet(tables, egress, head, Event::ForwardedIpv4);
+                Verdict::Forward(nh)
+            }
+            Err(Reject::Icmp(IcmpError::TooBig(_), _)) if !ip.dont_fragment() && !is_gso(vnet) => {
+                self.drop(DropReason::NeedsFragmentation)
+            }
+            Err(Reject::Drop(reason)) => self.drop(reason),
+            Err(Reject::Icmp(error, reason)) => {
+                let quotable = icmp_error::may_answer_v4(&ip);
+                self.counters.drop(reason);
+                self.send_icmp_error(tables, ingress, pkt, error, quotable)
+            }
+        }
+    }
+
+    fn forward_ipv6(&mut self, tables: &Tables, ingress: &Port, pkt: &mut PacketBuf) -> Verdict {
+        let (head, l3) = pkt.frame_mut().split_at_mut(L3_OFFSET);
+        let Ok(mut ip) = Ipv6Packet::new_checked(&mut *l3) else {
+            return self.drop(DropReason::MalformedIpv6);
+        };
+        let (src, dst) = (ip.src(), ip.dst());
+        if !ingress.ipv6.contains(&src) {
+            return self.drop(DropReason::SpoofedSource);
+        }
+        if dst == tables.gateway.ipv6 {
+            return self.drop(DropReason::ToGateway);
+        }
+        if is_martian_v6(dst) {
+            return self.drop(DropReason::Martian);
+        }
+        let vnet = &head[..vnet::HEADER_LEN];
+        let wire_len = wire_l3_len(vnet, 40, ip.total_len(), ip.payload());
+        let nh = tables.routes_v6.lookup(u128::from(dst));
+        match self.route(tables, nh, ip.hop_limit(), wire_len) {
+            Ok(egress) => {
+                ip.decrement_hop_limit();
+                self.rewrite_ethernet(tables, egress, head, Event::ForwardedIpv6);
+                Verdict::Forward(nh)
+            }
+            Err(Reject::Drop(reason)) => self.drop(reason),
+            Err(Reject::Icmp(error, reason)) => {
+                let quotable = icmp_error::may_answer_v6(&ip);
+                self.counters.drop(reason);
+                self.send_icmp_error(tables, ingress, pkt, error, quotable)
+            }
+        }
+    }
+
+    /// The routing decision shared by both families.
+    #[inline(always)]
+    fn route<'t>(
+        &self,
+        tables: &'t Tables,
+        nh: u32,
+        ttl: u8,
+        wire_len: usize,
+    ) -> Result<&'t Port, Reject> {
+        match tables.nexthop(nh) {
+            None => Err(Reject::Icmp(IcmpError::Unreachable, DropReason::NoRoute)),
+            Some(NextHop::Blackhole) => Err(Reject::Drop(DropReason::Blackhole)),
+            Some(NextHop::Unreachable) => Err(Reject::Icmp(
+                IcmpError::Unreachable,
+                DropReason::Unreachable,
+            )),
+            Some(NextHop::Port(port)) => {
+                if ttl <= 1 {
+                    Err(Reject::Icmp(
+                        IcmpError::TimeExceeded,
+                        DropReason::TtlExceeded,
+                    ))
+                } else if wire_len > port.mtu as usize {
+                    Err(Reject::Icmp(
+                        IcmpError::TooBig(port.mtu),
+                        DropReason::TooBig,
+                    ))
+                } else {
+                    Ok(port)
+                }
+            }
+        }
+    }
+
+    /// Rewrites the Ethernet header for delivery to `egress` (`head` is the virtio-net
+    /// header followed by the Ethernet header) and counts the forward.
+    #[inline(always)]
+    fn rewrite_ethernet(&mut self, tables: &Tables, egress: &Port, head: &mut [u8], event: Event) {
+        let (vnet, eth) = head.split_at_mut(vnet::HEADER_LEN);
+        if is_gso(vnet) {
+            self.counters.event(Event::ForwardedGso);
+        }
+        eth[0..6].copy_from_slice(&egress.mac.0);
+        eth[6..12].copy_from_slice(&tables.gateway.mac.0);
+        self.counters.event(event);
+    }
+
+    fn send_icmp_error(
+        &mut self,
+        tables: &Tables,
+        ingress: &Port,
+        pkt: &mut PacketBuf,
+        error: IcmpError,
+        quotable: bool,
+    ) -> Verdict {
+        if !quotable {
+            return Verdict::Drop;
+        }
+        if !self.icmp_limit.take() {
+            return self.drop(DropReason::IcmpRateLimited);
+        }
+        if icmp_error::build(pkt, &tables.gateway, error) {
+            let l3_len = pkt.len() - L3_OFFSET;
+            neighbor::finish_reply(pkt, tables, ingress, l3_len);
+            self.counters.event(Event::IcmpErrorsSent);
+            Verdict::Reply
+        } else {
+            Verdict::Drop
+        }
+    }
+}
+
+fn is_gso(vnet: &[u8]) -> bool {
+    VnetHeader::new_checked(vnet).is_ok_and(|h| h.is_gso() && h.gso_size() > 0)
+}
+
+/// Bytes of L3 packet each segment puts on the wire: the whole packet for a plain frame;
+/// headers plus one segment's payload for a GSO super-frame.
+#[inline(always)]
+fn wire_l3_len(vnet: &[u8], l3_header: usize, l3_total: usize, l4: &[u8]) -> usize {
+    let Ok(h) = VnetHeader::new_checked(vnet) else {
+        return l3_total;
+    };
+    if !h.is_gso() || h.gso_size() == 0 {
+        return l3_total;
+    }
+    let l4_header = match h.gso_type() {
+        vnet::GSO_TCPV4 | vnet::GSO_TCPV6 => l4.get(12).map_or(20, |b| usize::from(b >> 4) * 4),
+        _ => 8,
+    };
+    (l3_header + l4_header + usize::from(h.gso_size())).min(l3_total)
+}
+
+fn is_martian_v4(dst: Ipv4Addr) -> bool {
+    dst.is_multicast()
+        || dst.is_broadcast()
+        || dst.is_loopback()
+        || dst.is_unspecified()
+        || dst.is_link_local()
+}
+
+fn is_martian_v6(dst: Ipv6Addr) -> bool {
+    dst.is_multicast() || dst.is_loopback() || dst.is_unspecified() || dst.is_unicast_link_local()
+}
+
+#[cfg(test)]
+mod tests;

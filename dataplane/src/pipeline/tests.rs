@@ -1,0 +1,441 @@
+//! Pipeline tests over in-memory ports: frames in, frames and counters out.
+
+use super::*;
+use crate::io::memory::MemoryPeer;
+use crate::switch::{Switch, SwitchConfig};
+use crate::wire::{checksum, icmp, ipv4, ipv6};
+use crate::worker::forward_batch;
+use switchyard_api::{AddPort, MacAddr};
+
+const GW: MacAddr = MacAddr([0xee; 6]);
+const A_MAC: MacAddr = MacAddr([0x0a, 0x58, 10, 244, 0, 5]);
+const B_MAC: MacAddr = MacAddr([0x0a, 0x58, 10, 244, 0, 6]);
+
+struct Harness {
+    switch: Switch,
+    pipeline: Pipeline,
+    a: (u32, MemoryPeer),
+    b: (u32, MemoryPeer),
+}
+
+fn port(name: &str, ips: &[&str], mtu: u32) -> AddPort {
+    AddPort {
+        netns: format!("/test/{name}"),
+        ifname: "eth0".into(),
+        ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+        mtu: Some(mtu),
+        mac: None,
+        owner: None,
+    }
+}
+
+impl Harness {
+    fn new(mtu_a: u32, mtu_b: u32) -> Self {
+        let switch = Switch::start(SwitchConfig {
+            workers: 1,
+            ..SwitchConfig::default()
+        })
+        .unwrap();
+        let (a, pa) = switch
+            .add_memory_port(&port("a", &["10.244.0.5/24", "fd00::5/64"], mtu_a))
+            .unwrap();
+        let (b, pb) = switch
+            .add_memory_port(&port("b", &["10.244.0.6/24", "fd00::6/64"], mtu_b))
+            .unwrap();
+        assert_eq!(a.mac, A_MAC);
+        Self {
+            switch,
+            pipeline: Pipeline::new(),
+            a: (a.id, pa),
+            b: (b.id, pb),
+        }
+    }
+
+    /// Sends `frame` (Ethernet, no vnet header) from pod A and runs one batch.
+    fn from_a(&mut self, vnet: [u8; 12], ethernet: &[u8]) {
+        let mut frame = vnet.to_vec();
+        frame.extend_from_slice(ethernet);
+        assert!(self.a.1.send(&frame));
+        let tables = self.switch.tables();
+        let port = tables.ports[&self.a.0].clone();
+        let mut bufs: Vec<PacketBuf> = (0..4).map(|_| PacketBuf::new()).collect();
+        let mut verdicts = [Verdict::Drop; 4];
+        forward_batch(
+            &mut self.pipeline,
+            &tables,
+            &port,
+            &mut bufs,
+            &mut verdicts,
+            0,
+        )
+        .unwrap();
+    }
+
+    fn drops(&self, reason: DropReason) -> u64 {
+        self.pipeline.counters().dropped(reason)
+    }
+}
+
+fn eth(dst: MacAddr, src: MacAddr, ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst.0);
+    f.extend_from_slice(&src.0);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An IPv4 packet with `payload_len` bytes of UDP-ish payload.
+fn ipv4_packet(
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    df: bool,
+    proto: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut p = vec![0u8; 20];
+    ipv4::emit_header(&mut p, src.into(), dst.into(), proto, payload.len(), ttl);
+    p.extend_from_slice(payload);
+    if df {
+        p[6] = 0x40;
+        Ipv4Packet::new_checked(&mut p[..]).unwrap().fill_checksum();
+    }
+    p
+}
+
+fn echo_request() -> Vec<u8> {
+    let mut m = vec![icmp::V4_ECHO_REQUEST, 0, 0, 0, 0x12, 0x34, 0, 1, b'h', b'i'];
+    let sum = checksum::checksum(&m);
+    m[2..4].copy_from_slice(&sum.to_be_bytes());
+    m
+}
+
+fn ipv6_packet(src: &str, dst: &str, hop: u8, next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 40];
+    ipv6::emit_header(
+        &mut p,
+        src.parse().unwrap(),
+        dst.parse().unwrap(),
+        next,
+        payload.len(),
+        hop,
+    );
+    p.extend_from_slice(payload);
+    p
+}
+
+fn icmpv6_checksum_ok(ip: &[u8]) -> bool {
+    let p = Ipv6Packet::new_checked(ip).unwrap();
+    let pseudo =
+        checksum::pseudo_header_v6(p.src(), p.dst(), p.next_header(), p.payload_len() as u32);
+    checksum::fold(checksum::accumulate(pseudo, p.payload())) == 0xffff
+}
+
+#[test]
+fn arp_for_gateway_is_answered() {
+    let mut h = Harness::new(1500, 1500);
+    let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    arp.extend_from_slice(&A_MAC.0);
+    arp.extend_from_slice(&[10, 244, 0, 5]);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&[169, 254, 1, 1]);
+    h.from_a([0; 12], &eth(MacAddr::BROADCAST, A_MAC, 0x0806, &arp));
+    let reply = h.a.1.recv().expect("an ARP reply to pod A");
+    let e = EthernetFrame::new_checked(&reply[12..]).unwrap();
+    assert_eq!(e.dst(), A_MAC);
+    assert_eq!(e.src(), GW);
+    let a = crate::wire::ArpPacket::new_checked(e.payload()).unwrap();
+    assert_eq!(a.operation(), crate::wire::arp::OP_REPLY);
+    assert_eq!(a.sender_mac(), GW);
+    assert_eq!(a.sender_ip().octets(), [169, 254, 1, 1]);
+    assert_eq!(h.pipeline.counters().count(Event::ArpReplies), 1);
+    assert!(h.b.1.recv().is_none());
+
+    // A request for the pod's own address (duplicate detection) stays unanswered.
+    let mut dad = arp.clone();
+    dad[24..28].copy_from_slice(&[10, 244, 0, 5]);
+    h.from_a([0; 12], &eth(MacAddr::BROADCAST, A_MAC, 0x0806, &dad));
+    assert!(h.a.1.recv().is_none());
+    assert_eq!(h.drops(DropReason::ArpIgnored), 1);
+
+    // A request claiming another pod's address is spoofing.
+    let mut spoof = arp;
+    spoof[14..18].copy_from_slice(&[10, 244, 0, 6]);
+    h.from_a([0; 12], &eth(MacAddr::BROADCAST, A_MAC, 0x0806, &spoof));
+    assert_eq!(h.drops(DropReason::SpoofedSource), 1);
+}
+
+#[test]
+fn ipv4_is_routed_between_pods() {
+    let mut h = Harness::new(1500, 1500);
+    let packet = ipv4_packet(
+        [10, 244, 0, 5],
+        [10, 244, 0, 6],
+        64,
+        true,
+        1,
+        &echo_request(),
+    );
+    h.from_a([0; 12], &eth(GW, A_MAC, 0x0800, &packet));
+    let out = h.b.1.recv().expect("forwarded to B");
+    let e = EthernetFrame::new_checked(&out[12..]).unwrap();
+    assert_eq!(e.dst(), B_MAC);
+    assert_eq!(e.src(), GW);
+    let ip = Ipv4Packet::new_checked(e.payload()).unwrap();
+    assert_eq!(ip.ttl(), 63);
+    assert!(ip.verify_checksum());
+    assert_eq!(ip.payload(), &echo_request()[..]);
+    assert_eq!(h.pipeline.counters().count(Event::ForwardedIpv4), 1);
+}
+
+#[test]
+fn spoofed_frames_are_dropped_and_counted() {
+    let mut h = Harness::new(1500, 1500);
+    let forged_ip = ipv4_packet(
+        [10, 244, 0, 9],
+        [10, 244, 0, 6],
+        64,
+        true,
+        1,
+        &echo_request(),
+    );
+    h.from_a([0; 12], &eth(GW, A_MAC, 0x0800, &forged_ip));
+    let forged_mac = ipv4_packet(
+        [10, 244, 0, 5],
+        [10, 244, 0, 6],
+        64,
+        true,
+        1,
+        &echo_request(),
+    );
+    h.from_a([0; 12], &eth(GW, B_MAC, 0x0800, &forged_mac));
+    let forged_v6 = ipv6_packet("fd00::99", "fd00::6", 64, 17, &[0; 8]);
+    h.from_a([0; 12], &eth(GW, A_MAC, 0x86dd, &forged_v6));
+    assert!(h.b.1.recv().is_none());
+    assert_eq!(h.drops(DropReason::SpoofedSource), 2);
+    assert_eq!(h.drops(DropReason::SpoofedMac), 1);
+}
+
+#[test]
+fn ttl_expiry_sends_time_exceeded() {
+    let mut h = Harness::new(1500, 1500);
+    let packet = ipv4_packet(
+        [10, 244, 0, 5],
+        [10, 244, 0, 6],
+        1,
+        true,
+        17,
+        &[1, 2, 3, 4, 5, 6, 7, 8, 9],
+    );
+    h.from_a([0; 12], &eth(GW, A_MAC, 0x0800, &packet));
+    assert!(h.b.1.recv().is_none());
+    let out = h.a.1.recv().expect("an ICMP error to A");
+    let e = EthernetFrame::new_checked(&out[12..]).unwrap();
+    assert_eq!((e.dst(), e.src()), (A_MAC, GW));
+    let ip = Ipv4Packet::new_checked(e.payload()).unwrap();
+    assert!(ip.verify_checksum());
+    assert_eq!(ip.src().octets(), [169, 254, 1, 1]);
+    assert_eq!(ip.dst().octets(), [10, 244, 0, 5]);
+    let body = ip.payload();
+    assert_eq!((body[0], body[1]), (icmp::V4_TIME_EXCEEDED, 0));
+    assert_eq!(checksum::checksum(body), 0);
+    assert_eq!(&body[8..], &packet[..], "the whole small packet is quoted");
+    assert_eq!(h.drops(DropReason::TtlExceeded), 1);
+}
+
+#[test]
+fn no_route_sends_unreachable_but_never_about_an_error() {
+    let mut h = Harness::new(1500, 1500);
+    let packet = ipv4_packet([10, 244, 0, 5], [192, 0, 2, 1], 64, true, 17, &[0; 8]);
+    h.from_a([0; 12], &eth(GW, A_MAC, 0x0800, &packet));
+    let out = h.a.1.recv().expect("unreachable");
+    assert_eq!(out[12 + 14 + 20], icmp::V4_DEST_UNREACHABLE);
+    // An ICMP error with no route gets no error back.
+    let error = ipv4_packet(
+        [10, 244, 0, 5],
+        [192, 0, 2, 1],
+        64,
+        true,
+        1,
+        &[3, 1, 0, 0, 0, 0, 0, 0],
+    );
+    h.from_a([0; 12], &eth(GW, A_MAC, 0x0800, &error));
+    assert!(h.a.1.recv().is_none());
+    assert_eq!(h.drops(DropReason::NoRoute), 2);
+}
+
+#[test]
+fn too_big_for_egress_mtu_sends_frag_needed() {
+    let mut h = Harness::new(9000, 1500);
+    let big = ipv4_packet([10, 244, 0, 5], [10, 244, 0, 6], 64, true, 17, &[7; 3000]);
+    h.from_a([0; 12], &eth(GW, A_MAC, 0x0800, &big));
+    assert!(h.b.1.recv().is_none());
+    let out = h.a.1.recv().expect("fragmentation needed");
+    let ip = Ipv4Packet::new_checked(&out[26..]).unwrap();
+    let body = ip.payload();
+    assert_eq!(
+        (body[0], body[1]),
+        (icmp::V4_DEST_UNREACHABLE, icmp::V4_CODE_FRAG_NEEDED)
+    );
+    assert_eq!(u16::from_be_bytes([body[6], body[7]]), 1500);
+    assert!(ip.total_len() <= 576);
+    assert_eq!(checksum::checksum(body), 0);
+    // Without DF the packet is dropped (fragmenting is not done).
+    let no_df = ipv4_packet([10, 244, 0, 5], [10, 244, 0, 6], 64, false, 17, &[7; 3000]);
+    h.from_a([0; 12], &eth(GW, A_MAC, 0x0800, &no_df));
+    assert_eq!(h.drops(DropReason::NeedsFragmentation), 1);
+    // Exactly the MTU passes.
+    let fits = ipv4_packet([10, 244, 0, 5], [10, 244, 0, 6], 64, true, 17, &[7; 1480]);
+    h.from_a([0; 12], &eth(GW, A_MAC, 0x0800, &fits));
+    assert!(h.b.1.recv().is_some());
+}
+
+#[test]
+fn gso_frames_keep_their_header_and_are_checked_per_segment() {
+    let mut h = Harness::new(65_000, 1500);
+    // A 20 KB TCP super-frame with MSS 1448: headers 20 + 20 (data offset 5).
+    let mut tcp = vec![0u8; 20_000];
+    tcp[12] = 5 << 4;
+    let packet = ipv4_packet([10, 244, 0, 5], [10, 244, 0, 6], 64, true, 6, &tcp);
+    let vnet = [1, 1, 54, 0, 0xa8, 0x05, 34, 0, 16, 0, 0, 0];
+    h.from_a(vnet, &eth(GW, A_MAC, 0x0800, &packet));
+    let out = h.b.1.recv().expect("super-frame forwarded whole");
+    assert_eq!(&out[..12], &vnet, "virtio-net header untouched");
+    assert_eq!(out.len(), 12 + 14 + packet.len());
+    assert_eq!(h.pipeline.counters().count(Event::ForwardedGso), 1);
+    // The same frame with MSS 1480 + 40 > 1500 gets fragmentation-needed.
+    let vnet_big = [1, 1, 54, 0, 0xc8, 0x05, 34, 0, 16, 0, 0, 0];
+    h.from_a(vnet_big, &eth(GW, A_MAC, 0x0800, &packet));
+    assert!(h.b.1.recv().is_none());
+    let out = h.a.1.recv().expect("frag needed");
+    assert_eq!(&out[..12], &[0; 12], "errors are plain frames");
+    assert_eq!(h.drops(DropReason::TooBig), 1);
+}
+
+#[test]
+fn neighbor_solicitation_for_gateway_is_answered() {
+    let mut h = Harness::new(1500, 1500);
+    let mut ns = vec![icmp::V6_NEIGHBOR_SOLICIT, 0, 0, 0, 0, 0, 0, 0];
+    ns.extend_from_slice(&"fe80::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    ns.extend_from_slice(&[1, 1]);
+    ns.extend_from_slice(&A_MAC.0);
+    let packet = ipv6_packet("fd00::5", "ff02::1:ff00:1", 255, 58, &ns);
+    h.from_a(
+        [0; 12],
+        &eth(MacAddr([0x33, 0x33, 0xff, 0, 0, 1]), A_MAC, 0x86dd, &packet),
+    );
+    let out = h.a.1.recv().expect("a neighbour advertisement");
+    let e = EthernetFrame::new_checked(&out[12..]).unwrap();
+    assert_eq!((e.dst(), e.src()), (A_MAC, GW));
+    let ip = Ipv6Packet::new_checked(e.payload()).unwrap();
+    assert_eq!(ip.hop_limit(), 255);
+    assert_eq!(ip.dst(), "fd00::5".parse::<std::net::Ipv6Addr>().unwrap());
+    let na = ip.payload();
+    assert_eq!(na[0], icmp::V6_NEIGHBOR_ADVERT);
+    assert_eq!(&na[26..32], &GW.0);
+    assert!(icmpv6_checksum_ok(e.payload()));
+
+    // Duplicate address detection (source ::) is not answered.
+    let dad = ipv6_packet("::", "ff02::1:ff00:1", 255, 58, &ns);
+    h.from_a(
+        [0; 12],
+        &eth(MacAddr([0x33, 0x33, 0xff, 0, 0, 1]), A_MAC, 0x86dd, &dad),
+    );
+    assert!(h.a.1.recv().is_none());
+    assert_eq!(h.drops(DropReason::NdIgnored), 1);
+}
+
+#[test]
+fn ipv6_is_routed_and_errors_are_icmpv6() {
+    let mut h = Harness::new(1500, 1280);
+    let packet = ipv6_packet("fd00::5", "fd00::6", 64, 17, &[9; 100]);
+    h.from_a([0; 12], &eth(GW, A_MAC, 0x86dd, &packet));
+    let out = h.b.1.recv().expect("forwarded");
+    let ip = Ipv6Packet::new_checked(&out[26..]).unwrap();
+    assert_eq!(ip.hop_limit(), 63);
+    assert_eq!(&out[12..18], &B_MAC.0);
+
+    let last_hop = ipv6_packet("fd00::5", "fd00::6", 1, 17, &[9; 100]);
+    h.from_a([0; 12], &eth(GW, A_MAC, 0x86dd, &last_hop));
+    let err = h.a.1.recv().expect("time exceeded");
+    assert_eq!(err[26 + 40], icmp::V6_TIME_EXCEEDED);
+    assert!(icmpv6_checksum_ok(&err[26..]));
+
+    let big = ipv6_packet("fd00::5", "fd00::6", 64, 17, &[9; 1400]);
+    h.from_a([0; 12], &eth(GW, A_MAC, 0x86dd, &big));
+    let err = h.a.1.recv().expect("packet too big");
+    let ip = Ipv6Packet::new_checked(&err[26..]).unwrap();
+    assert!(ip.total_len() <= 1280);
+    assert_eq!(ip.payload()[0], icmp::V6_PACKET_TOO_BIG);
+    assert_eq!(
+        u32::from_be_bytes(ip.payload()[4..8].try_into().unwrap()),
+        1280
+    );
+    assert!(icmpv6_checksum_ok(&err[26..]));
+}
+
+#[test]
+fn icmp_errors_are_rate_limited() {
+    let mut h = Harness::new(1500, 1500);
+    let packet = ipv4_packet([10, 244, 0, 5], [192, 0, 2, 1], 64, true, 17, &[0; 8]);
+    let frame = eth(GW, A_MAC, 0x0800, &packet);
+    for _ in 0..150 {
+        h.from_a([0; 12], &frame);
+        while let Some(f) = h.a.1.recv() {
+            h.a.1.recycle(f);
+        }
+    }
+    assert_eq!(h.pipeline.counters().count(Event::IcmpErrorsSent), 100);
+    assert_eq!(h.drops(DropReason::IcmpRateLimited), 50);
+}
+
+#[test]
+fn random_and_truncated_frames_never_panic() {
+    let mut h = Harness::new(1500, 1500);
+    let mut rng = fastrand::Rng::with_seed(2026);
+    let good = eth(
+        GW,
+        A_MAC,
+        0x0800,
+        &ipv4_packet(
+            [10, 244, 0, 5],
+            [10, 244, 0, 6],
+            64,
+            true,
+            1,
+            &echo_request(),
+        ),
+    );
+    for i in 0..10_000 {
+        let mut frame: Vec<u8> = if i % 2 == 0 {
+            let len = rng.usize(0..200);
+            (0..len).map(|_| rng.u8(..)).collect()
+        } else {
+            let mut f = good.clone();
+            f.truncate(rng.usize(0..f.len()));
+            let flips = rng.usize(0..4);
+            for _ in 0..flips {
+                if !f.is_empty() {
+                    let at = rng.usize(0..f.len());
+                    f[at] = rng.u8(..);
+                }
+            }
+            f
+        };
+        // Half keep a valid source MAC so that deeper stages see them.
+        if frame.len() >= 12 && rng.bool() {
+            frame[6..12].copy_from_slice(&A_MAC.0);
+        }
+        let vnet: [u8; 12] = std::array::from_fn(|_| if rng.u8(..) < 20 { rng.u8(..) } else { 0 });
+        h.from_a(vnet, &frame);
+        while let Some(f) = h.a.1.recv() {
+            h.a.1.recycle(f);
+        }
+        while let Some(f) = h.b.1.recv() {
+            h.b.1.recycle(f);
+        }
+    }
+    h.from_a([0; 12], &good);
+    assert!(h.b.1.recv().is_some(), "still forwarding");
+}

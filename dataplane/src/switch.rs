@@ -1,0 +1,411 @@
+//! The switch: published tables, worker threads, and the control-side state that API
+//! requests change. Requests are serialised by one mutex that workers never touch; each
+//! change validates first, then does the system work (creating a TAP), then publishes a new
+//! snapshot, so that a refused or failed request leaves everything as it was.
+
+use crate::io::memory::{self, MemoryPeer};
+use crate::io::tap::{TapConfig, TapDevice};
+use crate::io::PortIo;
+use crate::pipeline::{DropReason, Event};
+use crate::tables::builder::TableBuilder;
+use crate::tables::{Gateway, Port, PortCounters, SharedTables, Tables};
+use crate::worker::Worker;
+use std::collections::BTreeMap;
+use std::io;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use switchyard_api::{
+    self as api, AddPort, ApiError, ErrorCode, HelloReply, IpNet, MacAddr, PortInfo, PortSelector,
+    Reply, Request, Stats,
+};
+
+/// How to run the switch.
+#[derive(Debug, Clone)]
+pub struct SwitchConfig {
+    /// Number of worker threads.
+    pub workers: usize,
+    /// MTU of pod interfaces whose request names none.
+    pub default_mtu: u32,
+    /// The pods' gateway.
+    pub gateway: Gateway,
+}
+
+impl Default for SwitchConfig {
+    fn default() -> Self {
+        Self {
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            default_mtu: 1500,
+            gateway: Gateway::default(),
+        }
+    }
+}
+
+struct State {
+    builder: TableBuilder,
+    next_port_id: u32,
+}
+
+/// A running switch.
+pub struct Switch {
+    config: SwitchConfig,
+    shared: Arc<SharedTables>,
+    workers: Vec<Worker>,
+    state: Mutex<State>,
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::InvalidRequest, message)
+}
+
+impl Switch {
+    /// Starts the worker threads with empty tables.
+    pub fn start(config: SwitchConfig) -> io::Result<Self> {
+        let shared = Arc::new(SharedTables::new(Tables::empty(config.gateway)));
+        let workers = (0..config.workers.max(1))
+            .map(|i| Worker::spawn(i, shared.clone()))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Self {
+            state: Mutex::new(State {
+                builder: TableBuilder::new(config.gateway),
+                next_port_id: 1,
+            }),
+            config,
+            shared,
+            workers,
+        })
+    }
+
+    /// The tables the workers currently use.
+    pub fn tables(&self) -> Arc<Tables> {
+        self.shared.load_full()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-changed (changes
+        // are applied only after validation), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Carries out one API request.
+    pub fn handle(&self, request: Request) -> Result<Reply, ApiError> {
+        match request {
+            Request::Hello => Ok(Reply::Hello(HelloReply {
+                version: api::API_VERSION,
+                software: format!("switchyard-dataplane {}", env!("CARGO_PKG_VERSION")),
+                workers: self.workers.len(),
+                gateway_mac: self.config.gateway.mac,
+                gateway_ipv4: self.config.gateway.ipv4,
+                gateway_ipv6: self.config.gateway.ipv6,
+            })),
+            Request::AddPort(spec) => self.add_tap_port(&spec).map(Reply::Port),
+            Request::DelPort(selector) => self.del_port(&selector).map(|_| Reply::Done),
+            Request::ListPorts => Ok(Reply::Ports(self.list_ports())),
+            Request::AddRoute(spec) => {
+                let mut state = self.state();
+                state.builder.add_route(&spec)?;
+                self.publish(&mut state);
+                Ok(Reply::Done)
+            }
+            Request::DelRoute { dst } => {
+                let mut state = self.state();
+                state.builder.del_route(&dst)?;
+                self.publish(&mut state);
+                Ok(Reply::Done)
+            }
+            Request::ListRoutes => Ok(Reply::Routes(self.state().builder.routes())),
+            Request::Stats => Ok(Reply::Stats(self.stats())),
+        }
+    }
+
+    fn publish(&self, state: &mut State) {
+        self.shared.publish(state.builder.build());
+    }
+
+    fn list_ports(&self) -> Vec<PortInfo> {
+        self.state()
+            .builder
+            .ports()
+            .map(|p| p.info.clone())
+            .collect()
+    }
+
+    /// Validates an add-port request; returns the MAC and MTU to use.
+    fn validate(&self, spec: &AddPort) -> Result<(MacAddr, u32), ApiError> {
+        let name = spec.ifname.as_str();
+        if name.is_empty()
+            || name.len() > 15
+            || name == "."
+            || name == ".."
+            || name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(format!(
+                "invalid interface name {name:?}: use 1 to 15 characters without '/', ':' or spaces"
+            )));
+        }
+        if spec.ips.is_empty() {
+            return Err(invalid("a port needs at least one IP address"));
+        }
+        for (i, ip) in spec.ips.iter().enumerate() {
+            let addr = ip.addr();
+            let bad = match addr {
+                IpAddr::V4(a) => {
+                    a.is_unspecified()
+                        || a.is_multicast()
+                        || a.is_broadcast()
+                        || a.is_loopback()
+                        || a.is_link_local()
+                }
+                IpAddr::V6(a) => {
+                    a.is_unspecified()
+                        || a.is_multicast()
+                        || a.is_loopback()
+                        || a.is_unicast_link_local()
+                }
+            };
+            if bad {
+                return Err(invalid(format!("{addr} cannot be a pod address (unspecified, multicast, loopback or link-local)")));
+            }
+            if ip.network() == addr && ip.prefix_len() < ip.max_prefix_len() && ip.prefix_len() < 31
+            {
+                return Err(invalid(format!(
+                    "{ip} is a network address, not a host address"
+                )));
+            }
+            if spec.ips[..i].iter().any(|o| o.addr() == addr) {
+                return Err(invalid(format!("address {addr} is listed twice")));
+            }
+        }
+        let mtu = spec.mtu.unwrap_or(self.config.default_mtu);
+        let min_mtu = if spec.ips.iter().any(|ip| ip.addr().is_ipv6()) {
+            1280
+        } else {
+            576
+        };
+        if !(min_mtu..=65_521).contains(&mtu) {
+            return Err(invalid(format!(
+                "MTU {mtu} is out of range {min_mtu}..=65521"
+            )));
+        }
+        let mac = match spec.mac {
+            Some(mac)
+                if mac.is_multicast()
+                    || mac == MacAddr::default()
+                    || mac == self.config.gateway.mac =>
+            {
+                return Err(invalid(format!(
+                    "MAC {mac} cannot be a pod's (multicast, zero or the gateway's)"
+                )));
+            }
+            Some(mac) => mac,
+            None => derive_mac(&spec.ips),
+        };
+        Ok((mac, mtu))
+    }
+
+    /// Creates a TAP port in the pod's namespace and starts forwarding for it.
+    pub fn add_tap_port(&self, spec: &AddPort) -> Result<PortInfo, ApiError> {
+        let (mac, mtu) = self.validate(spec)?;
+        let netns = Path::new(&spec.netns);
+        if !netns.exists() {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("network namespace {} does not exist", spec.netns),
+            ));
+        }
+        let mut state = self.state();
+        state
+            .builder
+            .check_new_port(&spec.netns, &spec.ifname, &spec.ips)?;
+        let config = TapConfig {
+            ifname: spec.ifname.clone(),
+            mac,
+            mtu,
+            ips: spec.ips.clone(),
+            gateway: self.config.gateway,
+        };
+        let (tap, ifindex) = TapDevice::create(netns, &config).map_err(|err| {
+            let code = match err.kind() {
+                io::ErrorKind::AlreadyExists => ErrorCode::Conflict,
+                io::ErrorKind::InvalidInput => ErrorCode::InvalidRequest,
+                io::ErrorKind::NotFound => ErrorCode::NotFound,
+                _ => ErrorCode::System,
+            };
+            ApiError::new(
+                code,
+                format!("cannot create {} in {}: {err}", spec.ifname, spec.netns),
+            )
+        })?;
+        self.insert_port(&mut state, spec, mac, mtu, ifindex, PortIo::Tap(tap))
+    }
+
+    /// Adds an in-memory port (tests, benchmarks, fuzzing); returns it and the pod's end.
+    pub fn add_memory_port(&self, spec: &AddPort) -> Result<(PortInfo, MemoryPeer), ApiError> {
+        let (mac, mtu) = self.validate(spec)?;
+        let mut state = self.state();
+        state
+            .builder
+            .check_new_port(&spec.netns, &spec.ifname, &spec.ips)?;
+        let (port, peer) = memory::pair(1024);
+        let info = self.insert_port(&mut state, spec, mac, mtu, 0, PortIo::Memory(port))?;
+        Ok((info, peer))
+    }
+
+    fn insert_port(
+        &self,
+        state: &mut State,
+        spec: &AddPort,
+        mac: MacAddr,
+        mtu: u32,
+        ifindex: u32,
+        io: PortIo,
+    ) -> Result<PortInfo, ApiError> {
+        let id = state.next_port_id;
+        let mut load = vec![0usize; self.workers.len()];
+        for p in state.builder.ports() {
+            load[p.info.worker] += 1;
+        }
+        let worker = (0..load.len()).min_by_key(|&i| load[i]).unwrap_or(0);
+        let info = PortInfo {
+            id,
+            kind: io.kind().into(),
+            netns: spec.netns.clone(),
+            ifname: spec.ifname.clone(),
+            ifindex,
+            mac,
+            mtu,
+            ips: spec.ips.clone(),
+            owner: spec.owner.clone(),
+            worker,
+        };
+        let port = Arc::new(Port {
+            id,
+            mac,
+            mtu,
+            ipv4: spec
+                .ips
+                .iter()
+                .filter_map(|n| match n {
+                    IpNet::V4(n) => Some(n.addr()),
+                    _ => None,
+                })
+                .collect(),
+            ipv6: spec
+                .ips
+                .iter()
+                .filter_map(|n| match n {
+                    IpNet::V6(n) => Some(n.addr()),
+                    _ => None,
+                })
+                .collect(),
+            io,
+            counters: PortCounters::default(),
+            info: info.clone(),
+        });
+        state.builder.insert_port(port.clone());
+        self.publish(state);
+        if let Err(err) = self.workers[worker].watch(&port) {
+            state.builder.remove_port(id);
+            self.publish(state);
+            return Err(ApiError::new(
+                ErrorCode::System,
+                format!("cannot poll the new port: {err}"),
+            ));
+        }
+        state.next_port_id += 1;
+        Ok(info)
+    }
+
+    /// Removes a port; its device goes away once no worker uses it any more.
+    pub fn del_port(&self, selector: &PortSelector) -> Result<PortInfo, ApiError> {
+        let mut state = self.state();
+        let port = match selector {
+            PortSelector::Id { id } => state.builder.port(*id),
+            PortSelector::Attachment { netns, ifname } => {
+                state.builder.find_attachment(netns, ifname)
+            }
+        }
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!("no such port: {}", describe(selector)),
+            )
+        })?;
+        self.workers[port.info.worker].unwatch(&port);
+        state.builder.remove_port(port.id);
+        self.publish(&mut state);
+        Ok(port.info.clone())
+    }
+
+    /// Counters summed over workers, and per port.
+    pub fn stats(&self) -> Stats {
+        let mut counters = BTreeMap::new();
+        let mut drops = BTreeMap::new();
+        for worker in &self.workers {
+            for (event, value) in Event::ALL.iter().zip(&worker.stats.events) {
+                *counters.entry(event.name().to_string()).or_insert(0) +=
+                    value.load(Ordering::Relaxed);
+            }
+            for (reason, value) in DropReason::ALL.iter().zip(&worker.stats.drops) {
+                *drops.entry(reason.name().to_string()).or_insert(0) +=
+                    value.load(Ordering::Relaxed);
+            }
+            *counters.entry("rx_errors".to_string()).or_insert(0) +=
+                worker.stats.rx_errors.load(Ordering::Relaxed);
+        }
+        let tables = self.tables();
+        let mut ports: Vec<api::PortCounters> = tables
+            .ports
+            .values()
+            .map(|p| api::PortCounters {
+                id: p.id,
+                ifname: p.info.ifname.clone(),
+                rx_frames: p.counters.rx_frames.load(Ordering::Relaxed),
+                rx_bytes: p.counters.rx_bytes.load(Ordering::Relaxed),
+                tx_frames: p.counters.tx_frames.load(Ordering::Relaxed),
+                tx_bytes: p.counters.tx_bytes.load(Ordering::Relaxed),
+                tx_errors: p.counters.tx_errors.load(Ordering::Relaxed),
+            })
+            .collect();
+        ports.sort_by_key(|p| p.id);
+        Stats {
+            workers: self.workers.len(),
+            counters,
+            drops,
+            ports,
+        }
+    }
+
+    /// Stops the workers and closes every port (their interfaces disappear).
+    pub fn shutdown(mut self) {
+        for worker in &mut self.workers {
+            worker.stop();
+        }
+    }
+}
+
+fn describe(selector: &PortSelector) -> String {
+    match selector {
+        PortSelector::Id { id } => format!("id {id}"),
+        PortSelector::Attachment { netns, ifname } => format!("{ifname} in {netns}"),
+    }
+}
+
+/// A stable, locally administered MAC from the pod's first address: `0a:58:` + the IPv4
+/// address (as Kubernetes' bridge plugins do), or the last four bytes of the IPv6 one.
+fn derive_mac(ips: &[IpNet]) -> MacAddr {
+    let v4 = ips.iter().find_map(|n| match n.addr() {
+        IpAddr::V4(a) => Some(a.octets()),
+        IpAddr::V6(_) => None,
+    });
+    let octets = v4.unwrap_or_else(|| match ips.first().map(|n| n.addr()) {
+        Some(IpAddr::V6(a)) => {
+            let o = a.octets();
+            [o[12], o[13], o[14], o[15]]
+        }
+        _ => [0, 0, 0, 1],
+    });
+    MacAddr::from_ipv4_octets(octets)
+}

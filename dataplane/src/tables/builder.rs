@@ -1,0 +1,226 @@
+//! The control side's view of forwarding state (ports and static routes) and the
+//! compilation of it into an immutable [`Tables`] snapshot.
+//!
+//! Every change is validated here first, so that a refused request leaves the state as it
+//! was; then the whole snapshot is rebuilt. Rebuilding is O(routes) (about 0.3 s for a
+//! million IPv4 routes, microseconds for a node's few hundred pods) and never blocks
+//! forwarding.
+
+use super::lpm::{Lpm, Route};
+use super::{Gateway, NextHop, Port, Tables};
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use switchyard_api::{self as api, ApiError, ErrorCode, IpNet, RouteInfo, RouteOrigin, RouteSpec};
+
+const NH_BLACKHOLE: u32 = 1;
+const NH_UNREACHABLE: u32 = 2;
+const NH_FIRST_PORT: u32 = 3;
+
+/// Ports and static routes, from which snapshots are built.
+pub struct TableBuilder {
+    gateway: Gateway,
+    generation: u64,
+    ports: BTreeMap<u32, Arc<Port>>,
+    static_routes: BTreeMap<IpNet, api::NextHop>,
+}
+
+impl TableBuilder {
+    /// Empty state for a dataplane with this gateway.
+    pub fn new(gateway: Gateway) -> Self {
+        Self {
+            gateway,
+            generation: 0,
+            ports: BTreeMap::new(),
+            static_routes: BTreeMap::new(),
+        }
+    }
+
+    /// The gateway pods route through.
+    pub fn gateway(&self) -> Gateway {
+        self.gateway
+    }
+
+    /// All ports, by id.
+    pub fn ports(&self) -> impl Iterator<Item = &Arc<Port>> {
+        self.ports.values()
+    }
+
+    /// The port with this id.
+    pub fn port(&self, id: u32) -> Option<&Arc<Port>> {
+        self.ports.get(&id)
+    }
+
+    /// The port created for this namespace and interface name.
+    pub fn find_attachment(&self, netns: &str, ifname: &str) -> Option<&Arc<Port>> {
+        self.ports
+            .values()
+            .find(|p| p.info.netns == netns && p.info.ifname == ifname)
+    }
+
+    /// Refuses a new port whose attachment or addresses are already taken.
+    pub fn check_new_port(&self, netns: &str, ifname: &str, ips: &[IpNet]) -> Result<(), ApiError> {
+        if let Some(p) = self.find_attachment(netns, ifname) {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "port {} already attaches {ifname} in {netns}; delete it first",
+                    p.id
+                ),
+            ));
+        }
+        for ip in ips {
+            if let Some(p) = self.owner_of(ip.addr()) {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "address {} is already used by port {} ({} in {})",
+                        ip.addr(),
+                        p.id,
+                        p.info.ifname,
+                        p.info.netns
+                    ),
+                ));
+            }
+            let host = host_net(ip.addr());
+            if self.static_routes.contains_key(&host) {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "a static route for {host} exists; delete it before giving {} to a pod",
+                        ip.addr()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn owner_of(&self, addr: IpAddr) -> Option<&Arc<Port>> {
+        self.ports
+            .values()
+            .find(|p| p.info.ips.iter().any(|n| n.addr() == addr))
+    }
+
+    /// Adds a port checked with [`TableBuilder::check_new_port`].
+    pub fn insert_port(&mut self, port: Arc<Port>) {
+        self.ports.insert(port.id, port);
+    }
+
+    /// Removes a port and the static routes through it; returns the port.
+    pub fn remove_port(&mut self, id: u32) -> Option<Arc<Port>> {
+        let port = self.ports.remove(&id)?;
+        self.static_routes
+            .retain(|_, via| *via != api::NextHop::Port(id));
+        Some(port)
+    }
+
+    /// Adds a static route after checking it conflicts with nothing.
+    pub fn add_route(&mut self, spec: &RouteSpec) -> Result<(), ApiError> {
+        let dst = spec.dst.trunc();
+        if dst != spec.dst {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "route destination {} has host bits set; did you mean {dst}?",
+                    spec.dst
+                ),
+            ));
+        }
+        if let api::NextHop::Port(id) = spec.via {
+            if !self.ports.contains_key(&id) {
+                return Err(ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("no port {id} to route through"),
+                ));
+            }
+        }
+        if self.static_routes.contains_key(&dst) {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!("a route for {dst} exists already; delete it first"),
+            ));
+        }
+        if dst.prefix_len() == dst.max_prefix_len() {
+            if let Some(p) = self.owner_of(dst.addr()) {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "{dst} is the address of port {} and routed to it already",
+                        p.id
+                    ),
+                ));
+            }
+        }
+        self.static_routes.insert(dst, spec.via);
+        Ok(())
+    }
+
+    /// Removes a static route.
+    pub fn del_route(&mut self, dst: &IpNet) -> Result<(), ApiError> {
+        self.static_routes
+            .remove(dst)
+            .map(|_| ())
+            .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no static route for {dst}")))
+    }
+
+    /// Every route: pod host routes, then static ones.
+    pub fn routes(&self) -> Vec<RouteInfo> {
+        let mut out: Vec<RouteInfo> = self
+            .ports
+            .values()
+            .flat_map(|p| {
+                p.info.ips.iter().map(|ip| RouteInfo {
+                    dst: host_net(ip.addr()),
+                    via: api::NextHop::Port(p.id),
+                    origin: RouteOrigin::Pod,
+                })
+            })
+            .collect();
+        out.extend(self.static_routes.iter().map(|(dst, via)| RouteInfo {
+            dst: *dst,
+            via: *via,
+            origin: RouteOrigin::Static,
+        }));
+        out
+    }
+
+    /// Compiles the current state into a new snapshot.
+    pub fn build(&mut self) -> Tables {
+        self.generation += 1;
+        let mut nexthops = vec![NextHop::Blackhole, NextHop::Blackhole, NextHop::Unreachable];
+        let mut port_nh: HashMap<u32, u32> = HashMap::new();
+        for port in self.ports.values() {
+            port_nh.insert(port.id, NH_FIRST_PORT + port_nh.len() as u32);
+            nexthops.push(NextHop::Port(port.clone()));
+        }
+        let nh_of = |via: &api::NextHop| match via {
+            api::NextHop::Port(id) => port_nh.get(id).copied().unwrap_or(NH_UNREACHABLE),
+            api::NextHop::Blackhole => NH_BLACKHOLE,
+            api::NextHop::Unreachable => NH_UNREACHABLE,
+        };
+        let mut v4: Vec<Route<u32>> = Vec::new();
+        let mut v6: Vec<Route<u128>> = Vec::new();
+        for route in self.routes() {
+            let nh = nh_of(&route.via);
+            match route.dst {
+                IpNet::V4(n) => v4.push((u32::from(n.addr()), n.prefix_len(), nh)),
+                IpNet::V6(n) => v6.push((u128::from(n.addr()), n.prefix_len(), nh)),
+            }
+        }
+        Tables {
+            generation: self.generation,
+            gateway: self.gateway,
+            ports: self.ports.iter().map(|(id, p)| (*id, p.clone())).collect(),
+            // Prefix lengths come from IpNet and values are small: building cannot fail.
+            routes_v4: Lpm::build(v4).unwrap_or_default(),
+            routes_v6: Lpm::build(v6).unwrap_or_default(),
+            nexthops,
+        }
+    }
+}
+
+/// The /32 or /128 network of one address.
+pub fn host_net(addr: IpAddr) -> IpNet {
+    IpNet::new(addr, if addr.is_ipv4() { 32 } else { 128 }).unwrap_or_else(|_| IpNet::from(addr))
+}

@@ -1,0 +1,161 @@
+//! Forwarding state: an immutable snapshot of ports, routes and next hops that the control
+//! side builds and publishes atomically, and that workers read without locks.
+//!
+//! Workers call [`SharedTables::load`] once per poll round and keep the snapshot for that
+//! round; the API thread builds a new [`Tables`] and swaps it in with
+//! [`SharedTables::publish`]. Nothing a worker does waits for the control side, and a port
+//! removed from the tables stays open until the last worker lets go of the old snapshot.
+
+pub mod builder;
+pub mod lpm;
+
+use crate::io::PortIo;
+use arc_swap::ArcSwap;
+use lpm::Lpm;
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use switchyard_api::{MacAddr, PortInfo};
+
+/// The pods' gateway: the MAC and addresses the dataplane answers ARP / ND for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gateway {
+    /// MAC of the gateway, answered for every ARP / ND request.
+    pub mac: MacAddr,
+    /// IPv4 gateway (link-local, like Calico's 169.254.1.1).
+    pub ipv4: Ipv4Addr,
+    /// IPv6 gateway (link-local fe80::1).
+    pub ipv6: Ipv6Addr,
+}
+
+impl Default for Gateway {
+    fn default() -> Self {
+        Self {
+            mac: MacAddr([0xee, 0xee, 0xee, 0xee, 0xee, 0xee]),
+            ipv4: Ipv4Addr::new(169, 254, 1, 1),
+            ipv6: Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1),
+        }
+    }
+}
+
+/// Traffic counters of one port, shared between workers.
+#[derive(Debug, Default)]
+pub struct PortCounters {
+    /// Frames read from the pod.
+    pub rx_frames: AtomicU64,
+    /// Bytes read from the pod.
+    pub rx_bytes: AtomicU64,
+    /// Frames written to the pod.
+    pub tx_frames: AtomicU64,
+    /// Bytes written to the pod.
+    pub tx_bytes: AtomicU64,
+    /// Failed writes to the pod.
+    pub tx_errors: AtomicU64,
+}
+
+impl PortCounters {
+    /// Adds to a counter (relaxed: counters order nothing).
+    #[inline]
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A pod port as the fast path sees it.
+pub struct Port {
+    /// Port id (also the worker's poll token).
+    pub id: u32,
+    /// The pod interface's MAC: the only source MAC accepted from it, the destination of
+    /// frames sent to it.
+    pub mac: MacAddr,
+    /// MTU of the pod interface.
+    pub mtu: u32,
+    /// The pod's IPv4 addresses: the only IPv4 sources accepted from it.
+    pub ipv4: Vec<Ipv4Addr>,
+    /// The pod's IPv6 addresses: the only IPv6 sources forwarded from it.
+    pub ipv6: Vec<Ipv6Addr>,
+    /// The device behind the port.
+    pub io: PortIo,
+    /// Traffic counters.
+    pub counters: PortCounters,
+    /// What the API lists about this port.
+    pub info: PortInfo,
+}
+
+/// Where a route lookup sends a packet.
+#[derive(Clone)]
+pub enum NextHop {
+    /// To the pod behind this port.
+    Port(Arc<Port>),
+    /// Drop silently.
+    Blackhole,
+    /// Drop and answer ICMP unreachable.
+    Unreachable,
+}
+
+/// An immutable snapshot of everything the fast path reads.
+pub struct Tables {
+    /// Increases with every publication.
+    pub generation: u64,
+    /// The pods' gateway.
+    pub gateway: Gateway,
+    /// Ports by id.
+    pub ports: HashMap<u32, Arc<Port>>,
+    /// IPv4 routes: values index `nexthops`.
+    pub routes_v4: Lpm<u32>,
+    /// IPv6 routes: values index `nexthops`.
+    pub routes_v6: Lpm<u128>,
+    /// Next hops; index 0 is unused (it means "no route").
+    pub nexthops: Vec<NextHop>,
+}
+
+impl Tables {
+    /// Tables with no port and no route.
+    pub fn empty(gateway: Gateway) -> Self {
+        Self {
+            generation: 0,
+            gateway,
+            ports: HashMap::new(),
+            routes_v4: Lpm::default(),
+            routes_v6: Lpm::default(),
+            nexthops: vec![NextHop::Blackhole],
+        }
+    }
+
+    /// The next hop stored at `index`, if any.
+    #[inline]
+    pub fn nexthop(&self, index: u32) -> Option<&NextHop> {
+        if index == 0 {
+            None
+        } else {
+            self.nexthops.get(index as usize)
+        }
+    }
+}
+
+/// The published snapshot: swapped atomically, read without locks.
+pub struct SharedTables(ArcSwap<Tables>);
+
+impl SharedTables {
+    /// Starts with `tables`.
+    pub fn new(tables: Tables) -> Self {
+        Self(ArcSwap::from_pointee(tables))
+    }
+
+    /// The current snapshot; hold it for one round of work, not longer.
+    #[inline]
+    pub fn load(&self) -> arc_swap::Guard<Arc<Tables>> {
+        self.0.load()
+    }
+
+    /// The current snapshot as an owned reference.
+    pub fn load_full(&self) -> Arc<Tables> {
+        self.0.load_full()
+    }
+
+    /// Replaces the snapshot. Readers see either the old or the new one, never a mix.
+    pub fn publish(&self, tables: Tables) {
+        self.0.store(Arc::new(tables));
+    }
+}

@@ -1,0 +1,119 @@
+//! The virtio-net header (`struct virtio_net_hdr_v1`, 12 bytes) that a TAP device opened with
+//! `IFF_VNET_HDR` puts before every frame. It carries checksum and segmentation offload state,
+//! so a 64 KiB TCP super-frame can cross the dataplane unsegmented. Fields are little-endian
+//! (the host order on the machines Switchyard runs on; TUNSETVNETLE is not used).
+
+use super::WireError;
+
+/// Header length used on every port (`TUNSETVNETHDRSZ` = 12).
+pub const HEADER_LEN: usize = 12;
+/// `flags`: the L4 checksum is partial and must be completed from `csum_start`.
+pub const F_NEEDS_CSUM: u8 = 1;
+/// `flags`: the checksum was already validated.
+pub const F_DATA_VALID: u8 = 2;
+/// `gso_type`: not a GSO frame.
+pub const GSO_NONE: u8 = 0;
+/// `gso_type`: TCP over IPv4.
+pub const GSO_TCPV4: u8 = 1;
+/// `gso_type`: UDP fragmentation offload (legacy).
+pub const GSO_UDP: u8 = 3;
+/// `gso_type`: TCP over IPv6.
+pub const GSO_TCPV6: u8 = 4;
+/// `gso_type`: UDP segmentation (USO).
+pub const GSO_UDP_L4: u8 = 5;
+/// `gso_type` flag: TCP with ECN.
+pub const GSO_ECN: u8 = 0x80;
+
+/// A view of a virtio-net header.
+#[derive(Debug)]
+pub struct VnetHeader<T> {
+    buf: T,
+}
+
+impl<T: AsRef<[u8]>> VnetHeader<T> {
+    /// Wraps `buf`, checking it holds a whole header.
+    pub fn new_checked(buf: T) -> Result<Self, WireError> {
+        if buf.as_ref().len() < HEADER_LEN {
+            return Err(WireError::Truncated);
+        }
+        Ok(Self { buf })
+    }
+
+    fn le16(&self, at: usize) -> u16 {
+        let b = self.buf.as_ref();
+        u16::from_le_bytes([b[at], b[at + 1]])
+    }
+
+    /// Flags (`F_NEEDS_CSUM`, `F_DATA_VALID`).
+    pub fn flags(&self) -> u8 {
+        self.buf.as_ref()[0]
+    }
+
+    /// GSO type, without the ECN flag.
+    pub fn gso_type(&self) -> u8 {
+        self.buf.as_ref()[1] & !GSO_ECN
+    }
+
+    /// Length of the headers before the payload of each segment.
+    pub fn hdr_len(&self) -> u16 {
+        self.le16(2)
+    }
+
+    /// Payload bytes per segment of a GSO frame.
+    pub fn gso_size(&self) -> u16 {
+        self.le16(4)
+    }
+
+    /// Where checksumming starts, from the start of the Ethernet frame.
+    pub fn csum_start(&self) -> u16 {
+        self.le16(6)
+    }
+
+    /// Where the checksum goes, from `csum_start`.
+    pub fn csum_offset(&self) -> u16 {
+        self.le16(8)
+    }
+
+    /// True when this frame is a GSO super-frame.
+    pub fn is_gso(&self) -> bool {
+        self.gso_type() != GSO_NONE
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> VnetHeader<T> {
+    /// Resets to "plain frame, checksums complete".
+    pub fn clear(&mut self) {
+        self.buf.as_mut()[..HEADER_LEN].fill(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TCPv4 GSO header as the kernel writes it: NEEDS_CSUM, hdr_len 66, MSS 1448,
+    /// csum_start 34 (14 + 20), csum_offset 16.
+    static GSO: [u8; 12] = [1, 1, 66, 0, 0xa8, 0x05, 34, 0, 16, 0, 0, 0];
+
+    #[test]
+    fn parse_gso() {
+        let h = VnetHeader::new_checked(&GSO[..]).unwrap();
+        assert_eq!(h.flags(), F_NEEDS_CSUM);
+        assert_eq!(h.gso_type(), GSO_TCPV4);
+        assert!(h.is_gso());
+        assert_eq!(h.hdr_len(), 66);
+        assert_eq!(h.gso_size(), 1448);
+        assert_eq!(h.csum_start(), 34);
+        assert_eq!(h.csum_offset(), 16);
+    }
+
+    #[test]
+    fn clear_makes_plain_frame() {
+        let mut b = GSO;
+        let mut h = VnetHeader::new_checked(&mut b[..]).unwrap();
+        h.clear();
+        assert!(!h.is_gso());
+        assert_eq!(b, [0; 12]);
+        assert!(VnetHeader::new_checked(&GSO[..11]).is_err());
+    }
+}

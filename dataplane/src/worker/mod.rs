@@ -1,0 +1,223 @@
+//! Worker threads: each owns a set of ports, waits on them with epoll (mio), and runs the
+//! pipeline over batches of frames read from them. Workers share nothing mutable with
+//! each other or with the control side: they load the published tables once per round,
+//! write frames straight to the egress port's device, and publish their counters with
+//! plain atomic stores.
+
+use crate::buffer::{PacketBuf, BATCH};
+use crate::pipeline::{Counters, DropReason, Event, Pipeline, Verdict};
+use crate::tables::{NextHop, Port, PortCounters, SharedTables, Tables};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const WAKE: Token = Token(usize::MAX);
+
+/// Reads one batch from `port`, runs the pipeline and transmits the results. Returns how
+/// many frames were read (a full batch means there may be more).
+pub fn forward_batch(
+    pipeline: &mut Pipeline,
+    tables: &Tables,
+    port: &Port,
+    bufs: &mut [PacketBuf],
+    verdicts: &mut [Verdict],
+    now_ns: u64,
+) -> io::Result<usize> {
+    let n = port.io.recv_batch(bufs)?;
+    if n == 0 {
+        return Ok(0);
+    }
+    let bytes: usize = bufs[..n].iter().map(PacketBuf::len).sum();
+    PortCounters::add(&port.counters.rx_frames, n as u64);
+    PortCounters::add(&port.counters.rx_bytes, bytes as u64);
+    pipeline.process(tables, port, &mut bufs[..n], &mut verdicts[..n], now_ns);
+    for (buf, verdict) in bufs[..n].iter().zip(&verdicts[..n]) {
+        let egress = match *verdict {
+            Verdict::Drop => continue,
+            Verdict::Reply => port,
+            Verdict::Forward(nh) => match tables.nexthop(nh) {
+                Some(NextHop::Port(p)) => p,
+                _ => {
+                    pipeline.counters_mut().drop(DropReason::PortGone);
+                    continue;
+                }
+            },
+        };
+        transmit(pipeline.counters_mut(), egress, buf.frame());
+    }
+    Ok(n)
+}
+
+#[inline]
+fn transmit(counters: &mut Counters, egress: &Port, frame: &[u8]) {
+    match egress.io.send(frame) {
+        Ok(()) => {
+            PortCounters::add(&egress.counters.tx_frames, 1);
+            PortCounters::add(&egress.counters.tx_bytes, frame.len() as u64);
+        }
+        Err(_) => {
+            PortCounters::add(&egress.counters.tx_errors, 1);
+            counters.drop(DropReason::TxFailed);
+        }
+    }
+}
+
+/// Counters a worker publishes after every round.
+pub struct WorkerStats {
+    /// Event counts by [`Event`] index.
+    pub events: Vec<AtomicU64>,
+    /// Drop counts by [`DropReason`] index.
+    pub drops: Vec<AtomicU64>,
+    /// Ports whose read failed.
+    pub rx_errors: AtomicU64,
+}
+
+impl Default for WorkerStats {
+    fn default() -> Self {
+        Self {
+            events: (0..Event::COUNT).map(|_| AtomicU64::new(0)).collect(),
+            drops: (0..DropReason::COUNT).map(|_| AtomicU64::new(0)).collect(),
+            rx_errors: AtomicU64::new(0),
+        }
+    }
+}
+
+impl WorkerStats {
+    fn publish(&self, counters: &Counters) {
+        for (slot, value) in self.events.iter().zip(counters.events) {
+            slot.store(value, Ordering::Relaxed);
+        }
+        for (slot, value) in self.drops.iter().zip(counters.drops) {
+            slot.store(value, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A running worker thread.
+pub struct Worker {
+    registry: Registry,
+    waker: Arc<Waker>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    /// What the worker counted.
+    pub stats: Arc<WorkerStats>,
+}
+
+impl Worker {
+    /// Starts worker number `index` over the shared tables.
+    pub fn spawn(index: usize, tables: Arc<SharedTables>) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let registry = poll.registry().try_clone()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(WorkerStats::default());
+        let thread = std::thread::Builder::new()
+            .name(format!("sy-worker-{index}"))
+            .spawn({
+                let stop = stop.clone();
+                let stats = stats.clone();
+                move || run(poll, &tables, &stop, &stats)
+            })?;
+        Ok(Self {
+            registry,
+            waker,
+            stop,
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    /// Starts polling a port's device (ports without a file descriptor are skipped).
+    pub fn watch(&self, port: &Port) -> io::Result<()> {
+        match port.io.raw_fd() {
+            Some(fd) => self.registry.register(
+                &mut SourceFd(&fd),
+                Token(port.id as usize),
+                Interest::READABLE,
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops polling a port's device.
+    pub fn unwatch(&self, port: &Port) {
+        if let Some(fd) = port.io.raw_fd() {
+            let _ = self.registry.deregister(&mut SourceFd(&fd));
+        }
+    }
+
+    /// Asks the thread to finish and waits for it.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.waker.wake();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run(mut poll: Poll, shared: &SharedTables, stop: &AtomicBool, stats: &WorkerStats) {
+    let mut events = Events::with_capacity(256);
+    let mut pending: VecDeque<u32> = VecDeque::with_capacity(1024);
+    let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
+    let mut verdicts = [Verdict::Drop; BATCH];
+    let mut pipeline = Pipeline::new();
+    let clock = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let timeout = if pending.is_empty() {
+            Duration::from_millis(500)
+        } else {
+            Duration::ZERO
+        };
+        if let Err(err) = poll.poll(&mut events, Some(timeout)) {
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            eprintln!("switchyard worker: poll failed: {err}");
+            return;
+        }
+        for event in events.iter() {
+            let token = event.token();
+            if token != WAKE && !pending.contains(&(token.0 as u32)) {
+                pending.push_back(token.0 as u32);
+            }
+        }
+        if pending.is_empty() {
+            continue;
+        }
+        let tables = shared.load();
+        let now_ns = clock.elapsed().as_nanos() as u64;
+        for _ in 0..pending.len() {
+            let Some(id) = pending.pop_front() else { break };
+            let Some(port) = tables.ports.get(&id) else {
+                continue;
+            };
+            match forward_batch(
+                &mut pipeline,
+                &tables,
+                port,
+                &mut bufs,
+                &mut verdicts,
+                now_ns,
+            ) {
+                Ok(n) if n == BATCH => pending.push_back(id),
+                Ok(_) => {}
+                Err(_) => {
+                    stats.rx_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        stats.publish(pipeline.counters());
+    }
+}
