@@ -1,1 +1,193 @@
-fn main() {}
+//! `bench-env`: builds simulated clusters out of network namespaces and measures Switchyard
+//! against the kernel's own datapath in the same run.
+
+use bench_env::measure::{self, Matrix};
+use bench_env::report::{self, Metric};
+use bench_env::testbed::{Arm, Options, Testbed};
+use bench_env::{fail, tools, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use switchyard_api::{Reply, Request};
+
+/// Switchyard's testbed and benchmark driver.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// One node, N pods: Switchyard (TAP ports) against veth + Linux bridge.
+    SingleNode {
+        /// Number of pods.
+        #[arg(long, default_value_t = 2)]
+        pods: usize,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Dataplane worker threads (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Pod MTU.
+        #[arg(long, default_value_t = 1500)]
+        mtu: u32,
+        /// Pings for the RTT percentiles.
+        #[arg(long, default_value_t = 1000)]
+        pings: usize,
+    },
+}
+
+fn print_matrix(arm: Arm, m: &Matrix) {
+    let ok = m.attempted - m.failures.len();
+    println!(
+        "connectivity {:<10} {ok}/{} pings answered (IPv4 and IPv6, every pod to every other)",
+        arm.name(),
+        m.attempted
+    );
+    for f in &m.failures {
+        println!("  FAILED {f}");
+    }
+}
+
+fn single_node(
+    pods: usize,
+    seconds: u64,
+    json: Option<PathBuf>,
+    workers: Option<usize>,
+    mtu: u32,
+    pings: usize,
+) -> Result<bool> {
+    if pods < 2 {
+        return Err(fail!("--pods must be at least 2"));
+    }
+    if !bench_env::is_root() {
+        return Err(fail!(
+            "bench-env creates network namespaces and TAP devices: run it as root"
+        ));
+    }
+    tools::ensure_installed()?;
+    let options = Options {
+        pods,
+        mtus: vec![mtu],
+        workers,
+    };
+    println!("building testbeds: {pods} pods, MTU {mtu}, kernel bridge and Switchyard");
+    let kernel = Testbed::build(Arm::Kernel, &options)?;
+    let switchyard = Testbed::build(Arm::Switchyard, &options)?;
+    let beds = [&kernel, &switchyard];
+
+    let mut all_connected = true;
+    for bed in beds {
+        let m = measure::connectivity(bed);
+        print_matrix(bed.arm, &m);
+        all_connected &= m.failures.is_empty();
+    }
+
+    let mut results: Vec<[f64; 2]> = Vec::new();
+    let mut names: Vec<(&str, &str)> = Vec::new();
+    type Measure<'a> = Box<dyn Fn(&Testbed) -> Result<Vec<f64>> + 'a>;
+    let runs: Vec<(&[(&str, &str)], Measure)> = vec![
+        (
+            &[("tcp_1_stream", "Gbit/s")],
+            Box::new(|b| Ok(vec![measure::tcp_gbps(b, 0, 1, 1, seconds)?])),
+        ),
+        (
+            &[("tcp_4_streams", "Gbit/s")],
+            Box::new(|b| Ok(vec![measure::tcp_gbps(b, 0, 1, 4, seconds)?])),
+        ),
+        (
+            &[("udp_64b_pps", "packets/s")],
+            Box::new(|b| Ok(vec![measure::udp_64b_pps(b, 0, 1, seconds)?])),
+        ),
+        (
+            &[("rtt_p50_us", "µs"), ("rtt_p99_us", "µs")],
+            Box::new(|b| {
+                let (p50, p99) = measure::rtt_us(b, 0, 1, pings)?;
+                Ok(vec![p50, p99])
+            }),
+        ),
+    ];
+    for (metric_names, run) in &runs {
+        print!(
+            "measuring {} ...",
+            metric_names
+                .iter()
+                .map(|m| m.0)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let k = run(&kernel)?;
+        let s = run(&switchyard)?;
+        println!(" done");
+        for (i, name) in metric_names.iter().enumerate() {
+            names.push(*name);
+            results.push([s[i], k[i]]);
+        }
+    }
+    let metrics: Vec<Metric> = names
+        .iter()
+        .zip(&results)
+        .map(|((n, u), [s, k])| Metric::new(n, u, *s, *k))
+        .collect();
+    println!();
+    print!("{}", report::table(&metrics));
+    if let Ok(Reply::Stats(stats)) = switchyard
+        .client()
+        .and_then(|mut c| Ok(c.call(Request::Stats)?))
+    {
+        let drops: Vec<String> = stats
+            .drops
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!(
+            "\nswitchyard drops: {}",
+            if drops.is_empty() {
+                "none".into()
+            } else {
+                drops.join(" ")
+            }
+        );
+    }
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&metrics)?)?;
+        println!("results written to {}", path.display());
+    }
+    Ok(all_connected)
+}
+
+fn main() -> ExitCode {
+    bench_env::cleanup::install_signal_handler();
+    let cli = Cli::parse();
+    let outcome = match cli.scenario {
+        Scenario::SingleNode {
+            pods,
+            seconds,
+            json,
+            workers,
+            mtu,
+            pings,
+        } => single_node(pods, seconds, json, workers, mtu, pings),
+    };
+    bench_env::cleanup::release_all();
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("bench-env: the connectivity matrix had failures");
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("bench-env: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

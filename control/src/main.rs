@@ -1,1 +1,307 @@
-fn main() {}
+//! `switchyard-control`: the command-line interface to a Switchyard dataplane.
+
+mod table;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use switchyard_api::{
+    AddPort, Client, IpNet, MacAddr, NextHop, PortSelector, Reply, Request, RouteSpec,
+};
+
+/// Inspect and drive a Switchyard dataplane.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Path of the dataplane's API socket.
+    #[arg(long, global = true, default_value = switchyard_api::DEFAULT_API_PATH)]
+    api: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// Human-readable tables.
+    Table,
+    /// The API's JSON.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the dataplane's identity.
+    Hello,
+    /// List pod ports.
+    Ports,
+    /// List routes.
+    Routes,
+    /// Show counters: events, drops by reason, per-port traffic.
+    Stats {
+        /// Also list counters that are zero.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Add or delete a pod port.
+    #[command(subcommand)]
+    Port(PortCommand),
+    /// Add or delete a static route.
+    #[command(subcommand)]
+    Route(RouteCommand),
+}
+
+#[derive(Subcommand)]
+enum PortCommand {
+    /// Create a pod port (a TAP device in the pod's namespace).
+    Add {
+        /// Network namespace path (/run/netns/NAME).
+        #[arg(long)]
+        netns: String,
+        /// Interface name inside the pod.
+        #[arg(long, default_value = "eth0")]
+        ifname: String,
+        /// Address with prefix length; repeat for several.
+        #[arg(long = "ip", required = true)]
+        ips: Vec<IpNet>,
+        /// Interface MTU.
+        #[arg(long)]
+        mtu: Option<u32>,
+        /// Interface MAC.
+        #[arg(long)]
+        mac: Option<MacAddr>,
+    },
+    /// Delete a port by id, or by namespace and interface name.
+    Del {
+        /// Port id.
+        id: Option<u32>,
+        /// Network namespace path.
+        #[arg(long, requires = "ifname", conflicts_with = "id")]
+        netns: Option<String>,
+        /// Interface name.
+        #[arg(long, requires = "netns")]
+        ifname: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RouteCommand {
+    /// Add a route.
+    Add {
+        /// Destination prefix.
+        dst: IpNet,
+        /// Send to this port.
+        #[arg(long, group = "via")]
+        port: Option<u32>,
+        /// Drop silently.
+        #[arg(long, group = "via")]
+        blackhole: bool,
+        /// Drop with ICMP unreachable.
+        #[arg(long, group = "via")]
+        unreachable: bool,
+    },
+    /// Delete a route.
+    Del {
+        /// Destination prefix.
+        dst: IpNet,
+    },
+}
+
+fn request_for(command: &Command) -> Result<Request, String> {
+    Ok(match command {
+        Command::Hello => Request::Hello,
+        Command::Ports => Request::ListPorts,
+        Command::Routes => Request::ListRoutes,
+        Command::Stats { .. } => Request::Stats,
+        Command::Port(PortCommand::Add {
+            netns,
+            ifname,
+            ips,
+            mtu,
+            mac,
+        }) => Request::AddPort(AddPort {
+            netns: netns.clone(),
+            ifname: ifname.clone(),
+            ips: ips.clone(),
+            mtu: *mtu,
+            mac: *mac,
+            owner: None,
+        }),
+        Command::Port(PortCommand::Del { id, netns, ifname }) => {
+            Request::DelPort(match (id, netns, ifname) {
+                (Some(id), _, _) => PortSelector::Id { id: *id },
+                (None, Some(netns), Some(ifname)) => PortSelector::Attachment {
+                    netns: netns.clone(),
+                    ifname: ifname.clone(),
+                },
+                _ => return Err("name the port: an id, or --netns and --ifname".into()),
+            })
+        }
+        Command::Route(RouteCommand::Add {
+            dst,
+            port,
+            blackhole,
+            unreachable,
+        }) => {
+            let via = match (port, blackhole, unreachable) {
+                (Some(id), false, false) => NextHop::Port(*id),
+                (None, true, false) => NextHop::Blackhole,
+                (None, false, true) => NextHop::Unreachable,
+                _ => {
+                    return Err(
+                        "say where the route goes: --port ID, --blackhole or --unreachable".into(),
+                    )
+                }
+            };
+            Request::AddRoute(RouteSpec { dst: *dst, via })
+        }
+        Command::Route(RouteCommand::Del { dst }) => Request::DelRoute { dst: *dst },
+    })
+}
+
+fn via_text(via: &NextHop) -> String {
+    match via {
+        NextHop::Port(id) => format!("port {id}"),
+        NextHop::Blackhole => "blackhole".into(),
+        NextHop::Unreachable => "unreachable".into(),
+    }
+}
+
+fn render(reply: &Reply, command: &Command) -> String {
+    match reply {
+        Reply::Hello(h) => format!(
+            "{}\nprotocol version {}, {} workers\ngateway {} / {} at {}\n",
+            h.software, h.version, h.workers, h.gateway_ipv4, h.gateway_ipv6, h.gateway_mac
+        ),
+        Reply::Port(p) => format!(
+            "port {} created: {} in {} ({})\n",
+            p.id, p.ifname, p.netns, p.mac
+        ),
+        Reply::Ports(ports) => table::render(
+            &[
+                "ID", "KIND", "NETNS", "IFNAME", "IPS", "MAC", "MTU", "WORKER",
+            ],
+            &ports
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.id.to_string(),
+                        p.kind.clone(),
+                        p.netns.clone(),
+                        p.ifname.clone(),
+                        p.ips
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        p.mac.to_string(),
+                        p.mtu.to_string(),
+                        p.worker.to_string(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Reply::Routes(routes) => table::render(
+            &["DESTINATION", "VIA", "ORIGIN"],
+            &routes
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.dst.to_string(),
+                        via_text(&r.via),
+                        format!("{:?}", r.origin).to_lowercase(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Reply::Stats(stats) => {
+            let all = matches!(command, Command::Stats { all: true });
+            let pick = |m: &std::collections::BTreeMap<String, u64>| -> Vec<Vec<String>> {
+                m.iter()
+                    .filter(|(_, v)| all || **v > 0)
+                    .map(|(k, v)| vec![k.clone(), v.to_string()])
+                    .collect()
+            };
+            let mut out = format!("workers: {}\n\n", stats.workers);
+            out += &table::render(&["EVENT", "COUNT"], &pick(&stats.counters));
+            out += "\n";
+            out += &table::render(&["DROP REASON", "COUNT"], &pick(&stats.drops));
+            out += "\n";
+            out += &table::render(
+                &[
+                    "PORT",
+                    "IFNAME",
+                    "RX FRAMES",
+                    "RX BYTES",
+                    "TX FRAMES",
+                    "TX BYTES",
+                    "TX ERRORS",
+                ],
+                &stats
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.id.to_string(),
+                            p.ifname.clone(),
+                            p.rx_frames.to_string(),
+                            p.rx_bytes.to_string(),
+                            p.tx_frames.to_string(),
+                            p.tx_bytes.to_string(),
+                            p.tx_errors.to_string(),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            out
+        }
+        Reply::Done => "done\n".into(),
+    }
+}
+
+/// JSON output shows the reply's content (`[...]` for `ports`), not the enum wrapper.
+fn unwrap_variant(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) if map.len() == 1 => map
+            .into_iter()
+            .next()
+            .map_or(serde_json::Value::Null, |(_, v)| v),
+        other => other,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let request = match request_for(&cli.command) {
+        Ok(r) => r,
+        Err(message) => {
+            eprintln!("switchyard-control: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let reply = Client::connect(&cli.api).and_then(|mut client| client.call(request));
+    match reply {
+        Ok(reply) => {
+            match cli.output {
+                Format::Json => match serde_json::to_value(&reply)
+                    .map(unwrap_variant)
+                    .and_then(|v| serde_json::to_string_pretty(&v))
+                {
+                    Ok(text) => println!("{text}"),
+                    Err(err) => {
+                        eprintln!("switchyard-control: {err}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                Format::Table => print!("{}", render(&reply, &cli.command)),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("switchyard-control: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

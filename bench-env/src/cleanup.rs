@@ -1,0 +1,82 @@
+//! The registry of what the harness created, so that it can be removed on every exit path:
+//! guard drop (normal or panic unwinding) and Ctrl-C / SIGTERM.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, Once};
+
+/// Something to remove.
+#[derive(Debug, Clone)]
+pub enum Resource {
+    /// A process to kill (SIGTERM, then SIGKILL).
+    Process(u32),
+    /// A named network namespace to delete.
+    Netns(String),
+    /// A file to remove.
+    File(PathBuf),
+}
+
+static REGISTRY: Mutex<BTreeMap<u64, Resource>> = Mutex::new(BTreeMap::new());
+static NEXT: AtomicU64 = AtomicU64::new(1);
+static HANDLER: Once = Once::new();
+
+fn registry() -> std::sync::MutexGuard<'static, BTreeMap<u64, Resource>> {
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Records a resource; returns its key.
+pub fn register(resource: Resource) -> u64 {
+    install_signal_handler();
+    let key = NEXT.fetch_add(1, Ordering::Relaxed);
+    registry().insert(key, resource);
+    key
+}
+
+/// Removes a resource now and forgets it.
+pub fn release(key: u64) {
+    let resource = registry().remove(&key);
+    if let Some(resource) = resource {
+        remove(&resource);
+    }
+}
+
+/// Removes everything still registered: processes first, then namespaces, then files.
+pub fn release_all() {
+    let all: Vec<Resource> = std::mem::take(&mut *registry()).into_values().collect();
+    for pass in 0..3 {
+        for r in &all {
+            let matches = matches!(
+                (pass, r),
+                (0, Resource::Process(_)) | (1, Resource::Netns(_)) | (2, Resource::File(_))
+            );
+            if matches {
+                remove(r);
+            }
+        }
+    }
+}
+
+fn remove(resource: &Resource) {
+    match resource {
+        Resource::Process(pid) => crate::process::terminate(*pid),
+        Resource::Netns(name) => {
+            let _ = Command::new("ip").args(["netns", "delete", name]).output();
+        }
+        Resource::File(path) => {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// On Ctrl-C or SIGTERM: remove everything, then exit with status 130.
+pub fn install_signal_handler() {
+    HANDLER.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            eprintln!("bench-env: interrupted, cleaning up");
+            release_all();
+            std::process::exit(130);
+        });
+    });
+}

@@ -1,0 +1,136 @@
+//! Measurements on a testbed: connectivity matrix, iperf3 TCP and UDP, ping RTT.
+
+use crate::testbed::Testbed;
+use crate::{fail, Result};
+use hdrhistogram::Histogram;
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// Port the iperf3 servers listen on (inside pod namespaces, so never clashes).
+const IPERF_PORT: &str = "5201";
+
+/// Outcome of a connectivity matrix.
+#[derive(Debug, Default)]
+pub struct Matrix {
+    /// Pings attempted.
+    pub attempted: usize,
+    /// What failed, as "podA -> address".
+    pub failures: Vec<String>,
+}
+
+/// Every pod pings every other pod, over IPv4 and IPv6.
+pub fn connectivity(bed: &Testbed) -> Matrix {
+    let mut m = Matrix::default();
+    for (i, from) in bed.pods.iter().enumerate() {
+        for (j, to) in bed.pods.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            for addr in [IpAddr::V4(to.ipv4), IpAddr::V6(to.ipv6)] {
+                m.attempted += 1;
+                let target = addr.to_string();
+                if from
+                    .ns
+                    .exec(&["ping", "-c", "1", "-W", "2", "-q", &target])
+                    .is_err()
+                {
+                    m.failures.push(format!("pod{i} -> {target}"));
+                }
+            }
+        }
+    }
+    m
+}
+
+/// Runs an iperf3 client in pod `client` against a one-shot server in pod `server`;
+/// returns the client's JSON report.
+fn iperf(bed: &Testbed, client: usize, server: usize, extra: &[&str]) -> Result<serde_json::Value> {
+    let srv = &bed.pods[server];
+    let _server = srv
+        .ns
+        .spawn(&["iperf3", "-s", "-1", "-p", IPERF_PORT], None)?;
+    let target = srv.ipv4.to_string();
+    let mut argv = vec!["iperf3", "-c", target.as_str(), "-p", IPERF_PORT, "-J"];
+    argv.extend(extra);
+    let mut last = None;
+    for _ in 0..20 {
+        let outcome = bed.pods[client].ns.exec(&argv).and_then(|out| {
+            let report: serde_json::Value = serde_json::from_str(&out)?;
+            match report.get("error").and_then(|e| e.as_str()) {
+                Some(error) => Err(fail!("iperf3: {error}")),
+                None => Ok(report),
+            }
+        });
+        match outcome {
+            Ok(report) => return Ok(report),
+            Err(e) => {
+                // The server may not listen yet: iperf3 says "Connection refused" then.
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| fail!("iperf3 did not run")))
+}
+
+fn number(v: &serde_json::Value, path: &[&str]) -> Option<f64> {
+    path.iter().try_fold(v, |v, k| v.get(k))?.as_f64()
+}
+
+/// iperf3 TCP throughput from `client` to `server` with `streams` parallel streams, Gbit/s.
+pub fn tcp_gbps(
+    bed: &Testbed,
+    client: usize,
+    server: usize,
+    streams: usize,
+    seconds: u64,
+) -> Result<f64> {
+    let (p, t) = (streams.to_string(), seconds.to_string());
+    let report = iperf(bed, client, server, &["-P", &p, "-t", &t])?;
+    number(&report, &["end", "sum_received", "bits_per_second"])
+        .map(|bps| bps / 1e9)
+        .ok_or_else(|| fail!("iperf3 TCP report without end.sum_received: {report}"))
+}
+
+/// iperf3 UDP with 64-byte payloads at full speed: packets per second the receiver got.
+pub fn udp_64b_pps(bed: &Testbed, client: usize, server: usize, seconds: u64) -> Result<f64> {
+    let t = seconds.to_string();
+    let report = iperf(
+        bed,
+        client,
+        server,
+        &["-u", "-l", "64", "-b", "0", "-t", &t],
+    )?;
+    let sum = |k: &str| number(&report, &["end", "sum", k]);
+    match (sum("packets"), sum("lost_packets"), sum("seconds")) {
+        (Some(sent), Some(lost), Some(secs)) if secs > 0.0 => Ok((sent - lost) / secs),
+        _ => Err(fail!("iperf3 UDP report without end.sum packets: {report}")),
+    }
+}
+
+/// Round-trip times of `count` pings 5 ms apart from `client` to `server`: (p50, p99) in µs.
+pub fn rtt_us(bed: &Testbed, client: usize, server: usize, count: usize) -> Result<(f64, f64)> {
+    let target = bed.pods[server].ipv4.to_string();
+    let c = count.to_string();
+    let out = bed.pods[client]
+        .ns
+        .exec(&["ping", "-c", &c, "-i", "0.005", "-W", "1", &target])?;
+    let mut hist = Histogram::<u64>::new(3).map_err(|e| fail!("{e}"))?;
+    for line in out.lines() {
+        if let Some(ms) = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("time="))
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            hist.record((ms * 1000.0).round().max(1.0) as u64)
+                .map_err(|e| fail!("{e}"))?;
+        }
+    }
+    if hist.len() == 0 {
+        return Err(fail!("no ping replies from {target}: {out}"));
+    }
+    Ok((
+        hist.value_at_quantile(0.5) as f64,
+        hist.value_at_quantile(0.99) as f64,
+    ))
+}

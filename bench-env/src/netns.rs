@@ -1,0 +1,64 @@
+//! Named network namespaces, deleted when their guard drops.
+
+use crate::cleanup::{self, Resource};
+use crate::process::{run, Process};
+use crate::Result;
+use std::path::PathBuf;
+
+/// A network namespace created with `ip netns add`.
+pub struct Netns {
+    name: String,
+    key: u64,
+}
+
+impl Netns {
+    /// Creates the namespace `name` (which must not exist) with `lo` up.
+    pub fn create(name: &str) -> Result<Self> {
+        run(&["ip", "netns", "add", name])?;
+        let ns = Self {
+            name: name.to_string(),
+            key: cleanup::register(Resource::Netns(name.to_string())),
+        };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its path, as given to the dataplane and CNI (`/run/netns/NAME`).
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    fn argv(&self, argv: &[&str]) -> Vec<String> {
+        let mut full = vec![
+            "ip".to_string(),
+            "netns".into(),
+            "exec".into(),
+            self.name.clone(),
+        ];
+        full.extend(argv.iter().map(|s| s.to_string()));
+        full
+    }
+
+    /// Runs a command inside the namespace to completion; returns its stdout.
+    pub fn exec(&self, argv: &[&str]) -> Result<String> {
+        let full = self.argv(argv);
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        run(&refs)
+    }
+
+    /// Starts a command inside the namespace; it is killed when the guard drops.
+    pub fn spawn(&self, argv: &[&str], log: Option<&std::path::Path>) -> Result<Process> {
+        Process::spawn(&self.argv(argv), log)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        cleanup::release(self.key);
+    }
+}

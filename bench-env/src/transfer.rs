@@ -1,0 +1,125 @@
+//! A checked bulk TCP transfer between two pods: the client sends a deterministic
+//! pseudo-random stream, both ends hash what they saw, and the hashes must match.
+
+use crate::testbed::Pod;
+use crate::{fail, Result};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use switchyard_dataplane::io::netns::run_in;
+
+/// Streaming FNV-1a over bytes.
+#[derive(Clone, Copy)]
+pub struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    /// Adds bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        for &b in data {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    /// The hash so far.
+    pub fn finish(self) -> u64 {
+        self.0
+    }
+}
+
+/// Result of a transfer.
+#[derive(Debug)]
+pub struct Transfer {
+    /// Bytes the server received.
+    pub received: u64,
+    /// Hash of what the client sent.
+    pub sent_hash: u64,
+    /// Hash of what the server received.
+    pub received_hash: u64,
+    /// Time from connect to the server's end of stream.
+    pub elapsed: Duration,
+}
+
+/// Sends `bytes` from `client` to `server` over IPv4 TCP port 7000.
+pub fn tcp_transfer(client: &Pod, server: &Pod, bytes: u64) -> Result<Transfer> {
+    let addr = SocketAddr::from((server.ipv4, 7000));
+    let server_ns = server.ns.path();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        run_in(&server_ns, move || {
+            let listener = TcpListener::bind(addr)?;
+            listener.set_nonblocking(true)?;
+            let _ = ready_tx.send(());
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let (mut stream, _) = loop {
+                match listener.accept() {
+                    Ok(s) => break s,
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::WouldBlock
+                            && Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            stream.set_nonblocking(false)?;
+            stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut hash = Fnv::default();
+            let mut total = 0u64;
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = stream.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hash.update(&buf[..n]);
+                total += n as u64;
+            }
+            Ok((total, hash.finish()))
+        })
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| fail!("the receiving side did not start"))?;
+    let start = Instant::now();
+    let sent_hash = run_in(&client.ns.path(), move || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+        stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+        let mut hash = Fnv::default();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut chunk = vec![0u8; 1 << 16];
+        let mut left = bytes;
+        while left > 0 {
+            for word in chunk.chunks_exact_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                word.copy_from_slice(&state.to_le_bytes());
+            }
+            let n = left.min(chunk.len() as u64) as usize;
+            stream.write_all(&chunk[..n])?;
+            hash.update(&chunk[..n]);
+            left -= n as u64;
+        }
+        stream.shutdown(std::net::Shutdown::Write)?;
+        Ok(hash.finish())
+    })
+    .map_err(|e| fail!("sending: {e}"))?;
+    let (received, received_hash) = receiver
+        .join()
+        .map_err(|_| fail!("receiver panicked"))?
+        .map_err(|e| fail!("receiving: {e}"))?;
+    Ok(Transfer {
+        received,
+        sent_hash,
+        received_hash,
+        elapsed: start.elapsed(),
+    })
+}
