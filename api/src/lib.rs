@@ -159,8 +159,8 @@ pub struct PortInfo {
     pub ips: Vec<IpNet>,
     /// Owner key given at creation.
     pub owner: Option<String>,
-    /// Index of the worker thread that reads this port.
-    pub worker: usize,
+    /// Number of device queues; worker `i` serves queue `i`.
+    pub queues: usize,
 }
 
 /// Per-port traffic counters.

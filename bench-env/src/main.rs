@@ -40,6 +40,12 @@ enum Scenario {
         /// Pings for the RTT percentiles.
         #[arg(long, default_value_t = 1000)]
         pings: usize,
+        /// Rounds per metric, alternating the arms; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Extra arguments for switchyard-dataplane (e.g. --dataplane-arg=--spin-us=0).
+        #[arg(long = "dataplane-arg", allow_hyphen_values = true)]
+        dataplane_args: Vec<String>,
     },
 }
 
@@ -55,14 +61,31 @@ fn print_matrix(arm: Arm, m: &Matrix) {
     }
 }
 
-fn single_node(
+/// What the single-node scenario was asked to do.
+struct SingleNode {
     pods: usize,
     seconds: u64,
     json: Option<PathBuf>,
-    workers: Option<usize>,
-    mtu: u32,
     pings: usize,
-) -> Result<bool> {
+    repeat: usize,
+    options: Options,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn single_node(run: SingleNode) -> Result<bool> {
+    let SingleNode {
+        pods,
+        seconds,
+        json,
+        pings,
+        repeat,
+        options,
+    } = run;
+    let mtu = options.mtus[0];
     if pods < 2 {
         return Err(fail!("--pods must be at least 2"));
     }
@@ -72,12 +95,7 @@ fn single_node(
         ));
     }
     tools::ensure_installed()?;
-    let options = Options {
-        pods,
-        mtus: vec![mtu],
-        workers,
-    };
-    println!("building testbeds: {pods} pods, MTU {mtu}, kernel bridge and Switchyard");
+    println!("building testbeds: {pods} pods, MTU {mtu}, kernel bridge and Switchyard; {repeat} rounds of {seconds} s per metric, medians");
     let kernel = Testbed::build(Arm::Kernel, &options)?;
     let switchyard = Testbed::build(Arm::Switchyard, &options)?;
     let beds = [&kernel, &switchyard];
@@ -124,12 +142,20 @@ fn single_node(
         );
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        let k = run(&kernel)?;
-        let s = run(&switchyard)?;
+        let mut k_rounds = Vec::new();
+        let mut s_rounds = Vec::new();
+        for _ in 0..repeat.max(1) {
+            k_rounds.push(run(&kernel)?);
+            s_rounds.push(run(&switchyard)?);
+            print!(".");
+            let _ = std::io::stdout().flush();
+        }
         println!(" done");
         for (i, name) in metric_names.iter().enumerate() {
             names.push(*name);
-            results.push([s[i], k[i]]);
+            let s = median(s_rounds.iter().map(|r| r[i]).collect());
+            let k = median(k_rounds.iter().map(|r| r[i]).collect());
+            results.push([s, k]);
         }
     }
     let metrics: Vec<Metric> = names
@@ -176,7 +202,21 @@ fn main() -> ExitCode {
             workers,
             mtu,
             pings,
-        } => single_node(pods, seconds, json, workers, mtu, pings),
+            repeat,
+            dataplane_args,
+        } => single_node(SingleNode {
+            pods,
+            seconds,
+            json,
+            pings,
+            repeat,
+            options: Options {
+                pods,
+                mtus: vec![mtu],
+                workers,
+                dataplane_args,
+            },
+        }),
     };
     bench_env::cleanup::release_all();
     match outcome {

@@ -42,6 +42,8 @@ pub struct Options {
     pub mtus: Vec<u32>,
     /// Dataplane worker threads (default: one per core).
     pub workers: Option<usize>,
+    /// Extra arguments for `switchyard-dataplane`.
+    pub dataplane_args: Vec<String>,
 }
 
 impl Default for Options {
@@ -50,6 +52,7 @@ impl Default for Options {
             pods: 2,
             mtus: vec![1500],
             workers: None,
+            dataplane_args: Vec::new(),
         }
     }
 }
@@ -149,6 +152,7 @@ impl Testbed {
         if let Some(w) = &workers {
             argv.extend(["--workers", w.as_str()]);
         }
+        argv.extend(options.dataplane_args.iter().map(String::as_str));
         let dataplane = node.spawn(&argv, Some(&log))?;
         let mut bed = Self {
             arm: Arm::Switchyard,

@@ -198,7 +198,7 @@ fn render(reply: &Reply, command: &Command) -> String {
                             .join(","),
                         p.mac.to_string(),
                         p.mtu.to_string(),
-                        p.worker.to_string(),
+                        p.queues.to_string(),
                     ]
                 })
                 .collect::<Vec<_>>(),

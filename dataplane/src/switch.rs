@@ -30,6 +30,8 @@ pub struct SwitchConfig {
     pub default_mtu: u32,
     /// The pods' gateway.
     pub gateway: Gateway,
+    /// How long a worker keeps polling after activity before it sleeps.
+    pub spin: std::time::Duration,
 }
 
 impl Default for SwitchConfig {
@@ -38,6 +40,7 @@ impl Default for SwitchConfig {
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             default_mtu: 1500,
             gateway: Gateway::default(),
+            spin: std::time::Duration::ZERO,
         }
     }
 }
@@ -64,7 +67,7 @@ impl Switch {
     pub fn start(config: SwitchConfig) -> io::Result<Self> {
         let shared = Arc::new(SharedTables::new(Tables::empty(config.gateway)));
         let workers = (0..config.workers.max(1))
-            .map(|i| Worker::spawn(i, shared.clone()))
+            .map(|i| Worker::spawn(i, shared.clone(), config.spin))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Self {
             state: Mutex::new(State {
@@ -225,18 +228,19 @@ impl Switch {
             ips: spec.ips.clone(),
             gateway: self.config.gateway,
         };
-        let (tap, ifindex) = TapDevice::create(netns, &config).map_err(|err| {
-            let code = match err.kind() {
-                io::ErrorKind::AlreadyExists => ErrorCode::Conflict,
-                io::ErrorKind::InvalidInput => ErrorCode::InvalidRequest,
-                io::ErrorKind::NotFound => ErrorCode::NotFound,
-                _ => ErrorCode::System,
-            };
-            ApiError::new(
-                code,
-                format!("cannot create {} in {}: {err}", spec.ifname, spec.netns),
-            )
-        })?;
+        let (tap, ifindex) =
+            TapDevice::create(netns, &config, self.workers.len()).map_err(|err| {
+                let code = match err.kind() {
+                    io::ErrorKind::AlreadyExists => ErrorCode::Conflict,
+                    io::ErrorKind::InvalidInput => ErrorCode::InvalidRequest,
+                    io::ErrorKind::NotFound => ErrorCode::NotFound,
+                    _ => ErrorCode::System,
+                };
+                ApiError::new(
+                    code,
+                    format!("cannot create {} in {}: {err}", spec.ifname, spec.netns),
+                )
+            })?;
         self.insert_port(&mut state, spec, mac, mtu, ifindex, PortIo::Tap(tap))
     }
 
@@ -262,11 +266,10 @@ impl Switch {
         io: PortIo,
     ) -> Result<PortInfo, ApiError> {
         let id = state.next_port_id;
-        let mut load = vec![0usize; self.workers.len()];
-        for p in state.builder.ports() {
-            load[p.info.worker] += 1;
-        }
-        let worker = (0..load.len()).min_by_key(|&i| load[i]).unwrap_or(0);
+        let queues = match &io {
+            PortIo::Tap(tap) => tap.queues(),
+            PortIo::Memory(_) => 1,
+        };
         let info = PortInfo {
             id,
             kind: io.kind().into(),
@@ -277,7 +280,7 @@ impl Switch {
             mtu,
             ips: spec.ips.clone(),
             owner: spec.owner.clone(),
-            worker,
+            queues,
         };
         let port = Arc::new(Port {
             id,
@@ -305,7 +308,8 @@ impl Switch {
         });
         state.builder.insert_port(port.clone());
         self.publish(state);
-        if let Err(err) = self.workers[worker].watch(&port) {
+        if let Err(err) = self.workers.iter().try_for_each(|w| w.watch(&port)) {
+            self.workers.iter().for_each(|w| w.unwatch(&port));
             state.builder.remove_port(id);
             self.publish(state);
             return Err(ApiError::new(
@@ -333,7 +337,7 @@ impl Switch {
                 format!("no such port: {}", describe(selector)),
             )
         })?;
-        self.workers[port.info.worker].unwatch(&port);
+        self.workers.iter().for_each(|w| w.unwatch(&port));
         state.builder.remove_port(port.id);
         self.publish(&mut state);
         Ok(port.info.clone())

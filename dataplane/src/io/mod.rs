@@ -29,27 +29,28 @@ pub enum PortIo {
 }
 
 impl PortIo {
-    /// Reads frames into `bufs` until the device is empty or `bufs` is full; returns how
-    /// many were read. An error is returned only if nothing was read.
-    pub fn recv_batch(&self, bufs: &mut [PacketBuf]) -> io::Result<usize> {
+    /// Reads frames from queue `queue` into `bufs` until the queue is empty or `bufs` is
+    /// full; returns how many were read. An error is returned only if nothing was read.
+    /// Each worker uses its own queue number.
+    pub fn recv_batch(&self, queue: usize, bufs: &mut [PacketBuf]) -> io::Result<usize> {
         match self {
-            PortIo::Tap(tap) => tap.recv_batch(bufs),
+            PortIo::Tap(tap) => tap.recv_batch(queue, bufs),
             PortIo::Memory(mem) => Ok(mem.recv_batch(bufs)),
         }
     }
 
-    /// Writes one frame (virtio-net header included).
-    pub fn send(&self, frame: &[u8]) -> io::Result<()> {
+    /// Writes one frame (virtio-net header included) through queue `queue`.
+    pub fn send(&self, queue: usize, frame: &[u8]) -> io::Result<()> {
         match self {
-            PortIo::Tap(tap) => tap.send(frame),
+            PortIo::Tap(tap) => tap.send(queue, frame),
             PortIo::Memory(mem) => mem.send(frame),
         }
     }
 
-    /// The file descriptor to poll for readability, if the port has one.
-    pub fn raw_fd(&self) -> Option<RawFd> {
+    /// The file descriptor of queue `queue` to poll for readability, if the port has one.
+    pub fn raw_fd(&self, queue: usize) -> Option<RawFd> {
         match self {
-            PortIo::Tap(tap) => Some(tap.raw_fd()),
+            PortIo::Tap(tap) => Some(tap.raw_fd(queue)),
             PortIo::Memory(_) => None,
         }
     }

@@ -27,6 +27,7 @@ const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 /// Offload flags: checksum, TSO4, TSO6, TSO with ECN.
 pub const TUN_F_TSO: u32 = 0x01 | 0x02 | 0x04 | 0x08;
 /// Offload flags: UDP segmentation for IPv4 and IPv6.
@@ -47,9 +48,11 @@ pub struct TapConfig {
     pub gateway: Gateway,
 }
 
-/// An open TAP device.
+/// An open TAP device: one file descriptor per queue. With several queues
+/// (`IFF_MULTI_QUEUE`) the pod's kernel spreads its flows over them by hash, and each
+/// worker reads and writes its own queue.
 pub struct TapDevice {
-    fd: OwnedFd,
+    queues: Vec<OwnedFd>,
     offloads: u32,
 }
 
@@ -61,10 +64,10 @@ struct IfReq {
 }
 
 impl TapDevice {
-    /// Creates and configures the pod's interface inside the namespace at `netns`; returns
-    /// the device and the interface index in that namespace. On any failure nothing is left
-    /// behind: the device goes away with its file descriptor.
-    pub fn create(netns_path: &Path, config: &TapConfig) -> io::Result<(Self, u32)> {
+    /// Creates and configures the pod's interface, with `queues` queues, inside the
+    /// namespace at `netns`; returns the device and the interface index in that namespace.
+    /// On any failure nothing is left behind: the device goes away with its descriptors.
+    pub fn create(netns_path: &Path, config: &TapConfig, queues: usize) -> io::Result<(Self, u32)> {
         netns::run_in(netns_path, || {
             if netns::link_index(&config.ifname).is_some() {
                 return Err(io::Error::new(
@@ -75,7 +78,7 @@ impl TapDevice {
                     ),
                 ));
             }
-            let device = Self::open(&config.ifname)?;
+            let device = Self::open(&config.ifname, queues.max(1))?;
             let index = netns::link_index(&config.ifname)
                 .ok_or_else(|| io::Error::other("TAP device vanished after creation"))?;
             configure(index, config)?;
@@ -83,24 +86,7 @@ impl TapDevice {
         })
     }
 
-    fn open(ifname: &str) -> io::Result<Self> {
-        // SAFETY: the path is a NUL-terminated literal; flags are constants.
-        let fd = unsafe {
-            libc::open(
-                c"/dev/net/tun".as_ptr(),
-                libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just returned by open(2) and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-            _pad: [0; 22],
-        };
+    fn open(ifname: &str, queues: usize) -> io::Result<Self> {
         let name = ifname.as_bytes();
         if name.is_empty() || name.len() >= libc::IFNAMSIZ {
             return Err(io::Error::new(
@@ -108,27 +94,33 @@ impl TapDevice {
                 "bad interface name",
             ));
         }
-        req.name[..name.len()].copy_from_slice(name);
-        // SAFETY: `req` is a properly sized `struct ifreq` that lives across the call.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-            return Err(io::Error::last_os_error());
+        let mut flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        if queues > 1 {
+            flags |= IFF_MULTI_QUEUE;
         }
-        let hdr_len: libc::c_int = crate::wire::vnet::HEADER_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer, which is valid.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) } < 0 {
-            return Err(io::Error::last_os_error());
+        let mut fds = Vec::with_capacity(queues);
+        for _ in 0..queues {
+            fds.push(open_queue(name, flags)?);
         }
+        let fd = fds[0].as_raw_fd();
         let mut offloads = TUN_F_TSO | TUN_F_USO;
         // SAFETY: TUNSETOFFLOAD takes its flags by value.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, offloads as libc::c_ulong) } < 0 {
+        if unsafe { libc::ioctl(fd, TUNSETOFFLOAD, offloads as libc::c_ulong) } < 0 {
             offloads = TUN_F_TSO;
             // SAFETY: as above.
-            if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, offloads as libc::c_ulong) } < 0
-            {
+            if unsafe { libc::ioctl(fd, TUNSETOFFLOAD, offloads as libc::c_ulong) } < 0 {
                 return Err(io::Error::last_os_error());
             }
         }
-        Ok(Self { fd, offloads })
+        Ok(Self {
+            queues: fds,
+            offloads,
+        })
+    }
+
+    /// Number of queues.
+    pub fn queues(&self) -> usize {
+        self.queues.len()
     }
 
     /// The `TUN_F_*` offload flags the kernel accepted.
@@ -136,18 +128,18 @@ impl TapDevice {
         self.offloads
     }
 
-    /// The file descriptor to poll.
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+    /// The file descriptor of queue `queue` (modulo the number of queues).
+    pub fn raw_fd(&self, queue: usize) -> RawFd {
+        self.queues[queue % self.queues.len()].as_raw_fd()
     }
 
-    pub(super) fn recv_batch(&self, bufs: &mut [PacketBuf]) -> io::Result<usize> {
+    pub(super) fn recv_batch(&self, queue: usize, bufs: &mut [PacketBuf]) -> io::Result<usize> {
+        let fd = self.raw_fd(queue);
         let mut n = 0;
         while n < bufs.len() {
             let space = bufs[n].receive_space();
             // SAFETY: `space` is a writable buffer of `space.len()` bytes.
-            let got =
-                unsafe { libc::read(self.fd.as_raw_fd(), space.as_mut_ptr().cast(), space.len()) };
+            let got = unsafe { libc::read(fd, space.as_mut_ptr().cast(), space.len()) };
             if got < 0 {
                 let err = io::Error::last_os_error();
                 if n == 0 && err.kind() != io::ErrorKind::WouldBlock {
@@ -161,14 +153,47 @@ impl TapDevice {
         Ok(n)
     }
 
-    pub(super) fn send(&self, frame: &[u8]) -> io::Result<()> {
+    pub(super) fn send(&self, queue: usize, frame: &[u8]) -> io::Result<()> {
+        let fd = self.raw_fd(queue);
         // SAFETY: `frame` is a readable buffer of `frame.len()` bytes.
-        let put = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+        let put = unsafe { libc::write(fd, frame.as_ptr().cast(), frame.len()) };
         if put < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
     }
+}
+
+/// Opens one queue of the TAP device `name` with `flags`, with a virtio-net header.
+fn open_queue(name: &[u8], flags: libc::c_short) -> io::Result<OwnedFd> {
+    // SAFETY: the path is a NUL-terminated literal; flags are constants.
+    let fd = unsafe {
+        libc::open(
+            c"/dev/net/tun".as_ptr(),
+            libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by open(2) and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name);
+    // SAFETY: `req` is a properly sized `struct ifreq` that lives across the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let hdr_len: libc::c_int = crate::wire::vnet::HEADER_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer, which is valid.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
 }
 
 /// Brings `lo` and the TAP up and gives the TAP its MAC, MTU, addresses and routes through
