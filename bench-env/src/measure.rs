@@ -126,7 +126,7 @@ pub fn rtt_us(bed: &Testbed, client: usize, server: usize, count: usize) -> Resu
                 .map_err(|e| fail!("{e}"))?;
         }
     }
-    if hist.len() == 0 {
+    if hist.is_empty() {
         return Err(fail!("no ping replies from {target}: {out}"));
     }
     Ok((

@@ -78,9 +78,11 @@ pub(super) fn answer_nd(
     if l3.len() < ipv6::HEADER_LEN + icmp::NEIGHBOR_ADVERT_LEN {
         return Some(p.drop(DropReason::Truncated));
     }
+    // Sent from the target address itself: receivers that key their cache on the IP source
+    // (smoltcp) and those that use the target field (Linux) both learn the right entry.
     ipv6::emit_header(
         l3,
-        gateway.ipv6,
+        target,
         src,
         ipv6::NEXT_ICMPV6,
         icmp::NEIGHBOR_ADVERT_LEN,
@@ -89,7 +91,7 @@ pub(super) fn answer_nd(
     let body = &mut l3[ipv6::HEADER_LEN..ipv6::HEADER_LEN + icmp::NEIGHBOR_ADVERT_LEN];
     icmp::emit_neighbor_advert(body, target, gateway.mac);
     let pseudo = checksum::pseudo_header_v6(
-        gateway.ipv6,
+        target,
         src,
         ipv6::NEXT_ICMPV6,
         icmp::NEIGHBOR_ADVERT_LEN as u32,

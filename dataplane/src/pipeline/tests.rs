@@ -52,7 +52,7 @@ impl Harness {
     }
 
     /// Sends `frame` (Ethernet, no vnet header) from pod A and runs one batch.
-    fn from_a(&mut self, vnet: [u8; 12], ethernet: &[u8]) {
+    fn send_from_a(&mut self, vnet: [u8; 12], ethernet: &[u8]) {
         let mut frame = vnet.to_vec();
         frame.extend_from_slice(ethernet);
         assert!(self.a.1.send(&frame));
@@ -64,6 +64,7 @@ impl Harness {
             &mut self.pipeline,
             &tables,
             &port,
+            0,
             &mut bufs,
             &mut verdicts,
             0,
@@ -140,7 +141,7 @@ fn arp_for_gateway_is_answered() {
     arp.extend_from_slice(&[10, 244, 0, 5]);
     arp.extend_from_slice(&[0; 6]);
     arp.extend_from_slice(&[169, 254, 1, 1]);
-    h.from_a([0; 12], &eth(MacAddr::BROADCAST, A_MAC, 0x0806, &arp));
+    h.send_from_a([0; 12], &eth(MacAddr::BROADCAST, A_MAC, 0x0806, &arp));
     let reply = h.a.1.recv().expect("an ARP reply to pod A");
     let e = EthernetFrame::new_checked(&reply[12..]).unwrap();
     assert_eq!(e.dst(), A_MAC);
@@ -155,14 +156,14 @@ fn arp_for_gateway_is_answered() {
     // A request for the pod's own address (duplicate detection) stays unanswered.
     let mut dad = arp.clone();
     dad[24..28].copy_from_slice(&[10, 244, 0, 5]);
-    h.from_a([0; 12], &eth(MacAddr::BROADCAST, A_MAC, 0x0806, &dad));
+    h.send_from_a([0; 12], &eth(MacAddr::BROADCAST, A_MAC, 0x0806, &dad));
     assert!(h.a.1.recv().is_none());
     assert_eq!(h.drops(DropReason::ArpIgnored), 1);
 
     // A request claiming another pod's address is spoofing.
     let mut spoof = arp;
     spoof[14..18].copy_from_slice(&[10, 244, 0, 6]);
-    h.from_a([0; 12], &eth(MacAddr::BROADCAST, A_MAC, 0x0806, &spoof));
+    h.send_from_a([0; 12], &eth(MacAddr::BROADCAST, A_MAC, 0x0806, &spoof));
     assert_eq!(h.drops(DropReason::SpoofedSource), 1);
 }
 
@@ -177,7 +178,7 @@ fn ipv4_is_routed_between_pods() {
         1,
         &echo_request(),
     );
-    h.from_a([0; 12], &eth(GW, A_MAC, 0x0800, &packet));
+    h.send_from_a([0; 12], &eth(GW, A_MAC, 0x0800, &packet));
     let out = h.b.1.recv().expect("forwarded to B");
     let e = EthernetFrame::new_checked(&out[12..]).unwrap();
     assert_eq!(e.dst(), B_MAC);
@@ -200,7 +201,7 @@ fn spoofed_frames_are_dropped_and_counted() {
         1,
         &echo_request(),
     );
-    h.from_a([0; 12], &eth(GW, A_MAC, 0x0800, &forged_ip));
+    h.send_from_a([0; 12], &eth(GW, A_MAC, 0x0800, &forged_ip));
     let forged_mac = ipv4_packet(
         [10, 244, 0, 5],
         [10, 244, 0, 6],
@@ -209,9 +210,9 @@ fn spoofed_frames_are_dropped_and_counted() {
         1,
         &echo_request(),
     );
-    h.from_a([0; 12], &eth(GW, B_MAC, 0x0800, &forged_mac));
+    h.send_from_a([0; 12], &eth(GW, B_MAC, 0x0800, &forged_mac));
     let forged_v6 = ipv6_packet("fd00::99", "fd00::6", 64, 17, &[0; 8]);
-    h.from_a([0; 12], &eth(GW, A_MAC, 0x86dd, &forged_v6));
+    h.send_from_a([0; 12], &eth(GW, A_MAC, 0x86dd, &forged_v6));
     assert!(h.b.1.recv().is_none());
     assert_eq!(h.drops(DropReason::SpoofedSource), 2);
     assert_eq!(h.drops(DropReason::SpoofedMac), 1);
@@ -228,7 +229,7 @@ fn ttl_expiry_sends_time_exceeded() {
         17,
         &[1, 2, 3, 4, 5, 6, 7, 8, 9],
     );
-    h.from_a([0; 12], &eth(GW, A_MAC, 0x0800, &packet));
+    h.send_from_a([0; 12], &eth(GW, A_MAC, 0x0800, &packet));
     assert!(h.b.1.recv().is_none());
     let out = h.a.1.recv().expect("an ICMP error to A");
     let e = EthernetFrame::new_checked(&out[12..]).unwrap();
@@ -248,7 +249,7 @@ fn ttl_expiry_sends_time_exceeded() {
 fn no_route_sends_unreachable_but_never_about_an_error() {
     let mut h = Harness::new(1500, 1500);
     let packet = ipv4_packet([10, 244, 0, 5], [192, 0, 2, 1], 64, true, 17, &[0; 8]);
-    h.from_a([0; 12], &eth(GW, A_MAC, 0x0800, &packet));
+    h.send_from_a([0; 12], &eth(GW, A_MAC, 0x0800, &packet));
     let out = h.a.1.recv().expect("unreachable");
     assert_eq!(out[12 + 14 + 20], icmp::V4_DEST_UNREACHABLE);
     // An ICMP error with no route gets no error back.
@@ -260,7 +261,7 @@ fn no_route_sends_unreachable_but_never_about_an_error() {
         1,
         &[3, 1, 0, 0, 0, 0, 0, 0],
     );
-    h.from_a([0; 12], &eth(GW, A_MAC, 0x0800, &error));
+    h.send_from_a([0; 12], &eth(GW, A_MAC, 0x0800, &error));
     assert!(h.a.1.recv().is_none());
     assert_eq!(h.drops(DropReason::NoRoute), 2);
 }
@@ -269,7 +270,7 @@ fn no_route_sends_unreachable_but_never_about_an_error() {
 fn too_big_for_egress_mtu_sends_frag_needed() {
     let mut h = Harness::new(9000, 1500);
     let big = ipv4_packet([10, 244, 0, 5], [10, 244, 0, 6], 64, true, 17, &[7; 3000]);
-    h.from_a([0; 12], &eth(GW, A_MAC, 0x0800, &big));
+    h.send_from_a([0; 12], &eth(GW, A_MAC, 0x0800, &big));
     assert!(h.b.1.recv().is_none());
     let out = h.a.1.recv().expect("fragmentation needed");
     let ip = Ipv4Packet::new_checked(&out[26..]).unwrap();
@@ -283,11 +284,11 @@ fn too_big_for_egress_mtu_sends_frag_needed() {
     assert_eq!(checksum::checksum(body), 0);
     // Without DF the packet is dropped (fragmenting is not done).
     let no_df = ipv4_packet([10, 244, 0, 5], [10, 244, 0, 6], 64, false, 17, &[7; 3000]);
-    h.from_a([0; 12], &eth(GW, A_MAC, 0x0800, &no_df));
+    h.send_from_a([0; 12], &eth(GW, A_MAC, 0x0800, &no_df));
     assert_eq!(h.drops(DropReason::NeedsFragmentation), 1);
     // Exactly the MTU passes.
     let fits = ipv4_packet([10, 244, 0, 5], [10, 244, 0, 6], 64, true, 17, &[7; 1480]);
-    h.from_a([0; 12], &eth(GW, A_MAC, 0x0800, &fits));
+    h.send_from_a([0; 12], &eth(GW, A_MAC, 0x0800, &fits));
     assert!(h.b.1.recv().is_some());
 }
 
@@ -299,14 +300,14 @@ fn gso_frames_keep_their_header_and_are_checked_per_segment() {
     tcp[12] = 5 << 4;
     let packet = ipv4_packet([10, 244, 0, 5], [10, 244, 0, 6], 64, true, 6, &tcp);
     let vnet = [1, 1, 54, 0, 0xa8, 0x05, 34, 0, 16, 0, 0, 0];
-    h.from_a(vnet, &eth(GW, A_MAC, 0x0800, &packet));
+    h.send_from_a(vnet, &eth(GW, A_MAC, 0x0800, &packet));
     let out = h.b.1.recv().expect("super-frame forwarded whole");
     assert_eq!(&out[..12], &vnet, "virtio-net header untouched");
     assert_eq!(out.len(), 12 + 14 + packet.len());
     assert_eq!(h.pipeline.counters().count(Event::ForwardedGso), 1);
     // The same frame with MSS 1480 + 40 > 1500 gets fragmentation-needed.
     let vnet_big = [1, 1, 54, 0, 0xc8, 0x05, 34, 0, 16, 0, 0, 0];
-    h.from_a(vnet_big, &eth(GW, A_MAC, 0x0800, &packet));
+    h.send_from_a(vnet_big, &eth(GW, A_MAC, 0x0800, &packet));
     assert!(h.b.1.recv().is_none());
     let out = h.a.1.recv().expect("frag needed");
     assert_eq!(&out[..12], &[0; 12], "errors are plain frames");
@@ -321,7 +322,7 @@ fn neighbor_solicitation_for_gateway_is_answered() {
     ns.extend_from_slice(&[1, 1]);
     ns.extend_from_slice(&A_MAC.0);
     let packet = ipv6_packet("fd00::5", "ff02::1:ff00:1", 255, 58, &ns);
-    h.from_a(
+    h.send_from_a(
         [0; 12],
         &eth(MacAddr([0x33, 0x33, 0xff, 0, 0, 1]), A_MAC, 0x86dd, &packet),
     );
@@ -338,7 +339,7 @@ fn neighbor_solicitation_for_gateway_is_answered() {
 
     // Duplicate address detection (source ::) is not answered.
     let dad = ipv6_packet("::", "ff02::1:ff00:1", 255, 58, &ns);
-    h.from_a(
+    h.send_from_a(
         [0; 12],
         &eth(MacAddr([0x33, 0x33, 0xff, 0, 0, 1]), A_MAC, 0x86dd, &dad),
     );
@@ -350,20 +351,20 @@ fn neighbor_solicitation_for_gateway_is_answered() {
 fn ipv6_is_routed_and_errors_are_icmpv6() {
     let mut h = Harness::new(1500, 1280);
     let packet = ipv6_packet("fd00::5", "fd00::6", 64, 17, &[9; 100]);
-    h.from_a([0; 12], &eth(GW, A_MAC, 0x86dd, &packet));
+    h.send_from_a([0; 12], &eth(GW, A_MAC, 0x86dd, &packet));
     let out = h.b.1.recv().expect("forwarded");
     let ip = Ipv6Packet::new_checked(&out[26..]).unwrap();
     assert_eq!(ip.hop_limit(), 63);
     assert_eq!(&out[12..18], &B_MAC.0);
 
     let last_hop = ipv6_packet("fd00::5", "fd00::6", 1, 17, &[9; 100]);
-    h.from_a([0; 12], &eth(GW, A_MAC, 0x86dd, &last_hop));
+    h.send_from_a([0; 12], &eth(GW, A_MAC, 0x86dd, &last_hop));
     let err = h.a.1.recv().expect("time exceeded");
     assert_eq!(err[26 + 40], icmp::V6_TIME_EXCEEDED);
     assert!(icmpv6_checksum_ok(&err[26..]));
 
     let big = ipv6_packet("fd00::5", "fd00::6", 64, 17, &[9; 1400]);
-    h.from_a([0; 12], &eth(GW, A_MAC, 0x86dd, &big));
+    h.send_from_a([0; 12], &eth(GW, A_MAC, 0x86dd, &big));
     let err = h.a.1.recv().expect("packet too big");
     let ip = Ipv6Packet::new_checked(&err[26..]).unwrap();
     assert!(ip.total_len() <= 1280);
@@ -381,7 +382,7 @@ fn icmp_errors_are_rate_limited() {
     let packet = ipv4_packet([10, 244, 0, 5], [192, 0, 2, 1], 64, true, 17, &[0; 8]);
     let frame = eth(GW, A_MAC, 0x0800, &packet);
     for _ in 0..150 {
-        h.from_a([0; 12], &frame);
+        h.send_from_a([0; 12], &frame);
         while let Some(f) = h.a.1.recv() {
             h.a.1.recycle(f);
         }
@@ -428,7 +429,7 @@ fn random_and_truncated_frames_never_panic() {
             frame[6..12].copy_from_slice(&A_MAC.0);
         }
         let vnet: [u8; 12] = std::array::from_fn(|_| if rng.u8(..) < 20 { rng.u8(..) } else { 0 });
-        h.from_a(vnet, &frame);
+        h.send_from_a(vnet, &frame);
         while let Some(f) = h.a.1.recv() {
             h.a.1.recycle(f);
         }
@@ -436,6 +437,6 @@ fn random_and_truncated_frames_never_panic() {
             h.b.1.recycle(f);
         }
     }
-    h.from_a([0; 12], &good);
+    h.send_from_a([0; 12], &good);
     assert!(h.b.1.recv().is_some(), "still forwarding");
 }

@@ -1,0 +1,322 @@
+//! Integration tests of the dataplane on one node, in network namespaces with real TAP
+//! devices. They need root; under `CI=true` they always run (never skip).
+
+use bench_env::measure;
+use bench_env::rawsock::send_frames;
+use bench_env::testbed::{Arm, Options, Testbed};
+use bench_env::transfer::tcp_transfer;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+use switchyard_api::{Reply, Request};
+
+fn testbed(pods: usize, mtus: Vec<u32>) -> Option<Testbed> {
+    if !bench_env::privileged_test_may_run("single-node integration test") {
+        return None;
+    }
+    let options = Options {
+        pods,
+        mtus,
+        ..Options::default()
+    };
+    Some(Testbed::build(Arm::Switchyard, &options).expect("testbed"))
+}
+
+fn drops(bed: &Testbed, reason: &str) -> u64 {
+    match bed.client().unwrap().call(Request::Stats).unwrap() {
+        Reply::Stats(s) => s.drops.get(reason).copied().unwrap_or(0),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn ports(bed: &Testbed) -> Vec<switchyard_api::PortInfo> {
+    match bed.client().unwrap().call(Request::ListPorts).unwrap() {
+        Reply::Ports(p) => p,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn two_pods_ping_and_move_200_mb_intact() {
+    let Some(bed) = testbed(2, vec![1500]) else {
+        return;
+    };
+    let matrix = measure::connectivity(&bed);
+    assert!(
+        matrix.failures.is_empty(),
+        "pings failed: {:?}",
+        matrix.failures
+    );
+    assert_eq!(matrix.attempted, 4, "IPv4 and IPv6 both ways");
+    let t = tcp_transfer(&bed.pods[0], &bed.pods[1], 200 << 20).expect("transfer");
+    assert_eq!(t.received, 200 << 20);
+    assert_eq!(t.sent_hash, t.received_hash, "payload corrupted in transit");
+}
+
+#[test]
+fn spoofed_frames_are_dropped_and_counted() {
+    let Some(bed) = testbed(2, vec![1500]) else {
+        return;
+    };
+    let (a, b) = (&bed.pods[0], &bed.pods[1]);
+    let target = b.ipv4.to_string();
+    // An address the dataplane never gave to pod A, added behind its back.
+    a.ns.exec(&["ip", "addr", "add", "10.244.0.99/32", "dev", "eth0"])
+        .unwrap();
+    let spoofed =
+        a.ns.exec(&["ping", "-c", "2", "-W", "1", "-I", "10.244.0.99", &target]);
+    assert!(spoofed.is_err(), "a spoofed source must not get through");
+    assert!(drops(&bed, "spoofed_source") >= 2);
+    // The pod's real address still works.
+    a.ns.exec(&["ping", "-c", "1", "-W", "2", &target])
+        .expect("genuine traffic passes");
+    // A changed MAC address is spoofing too.
+    a.ns.exec(&["ip", "link", "set", "eth0", "address", "0a:58:00:00:00:99"])
+        .unwrap();
+    a.ns.exec(&["ip", "neigh", "flush", "dev", "eth0"]).unwrap();
+    assert!(a.ns.exec(&["ping", "-c", "1", "-W", "1", &target]).is_err());
+    assert!(drops(&bed, "spoofed_mac") >= 1);
+}
+
+#[test]
+fn jumbo_pods_and_path_mtu_errors() {
+    // Pods 0 and 1 have MTU 9000, pod 2 has 1500.
+    let Some(bed) = testbed(3, vec![9000, 9000, 1500]) else {
+        return;
+    };
+    let (a, b, small) = (&bed.pods[0], &bed.pods[1], &bed.pods[2]);
+    a.ns.exec(&[
+        "ping",
+        "-c",
+        "2",
+        "-W",
+        "2",
+        "-M",
+        "do",
+        "-s",
+        "8972",
+        &b.ipv4.to_string(),
+    ])
+    .expect("9000-byte packets between jumbo pods");
+    a.ns.exec(&[
+        "ping",
+        "-6",
+        "-c",
+        "2",
+        "-W",
+        "2",
+        "-M",
+        "do",
+        "-s",
+        "8952",
+        &b.ipv6.to_string(),
+    ])
+    .expect("9000-byte IPv6 packets between jumbo pods");
+    let t = tcp_transfer(a, b, 50 << 20).expect("jumbo transfer");
+    assert_eq!(t.sent_hash, t.received_hash);
+    // Too big for the 1500-byte pod: the dataplane answers fragmentation-needed.
+    let err =
+        a.ns.exec(&[
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            "-M",
+            "do",
+            "-s",
+            "3000",
+            &small.ipv4.to_string(),
+        ])
+        .expect_err("a 3028-byte packet cannot reach an MTU-1500 pod");
+    assert!(drops(&bed, "too_big") >= 1, "counted: {err}");
+    let route =
+        a.ns.exec(&["ip", "route", "get", &small.ipv4.to_string()])
+            .unwrap();
+    assert!(
+        route.contains("mtu 1500"),
+        "the pod learned the path MTU: {route}"
+    );
+    let t = tcp_transfer(a, small, 20 << 20).expect("transfer to the small pod");
+    assert_eq!(t.sent_hash, t.received_hash);
+}
+
+/// Sends raw request lines; returns the answer lines.
+fn raw_exchange(bed: &Testbed, lines: &[String]) -> Vec<serde_json::Value> {
+    let stream = UnixStream::connect(bed.api_path().unwrap()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut answers = Vec::new();
+    for line in lines {
+        // The server may answer and close before an oversized line is fully written.
+        let _ = writer.write_all(line.as_bytes());
+        let _ = writer.write_all(b"\n");
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        answers.push(serde_json::from_str(&answer).unwrap());
+    }
+    answers
+}
+
+fn error_code(answer: &serde_json::Value) -> &str {
+    answer["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("expected an error: {answer}"))
+}
+
+#[test]
+fn bad_api_requests_are_refused_and_change_nothing() {
+    let Some(bed) = testbed(2, vec![1500]) else {
+        return;
+    };
+    let before = ports(&bed);
+    let a_ns = bed.pods[0].ns.path().display().to_string();
+    let add = |netns: &str, ifname: &str, ips: &str| {
+        format!(
+            r#"{{"version":1,"request":{{"op":"add_port","netns":"{netns}","ifname":"{ifname}","ips":{ips}}}}}"#
+        )
+    };
+    let cases: Vec<(String, &str)> = vec![
+        ("this is not json".into(), "invalid_request"),
+        (
+            r#"{"version":99,"request":{"op":"hello"}}"#.into(),
+            "unsupported_version",
+        ),
+        (
+            r#"{"version":1,"request":{"op":"teleport"}}"#.into(),
+            "invalid_request",
+        ),
+        (
+            add(
+                "/run/netns/sy-does-not-exist",
+                "eth1",
+                r#"["10.244.0.50/24"]"#,
+            ),
+            "not_found",
+        ),
+        (add(&a_ns, "eth1", r#"["10.244.0.11/24"]"#), "conflict"),
+        (add(&a_ns, "eth0", r#"["10.244.0.50/24"]"#), "conflict"),
+        (
+            add(&a_ns, "eth1", r#"["10.244.0.50/33"]"#),
+            "invalid_request",
+        ),
+        (
+            add(&a_ns, "an-interface-name-too-long", r#"["10.244.0.50/24"]"#),
+            "invalid_request",
+        ),
+        (add(&a_ns, "eth1", r#"["224.0.0.1/24"]"#), "invalid_request"),
+        (
+            add("/etc/hostname", "eth1", r#"["10.244.0.50/24"]"#),
+            "invalid_request",
+        ),
+        (
+            r#"{"version":1,"request":{"op":"del_port","id":4242}}"#.into(),
+            "not_found",
+        ),
+        (
+            r#"{"version":1,"request":{"op":"add_route","dst":"10.1.0.1/16","via":"blackhole"}}"#
+                .into(),
+            "invalid_request",
+        ),
+        (
+            r#"{"version":1,"request":{"op":"add_route","dst":"10.1.0.0/16","via":{"port":999}}}"#
+                .into(),
+            "not_found",
+        ),
+    ];
+    let (lines, codes): (Vec<String>, Vec<&str>) = cases.into_iter().unzip();
+    let answers = raw_exchange(&bed, &lines);
+    for ((line, want), answer) in lines.iter().zip(&codes).zip(&answers) {
+        assert_eq!(error_code(answer), *want, "for request {line}: {answer}");
+        assert!(!answer["error"]["message"].as_str().unwrap_or("").is_empty());
+    }
+    // An oversized line is refused and the connection closed.
+    let huge = format!(
+        r#"{{"version":1,"request":{{"op":"hello","pad":"{}"}}}}"#,
+        "x".repeat(2 << 20)
+    );
+    assert_eq!(error_code(&raw_exchange(&bed, &[huge])[0]), "too_large");
+    // A client that disconnects halfway through a request harms nothing.
+    {
+        let mut s = UnixStream::connect(bed.api_path().unwrap()).unwrap();
+        s.write_all(br#"{"version":1,"request":{"op":"add_po"#)
+            .unwrap();
+    }
+    assert_eq!(ports(&bed), before, "state unchanged by refused requests");
+    let interfaces = bed.pods[0].ns.exec(&["ip", "-o", "link"]).unwrap();
+    assert!(
+        !interfaces.contains("eth1"),
+        "no interface left behind: {interfaces}"
+    );
+    let matrix = measure::connectivity(&bed);
+    assert!(matrix.failures.is_empty(), "{:?}", matrix.failures);
+}
+
+#[test]
+fn ten_thousand_random_frames_do_not_stop_forwarding() {
+    let Some(mut bed) = testbed(2, vec![1500]) else {
+        return;
+    };
+    let mut rng = fastrand::Rng::with_seed(7);
+    let gateway = [0xee; 6];
+    let own_mac = [0x0a, 0x58, 10, 244, 0, 10];
+    let frames: Vec<Vec<u8>> = (0..10_000)
+        .map(|i| {
+            let len = rng.usize(0..1600);
+            let mut f: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+            // Two thirds look like the pod's own traffic so that deeper stages see them.
+            if i % 3 != 0 && f.len() >= 14 {
+                f[0..6].copy_from_slice(&gateway);
+                f[6..12].copy_from_slice(&own_mac);
+                let ethertype: [u8; 2] = [[0x08, 0x00], [0x86, 0xdd], [0x08, 0x06]][i % 3];
+                f[12..14].copy_from_slice(&ethertype);
+                if f.len() > 14 {
+                    f[14] = if ethertype == [0x08, 0x00] {
+                        0x45
+                    } else {
+                        0x60
+                    };
+                }
+            }
+            f
+        })
+        .collect();
+    let sent = send_frames(&bed.pods[0].ns.path(), "eth0", frames).expect("raw socket");
+    assert!(sent > 9_000, "only {sent} frames sent");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        bed.dataplane_running(),
+        "dataplane died: {}",
+        bed.dataplane_log()
+    );
+    let matrix = measure::connectivity(&bed);
+    assert!(matrix.failures.is_empty(), "{:?}", matrix.failures);
+}
+
+#[test]
+fn deleting_a_port_removes_its_interface_and_routes() {
+    let Some(bed) = testbed(2, vec![1500]) else {
+        return;
+    };
+    let id = bed.pods[1].port.unwrap();
+    bed.client()
+        .unwrap()
+        .call(Request::DelPort(switchyard_api::PortSelector::Id { id }))
+        .unwrap();
+    let links = bed.pods[1].ns.exec(&["ip", "-o", "link"]).unwrap();
+    assert!(!links.contains("eth0"), "interface gone: {links}");
+    let routes = match bed.client().unwrap().call(Request::ListRoutes).unwrap() {
+        Reply::Routes(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert!(routes
+        .iter()
+        .all(|r| r.via != switchyard_api::NextHop::Port(id)));
+    assert!(bed.pods[0]
+        .ns
+        .exec(&["ping", "-c", "1", "-W", "1", &bed.pods[1].ipv4.to_string()])
+        .is_err());
+}
