@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The main job: build Switchyard, build a simulated single-node cluster out of network
+# namespaces, check connectivity and measure Switchyard against the kernel (veth + bridge)
+# in the same run. Arguments go to `bench-env single-node` (e.g. --pods 4 --seconds 10).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+    echo "the demo creates network namespaces and TAP devices: run it as root" >&2
+    exit 1
+fi
+missing=()
+command -v ip >/dev/null || missing+=(iproute2)
+command -v ping >/dev/null || missing+=(iputils-ping)
+command -v iperf3 >/dev/null || missing+=(iperf3)
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+cargo build --release --workspace --bins --locked
+exec target/release/bench-env single-node --json bench-results.json "$@"
