@@ -123,3 +123,91 @@ pub fn tcp_transfer(client: &Pod, server: &Pod, bytes: u64) -> Result<Transfer> 
         elapsed: start.elapsed(),
     })
 }
+
+/// Result of a UDP burst.
+#[derive(Debug)]
+pub struct UdpBurst {
+    /// Datagrams sent.
+    pub sent: usize,
+    /// Datagrams received intact.
+    pub intact: usize,
+    /// Datagrams received with wrong length or content, or twice.
+    pub damaged: usize,
+}
+
+/// The datagram with sequence number `seq`: its number then a pattern derived from it;
+/// every tenth is shorter, so runs of equal sizes end with a short one.
+pub fn udp_datagram(seq: u32, size: usize) -> Vec<u8> {
+    let len = if seq % 10 == 9 { size / 2 } else { size };
+    let mut d: Vec<u8> = (0..len)
+        .map(|i| (i as u32).wrapping_mul(7).wrapping_add(seq) as u8)
+        .collect();
+    d[..4].copy_from_slice(&seq.to_be_bytes());
+    d
+}
+
+/// Sends `count` numbered datagrams of `size` bytes from `client` to `server` (IPv4 or
+/// IPv6) as fast as possible and checks each one that arrives.
+pub fn udp_burst(
+    client: &Pod,
+    server: &Pod,
+    ipv6: bool,
+    count: u32,
+    size: usize,
+) -> Result<UdpBurst> {
+    use std::net::UdpSocket;
+    let addr: SocketAddr = if ipv6 {
+        (server.ipv6, 7001).into()
+    } else {
+        (server.ipv4, 7001).into()
+    };
+    let server_ns = server.ns.path();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        run_in(&server_ns, move || {
+            let socket = UdpSocket::bind(addr)?;
+            socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+            let _ = ready_tx.send(());
+            let mut seen = vec![false; count as usize];
+            let (mut intact, mut damaged) = (0, 0);
+            let mut buf = vec![0u8; 65_536];
+            while let Ok(n) = socket.recv(&mut buf) {
+                let seq = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+                let ok = n >= 4
+                    && seq < count
+                    && !seen[seq as usize]
+                    && buf[..n] == udp_datagram(seq, size)[..];
+                if ok {
+                    seen[seq as usize] = true;
+                    intact += 1;
+                } else {
+                    damaged += 1;
+                }
+            }
+            Ok((intact, damaged))
+        })
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| fail!("the receiving side did not start"))?;
+    let sent = run_in(&client.ns.path(), move || {
+        let socket = UdpSocket::bind(if ipv6 { "[::]:0" } else { "0.0.0.0:0" })?;
+        let mut sent = 0;
+        for seq in 0..count {
+            if socket.send_to(&udp_datagram(seq, size), addr).is_ok() {
+                sent += 1;
+            }
+        }
+        Ok(sent)
+    })
+    .map_err(|e| fail!("sending: {e}"))?;
+    let (intact, damaged) = receiver
+        .join()
+        .map_err(|_| fail!("receiver panicked"))?
+        .map_err(|e| fail!("receiving: {e}"))?;
+    Ok(UdpBurst {
+        sent,
+        intact,
+        damaged,
+    })
+}

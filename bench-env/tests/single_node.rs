@@ -320,3 +320,27 @@ fn deleting_a_port_removes_its_interface_and_routes() {
         .exec(&["ping", "-c", "1", "-W", "1", &bed.pods[1].ipv4.to_string()])
         .is_err());
 }
+
+#[test]
+fn udp_datagrams_arrive_intact_through_coalescing() {
+    let Some(bed) = testbed(2, vec![1500]) else {
+        return;
+    };
+    let coalesced = |bed: &Testbed| match bed.client().unwrap().call(Request::Stats).unwrap() {
+        Reply::Stats(s) => s.counters.get("udp_coalesced").copied().unwrap_or(0),
+        other => panic!("unexpected {other:?}"),
+    };
+    for ipv6 in [false, true] {
+        let burst =
+            bench_env::transfer::udp_burst(&bed.pods[0], &bed.pods[1], ipv6, 20_000, 300).unwrap();
+        eprintln!("ipv6={ipv6}: {burst:?}");
+        assert_eq!(burst.damaged, 0, "ipv6={ipv6}: {burst:?}");
+        assert!(
+            burst.intact * 2 >= burst.sent,
+            "ipv6={ipv6}: too much loss {burst:?}"
+        );
+    }
+    let merged = coalesced(&bed);
+    eprintln!("udp_coalesced = {merged}");
+    assert!(merged > 0, "the burst exercised coalescing");
+}

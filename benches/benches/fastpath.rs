@@ -138,8 +138,8 @@ fn pipeline(c: &mut Criterion) {
         ..SwitchConfig::default()
     })
     .unwrap();
-    let (a, peer_a) = switch.add_memory_port(&port("10.244.0.5")).unwrap();
-    let (_, peer_b) = switch.add_memory_port(&port("10.244.0.6")).unwrap();
+    let (a, peer_a) = switch.add_memory_port(&port("10.244.0.5"), false).unwrap();
+    let (_, peer_b) = switch.add_memory_port(&port("10.244.0.6"), false).unwrap();
     let tables = switch.tables();
     let ingress = tables.ports[&a.id].clone();
     let mut g = c.benchmark_group("pipeline");

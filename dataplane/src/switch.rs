@@ -4,7 +4,7 @@
 //! snapshot, so that a refused or failed request leaves everything as it was.
 
 use crate::io::memory::{self, MemoryPeer};
-use crate::io::tap::{TapConfig, TapDevice};
+use crate::io::tap::{TapConfig, TapDevice, TUN_F_USO};
 use crate::io::PortIo;
 use crate::pipeline::{DropReason, Event};
 use crate::tables::builder::TableBuilder;
@@ -241,30 +241,43 @@ impl Switch {
                     format!("cannot create {} in {}: {err}", spec.ifname, spec.netns),
                 )
             })?;
-        self.insert_port(&mut state, spec, mac, mtu, ifindex, PortIo::Tap(tap))
+        let uso = tap.offloads() & TUN_F_USO == TUN_F_USO;
+        self.insert_port(&mut state, spec, (mac, mtu, ifindex), PortIo::Tap(tap), uso)
     }
 
     /// Adds an in-memory port (tests, benchmarks, fuzzing); returns it and the pod's end.
-    pub fn add_memory_port(&self, spec: &AddPort) -> Result<(PortInfo, MemoryPeer), ApiError> {
+    /// `udp_gso`: whether the peer accepts UDP GSO super-frames, as a TAP with USO does.
+    pub fn add_memory_port(
+        &self,
+        spec: &AddPort,
+        udp_gso: bool,
+    ) -> Result<(PortInfo, MemoryPeer), ApiError> {
         let (mac, mtu) = self.validate(spec)?;
         let mut state = self.state();
         state
             .builder
             .check_new_port(&spec.netns, &spec.ifname, &spec.ips)?;
         let (port, peer) = memory::pair(1024);
-        let info = self.insert_port(&mut state, spec, mac, mtu, 0, PortIo::Memory(port))?;
+        let info = self.insert_port(
+            &mut state,
+            spec,
+            (mac, mtu, 0),
+            PortIo::Memory(port),
+            udp_gso,
+        )?;
         Ok((info, peer))
     }
 
+    /// Publishes a port whose device exists. `link` is (MAC, MTU, ifindex).
     fn insert_port(
         &self,
         state: &mut State,
         spec: &AddPort,
-        mac: MacAddr,
-        mtu: u32,
-        ifindex: u32,
+        link: (MacAddr, u32, u32),
         io: PortIo,
+        accepts_udp_gso: bool,
     ) -> Result<PortInfo, ApiError> {
+        let (mac, mtu, ifindex) = link;
         let id = state.next_port_id;
         let queues = match &io {
             PortIo::Tap(tap) => tap.queues(),
@@ -303,6 +316,7 @@ impl Switch {
                 })
                 .collect(),
             io,
+            accepts_udp_gso,
             counters: PortCounters::default(),
             info: info.clone(),
         });

@@ -78,7 +78,7 @@ fn pod(switch: &Switch, name: &str, v4: [u8; 4], v6_last: u16) -> Pod {
         mac: None,
         owner: None,
     };
-    let (info, peer) = switch.add_memory_port(&spec).unwrap();
+    let (info, peer) = switch.add_memory_port(&spec, false).unwrap();
     let mut device = PodDevice(peer);
     let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(info.mac.0)));
     let mut iface = Interface::new(config, &mut device, Instant::ZERO);

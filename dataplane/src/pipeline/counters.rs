@@ -41,6 +41,12 @@ named_counters! {
         NdReplies => "nd_replies",
         /// ICMP / ICMPv6 errors sent.
         IcmpErrorsSent => "icmp_errors_sent",
+        /// Batches read from ports (frames read / batches = mean batch size).
+        RxBatches => "rx_batches",
+        /// Frames read from ports.
+        RxFrames => "rx_frames",
+        /// UDP datagrams merged into an earlier one's GSO super-frame.
+        UdpCoalesced => "udp_coalesced",
     }
 }
 
@@ -117,6 +123,12 @@ impl Counters {
     #[inline(always)]
     pub fn event(&mut self, event: Event) {
         self.events[event as usize] += 1;
+    }
+
+    /// Adds `n` to an event count.
+    #[inline(always)]
+    pub fn add(&mut self, event: Event, n: u64) {
+        self.events[event as usize] += n;
     }
 
     /// Counts one drop.

@@ -17,6 +17,7 @@
 //! Later stages (conntrack, NAT, policy, encapsulation) slot in between routing and the
 //! rewrite, or as next-hop kinds, without changing this shape.
 
+pub mod coalesce;
 pub mod counters;
 pub mod icmp_error;
 pub mod neighbor;
@@ -43,6 +44,8 @@ pub enum Verdict {
     Reply,
     /// Sent to the next hop with this index in [`Tables::nexthops`].
     Forward(u32),
+    /// Carried inside an earlier frame of the batch (UDP coalescing); nothing to send.
+    Merged,
 }
 
 /// One worker's pipeline: its counters and its ICMP rate limiter.
@@ -96,6 +99,7 @@ impl Pipeline {
         for (frame, verdict) in frames.iter_mut().zip(verdicts.iter_mut()) {
             *verdict = self.process_one(tables, ingress, frame);
         }
+        coalesce::udp(tables, frames, verdicts, &mut self.counters);
     }
 
     fn drop(&mut self, reason: DropReason) -> Verdict {

@@ -31,16 +31,21 @@ fn port(name: &str, ips: &[&str], mtu: u32) -> AddPort {
 
 impl Harness {
     fn new(mtu_a: u32, mtu_b: u32) -> Self {
+        Self::with_uso(mtu_a, mtu_b, false)
+    }
+
+    /// `uso_b`: whether pod B's port accepts UDP GSO super-frames.
+    fn with_uso(mtu_a: u32, mtu_b: u32, uso_b: bool) -> Self {
         let switch = Switch::start(SwitchConfig {
             workers: 1,
             ..SwitchConfig::default()
         })
         .unwrap();
         let (a, pa) = switch
-            .add_memory_port(&port("a", &["10.244.0.5/24", "fd00::5/64"], mtu_a))
+            .add_memory_port(&port("a", &["10.244.0.5/24", "fd00::5/64"], mtu_a), false)
             .unwrap();
         let (b, pb) = switch
-            .add_memory_port(&port("b", &["10.244.0.6/24", "fd00::6/64"], mtu_b))
+            .add_memory_port(&port("b", &["10.244.0.6/24", "fd00::6/64"], mtu_b), uso_b)
             .unwrap();
         assert_eq!(a.mac, A_MAC);
         Self {
@@ -53,13 +58,20 @@ impl Harness {
 
     /// Sends `frame` (Ethernet, no vnet header) from pod A and runs one batch.
     fn send_from_a(&mut self, vnet: [u8; 12], ethernet: &[u8]) {
-        let mut frame = vnet.to_vec();
-        frame.extend_from_slice(ethernet);
-        assert!(self.a.1.send(&frame));
+        self.send_batch_from_a(&[(vnet, ethernet.to_vec())]);
+    }
+
+    /// Sends frames from pod A and runs them through the switch as one batch.
+    fn send_batch_from_a(&mut self, frames: &[([u8; 12], Vec<u8>)]) {
+        for (vnet, ethernet) in frames {
+            let mut frame = vnet.to_vec();
+            frame.extend_from_slice(ethernet);
+            assert!(self.a.1.send(&frame));
+        }
         let tables = self.switch.tables();
         let port = tables.ports[&self.a.0].clone();
-        let mut bufs: Vec<PacketBuf> = (0..4).map(|_| PacketBuf::new()).collect();
-        let mut verdicts = [Verdict::Drop; 4];
+        let mut bufs: Vec<PacketBuf> = (0..8).map(|_| PacketBuf::new()).collect();
+        let mut verdicts = [Verdict::Drop; 8];
         forward_batch(
             &mut self.pipeline,
             &tables,
@@ -439,4 +451,128 @@ fn random_and_truncated_frames_never_panic() {
     }
     h.send_from_a([0; 12], &good);
     assert!(h.b.1.recv().is_some(), "still forwarding");
+}
+
+/// A UDP datagram (header + payload) with a partial checksum, and the virtio-net header a
+/// pod's kernel puts before it (NEEDS_CSUM at the UDP checksum).
+fn partial_udp(l3_header: u16, sport: u16, payload: &[u8]) -> ([u8; 12], Vec<u8>) {
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&5201u16.to_be_bytes());
+    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0x12, 0x34]); // partial sum: the coalescer rewrites it
+    udp.extend_from_slice(payload);
+    let csum_start = 14 + l3_header;
+    let mut vnet = [0u8; 12];
+    vnet[0] = crate::wire::vnet::F_NEEDS_CSUM;
+    vnet[6..8].copy_from_slice(&csum_start.to_le_bytes());
+    vnet[8..10].copy_from_slice(&6u16.to_le_bytes());
+    (vnet, udp)
+}
+
+fn v4_udp_frame(sport: u16, payload: &[u8]) -> ([u8; 12], Vec<u8>) {
+    let (vnet, udp) = partial_udp(20, sport, payload);
+    (
+        vnet,
+        eth(
+            GW,
+            A_MAC,
+            0x0800,
+            &ipv4_packet([10, 244, 0, 5], [10, 244, 0, 6], 64, true, 17, &udp),
+        ),
+    )
+}
+
+#[test]
+fn udp_runs_are_coalesced_into_gso_super_frames() {
+    let mut h = Harness::with_uso(1500, 1500, true);
+    let payloads: Vec<Vec<u8>> = (0..5u8)
+        .map(|i| vec![i; if i == 4 { 50 } else { 100 }])
+        .collect();
+    let frames: Vec<_> = payloads.iter().map(|p| v4_udp_frame(4000, p)).collect();
+    h.send_batch_from_a(&frames);
+    let out = h.b.1.recv().expect("one super-frame");
+    assert!(
+        h.b.1.recv().is_none(),
+        "merged datagrams are not sent on their own"
+    );
+    let v = crate::wire::VnetHeader::new_checked(&out[..12]).unwrap();
+    assert_eq!(v.gso_type(), crate::wire::vnet::GSO_UDP_L4);
+    assert_eq!(v.gso_size(), 100);
+    assert_eq!(v.flags(), crate::wire::vnet::F_NEEDS_CSUM);
+    assert_eq!((v.csum_start(), v.csum_offset(), v.hdr_len()), (34, 6, 42));
+    let ip = Ipv4Packet::new_checked(&out[26..]).unwrap();
+    assert!(ip.verify_checksum());
+    assert_eq!(ip.total_len(), 20 + 8 + 450);
+    assert_eq!(ip.ttl(), 63);
+    let udp = ip.payload();
+    assert_eq!(u16::from_be_bytes([udp[4], udp[5]]), 458);
+    let pseudo = checksum::pseudo_header_v4(ip.src(), ip.dst(), 17, 458);
+    assert_eq!(u16::from_be_bytes([udp[6], udp[7]]), checksum::fold(pseudo));
+    assert_eq!(&udp[8..], &payloads.concat()[..]);
+    assert_eq!(h.pipeline.counters().count(Event::UdpCoalesced), 4);
+}
+
+#[test]
+fn coalescing_stops_at_another_flow_and_needs_uso() {
+    let mut h = Harness::with_uso(1500, 1500, true);
+    let frames = vec![
+        v4_udp_frame(4000, &[1; 100]),
+        v4_udp_frame(4000, &[2; 100]),
+        v4_udp_frame(4001, &[3; 100]),
+        v4_udp_frame(4000, &[4; 100]),
+    ];
+    h.send_batch_from_a(&frames);
+    let sizes: Vec<usize> = std::iter::from_fn(|| h.b.1.recv())
+        .map(|f| f.len())
+        .collect();
+    assert_eq!(
+        sizes,
+        vec![12 + 14 + 28 + 200, 12 + 14 + 128, 12 + 14 + 128]
+    );
+
+    // Without USO on the egress port nothing is merged.
+    let mut h = Harness::with_uso(1500, 1500, false);
+    h.send_batch_from_a(&frames[..2]);
+    assert_eq!(std::iter::from_fn(|| h.b.1.recv()).count(), 2);
+    // Datagrams with a complete checksum are never merged.
+    let mut h = Harness::with_uso(1500, 1500, true);
+    let complete: Vec<_> = frames[..2]
+        .iter()
+        .map(|(_, e)| ([0u8; 12], e.clone()))
+        .collect();
+    h.send_batch_from_a(&complete);
+    assert_eq!(std::iter::from_fn(|| h.b.1.recv()).count(), 2);
+}
+
+#[test]
+fn ipv6_udp_runs_are_coalesced() {
+    let mut h = Harness::with_uso(1500, 1500, true);
+    let frames: Vec<_> = (0..3u8)
+        .map(|i| {
+            let (vnet, udp) = partial_udp(40, 4000, &[i; 200]);
+            (
+                vnet,
+                eth(
+                    GW,
+                    A_MAC,
+                    0x86dd,
+                    &ipv6_packet("fd00::5", "fd00::6", 64, 17, &udp),
+                ),
+            )
+        })
+        .collect();
+    h.send_batch_from_a(&frames);
+    let out = h.b.1.recv().expect("one super-frame");
+    assert!(h.b.1.recv().is_none());
+    let ip = Ipv6Packet::new_checked(&out[26..]).unwrap();
+    assert_eq!(ip.payload_len(), 8 + 600);
+    assert_eq!(ip.hop_limit(), 63);
+    let v = crate::wire::VnetHeader::new_checked(&out[..12]).unwrap();
+    assert_eq!((v.gso_size(), v.csum_start(), v.hdr_len()), (200, 54, 62));
+    let pseudo = checksum::pseudo_header_v6(ip.src(), ip.dst(), 17, 608);
+    assert_eq!(
+        u16::from_be_bytes([ip.payload()[6], ip.payload()[7]]),
+        checksum::fold(pseudo)
+    );
 }

@@ -77,6 +77,8 @@ pub struct Port {
     pub ipv6: Vec<Ipv6Addr>,
     /// The device behind the port.
     pub io: PortIo,
+    /// True when the device takes UDP GSO super-frames (a TAP with USO offload).
+    pub accepts_udp_gso: bool,
     /// Traffic counters.
     pub counters: PortCounters,
     /// What the API lists about this port.

@@ -34,13 +34,15 @@ pub fn forward_batch(
     if n == 0 {
         return Ok(0);
     }
+    pipeline.counters_mut().add(Event::RxBatches, 1);
+    pipeline.counters_mut().add(Event::RxFrames, n as u64);
     let bytes: usize = bufs[..n].iter().map(PacketBuf::len).sum();
     PortCounters::add(&port.counters.rx_frames, n as u64);
     PortCounters::add(&port.counters.rx_bytes, bytes as u64);
     pipeline.process(tables, port, &mut bufs[..n], &mut verdicts[..n], now_ns);
     for (buf, verdict) in bufs[..n].iter().zip(&verdicts[..n]) {
         let egress = match *verdict {
-            Verdict::Drop => continue,
+            Verdict::Drop | Verdict::Merged => continue,
             Verdict::Reply => port,
             Verdict::Forward(nh) => match tables.nexthop(nh) {
                 Some(NextHop::Port(p)) => p,
