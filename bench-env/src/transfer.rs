@@ -46,50 +46,64 @@ pub struct Transfer {
     pub elapsed: Duration,
 }
 
-/// Sends `bytes` from `client` to `server` over IPv4 TCP port 7000.
-pub fn tcp_transfer(client: &Pod, server: &Pod, bytes: u64) -> Result<Transfer> {
-    let addr = SocketAddr::from((server.ipv4, 7000));
+/// Runs `receive` in `server`'s namespace and, once it says it is ready, `send` in
+/// `client`'s; returns both results.
+fn run_pair<S: Send + 'static, R: Send + 'static>(
+    client: &Pod,
+    server: &Pod,
+    receive: impl FnOnce(mpsc::Sender<()>) -> std::io::Result<R> + Send + 'static,
+    send: impl FnOnce() -> std::io::Result<S> + Send,
+) -> Result<(S, R)> {
     let server_ns = server.ns.path();
     let (ready_tx, ready_rx) = mpsc::channel();
-    let receiver = std::thread::spawn(move || {
-        run_in(&server_ns, move || {
-            let listener = TcpListener::bind(addr)?;
-            listener.set_nonblocking(true)?;
-            let _ = ready_tx.send(());
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let (mut stream, _) = loop {
-                match listener.accept() {
-                    Ok(s) => break s,
-                    Err(e)
-                        if e.kind() == std::io::ErrorKind::WouldBlock
-                            && Instant::now() < deadline =>
-                    {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
-            stream.set_nonblocking(false)?;
-            stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-            let mut hash = Fnv::default();
-            let mut total = 0u64;
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                let n = stream.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                hash.update(&buf[..n]);
-                total += n as u64;
-            }
-            Ok((total, hash.finish()))
-        })
-    });
+    let receiver = std::thread::spawn(move || run_in(&server_ns, move || receive(ready_tx)));
     ready_rx
         .recv_timeout(Duration::from_secs(10))
         .map_err(|_| fail!("the receiving side did not start"))?;
+    let sent = run_in(&client.ns.path(), send).map_err(|e| fail!("sending: {e}"))?;
+    let received = receiver
+        .join()
+        .map_err(|_| fail!("receiver panicked"))?
+        .map_err(|e| fail!("receiving: {e}"))?;
+    Ok((sent, received))
+}
+
+/// Sends `bytes` from `client` to `server` over IPv4 TCP port 7000.
+pub fn tcp_transfer(client: &Pod, server: &Pod, bytes: u64) -> Result<Transfer> {
+    let addr = SocketAddr::from((server.ipv4, 7000));
     let start = Instant::now();
-    let sent_hash = run_in(&client.ns.path(), move || {
+    let receive = move |ready: mpsc::Sender<()>| {
+        let listener = TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let _ = ready.send(());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (mut stream, _) = loop {
+            match listener.accept() {
+                Ok(s) => break s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut hash = Fnv::default();
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            total += n as u64;
+        }
+        Ok((total, hash.finish()))
+    };
+    let send = move || {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
         stream.set_write_timeout(Some(Duration::from_secs(30)))?;
         let mut hash = Fnv::default();
@@ -110,12 +124,8 @@ pub fn tcp_transfer(client: &Pod, server: &Pod, bytes: u64) -> Result<Transfer> 
         }
         stream.shutdown(std::net::Shutdown::Write)?;
         Ok(hash.finish())
-    })
-    .map_err(|e| fail!("sending: {e}"))?;
-    let (received, received_hash) = receiver
-        .join()
-        .map_err(|_| fail!("receiver panicked"))?
-        .map_err(|e| fail!("receiving: {e}"))?;
+    };
+    let (sent_hash, (received, received_hash)) = run_pair(client, server, receive, send)?;
     Ok(Transfer {
         received,
         sent_hash,
@@ -161,50 +171,35 @@ pub fn udp_burst(
     } else {
         (server.ipv4, 7001).into()
     };
-    let server_ns = server.ns.path();
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let receiver = std::thread::spawn(move || {
-        run_in(&server_ns, move || {
-            let socket = UdpSocket::bind(addr)?;
-            socket.set_read_timeout(Some(Duration::from_millis(500)))?;
-            let _ = ready_tx.send(());
-            let mut seen = vec![false; count as usize];
-            let (mut intact, mut damaged) = (0, 0);
-            let mut buf = vec![0u8; 65_536];
-            while let Ok(n) = socket.recv(&mut buf) {
-                let seq = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
-                let ok = n >= 4
-                    && seq < count
-                    && !seen[seq as usize]
-                    && buf[..n] == udp_datagram(seq, size)[..];
-                if ok {
-                    seen[seq as usize] = true;
-                    intact += 1;
-                } else {
-                    damaged += 1;
-                }
-            }
-            Ok((intact, damaged))
-        })
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .map_err(|_| fail!("the receiving side did not start"))?;
-    let sent = run_in(&client.ns.path(), move || {
-        let socket = UdpSocket::bind(if ipv6 { "[::]:0" } else { "0.0.0.0:0" })?;
-        let mut sent = 0;
-        for seq in 0..count {
-            if socket.send_to(&udp_datagram(seq, size), addr).is_ok() {
-                sent += 1;
+    let receive = move |ready: mpsc::Sender<()>| {
+        let socket = UdpSocket::bind(addr)?;
+        socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let _ = ready.send(());
+        let mut seen = vec![false; count as usize];
+        let (mut intact, mut damaged) = (0, 0);
+        let mut buf = vec![0u8; 65_536];
+        while let Ok(n) = socket.recv(&mut buf) {
+            let seq = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            let ok = n >= 4
+                && seq < count
+                && !seen[seq as usize]
+                && buf[..n] == udp_datagram(seq, size)[..];
+            if ok {
+                seen[seq as usize] = true;
+                intact += 1;
+            } else {
+                damaged += 1;
             }
         }
-        Ok(sent)
-    })
-    .map_err(|e| fail!("sending: {e}"))?;
-    let (intact, damaged) = receiver
-        .join()
-        .map_err(|_| fail!("receiver panicked"))?
-        .map_err(|e| fail!("receiving: {e}"))?;
+        Ok((intact, damaged))
+    };
+    let send = move || {
+        let socket = UdpSocket::bind(if ipv6 { "[::]:0" } else { "0.0.0.0:0" })?;
+        Ok((0..count)
+            .filter(|&seq| socket.send_to(&udp_datagram(seq, size), addr).is_ok())
+            .count())
+    };
+    let (sent, (intact, damaged)) = run_pair(client, server, receive, send)?;
     Ok(UdpBurst {
         sent,
         intact,
