@@ -210,6 +210,9 @@ pub struct HelloReply {
     pub gateway_ipv4: std::net::Ipv4Addr,
     /// IPv6 gateway address pods route through.
     pub gateway_ipv6: std::net::Ipv6Addr,
+    /// This node's pod CIDRs, when known (the CNI plugin fills `usePodCidr` from them).
+    #[serde(default)]
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 /// A successful answer.

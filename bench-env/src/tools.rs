@@ -62,3 +62,27 @@ pub fn find_binary(name: &str) -> Result<std::path::PathBuf> {
         .find(|p| p.is_file())
         .ok_or_else(|| fail!("cannot find the {name} binary near the running program; build it with `cargo build --release --workspace` or set SWITCHYARD_BIN_DIR"))
 }
+
+/// Installs Debian's reference CNI plugins (host-local, bridge, ...) into /usr/lib/cni when
+/// host-local is missing.
+pub fn ensure_cni_plugins() -> Result<()> {
+    if std::path::Path::new("/usr/lib/cni/host-local").is_file() {
+        return Ok(());
+    }
+    eprintln!("bench-env: installing containernetworking-plugins");
+    run(&["apt-get", "update", "-qq"])?;
+    let status = Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "containernetworking-plugins",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()?;
+    if !status.success() {
+        return Err(fail!("installing containernetworking-plugins failed"));
+    }
+    Ok(())
+}

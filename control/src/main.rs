@@ -181,7 +181,7 @@ fn render(reply: &Reply, command: &Command) -> String {
         ),
         Reply::Ports(ports) => table::render(
             &[
-                "ID", "KIND", "NETNS", "IFNAME", "IPS", "MAC", "MTU", "WORKER",
+                "ID", "KIND", "NETNS", "IFNAME", "IPS", "MAC", "MTU", "QUEUES",
             ],
             &ports
                 .iter()

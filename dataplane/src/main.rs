@@ -23,6 +23,10 @@ struct Args {
     /// Spinning lowers latency when cores are spare, and costs throughput when they are not.
     #[arg(long, default_value_t = 0)]
     spin_us: u64,
+    /// This node's pod CIDR (repeat for IPv4 and IPv6); CNI configurations with
+    /// `"subnet": "usePodCidr"` allocate from it.
+    #[arg(long = "pod-cidr")]
+    pod_cidrs: Vec<switchyard_api::IpNet>,
 }
 
 fn main() {
@@ -33,6 +37,7 @@ fn main() {
     }
     config.default_mtu = args.mtu;
     config.spin = std::time::Duration::from_micros(args.spin_us);
+    config.pod_cidrs = args.pod_cidrs;
     let listener = match server::bind(&args.api) {
         Ok(l) => l,
         Err(err) => {

@@ -32,6 +32,8 @@ pub struct SwitchConfig {
     pub gateway: Gateway,
     /// How long a worker keeps polling after activity before it sleeps.
     pub spin: std::time::Duration,
+    /// This node's pod CIDRs, reported to clients (the CNI plugin's `usePodCidr`).
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 impl Default for SwitchConfig {
@@ -41,6 +43,7 @@ impl Default for SwitchConfig {
             default_mtu: 1500,
             gateway: Gateway::default(),
             spin: std::time::Duration::ZERO,
+            pod_cidrs: Vec::new(),
         }
     }
 }
@@ -101,6 +104,7 @@ impl Switch {
                 gateway_mac: self.config.gateway.mac,
                 gateway_ipv4: self.config.gateway.ipv4,
                 gateway_ipv6: self.config.gateway.ipv6,
+                pod_cidrs: self.config.pod_cidrs.clone(),
             })),
             Request::AddPort(spec) => self.add_tap_port(&spec).map(Reply::Port),
             Request::DelPort(selector) => self.del_port(&selector).map(|_| Reply::Done),

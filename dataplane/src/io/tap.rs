@@ -207,22 +207,24 @@ fn configure(index: u32, config: &TapConfig) -> io::Result<()> {
     for ip in &config.ips {
         nl.add_address(index, *ip)?;
     }
+    // A pod's first interface gets the routes through the gateway; a further interface
+    // finds them taken (EEXIST) and leaves the default route where it is.
+    let keep_existing = |r: io::Result<()>| match r {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        other => other,
+    };
     let gw = config.gateway;
     if config.ips.iter().any(|ip| ip.addr().is_ipv4()) {
         let gw_net = IpNet::new(IpAddr::V4(gw.ipv4), 32).map_err(io::Error::other)?;
-        nl.add_route(index, gw_net, None)?;
-        nl.add_route(
-            index,
-            "0.0.0.0/0".parse().map_err(io::Error::other)?,
-            Some(IpAddr::V4(gw.ipv4)),
-        )?;
+        keep_existing(nl.add_route(index, gw_net, None))?;
+        let default =
+            IpNet::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0).map_err(io::Error::other)?;
+        keep_existing(nl.add_route(index, default, Some(IpAddr::V4(gw.ipv4))))?;
     }
     if config.ips.iter().any(|ip| ip.addr().is_ipv6()) {
-        nl.add_route(
-            index,
-            "::/0".parse().map_err(io::Error::other)?,
-            Some(IpAddr::V6(gw.ipv6)),
-        )?;
+        let default =
+            IpNet::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0).map_err(io::Error::other)?;
+        keep_existing(nl.add_route(index, default, Some(IpAddr::V6(gw.ipv6))))?;
     }
     Ok(())
 }
