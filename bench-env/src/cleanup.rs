@@ -16,6 +16,8 @@ pub enum Resource {
     Netns(String),
     /// A file to remove.
     File(PathBuf),
+    /// A directory to remove with its contents.
+    Dir(PathBuf),
 }
 
 static REGISTRY: Mutex<BTreeMap<u64, Resource>> = Mutex::new(BTreeMap::new());
@@ -49,7 +51,9 @@ pub fn release_all() {
         for r in &all {
             let matches = matches!(
                 (pass, r),
-                (0, Resource::Process(_)) | (1, Resource::Netns(_)) | (2, Resource::File(_))
+                (0, Resource::Process(_))
+                    | (1, Resource::Netns(_))
+                    | (2, Resource::File(_) | Resource::Dir(_))
             );
             if matches {
                 remove(r);
@@ -66,6 +70,9 @@ fn remove(resource: &Resource) {
         }
         Resource::File(path) => {
             let _ = std::fs::remove_file(path);
+        }
+        Resource::Dir(path) => {
+            let _ = std::fs::remove_dir_all(path);
         }
     }
 }

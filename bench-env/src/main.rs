@@ -3,7 +3,7 @@
 
 use bench_env::measure::{self, Matrix};
 use bench_env::report::{self, Metric};
-use bench_env::testbed::{Arm, Options, Testbed};
+use bench_env::testbed::{Arm, Attach, Options, Testbed};
 use bench_env::{fail, tools, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -16,6 +16,15 @@ use switchyard_api::{Reply, Request};
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
+}
+
+/// `--attach` values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AttachArg {
+    /// CNI plugins, exactly as a container runtime calls them.
+    Cni,
+    /// The dataplane API and `ip` commands.
+    Direct,
 }
 
 #[derive(Subcommand)]
@@ -43,6 +52,11 @@ enum Scenario {
         /// Rounds per metric, alternating the arms; the median is reported.
         #[arg(long, default_value_t = 3)]
         repeat: usize,
+        /// How pods are attached: through CNI plugins as a runtime would (switchyard-cni
+        /// against the reference bridge plugin, both with host-local), or directly (the
+        /// dataplane API against hand-made veth pairs).
+        #[arg(long, value_enum, default_value_t = AttachArg::Cni)]
+        attach: AttachArg,
         /// Extra arguments for switchyard-dataplane (e.g. --dataplane-arg=--spin-us=0).
         #[arg(long = "dataplane-arg", allow_hyphen_values = true)]
         dataplane_args: Vec<String>,
@@ -95,7 +109,7 @@ fn single_node(run: SingleNode) -> Result<bool> {
         ));
     }
     tools::ensure_installed()?;
-    println!("building testbeds: {pods} pods, MTU {mtu}, kernel bridge and Switchyard; {repeat} rounds of {seconds} s per metric, medians");
+    println!("building testbeds: {pods} pods, MTU {mtu}, kernel bridge and Switchyard, attached {}; {repeat} rounds of {seconds} s per metric, medians", if options.attach == Attach::Cni { "through CNI" } else { "directly" });
     let kernel = Testbed::build(Arm::Kernel, &options)?;
     let switchyard = Testbed::build(Arm::Switchyard, &options)?;
     let beds = [&kernel, &switchyard];
@@ -203,6 +217,7 @@ fn main() -> ExitCode {
             mtu,
             pings,
             repeat,
+            attach,
             dataplane_args,
         } => single_node(SingleNode {
             pods,
@@ -215,6 +230,10 @@ fn main() -> ExitCode {
                 mtus: vec![mtu],
                 workers,
                 dataplane_args,
+                attach: match attach {
+                    AttachArg::Cni => Attach::Cni,
+                    AttachArg::Direct => Attach::Direct,
+                },
             },
         }),
     };

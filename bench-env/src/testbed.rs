@@ -44,6 +44,18 @@ pub struct Options {
     pub workers: Option<usize>,
     /// Extra arguments for `switchyard-dataplane`.
     pub dataplane_args: Vec<String>,
+    /// How pods are attached.
+    pub attach: Attach,
+}
+
+/// How pods get their interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// Directly: the dataplane's API (Switchyard) or `ip` commands (kernel).
+    Direct,
+    /// Through CNI plugins called exactly as a runtime calls them: `switchyard-cni`
+    /// (Switchyard) or the reference `bridge` (kernel), both with `host-local` IPAM.
+    Cni,
 }
 
 impl Default for Options {
@@ -53,6 +65,7 @@ impl Default for Options {
             mtus: vec![1500],
             workers: None,
             dataplane_args: Vec::new(),
+            attach: Attach::Direct,
         }
     }
 }
@@ -113,6 +126,15 @@ pub struct Testbed {
     api: Option<(PathBuf, u64)>,
     /// Where the dataplane's log goes (Switchyard arm).
     pub log: Option<PathBuf>,
+    /// The CNI network, when pods are attached through CNI.
+    cni: Option<CniNetwork>,
+}
+
+/// A CNI network configuration and the host-local state directory behind it.
+struct CniNetwork {
+    plugin: PathBuf,
+    conf: serde_json::Value,
+    data_dir_key: u64,
 }
 
 impl Drop for Testbed {
@@ -124,6 +146,9 @@ impl Drop for Testbed {
         }
         if let Some(log) = self.log.take() {
             let _ = std::fs::remove_file(log);
+        }
+        if let Some(cni) = self.cni.take() {
+            cleanup::release(cni.data_dir_key);
         }
     }
 }
@@ -159,12 +184,28 @@ impl Testbed {
             dataplane: Some(dataplane),
             pods: Vec::new(),
             node,
-            api: Some((api, api_key)),
+            api: Some((api.clone(), api_key)),
             log: Some(log),
+            cni: None,
         };
         bed.wait_for_api(Duration::from_secs(10))?;
+        if options.attach == Attach::Cni {
+            let conf = serde_json::json!({
+                "cniVersion": "1.1.0",
+                "type": "switchyard",
+                "dataplane_api": api,
+            });
+            bed.cni = Some(CniNetwork::new(
+                &prefix,
+                find_binary("switchyard-cni")?,
+                conf,
+            )?);
+        }
         for i in 0..options.pods {
-            bed.add_switchyard_pod(&prefix, i, options.mtu(i))?;
+            match options.attach {
+                Attach::Direct => bed.add_switchyard_pod(&prefix, i, options.mtu(i))?,
+                Attach::Cni => bed.add_cni_pod(&prefix, i, options.mtu(i))?,
+            }
         }
         Ok(bed)
     }
@@ -199,11 +240,103 @@ impl Testbed {
     pub fn kernel(options: &Options) -> Result<Self> {
         let prefix = unique_prefix();
         let node = Netns::create(&format!("{prefix}-node"))?;
+        let mut bed = Self {
+            arm: Arm::Kernel,
+            dataplane: None,
+            pods: Vec::new(),
+            node,
+            api: None,
+            log: None,
+            cni: None,
+        };
+        match options.attach {
+            Attach::Direct => bed.add_bridge_pods(&prefix, options)?,
+            Attach::Cni => {
+                let conf = serde_json::json!({
+                    "cniVersion": "1.0.0",
+                    "type": "bridge",
+                    "bridge": "br0",
+                    "isGateway": true,
+                });
+                bed.cni = Some(CniNetwork::new(
+                    &prefix,
+                    PathBuf::from(CNI_BIN_DIR).join("bridge"),
+                    conf,
+                )?);
+                for i in 0..options.pods {
+                    bed.add_cni_pod(&prefix, i, options.mtu(i))?;
+                }
+            }
+        }
+        Ok(bed)
+    }
+
+    /// Attaches pod `i` by calling the CNI plugin (inside the node namespace, as a runtime
+    /// on that node would) with the CNI_* environment and the configuration on stdin.
+    fn add_cni_pod(&mut self, prefix: &str, i: usize, mtu: u32) -> Result<()> {
+        let ns = Netns::create(&format!("{prefix}-pod{i}"))?;
+        let cni = self.cni.as_ref().ok_or_else(|| fail!("no CNI network"))?;
+        let mut conf = cni.conf.clone();
+        conf["mtu"] = serde_json::json!(mtu);
+        let result = cni_call(
+            &self.node,
+            &cni.plugin,
+            "ADD",
+            &format!("{prefix}-ctr{i}"),
+            &ns,
+            &conf,
+        )?;
+        let addr = |v6: bool| {
+            result["ips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|ip| {
+                    ip["address"]
+                        .as_str()?
+                        .split('/')
+                        .next()?
+                        .parse::<std::net::IpAddr>()
+                        .ok()
+                })
+                .find(|a| a.is_ipv6() == v6)
+                .ok_or_else(|| {
+                    fail!(
+                        "CNI result without an IPv{} address: {result}",
+                        if v6 { 6 } else { 4 }
+                    )
+                })
+        };
+        let (std::net::IpAddr::V4(ipv4), std::net::IpAddr::V6(ipv6)) = (addr(false)?, addr(true)?)
+        else {
+            return Err(fail!("unexpected address families in {result}"));
+        };
+        let port = match self.client() {
+            Ok(mut c) => match c.call(Request::ListPorts)? {
+                Reply::Ports(ports) => ports
+                    .iter()
+                    .find(|p| p.netns == ns.path().to_string_lossy())
+                    .map(|p| p.id),
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        self.pods.push(Pod {
+            ns,
+            ipv4,
+            ipv6,
+            port,
+        });
+        Ok(())
+    }
+
+    /// Builds the bridge and veth pairs by hand, with fixed addresses.
+    fn add_bridge_pods(&mut self, prefix: &str, options: &Options) -> Result<()> {
+        let node = &self.node;
         node.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
         node.exec(&["ip", "addr", "add", "10.244.0.1/24", "dev", "br0"])?;
         node.exec(&["ip", "addr", "add", "fd00:244::1/64", "dev", "br0", "nodad"])?;
         node.exec(&["ip", "link", "set", "br0", "up"])?;
-        let mut pods = Vec::new();
         for i in 0..options.pods {
             let ns = Netns::create(&format!("{prefix}-pod{i}"))?;
             let veth = format!("veth{i}");
@@ -240,21 +373,14 @@ impl Testbed {
             ns.exec(&["ip", "link", "set", "eth0", "up"])?;
             ns.exec(&["ip", "route", "add", "default", "via", "10.244.0.1"])?;
             ns.exec(&["ip", "-6", "route", "add", "default", "via", "fd00:244::1"])?;
-            pods.push(Pod {
+            self.pods.push(Pod {
                 ns,
                 ipv4,
                 ipv6,
                 port: None,
             });
         }
-        Ok(Self {
-            arm: Arm::Kernel,
-            dataplane: None,
-            pods,
-            node,
-            api: None,
-            log: None,
-        })
+        Ok(())
     }
 
     /// A client of this testbed's dataplane (Switchyard arm).
@@ -311,4 +437,76 @@ impl Testbed {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Where Debian's reference CNI plugins live.
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+
+impl CniNetwork {
+    /// A network named `prefix` for `plugin`, with host-local IPAM in a fresh state
+    /// directory over 10.244.0.0/24 and fd00:244::/64.
+    fn new(prefix: &str, plugin: PathBuf, mut conf: serde_json::Value) -> Result<Self> {
+        crate::tools::ensure_cni_plugins()?;
+        let data_dir = std::env::temp_dir().join(format!("{prefix}-ipam"));
+        let data_dir_key = cleanup::register(Resource::Dir(data_dir.clone()));
+        conf["name"] = serde_json::json!(prefix);
+        conf["ipam"] = serde_json::json!({
+            "type": "host-local",
+            "dataDir": data_dir,
+            "ranges": [[{"subnet": "10.244.0.0/24"}], [{"subnet": "fd00:244::/64"}]],
+        });
+        Ok(Self {
+            plugin,
+            conf,
+            data_dir_key,
+        })
+    }
+}
+
+/// Calls a CNI plugin as a runtime on `node` would: inside the node's namespace, with the
+/// CNI_* environment and `conf` on stdin. Returns the parsed stdout.
+pub fn cni_call(
+    node: &Netns,
+    plugin: &std::path::Path,
+    command: &str,
+    container_id: &str,
+    pod: &Netns,
+    conf: &serde_json::Value,
+) -> Result<serde_json::Value> {
+    use std::io::Write;
+    let plugin_dir = plugin
+        .parent()
+        .map(|d| d.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", node.name()])
+        .arg(plugin)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_NETNS", pod.path())
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", "IgnoreUnknown=1")
+        .env("CNI_PATH", format!("{plugin_dir}:{CNI_BIN_DIR}"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| fail!("cannot run {}: {e}", plugin.display()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(conf.to_string().as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(fail!(
+            "CNI {command} with {} failed: {} {}",
+            plugin.display(),
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    if stdout.trim().is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    Ok(serde_json::from_str(&stdout)?)
 }

@@ -86,3 +86,31 @@ pub fn ensure_cni_plugins() -> Result<()> {
     }
     Ok(())
 }
+
+/// Installs podman (with its CNI backend), runc and busybox-static when podman is missing.
+pub fn ensure_podman() -> Result<()> {
+    let missing: Vec<&str> = [
+        ("podman", "podman"),
+        ("runc", "runc"),
+        ("busybox", "busybox-static"),
+        ("nsenter", "util-linux"),
+    ]
+    .iter()
+    .filter(|(c, _)| !have(c))
+    .map(|(_, p)| *p)
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("bench-env: installing {}", missing.join(" "));
+    run(&["apt-get", "update", "-qq"])?;
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()?;
+    if !status.success() {
+        return Err(fail!("installing {} failed", missing.join(" ")));
+    }
+    Ok(())
+}

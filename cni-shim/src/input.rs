@@ -158,7 +158,9 @@ pub fn netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
         )
     })?;
     if let Some(t) = text("type") {
-        if t != "switchyard" {
+        // Runtimes run the binary named by `type`: installed as `switchyard` (the network
+        // type) or under its build name `switchyard-cni`.
+        if t != "switchyard" && t != "switchyard-cni" {
             return Err(CniError::new(
                 code::INVALID_CONFIG,
                 format!("network type {t:?} is not \"switchyard\""),
