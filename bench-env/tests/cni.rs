@@ -204,29 +204,35 @@ fn check_fails_when_the_interface_is_gone_and_pods_talk() {
         a.exec(&["ping", "-c", "1", "-W", "2", addr])
             .unwrap_or_else(|e| panic!("pod a -> {addr}: {e}"));
     }
-    // Delete the dataplane's port behind the plugin's back: CHECK names what is missing.
-    let id = net
-        .ports()
-        .iter()
-        .find(|p| p.netns == b.path().display().to_string())
-        .unwrap()
-        .id;
+    // The pod's interface deleted behind the plugin's back: CHECK names it.
+    let ns_b = b.path().display().to_string();
+    let mut check = net.conf.clone();
+    check["prevResult"] = rb;
+    assert!(
+        net.call("CHECK", "ctr-b", &ns_b, "eth0", &check).1,
+        "healthy before"
+    );
+    b.exec(&["ip", "link", "del", "eth0"]).unwrap();
+    let (err, ok) = net.call("CHECK", "ctr-b", &ns_b, "eth0", &check);
+    assert!(!ok);
+    assert_eq!(err["code"], 100, "{err}");
+    assert!(
+        err["msg"].as_str().unwrap().contains("eth0 is missing"),
+        "{err}"
+    );
+    // The dataplane's port deleted behind the plugin's back: CHECK says so.
+    let id = net.ports().iter().find(|p| p.netns == ns_b).unwrap().id;
     net.bed
         .client()
         .unwrap()
         .call(Request::DelPort(switchyard_api::PortSelector::Id { id }))
         .unwrap();
-    let mut check = net.conf.clone();
-    check["prevResult"] = rb;
-    let (err, ok) = net.call(
-        "CHECK",
-        "ctr-b",
-        &b.path().display().to_string(),
-        "eth0",
-        &check,
-    );
+    let (err, ok) = net.call("CHECK", "ctr-b", &ns_b, "eth0", &check);
     assert!(!ok);
     assert!(err["msg"].as_str().unwrap().contains("no port"), "{err}");
+    // DEL still succeeds and releases the addresses.
+    assert!(net.call("DEL", "ctr-b", &ns_b, "eth0", &net.conf).1);
+    assert_eq!(net.allocations().len(), 2, "only pod a's addresses remain");
 }
 
 #[test]
