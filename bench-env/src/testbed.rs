@@ -162,6 +162,15 @@ impl Testbed {
         }
     }
 
+    /// A Switchyard dataplane in a node namespace, with no pod yet (for tests that attach
+    /// pods themselves, e.g. through a container runtime).
+    pub fn dataplane_only() -> Result<Self> {
+        Self::switchyard(&Options {
+            pods: 0,
+            ..Options::default()
+        })
+    }
+
     /// Pods attached to a Switchyard dataplane running in the node namespace.
     pub fn switchyard(options: &Options) -> Result<Self> {
         let prefix = unique_prefix();

@@ -4,25 +4,22 @@ use crate::process::run;
 use crate::{fail, Result};
 use std::process::Command;
 
-/// Command -> Debian package providing it.
-const TOOLS: &[(&str, &str)] = &[
-    ("iperf3", "iperf3"),
-    ("ping", "iputils-ping"),
-    ("ip", "iproute2"),
-];
-
-fn have(command: &str) -> bool {
+fn have(what: &str) -> bool {
+    if what.starts_with('/') {
+        return std::path::Path::new(what).exists();
+    }
     Command::new("sh")
-        .args(["-c", &format!("command -v {command}")])
+        .args(["-c", &format!("command -v {what}")])
         .output()
         .is_ok_and(|o| o.status.success())
 }
 
-/// Installs whatever of iperf3, ping and ip is missing (apt-get, needs root).
-pub fn ensure_installed() -> Result<()> {
-    let missing: Vec<&str> = TOOLS
+/// Installs, with apt-get (needs root), the Debian package of each `(command or absolute
+/// path, package)` pair whose command or file is missing.
+fn ensure(needs: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = needs
         .iter()
-        .filter(|(c, _)| !have(c))
+        .filter(|(what, _)| !have(what))
         .map(|(_, p)| *p)
         .collect();
     if missing.is_empty() {
@@ -30,16 +27,39 @@ pub fn ensure_installed() -> Result<()> {
     }
     eprintln!("bench-env: installing {}", missing.join(" "));
     run(&["apt-get", "update", "-qq"])?;
-    let mut argv = vec!["apt-get", "install", "-y", "-qq", "--no-install-recommends"];
-    argv.extend(&missing);
-    let status = Command::new(argv[0])
-        .args(&argv[1..])
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()?;
     if !status.success() {
         return Err(fail!("installing {} failed", missing.join(" ")));
     }
     Ok(())
+}
+
+/// Installs whatever of iperf3, ping and ip is missing.
+pub fn ensure_installed() -> Result<()> {
+    ensure(&[
+        ("iperf3", "iperf3"),
+        ("ping", "iputils-ping"),
+        ("ip", "iproute2"),
+    ])
+}
+
+/// Installs Debian's reference CNI plugins (host-local, bridge, ...) into /usr/lib/cni.
+pub fn ensure_cni_plugins() -> Result<()> {
+    ensure(&[("/usr/lib/cni/host-local", "containernetworking-plugins")])
+}
+
+/// Installs podman (with its CNI backend), runc, busybox-static and nsenter.
+pub fn ensure_podman() -> Result<()> {
+    ensure(&[
+        ("podman", "podman"),
+        ("runc", "runc"),
+        ("busybox", "busybox-static"),
+        ("nsenter", "util-linux"),
+    ])
 }
 
 /// Finds a Switchyard binary: `$SWITCHYARD_BIN_DIR/NAME`, or beside (or one level above)
@@ -61,56 +81,4 @@ pub fn find_binary(name: &str) -> Result<std::path::PathBuf> {
         .map(|d| d.join(name))
         .find(|p| p.is_file())
         .ok_or_else(|| fail!("cannot find the {name} binary near the running program; build it with `cargo build --release --workspace` or set SWITCHYARD_BIN_DIR"))
-}
-
-/// Installs Debian's reference CNI plugins (host-local, bridge, ...) into /usr/lib/cni when
-/// host-local is missing.
-pub fn ensure_cni_plugins() -> Result<()> {
-    if std::path::Path::new("/usr/lib/cni/host-local").is_file() {
-        return Ok(());
-    }
-    eprintln!("bench-env: installing containernetworking-plugins");
-    run(&["apt-get", "update", "-qq"])?;
-    let status = Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "containernetworking-plugins",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()?;
-    if !status.success() {
-        return Err(fail!("installing containernetworking-plugins failed"));
-    }
-    Ok(())
-}
-
-/// Installs podman (with its CNI backend), runc and busybox-static when podman is missing.
-pub fn ensure_podman() -> Result<()> {
-    let missing: Vec<&str> = [
-        ("podman", "podman"),
-        ("runc", "runc"),
-        ("busybox", "busybox-static"),
-        ("nsenter", "util-linux"),
-    ]
-    .iter()
-    .filter(|(c, _)| !have(c))
-    .map(|(_, p)| *p)
-    .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("bench-env: installing {}", missing.join(" "));
-    run(&["apt-get", "update", "-qq"])?;
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()?;
-    if !status.success() {
-        return Err(fail!("installing {} failed", missing.join(" ")));
-    }
-    Ok(())
 }

@@ -3,7 +3,7 @@
 //! under `CI=true` it always runs.
 
 use bench_env::netns::Netns;
-use bench_env::testbed::{unique_prefix, Arm, Options, Testbed};
+use bench_env::testbed::{unique_prefix, Testbed};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::PathBuf;
@@ -31,14 +31,7 @@ fn network() -> Option<Network> {
         return None;
     }
     bench_env::tools::ensure_cni_plugins().expect("reference CNI plugins");
-    let bed = Testbed::build(
-        Arm::Switchyard,
-        &Options {
-            pods: 0,
-            ..Options::default()
-        },
-    )
-    .expect("dataplane");
+    let bed = Testbed::dataplane_only().expect("dataplane");
     let name = unique_prefix();
     let data_dir = std::env::temp_dir().join(format!("{name}-ipam"));
     let conf = json!({

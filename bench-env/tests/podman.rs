@@ -4,7 +4,7 @@
 //! podman, runc, busybox-static, iperf3 when missing); under `CI=true` it always runs.
 
 use bench_env::process::run;
-use bench_env::testbed::{unique_prefix, Arm, Options, Testbed};
+use bench_env::testbed::{unique_prefix, Testbed};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use switchyard_api::{Reply, Request};
@@ -173,14 +173,7 @@ fn podman_containers_on_a_switchyard_network() {
     bench_env::tools::ensure_podman().expect("podman, runc, busybox-static");
     bench_env::tools::ensure_cni_plugins().expect("host-local");
     bench_env::tools::ensure_installed().expect("iperf3");
-    let bed = Testbed::build(
-        Arm::Switchyard,
-        &Options {
-            pods: 0,
-            ..Options::default()
-        },
-    )
-    .expect("dataplane");
+    let bed = Testbed::dataplane_only().expect("dataplane");
     let network = unique_prefix();
     let podman = Podman::new(&network, bed.api_path().unwrap());
     podman.run_container("sy-a");
