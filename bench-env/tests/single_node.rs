@@ -327,3 +327,23 @@ fn udp_datagrams_arrive_intact_through_coalescing() {
     eprintln!("udp_coalesced = {merged}");
     assert!(merged > 0, "the burst exercised coalescing");
 }
+
+#[test]
+fn cpu_steering_mode_forwards_everything() {
+    if !bench_env::privileged_test_may_run("single-node integration test") {
+        return;
+    }
+    let options = Options {
+        pods: 2,
+        workers: Some(2),
+        dataplane_args: vec!["--steering".into(), "cpu".into()],
+        ..Options::default()
+    };
+    let bed = Testbed::build(Arm::Switchyard, &options).expect("testbed with CPU steering");
+    let matrix = measure::connectivity(&bed);
+    assert!(matrix.failures.is_empty(), "{:?}", matrix.failures);
+    let t = tcp_transfer(&bed.pods[0], &bed.pods[1], 50 << 20).expect("transfer");
+    assert_eq!(t.sent_hash, t.received_hash);
+    let burst = bench_env::transfer::udp_burst(&bed.pods[1], &bed.pods[0], false, 5_000, 200).unwrap();
+    assert_eq!(burst.damaged, 0, "{burst:?}");
+}

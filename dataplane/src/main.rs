@@ -27,6 +27,20 @@ struct Args {
     /// `"subnet": "usePodCidr"` allocate from it.
     #[arg(long = "pod-cidr")]
     pod_cidrs: Vec<switchyard_api::IpNet>,
+    /// How a pod's TAP spreads frames over the workers' queues: `hash` spreads flows by
+    /// hash (best throughput); `cpu` forwards each frame on the CPU that sent it (eBPF
+    /// steering, pinned workers: lowest latency, less throughput on busy CPUs).
+    #[arg(long, value_enum, default_value_t = Steering::Hash)]
+    steering: Steering,
+}
+
+/// `--steering` values.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Steering {
+    /// Queue of the sending CPU; workers pinned.
+    Cpu,
+    /// Kernel's flow hash; workers float.
+    Hash,
 }
 
 fn main() {
@@ -38,6 +52,7 @@ fn main() {
     config.default_mtu = args.mtu;
     config.spin = std::time::Duration::from_micros(args.spin_us);
     config.pod_cidrs = args.pod_cidrs;
+    config.cpu_steering = args.steering == Steering::Cpu;
     let listener = match server::bind(&args.api) {
         Ok(l) => l,
         Err(err) => {

@@ -34,6 +34,11 @@ pub struct SwitchConfig {
     pub spin: std::time::Duration,
     /// This node's pod CIDRs, reported to clients (the CNI plugin's `usePodCidr`).
     pub pod_cidrs: Vec<IpNet>,
+    /// Forward each frame on the CPU that sent it: CPU steering on every TAP and workers
+    /// pinned to their CPUs (see `io::steering`). Lower latency at low rates (no
+    /// cross-CPU wake-up); less throughput when the CPUs are busy (measured in
+    /// docs/benchmarks.md), so off by default.
+    pub cpu_steering: bool,
 }
 
 impl Default for SwitchConfig {
@@ -44,6 +49,7 @@ impl Default for SwitchConfig {
             gateway: Gateway::default(),
             spin: std::time::Duration::ZERO,
             pod_cidrs: Vec::new(),
+            cpu_steering: false,
         }
     }
 }
@@ -70,7 +76,10 @@ impl Switch {
     pub fn start(config: SwitchConfig) -> io::Result<Self> {
         let shared = Arc::new(SharedTables::new(Tables::empty(config.gateway)));
         let workers = (0..config.workers.max(1))
-            .map(|i| Worker::spawn(i, shared.clone(), config.spin))
+            .map(|i| {
+                let pin = (config.cpu_steering && config.workers > 1).then_some(config.workers);
+                Worker::spawn(i, shared.clone(), config.spin, pin)
+            })
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Self {
             state: Mutex::new(State {
@@ -231,6 +240,7 @@ impl Switch {
             mtu,
             ips: spec.ips.clone(),
             gateway: self.config.gateway,
+            cpu_steering: self.config.cpu_steering,
         };
         let (tap, ifindex) =
             TapDevice::create(netns, &config, self.workers.len()).map_err(|err| {

@@ -14,6 +14,7 @@
 pub mod memory;
 pub mod netlink;
 pub mod netns;
+pub mod steering;
 pub mod tap;
 
 use crate::buffer::PacketBuf;

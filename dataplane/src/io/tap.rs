@@ -46,6 +46,9 @@ pub struct TapConfig {
     pub ips: Vec<IpNet>,
     /// The gateway the default routes point to.
     pub gateway: Gateway,
+    /// Steer each frame to the queue of the CPU that sends it (see `steering`); otherwise
+    /// the kernel spreads flows over the queues by hash.
+    pub cpu_steering: bool,
 }
 
 /// An open TAP device: one file descriptor per queue. With several queues
@@ -79,6 +82,9 @@ impl TapDevice {
                 ));
             }
             let device = Self::open(&config.ifname, queues.max(1))?;
+            if config.cpu_steering && device.queues() > 1 {
+                super::steering::attach(device.raw_fd(0))?;
+            }
             let index = netns::link_index(&config.ifname)
                 .ok_or_else(|| io::Error::other("TAP device vanished after creation"))?;
             configure(index, config)?;

@@ -118,7 +118,14 @@ impl Worker {
     /// frames, the worker keeps polling without sleeping for `spin` before it blocks in
     /// epoll again: a frame that arrives meanwhile costs no thread wake-up (tens of
     /// microseconds on a VM).
-    pub fn spawn(index: usize, tables: Arc<SharedTables>, spin: Duration) -> io::Result<Self> {
+    /// With `pin_among = Some(n)`, the thread is pinned to the CPUs whose frames CPU
+    /// steering puts on queue `index` of `n`.
+    pub fn spawn(
+        index: usize,
+        tables: Arc<SharedTables>,
+        spin: Duration,
+        pin_among: Option<usize>,
+    ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let registry = poll.registry().try_clone()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
@@ -129,7 +136,14 @@ impl Worker {
             .spawn({
                 let stop = stop.clone();
                 let stats = stats.clone();
-                move || run(index, spin, poll, &tables, &stop, &stats)
+                move || {
+                    if let Some(workers) = pin_among {
+                        if let Err(err) = crate::io::steering::pin_current_thread(index, workers) {
+                            eprintln!("switchyard worker {index}: cannot pin to its CPUs: {err}");
+                        }
+                    }
+                    run(index, spin, poll, &tables, &stop, &stats)
+                }
             })?;
         Ok(Self {
             index,
