@@ -71,3 +71,25 @@ pub fn udp_frame(
     f.resize(14 + 28 + payload, 0xab);
     f
 }
+
+/// An Ethernet frame carrying IPv6/UDP from `src` to `dst` with `payload` bytes of payload.
+pub fn udp6_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    payload: usize,
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + 48 + payload);
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x86, 0xdd]);
+    let mut ip = [0u8; 40];
+    switchyard_dataplane::wire::ipv6::emit_header(&mut ip, src, dst, 17, 8 + payload, 64);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&[0x30, 0x39, 0x13, 0x89]);
+    f.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.resize(14 + 48 + payload, 0xab);
+    f
+}

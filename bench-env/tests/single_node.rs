@@ -344,6 +344,7 @@ fn cpu_steering_mode_forwards_everything() {
     assert!(matrix.failures.is_empty(), "{:?}", matrix.failures);
     let t = tcp_transfer(&bed.pods[0], &bed.pods[1], 50 << 20).expect("transfer");
     assert_eq!(t.sent_hash, t.received_hash);
-    let burst = bench_env::transfer::udp_burst(&bed.pods[1], &bed.pods[0], false, 5_000, 200).unwrap();
+    let burst =
+        bench_env::transfer::udp_burst(&bed.pods[1], &bed.pods[0], false, 5_000, 200).unwrap();
     assert_eq!(burst.damaged, 0, "{burst:?}");
 }

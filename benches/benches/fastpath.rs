@@ -6,7 +6,7 @@ use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion
 use std::net::Ipv4Addr;
 use std::time::Duration;
 use switchyard_api::AddPort;
-use switchyard_benches::{ipv4_routes, ipv6_routes, udp_frame};
+use switchyard_benches::{ipv4_routes, ipv6_routes, udp6_frame, udp_frame};
 use switchyard_dataplane::buffer::{PacketBuf, BATCH};
 use switchyard_dataplane::pipeline::{Pipeline, Verdict};
 use switchyard_dataplane::tables::lpm::Lpm;
@@ -100,7 +100,12 @@ fn port(ip: &str) -> AddPort {
     AddPort {
         netns: format!("/bench/{ip}"),
         ifname: "eth0".into(),
-        ips: vec![format!("{ip}/24").parse().unwrap()],
+        ips: vec![
+            format!("{ip}/24").parse().unwrap(),
+            format!("fd00:244::{}/64", ip.rsplit('.').next().unwrap_or("1"))
+                .parse()
+                .unwrap(),
+        ],
         mtu: Some(65_000),
         mac: None,
         owner: None,
@@ -198,6 +203,41 @@ fn pipeline(c: &mut Criterion) {
             })
         });
     }
+    // IPv6 pod to pod: a /128 under a shared /64, the deepest walk in the trie.
+    let v6: Vec<Vec<u8>> = (0..BATCH)
+        .map(|_| {
+            let eth = udp6_frame(
+                A_MAC,
+                GW,
+                "fd00:244::5".parse().unwrap(),
+                "fd00:244::6".parse().unwrap(),
+                64 - 14 - 48,
+            );
+            let mut f = vec![0u8; 12];
+            f.extend_from_slice(&eth);
+            f
+        })
+        .collect();
+    let mut pipeline = Pipeline::new();
+    let mut verdicts = [Verdict::Drop; BATCH];
+    g.bench_function("process_64B_ipv6", |b| {
+        b.iter_batched_ref(
+            || {
+                v6.iter()
+                    .map(|f| {
+                        let mut p = PacketBuf::new();
+                        p.load(f);
+                        p
+                    })
+                    .collect::<Vec<_>>()
+            },
+            |bufs| {
+                pipeline.process(&tables, &ingress, bufs, &mut verdicts, 0);
+                assert!(matches!(verdicts[0], Verdict::Forward(_)));
+            },
+            BatchSize::LargeInput,
+        )
+    });
     g.finish();
 }
 

@@ -4,12 +4,15 @@
 //!
 //! * The root is a flat array of 65,536 entries indexed by the first 16 bits: either a leaf
 //!   (the value) or a pointer to a node. Most IPv4 lookups end here or one level down.
-//! * A node covers 8 more bits (256 slots) in 72 bytes: a `child` bitmap says which slots
-//!   descend further, a `leaf` bitmap marks where a run of equal values starts. Children
-//!   of a node are stored contiguously, as are the run values, so a slot is found by
-//!   counting set bits (`popcnt`) before it. One node is a cache line and a bit; a million
-//!   IPv4 routes fit in about 12 MiB instead of DIR-24-8's 32-64 MiB, which matters
-//!   because lookups are bound by cache misses.
+//! * A node covers 8 more bits (256 slots): a `child` bitmap says which slots descend
+//!   further, a `leaf` bitmap marks where a run of equal values starts. Children of a node
+//!   are stored contiguously, as are the run values, so a slot is found by counting set
+//!   bits (`popcnt`) before it. A million IPv4 routes fit in about 12 MiB instead of
+//!   DIR-24-8's 32-64 MiB, which matters because lookups are bound by cache misses.
+//! * Path compression: where every route below a node shares the next strides and none
+//!   ends inside them (a pod's /128 under a /64 is a chain of single-child levels), the
+//!   node starts deeper and keeps the skipped prefix; a key that does not match it gets
+//!   the value inherited from above.
 //!
 //! The table is immutable once built: the control side rebuilds it from its route list and
 //! publishes it in a new snapshot (see `tables`). Building a million routes takes well
@@ -61,12 +64,22 @@ impl LpmKey for u128 {
     }
 }
 
+/// Hot fields first: the bitmaps, then the bases; what path compression needs comes last
+/// and is read only at nodes that skipped levels.
 #[derive(Clone, Copy, Default)]
-struct Node {
+#[repr(C)]
+struct Node<K> {
     child: [u64; 4],
     leaf: [u64; 4],
     child_base: u32,
     leaf_base: u32,
+    /// Bit offset of this node's stride.
+    depth: u32,
+    /// The value for keys that do not carry `prefix` (only differs from the parent's slot
+    /// when levels were skipped).
+    fallback: u32,
+    /// The key bits above `depth` that every key reaching this node must carry.
+    prefix: K,
 }
 
 /// Number of set bits in `bits` at positions below `i` (0..=256).
@@ -107,13 +120,13 @@ pub enum LpmError {
 /// An immutable longest-prefix-match table from keys of type `K` to `u32` values.
 pub struct Lpm<K> {
     root: Box<[u32]>,
-    nodes: Vec<Node>,
+    nodes: Vec<Node<K>>,
     leaves: Vec<u32>,
     routes: usize,
     _key: std::marker::PhantomData<K>,
 }
 
-impl<K: LpmKey> Default for Lpm<K> {
+impl<K: LpmKey + Default> Default for Lpm<K> {
     fn default() -> Self {
         Self {
             root: vec![0; 1 << ROOT_BITS].into_boxed_slice(),
@@ -125,7 +138,7 @@ impl<K: LpmKey> Default for Lpm<K> {
     }
 }
 
-impl<K: LpmKey> Lpm<K> {
+impl<K: LpmKey + Default> Lpm<K> {
     /// Builds a table. Host bits of prefixes are ignored; of two routes with the same
     /// prefix, the later one wins.
     pub fn build(routes: impl IntoIterator<Item = Route<K>>) -> Result<Self, LpmError> {
@@ -178,7 +191,16 @@ impl<K: LpmKey> Lpm<K> {
 
     /// Fills node `index`, which covers bits `depth..depth+8` below a prefix that maps to
     /// `inherited`. `routes` are all longer than `depth` and share the first `depth` bits.
-    fn build_node(&mut self, index: usize, depth: u32, routes: &[Route<K>], inherited: u32) {
+    fn build_node(&mut self, index: usize, mut depth: u32, routes: &[Route<K>], inherited: u32) {
+        // Skip strides in which every route continues with the same bits.
+        while depth + STRIDE < K::BITS
+            && routes.iter().all(|r| u32::from(r.1) > depth + STRIDE)
+            && routes
+                .iter()
+                .all(|r| r.0.bits(depth, STRIDE) == routes[0].0.bits(depth, STRIDE))
+        {
+            depth += STRIDE;
+        }
         let mut values = [inherited; 256];
         let mut ending: Vec<&Route<K>> = routes
             .iter()
@@ -202,6 +224,9 @@ impl<K: LpmKey> Lpm<K> {
         let mut node = Node {
             child_base: self.nodes.len() as u32,
             leaf_base: self.leaves.len() as u32,
+            depth,
+            fallback: inherited,
+            prefix: routes[0].0.masked(depth),
             ..Node::default()
         };
         for group in &groups {
@@ -242,6 +267,13 @@ impl<K: LpmKey> Lpm<K> {
         let mut node = &self.nodes[(entry & !NODE_FLAG) as usize];
         let mut depth = ROOT_BITS;
         loop {
+            if node.depth != depth {
+                // Levels were skipped here: the key must carry the skipped bits.
+                if key.masked(node.depth) != node.prefix {
+                    return node.fallback;
+                }
+                depth = node.depth;
+            }
             let slot = key.bits(depth, STRIDE);
             if bit(&node.child, slot) {
                 node = &self.nodes[node.child_base as usize + rank_below(&node.child, slot)];
@@ -265,7 +297,7 @@ impl<K: LpmKey> Lpm<K> {
 
     /// Bytes of memory the table uses.
     pub fn memory_bytes(&self) -> usize {
-        self.root.len() * 4 + self.nodes.len() * size_of::<Node>() + self.leaves.len() * 4
+        self.root.len() * 4 + self.nodes.len() * size_of::<Node<K>>() + self.leaves.len() * 4
     }
 }
 
@@ -360,6 +392,30 @@ mod tests {
         assert_eq!(t.lookup(v6("fd00:10:244:1::6")), 3);
         assert_eq!(t.lookup(v6("fd00:10:244:1::5")), 4);
         assert_eq!(t.lookup(v6("2001:db8::1")), 0);
+    }
+
+    #[test]
+    fn compressed_paths_fall_back_to_the_covering_route() {
+        // Pod /128s under a /64: the levels between /64 and /120 are skipped.
+        let routes = vec![
+            (v6("fd00:244::"), 64, 1),
+            (v6("fd00:244::10"), 128, 2),
+            (v6("fd00:244::11"), 128, 3),
+        ];
+        let t = Lpm::build(routes).unwrap();
+        assert_eq!(t.lookup(v6("fd00:244::10")), 2);
+        assert_eq!(t.lookup(v6("fd00:244::11")), 3);
+        assert_eq!(t.lookup(v6("fd00:244::12")), 1);
+        assert_eq!(
+            t.lookup(v6("fd00:244::1:10")),
+            1,
+            "differs inside a skipped stride"
+        );
+        assert_eq!(t.lookup(v6("fd00:244:0:0:8000::10")), 1);
+        assert_eq!(t.lookup(v6("fd00:245::10")), 0, "outside every route");
+        let lone = Lpm::build([(v6("fd00:244::10"), 128, 7)]).unwrap();
+        assert_eq!(lone.lookup(v6("fd00:244::10")), 7);
+        assert_eq!(lone.lookup(v6("fd00:244::1:10")), 0);
     }
 
     #[test]
