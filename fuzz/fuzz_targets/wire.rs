@@ -29,6 +29,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(ip) = Ipv6Packet::new_checked(data) {
         let _ = (ip.payload_len(), ip.next_header(), ip.hop_limit(), ip.src(), ip.dst(), ip.payload().len());
     }
+    let mut out = vec![0u8; 80_000];
+    if let Ok(s) = switchyard_dataplane::pipeline::segment::tcp(data, 8, &mut out) {
+        assert!(s.total <= out.len() && s.count >= 1);
+    }
     if let Ok(m) = IcmpPacket::new_checked(data) {
         let _ = (m.kind(), m.code(), m.checksum(), m.nd_target());
     }

@@ -21,6 +21,7 @@ pub mod coalesce;
 pub mod counters;
 pub mod icmp_error;
 pub mod neighbor;
+pub mod segment;
 
 use crate::buffer::PacketBuf;
 use crate::tables::{NextHop, Port, Tables};
