@@ -1,6 +1,6 @@
 //! `switchyard-control`: the command-line interface to a Switchyard dataplane.
 
-mod table;
+use switchyard_control::table;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -51,6 +51,17 @@ enum Command {
     /// Add or delete a static route.
     #[command(subcommand)]
     Route(RouteCommand),
+    /// Show what a node makes of a manifests directory (Nodes, switchyard-config): its pod
+    /// CIDRs, address and peers, allocating missing pod CIDRs as the control process will.
+    /// Reads only; does not contact the dataplane.
+    Plan {
+        /// The node's name (metadata.name of its Node object).
+        #[arg(long)]
+        node: String,
+        /// Directory of YAML / JSON manifests.
+        #[arg(long)]
+        manifests: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -158,6 +169,7 @@ fn request_for(command: &Command) -> Result<Request, String> {
             Request::AddRoute(RouteSpec { dst: *dst, via })
         }
         Command::Route(RouteCommand::Del { dst }) => Request::DelRoute { dst: *dst },
+        Command::Plan { .. } => return Err("plan does not use the dataplane".into()),
     })
 }
 
@@ -272,8 +284,88 @@ fn unwrap_variant(value: serde_json::Value) -> serde_json::Value {
     }
 }
 
+/// Where allocations of pod CIDRs are recorded inside a manifests directory.
+const ALLOCATIONS_FILE: &str = ".switchyard-allocations.json";
+
+fn plan_command(node: &str, dir: &std::path::Path, format: Format) -> ExitCode {
+    use switchyard_control::cluster::{allocate, manifests, plan};
+    let fail = |errors: Vec<manifests::ManifestError>| {
+        for e in errors {
+            eprintln!("switchyard-control: {e}");
+        }
+        ExitCode::FAILURE
+    };
+    let mut m = match manifests::load_dir(dir) {
+        Ok(m) => m,
+        Err(errors) => return fail(errors),
+    };
+    let recorded: allocate::Record = std::fs::read(dir.join(ALLOCATIONS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    if let Err(errors) = allocate::allocate(&mut m, &recorded) {
+        return fail(errors);
+    }
+    let p = match plan::plan(&m, node) {
+        Ok(p) => p,
+        Err(message) => {
+            eprintln!("switchyard-control: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let list = |cidrs: &[switchyard_api::IpNet]| {
+        cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    match format {
+        Format::Json => match serde_json::to_string_pretty(&p) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("switchyard-control: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Format::Table => {
+            println!(
+                "node {}  address {}  pod CIDRs {}  backend {} (VNI {}, port {})",
+                p.node,
+                p.address,
+                list(&p.pod_cidrs),
+                serde_json::to_value(p.backend.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+                p.backend.vni,
+                p.backend.port
+            );
+            let rows: Vec<Vec<String>> = p
+                .peers
+                .iter()
+                .map(|peer| {
+                    vec![
+                        peer.node.clone(),
+                        peer.address.to_string(),
+                        list(&peer.pod_cidrs),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table::render(&["PEER", "ADDRESS", "POD CIDRS"], &rows)
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Plan { node, manifests } = &cli.command {
+        return plan_command(node, manifests, cli.output);
+    }
     let request = match request_for(&cli.command) {
         Ok(r) => r,
         Err(message) => {

@@ -1,0 +1,178 @@
+//! Switchyard's cluster configuration: the `config.yaml` key of the `switchyard-config`
+//! ConfigMap.
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// How pod traffic crosses between nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// VXLAN (RFC 7348) over UDP.
+    #[default]
+    Vxlan,
+    /// IP-in-IP (protocol 4).
+    Ipip,
+    /// No encapsulation: peers must be on-link.
+    Direct,
+}
+
+impl BackendKind {
+    /// Bytes of encapsulation overhead on an IPv4 underlay.
+    pub fn overhead(self) -> u32 {
+        match self {
+            BackendKind::Vxlan => 50,
+            BackendKind::Ipip => 20,
+            BackendKind::Direct => 0,
+        }
+    }
+}
+
+/// The `backend` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// `vxlan`, `ipip` or `direct`.
+    #[serde(rename = "type", default)]
+    pub kind: BackendKind,
+    /// VXLAN network identifier.
+    #[serde(default = "default_vni")]
+    pub vni: u32,
+    /// VXLAN UDP port.
+    #[serde(default = "default_port")]
+    pub port: u16,
+}
+
+fn default_vni() -> u32 {
+    1
+}
+
+fn default_port() -> u16 {
+    4789
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Self {
+            kind: BackendKind::Vxlan,
+            vni: default_vni(),
+            port: default_port(),
+        }
+    }
+}
+
+/// The cluster-wide settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// IPv4 range pod CIDRs are allocated from.
+    #[serde(rename = "clusterCIDR", default)]
+    pub cluster_cidr: Option<IpNet>,
+    /// IPv6 range pod CIDRs are allocated from.
+    #[serde(rename = "clusterCIDRv6", default)]
+    pub cluster_cidr_v6: Option<IpNet>,
+    /// Prefix length of each node's IPv4 pod CIDR.
+    #[serde(rename = "nodeCIDRMaskSize", default = "default_mask")]
+    pub node_cidr_mask_size: u8,
+    /// Prefix length of each node's IPv6 pod CIDR.
+    #[serde(rename = "nodeCIDRMaskSizeV6", default = "default_mask_v6")]
+    pub node_cidr_mask_size_v6: u8,
+    /// Encapsulation between nodes.
+    #[serde(default)]
+    pub backend: Backend,
+    /// Pod MTU; otherwise the uplink's MTU less the backend's overhead.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+}
+
+fn default_mask() -> u8 {
+    24
+}
+
+fn default_mask_v6() -> u8 {
+    64
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            cluster_cidr: None,
+            cluster_cidr_v6: None,
+            node_cidr_mask_size: default_mask(),
+            node_cidr_mask_size_v6: default_mask_v6(),
+            backend: Backend::default(),
+            mtu: None,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Parses and checks `config.yaml`; the error names the field.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: ClusterConfig = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+        for (field, cidr, mask, v6) in [
+            (
+                "clusterCIDR",
+                config.cluster_cidr,
+                config.node_cidr_mask_size,
+                false,
+            ),
+            (
+                "clusterCIDRv6",
+                config.cluster_cidr_v6,
+                config.node_cidr_mask_size_v6,
+                true,
+            ),
+        ] {
+            let Some(cidr) = cidr else { continue };
+            if cidr.addr().is_ipv6() != v6 {
+                return Err(format!(
+                    "{field}: {cidr} is not an IPv{} range",
+                    if v6 { 6 } else { 4 }
+                ));
+            }
+            if cidr.trunc() != cidr {
+                return Err(format!(
+                    "{field}: {cidr} has host bits set (did you mean {}?)",
+                    cidr.trunc()
+                ));
+            }
+            if mask < cidr.prefix_len() || mask > cidr.max_prefix_len() {
+                return Err(format!("node mask /{mask} does not fit in {field} {cidr}"));
+            }
+        }
+        if let Some(mtu) = config.mtu {
+            if !(576..=65_521).contains(&mtu) {
+                return Err(format!("mtu: {mtu} is out of range 576..=65521"));
+            }
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_errors() {
+        let c = ClusterConfig::parse("clusterCIDR: 10.244.0.0/16\n").unwrap();
+        assert_eq!(c.backend, Backend::default());
+        assert_eq!(
+            (c.node_cidr_mask_size, c.backend.port, c.backend.vni),
+            (24, 4789, 1)
+        );
+        let c = ClusterConfig::parse("backend: {type: ipip}\nmtu: 1480\n").unwrap();
+        assert_eq!(c.backend.kind, BackendKind::Ipip);
+        let bad = ClusterConfig::parse("backend: {type: gre}\n").unwrap_err();
+        assert!(bad.contains("backend") && bad.contains("gre"), "{bad}");
+        assert!(ClusterConfig::parse("clusterCIDR: 10.244.0.1/16\n")
+            .unwrap_err()
+            .contains("host bits"));
+        assert!(ClusterConfig::parse("clusterCIDR: 10.244.0.0/16\nnodeCIDRMaskSize: 8\n").is_err());
+        assert!(ClusterConfig::parse("clusterCIDRv6: 10.0.0.0/8\n").is_err());
+        assert!(ClusterConfig::parse("typo: 1\n")
+            .unwrap_err()
+            .contains("typo"));
+    }
+}

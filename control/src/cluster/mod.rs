@@ -1,0 +1,9 @@
+//! Cluster state in Kubernetes' shapes and what each node makes of it.
+
+pub mod allocate;
+pub mod config;
+pub mod manifests;
+pub mod plan;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,6 @@
+//! Switchyard's control side: reading cluster state (Kubernetes objects) and turning it
+//! into each node's forwarding plan. The `switchyard-control` binary is the CLI over this
+//! and over the dataplane's API.
+
+pub mod cluster;
+pub mod table;
