@@ -66,6 +66,19 @@ impl Network {
         call_plugin(&self.plugin, command, container, netns, ifname, conf)
     }
 
+    /// ADD for container `container` in `pod`; panics with the plugin's answer on failure.
+    fn add(&self, container: &str, pod: &Netns) -> Value {
+        let (result, ok) = self.call(
+            "ADD",
+            container,
+            &pod.path().display().to_string(),
+            "eth0",
+            &self.conf,
+        );
+        assert!(ok, "ADD {container}: {result}");
+        result
+    }
+
     fn ports(&self) -> Vec<switchyard_api::PortInfo> {
         match self.bed.client().unwrap().call(Request::ListPorts).unwrap() {
             Reply::Ports(p) => p,
@@ -176,22 +189,8 @@ fn check_fails_when_the_interface_is_gone_and_pods_talk() {
     let Some(net) = network() else { return };
     let a = Netns::create(&format!("{}-a", unique_prefix())).unwrap();
     let b = Netns::create(&format!("{}-b", unique_prefix())).unwrap();
-    let (ra, ok) = net.call(
-        "ADD",
-        "ctr-a",
-        &a.path().display().to_string(),
-        "eth0",
-        &net.conf,
-    );
-    assert!(ok, "{ra}");
-    let (rb, ok) = net.call(
-        "ADD",
-        "ctr-b",
-        &b.path().display().to_string(),
-        "eth0",
-        &net.conf,
-    );
-    assert!(ok, "{rb}");
+    net.add("ctr-a", &a);
+    let rb = net.add("ctr-b", &b);
     for ip in rb["ips"].as_array().unwrap() {
         let addr = ip["address"].as_str().unwrap().split('/').next().unwrap();
         a.exec(&["ping", "-c", "1", "-W", "2", addr])
@@ -233,26 +232,8 @@ fn gc_removes_ports_and_addresses_of_invalid_attachments() {
     let Some(net) = network() else { return };
     let keep = Netns::create(&format!("{}-keep", unique_prefix())).unwrap();
     let drop = Netns::create(&format!("{}-drop", unique_prefix())).unwrap();
-    assert!(
-        net.call(
-            "ADD",
-            "keep",
-            &keep.path().display().to_string(),
-            "eth0",
-            &net.conf
-        )
-        .1
-    );
-    assert!(
-        net.call(
-            "ADD",
-            "drop",
-            &drop.path().display().to_string(),
-            "eth0",
-            &net.conf
-        )
-        .1
-    );
+    net.add("keep", &keep);
+    net.add("drop", &drop);
     assert_eq!(net.allocations().len(), 4);
     let mut gc = net.conf.clone();
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "keep", "ifname": "eth0"}]);

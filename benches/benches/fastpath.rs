@@ -137,6 +137,18 @@ fn frame_buf(payload: usize, mss: Option<u16>) -> PacketBuf {
     buf
 }
 
+/// Fresh packet buffers holding `frames` (built outside the timed part).
+fn batch_of(frames: &[Vec<u8>]) -> Vec<PacketBuf> {
+    frames
+        .iter()
+        .map(|f| {
+            let mut p = PacketBuf::new();
+            p.load(f);
+            p
+        })
+        .collect()
+}
+
 fn pipeline(c: &mut Criterion) {
     let switch = Switch::start(SwitchConfig {
         workers: 1,
@@ -162,16 +174,7 @@ fn pipeline(c: &mut Criterion) {
         // Pure pipeline: the batch is rebuilt outside the timed part.
         g.bench_function(format!("process_{name}"), |b| {
             b.iter_batched_ref(
-                || {
-                    template
-                        .iter()
-                        .map(|f| {
-                            let mut p = PacketBuf::new();
-                            p.load(f);
-                            p
-                        })
-                        .collect::<Vec<_>>()
-                },
+                || batch_of(&template),
                 |bufs| {
                     pipeline.process(&tables, &ingress, bufs, &mut verdicts, 0);
                     black_box(&verdicts);
@@ -222,15 +225,7 @@ fn pipeline(c: &mut Criterion) {
     let mut verdicts = [Verdict::Drop; BATCH];
     g.bench_function("process_64B_ipv6", |b| {
         b.iter_batched_ref(
-            || {
-                v6.iter()
-                    .map(|f| {
-                        let mut p = PacketBuf::new();
-                        p.load(f);
-                        p
-                    })
-                    .collect::<Vec<_>>()
-            },
+            || batch_of(&v6),
             |bufs| {
                 pipeline.process(&tables, &ingress, bufs, &mut verdicts, 0);
                 assert!(matches!(verdicts[0], Verdict::Forward(_)));

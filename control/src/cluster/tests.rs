@@ -48,8 +48,13 @@ fn node(name: &str, cidr: Option<&str>, ip: &str) -> String {
     format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\n{spec}status: {{addresses: [{{type: Hostname, address: {name}}}, {{type: InternalIP, address: {ip}}}]}}\n")
 }
 
-fn only_errors(result: Result<impl std::fmt::Debug, Vec<ManifestError>>) -> Vec<ManifestError> {
-    result.expect_err("expected manifest errors")
+/// The errors of a result that must fail, as the text the CLI prints.
+fn only_errors(result: Result<impl std::fmt::Debug, Vec<ManifestError>>) -> Vec<String> {
+    result
+        .expect_err("expected manifest errors")
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 #[test]
@@ -124,8 +129,7 @@ fn bad_manifests_name_the_file_and_field() {
             ),
         ],
     );
-    let errors = only_errors(load_dir(&dir.0));
-    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let text = only_errors(load_dir(&dir.0));
     assert!(
         text.iter()
             .any(|e| e.contains("broken.yaml") && e.contains("invalid YAML")),
@@ -157,10 +161,7 @@ fn bad_manifests_name_the_file_and_field() {
         ],
     );
     let mut m = load_dir(&dir.0).unwrap();
-    let text: Vec<String> = only_errors(allocate(&mut m, &Record::new()))
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let text: Vec<String> = only_errors(allocate(&mut m, &Record::new()));
     assert!(
         text.iter().any(|e| e.contains("outside.yaml")
             && e.contains("Node node-x: spec.podCIDR")
@@ -175,10 +176,7 @@ fn bad_manifests_name_the_file_and_field() {
 
     let gre = CONFIG.replace("type: ipip", "type: gre");
     let dir = Dir::new("backend", &[("00-config.yaml", &gre)]);
-    let text: Vec<String> = only_errors(load_dir(&dir.0))
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let text: Vec<String> = only_errors(load_dir(&dir.0));
     assert!(
         text.iter().any(|e| e.contains("00-config.yaml")
             && e.contains("data.config.yaml")
@@ -200,10 +198,7 @@ fn json_manifests_and_exhaustion() {
         ],
     );
     let mut m = load_dir(&dir.0).unwrap();
-    let text: Vec<String> = only_errors(allocate(&mut m, &Record::new()))
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let text: Vec<String> = only_errors(allocate(&mut m, &Record::new()));
     assert!(
         text.iter()
             .any(|e| e.contains("node-k") && e.contains("no free /24")),
