@@ -44,6 +44,11 @@ pub fn release(key: u64) {
     }
 }
 
+/// Forgets a resource that is already gone (a command that finished).
+pub fn forget(key: u64) {
+    registry().remove(&key);
+}
+
 /// Removes everything still registered: processes first, then namespaces, then files.
 pub fn release_all() {
     let all: Vec<Resource> = std::mem::take(&mut *registry()).into_values().collect();

@@ -5,6 +5,20 @@ use crate::{fail, Result};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// True once `pid` has exited. A child of ours is reaped here (a zombie would otherwise
+/// still answer `kill(pid, 0)`); for any other process, signal 0 tells.
+fn exited(pid: libc::pid_t) -> bool {
+    let mut status = 0;
+    // SAFETY: waitpid with WNOHANG only inspects (and reaps) a child of this process.
+    match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+        0 => false,
+        r if r == pid => true,
+        // Not our child (or already reaped): ask whether it still exists.
+        // SAFETY: signal 0 only checks that the process exists.
+        _ => (unsafe { libc::kill(pid, 0) }) != 0,
+    }
+}
+
 /// Sends SIGTERM, waits up to two seconds, then SIGKILL.
 pub fn terminate(pid: u32) {
     let pid = pid as libc::pid_t;
@@ -12,14 +26,14 @@ pub fn terminate(pid: u32) {
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
-        // SAFETY: signal 0 only checks that the process exists.
-        if unsafe { libc::kill(pid, 0) } != 0 {
+        if exited(pid) {
             return;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     }
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = exited(pid);
 }
 
 /// A running child, killed on drop.
@@ -87,16 +101,23 @@ impl Drop for Process {
 }
 
 /// Runs `argv` to completion; its stdout on success, an error with stderr otherwise.
+/// The process is registered while it runs, so that Ctrl-C kills it too.
 pub fn run(argv: &[&str]) -> Result<String> {
+    let child = Command::new(argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail!("cannot run {}: {e}", argv.join(" ")))?;
+    let key = cleanup::register(Resource::Process(child.id()));
+    let output = child.wait_with_output();
+    cleanup::forget(key);
     let Output {
         status,
         stdout,
         stderr,
-    } = Command::new(argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| fail!("cannot run {}: {e}", argv.join(" ")))?;
+    } = output.map_err(|e| fail!("{}: {e}", argv.join(" ")))?;
     if !status.success() {
         return Err(fail!(
             "`{}` failed ({status}): {}",

@@ -178,6 +178,8 @@ impl Testbed {
         let api = std::env::temp_dir().join(format!("{prefix}.sock"));
         let api_key = cleanup::register(Resource::File(api.clone()));
         let log = std::env::temp_dir().join(format!("{prefix}-dataplane.log"));
+        // Registered so that Ctrl-C removes it too; the guard's drop removes it otherwise.
+        cleanup::register(Resource::File(log.clone()));
         let binary = find_binary("switchyard-dataplane")?;
         let binary = binary.to_string_lossy().into_owned();
         let api_text = api.to_string_lossy().into_owned();
