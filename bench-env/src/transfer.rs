@@ -195,9 +195,18 @@ pub fn udp_burst(
     };
     let send = move || {
         let socket = UdpSocket::bind(if ipv6 { "[::]:0" } else { "0.0.0.0:0" })?;
-        Ok((0..count)
-            .filter(|&seq| socket.send_to(&udp_datagram(seq, size), addr).is_ok())
-            .count())
+        // Bursts of 128 (long enough runs to coalesce), with a pause between them so that
+        // a busy receiver is not simply overrun.
+        let mut sent = 0;
+        for seq in 0..count {
+            if socket.send_to(&udp_datagram(seq, size), addr).is_ok() {
+                sent += 1;
+            }
+            if seq % 128 == 127 {
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }
+        Ok(sent)
     };
     let (sent, (intact, damaged)) = run_pair(client, server, receive, send)?;
     Ok(UdpBurst {
