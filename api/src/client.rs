@@ -1,8 +1,8 @@
 //! A blocking client for the dataplane's Unix socket.
 
 use crate::{
-    ApiError, Outcome, Reply, Request, RequestEnvelope, ResponseEnvelope, API_VERSION,
-    MAX_MESSAGE_BYTES,
+    ApiError, HelloReply, Outcome, PortInfo, Reply, Request, RequestEnvelope, ResponseEnvelope,
+    Stats, API_VERSION, MAX_MESSAGE_BYTES,
 };
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -78,6 +78,36 @@ impl Client {
         match response.outcome {
             Outcome::Ok(reply) => Ok(reply),
             Outcome::Error(err) => Err(ClientError::Api(err)),
+        }
+    }
+}
+
+fn unexpected(request: &str, reply: Reply) -> ClientError {
+    ClientError::Protocol(format!("unexpected answer to {request}: {reply:?}"))
+}
+
+impl Client {
+    /// The dataplane's identity.
+    pub fn hello(&mut self) -> Result<HelloReply, ClientError> {
+        match self.call(Request::Hello)? {
+            Reply::Hello(h) => Ok(h),
+            other => Err(unexpected("hello", other)),
+        }
+    }
+
+    /// Every port.
+    pub fn ports(&mut self) -> Result<Vec<PortInfo>, ClientError> {
+        match self.call(Request::ListPorts)? {
+            Reply::Ports(p) => Ok(p),
+            other => Err(unexpected("list_ports", other)),
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&mut self) -> Result<Stats, ClientError> {
+        match self.call(Request::Stats)? {
+            Reply::Stats(s) => Ok(s),
+            other => Err(unexpected("stats", other)),
         }
     }
 }

@@ -322,14 +322,13 @@ impl Testbed {
         else {
             return Err(fail!("unexpected address families in {result}"));
         };
+        // The Switchyard arm's port id; the kernel arm has no dataplane to ask.
         let port = match self.client() {
-            Ok(mut c) => match c.call(Request::ListPorts)? {
-                Reply::Ports(ports) => ports
-                    .iter()
-                    .find(|p| p.netns == ns.path().to_string_lossy())
-                    .map(|p| p.id),
-                _ => None,
-            },
+            Ok(mut c) => c
+                .ports()?
+                .iter()
+                .find(|p| p.netns == ns.path().to_string_lossy())
+                .map(|p| p.id),
             Err(_) => None,
         };
         self.pods.push(Pod {

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use switchyard_api::{Reply, Request};
+use switchyard_api::Request;
 
 const CNI_BIN_DIR: &str = "/usr/lib/cni";
 
@@ -80,10 +80,7 @@ impl Network {
     }
 
     fn ports(&self) -> Vec<switchyard_api::PortInfo> {
-        match self.bed.client().unwrap().call(Request::ListPorts).unwrap() {
-            Reply::Ports(p) => p,
-            other => panic!("{other:?}"),
-        }
+        self.bed.client().unwrap().ports().unwrap()
     }
 
     /// Addresses host-local holds (files named after an address).

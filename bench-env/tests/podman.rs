@@ -7,7 +7,6 @@ use bench_env::process::run;
 use bench_env::testbed::{unique_prefix, Testbed};
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use switchyard_api::{Reply, Request};
 
 /// A private podman installation: configuration, storage and CNI directories under one
 /// temporary directory, removed (with every container) on drop.
@@ -185,10 +184,7 @@ fn podman_containers_on_a_switchyard_network() {
             "address from the network's range: {ip}"
         );
     }
-    let ports = match bed.client().unwrap().call(Request::ListPorts).unwrap() {
-        Reply::Ports(p) => p,
-        other => panic!("{other:?}"),
-    };
+    let ports = bed.client().unwrap().ports().unwrap();
     assert_eq!(ports.len(), 2, "one Switchyard port per container");
     podman
         .podman(&["exec", "sy-a", "ping", "-c", "2", "-W", "2", &b])
@@ -227,10 +223,7 @@ fn podman_containers_on_a_switchyard_network() {
     assert!(gbps > 0.1, "{report}");
 
     podman.podman(&["rm", "-f", "-t0", "sy-a", "sy-b"]).unwrap();
-    let ports = match bed.client().unwrap().call(Request::ListPorts).unwrap() {
-        Reply::Ports(p) => p,
-        other => panic!("{other:?}"),
-    };
+    let ports = bed.client().unwrap().ports().unwrap();
     assert!(ports.is_empty(), "podman rm leaves no port: {ports:?}");
     let leftovers: Vec<_> = std::fs::read_dir(podman.dir.join("ipam").join(&network))
         .map(|d| {

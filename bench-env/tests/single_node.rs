@@ -23,17 +23,18 @@ fn testbed(pods: usize, mtus: Vec<u32>) -> Option<Testbed> {
 }
 
 fn drops(bed: &Testbed, reason: &str) -> u64 {
-    match bed.client().unwrap().call(Request::Stats).unwrap() {
-        Reply::Stats(s) => s.drops.get(reason).copied().unwrap_or(0),
-        other => panic!("unexpected {other:?}"),
-    }
+    bed.client()
+        .unwrap()
+        .stats()
+        .unwrap()
+        .drops
+        .get(reason)
+        .copied()
+        .unwrap_or(0)
 }
 
 fn ports(bed: &Testbed) -> Vec<switchyard_api::PortInfo> {
-    match bed.client().unwrap().call(Request::ListPorts).unwrap() {
-        Reply::Ports(p) => p,
-        other => panic!("unexpected {other:?}"),
-    }
+    bed.client().unwrap().ports().unwrap()
 }
 
 #[test]
@@ -309,9 +310,15 @@ fn udp_datagrams_arrive_intact_through_coalescing() {
     let Some(bed) = testbed(2, vec![1500]) else {
         return;
     };
-    let coalesced = |bed: &Testbed| match bed.client().unwrap().call(Request::Stats).unwrap() {
-        Reply::Stats(s) => s.counters.get("udp_coalesced").copied().unwrap_or(0),
-        other => panic!("unexpected {other:?}"),
+    let coalesced = |bed: &Testbed| {
+        bed.client()
+            .unwrap()
+            .stats()
+            .unwrap()
+            .counters
+            .get("udp_coalesced")
+            .copied()
+            .unwrap_or(0)
     };
     for ipv6 in [false, true] {
         let burst =

@@ -49,23 +49,11 @@ fn dataplane_error(e: ClientError) -> CniError {
 }
 
 fn hello(client: &mut Client) -> Result<HelloReply, CniError> {
-    match client.call(Request::Hello).map_err(dataplane_error)? {
-        Reply::Hello(h) => Ok(h),
-        other => Err(CniError::new(
-            code::IO_FAILURE,
-            format!("unexpected answer to hello: {other:?}"),
-        )),
-    }
+    client.hello().map_err(dataplane_error)
 }
 
 fn ports(client: &mut Client) -> Result<Vec<PortInfo>, CniError> {
-    match client.call(Request::ListPorts).map_err(dataplane_error)? {
-        Reply::Ports(p) => Ok(p),
-        other => Err(CniError::new(
-            code::IO_FAILURE,
-            format!("unexpected answer to list_ports: {other:?}"),
-        )),
-    }
+    client.ports().map_err(dataplane_error)
 }
 
 fn find_port(client: &mut Client, owner: &str, ifname: &str) -> Result<Option<PortInfo>, CniError> {

@@ -15,7 +15,7 @@ use super::counters::Counters;
 use super::{Event, Verdict, L3_OFFSET};
 use crate::buffer::PacketBuf;
 use crate::tables::{NextHop, Tables};
-use crate::wire::{checksum, ipv4, ipv6, read_u16, vnet, write_u16};
+use crate::wire::{checksum, ipv4, ipv6, read_u16, vnet, write_u16, VnetHeader};
 
 const UDP_HEADER: usize = 8;
 /// The largest IP packet a super-frame may become.
@@ -32,8 +32,9 @@ struct Datagram {
 
 /// Checks that `frame` (virtio-net header + Ethernet) is a coalescable UDP datagram.
 fn datagram(frame: &[u8]) -> Option<Datagram> {
-    let (vh, l3) = (frame.get(..vnet::HEADER_LEN)?, frame.get(L3_OFFSET..)?);
-    if vh[0] & vnet::F_NEEDS_CSUM == 0 || vh[1] != vnet::GSO_NONE {
+    let vh = VnetHeader::new_checked(frame).ok()?;
+    let l3 = frame.get(L3_OFFSET..)?;
+    if vh.flags() & vnet::F_NEEDS_CSUM == 0 || vh.is_gso() {
         return None;
     }
     let l3_header = match l3.first()? >> 4 {
@@ -54,9 +55,9 @@ fn datagram(frame: &[u8]) -> Option<Datagram> {
         }
         _ => return None,
     };
-    let csum_start = usize::from(u16::from_le_bytes([vh[6], vh[7]]));
-    let csum_offset = u16::from_le_bytes([vh[8], vh[9]]);
-    if csum_start != L3_OFFSET - vnet::HEADER_LEN + l3_header || csum_offset != 6 {
+    if usize::from(vh.csum_start()) != L3_OFFSET - vnet::HEADER_LEN + l3_header
+        || vh.csum_offset() != 6
+    {
         return None;
     }
     let udp = l3.get(l3_header..l3_header + UDP_HEADER)?;
@@ -142,22 +143,15 @@ fn finish_super_frame(frame: &mut PacketBuf, first: Datagram, total: usize) {
     let f = frame.frame_mut();
     let udp_len = UDP_HEADER + total;
     let (vh, l3) = f.split_at_mut(L3_OFFSET);
-    let pseudo = if first.l3_header == ipv4::MIN_HEADER_LEN {
+    if first.l3_header == ipv4::MIN_HEADER_LEN {
         write_u16(l3, 2, (ipv4::MIN_HEADER_LEN + udp_len) as u16);
         write_u16(l3, 10, 0);
         let check = checksum::checksum(&l3[..ipv4::MIN_HEADER_LEN]);
         write_u16(l3, 10, check);
-        let src = std::net::Ipv4Addr::new(l3[12], l3[13], l3[14], l3[15]);
-        let dst = std::net::Ipv4Addr::new(l3[16], l3[17], l3[18], l3[19]);
-        checksum::pseudo_header_v4(src, dst, ipv4::PROTO_UDP, udp_len as u32)
     } else {
         write_u16(l3, 4, udp_len as u16);
-        let mut src = [0u8; 16];
-        let mut dst = [0u8; 16];
-        src.copy_from_slice(&l3[8..24]);
-        dst.copy_from_slice(&l3[24..40]);
-        checksum::pseudo_header_v6(src.into(), dst.into(), ipv4::PROTO_UDP, udp_len as u32)
-    };
+    }
+    let pseudo = checksum::pseudo_header_of(l3, ipv4::PROTO_UDP, udp_len as u32);
     let udp = &mut l3[first.l3_header..];
     write_u16(udp, 4, udp_len as u16);
     // A partial checksum holds the folded pseudo-header sum, not complemented.

@@ -118,17 +118,7 @@ pub fn tcp(frame: &[u8], gap: usize, out: &mut [u8]) -> Result<Segments, Segment
         }
         t[13] = f;
         write_u16(t, 16, 0);
-        let pseudo = if v6 {
-            let mut s = [0u8; 16];
-            let mut d = [0u8; 16];
-            s.copy_from_slice(&iph[8..24]);
-            d.copy_from_slice(&iph[24..40]);
-            checksum::pseudo_header_v6(s.into(), d.into(), ipv4::PROTO_TCP, tcp_len as u32)
-        } else {
-            let s = std::net::Ipv4Addr::new(iph[12], iph[13], iph[14], iph[15]);
-            let d = std::net::Ipv4Addr::new(iph[16], iph[17], iph[18], iph[19]);
-            checksum::pseudo_header_v4(s, d, ipv4::PROTO_TCP, tcp_len as u32)
-        };
+        let pseudo = checksum::pseudo_header_of(iph, ipv4::PROTO_TCP, tcp_len as u32);
         let check = checksum::finish(checksum::accumulate(pseudo, &t[..tcp_len]));
         write_u16(t, 16, check);
         at += gap + headers + chunk.len();

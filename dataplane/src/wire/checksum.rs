@@ -52,6 +52,18 @@ pub fn pseudo_header_v6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, length: u
     sum + u64::from(next_header) + u64::from(length)
 }
 
+/// Running sum of the pseudo-header for the IPv4 or IPv6 header at the start of `ip`
+/// (version from the first byte; addresses read in place). `ip` holds at least the fixed
+/// header.
+pub fn pseudo_header_of(ip: &[u8], protocol: u8, length: u32) -> u64 {
+    let addresses = if ip[0] >> 4 == 6 {
+        &ip[8..40]
+    } else {
+        &ip[12..20]
+    };
+    accumulate(0, addresses) + u64::from(protocol) + u64::from(length)
+}
+
 /// Updates checksum field `check` after a 16-bit word changed from `old` to `new`
 /// (RFC 1624, eqn. 3: `HC' = ~(~HC + ~m + m')`).
 #[inline]
@@ -72,6 +84,35 @@ mod tests {
         let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
         assert_eq!(fold(accumulate(0, &data)), 0xddf2);
         assert_eq!(checksum(&data), !0xddf2);
+    }
+
+    #[test]
+    fn pseudo_header_of_matches_typed_versions() {
+        let mut v4 = [0u8; 20];
+        crate::wire::ipv4::emit_header(
+            &mut v4,
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            17,
+            8,
+            64,
+        );
+        assert_eq!(
+            fold(pseudo_header_of(&v4, 17, 100)),
+            fold(pseudo_header_v4(
+                Ipv4Addr::new(10, 0, 0, 1),
+                Ipv4Addr::new(10, 0, 0, 2),
+                17,
+                100
+            ))
+        );
+        let (s, d): (Ipv6Addr, Ipv6Addr) = ("fd00::1".parse().unwrap(), "fd00::2".parse().unwrap());
+        let mut v6 = [0u8; 40];
+        crate::wire::ipv6::emit_header(&mut v6, s, d, 6, 8, 64);
+        assert_eq!(
+            fold(pseudo_header_of(&v6, 6, 100)),
+            fold(pseudo_header_v6(s, d, 6, 100))
+        );
     }
 
     #[test]
