@@ -1,8 +1,8 @@
 //! A blocking client for the dataplane's Unix socket.
 
 use crate::{
-    ApiError, HelloReply, Outcome, PortInfo, Reply, Request, RequestEnvelope, ResponseEnvelope,
-    Stats, API_VERSION, MAX_MESSAGE_BYTES,
+    ApiError, HelloReply, NodeSpec, NodeStatus, Outcome, PortInfo, Reply, Request, RequestEnvelope,
+    ResponseEnvelope, Stats, API_VERSION, MAX_MESSAGE_BYTES,
 };
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -108,6 +108,22 @@ impl Client {
         match self.call(Request::Stats)? {
             Reply::Stats(s) => Ok(s),
             other => Err(unexpected("stats", other)),
+        }
+    }
+
+    /// The node settings in force.
+    pub fn node(&mut self) -> Result<NodeStatus, ClientError> {
+        match self.call(Request::GetNode)? {
+            Reply::Node(n) => Ok(n),
+            other => Err(unexpected("get_node", other)),
+        }
+    }
+
+    /// Pushes node settings; returns what the dataplane made of them.
+    pub fn set_node(&mut self, spec: NodeSpec) -> Result<NodeStatus, ClientError> {
+        match self.call(Request::SetNode(spec))? {
+            Reply::Node(n) => Ok(n),
+            other => Err(unexpected("set_node", other)),
         }
     }
 }

@@ -9,10 +9,12 @@
 
 mod client;
 mod mac;
+mod node;
 
 pub use client::{Client, ClientError};
 pub use ipnet::IpNet;
 pub use mac::{MacAddr, ParseMacError};
+pub use node::{Backend, BackendKind, NodeSpec, NodeStatus, Peer};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -56,6 +58,11 @@ pub enum Request {
     ListRoutes,
     /// Read the counters.
     Stats,
+    /// Join the cluster, or change how: this node's pod CIDRs, the overlay and every peer.
+    /// Idempotent: the dataplane moves from whatever it had to exactly this.
+    SetNode(NodeSpec),
+    /// Read the node settings in force.
+    GetNode,
 }
 
 /// Parameters of [`Request::AddPort`].
@@ -106,6 +113,10 @@ pub enum NextHop {
     Blackhole,
     /// Dropped with an ICMP destination-unreachable to the sender.
     Unreachable,
+    /// To the node's own network stack (through the host interface).
+    Host,
+    /// Through the overlay to the node with this underlay address.
+    Peer(std::net::Ipv4Addr),
 }
 
 /// A route: destination prefix and next hop.
@@ -125,6 +136,8 @@ pub enum RouteOrigin {
     Pod,
     /// Added through [`Request::AddRoute`].
     Static,
+    /// Computed from the node settings ([`Request::SetNode`]).
+    Cluster,
 }
 
 /// A route as listed.
@@ -229,6 +242,8 @@ pub enum Reply {
     Routes(Vec<RouteInfo>),
     /// Counters.
     Stats(Stats),
+    /// Node settings in force.
+    Node(NodeStatus),
     /// The request took effect and has nothing to report.
     Done,
 }

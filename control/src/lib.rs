@@ -2,5 +2,6 @@
 //! into each node's forwarding plan. The `switchyard-control` binary is the CLI over this
 //! and over the dataplane's API.
 
+pub mod agent;
 pub mod cluster;
 pub mod table;

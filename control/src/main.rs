@@ -62,6 +62,27 @@ enum Command {
         #[arg(long)]
         manifests: PathBuf,
     },
+    /// Run the node agent: watch the manifests directory and keep the dataplane's node
+    /// settings (pod CIDRs, overlay, peers) in line with it, pushing them again whenever
+    /// the dataplane restarts.
+    Run {
+        /// The node's name (metadata.name of its Node object).
+        #[arg(long)]
+        node: String,
+        /// Directory of YAML / JSON manifests (Nodes, the switchyard-config ConfigMap).
+        #[arg(long)]
+        manifests: PathBuf,
+        /// The dataplane's API socket (default: --api).
+        #[arg(long)]
+        dataplane_api: Option<PathBuf>,
+        /// Interface carrying underlay traffic (default: the one holding the node's
+        /// InternalIP).
+        #[arg(long)]
+        uplink: Option<String>,
+        /// Milliseconds between reconciliations.
+        #[arg(long, default_value_t = 200)]
+        interval_ms: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -169,7 +190,9 @@ fn request_for(command: &Command) -> Result<Request, String> {
             Request::AddRoute(RouteSpec { dst: *dst, via })
         }
         Command::Route(RouteCommand::Del { dst }) => Request::DelRoute { dst: *dst },
-        Command::Plan { .. } => return Err("plan does not use the dataplane".into()),
+        Command::Plan { .. } | Command::Run { .. } => {
+            return Err("this command does not send one request".into())
+        }
     })
 }
 
@@ -178,6 +201,8 @@ fn via_text(via: &NextHop) -> String {
         NextHop::Port(id) => format!("port {id}"),
         NextHop::Blackhole => "blackhole".into(),
         NextHop::Unreachable => "unreachable".into(),
+        NextHop::Host => "host".into(),
+        NextHop::Peer(addr) => format!("peer {addr}"),
     }
 }
 
@@ -269,6 +294,19 @@ fn render(reply: &Reply, command: &Command) -> String {
             );
             out
         }
+        Reply::Node(n) => match &n.spec {
+            None => "no node settings yet (the control process pushes them)\n".into(),
+            Some(spec) => format!(
+                "node {} at {}  backend {}  uplink {} (MTU {})  pod MTU {}  peers {}\n",
+                spec.name,
+                spec.underlay,
+                spec.backend.kind.name(),
+                n.uplink.as_deref().unwrap_or("-"),
+                n.uplink_mtu.unwrap_or(0),
+                n.pod_mtu.unwrap_or(0),
+                spec.peers.len()
+            ),
+        },
         Reply::Done => "done\n".into(),
     }
 }
@@ -284,28 +322,17 @@ fn unwrap_variant(value: serde_json::Value) -> serde_json::Value {
     }
 }
 
-/// Where allocations of pod CIDRs are recorded inside a manifests directory.
-const ALLOCATIONS_FILE: &str = ".switchyard-allocations.json";
-
 fn plan_command(node: &str, dir: &std::path::Path, format: Format) -> ExitCode {
-    use switchyard_control::cluster::{allocate, manifests, plan};
-    let fail = |errors: Vec<manifests::ManifestError>| {
-        for e in errors {
-            eprintln!("switchyard-control: {e}");
+    use switchyard_control::{agent, cluster::plan};
+    let m = match agent::load(dir) {
+        Ok((m, _)) => m,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("switchyard-control: {e}");
+            }
+            return ExitCode::FAILURE;
         }
-        ExitCode::FAILURE
     };
-    let mut m = match manifests::load_dir(dir) {
-        Ok(m) => m,
-        Err(errors) => return fail(errors),
-    };
-    let recorded: allocate::Record = std::fs::read(dir.join(ALLOCATIONS_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    if let Err(errors) = allocate::allocate(&mut m, &recorded) {
-        return fail(errors);
-    }
     let p = match plan::plan(&m, node) {
         Ok(p) => p,
         Err(message) => {
@@ -363,8 +390,22 @@ fn plan_command(node: &str, dir: &std::path::Path, format: Format) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Plan { node, manifests } = &cli.command {
-        return plan_command(node, manifests, cli.output);
+    match &cli.command {
+        Command::Plan { node, manifests } => return plan_command(node, manifests, cli.output),
+        Command::Run {
+            node,
+            manifests,
+            dataplane_api,
+            uplink,
+            interval_ms,
+        } => switchyard_control::agent::run(&switchyard_control::agent::AgentOptions {
+            node: node.clone(),
+            manifests: manifests.clone(),
+            api: dataplane_api.clone().unwrap_or_else(|| cli.api.clone()),
+            uplink: uplink.clone(),
+            interval: std::time::Duration::from_millis((*interval_ms).max(10)),
+        }),
+        _ => {}
     }
     let request = match request_for(&cli.command) {
         Ok(r) => r,

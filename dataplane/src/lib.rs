@@ -15,6 +15,7 @@
 
 pub mod buffer;
 pub mod io;
+pub mod node;
 pub mod pipeline;
 pub mod server;
 pub mod switch;

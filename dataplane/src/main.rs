@@ -32,6 +32,10 @@ struct Args {
     /// steering, pinned workers: lowest latency, less throughput on busy CPUs).
     #[arg(long, value_enum, default_value_t = Steering::Hash)]
     steering: Steering,
+    /// Name of the node-side interface through which the node's own stack reaches pods
+    /// (created when the control process pushes the node settings).
+    #[arg(long, default_value = "sy0")]
+    host_ifname: String,
 }
 
 /// `--steering` values.
@@ -53,6 +57,7 @@ fn main() {
     config.spin = std::time::Duration::from_micros(args.spin_us);
     config.pod_cidrs = args.pod_cidrs;
     config.cpu_steering = args.steering == Steering::Cpu;
+    config.host_ifname = args.host_ifname;
     let listener = match server::bind(&args.api) {
         Ok(l) => l,
         Err(err) => {
@@ -71,8 +76,10 @@ fn main() {
         }
     };
     let socket = args.api.clone();
+    let leaving = switch.clone();
     if let Err(err) = ctrlc::set_handler(move || {
         let _ = std::fs::remove_file(&socket);
+        leaving.leave_cluster();
         // Exiting closes every TAP file descriptor: the pod interfaces go with them.
         std::process::exit(0);
     }) {

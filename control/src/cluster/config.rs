@@ -4,62 +4,7 @@
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-/// How pod traffic crosses between nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    /// VXLAN (RFC 7348) over UDP.
-    #[default]
-    Vxlan,
-    /// IP-in-IP (protocol 4).
-    Ipip,
-    /// No encapsulation: peers must be on-link.
-    Direct,
-}
-
-impl BackendKind {
-    /// Bytes of encapsulation overhead on an IPv4 underlay.
-    pub fn overhead(self) -> u32 {
-        match self {
-            BackendKind::Vxlan => 50,
-            BackendKind::Ipip => 20,
-            BackendKind::Direct => 0,
-        }
-    }
-}
-
-/// The `backend` section.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Backend {
-    /// `vxlan`, `ipip` or `direct`.
-    #[serde(rename = "type", default)]
-    pub kind: BackendKind,
-    /// VXLAN network identifier.
-    #[serde(default = "default_vni")]
-    pub vni: u32,
-    /// VXLAN UDP port.
-    #[serde(default = "default_port")]
-    pub port: u16,
-}
-
-fn default_vni() -> u32 {
-    1
-}
-
-fn default_port() -> u16 {
-    4789
-}
-
-impl Default for Backend {
-    fn default() -> Self {
-        Self {
-            kind: BackendKind::Vxlan,
-            vni: default_vni(),
-            port: default_port(),
-        }
-    }
-}
+pub use switchyard_api::{Backend, BackendKind};
 
 /// The cluster-wide settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -52,6 +52,8 @@ pub struct NodeRecord {
     pub pod_cidrs: Vec<IpNet>,
     /// The first `InternalIP` of `status.addresses`.
     pub internal_ip: Option<IpAddr>,
+    /// Every InternalIP (IPv4 and IPv6).
+    pub internal_ips: Vec<IpAddr>,
     /// The file the node came from.
     pub file: PathBuf,
 }
@@ -75,8 +77,9 @@ fn error(file: &Path, field: impl Into<String>, message: impl Into<String>) -> M
     }
 }
 
-/// Reads every `*.yaml`, `*.yml` and `*.json` file of `dir`. Returns every problem found,
-/// not only the first.
+/// Reads every `*.yaml`, `*.yml` and `*.json` file of `dir` but hidden ones (the
+/// allocation record is `.switchyard-allocations.json`). Returns every problem found, not
+/// only the first.
 pub fn load_dir(dir: &Path) -> Result<Manifests, Vec<ManifestError>> {
     let entries = std::fs::read_dir(dir)
         .map_err(|e| vec![error(dir, "", format!("cannot read the directory: {e}"))])?;
@@ -84,10 +87,15 @@ pub fn load_dir(dir: &Path) -> Result<Manifests, Vec<ManifestError>> {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| {
-            matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml" | "json")
-            )
+            let hidden = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_none_or(|n| n.starts_with('.'));
+            !hidden
+                && matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml" | "json")
+                )
         })
         .collect();
     files.sort();
@@ -224,25 +232,33 @@ fn node_record(file: &Path, node: &Node) -> Result<NodeRecord, ManifestError> {
         }
         pod_cidrs.push(cidr);
     }
-    let internal_ip = match node
+    let mut internal_ips: Vec<IpAddr> = Vec::new();
+    for a in node
         .status
         .as_ref()
         .and_then(|s| s.addresses.as_ref())
-        .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
     {
-        Some(a) => Some(a.address.parse().map_err(|_| {
+        internal_ips.push(a.address.parse().map_err(|_| {
             error(
                 file,
                 at("status.addresses[InternalIP]"),
                 format!("{:?} is not an IP address", a.address),
             )
-        })?),
-        None => None,
-    };
+        })?);
+    }
+    let internal_ip = internal_ips
+        .iter()
+        .copied()
+        .find(IpAddr::is_ipv4)
+        .or_else(|| internal_ips.first().copied());
     Ok(NodeRecord {
         name,
         pod_cidrs,
         internal_ip,
+        internal_ips,
         file: file.to_path_buf(),
     })
 }

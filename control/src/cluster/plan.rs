@@ -6,6 +6,7 @@ use super::manifests::Manifests;
 use ipnet::IpNet;
 use serde::Serialize;
 use std::net::IpAddr;
+use switchyard_api::NodeSpec;
 
 /// Another node, as seen from this one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -69,4 +70,53 @@ pub fn plan(m: &Manifests, name: &str) -> Result<NodePlan, String> {
         mtu: m.config.mtu,
         peers,
     })
+}
+
+impl NodePlan {
+    /// What the dataplane is told: this plan with every peer's underlay (IPv4 InternalIP)
+    /// and all its InternalIPs, and the cluster CIDRs. `uplink` overrides the interface
+    /// found from the node's address.
+    pub fn to_spec(&self, m: &Manifests, uplink: Option<String>) -> Result<NodeSpec, String> {
+        let v4 = |name: &str, addr: IpAddr| {
+            match addr {
+            IpAddr::V4(a) => Ok(a),
+            IpAddr::V6(_) => Err(format!(
+                "Node {name} has no IPv4 InternalIP; the underlay is IPv4 (IPv6-only underlays are not supported yet)"
+            )),
+        }
+        };
+        let addresses_of = |name: &str| {
+            m.nodes
+                .iter()
+                .find(|n| n.name == name)
+                .map(|n| n.internal_ips.clone())
+                .unwrap_or_default()
+        };
+        let peers = self
+            .peers
+            .iter()
+            .map(|p| {
+                Ok(switchyard_api::Peer {
+                    name: p.node.clone(),
+                    underlay: v4(&p.node, p.address)?,
+                    addresses: addresses_of(&p.node),
+                    pod_cidrs: p.pod_cidrs.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(NodeSpec {
+            name: self.node.clone(),
+            underlay: v4(&self.node, self.address)?,
+            addresses: addresses_of(&self.node),
+            uplink,
+            pod_cidrs: self.pod_cidrs.clone(),
+            cluster_cidrs: [m.config.cluster_cidr, m.config.cluster_cidr_v6]
+                .into_iter()
+                .flatten()
+                .collect(),
+            backend: self.backend,
+            mtu: self.mtu,
+            peers,
+        })
+    }
 }

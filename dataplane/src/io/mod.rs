@@ -5,17 +5,22 @@
 //! device has nothing left, [`PortIo::send`] writes one frame. Kinds:
 //! * [`tap::TapDevice`]: a TAP device inside the pod's namespace, with a virtio-net
 //!   header and TSO/USO offloads, so GSO super-frames cross unsegmented;
-//! * [`memory::MemoryPort`]: queues in memory, for tests, benchmarks and fuzzing.
+//! * [`memory::MemoryPort`]: queues in memory, for tests, benchmarks and fuzzing;
+//! * [`uplink::Uplink`]: the node's sockets that carry pod traffic to and from other
+//!   nodes (VXLAN, IP-in-IP); sent to with [`uplink::Uplink::send_to`], which
+//!   encapsulates.
 //!
 //! AF_XDP sockets will be a third variant: their receive fills the same buffers (copy
 //! mode on veth copies anyway) and their send posts to the TX ring, with the fd polled
 //! the same way.
 
+pub mod links;
 pub mod memory;
 pub mod netlink;
 pub mod netns;
 pub mod steering;
 pub mod tap;
+pub mod uplink;
 
 use crate::buffer::PacketBuf;
 use std::io;
@@ -27,6 +32,8 @@ pub enum PortIo {
     Tap(tap::TapDevice),
     /// An in-memory port.
     Memory(memory::MemoryPort),
+    /// The overlay's sockets.
+    Uplink(uplink::Uplink),
 }
 
 impl PortIo {
@@ -37,14 +44,20 @@ impl PortIo {
         match self {
             PortIo::Tap(tap) => tap.recv_batch(queue, bufs),
             PortIo::Memory(mem) => Ok(mem.recv_batch(bufs)),
+            PortIo::Uplink(up) => up.recv_batch(queue, bufs),
         }
     }
 
-    /// Writes one frame (virtio-net header included) through queue `queue`.
+    /// Writes one frame (virtio-net header included) through queue `queue`. An uplink
+    /// needs a destination: use [`uplink::Uplink::send_to`].
     pub fn send(&self, queue: usize, frame: &[u8]) -> io::Result<()> {
         match self {
             PortIo::Tap(tap) => tap.send(queue, frame),
             PortIo::Memory(mem) => mem.send(frame),
+            PortIo::Uplink(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an uplink sends to a peer, not to a port",
+            )),
         }
     }
 
@@ -53,6 +66,7 @@ impl PortIo {
         match self {
             PortIo::Tap(tap) => Some(tap.raw_fd(queue)),
             PortIo::Memory(_) => None,
+            PortIo::Uplink(up) => up.raw_fd(queue),
         }
     }
 
@@ -61,6 +75,10 @@ impl PortIo {
         match self {
             PortIo::Tap(_) => "tap",
             PortIo::Memory(_) => "memory",
+            PortIo::Uplink(up) => match up.encap() {
+                uplink::Encap::Vxlan { .. } => "vxlan",
+                uplink::Encap::Ipip { .. } => "ipip",
+            },
         }
     }
 }

@@ -9,6 +9,8 @@ use switchyard_api::{IpNet, MacAddr};
 const RTM_NEWLINK: u16 = 16;
 const RTM_NEWADDR: u16 = 20;
 const RTM_NEWROUTE: u16 = 24;
+const RTM_DELROUTE: u16 = 25;
+const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_EXCL: u16 = 0x200;
@@ -22,11 +24,25 @@ const IFA_F_NODAD: u8 = 0x02;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
+const RTA_PREFSRC: u16 = 7;
 const RT_TABLE_MAIN: u8 = 254;
 const RTPROT_STATIC: u8 = 4;
 const RT_SCOPE_UNIVERSE: u8 = 0;
 const RT_SCOPE_LINK: u8 = 253;
 const RTN_UNICAST: u8 = 1;
+
+/// A route in the main table, as [`Netlink::replace_route`] installs it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KernelRoute {
+    /// Destination prefix.
+    pub dst: IpNet,
+    /// Output interface index.
+    pub oif: u32,
+    /// Next-hop router; on-link when absent.
+    pub gateway: Option<IpAddr>,
+    /// Preferred source address of locally sent packets.
+    pub src: Option<IpAddr>,
+}
 
 /// A NETLINK_ROUTE socket in the namespace of the thread that opened it.
 pub struct Netlink {
@@ -182,15 +198,35 @@ impl Netlink {
 
     /// Adds a route out of `index`: through `gateway` when given, else on-link.
     pub fn add_route(&mut self, index: u32, dst: IpNet, gateway: Option<IpAddr>) -> io::Result<()> {
-        let scope = if gateway.is_some() {
+        let route = KernelRoute {
+            dst,
+            oif: index,
+            gateway,
+            src: None,
+        };
+        self.route_message(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &route)
+    }
+
+    /// Installs `route`, replacing any route for the same destination.
+    pub fn replace_route(&mut self, route: &KernelRoute) -> io::Result<()> {
+        self.route_message(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, route)
+    }
+
+    /// Removes `route`.
+    pub fn delete_route(&mut self, route: &KernelRoute) -> io::Result<()> {
+        self.route_message(RTM_DELROUTE, 0, route)
+    }
+
+    fn route_message(&mut self, kind: u16, flags: u16, route: &KernelRoute) -> io::Result<()> {
+        let scope = if route.gateway.is_some() {
             RT_SCOPE_UNIVERSE
         } else {
             RT_SCOPE_LINK
         };
-        let mut msg = Message::new(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, self.seq);
+        let mut msg = Message::new(kind, flags, self.seq);
         msg.bytes(&[
-            family(dst.addr()),
-            dst.prefix_len(),
+            family(route.dst.addr()),
+            route.dst.prefix_len(),
             0,
             0,
             RT_TABLE_MAIN,
@@ -199,13 +235,16 @@ impl Netlink {
             RTN_UNICAST,
         ])
         .bytes(&0u32.to_ne_bytes());
-        if dst.prefix_len() > 0 {
-            msg.attr(RTA_DST, &ip_bytes(dst.addr()));
+        if route.dst.prefix_len() > 0 {
+            msg.attr(RTA_DST, &ip_bytes(route.dst.addr()));
         }
-        if let Some(gw) = gateway {
+        if let Some(gw) = route.gateway {
             msg.attr(RTA_GATEWAY, &ip_bytes(gw));
         }
-        msg.attr(RTA_OIF, &index.to_ne_bytes());
+        if let Some(src) = route.src {
+            msg.attr(RTA_PREFSRC, &ip_bytes(src));
+        }
+        msg.attr(RTA_OIF, &route.oif.to_ne_bytes());
         self.transact(msg)
     }
 }

@@ -92,6 +92,32 @@ impl TapDevice {
         })
     }
 
+    /// Creates the node-side interface `ifname` in the caller's own namespace (the host
+    /// port), with `queues` queues, brought up with `mac` and `mtu`; returns the device
+    /// and its interface index. Routes through it are the caller's business.
+    pub fn create_host(
+        ifname: &str,
+        mac: MacAddr,
+        mtu: u32,
+        queues: usize,
+    ) -> io::Result<(Self, u32)> {
+        if netns::link_index(ifname).is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("an interface named {ifname} already exists on the node; remove it or choose another --host-ifname"),
+            ));
+        }
+        let device = Self::open(ifname, queues.max(1))?;
+        let index = netns::link_index(ifname)
+            .ok_or_else(|| io::Error::other("TAP device vanished after creation"))?;
+        // The dataplane answers neighbour solicitations for every address but the port's
+        // own, so duplicate address detection would only delay the link-local address
+        // the node's stack needs to reach the gateway. Absent when IPv6 is off.
+        let _ = super::links::set_sysctl(&format!("net.ipv6.conf.{ifname}.accept_dad"), "0");
+        Netlink::open()?.set_link(index, Some(mac), Some(mtu))?;
+        Ok((device, index))
+    }
+
     fn open(ifname: &str, queues: usize) -> io::Result<Self> {
         let name = ifname.as_bytes();
         if name.is_empty() || name.len() >= libc::IFNAMSIZ {

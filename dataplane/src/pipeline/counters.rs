@@ -95,6 +95,9 @@ named_counters! {
         IcmpRateLimited => "icmp_rate_limited",
         /// The egress port was removed while the frame was in flight.
         PortGone => "port_gone",
+        /// Arrived from another node and routed to a third one (the overlay carries no
+        /// transit traffic).
+        OverlayTransit => "overlay_transit",
         /// Writing to the egress port failed.
         TxFailed => "tx_failed",
     }

@@ -24,7 +24,7 @@ pub mod neighbor;
 pub mod segment;
 
 use crate::buffer::PacketBuf;
-use crate::tables::{NextHop, Port, Tables};
+use crate::tables::{NextHop, Port, PortRole, Tables};
 use crate::wire::ethernet::{self, EtherType, EthernetFrame};
 use crate::wire::{ipv4::Ipv4Packet, ipv6::Ipv6Packet, vnet, VnetHeader};
 pub use counters::{Counters, DropReason, Event};
@@ -53,6 +53,9 @@ pub enum Verdict {
 pub struct Pipeline {
     counters: Counters,
     icmp_limit: RateLimiter,
+    /// Where super-frames are cut into segments on their way to an uplink (allocated on
+    /// first use: [`segment::SCRATCH_LEN`]).
+    segment_buf: Vec<u8>,
 }
 
 impl Default for Pipeline {
@@ -73,7 +76,16 @@ impl Pipeline {
         Self {
             counters: Counters::default(),
             icmp_limit: RateLimiter::default(),
+            segment_buf: Vec::new(),
         }
+    }
+
+    /// The counters and the segmentation buffer, for the I/O layer's transmit step.
+    pub fn tx_parts(&mut self) -> (&mut Counters, &mut [u8]) {
+        if self.segment_buf.is_empty() {
+            self.segment_buf = vec![0; segment::SCRATCH_LEN];
+        }
+        (&mut self.counters, &mut self.segment_buf)
     }
 
     /// The counters so far.
@@ -143,7 +155,7 @@ impl Pipeline {
             return self.drop(DropReason::MalformedIpv4);
         };
         let (src, dst) = (ip.src(), ip.dst());
-        if !ingress.ipv4.contains(&src) {
+        if !ingress.may_send_from_v4(src) {
             return self.drop(DropReason::SpoofedSource);
         }
         if !ip.verify_checksum() {
@@ -158,7 +170,7 @@ impl Pipeline {
         let vnet = &head[..vnet::HEADER_LEN];
         let wire_len = wire_l3_len(vnet, ip.header_len(), ip.total_len(), ip.payload());
         let nh = tables.routes_v4.lookup(u32::from(dst));
-        match self.route(tables, nh, ip.ttl(), wire_len) {
+        match self.route(tables, ingress, nh, ip.ttl(), wire_len) {
             Ok(egress) => {
                 ip.decrement_ttl();
                 self.rewrite_ethernet(tables, egress, head, Event::ForwardedIpv4);
@@ -182,7 +194,7 @@ impl Pipeline {
             return self.drop(DropReason::MalformedIpv6);
         };
         let (src, dst) = (ip.src(), ip.dst());
-        if !ingress.ipv6.contains(&src) {
+        if !ingress.may_send_from_v6(src) {
             return self.drop(DropReason::SpoofedSource);
         }
         if dst == tables.gateway.ipv6 {
@@ -194,7 +206,7 @@ impl Pipeline {
         let vnet = &head[..vnet::HEADER_LEN];
         let wire_len = wire_l3_len(vnet, 40, ip.total_len(), ip.payload());
         let nh = tables.routes_v6.lookup(u128::from(dst));
-        match self.route(tables, nh, ip.hop_limit(), wire_len) {
+        match self.route(tables, ingress, nh, ip.hop_limit(), wire_len) {
             Ok(egress) => {
                 ip.decrement_hop_limit();
                 self.rewrite_ethernet(tables, egress, head, Event::ForwardedIpv6);
@@ -214,32 +226,40 @@ impl Pipeline {
     fn route<'t>(
         &self,
         tables: &'t Tables,
+        ingress: &Port,
         nh: u32,
         ttl: u8,
         wire_len: usize,
     ) -> Result<&'t Port, Reject> {
-        match tables.nexthop(nh) {
-            None => Err(Reject::Icmp(IcmpError::Unreachable, DropReason::NoRoute)),
-            Some(NextHop::Blackhole) => Err(Reject::Drop(DropReason::Blackhole)),
-            Some(NextHop::Unreachable) => Err(Reject::Icmp(
-                IcmpError::Unreachable,
-                DropReason::Unreachable,
-            )),
-            Some(NextHop::Port(port)) => {
-                if ttl <= 1 {
-                    Err(Reject::Icmp(
-                        IcmpError::TimeExceeded,
-                        DropReason::TtlExceeded,
-                    ))
-                } else if wire_len > port.mtu as usize {
-                    Err(Reject::Icmp(
-                        IcmpError::TooBig(port.mtu),
-                        DropReason::TooBig,
-                    ))
-                } else {
-                    Ok(port)
-                }
+        let port = match tables.nexthop(nh) {
+            None => return Err(Reject::Icmp(IcmpError::Unreachable, DropReason::NoRoute)),
+            Some(NextHop::Blackhole) => return Err(Reject::Drop(DropReason::Blackhole)),
+            Some(NextHop::Unreachable) => {
+                return Err(Reject::Icmp(
+                    IcmpError::Unreachable,
+                    DropReason::Unreachable,
+                ))
             }
+            Some(NextHop::Port(port)) => port,
+            Some(NextHop::Tunnel { port, .. }) => {
+                if ingress.role == PortRole::Uplink {
+                    return Err(Reject::Drop(DropReason::OverlayTransit));
+                }
+                port
+            }
+        };
+        if ttl <= 1 {
+            Err(Reject::Icmp(
+                IcmpError::TimeExceeded,
+                DropReason::TtlExceeded,
+            ))
+        } else if wire_len > port.mtu as usize {
+            Err(Reject::Icmp(
+                IcmpError::TooBig(port.mtu),
+                DropReason::TooBig,
+            ))
+        } else {
+            Ok(port)
         }
     }
 

@@ -29,7 +29,7 @@ pub(super) fn answer_arp(
     if arp.operation() != arp::OP_REQUEST || sender.is_unspecified() {
         return p.drop(DropReason::ArpIgnored);
     }
-    if !ingress.ipv4.contains(&sender) {
+    if !ingress.may_send_from_v4(sender) {
         return p.drop(DropReason::SpoofedSource);
     }
     if ingress.ipv4.contains(&arp.target_ip()) {

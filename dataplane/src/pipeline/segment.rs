@@ -13,6 +13,10 @@
 
 use crate::wire::{checksum, ethernet, ipv4, ipv6, read_u16, vnet, write_u16, VnetHeader};
 
+/// Bytes of output room that always suffice for a 64 KiB super-frame: segments of at least
+/// 500 bytes of payload, each with up to 8 + 14 + 60 + 60 bytes of gap and headers.
+pub const SCRATCH_LEN: usize = 128 * 1024;
+
 /// Why a frame could not be segmented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SegmentError {

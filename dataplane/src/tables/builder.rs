@@ -23,6 +23,19 @@ pub struct TableBuilder {
     generation: u64,
     ports: BTreeMap<u32, Arc<Port>>,
     static_routes: BTreeMap<IpNet, api::NextHop>,
+    cluster_routes: BTreeMap<IpNet, api::NextHop>,
+    node_ports: NodePorts,
+}
+
+/// The ports through which [`api::NextHop::Host`] and [`api::NextHop::Peer`] routes leave.
+#[derive(Default, Clone)]
+pub struct NodePorts {
+    /// The host port (the node's own stack).
+    pub host: Option<Arc<Port>>,
+    /// The uplink carrying IPv4 pod traffic.
+    pub tunnel_v4: Option<Arc<Port>>,
+    /// The uplink carrying IPv6 pod traffic.
+    pub tunnel_v6: Option<Arc<Port>>,
 }
 
 impl TableBuilder {
@@ -33,7 +46,21 @@ impl TableBuilder {
             generation: 0,
             ports: BTreeMap::new(),
             static_routes: BTreeMap::new(),
+            cluster_routes: BTreeMap::new(),
+            node_ports: NodePorts::default(),
         }
+    }
+
+    /// Replaces the routes computed from the node settings and the ports they use. The
+    /// ports must have been inserted with [`TableBuilder::insert_port`].
+    pub fn set_cluster(&mut self, routes: BTreeMap<IpNet, api::NextHop>, ports: NodePorts) {
+        self.cluster_routes = routes;
+        self.node_ports = ports;
+    }
+
+    /// The ports of the node settings.
+    pub fn node_ports(&self) -> &NodePorts {
+        &self.node_ports
     }
 
     /// The gateway pods route through.
@@ -164,7 +191,8 @@ impl TableBuilder {
             .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no static route for {dst}")))
     }
 
-    /// Every route: pod host routes, then static ones.
+    /// Every route: pod host routes, static ones, then the node settings' routes (a static
+    /// route for the same prefix wins).
     pub fn routes(&self) -> Vec<RouteInfo> {
         let mut out: Vec<RouteInfo> = self
             .ports
@@ -182,6 +210,16 @@ impl TableBuilder {
             via: *via,
             origin: RouteOrigin::Static,
         }));
+        out.extend(
+            self.cluster_routes
+                .iter()
+                .filter(|(dst, _)| !self.static_routes.contains_key(dst))
+                .map(|(dst, via)| RouteInfo {
+                    dst: *dst,
+                    via: *via,
+                    origin: RouteOrigin::Cluster,
+                }),
+        );
         out
     }
 
@@ -194,15 +232,39 @@ impl TableBuilder {
             port_nh.insert(port.id, NH_FIRST_PORT + port_nh.len() as u32);
             nexthops.push(NextHop::Port(port.clone()));
         }
-        let nh_of = |via: &api::NextHop| match via {
+        let mut tunnel_nh: HashMap<(std::net::Ipv4Addr, bool), u32> = HashMap::new();
+        let mut nh_of = |via: &api::NextHop, v6: bool| match via {
             api::NextHop::Port(id) => port_nh.get(id).copied().unwrap_or(NH_UNREACHABLE),
             api::NextHop::Blackhole => NH_BLACKHOLE,
             api::NextHop::Unreachable => NH_UNREACHABLE,
+            api::NextHop::Host => self
+                .node_ports
+                .host
+                .as_ref()
+                .and_then(|h| port_nh.get(&h.id).copied())
+                .unwrap_or(NH_UNREACHABLE),
+            api::NextHop::Peer(peer) => {
+                let uplink = if v6 {
+                    &self.node_ports.tunnel_v6
+                } else {
+                    &self.node_ports.tunnel_v4
+                };
+                match uplink {
+                    Some(port) => *tunnel_nh.entry((*peer, v6)).or_insert_with(|| {
+                        nexthops.push(NextHop::Tunnel {
+                            port: port.clone(),
+                            peer: *peer,
+                        });
+                        nexthops.len() as u32 - 1
+                    }),
+                    None => NH_UNREACHABLE,
+                }
+            }
         };
         let mut v4: Vec<Route<u32>> = Vec::new();
         let mut v6: Vec<Route<u128>> = Vec::new();
         for route in self.routes() {
-            let nh = nh_of(&route.via);
+            let nh = nh_of(&route.via, route.dst.addr().is_ipv6());
             match route.dst {
                 IpNet::V4(n) => v4.push((u32::from(n.addr()), n.prefix_len(), nh)),
                 IpNet::V6(n) => v6.push((u128::from(n.addr()), n.prefix_len(), nh)),

@@ -54,6 +54,20 @@ pub struct PortCounters {
     pub tx_errors: AtomicU64,
 }
 
+impl Port {
+    /// True when the port may send from this IPv4 address.
+    #[inline]
+    pub fn may_send_from_v4(&self, addr: Ipv4Addr) -> bool {
+        self.role != PortRole::Pod || self.ipv4.contains(&addr)
+    }
+
+    /// True when the port may send from this IPv6 address.
+    #[inline]
+    pub fn may_send_from_v6(&self, addr: Ipv6Addr) -> bool {
+        self.role != PortRole::Pod || self.ipv6.contains(&addr)
+    }
+}
+
 impl PortCounters {
     /// Adds to a counter (relaxed: counters order nothing).
     #[inline]
@@ -62,7 +76,19 @@ impl PortCounters {
     }
 }
 
-/// A pod port as the fast path sees it.
+/// What is behind a port, which decides what the pipeline trusts from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortRole {
+    /// A pod: only its own MAC and addresses are accepted as sources.
+    Pod,
+    /// The node's own network stack (the host interface): any source address.
+    Host,
+    /// The overlay from other nodes: any source (the sender was checked against the peer
+    /// list), but only to local pods and the node.
+    Uplink,
+}
+
+/// A port as the fast path sees it.
 pub struct Port {
     /// Port id (also the worker's poll token).
     pub id: u32,
@@ -77,6 +103,8 @@ pub struct Port {
     pub ipv6: Vec<Ipv6Addr>,
     /// The device behind the port.
     pub io: PortIo,
+    /// What is behind the port.
+    pub role: PortRole,
     /// True when the device takes UDP GSO super-frames (a TAP with USO offload).
     pub accepts_udp_gso: bool,
     /// Traffic counters.
@@ -94,6 +122,13 @@ pub enum NextHop {
     Blackhole,
     /// Drop and answer ICMP unreachable.
     Unreachable,
+    /// Encapsulate and send through the uplink `port` to the node at `peer`.
+    Tunnel {
+        /// The uplink port (its MTU is the largest inner packet a tunnel carries).
+        port: Arc<Port>,
+        /// The peer node's underlay address.
+        peer: Ipv4Addr,
+    },
 }
 
 /// An immutable snapshot of everything the fast path reads.

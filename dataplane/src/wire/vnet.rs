@@ -87,9 +87,63 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> VnetHeader<T> {
     }
 }
 
+/// Completes a partial checksum (`F_NEEDS_CSUM` without GSO) in `frame` (virtio-net header
+/// then Ethernet) and clears the flag, for a frame leaving through a port that cannot
+/// finish it (an uplink socket). The checksum field holds the pseudo-header sum, as the
+/// sending kernel left it. Returns false when the offsets point outside the frame.
+pub fn finish_checksum(frame: &mut [u8]) -> bool {
+    let Ok(h) = VnetHeader::new_checked(&*frame) else {
+        return false;
+    };
+    if h.flags() & F_NEEDS_CSUM == 0 || h.is_gso() {
+        return true;
+    }
+    let start = HEADER_LEN + usize::from(h.csum_start());
+    let at = start + usize::from(h.csum_offset());
+    if at + 2 > frame.len() {
+        return false;
+    }
+    let sum = super::checksum::finish(super::checksum::accumulate(0, &frame[start..]));
+    // UDP sends a computed zero as all ones (zero means "no checksum"); TCP never gets it.
+    let sum = if sum == 0 { 0xffff } else { sum };
+    frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    frame[0] &= !F_NEEDS_CSUM;
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finish_checksum_fills_the_field() {
+        // vnet NEEDS_CSUM, csum_start 34, offset 6 (UDP); IPv4 10.0.0.1 -> 10.0.0.2, UDP
+        // 1000 -> 2000, payload "hi"; the field holds the pseudo-header sum.
+        let mut f = vec![1, 0, 0, 0, 0, 0, 34, 0, 6, 0, 0, 0];
+        f.extend_from_slice(&[0; 12]);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(&[
+            0x45, 0, 0, 30, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ]);
+        let pseudo = super::super::checksum::pseudo_header_v4(
+            [10, 0, 0, 1].into(),
+            [10, 0, 0, 2].into(),
+            17,
+            10,
+        );
+        let partial = super::super::checksum::fold(pseudo);
+        f.extend_from_slice(&[0x03, 0xe8, 0x07, 0xd0, 0, 10]);
+        f.extend_from_slice(&partial.to_be_bytes());
+        f.extend_from_slice(b"hi");
+        assert!(finish_checksum(&mut f));
+        assert_eq!(f[0], 0);
+        let udp = &f[12 + 14 + 20..];
+        let full = super::super::checksum::finish(super::super::checksum::accumulate(pseudo, udp));
+        assert_eq!(full, 0, "checksum verifies");
+        f[6] = 200;
+        f[0] = F_NEEDS_CSUM;
+        assert!(!finish_checksum(&mut f));
+    }
 
     /// A TCPv4 GSO header as the kernel writes it: NEEDS_CSUM, hdr_len 66, MSS 1448,
     /// csum_start 34 (14 + 20), csum_offset 16.

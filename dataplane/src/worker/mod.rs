@@ -5,6 +5,7 @@
 //! plain atomic stores.
 
 use crate::buffer::{PacketBuf, BATCH};
+use crate::io::PortIo;
 use crate::pipeline::{Counters, DropReason, Event, Pipeline, Verdict};
 use crate::tables::{NextHop, Port, PortCounters, SharedTables, Tables};
 use mio::unix::SourceFd;
@@ -40,29 +41,37 @@ pub fn forward_batch(
     PortCounters::add(&port.counters.rx_frames, n as u64);
     PortCounters::add(&port.counters.rx_bytes, bytes as u64);
     pipeline.process(tables, port, &mut bufs[..n], &mut verdicts[..n], now_ns);
-    for (buf, verdict) in bufs[..n].iter().zip(&verdicts[..n]) {
-        let egress = match *verdict {
+    let (counters, scratch) = pipeline.tx_parts();
+    for (buf, verdict) in bufs[..n].iter_mut().zip(&verdicts[..n]) {
+        let (egress, peer) = match *verdict {
             Verdict::Drop | Verdict::Merged => continue,
-            Verdict::Reply => port,
+            Verdict::Reply => (port, None),
             Verdict::Forward(nh) => match tables.nexthop(nh) {
-                Some(NextHop::Port(p)) => p,
+                Some(NextHop::Port(p)) => (p.as_ref(), None),
+                Some(NextHop::Tunnel { port, peer }) => (port.as_ref(), Some(*peer)),
                 _ => {
-                    pipeline.counters_mut().drop(DropReason::PortGone);
+                    counters.drop(DropReason::PortGone);
                     continue;
                 }
             },
         };
-        transmit(pipeline.counters_mut(), egress, queue, buf.frame());
+        let frame = buf.frame_mut();
+        let len = frame.len();
+        let sent = match (&egress.io, peer) {
+            (PortIo::Uplink(uplink), Some(peer)) => uplink.send_to(frame, peer, scratch),
+            (io, _) => io.send(queue, frame),
+        };
+        count_tx(counters, egress, len, sent);
     }
     Ok(n)
 }
 
 #[inline]
-fn transmit(counters: &mut Counters, egress: &Port, queue: usize, frame: &[u8]) {
-    match egress.io.send(queue, frame) {
+fn count_tx(counters: &mut Counters, egress: &Port, len: usize, sent: io::Result<()>) {
+    match sent {
         Ok(()) => {
             PortCounters::add(&egress.counters.tx_frames, 1);
-            PortCounters::add(&egress.counters.tx_bytes, frame.len() as u64);
+            PortCounters::add(&egress.counters.tx_bytes, len as u64);
         }
         Err(_) => {
             PortCounters::add(&egress.counters.tx_errors, 1);

@@ -2,19 +2,23 @@
 //! requests change. Requests are serialised by one mutex that workers never touch; each
 //! change validates first, then does the system work (creating a TAP), then publishes a new
 //! snapshot, so that a refused or failed request leaves everything as it was.
+//!
+//! `cluster` carries out the node settings (host port, uplink, routes).
+
+mod cluster;
 
 use crate::io::memory::{self, MemoryPeer};
 use crate::io::tap::{TapConfig, TapDevice, TUN_F_USO};
 use crate::io::PortIo;
 use crate::pipeline::{DropReason, Event};
 use crate::tables::builder::TableBuilder;
-use crate::tables::{Gateway, Port, PortCounters, SharedTables, Tables};
+use crate::tables::{Gateway, Port, PortCounters, PortRole, SharedTables, Tables};
 use crate::worker::Worker;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use switchyard_api::{
     self as api, AddPort, ApiError, ErrorCode, HelloReply, IpNet, MacAddr, PortInfo, PortSelector,
@@ -39,6 +43,8 @@ pub struct SwitchConfig {
     /// cross-CPU wake-up); less throughput when the CPUs are busy (measured in
     /// docs/benchmarks.md), so off by default.
     pub cpu_steering: bool,
+    /// Name of the node-side interface through which the node's stack reaches pods.
+    pub host_ifname: String,
 }
 
 impl Default for SwitchConfig {
@@ -50,6 +56,7 @@ impl Default for SwitchConfig {
             spin: std::time::Duration::ZERO,
             pod_cidrs: Vec::new(),
             cpu_steering: false,
+            host_ifname: "sy0".into(),
         }
     }
 }
@@ -57,6 +64,7 @@ impl Default for SwitchConfig {
 struct State {
     builder: TableBuilder,
     next_port_id: u32,
+    node: Option<cluster::NodeState>,
 }
 
 /// A running switch.
@@ -65,6 +73,8 @@ pub struct Switch {
     shared: Arc<SharedTables>,
     workers: Vec<Worker>,
     state: Mutex<State>,
+    /// MTU for new pods once the node settings fixed it (0: not yet).
+    node_mtu: AtomicU32,
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
@@ -85,7 +95,9 @@ impl Switch {
             state: Mutex::new(State {
                 builder: TableBuilder::new(config.gateway),
                 next_port_id: 1,
+                node: None,
             }),
+            node_mtu: AtomicU32::new(0),
             config,
             shared,
             workers,
@@ -113,7 +125,7 @@ impl Switch {
                 gateway_mac: self.config.gateway.mac,
                 gateway_ipv4: self.config.gateway.ipv4,
                 gateway_ipv6: self.config.gateway.ipv6,
-                pod_cidrs: self.config.pod_cidrs.clone(),
+                pod_cidrs: self.pod_cidrs(),
             })),
             Request::AddPort(spec) => self.add_tap_port(&spec).map(Reply::Port),
             Request::DelPort(selector) => self.del_port(&selector).map(|_| Reply::Done),
@@ -132,6 +144,8 @@ impl Switch {
             }
             Request::ListRoutes => Ok(Reply::Routes(self.state().builder.routes())),
             Request::Stats => Ok(Reply::Stats(self.stats())),
+            Request::SetNode(spec) => self.set_node(spec).map(Reply::Node),
+            Request::GetNode => Ok(Reply::Node(self.node_status())),
         }
     }
 
@@ -193,7 +207,12 @@ impl Switch {
                 return Err(invalid(format!("address {addr} is listed twice")));
             }
         }
-        let mtu = spec.mtu.unwrap_or(self.config.default_mtu);
+        let mtu = spec
+            .mtu
+            .unwrap_or(match self.node_mtu.load(Ordering::Relaxed) {
+                0 => self.config.default_mtu,
+                node => node,
+            });
         let min_mtu = if spec.ips.iter().any(|ip| ip.addr().is_ipv6()) {
             1280
         } else {
@@ -296,6 +315,7 @@ impl Switch {
         let queues = match &io {
             PortIo::Tap(tap) => tap.queues(),
             PortIo::Memory(_) => 1,
+            PortIo::Uplink(up) => up.queues(),
         };
         let info = PortInfo {
             id,
@@ -330,23 +350,38 @@ impl Switch {
                 })
                 .collect(),
             io,
+            role: PortRole::Pod,
             accepts_udp_gso,
             counters: PortCounters::default(),
             info: info.clone(),
         });
+        self.publish_port(state, port)?;
+        state.next_port_id += 1;
+        Ok(info)
+    }
+
+    /// Adds a port whose device is open to the tables and the workers' polls; undoes both
+    /// when polling fails.
+    fn publish_port(&self, state: &mut State, port: Arc<Port>) -> Result<(), ApiError> {
         state.builder.insert_port(port.clone());
         self.publish(state);
         if let Err(err) = self.workers.iter().try_for_each(|w| w.watch(&port)) {
             self.workers.iter().for_each(|w| w.unwatch(&port));
-            state.builder.remove_port(id);
+            state.builder.remove_port(port.id);
             self.publish(state);
             return Err(ApiError::new(
                 ErrorCode::System,
                 format!("cannot poll the new port: {err}"),
             ));
         }
-        state.next_port_id += 1;
-        Ok(info)
+        Ok(())
+    }
+
+    /// Removes a port from the workers' polls and the tables.
+    fn unpublish_port(&self, state: &mut State, port: &Port) {
+        self.workers.iter().for_each(|w| w.unwatch(port));
+        state.builder.remove_port(port.id);
+        self.publish(state);
     }
 
     /// Removes a port; its device goes away once no worker uses it any more.
@@ -365,9 +400,16 @@ impl Switch {
                 format!("no such port: {}", describe(selector)),
             )
         })?;
-        self.workers.iter().for_each(|w| w.unwatch(&port));
-        state.builder.remove_port(port.id);
-        self.publish(&mut state);
+        if port.role != PortRole::Pod {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "port {} ({}) belongs to the node settings, not to a pod; change them with set_node",
+                    port.id, port.info.ifname
+                ),
+            ));
+        }
+        self.unpublish_port(&mut state, &port);
         Ok(port.info.clone())
     }
 
@@ -410,8 +452,10 @@ impl Switch {
         }
     }
 
-    /// Stops the workers and closes every port (their interfaces disappear).
+    /// Stops the workers and closes every port (their interfaces disappear), and removes
+    /// the routes the node settings added to the node's stack.
     pub fn shutdown(mut self) {
+        self.leave_cluster();
         for worker in &mut self.workers {
             worker.stop();
         }

@@ -1,0 +1,531 @@
+//! The uplink: where pod traffic for other nodes leaves this node and where theirs arrives,
+//! through the node's own kernel sockets (docs/design-multinode.md, option A).
+//!
+//! * **VXLAN**: UDP sockets. Receive: one socket per worker bound to the node's address
+//!   and the VXLAN port with `SO_REUSEPORT`, so the kernel spreads peers' flows over the
+//!   workers; `recvmmsg` fills a batch. Send: a pool of sockets bound to the node's address
+//!   on distinct ephemeral ports; the inner flow's hash picks one, so the outer UDP source
+//!   port follows the inner flow (RFC 7348) and the underlay can spread flows. A TCP
+//!   super-frame is cut into segments in user space (`pipeline::segment`) and sent with one
+//!   `sendmsg` and `UDP_SEGMENT`: the kernel builds and checksums the outer headers.
+//! * **IP-in-IP**: a raw socket per inner family (protocol 4 for IPv4, 41 for IPv6), read
+//!   by worker 0 (a raw socket gets every packet of its protocol).
+//!
+//! Frames read from the uplink are decapsulated in place into the layout every port
+//! delivers (virtio-net header, Ethernet from the uplink's MAC to the gateway's), so the
+//! pipeline routes them like any other. A datagram from an address that is not a peer, with
+//! another VNI, or malformed is dropped here and counted on the port.
+
+use crate::buffer::{PacketBuf, BATCH};
+use crate::pipeline::segment;
+use crate::wire::{ethernet, vnet, VnetHeader};
+use arc_swap::ArcSwap;
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use switchyard_api::MacAddr;
+
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+const VXLAN_HEADER_LEN: usize = 8;
+/// The largest UDP payload in one IPv4 datagram (65,535 - 20 - 8).
+const MAX_UDP_PAYLOAD: usize = 65_507;
+const VXLAN_FLAG_VNI: u8 = 0x08;
+/// Sockets in the VXLAN send pool (distinct outer source ports).
+const TX_POOL: usize = 16;
+/// Where a received datagram's payload starts in the buffer: for VXLAN the inner Ethernet
+/// header lands right after the virtio-net header.
+const VXLAN_RX_AT: usize = vnet::HEADER_LEN - VXLAN_HEADER_LEN;
+/// For IP-in-IP the inner IP header lands after virtio-net + Ethernet when the outer header
+/// has no options (20 bytes).
+const IPIP_RX_AT: usize = vnet::HEADER_LEN + ethernet::HEADER_LEN - 20;
+
+/// The encapsulation an uplink speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encap {
+    /// VXLAN with this VNI, to this UDP port.
+    Vxlan {
+        /// VXLAN network identifier.
+        vni: u32,
+        /// Destination UDP port.
+        port: u16,
+    },
+    /// IP-in-IP with this IP protocol number (4: IPv4 inner, 41: IPv6 inner).
+    Ipip {
+        /// Outer IP protocol.
+        protocol: u8,
+    },
+}
+
+/// An uplink port's sockets.
+pub struct Uplink {
+    encap: Encap,
+    /// Receive sockets, one per worker queue (IP-in-IP: one, read by worker 0).
+    rx: Vec<OwnedFd>,
+    /// Send sockets; the inner flow hash picks one.
+    tx: Vec<OwnedFd>,
+    /// Underlay addresses accepted as senders.
+    peers: ArcSwap<Vec<Ipv4Addr>>,
+    /// Source MAC written on decapsulated frames (the uplink port's own).
+    mac: MacAddr,
+    /// Destination MAC written on decapsulated frames (the gateway's).
+    gateway: MacAddr,
+    /// Whether the kernel accepted `UDP_SEGMENT` so far.
+    gso: AtomicBool,
+    /// Datagrams dropped on receive (not a peer, wrong VNI, malformed).
+    pub rx_rejected: AtomicU64,
+}
+
+impl Uplink {
+    /// Opens the sockets for `encap` on the node's underlay address `local`, with `queues`
+    /// receive queues (VXLAN). Frames delivered get `mac` as source and `gateway` as
+    /// destination.
+    pub fn open(
+        encap: Encap,
+        local: Ipv4Addr,
+        queues: usize,
+        mac: MacAddr,
+        gateway: MacAddr,
+    ) -> io::Result<Self> {
+        let (rx, tx) = match encap {
+            Encap::Vxlan { port, .. } => {
+                let rx = (0..queues.max(1))
+                    .map(|_| udp_socket(SocketAddrV4::new(local, port), true))
+                    .collect::<io::Result<Vec<_>>>()?;
+                let tx = (0..TX_POOL)
+                    .map(|_| udp_socket(SocketAddrV4::new(local, 0), false))
+                    .collect::<io::Result<Vec<_>>>()?;
+                (rx, tx)
+            }
+            Encap::Ipip { protocol } => {
+                let raw = raw_socket(local, protocol)?;
+                let tx = vec![raw.try_clone()?];
+                (vec![raw], tx)
+            }
+        };
+        Ok(Self {
+            encap,
+            rx,
+            tx,
+            peers: ArcSwap::from_pointee(Vec::new()),
+            mac,
+            gateway,
+            gso: AtomicBool::new(true),
+            rx_rejected: AtomicU64::new(0),
+        })
+    }
+
+    /// The encapsulation.
+    pub fn encap(&self) -> Encap {
+        self.encap
+    }
+
+    /// Replaces the set of underlay addresses accepted as senders.
+    pub fn set_peers(&self, peers: Vec<Ipv4Addr>) {
+        self.peers.store(Arc::new(peers));
+    }
+
+    /// Number of receive queues.
+    pub fn queues(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// The receive socket of worker `queue`, if that worker reads this uplink.
+    pub fn raw_fd(&self, queue: usize) -> Option<RawFd> {
+        self.rx.get(queue).map(AsRawFd::as_raw_fd)
+    }
+
+    /// Reads and decapsulates datagrams into `bufs`; returns how many frames are ready.
+    pub(super) fn recv_batch(&self, queue: usize, bufs: &mut [PacketBuf]) -> io::Result<usize> {
+        let Some(fd) = self.raw_fd(queue) else {
+            return Ok(0);
+        };
+        let want = bufs.len().min(BATCH);
+        let at = match self.encap {
+            Encap::Vxlan { .. } => VXLAN_RX_AT,
+            Encap::Ipip { .. } => IPIP_RX_AT,
+        };
+        // SAFETY: all-zero is a valid value for these plain C structs.
+        let mut addrs: [libc::sockaddr_in; BATCH] = unsafe { zeroed() };
+        // SAFETY: as above.
+        let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
+        // SAFETY: as above.
+        let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
+        for i in 0..want {
+            let space = &mut bufs[i].receive_space()[at..];
+            iovs[i] = libc::iovec {
+                iov_base: space.as_mut_ptr().cast(),
+                iov_len: space.len(),
+            };
+            hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
+            hdrs[i].msg_hdr.msg_iovlen = 1;
+            hdrs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
+            hdrs[i].msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
+        }
+        // SAFETY: `hdrs[..want]` point at live iovecs over the buffers' free space and at
+        // live address slots, all of which outlive the call.
+        let got = unsafe {
+            libc::recvmmsg(
+                fd,
+                hdrs.as_mut_ptr(),
+                want as u32,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if got < 0 {
+            let err = io::Error::last_os_error();
+            return if err.kind() == io::ErrorKind::WouldBlock {
+                Ok(0)
+            } else {
+                Err(err)
+            };
+        }
+        let peers = self.peers.load();
+        let mut kept = 0;
+        for i in 0..got as usize {
+            let from = Ipv4Addr::from(u32::from_be(addrs[i].sin_addr.s_addr));
+            let len = hdrs[i].msg_len as usize;
+            let ok = peers.contains(&from) && self.decapsulate(&mut bufs[i], at, len);
+            if ok {
+                bufs.swap(kept, i);
+                kept += 1;
+            } else {
+                self.rx_rejected.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(kept)
+    }
+
+    /// Turns a datagram read at offset `at` into a frame; false when it is not ours.
+    fn decapsulate(&self, buf: &mut PacketBuf, at: usize, len: usize) -> bool {
+        let space = buf.receive_space();
+        let frame_len = match self.encap {
+            Encap::Vxlan { vni, .. } => {
+                let Some(h) = space.get(at..at + VXLAN_HEADER_LEN + ethernet::HEADER_LEN) else {
+                    return false;
+                };
+                if len < VXLAN_HEADER_LEN + ethernet::HEADER_LEN + 20
+                    || h[0] & VXLAN_FLAG_VNI == 0
+                    || u32::from_be_bytes([0, h[4], h[5], h[6]]) != vni
+                {
+                    return false;
+                }
+                at + len
+            }
+            Encap::Ipip { protocol } => {
+                let outer = usize::from(space[at] & 0x0f) * 4;
+                if len < outer + 20 || outer < 20 || space[at + 9] != protocol {
+                    return false;
+                }
+                if outer > 20 {
+                    space.copy_within(at + outer..at + len, at + 20);
+                }
+                at + len - (outer - 20)
+            }
+        };
+        let l3 = vnet::HEADER_LEN + ethernet::HEADER_LEN;
+        let ethertype: [u8; 2] = match space[l3] >> 4 {
+            4 => [0x08, 0x00],
+            6 => [0x86, 0xdd],
+            _ => return false,
+        };
+        if let Ok(mut h) = VnetHeader::new_checked(&mut space[..vnet::HEADER_LEN]) {
+            h.clear();
+        }
+        let eth = &mut space[vnet::HEADER_LEN..l3];
+        eth[0..6].copy_from_slice(&self.gateway.0);
+        eth[6..12].copy_from_slice(&self.mac.0);
+        eth[12..14].copy_from_slice(&ethertype);
+        buf.set_len(frame_len);
+        true
+    }
+
+    /// Encapsulates `frame` (virtio-net header then Ethernet, as the pipeline left it) and
+    /// sends it to the node at `peer`. A TCP super-frame is segmented first, into
+    /// `scratch` (see [`segment::SCRATCH_LEN`]).
+    pub fn send_to(&self, frame: &mut [u8], peer: Ipv4Addr, scratch: &mut [u8]) -> io::Result<()> {
+        let gso_type = VnetHeader::new_checked(&*frame)
+            .map(|h| {
+                if h.is_gso() {
+                    h.gso_type()
+                } else {
+                    vnet::GSO_NONE
+                }
+            })
+            .map_err(|_| invalid("frame shorter than its virtio-net header"))?;
+        let eth_at = vnet::HEADER_LEN;
+        let l3_at = eth_at + ethernet::HEADER_LEN;
+        if frame.len() < l3_at + 20 {
+            return Err(invalid("frame too short to carry"));
+        }
+        let socket = self.tx[flow_hash(&frame[l3_at..]) as usize % self.tx.len()].as_raw_fd();
+        let dst = sockaddr(SocketAddrV4::new(peer, self.dst_port()));
+        let vxlan = self.vxlan_header();
+        match gso_type {
+            vnet::GSO_NONE => {
+                if !vnet::finish_checksum(frame) {
+                    return Err(invalid("partial checksum outside the frame"));
+                }
+                match self.encap {
+                    Encap::Vxlan { .. } => send(socket, &dst, &[&vxlan, &frame[eth_at..]], 0),
+                    Encap::Ipip { .. } => send(socket, &dst, &[&frame[l3_at..]], 0),
+                }
+            }
+            vnet::GSO_TCPV4 | vnet::GSO_TCPV6 => {
+                let gap = match self.encap {
+                    Encap::Vxlan { .. } => VXLAN_HEADER_LEN,
+                    Encap::Ipip { .. } => 0,
+                };
+                let segs = segment::tcp(frame, gap, scratch)
+                    .map_err(|e| invalid(&format!("cannot segment: {e:?}")))?;
+                let out = &mut scratch[..segs.total];
+                match self.encap {
+                    Encap::Vxlan { .. } => {
+                        for seg in out.chunks_mut(segs.stride) {
+                            seg[..VXLAN_HEADER_LEN].copy_from_slice(&vxlan);
+                        }
+                        if segs.count > 1 && self.gso.load(Ordering::Relaxed) {
+                            // One UDP payload holds at most 65,507 bytes and 64 segments.
+                            let per_send = (MAX_UDP_PAYLOAD / segs.stride).clamp(1, 64);
+                            match out.chunks(per_send * segs.stride).try_for_each(|chunk| {
+                                send(socket, &dst, &[chunk], segs.stride as u16)
+                            }) {
+                                Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                                    self.gso.store(false, Ordering::Relaxed);
+                                }
+                                other => return other,
+                            }
+                        }
+                        out.chunks(segs.stride)
+                            .try_for_each(|seg| send(socket, &dst, &[seg], 0))
+                    }
+                    Encap::Ipip { .. } => out
+                        .chunks(segs.stride)
+                        .try_for_each(|seg| send(socket, &dst, &[&seg[ethernet::HEADER_LEN..]], 0)),
+                }
+            }
+            _ => Err(invalid("UDP GSO frames are not carried between nodes")),
+        }
+    }
+
+    fn dst_port(&self) -> u16 {
+        match self.encap {
+            Encap::Vxlan { port, .. } => port,
+            Encap::Ipip { .. } => 0,
+        }
+    }
+
+    fn vxlan_header(&self) -> [u8; VXLAN_HEADER_LEN] {
+        let vni = match self.encap {
+            Encap::Vxlan { vni, .. } => vni,
+            Encap::Ipip { .. } => 0,
+        };
+        let v = (vni & 0x00ff_ffff).to_be_bytes();
+        [VXLAN_FLAG_VNI, 0, 0, 0, v[1], v[2], v[3], 0]
+    }
+}
+
+fn invalid(message: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message.to_string())
+}
+
+/// A hash of the inner packet's addresses and ports (IPv4 or IPv6), the same for every
+/// packet of a flow.
+fn flow_hash(l3: &[u8]) -> u32 {
+    let (addrs, proto, l4) = match l3[0] >> 4 {
+        4 => {
+            let ihl = usize::from(l3[0] & 0x0f) * 4;
+            (l3.get(12..20), l3[9], l3.get(ihl..))
+        }
+        _ => (l3.get(8..40), l3.get(6).copied().unwrap_or(0), l3.get(40..)),
+    };
+    let mut h: u32 = 0x811c_9dc5;
+    let ports = match proto {
+        6 | 17 => l4.and_then(|l| l.get(..4)),
+        _ => None,
+    };
+    for b in addrs.unwrap_or(&[]).iter().chain(ports.unwrap_or(&[])) {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    h ^ (h >> 16)
+}
+
+fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// One `sendmsg` of the concatenation of `parts` to `dst`; with `segment > 0`, the kernel
+/// cuts the payload into datagrams of that size (`UDP_SEGMENT`).
+fn send(fd: RawFd, dst: &libc::sockaddr_in, parts: &[&[u8]], segment: u16) -> io::Result<()> {
+    let mut iovs = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; 2];
+    for (iov, part) in iovs.iter_mut().zip(parts) {
+        iov.iov_base = part.as_ptr() as *mut libc::c_void;
+        iov.iov_len = part.len();
+    }
+    // Room for one cmsg carrying a u16, 8-byte aligned.
+    let mut control = [0u64; 4];
+    // SAFETY: all-zero is a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = (dst as *const libc::sockaddr_in as *mut libc::sockaddr_in).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
+    msg.msg_iov = iovs.as_mut_ptr();
+    msg.msg_iovlen = parts.len().min(2);
+    if segment > 0 {
+        msg.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a size.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
+        // SAFETY: `msg` points at `control`, which has room for one cmsg with a u16
+        // (CMSG_SPACE(2) = 24 <= 32 bytes); CMSG_FIRSTHDR is therefore non-null and
+        // CMSG_DATA points inside `control`.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = SOL_UDP;
+            (*cmsg).cmsg_type = UDP_SEGMENT;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
+        }
+    }
+    // SAFETY: `msg` and everything it points to (address, iovecs over live slices,
+    // control buffer) outlive the call; sendmsg only reads them.
+    let rc = unsafe { libc::sendmsg(fd, &msg, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A blocking socket: receives use `MSG_DONTWAIT`, while a send waits for room in the
+/// socket buffer (back-pressure on the worker, like the kernel's own queueing) instead of
+/// dropping the frame.
+fn new_socket(kind: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn set_int(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: the option value is a live c_int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn bind(fd: &OwnedFd, addr: SocketAddrV4) -> io::Result<()> {
+    let sa = sockaddr(addr);
+    // SAFETY: `sa` is a valid sockaddr_in of the size passed.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        return Err(io::Error::new(
+            err.kind(),
+            format!("cannot bind {addr}: {err}"),
+        ));
+    }
+    Ok(())
+}
+
+/// 4 MiB socket buffers, past `net.core.[rw]mem_max` when allowed (root), so that a burst
+/// of super-frames does not overflow them.
+fn set_buffers(fd: &OwnedFd) -> io::Result<()> {
+    for (forced, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if set_int(fd, libc::SOL_SOCKET, forced, 4 << 20).is_err() {
+            set_int(fd, libc::SOL_SOCKET, plain, 4 << 20)?;
+        }
+    }
+    Ok(())
+}
+
+fn udp_socket(addr: SocketAddrV4, reuse_port: bool) -> io::Result<OwnedFd> {
+    let fd = new_socket(libc::SOCK_DGRAM, 0)?;
+    if reuse_port {
+        set_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    }
+    set_buffers(&fd)?;
+    bind(&fd, addr)?;
+    Ok(fd)
+}
+
+fn raw_socket(local: Ipv4Addr, protocol: u8) -> io::Result<OwnedFd> {
+    let fd = new_socket(libc::SOCK_RAW, libc::c_int::from(protocol))?;
+    set_buffers(&fd)?;
+    bind(&fd, SocketAddrV4::new(local, 0))?;
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_hash_is_per_flow() {
+        let mut a = [0u8; 40];
+        a[0] = 0x45;
+        a[9] = 6;
+        a[12..20].copy_from_slice(&[10, 0, 0, 1, 10, 0, 1, 1]);
+        a[20..24].copy_from_slice(&[0x30, 0x39, 0x00, 0x50]);
+        let mut b = a;
+        b[20] = 0x31;
+        assert_eq!(flow_hash(&a), flow_hash(&a.clone()));
+        assert_ne!(flow_hash(&a), flow_hash(&b));
+    }
+
+    #[test]
+    fn vxlan_header_carries_the_vni() {
+        let u = Uplink {
+            encap: Encap::Vxlan {
+                vni: 0x12_3456,
+                port: 4789,
+            },
+            rx: Vec::new(),
+            tx: Vec::new(),
+            peers: ArcSwap::from_pointee(Vec::new()),
+            mac: MacAddr::default(),
+            gateway: MacAddr::default(),
+            gso: AtomicBool::new(true),
+            rx_rejected: AtomicU64::new(0),
+        };
+        assert_eq!(u.vxlan_header(), [0x08, 0, 0, 0, 0x12, 0x34, 0x56, 0]);
+    }
+}

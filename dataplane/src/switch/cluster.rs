@@ -1,0 +1,309 @@
+//! Carrying out the node settings ([`NodeSpec`]): the host port, the uplink sockets, the
+//! routes of the node's own stack, and the dataplane's cluster routes.
+//!
+//! Order: everything is computed and checked first ([`node::plan`]); then the host port is
+//! created (once) and the uplink opened (again only when the encapsulation or the address
+//! changed); then the kernel routes are replaced and stale ones removed; then one new
+//! snapshot is published. Pushing the same spec again changes nothing.
+
+use super::{State, Switch};
+use crate::io::links;
+use crate::io::netlink::{KernelRoute, Netlink};
+use crate::io::tap::TapDevice;
+use crate::io::uplink::{Encap, Uplink};
+use crate::io::PortIo;
+use crate::node::{self, KernelVia, NodePlan, UplinkInfo};
+use crate::tables::builder::NodePorts;
+use crate::tables::{Port, PortCounters, PortRole};
+use std::io;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use switchyard_api::{
+    ApiError, BackendKind, ErrorCode, IpNet, MacAddr, NodeSpec, NodeStatus, PortInfo,
+};
+
+/// MAC of the host port: frames from the node's stack carry it, frames to it are sent to it.
+const HOST_MAC: MacAddr = MacAddr([0x0e, 0xee, 0xee, 0x00, 0x00, 0x01]);
+/// Source MAC of decapsulated frames (never on a wire).
+const UPLINK_MAC: MacAddr = MacAddr([0x0e, 0xee, 0xee, 0x00, 0x00, 0x02]);
+/// The host port takes any frame the node's stack sends (its own MTU is the pods').
+const HOST_PORT_MTU: u32 = 65_521;
+
+/// The node settings in force and what was made of them.
+pub(super) struct NodeState {
+    spec: NodeSpec,
+    plan: NodePlan,
+    uplink: UplinkInfo,
+    host: Arc<Port>,
+    host_ifindex: u32,
+    tunnels: Vec<Arc<Port>>,
+    kernel_routes: Vec<KernelRoute>,
+}
+
+fn system(context: &str, err: io::Error) -> ApiError {
+    ApiError::new(ErrorCode::System, format!("{context}: {err}"))
+}
+
+fn node_port(
+    id: u32,
+    ifname: &str,
+    ifindex: u32,
+    mac: MacAddr,
+    mtu: u32,
+    io: PortIo,
+    role: PortRole,
+) -> Port {
+    let info = PortInfo {
+        id,
+        kind: io.kind().into(),
+        netns: String::new(),
+        ifname: ifname.into(),
+        ifindex,
+        mac,
+        mtu,
+        ips: Vec::new(),
+        owner: Some("node".into()),
+        queues: 1,
+    };
+    Port {
+        id,
+        mac,
+        mtu,
+        ipv4: Vec::new(),
+        ipv6: Vec::new(),
+        io,
+        role,
+        accepts_udp_gso: false,
+        counters: PortCounters::default(),
+        info,
+    }
+}
+
+/// The encapsulations a backend needs: (inner IPv4, inner IPv6) uplinks, the same for VXLAN.
+fn encaps(spec: &NodeSpec) -> Vec<Encap> {
+    match spec.backend.kind {
+        BackendKind::Vxlan => vec![Encap::Vxlan {
+            vni: spec.backend.vni,
+            port: spec.backend.port,
+        }],
+        BackendKind::Ipip => vec![Encap::Ipip { protocol: 4 }, Encap::Ipip { protocol: 41 }],
+        BackendKind::Direct => Vec::new(),
+    }
+}
+
+impl Switch {
+    /// This node's pod CIDRs: from the node settings, else from `--pod-cidr`.
+    pub(super) fn pod_cidrs(&self) -> Vec<IpNet> {
+        match &self.state().node {
+            Some(node) => node.spec.pod_cidrs.clone(),
+            None => self.config.pod_cidrs.clone(),
+        }
+    }
+
+    /// The node settings in force.
+    pub fn node_status(&self) -> NodeStatus {
+        status(self.state().node.as_ref(), &self.config.host_ifname)
+    }
+
+    /// Joins the cluster as `spec` says, or moves to it from the settings in force.
+    pub fn set_node(&self, spec: NodeSpec) -> Result<NodeStatus, ApiError> {
+        let mut state = self.state();
+        if state.node.as_ref().is_some_and(|n| n.spec == spec) {
+            return Ok(status(state.node.as_ref(), &self.config.host_ifname));
+        }
+        let uplink = node::find_uplink(&spec)?;
+        let plan = node::plan(&spec, &uplink)?;
+        let uplink_index = crate::io::netns::link_index(&uplink.ifname).unwrap_or(0);
+
+        let (host, host_ifindex) = match &state.node {
+            Some(n) => (n.host.clone(), n.host_ifindex),
+            None => self.create_host_port(&mut state, plan.pod_mtu)?,
+        };
+        Netlink::open()
+            .and_then(|mut nl| nl.set_link(host_ifindex, None, Some(plan.pod_mtu)))
+            .map_err(|e| system("cannot set the host port's MTU", e))?;
+
+        let old_tunnels: Vec<Arc<Port>> = state
+            .node
+            .as_ref()
+            .map(|n| n.tunnels.clone())
+            .unwrap_or_default();
+        let same_uplink = state
+            .node
+            .as_ref()
+            .is_some_and(|n| n.spec.underlay == spec.underlay && encaps(&n.spec) == encaps(&spec));
+        let tunnels = if same_uplink {
+            old_tunnels.clone()
+        } else {
+            self.open_tunnels(&mut state, &spec, plan.pod_mtu)?
+        };
+        for port in &tunnels {
+            if let PortIo::Uplink(up) = &port.io {
+                up.set_peers(plan.peer_underlays.clone());
+            }
+        }
+
+        let gateway = self.config.gateway;
+        let mut kernel_routes = vec![KernelRoute {
+            dst: crate::tables::builder::host_net(IpAddr::V4(gateway.ipv4)),
+            oif: host_ifindex,
+            gateway: None,
+            src: None,
+        }];
+        for (dst, (via, src)) in &plan.kernel_routes {
+            let (oif, gw) = match via {
+                KernelVia::HostPort => (
+                    host_ifindex,
+                    if dst.addr().is_ipv4() {
+                        IpAddr::V4(gateway.ipv4)
+                    } else {
+                        IpAddr::V6(gateway.ipv6)
+                    },
+                ),
+                KernelVia::Uplink(gw) => (uplink_index, *gw),
+            };
+            kernel_routes.push(KernelRoute {
+                dst: *dst,
+                oif,
+                gateway: Some(gw),
+                src: *src,
+            });
+        }
+        links::set_sysctl("net.ipv4.ip_forward", "1").map_err(|e| system("forwarding", e))?;
+        if kernel_routes.iter().any(|r| r.dst.addr().is_ipv6()) {
+            links::set_sysctl("net.ipv6.conf.all.forwarding", "1")
+                .map_err(|e| system("forwarding", e))?;
+        }
+        let mut nl = Netlink::open().map_err(|e| system("netlink", e))?;
+        for route in &kernel_routes {
+            nl.replace_route(route)
+                .map_err(|e| system(&format!("cannot route {} on the node", route.dst), e))?;
+        }
+        if let Some(old) = &state.node {
+            for route in old
+                .kernel_routes
+                .iter()
+                .filter(|r| !kernel_routes.contains(r))
+            {
+                let _ = nl.delete_route(route);
+            }
+        }
+
+        let ports = NodePorts {
+            host: Some(host.clone()),
+            tunnel_v4: tunnels.first().cloned(),
+            tunnel_v6: tunnels.last().cloned(),
+        };
+        state.builder.set_cluster(plan.routes.clone(), ports);
+        self.publish(&mut state);
+        if !same_uplink {
+            for port in &old_tunnels {
+                self.unpublish_port(&mut state, port);
+            }
+        }
+        self.node_mtu.store(plan.pod_mtu, Ordering::Relaxed);
+        state.node = Some(NodeState {
+            spec,
+            plan,
+            uplink,
+            host,
+            host_ifindex,
+            tunnels,
+            kernel_routes,
+        });
+        Ok(status(state.node.as_ref(), &self.config.host_ifname))
+    }
+
+    fn create_host_port(&self, state: &mut State, mtu: u32) -> Result<(Arc<Port>, u32), ApiError> {
+        let name = &self.config.host_ifname;
+        let (tap, ifindex) = TapDevice::create_host(name, HOST_MAC, mtu, self.workers.len())
+            .map_err(|e| system(&format!("cannot create the host port {name}"), e))?;
+        let id = state.next_port_id;
+        let port = Arc::new(node_port(
+            id,
+            name,
+            ifindex,
+            HOST_MAC,
+            HOST_PORT_MTU,
+            PortIo::Tap(tap),
+            PortRole::Host,
+        ));
+        self.publish_port(state, port.clone())?;
+        state.next_port_id += 1;
+        Ok((port, ifindex))
+    }
+
+    fn open_tunnels(
+        &self,
+        state: &mut State,
+        spec: &NodeSpec,
+        mtu: u32,
+    ) -> Result<Vec<Arc<Port>>, ApiError> {
+        let mut out: Vec<Arc<Port>> = Vec::new();
+        for encap in encaps(spec) {
+            let uplink = Uplink::open(
+                encap,
+                spec.underlay,
+                self.workers.len(),
+                UPLINK_MAC,
+                self.config.gateway.mac,
+            )
+            .map_err(|e| system("cannot open the uplink sockets", e))?;
+            let id = state.next_port_id;
+            let name = match encap {
+                Encap::Vxlan { .. } => "vxlan",
+                Encap::Ipip { protocol: 4 } => "ipip4",
+                Encap::Ipip { .. } => "ipip6",
+            };
+            let port = Arc::new(node_port(
+                id,
+                name,
+                0,
+                UPLINK_MAC,
+                mtu,
+                PortIo::Uplink(uplink),
+                PortRole::Uplink,
+            ));
+            if let Err(err) = self.publish_port(state, port.clone()) {
+                for opened in &out {
+                    self.unpublish_port(state, opened);
+                }
+                return Err(err);
+            }
+            state.next_port_id += 1;
+            out.push(port);
+        }
+        Ok(out)
+    }
+
+    /// Removes the node's kernel routes (shutdown). The host port and its routes go away
+    /// with the process; routes through the uplink (`direct`) would not.
+    pub fn leave_cluster(&self) {
+        let state = self.state();
+        if let (Some(node), Ok(mut nl)) = (&state.node, Netlink::open()) {
+            for route in &node.kernel_routes {
+                let _ = nl.delete_route(route);
+            }
+        }
+    }
+}
+
+fn status(node: Option<&NodeState>, host_ifname: &str) -> NodeStatus {
+    match node {
+        None => NodeStatus {
+            spec: None,
+            uplink: None,
+            uplink_mtu: None,
+            pod_mtu: None,
+            host_ifname: None,
+        },
+        Some(n) => NodeStatus {
+            spec: Some(n.spec.clone()),
+            uplink: Some(n.uplink.ifname.clone()),
+            uplink_mtu: Some(n.uplink.mtu),
+            pod_mtu: Some(n.plan.pod_mtu),
+            host_ifname: Some(host_ifname.to_string()),
+        },
+    }
+}
