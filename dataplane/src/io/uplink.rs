@@ -17,11 +17,12 @@
 //! another VNI, or malformed is dropped here and counted on the port.
 
 use crate::buffer::{PacketBuf, BATCH};
+use crate::pipeline::coalesce::{tcp_absorb, tcp_finish, tcp_follows, tcp_segment};
 use crate::pipeline::segment;
 use crate::wire::{ethernet, vnet, VnetHeader};
 use arc_swap::ArcSwap;
 use std::io;
-use std::mem::{size_of, zeroed};
+use std::mem::{size_of, size_of_val, zeroed};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +31,7 @@ use switchyard_api::MacAddr;
 
 const SOL_UDP: libc::c_int = 17;
 const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
 const VXLAN_HEADER_LEN: usize = 8;
 /// The largest UDP payload in one IPv4 datagram (65,535 - 20 - 8).
 const MAX_UDP_PAYLOAD: usize = 65_507;
@@ -144,6 +146,9 @@ impl Uplink {
             return Ok(0);
         };
         let want = bufs.len().min(BATCH);
+        if let Encap::Vxlan { .. } = self.encap {
+            return self.recv_gro(fd, &mut bufs[..want]);
+        }
         let at = match self.encap {
             Encap::Vxlan { .. } => VXLAN_RX_AT,
             Encap::Ipip { .. } => IPIP_RX_AT,
@@ -200,26 +205,153 @@ impl Uplink {
         Ok(kept)
     }
 
+    /// VXLAN receive with `UDP_GRO`: one `recvmsg` may return many datagrams of one size
+    /// back to back (the kernel did not cut the sender's UDP GSO super-packet, or merged
+    /// a run). Consecutive TCP segments of one inner flow are merged in place into one
+    /// super-frame ([`Self::merge_run`]); anything else continues in the next buffer.
+    fn recv_gro(&self, fd: RawFd, bufs: &mut [PacketBuf]) -> io::Result<usize> {
+        let mut n = 0;
+        while n < bufs.len() {
+            let space = &mut bufs[n].receive_space()[VXLAN_RX_AT..];
+            let (len, from, segment) = match recv_one(fd, space) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if n == 0 => return Err(e),
+                Err(_) => break,
+            };
+            if !self.peers.load().contains(&from) {
+                self.rx_rejected.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let segment = if segment == 0 { len } else { segment };
+            n += self.split_runs(&mut bufs[n..], len, segment);
+        }
+        Ok(n)
+    }
+
+    /// `bufs[0]` holds `len` bytes of datagrams of `segment` bytes (the last may be
+    /// shorter) at [`VXLAN_RX_AT`]; turns them into frames in `bufs[0..]`, returns how
+    /// many. When the buffers run out, what is left is dropped and counted.
+    fn split_runs(&self, bufs: &mut [PacketBuf], mut len: usize, segment: usize) -> usize {
+        let mut made = 0;
+        while len > 0 {
+            let (used, frame_len) = self.merge_run(bufs[made].receive_space(), len, segment);
+            if frame_len > 0 {
+                bufs[made].set_len(frame_len);
+            }
+            len -= used;
+            if len == 0 {
+                return made + usize::from(frame_len > 0);
+            }
+            // The rest starts a new frame: in the next buffer, or in place if this one
+            // made none.
+            let (this, rest) = bufs.split_at_mut(made + 1);
+            let src_at = VXLAN_RX_AT + used;
+            if frame_len == 0 {
+                this[made]
+                    .receive_space()
+                    .copy_within(src_at..src_at + len, VXLAN_RX_AT);
+                continue;
+            }
+            let Some(next) = rest.first_mut() else {
+                self.rx_rejected
+                    .fetch_add(len.div_ceil(segment) as u64, Ordering::Relaxed);
+                return made + 1;
+            };
+            next.receive_space()[VXLAN_RX_AT..VXLAN_RX_AT + len]
+                .copy_from_slice(&this[made].receive_space()[src_at..src_at + len]);
+            made += 1;
+        }
+        made
+    }
+
+    /// Decapsulates the first datagram in `space` (at [`VXLAN_RX_AT`]) into a frame and
+    /// merges the TCP segments that continue it; returns the datagram bytes consumed and
+    /// the frame's length (0 when the first datagram was not ours: dropped and counted).
+    fn merge_run(&self, space: &mut [u8], len: usize, segment: usize) -> (usize, usize) {
+        let first_len = segment.min(len);
+        let Some(frame_len) = self.decapsulate_in(space, VXLAN_RX_AT, first_len) else {
+            self.rx_rejected.fetch_add(1, Ordering::Relaxed);
+            return (first_len, 0);
+        };
+        let l3_at = vnet::HEADER_LEN + ethernet::HEADER_LEN;
+        let Some(first) = tcp_segment(&space[l3_at..frame_len], true) else {
+            return (first_len, frame_len);
+        };
+        let (mut used, mut end, mut merged) = (first_len, frame_len, first.payload_len());
+        while used < len {
+            let at = VXLAN_RX_AT + used;
+            let dlen = segment.min(len - used);
+            let inner = at + VXLAN_HEADER_LEN + ethernet::HEADER_LEN;
+            if dlen < VXLAN_HEADER_LEN + ethernet::HEADER_LEN + 20
+                || !self.vxlan_ok(&space[at..at + VXLAN_HEADER_LEN])
+                || space[at + 20..at + 22] != space[vnet::HEADER_LEN + 12..l3_at]
+            {
+                break;
+            }
+            let (head, tail) = space.split_at_mut(inner);
+            let next_l3 = &tail[..dlen - VXLAN_HEADER_LEN - ethernet::HEADER_LEN];
+            let Some(next) = tcp_segment(next_l3, true) else {
+                break;
+            };
+            if end + next.payload_len() > crate::buffer::MAX_FRAME
+                || merged + next.payload_len() + first.payload_offset() > 65_535
+                || !tcp_follows(&head[l3_at..], &first, merged, next_l3, &next)
+            {
+                break;
+            }
+            tcp_absorb(&mut head[l3_at..], &first, next_l3);
+            let payload = inner + next.payload_offset();
+            space.copy_within(payload..payload + next.payload_len(), end);
+            end += next.payload_len();
+            merged += next.payload_len();
+            used += dlen;
+            let short = next.payload_len() < first.payload_len();
+            if short {
+                break;
+            }
+        }
+        if merged > first.payload_len() {
+            tcp_finish(&mut space[..end], &first, merged);
+        }
+        (used, end)
+    }
+
+    fn vxlan_ok(&self, h: &[u8]) -> bool {
+        match self.encap {
+            Encap::Vxlan { vni, .. } => {
+                h[0] & VXLAN_FLAG_VNI != 0 && u32::from_be_bytes([0, h[4], h[5], h[6]]) == vni
+            }
+            Encap::Ipip { .. } => false,
+        }
+    }
+
     /// Turns a datagram read at offset `at` into a frame; false when it is not ours.
     fn decapsulate(&self, buf: &mut PacketBuf, at: usize, len: usize) -> bool {
-        let space = buf.receive_space();
+        match self.decapsulate_in(buf.receive_space(), at, len) {
+            Some(frame_len) => {
+                buf.set_len(frame_len);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Decapsulates the datagram of `len` bytes at `at` in `space` in place; returns the
+    /// frame's length (virtio-net header and Ethernet included).
+    fn decapsulate_in(&self, space: &mut [u8], at: usize, len: usize) -> Option<usize> {
         let frame_len = match self.encap {
-            Encap::Vxlan { vni, .. } => {
-                let Some(h) = space.get(at..at + VXLAN_HEADER_LEN + ethernet::HEADER_LEN) else {
-                    return false;
-                };
-                if len < VXLAN_HEADER_LEN + ethernet::HEADER_LEN + 20
-                    || h[0] & VXLAN_FLAG_VNI == 0
-                    || u32::from_be_bytes([0, h[4], h[5], h[6]]) != vni
-                {
-                    return false;
+            Encap::Vxlan { .. } => {
+                let h = space.get(at..at + VXLAN_HEADER_LEN + ethernet::HEADER_LEN)?;
+                if len < VXLAN_HEADER_LEN + ethernet::HEADER_LEN + 20 || !self.vxlan_ok(h) {
+                    return None;
                 }
                 at + len
             }
             Encap::Ipip { protocol } => {
                 let outer = usize::from(space[at] & 0x0f) * 4;
                 if len < outer + 20 || outer < 20 || space[at + 9] != protocol {
-                    return false;
+                    return None;
                 }
                 if outer > 20 {
                     space.copy_within(at + outer..at + len, at + 20);
@@ -231,17 +363,18 @@ impl Uplink {
         let ethertype: [u8; 2] = match space[l3] >> 4 {
             4 => [0x08, 0x00],
             6 => [0x86, 0xdd],
-            _ => return false,
+            _ => return None,
         };
-        if let Ok(mut h) = VnetHeader::new_checked(&mut space[..vnet::HEADER_LEN]) {
-            h.clear();
+        space[..vnet::HEADER_LEN].fill(0);
+        if matches!(self.encap, Encap::Vxlan { .. }) {
+            // The kernel verified the outer UDP checksum, which covers the inner packet.
+            space[0] = vnet::F_DATA_VALID;
         }
         let eth = &mut space[vnet::HEADER_LEN..l3];
         eth[0..6].copy_from_slice(&self.gateway.0);
         eth[6..12].copy_from_slice(&self.mac.0);
         eth[12..14].copy_from_slice(&ethertype);
-        buf.set_len(frame_len);
-        true
+        Some(frame_len)
     }
 
     /// Encapsulates `frame` (virtio-net header then Ethernet, as the pipeline left it) and
@@ -411,6 +544,47 @@ fn send(fd: RawFd, dst: &libc::sockaddr_in, parts: &[&[u8]], segment: u16) -> io
 /// A blocking socket: receives use `MSG_DONTWAIT`, while a send waits for room in the
 /// socket buffer (back-pressure on the worker, like the kernel's own queueing) instead of
 /// dropping the frame.
+/// One `recvmsg` into `space`: bytes read, the sender's address, and the segment size the
+/// kernel reports with `UDP_GRO` (0 when it merged nothing).
+fn recv_one(fd: RawFd, space: &mut [u8]) -> io::Result<(usize, Ipv4Addr, usize)> {
+    // SAFETY: all-zero is a valid sockaddr_in and msghdr.
+    let mut from: libc::sockaddr_in = unsafe { zeroed() };
+    let mut iov = libc::iovec {
+        iov_base: space.as_mut_ptr().cast(),
+        iov_len: space.len(),
+    };
+    let mut control = [0u64; 8];
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = (&mut from as *mut libc::sockaddr_in).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&control);
+    // SAFETY: `msg` points at live storage for the address, the data (`space`) and the
+    // control messages, all of which outlive the call.
+    let got = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut segment = 0;
+    // SAFETY: the kernel filled `msg_controllen` bytes of `control` with well-formed
+    // cmsgs; CMSG_FIRSTHDR/NXTHDR stay inside it and CMSG_DATA of a UDP_GRO cmsg holds
+    // an int.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == SOL_UDP && (*cmsg).cmsg_type == UDP_GRO {
+                segment = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    let addr = Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr));
+    Ok((got as usize, addr, segment.max(0) as usize))
+}
+
 fn new_socket(kind: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2) call with constant arguments.
     let fd = unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_CLOEXEC, protocol) };
@@ -481,6 +655,8 @@ fn udp_socket(addr: SocketAddrV4, reuse_port: bool) -> io::Result<OwnedFd> {
     let fd = new_socket(libc::SOCK_DGRAM, 0)?;
     if reuse_port {
         set_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+        // Receive runs of datagrams in one read (see `Uplink::recv_gro`).
+        set_int(&fd, SOL_UDP, UDP_GRO, 1)?;
     }
     set_buffers(&fd)?;
     bind(&fd, addr)?;

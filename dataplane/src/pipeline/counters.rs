@@ -47,6 +47,8 @@ named_counters! {
         RxFrames => "rx_frames",
         /// UDP datagrams merged into an earlier one's GSO super-frame.
         UdpCoalesced => "udp_coalesced",
+        /// TCP segments from another node merged into an earlier one's GSO super-frame.
+        TcpCoalesced => "tcp_coalesced",
     }
 }
 

@@ -112,7 +112,16 @@ impl Pipeline {
         for (frame, verdict) in frames.iter_mut().zip(verdicts.iter_mut()) {
             *verdict = self.process_one(tables, ingress, frame);
         }
-        coalesce::udp(tables, frames, verdicts, &mut self.counters);
+        coalesce::coalesce::<coalesce::Udp>(tables, ingress, frames, verdicts, &mut self.counters);
+        if ingress.role == PortRole::Uplink {
+            coalesce::coalesce::<coalesce::Tcp>(
+                tables,
+                ingress,
+                frames,
+                verdicts,
+                &mut self.counters,
+            );
+        }
     }
 
     fn drop(&mut self, reason: DropReason) -> Verdict {
