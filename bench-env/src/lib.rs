@@ -7,6 +7,7 @@
 //! is created in the root namespace.
 
 pub mod cleanup;
+pub mod cluster;
 pub mod error;
 pub mod measure;
 pub mod netns;

@@ -1,14 +1,15 @@
 //! `bench-env`: builds simulated clusters out of network namespaces and measures Switchyard
 //! against the kernel's own datapath in the same run.
 
+use bench_env::cluster::{self, Cluster, ClusterOptions, Underlay};
 use bench_env::measure::{self, Matrix};
 use bench_env::report::{self, Metric};
-use bench_env::testbed::{Arm, Attach, Options, Testbed};
+use bench_env::testbed::{Arm, Attach, Options, Pod, Testbed};
 use bench_env::{fail, tools, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use switchyard_api::{Reply, Request};
+use switchyard_api::{BackendKind, Reply, Request};
 
 /// Switchyard's testbed and benchmark driver.
 #[derive(Parser)]
@@ -61,6 +62,59 @@ enum Scenario {
         #[arg(long = "dataplane-arg", allow_hyphen_values = true)]
         dataplane_args: Vec<String>,
     },
+    /// Several nodes on an underlay, pods attached through CNI on each: Switchyard (one
+    /// dataplane and one control process per node, one manifests directory) against the
+    /// kernel in flannel's VXLAN layout. Matrix: pods on the same node and across nodes,
+    /// nodes to remote pods, IPv4 and IPv6; then cross-node iperf3.
+    MultiNode {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Pods per node.
+        #[arg(long, default_value_t = 2)]
+        pods_per_node: usize,
+        /// Switchyard's encapsulation (the kernel baseline is always VXLAN).
+        #[arg(long, value_enum, default_value_t = BackendArg::Vxlan)]
+        backend: BackendArg,
+        /// Underlay layout.
+        #[arg(long, value_enum, default_value_t = UnderlayArg::Flat)]
+        underlay: UnderlayArg,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Rounds per metric, alternating the arms; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Dataplane worker threads (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Extra arguments for switchyard-dataplane.
+        #[arg(long = "dataplane-arg", allow_hyphen_values = true)]
+        dataplane_args: Vec<String>,
+    },
+}
+
+/// `--backend` values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BackendArg {
+    /// VXLAN.
+    Vxlan,
+    /// IP-in-IP.
+    Ipip,
+    /// Plain routing (peers on-link).
+    Direct,
+}
+
+/// `--underlay` values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum UnderlayArg {
+    /// One L2 segment.
+    Flat,
+    /// Two subnets behind a router.
+    Routed,
 }
 
 fn print_matrix(arm: Arm, m: &Matrix) {
@@ -116,7 +170,7 @@ fn single_node(run: SingleNode) -> Result<bool> {
 
     let mut all_connected = true;
     for bed in beds {
-        let m = measure::connectivity(bed);
+        let m = measure::connectivity(&bed.pods);
         print_matrix(bed.arm, &m);
         all_connected &= m.failures.is_empty();
     }
@@ -127,20 +181,20 @@ fn single_node(run: SingleNode) -> Result<bool> {
     let runs: Vec<(&[(&str, &str)], Measure)> = vec![
         (
             &[("tcp_1_stream", "Gbit/s")],
-            Box::new(|b| Ok(vec![measure::tcp_gbps(b, 0, 1, 1, seconds)?])),
+            Box::new(|b| Ok(vec![measure::tcp_gbps(&b.pods[0], &b.pods[1], 1, seconds)?])),
         ),
         (
             &[("tcp_4_streams", "Gbit/s")],
-            Box::new(|b| Ok(vec![measure::tcp_gbps(b, 0, 1, 4, seconds)?])),
+            Box::new(|b| Ok(vec![measure::tcp_gbps(&b.pods[0], &b.pods[1], 4, seconds)?])),
         ),
         (
             &[("udp_64b_pps", "packets/s")],
-            Box::new(|b| Ok(vec![measure::udp_64b_pps(b, 0, 1, seconds)?])),
+            Box::new(|b| Ok(vec![measure::udp_64b_pps(&b.pods[0], &b.pods[1], seconds)?])),
         ),
         (
             &[("rtt_p50_us", "µs"), ("rtt_p99_us", "µs")],
             Box::new(|b| {
-                let (p50, p99) = measure::rtt_us(b, 0, 1, pings)?;
+                let (p50, p99) = measure::rtt_us(&b.pods[0], &b.pods[1], pings)?;
                 Ok(vec![p50, p99])
             }),
         ),
@@ -205,6 +259,140 @@ fn single_node(run: SingleNode) -> Result<bool> {
     Ok(all_connected)
 }
 
+/// Runs `measure` `repeat` times on each arm, alternating; returns the medians per output.
+fn rounds<T>(
+    arms: [&T; 2],
+    repeat: usize,
+    label: &str,
+    measure: &dyn Fn(&T) -> Result<Vec<f64>>,
+) -> Result<Vec<[f64; 2]>> {
+    use std::io::Write;
+    print!("measuring {label} ...");
+    let _ = std::io::stdout().flush();
+    let (mut s_rounds, mut k_rounds) = (Vec::new(), Vec::new());
+    for _ in 0..repeat.max(1) {
+        k_rounds.push(measure(arms[1])?);
+        s_rounds.push(measure(arms[0])?);
+        print!(".");
+        let _ = std::io::stdout().flush();
+    }
+    println!(" done");
+    let width = s_rounds.first().map_or(0, Vec::len);
+    Ok((0..width)
+        .map(|i| {
+            [
+                median(s_rounds.iter().map(|r: &Vec<f64>| r[i]).collect()),
+                median(k_rounds.iter().map(|r: &Vec<f64>| r[i]).collect()),
+            ]
+        })
+        .collect())
+}
+
+/// What the multi-node scenario was asked to do.
+struct MultiNode {
+    seconds: u64,
+    repeat: usize,
+    json: Option<PathBuf>,
+    options: ClusterOptions,
+}
+
+fn multi_node(run: MultiNode) -> Result<bool> {
+    let MultiNode {
+        seconds,
+        repeat,
+        json,
+        options,
+    } = run;
+    if options.nodes < 2 {
+        return Err(fail!("--nodes must be at least 2"));
+    }
+    if !bench_env::is_root() {
+        return Err(fail!(
+            "bench-env creates network namespaces and TAP devices: run it as root"
+        ));
+    }
+    tools::ensure_installed()?;
+    println!(
+        "building clusters: {} nodes ({:?} underlay), {} pods per node attached through CNI; Switchyard with {} against the kernel's VXLAN (flannel layout)",
+        options.nodes, options.underlay, options.pods_per_node, options.backend.name()
+    );
+    let kernel = Cluster::build(Arm::Kernel, &options)?;
+    let switchyard = Cluster::build(Arm::Switchyard, &options)?;
+    let mut all_connected = true;
+    for c in [&kernel, &switchyard] {
+        let m = cluster::connectivity(c);
+        let ok = m.attempted - m.failures.len();
+        println!(
+            "connectivity {:<10} {ok}/{} pings answered (pod<->pod same node and across, node->remote pod, pod->remote node; IPv4 and IPv6)",
+            c.arm.name(),
+            m.attempted
+        );
+        for f in &m.failures {
+            println!("  FAILED {f}");
+        }
+        all_connected &= m.failures.is_empty();
+    }
+    let mut metrics = Vec::new();
+    let r = rounds(
+        [&switchyard, &kernel],
+        repeat,
+        "cross-node tcp_1_stream",
+        &|c| {
+            let (a, b) = cross(c)?;
+            Ok(vec![measure::tcp_gbps(a, b, 1, seconds)?])
+        },
+    )?;
+    metrics.push(Metric::new(
+        "cross_node_tcp_1_stream",
+        "Gbit/s",
+        r[0][0],
+        r[0][1],
+    ));
+    let r = rounds(
+        [&switchyard, &kernel],
+        repeat,
+        "cross-node tcp_4_streams",
+        &|c| {
+            let (a, b) = cross(c)?;
+            Ok(vec![measure::tcp_gbps(a, b, 4, seconds)?])
+        },
+    )?;
+    metrics.push(Metric::new(
+        "cross_node_tcp_4_streams",
+        "Gbit/s",
+        r[0][0],
+        r[0][1],
+    ));
+    let r = rounds([&switchyard, &kernel], repeat, "cross-node rtt", &|c| {
+        let (a, b) = cross(c)?;
+        let (p50, p99) = measure::rtt_us(a, b, 200)?;
+        Ok(vec![p50, p99])
+    })?;
+    metrics.push(Metric::new("cross_node_rtt_p50_us", "µs", r[0][0], r[0][1]));
+    metrics.push(Metric::new("cross_node_rtt_p99_us", "µs", r[1][0], r[1][1]));
+    println!();
+    print!("{}", report::table(&metrics));
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&metrics)?)?;
+        println!("results written to {}", path.display());
+    }
+    Ok(all_connected)
+}
+
+/// The first pod of node 0 and of node 1.
+fn cross(c: &Cluster) -> Result<(&Pod, &Pod)> {
+    Ok((
+        c.nodes[0]
+            .pods
+            .first()
+            .ok_or_else(|| fail!("no pod on node0"))?,
+        c.nodes[1]
+            .pods
+            .first()
+            .ok_or_else(|| fail!("no pod on node1"))?,
+    ))
+}
+
 fn main() -> ExitCode {
     bench_env::cleanup::install_signal_handler();
     let cli = Cli::parse();
@@ -234,6 +422,37 @@ fn main() -> ExitCode {
                     AttachArg::Cni => Attach::Cni,
                     AttachArg::Direct => Attach::Direct,
                 },
+            },
+        }),
+        Scenario::MultiNode {
+            nodes,
+            pods_per_node,
+            backend,
+            underlay,
+            seconds,
+            repeat,
+            json,
+            workers,
+            dataplane_args,
+        } => multi_node(MultiNode {
+            seconds,
+            repeat,
+            json,
+            options: ClusterOptions {
+                nodes,
+                pods_per_node,
+                backend: match backend {
+                    BackendArg::Vxlan => BackendKind::Vxlan,
+                    BackendArg::Ipip => BackendKind::Ipip,
+                    BackendArg::Direct => BackendKind::Direct,
+                },
+                underlay: match underlay {
+                    UnderlayArg::Flat => Underlay::Flat,
+                    UnderlayArg::Routed => Underlay::Routed,
+                },
+                pod_mtu: None,
+                workers,
+                dataplane_args,
             },
         }),
     };

@@ -1,6 +1,7 @@
 //! Measurements on a testbed: connectivity matrix, iperf3 TCP and UDP, ping RTT.
 
-use crate::testbed::Testbed;
+use crate::netns::Netns;
+use crate::testbed::Pod;
 use crate::{fail, Result};
 use hdrhistogram::Histogram;
 use std::net::IpAddr;
@@ -18,23 +19,40 @@ pub struct Matrix {
     pub failures: Vec<String>,
 }
 
+impl Matrix {
+    /// Pings `target` from `from` and records the outcome under `label`.
+    pub fn ping(&mut self, from: &Netns, label: &str, target: IpAddr) {
+        self.attempted += 1;
+        if !ping(from, target) {
+            self.failures.push(format!("{label} -> {target}"));
+        }
+    }
+
+    /// Adds another matrix's outcomes.
+    pub fn extend(&mut self, other: Matrix) {
+        self.attempted += other.attempted;
+        self.failures.extend(other.failures);
+    }
+}
+
+/// True when `target` answers a ping from `from`. Up to three tries, one second each:
+/// the first packet toward a new neighbour may be lost while it is resolved.
+pub fn ping(from: &Netns, target: IpAddr) -> bool {
+    let target = target.to_string();
+    (0..3).any(|_| {
+        from.exec(&["ping", "-c", "1", "-W", "1", "-q", &target])
+            .is_ok()
+    })
+}
+
 /// Every pod pings every other pod, over IPv4 and IPv6.
-pub fn connectivity(bed: &Testbed) -> Matrix {
+pub fn connectivity(pods: &[Pod]) -> Matrix {
     let mut m = Matrix::default();
-    for (i, from) in bed.pods.iter().enumerate() {
-        for (j, to) in bed.pods.iter().enumerate() {
-            if i == j {
-                continue;
-            }
-            for addr in [IpAddr::V4(to.ipv4), IpAddr::V6(to.ipv6)] {
-                m.attempted += 1;
-                let target = addr.to_string();
-                if from
-                    .ns
-                    .exec(&["ping", "-c", "1", "-W", "2", "-q", &target])
-                    .is_err()
-                {
-                    m.failures.push(format!("pod{i} -> {target}"));
+    for (i, from) in pods.iter().enumerate() {
+        for (j, to) in pods.iter().enumerate() {
+            if i != j {
+                for addr in [IpAddr::V4(to.ipv4), IpAddr::V6(to.ipv6)] {
+                    m.ping(&from.ns, &format!("pod{i}"), addr);
                 }
             }
         }
@@ -44,8 +62,7 @@ pub fn connectivity(bed: &Testbed) -> Matrix {
 
 /// Runs an iperf3 client in pod `client` against a one-shot server in pod `server`;
 /// returns the client's JSON report.
-fn iperf(bed: &Testbed, client: usize, server: usize, extra: &[&str]) -> Result<serde_json::Value> {
-    let srv = &bed.pods[server];
+fn iperf(client: &Pod, srv: &Pod, extra: &[&str]) -> Result<serde_json::Value> {
     let _server = srv
         .ns
         .spawn(&["iperf3", "-s", "-1", "-p", IPERF_PORT], None)?;
@@ -54,7 +71,7 @@ fn iperf(bed: &Testbed, client: usize, server: usize, extra: &[&str]) -> Result<
     argv.extend(extra);
     let mut last = None;
     for _ in 0..20 {
-        let outcome = bed.pods[client].ns.exec(&argv).and_then(|out| {
+        let outcome = client.ns.exec(&argv).and_then(|out| {
             let report: serde_json::Value = serde_json::from_str(&out)?;
             match report.get("error").and_then(|e| e.as_str()) {
                 Some(error) => Err(fail!("iperf3: {error}")),
@@ -78,29 +95,18 @@ fn number(v: &serde_json::Value, path: &[&str]) -> Option<f64> {
 }
 
 /// iperf3 TCP throughput from `client` to `server` with `streams` parallel streams, Gbit/s.
-pub fn tcp_gbps(
-    bed: &Testbed,
-    client: usize,
-    server: usize,
-    streams: usize,
-    seconds: u64,
-) -> Result<f64> {
+pub fn tcp_gbps(client: &Pod, server: &Pod, streams: usize, seconds: u64) -> Result<f64> {
     let (p, t) = (streams.to_string(), seconds.to_string());
-    let report = iperf(bed, client, server, &["-P", &p, "-t", &t])?;
+    let report = iperf(client, server, &["-P", &p, "-t", &t])?;
     number(&report, &["end", "sum_received", "bits_per_second"])
         .map(|bps| bps / 1e9)
         .ok_or_else(|| fail!("iperf3 TCP report without end.sum_received: {report}"))
 }
 
 /// iperf3 UDP with 64-byte payloads at full speed: packets per second the receiver got.
-pub fn udp_64b_pps(bed: &Testbed, client: usize, server: usize, seconds: u64) -> Result<f64> {
+pub fn udp_64b_pps(client: &Pod, server: &Pod, seconds: u64) -> Result<f64> {
     let t = seconds.to_string();
-    let report = iperf(
-        bed,
-        client,
-        server,
-        &["-u", "-l", "64", "-b", "0", "-t", &t],
-    )?;
+    let report = iperf(client, server, &["-u", "-l", "64", "-b", "0", "-t", &t])?;
     let sum = |k: &str| number(&report, &["end", "sum", k]);
     match (sum("packets"), sum("lost_packets"), sum("seconds")) {
         (Some(sent), Some(lost), Some(secs)) if secs > 0.0 => Ok((sent - lost) / secs),
@@ -109,10 +115,10 @@ pub fn udp_64b_pps(bed: &Testbed, client: usize, server: usize, seconds: u64) ->
 }
 
 /// Round-trip times of `count` pings 5 ms apart from `client` to `server`: (p50, p99) in µs.
-pub fn rtt_us(bed: &Testbed, client: usize, server: usize, count: usize) -> Result<(f64, f64)> {
-    let target = bed.pods[server].ipv4.to_string();
+pub fn rtt_us(client: &Pod, server: &Pod, count: usize) -> Result<(f64, f64)> {
+    let target = server.ipv4.to_string();
     let c = count.to_string();
-    let out = bed.pods[client]
+    let out = client
         .ns
         .exec(&["ping", "-c", &c, "-i", "0.005", "-W", "1", &target])?;
     let mut hist = Histogram::<u64>::new(3).map_err(|e| fail!("{e}"))?;

@@ -36,13 +36,19 @@ impl Metric {
 
 /// Renders the metrics as an aligned table.
 pub fn table(metrics: &[Metric]) -> String {
+    let w = metrics
+        .iter()
+        .map(|m| m.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(16);
     let mut out = format!(
-        "{:<16} {:>12} {:>12} {:>8}  {}\n",
+        "{:<w$} {:>12} {:>12} {:>8}  {}\n",
         "metric", "switchyard", "kernel", "ratio", "unit"
     );
     for m in metrics {
         out += &format!(
-            "{:<16} {:>12.2} {:>12.2} {:>7.2}x  {}\n",
+            "{:<w$} {:>12.2} {:>12.2} {:>7.2}x  {}\n",
             m.name, m.switchyard, m.kernel, m.ratio, m.unit
         );
     }

@@ -42,7 +42,7 @@ fn two_pods_ping_and_move_200_mb_intact() {
     let Some(bed) = testbed(2, vec![1500]) else {
         return;
     };
-    let matrix = measure::connectivity(&bed);
+    let matrix = measure::connectivity(&bed.pods);
     assert!(
         matrix.failures.is_empty(),
         "pings failed: {:?}",
@@ -235,7 +235,7 @@ fn bad_api_requests_are_refused_and_change_nothing() {
         !interfaces.contains("eth1"),
         "no interface left behind: {interfaces}"
     );
-    let matrix = measure::connectivity(&bed);
+    let matrix = measure::connectivity(&bed.pods);
     assert!(matrix.failures.is_empty(), "{:?}", matrix.failures);
 }
 
@@ -276,7 +276,7 @@ fn ten_thousand_random_frames_do_not_stop_forwarding() {
         "dataplane died: {}",
         bed.dataplane_log()
     );
-    let matrix = measure::connectivity(&bed);
+    let matrix = measure::connectivity(&bed.pods);
     assert!(matrix.failures.is_empty(), "{:?}", matrix.failures);
 }
 
@@ -349,7 +349,7 @@ fn cpu_steering_mode_forwards_everything() {
         ..Options::default()
     };
     let bed = Testbed::build(Arm::Switchyard, &options).expect("testbed with CPU steering");
-    let matrix = measure::connectivity(&bed);
+    let matrix = measure::connectivity(&bed.pods);
     assert!(matrix.failures.is_empty(), "{:?}", matrix.failures);
     let t = tcp_transfer(&bed.pods[0], &bed.pods[1], 50 << 20).expect("transfer");
     assert_eq!(t.sent_hash, t.received_hash);

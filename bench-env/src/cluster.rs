@@ -1,0 +1,706 @@
+//! Multi-node testbeds: node namespaces on an underlay (one L2 segment, or two subnets
+//! joined by a router namespace), pods attached on each node through a CNI plugin, and
+//! either Switchyard (a dataplane and a `switchyard-control run` agent per node, all
+//! agents reading one manifests directory) or the kernel in flannel's VXLAN layout (a
+//! bridge per node, a kernel `vxlan` device, static routes, neighbours and fdb entries).
+//!
+//! Addresses: node `i` is `192.168.S.(10+i)` and `fd00:S::(10+i)` on subnet S (1, or 1 and
+//! 2 alternately when routed; the router is `.1` / `::1`); its pod CIDRs are
+//! `10.244.i.0/24` and `fd00:244:0:i::/64` (the control process allocates them from
+//! `clusterCIDR` in node-name order; the kernel arm uses the same).
+
+use crate::cleanup::{self, Resource};
+use crate::netns::Netns;
+use crate::process::Process;
+use crate::testbed::{cni_call, unique_prefix, Arm, Pod, CNI_BIN_DIR};
+use crate::tools::find_binary;
+use crate::{fail, Result};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use switchyard_api::{BackendKind, Client};
+
+/// How the nodes are connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Underlay {
+    /// One L2 segment (a bridge in a hub namespace).
+    Flat,
+    /// Two subnets joined by a router namespace; nodes alternate between them.
+    Routed,
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Pods on each node.
+    pub pods_per_node: usize,
+    /// Encapsulation between nodes (Switchyard arm; the kernel arm is flannel's VXLAN).
+    pub backend: BackendKind,
+    /// Underlay layout.
+    pub underlay: Underlay,
+    /// Pod MTU written into the CNI configuration (default: the node's, from the uplink).
+    pub pod_mtu: Option<u32>,
+    /// Dataplane worker threads.
+    pub workers: Option<usize>,
+    /// Extra arguments for `switchyard-dataplane`.
+    pub dataplane_args: Vec<String>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            nodes: 2,
+            pods_per_node: 1,
+            backend: BackendKind::Vxlan,
+            underlay: Underlay::Flat,
+            pod_mtu: None,
+            workers: None,
+            dataplane_args: Vec::new(),
+        }
+    }
+}
+
+/// One simulated node.
+pub struct SimNode {
+    // Field order is drop order: processes, then pods, then the namespace.
+    control: Option<Process>,
+    dataplane: Option<Process>,
+    /// Its pods.
+    pub pods: Vec<Pod>,
+    /// Its namespace.
+    pub ns: Netns,
+    /// Node name (`node<i>`).
+    pub name: String,
+    /// Index in the cluster.
+    pub index: usize,
+    /// Underlay IPv4 address.
+    pub ipv4: Ipv4Addr,
+    /// Underlay IPv6 address.
+    pub ipv6: Ipv6Addr,
+    /// Dataplane API socket (Switchyard arm).
+    pub api: PathBuf,
+    /// Dataplane log.
+    pub dataplane_log: PathBuf,
+    /// Control process log.
+    pub control_log: PathBuf,
+}
+
+impl SimNode {
+    /// A client of this node's dataplane.
+    pub fn client(&self) -> Result<Client> {
+        Ok(Client::connect(&self.api)?)
+    }
+
+    /// The dataplane's and the control process's logs.
+    pub fn logs(&self) -> String {
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+        format!(
+            "--- {} dataplane ---\n{}--- {} control ---\n{}",
+            self.name,
+            read(&self.dataplane_log),
+            self.name,
+            read(&self.control_log)
+        )
+    }
+}
+
+/// A built multi-node testbed; dropping it removes everything.
+pub struct Cluster {
+    /// Which datapath.
+    pub arm: Arm,
+    /// The nodes.
+    pub nodes: Vec<SimNode>,
+    /// The hub (switch or router) namespace.
+    pub hub: Netns,
+    /// The manifests directory every control process reads.
+    pub manifests: PathBuf,
+    /// Name prefix of everything this testbed made.
+    pub prefix: String,
+    options: ClusterOptions,
+    keys: Vec<u64>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        for key in self.keys.drain(..) {
+            cleanup::release(key);
+        }
+    }
+}
+
+/// Pod CIDRs of node `i`: (IPv4, IPv6) networks, as the allocator hands them out.
+pub fn pod_cidrs(i: usize) -> (String, String) {
+    (format!("10.244.{i}.0/24"), format!("fd00:244:0:{i:x}::/64"))
+}
+
+const CLUSTER_CIDR: &str = "10.244.0.0/16";
+const CLUSTER_CIDR_V6: &str = "fd00:244::/56";
+
+impl Cluster {
+    /// Builds the arm asked for.
+    pub fn build(arm: Arm, options: &ClusterOptions) -> Result<Self> {
+        crate::tools::ensure_cni_plugins()?;
+        let prefix = unique_prefix();
+        let hub = Netns::create(&format!("{prefix}-hub"))?;
+        match options.underlay {
+            Underlay::Flat => bridge(&hub, "br0", None)?,
+            Underlay::Routed => {
+                bridge(&hub, "br1", Some(("192.168.1.1/24", "fd00:1::1/64")))?;
+                bridge(&hub, "br2", Some(("192.168.2.1/24", "fd00:2::1/64")))?;
+                hub.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+                hub.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+            }
+        }
+        let manifests = std::env::temp_dir().join(format!("{prefix}-manifests"));
+        std::fs::create_dir_all(&manifests)?;
+        let mut cluster = Self {
+            arm,
+            nodes: Vec::new(),
+            hub,
+            keys: vec![cleanup::register(Resource::Dir(manifests.clone()))],
+            manifests,
+            prefix,
+            options: options.clone(),
+        };
+        cluster.write_config()?;
+        for i in 0..options.nodes {
+            cluster.start_node(i)?;
+        }
+        match arm {
+            Arm::Switchyard => {
+                for i in 0..options.nodes {
+                    cluster.write_node_manifest(i)?;
+                }
+                for i in 0..options.nodes {
+                    cluster.wait_for_peers(i, options.nodes - 1, Duration::from_secs(10))?;
+                }
+            }
+            Arm::Kernel => cluster.flannel_routes()?,
+        }
+        for i in 0..options.nodes {
+            for p in 0..options.pods_per_node {
+                cluster.add_pod(i, p)?;
+            }
+        }
+        Ok(cluster)
+    }
+
+    fn write_config(&self) -> Result<()> {
+        let backend = match self.options.backend {
+            BackendKind::Vxlan => "vxlan",
+            BackendKind::Ipip => "ipip",
+            BackendKind::Direct => "direct",
+        };
+        let text = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: switchyard-config\n  namespace: kube-system\ndata:\n  config.yaml: |\n    clusterCIDR: {CLUSTER_CIDR}\n    clusterCIDRv6: {CLUSTER_CIDR_V6}\n    nodeCIDRMaskSizeV6: 64\n    backend:\n      type: {backend}\n"
+        );
+        std::fs::write(self.manifests.join("switchyard-config.yaml"), text)?;
+        Ok(())
+    }
+
+    /// Writes node `i`'s Node manifest (name and InternalIPs; no podCIDR, so the control
+    /// processes allocate one).
+    pub fn write_node_manifest(&self, i: usize) -> Result<()> {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.index == i)
+            .ok_or_else(|| fail!("no node {i}"))?;
+        let text = format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n  - type: InternalIP\n    address: \"{}\"\n  - type: Hostname\n    address: {}\n",
+            node.name, node.ipv4, node.ipv6, node.name
+        );
+        let tmp = self.manifests.join(format!(".{}.tmp", node.name));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.manifests.join(format!("{}.yaml", node.name)))?;
+        Ok(())
+    }
+
+    fn subnet(&self, i: usize) -> u8 {
+        match self.options.underlay {
+            Underlay::Flat => 1,
+            Underlay::Routed => 1 + (i % 2) as u8,
+        }
+    }
+
+    /// Creates node `i`'s namespace on the underlay and, for Switchyard, starts its
+    /// dataplane and control process (without writing its Node manifest).
+    pub fn start_node(&mut self, i: usize) -> Result<()> {
+        let name = format!("node{i}");
+        let ns = Netns::create(&format!("{}-n{i}", self.prefix))?;
+        let s = self.subnet(i);
+        let (ipv4, ipv6) = (
+            Ipv4Addr::new(192, 168, s, 10 + i as u8),
+            Ipv6Addr::new(0xfd00, u16::from(s), 0, 0, 0, 0, 0, 10 + i as u16),
+        );
+        let port = format!("n{i}");
+        ns.exec(&[
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            self.hub.name(),
+        ])?;
+        let bridge = match self.options.underlay {
+            Underlay::Flat => "br0".to_string(),
+            Underlay::Routed => format!("br{s}"),
+        };
+        self.hub
+            .exec(&["ip", "link", "set", &port, "master", &bridge, "up"])?;
+        ns.exec(&["ip", "addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
+        ns.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{ipv6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ns.exec(&["ip", "link", "set", "eth0", "up"])?;
+        if self.options.underlay == Underlay::Routed {
+            ns.exec(&[
+                "ip",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("192.168.{s}.1"),
+            ])?;
+            ns.exec(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:{s}::1"),
+            ])?;
+        }
+        let file = |what: &str| std::env::temp_dir().join(format!("{}-{name}.{what}", self.prefix));
+        let (api, dataplane_log, control_log) =
+            (file("sock"), file("dataplane.log"), file("control.log"));
+        for f in [&api, &dataplane_log, &control_log] {
+            self.keys.push(cleanup::register(Resource::File(f.clone())));
+        }
+        self.keys
+            .push(cleanup::register(Resource::Dir(self.ipam_dir(&name))));
+        let mut node = SimNode {
+            control: None,
+            dataplane: None,
+            pods: Vec::new(),
+            ns,
+            name,
+            index: i,
+            ipv4,
+            ipv6,
+            api,
+            dataplane_log,
+            control_log,
+        };
+        if self.arm == Arm::Switchyard {
+            node.dataplane = Some(self.spawn_dataplane(&node)?);
+            wait_for_api(&node, Duration::from_secs(10))?;
+            node.control = Some(self.spawn_control(&node)?);
+        }
+        self.nodes.push(node);
+        Ok(())
+    }
+
+    fn spawn_dataplane(&self, node: &SimNode) -> Result<Process> {
+        let binary = find_binary("switchyard-dataplane")?
+            .to_string_lossy()
+            .into_owned();
+        let api = node.api.to_string_lossy().into_owned();
+        let mut argv = vec![binary, "--api".into(), api];
+        if let Some(w) = self.options.workers {
+            argv.extend(["--workers".into(), w.to_string()]);
+        }
+        argv.extend(self.options.dataplane_args.iter().cloned());
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        node.ns.spawn(&refs, Some(&node.dataplane_log))
+    }
+
+    fn spawn_control(&self, node: &SimNode) -> Result<Process> {
+        let binary = find_binary("switchyard-control")?
+            .to_string_lossy()
+            .into_owned();
+        let manifests = self.manifests.to_string_lossy().into_owned();
+        let api = node.api.to_string_lossy().into_owned();
+        node.ns.spawn(
+            &[
+                &binary,
+                "run",
+                "--node",
+                &node.name,
+                "--manifests",
+                &manifests,
+                "--dataplane-api",
+                &api,
+            ],
+            Some(&node.control_log),
+        )
+    }
+
+    /// Kills node `i`'s dataplane and starts a new one.
+    pub fn restart_dataplane(&mut self, i: usize) -> Result<()> {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.index == i)
+            .ok_or_else(|| fail!("no node {i}"))?;
+        node.dataplane.take();
+        let process = {
+            let node = self
+                .nodes
+                .iter()
+                .find(|n| n.index == i)
+                .ok_or_else(|| fail!("no node {i}"))?;
+            self.spawn_dataplane(node)?
+        };
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.index == i)
+            .ok_or_else(|| fail!("no node {i}"))?;
+        node.dataplane = Some(process);
+        Ok(())
+    }
+
+    /// Kills node `i`'s control process and starts a new one.
+    pub fn restart_control(&mut self, i: usize) -> Result<()> {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.index == i)
+            .ok_or_else(|| fail!("no node {i}"))?;
+        node.control.take();
+        let process = {
+            let node = self
+                .nodes
+                .iter()
+                .find(|n| n.index == i)
+                .ok_or_else(|| fail!("no node {i}"))?;
+            self.spawn_control(node)?
+        };
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.index == i)
+            .ok_or_else(|| fail!("no node {i}"))?;
+        node.control = Some(process);
+        Ok(())
+    }
+
+    /// Waits until node `i`'s dataplane has node settings with `peers` peers.
+    pub fn wait_for_peers(&self, i: usize, peers: usize, timeout: Duration) -> Result<Duration> {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.index == i)
+            .ok_or_else(|| fail!("no node {i}"))?;
+        let start = Instant::now();
+        loop {
+            let have = node
+                .client()
+                .and_then(|mut c| Ok(c.node()?))
+                .ok()
+                .and_then(|s| s.spec)
+                .map(|s| s.peers.len());
+            if have == Some(peers) {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                return Err(fail!(
+                    "node {} did not get settings with {peers} peers within {timeout:?} (has {have:?})\n{}",
+                    node.name,
+                    node.logs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Flannel's VXLAN layout in every node: a `vxlan` device with this node's pod CIDRs'
+    /// first addresses, and for every other node a route, a neighbour and an fdb entry.
+    fn flannel_routes(&self) -> Result<()> {
+        let mac = |i: usize| format!("0e:00:00:00:00:{:02x}", i + 1);
+        for node in &self.nodes {
+            let ns = &node.ns;
+            let i = node.index;
+            ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+            ns.exec(&[
+                "ip",
+                "link",
+                "add",
+                "flannel.1",
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                &node.ipv4.to_string(),
+                "dstport",
+                "4789",
+                "nolearning",
+                "dev",
+                "eth0",
+            ])?;
+            ns.exec(&[
+                "ip",
+                "link",
+                "set",
+                "flannel.1",
+                "address",
+                &mac(i),
+                "mtu",
+                "1450",
+                "up",
+            ])?;
+            ns.exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("10.244.{i}.0/32"),
+                "dev",
+                "flannel.1",
+            ])?;
+            ns.exec(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("fd00:244:0:{i:x}::/128"),
+                "dev",
+                "flannel.1",
+                "nodad",
+            ])?;
+            for peer in self.nodes.iter().filter(|p| p.index != i) {
+                let j = peer.index;
+                let (v4, v6) = pod_cidrs(j);
+                let (gw4, gw6) = (format!("10.244.{j}.0"), format!("fd00:244:0:{j:x}::"));
+                ns.exec(&[
+                    "ip",
+                    "route",
+                    "add",
+                    &v4,
+                    "via",
+                    &gw4,
+                    "dev",
+                    "flannel.1",
+                    "onlink",
+                ])?;
+                ns.exec(&[
+                    "ip",
+                    "-6",
+                    "route",
+                    "add",
+                    &v6,
+                    "via",
+                    &gw6,
+                    "dev",
+                    "flannel.1",
+                    "onlink",
+                ])?;
+                ns.exec(&[
+                    "ip",
+                    "neigh",
+                    "add",
+                    &gw4,
+                    "lladdr",
+                    &mac(j),
+                    "dev",
+                    "flannel.1",
+                    "nud",
+                    "permanent",
+                ])?;
+                ns.exec(&[
+                    "ip",
+                    "-6",
+                    "neigh",
+                    "add",
+                    &gw6,
+                    "lladdr",
+                    &mac(j),
+                    "dev",
+                    "flannel.1",
+                    "nud",
+                    "permanent",
+                ])?;
+                ns.exec(&[
+                    "bridge",
+                    "fdb",
+                    "append",
+                    &mac(j),
+                    "dev",
+                    "flannel.1",
+                    "dst",
+                    &peer.ipv4.to_string(),
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ipam_dir(&self, node: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("{}-{node}-ipam", self.prefix))
+    }
+
+    /// The CNI configuration of node `i`: switchyard-cni with host-local over the node's
+    /// pod CIDRs (`usePodCidr`), or the reference bridge plugin over the same ranges.
+    fn cni_conf(&self, node: &SimNode) -> Result<(PathBuf, serde_json::Value)> {
+        let data_dir = self.ipam_dir(&node.name);
+        let (plugin, mut conf, ranges) = match self.arm {
+            Arm::Switchyard => (
+                find_binary("switchyard-cni")?,
+                serde_json::json!({"type": "switchyard", "dataplane_api": node.api}),
+                serde_json::json!([[{"subnet": "usePodCidr"}], [{"subnet": "usePodCidrIPv6"}]]),
+            ),
+            Arm::Kernel => {
+                let (v4, v6) = pod_cidrs(node.index);
+                (
+                    PathBuf::from(CNI_BIN_DIR).join("bridge"),
+                    serde_json::json!({"type": "bridge", "bridge": "cni0", "isGateway": true, "isDefaultGateway": true, "mtu": 1450}),
+                    serde_json::json!([[{"subnet": v4}], [{"subnet": v6}]]),
+                )
+            }
+        };
+        conf["cniVersion"] = serde_json::json!("1.0.0");
+        conf["name"] = serde_json::json!(format!("{}-{}", self.prefix, node.name));
+        conf["ipam"] =
+            serde_json::json!({"type": "host-local", "dataDir": data_dir, "ranges": ranges});
+        if let Some(mtu) = self.options.pod_mtu {
+            conf["mtu"] = serde_json::json!(mtu);
+        }
+        Ok((plugin, conf))
+    }
+
+    /// Attaches pod `p` of node `i` through the node's CNI plugin.
+    pub fn add_pod(&mut self, i: usize, p: usize) -> Result<()> {
+        let at = self
+            .nodes
+            .iter()
+            .position(|n| n.index == i)
+            .ok_or_else(|| fail!("no node {i}"))?;
+        let node = &self.nodes[at];
+        let ns = Netns::create(&format!("{}-n{i}p{p}", self.prefix))?;
+        let (plugin, conf) = self.cni_conf(node)?;
+        let result = cni_call(
+            &node.ns,
+            &plugin,
+            "ADD",
+            &format!("{}-n{i}c{p}", self.prefix),
+            &ns,
+            &conf,
+        )
+        .map_err(|e| fail!("{e}\n{}", node.logs()))?;
+        let addr = |v6: bool| -> Result<IpAddr> {
+            result["ips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|ip| {
+                    ip["address"]
+                        .as_str()?
+                        .split('/')
+                        .next()?
+                        .parse::<IpAddr>()
+                        .ok()
+                })
+                .find(|a| a.is_ipv6() == v6)
+                .ok_or_else(|| fail!("CNI result without both address families: {result}"))
+        };
+        let (IpAddr::V4(ipv4), IpAddr::V6(ipv6)) = (addr(false)?, addr(true)?) else {
+            return Err(fail!("unexpected address families in {result}"));
+        };
+        self.nodes[at].pods.push(Pod {
+            ns,
+            ipv4,
+            ipv6,
+            port: None,
+        });
+        Ok(())
+    }
+
+    /// Every pod, with the index of its node.
+    pub fn pods(&self) -> impl Iterator<Item = (usize, &Pod)> {
+        self.nodes
+            .iter()
+            .flat_map(|n| n.pods.iter().map(move |p| (n.index, p)))
+    }
+
+    /// Everyone's logs, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes.iter().map(SimNode::logs).collect()
+    }
+}
+
+fn bridge(ns: &Netns, name: &str, addrs: Option<(&str, &str)>) -> Result<()> {
+    ns.exec(&["ip", "link", "add", name, "type", "bridge"])?;
+    if let Some((v4, v6)) = addrs {
+        ns.exec(&["ip", "addr", "add", v4, "dev", name])?;
+        ns.exec(&["ip", "addr", "add", v6, "dev", name, "nodad"])?;
+    }
+    ns.exec(&["ip", "link", "set", name, "up"])?;
+    Ok(())
+}
+
+fn wait_for_api(node: &SimNode, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if node.client().and_then(|mut c| Ok(c.hello()?)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(fail!(
+        "the dataplane of {} did not answer within {timeout:?}\n{}",
+        node.name,
+        node.logs()
+    ))
+}
+
+/// The cluster matrix: every pod pings every other pod (same node and across nodes), every
+/// node pings every pod of the other nodes, and every pod pings every other node, over IPv4
+/// and IPv6.
+pub fn connectivity(cluster: &Cluster) -> crate::measure::Matrix {
+    let mut m = crate::measure::Matrix::default();
+    let pods: Vec<(usize, usize, &Pod)> = cluster
+        .nodes
+        .iter()
+        .flat_map(|n| n.pods.iter().enumerate().map(move |(k, p)| (n.index, k, p)))
+        .collect();
+    for &(i, k, from) in &pods {
+        let label = format!("node{i}/pod{k}");
+        for &(j, l, to) in &pods {
+            if (i, k) != (j, l) {
+                for addr in [IpAddr::V4(to.ipv4), IpAddr::V6(to.ipv6)] {
+                    m.ping(&from.ns, &label, addr);
+                }
+            }
+        }
+        for node in cluster.nodes.iter().filter(|n| n.index != i) {
+            for addr in [IpAddr::V4(node.ipv4), IpAddr::V6(node.ipv6)] {
+                m.ping(&from.ns, &label, addr);
+            }
+        }
+    }
+    for node in &cluster.nodes {
+        for &(j, _, to) in pods.iter().filter(|(j, _, _)| *j != node.index) {
+            let _ = j;
+            for addr in [IpAddr::V4(to.ipv4), IpAddr::V6(to.ipv6)] {
+                m.ping(&node.ns, &node.name, addr);
+            }
+        }
+    }
+    m
+}
