@@ -289,7 +289,8 @@ impl Cluster {
         let file = |what: &str| std::env::temp_dir().join(format!("{}-{name}.{what}", self.prefix));
         let (api, dataplane_log, control_log) =
             (file("sock"), file("dataplane.log"), file("control.log"));
-        for f in [&api, &dataplane_log, &control_log] {
+        let state = api.with_extension("ports.json");
+        for f in [&api, &state, &dataplane_log, &control_log] {
             self.keys.push(cleanup::register(Resource::File(f.clone())));
         }
         self.keys

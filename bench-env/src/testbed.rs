@@ -177,6 +177,8 @@ impl Testbed {
         let node = Netns::create(&format!("{prefix}-node"))?;
         let api = std::env::temp_dir().join(format!("{prefix}.sock"));
         let api_key = cleanup::register(Resource::File(api.clone()));
+        // The dataplane records its ports beside the socket.
+        cleanup::register(Resource::File(api.with_extension("ports.json")));
         let log = std::env::temp_dir().join(format!("{prefix}-dataplane.log"));
         // Registered so that Ctrl-C removes it too; the guard's drop removes it otherwise.
         cleanup::register(Resource::File(log.clone()));

@@ -36,6 +36,10 @@ struct Args {
     /// (created when the control process pushes the node settings).
     #[arg(long, default_value = "sy0")]
     host_ifname: String,
+    /// Where pod ports are recorded so that a restarted dataplane re-attaches them
+    /// (default: beside the API socket, `<api stem>.ports.json`).
+    #[arg(long)]
+    state_file: Option<PathBuf>,
 }
 
 /// `--steering` values.
@@ -58,6 +62,10 @@ fn main() {
     config.pod_cidrs = args.pod_cidrs;
     config.cpu_steering = args.steering == Steering::Cpu;
     config.host_ifname = args.host_ifname;
+    config.state_file = Some(
+        args.state_file
+            .unwrap_or_else(|| args.api.with_extension("ports.json")),
+    );
     let listener = match server::bind(&args.api) {
         Ok(l) => l,
         Err(err) => {
@@ -75,12 +83,17 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let restored = switch.restore_ports();
+    if restored > 0 {
+        eprintln!("switchyard-dataplane: re-attached {restored} pod ports");
+    }
     let socket = args.api.clone();
     let leaving = switch.clone();
     if let Err(err) = ctrlc::set_handler(move || {
         let _ = std::fs::remove_file(&socket);
         leaving.leave_cluster();
-        // Exiting closes every TAP file descriptor: the pod interfaces go with them.
+        // Pod interfaces are persistent: they stay, and the next dataplane re-attaches
+        // them from the state file.
         std::process::exit(0);
     }) {
         eprintln!("switchyard-dataplane: cannot install signal handler: {err}");

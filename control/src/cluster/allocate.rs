@@ -64,11 +64,12 @@ pub fn allocate(m: &mut Manifests, recorded: &Record) -> Result<Record, Vec<Mani
                     let Some(cidrs) = recorded.get(&node.name) else {
                         continue;
                     };
-                    match cidrs.iter().find(|c| {
-                        cluster.contains(*c)
-                            && c.prefix_len() == mask
-                            && !used.iter().any(|u| overlaps(u, c))
-                    }) {
+                    // Kept even if a manifest now claims an overlapping CIDR: a node's
+                    // CIDR never moves; the overlap is reported below instead.
+                    match cidrs
+                        .iter()
+                        .find(|c| cluster.contains(*c) && c.prefix_len() == mask)
+                    {
                         Some(c) => Some(*c),
                         None => continue,
                     }

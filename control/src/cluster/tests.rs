@@ -107,6 +107,24 @@ fn reads_allocates_and_plans() {
     let by_name = |n: &str| m2.nodes.iter().find(|x| x.name == n).unwrap().pod_cidrs[0].to_string();
     assert_eq!(by_name("node-a"), "10.244.0.0/24");
     assert_eq!(by_name("node-0"), "10.244.1.0/24");
+
+    // A new Node claiming an allocated CIDR does not move it: the claim is the error.
+    let claim = format!(
+        "{two_nodes}---\n{}",
+        node("node-c", Some("10.244.0.0/25"), "192.168.1.11")
+    );
+    let dir3 = Dir::new(
+        "claim",
+        &[("00-config.yaml", CONFIG), ("nodes.yaml", &claim)],
+    );
+    let mut m3 = load_dir(&dir3.0).unwrap();
+    let errors = only_errors(allocate(&mut m3, &record));
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("10.244.0.0/25") && e.contains("node-a")),
+        "{errors:?}"
+    );
 }
 
 #[test]

@@ -7,9 +7,10 @@
 //! over 64 KiB TCP super-frames with a partial checksum, which the dataplane forwards
 //! whole to the destination TAP: segmentation, if any, happens in the receiving kernel.
 //!
-//! The device lives as long as its file descriptor: when the dataplane exits, every pod
-//! interface disappears with it (see docs/architecture.md for the planned hitless restart
-//! with `TUNSETPERSIST` and re-attaching by name).
+//! Pod devices are made persistent (`TUNSETPERSIST`): they outlive the dataplane process,
+//! with their addresses and routes, and a restarted dataplane re-attaches to them by name
+//! ([`TapDevice::attach`]). Deleting the port clears the flag, and the device goes away
+//! with its last descriptor (or with the pod's namespace).
 
 use super::netlink::Netlink;
 use super::netns;
@@ -24,6 +25,7 @@ use switchyard_api::{IpNet, MacAddr};
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
@@ -88,8 +90,34 @@ impl TapDevice {
             let index = netns::link_index(&config.ifname)
                 .ok_or_else(|| io::Error::other("TAP device vanished after creation"))?;
             configure(index, config)?;
+            device.set_persist(true)?;
             Ok((device, index))
         })
+    }
+
+    /// Re-attaches to the existing pod interface `ifname` in the namespace at `netns_path`
+    /// (left by an earlier dataplane process) with `queues` queues, as it was created;
+    /// returns the device and its interface index. Refuses when no such interface exists
+    /// (opening would create a new, unconfigured one).
+    pub fn attach(netns_path: &Path, ifname: &str, queues: usize) -> io::Result<(Self, u32)> {
+        netns::run_in(netns_path, || {
+            let index = netns::link_index(ifname).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no interface {ifname} to re-attach"),
+                )
+            })?;
+            Ok((Self::open(ifname, queues.max(1))?, index))
+        })
+    }
+
+    /// Keeps the device after its last descriptor closes (`true`), or not.
+    pub fn set_persist(&self, persist: bool) -> io::Result<()> {
+        // SAFETY: TUNSETPERSIST takes its flag by value.
+        if unsafe { libc::ioctl(self.raw_fd(0), TUNSETPERSIST, libc::c_ulong::from(persist)) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Creates the node-side interface `ifname` in the caller's own namespace (the host

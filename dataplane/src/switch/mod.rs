@@ -6,6 +6,7 @@
 //! `cluster` carries out the node settings (host port, uplink, routes).
 
 mod cluster;
+mod persist;
 
 use crate::io::memory::{self, MemoryPeer};
 use crate::io::tap::{TapConfig, TapDevice, TUN_F_USO};
@@ -45,6 +46,9 @@ pub struct SwitchConfig {
     pub cpu_steering: bool,
     /// Name of the node-side interface through which the node's stack reaches pods.
     pub host_ifname: String,
+    /// Where the pod ports are recorded, so that a restarted dataplane re-attaches them
+    /// (none: not recorded).
+    pub state_file: Option<std::path::PathBuf>,
 }
 
 impl Default for SwitchConfig {
@@ -57,6 +61,7 @@ impl Default for SwitchConfig {
             pod_cidrs: Vec::new(),
             cpu_steering: false,
             host_ifname: "sy0".into(),
+            state_file: None,
         }
     }
 }
@@ -127,8 +132,16 @@ impl Switch {
                 gateway_ipv6: self.config.gateway.ipv6,
                 pod_cidrs: self.pod_cidrs(),
             })),
-            Request::AddPort(spec) => self.add_tap_port(&spec).map(Reply::Port),
-            Request::DelPort(selector) => self.del_port(&selector).map(|_| Reply::Done),
+            Request::AddPort(spec) => {
+                let port = self.add_tap_port(&spec)?;
+                self.save_ports();
+                Ok(Reply::Port(port))
+            }
+            Request::DelPort(selector) => {
+                self.del_port(&selector)?;
+                self.save_ports();
+                Ok(Reply::Done)
+            }
             Request::ListPorts => Ok(Reply::Ports(self.list_ports())),
             Request::AddRoute(spec) => {
                 let mut state = self.state();
@@ -408,6 +421,10 @@ impl Switch {
                     port.id, port.info.ifname
                 ),
             ));
+        }
+        if let PortIo::Tap(tap) = &port.io {
+            // The device goes away with its last descriptor.
+            let _ = tap.set_persist(false);
         }
         self.unpublish_port(&mut state, &port);
         Ok(port.info.clone())

@@ -1,0 +1,261 @@
+//! Integration tests across nodes: simulated nodes in network namespaces, each with a
+//! Switchyard dataplane and a `switchyard-control run` agent over one manifests
+//! directory, pods attached through the CNI plugin. They need root; under `CI=true` they
+//! always run (never skip).
+
+use bench_env::cluster::{self, Cluster, ClusterOptions, Underlay};
+use bench_env::measure;
+use bench_env::testbed::Arm;
+use bench_env::transfer::tcp_transfer;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+use switchyard_api::BackendKind;
+
+fn cluster(options: ClusterOptions) -> Option<Cluster> {
+    if !bench_env::privileged_test_may_run("multi-node integration test") {
+        return None;
+    }
+    Some(Cluster::build(Arm::Switchyard, &options).expect("cluster"))
+}
+
+fn assert_matrix(backend: BackendKind, underlay: Underlay) {
+    let Some(c) = cluster(ClusterOptions {
+        backend,
+        underlay,
+        pods_per_node: 2,
+        ..ClusterOptions::default()
+    }) else {
+        return;
+    };
+    let m = cluster::connectivity(&c);
+    assert!(
+        m.failures.is_empty(),
+        "{backend:?} over {underlay:?}: {} of {} pings failed: {:?}\n{}",
+        m.failures.len(),
+        m.attempted,
+        m.failures,
+        c.logs()
+    );
+    // 4 pods x 3 others x 2 families + 4 pods x 1 remote node x 2 + 2 nodes x 2 remote pods x 2.
+    assert_eq!(m.attempted, 24 + 8 + 8);
+}
+
+#[test]
+fn matrix_vxlan_one_segment() {
+    assert_matrix(BackendKind::Vxlan, Underlay::Flat);
+}
+
+#[test]
+fn matrix_ipip_one_segment() {
+    assert_matrix(BackendKind::Ipip, Underlay::Flat);
+}
+
+#[test]
+fn matrix_direct_one_segment() {
+    assert_matrix(BackendKind::Direct, Underlay::Flat);
+}
+
+#[test]
+fn matrix_vxlan_two_subnets_behind_a_router() {
+    assert_matrix(BackendKind::Vxlan, Underlay::Routed);
+}
+
+#[test]
+fn matrix_ipip_two_subnets_behind_a_router() {
+    assert_matrix(BackendKind::Ipip, Underlay::Routed);
+}
+
+#[test]
+fn direct_routing_refuses_peers_that_are_not_on_link() {
+    if !bench_env::privileged_test_may_run("multi-node integration test") {
+        return;
+    }
+    let options = ClusterOptions {
+        backend: BackendKind::Direct,
+        underlay: Underlay::Routed,
+        pods_per_node: 0,
+        ..ClusterOptions::default()
+    };
+    let Err(err) = Cluster::build(Arm::Switchyard, &options) else {
+        panic!("direct routing between subnets was accepted");
+    };
+    let text = err.to_string();
+    assert!(
+        text.contains("is not on-link") && text.contains("use backend vxlan or ipip"),
+        "the refusal does not say why and what to do: {text}"
+    );
+}
+
+fn counter(c: &Cluster, node: usize, name: &str) -> u64 {
+    let stats = c.nodes[node].client().unwrap().stats().unwrap();
+    stats
+        .counters
+        .get(name)
+        .or_else(|| stats.drops.get(name))
+        .copied()
+        .unwrap_or(0)
+}
+
+#[test]
+fn pmtu_pod_mtu_wrongly_1500_on_vxlan_still_moves_100_mb() {
+    let Some(c) = cluster(ClusterOptions {
+        backend: BackendKind::Vxlan,
+        pod_mtu: Some(1500),
+        ..ClusterOptions::default()
+    }) else {
+        return;
+    };
+    let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
+    let mtu = a.ns.exec(&["cat", "/sys/class/net/eth0/mtu"]).unwrap();
+    assert_eq!(
+        mtu.trim(),
+        "1500",
+        "the test needs a pod MTU larger than the path"
+    );
+    let t = tcp_transfer(a, b, 100 << 20).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    assert_eq!(t.received, 100 << 20);
+    assert_eq!(t.sent_hash, t.received_hash, "payload corrupted in transit");
+    assert!(
+        counter(&c, 0, "too_big") > 0 && counter(&c, 0, "icmp_errors_sent") > 0,
+        "the transfer should have been told the path MTU"
+    );
+    // And the other way, IPv6 has no fragmentation by routers at all.
+    let out =
+        b.ns.exec(&[
+            "ping",
+            "-6",
+            "-c",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            "1452",
+            &a.ipv6.to_string(),
+        ])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        out.is_empty() || out.contains("mtu") || out.contains("too long"),
+        "an oversized IPv6 ping should be refused with a packet-too-big, got: {out}"
+    );
+}
+
+/// Pings `target` from `from` until it answers; returns how long that took.
+fn time_to_answer(from: &bench_env::netns::Netns, target: IpAddr, limit: Duration) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if from
+            .exec(&["ping", "-c", "1", "-W", "0.2", "-q", &target.to_string()])
+            .is_ok()
+        {
+            return start.elapsed();
+        }
+    }
+    panic!("{target} did not answer within {limit:?}");
+}
+
+#[test]
+fn a_third_node_joins_and_restarts_recover_within_a_second() {
+    let Some(mut c) = cluster(ClusterOptions::default()) else {
+        return;
+    };
+    // A third node: its dataplane and agent run, then its Node object appears.
+    c.start_node(2).unwrap();
+    let written = Instant::now();
+    c.write_node_manifest(2).unwrap();
+    for i in 0..3 {
+        c.wait_for_peers(i, 2, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let tables_updated = written.elapsed();
+    assert!(
+        tables_updated < Duration::from_secs(1),
+        "every node had the third node's routes only after {tables_updated:?}"
+    );
+    c.add_pod(2, 0).unwrap();
+    let target = IpAddr::V4(c.nodes[2].pods[0].ipv4);
+    time_to_answer(&c.nodes[0].pods[0].ns, target, Duration::from_secs(2));
+
+    // A dataplane restart: pods keep their interfaces and connectivity comes back.
+    let target = IpAddr::V4(c.nodes[1].pods[0].ipv4);
+    c.restart_dataplane(1).unwrap();
+    let back = time_to_answer(&c.nodes[0].pods[0].ns, target, Duration::from_secs(5));
+    assert!(
+        back < Duration::from_secs(1),
+        "connectivity came back {back:?} after the dataplane restart\n{}",
+        c.logs()
+    );
+    let v6 = IpAddr::V6(c.nodes[1].pods[0].ipv6);
+    time_to_answer(&c.nodes[0].pods[0].ns, v6, Duration::from_secs(1));
+
+    // A control process restart changes nothing the dataplane forwards.
+    c.restart_control(0).unwrap();
+    let back = time_to_answer(&c.nodes[0].pods[0].ns, target, Duration::from_secs(5));
+    assert!(
+        back < Duration::from_secs(1),
+        "{back:?} after a control restart"
+    );
+    assert!(measure::ping(
+        &c.nodes[2].pods[0].ns,
+        IpAddr::V6(c.nodes[0].pods[0].ipv6)
+    ));
+}
+
+#[test]
+fn bad_manifests_are_reported_and_the_last_good_tables_stay() {
+    let Some(c) = cluster(ClusterOptions::default()) else {
+        return;
+    };
+    let dir = &c.manifests;
+    let target = IpAddr::V4(c.nodes[1].pods[0].ipv4);
+    let cases: [(&str, &str, &str); 4] = [
+        ("broken.yaml", "kind: Node\nmetadata: [unclosed\n", "broken.yaml"),
+        (
+            "outside.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: stray\nspec:\n  podCIDR: 10.99.0.0/24\nstatus:\n  addresses:\n  - {type: InternalIP, address: 192.168.1.99}\n",
+            "spec.podCIDR",
+        ),
+        (
+            "overlap.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: twin\nspec:\n  podCIDR: 10.244.0.0/25\nstatus:\n  addresses:\n  - {type: InternalIP, address: 192.168.1.98}\n",
+            "overlap",
+        ),
+        (
+            "switchyard-config.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: switchyard-config\ndata:\n  config.yaml: |\n    clusterCIDR: 10.244.0.0/16\n    backend: {type: gre}\n",
+            "backend",
+        ),
+    ];
+    let good_config = std::fs::read_to_string(dir.join("switchyard-config.yaml")).unwrap();
+    for (file, text, expect) in cases {
+        std::fs::write(dir.join(file), text).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let log = |n: usize| std::fs::read_to_string(&c.nodes[n].control_log).unwrap_or_default();
+        while !(log(0).contains(file) && log(0).contains(expect)) {
+            assert!(
+                Instant::now() < deadline,
+                "{file}: no report naming the file and {expect:?}:\n{}",
+                log(0)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            log(0).contains("keeping the last good settings"),
+            "{}",
+            log(0)
+        );
+        assert!(
+            measure::ping(&c.nodes[0].pods[0].ns, target),
+            "{file}: connectivity lost with bad manifests"
+        );
+        let spec = c.nodes[0].client().unwrap().node().unwrap().spec.unwrap();
+        assert_eq!(spec.peers.len(), 1, "{file}: tables changed");
+        assert_eq!(spec.backend.kind, BackendKind::Vxlan);
+        if file == "switchyard-config.yaml" {
+            std::fs::write(dir.join(file), &good_config).unwrap();
+        } else {
+            std::fs::remove_file(dir.join(file)).unwrap();
+        }
+    }
+}
