@@ -259,3 +259,60 @@ fn bad_manifests_are_reported_and_the_last_good_tables_stay() {
         }
     }
 }
+
+#[test]
+fn cli_lists_nodes_peers_routes_pods_and_checks_the_matrix() {
+    let Some(c) = cluster(ClusterOptions::default()) else {
+        return;
+    };
+    let cli = bench_env::tools::find_binary("switchyard-control").unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&cli)
+            .arg("--api")
+            .arg(&c.nodes[0].api)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, nodes) = run(&["get", "nodes", "-o", "wide"]);
+    assert!(
+        ok && nodes.contains("node0") && nodes.contains("node1"),
+        "{nodes}"
+    );
+    assert!(
+        nodes.contains("10.244.1.0/24") && nodes.contains("fd00:1::b"),
+        "{nodes}"
+    );
+    let (ok, peers) = run(&["get", "peers"]);
+    assert!(
+        ok && peers.contains("vxlan") && peers.contains("192.168.1.11"),
+        "{peers}"
+    );
+    let (ok, routes) = run(&["get", "routes", "-o", "wide"]);
+    assert!(
+        ok && routes.contains("peer node1 (192.168.1.11)"),
+        "{routes}"
+    );
+    let (ok, pods) = run(&["get", "pods", "-o", "wide"]);
+    let pod = &c.nodes[0].pods[0];
+    assert!(
+        ok && pods.contains(&pod.ipv4.to_string()) && pods.contains(pod.ns.name()),
+        "{pods}"
+    );
+    assert!(
+        pods.lines().nth(1).is_some_and(|l| l.contains("node0")),
+        "{pods}"
+    );
+    let (ok, json) = run(&["get", "pods", "-o", "json"]);
+    let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(ok && parsed[0]["node"] == "node0", "{json}");
+    let peer_api = c.nodes[1].api.to_string_lossy().into_owned();
+    let (ok, table) = run(&["check", "--peer-api", &peer_api]);
+    assert!(ok, "check failed:\n{table}\n{}", c.logs());
+    // To the pod on node1 and to both nodes, IPv4 and IPv6.
+    assert!(table.contains("6/6 passed"), "{table}");
+}

@@ -3,5 +3,7 @@
 //! and over the dataplane's API.
 
 pub mod agent;
+pub mod check;
 pub mod cluster;
 pub mod table;
+pub mod views;

@@ -27,8 +27,23 @@ struct Cli {
 enum Format {
     /// Human-readable tables.
     Table,
+    /// Tables with more columns (`get`).
+    Wide,
     /// The API's JSON.
     Json,
+}
+
+/// What `get` lists.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Resource {
+    /// This node and its peers, with their addresses and pod CIDRs.
+    Nodes,
+    /// The dataplane's routes (pods, static, cluster).
+    Routes,
+    /// The overlay's peer table (VTEPs).
+    Peers,
+    /// The pods attached on this node.
+    Pods,
 }
 
 #[derive(Subcommand)]
@@ -61,6 +76,20 @@ enum Command {
         /// Directory of YAML / JSON manifests.
         #[arg(long)]
         manifests: PathBuf,
+    },
+    /// List nodes, routes, peers or pods as this node's dataplane has them (`-o wide` for
+    /// more columns, `-o json`).
+    Get {
+        /// What to list.
+        #[arg(value_enum)]
+        what: Resource,
+    },
+    /// Run a connectivity matrix from inside this node's pods (to every pod known, this
+    /// node and every peer node) and print a pass/fail table; exits non-zero on a failure.
+    Check {
+        /// API sockets of other nodes' dataplanes whose pods to include as targets.
+        #[arg(long = "peer-api")]
+        peer_apis: Vec<PathBuf>,
     },
     /// Run the node agent: watch the manifests directory and keep the dataplane's node
     /// settings (pod CIDRs, overlay, peers) in line with it, pushing them again whenever
@@ -190,9 +219,10 @@ fn request_for(command: &Command) -> Result<Request, String> {
             Request::AddRoute(RouteSpec { dst: *dst, via })
         }
         Command::Route(RouteCommand::Del { dst }) => Request::DelRoute { dst: *dst },
-        Command::Plan { .. } | Command::Run { .. } => {
-            return Err("this command does not send one request".into())
-        }
+        Command::Plan { .. }
+        | Command::Run { .. }
+        | Command::Get { .. }
+        | Command::Check { .. } => return Err("this command does not send one request".into()),
     })
 }
 
@@ -355,7 +385,7 @@ fn plan_command(node: &str, dir: &std::path::Path, format: Format) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        Format::Table => {
+        Format::Table | Format::Wide => {
             println!(
                 "node {}  address {}  pod CIDRs {}  backend {} (VNI {}, port {})",
                 p.node,
@@ -388,8 +418,92 @@ fn plan_command(node: &str, dir: &std::path::Path, format: Format) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Prints `value` as JSON, or `text` for the table formats.
+fn emit(format: Format, value: &impl serde::Serialize, text: impl FnOnce() -> String) -> ExitCode {
+    if format == Format::Json {
+        match serde_json::to_string_pretty(value) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("switchyard-control: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", text());
+    }
+    ExitCode::SUCCESS
+}
+
+fn get_command(api: &std::path::Path, what: Resource, format: Format) -> Result<ExitCode, String> {
+    use switchyard_control::views;
+    let mut client = Client::connect(api).map_err(|e| e.to_string())?;
+    let status = client.node().map_err(|e| e.to_string())?;
+    let wide = format == Format::Wide;
+    Ok(match what {
+        Resource::Nodes => {
+            let rows = views::nodes(&status);
+            emit(format, &rows, || views::render_nodes(&rows, wide))
+        }
+        Resource::Peers => emit(format, &status, || views::render_peers(&status, wide)),
+        Resource::Routes => {
+            let routes = match client
+                .call(Request::ListRoutes)
+                .map_err(|e| e.to_string())?
+            {
+                Reply::Routes(r) => r,
+                other => return Err(format!("unexpected answer: {other:?}")),
+            };
+            emit(format, &routes, || {
+                views::render_routes(&routes, &status, wide)
+            })
+        }
+        Resource::Pods => {
+            let ports = client.ports().map_err(|e| e.to_string())?;
+            let rows = views::pods(&status, &ports);
+            emit(format, &rows, || views::render_pods(&rows, wide))
+        }
+    })
+}
+
+fn check_command(
+    api: &std::path::Path,
+    peers: &[PathBuf],
+    format: Format,
+) -> Result<ExitCode, String> {
+    use switchyard_control::check;
+    let mut client = Client::connect(api).map_err(|e| e.to_string())?;
+    let status = client.node().map_err(|e| e.to_string())?;
+    let local = client.ports().map_err(|e| e.to_string())?;
+    let mut remote = Vec::new();
+    for peer in peers {
+        let mut c = Client::connect(peer).map_err(|e| e.to_string())?;
+        remote.extend(c.ports().map_err(|e| e.to_string())?);
+    }
+    let outcomes = check::run(check::probes(&status, &local, &remote));
+    if outcomes.is_empty() {
+        return Err("no pods on this node to check from".into());
+    }
+    let code = emit(format, &outcomes, || check::render(&outcomes));
+    Ok(if outcomes.iter().all(|o| o.ok) {
+        code
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let outcome = match &cli.command {
+        Command::Get { what } => Some(get_command(&cli.api, *what, cli.output)),
+        Command::Check { peer_apis } => Some(check_command(&cli.api, peer_apis, cli.output)),
+        _ => None,
+    };
+    if let Some(outcome) = outcome {
+        return outcome.unwrap_or_else(|e| {
+            eprintln!("switchyard-control: {e}");
+            ExitCode::FAILURE
+        });
+    }
     match &cli.command {
         Command::Plan { node, manifests } => return plan_command(node, manifests, cli.output),
         Command::Run {
@@ -428,7 +542,7 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 },
-                Format::Table => print!("{}", render(&reply, &cli.command)),
+                Format::Table | Format::Wide => print!("{}", render(&reply, &cli.command)),
             }
             ExitCode::SUCCESS
         }
