@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job: build Switchyard, build a simulated single-node cluster out of network
-# namespaces, check connectivity and measure Switchyard against the kernel (veth + bridge)
-# in the same run. Arguments go to `bench-env single-node` (e.g. --pods 4 --seconds 10).
+# The main job: build Switchyard, build simulated clusters out of network namespaces, check
+# connectivity and measure Switchyard against the kernel in the same run: one node (veth +
+# bridge baseline), then two nodes (flannel's VXLAN baseline). Arguments go to both
+# scenarios (e.g. --seconds 10 --repeat 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
@@ -17,4 +18,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 cargo build --release --workspace --bins --locked
-exec target/release/bench-env single-node --json bench-results.json "$@"
+target/release/bench-env single-node --json bench-results.json "$@"
+echo
+target/release/bench-env multi-node --json bench-results-multinode.json "$@"

@@ -1,5 +1,5 @@
 //! The uplink: where pod traffic for other nodes leaves this node and where theirs arrives,
-//! through the node's own kernel sockets (docs/design-multinode.md, option A).
+//! through the node's own kernel sockets (docs/multinode.md, option A).
 //!
 //! * **VXLAN**: UDP sockets. Receive: one socket per worker bound to the node's address
 //!   and the VXLAN port with `SO_REUSEPORT`, so the kernel spreads peers' flows over the
