@@ -436,9 +436,11 @@ impl Uplink {
                         out.chunks(segs.stride)
                             .try_for_each(|seg| send(socket, &dst, &[seg], 0))
                     }
-                    Encap::Ipip { .. } => out
-                        .chunks(segs.stride)
-                        .try_for_each(|seg| send(socket, &dst, &[&seg[ethernet::HEADER_LEN..]], 0)),
+                    Encap::Ipip { .. } => send_many(
+                        socket,
+                        &dst,
+                        out.chunks(segs.stride).map(|seg| &seg[ethernet::HEADER_LEN..]),
+                    ),
                 }
             }
             _ => Err(invalid("UDP GSO frames are not carried between nodes")),
@@ -583,6 +585,50 @@ fn recv_one(fd: RawFd, space: &mut [u8]) -> io::Result<(usize, Ipv4Addr, usize)>
     }
     let addr = Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr));
     Ok((got as usize, addr, segment.max(0) as usize))
+}
+
+/// Sends each of `packets` as its own datagram to `dst`, 64 per `sendmmsg`.
+fn send_many<'a>(
+    fd: RawFd,
+    dst: &libc::sockaddr_in,
+    packets: impl Iterator<Item = &'a [u8]>,
+) -> io::Result<()> {
+    const MAX: usize = 64;
+    // SAFETY: all-zero is a valid iovec and mmsghdr.
+    let mut iovs: [libc::iovec; MAX] = unsafe { zeroed() };
+    // SAFETY: as above.
+    let mut hdrs: [libc::mmsghdr; MAX] = unsafe { zeroed() };
+    let mut packets = packets.peekable();
+    while packets.peek().is_some() {
+        let mut n = 0;
+        for packet in packets.by_ref().take(MAX) {
+            iovs[n] = libc::iovec {
+                iov_base: packet.as_ptr() as *mut libc::c_void,
+                iov_len: packet.len(),
+            };
+            n += 1;
+        }
+        for i in 0..n {
+            hdrs[i].msg_hdr.msg_name =
+                (dst as *const libc::sockaddr_in as *mut libc::sockaddr_in).cast();
+            hdrs[i].msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
+            hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
+            hdrs[i].msg_hdr.msg_iovlen = 1;
+        }
+        let mut sent = 0;
+        while sent < n {
+            // SAFETY: `hdrs[sent..n]` point at the destination and at iovecs over live
+            // slices, all of which outlive the call; sendmmsg only reads them.
+            let rc = unsafe {
+                libc::sendmmsg(fd, hdrs[sent..].as_mut_ptr(), (n - sent) as u32, 0)
+            };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            sent += rc as usize;
+        }
+    }
+    Ok(())
 }
 
 fn new_socket(kind: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
