@@ -120,6 +120,43 @@ impl Uplink {
         })
     }
 
+    /// An uplink without sockets, for tests and fuzzing of the receive path
+    /// ([`Uplink::deliver`]); it accepts every sender.
+    pub fn detached(encap: Encap, mac: MacAddr, gateway: MacAddr) -> Self {
+        Self {
+            encap,
+            rx: Vec::new(),
+            tx: Vec::new(),
+            peers: ArcSwap::from_pointee(Vec::new()),
+            mac,
+            gateway,
+            gso: AtomicBool::new(true),
+            rx_rejected: AtomicU64::new(0),
+        }
+    }
+
+    /// Turns `data` into frames in `bufs` as a receive does: for VXLAN, datagrams of
+    /// `segment` bytes back to back, as one `UDP_GRO` read returns them; for IP-in-IP, one
+    /// packet with its outer header. Returns how many frames. The sender check is the
+    /// caller's. For tests and fuzzing.
+    pub fn deliver(&self, data: &[u8], segment: usize, bufs: &mut [PacketBuf]) -> usize {
+        let Some(first) = bufs.first_mut() else {
+            return 0;
+        };
+        let at = match self.encap {
+            Encap::Vxlan { .. } => VXLAN_RX_AT,
+            Encap::Ipip { .. } => IPIP_RX_AT,
+        };
+        let space = &mut first.receive_space()[at..];
+        let len = data.len().min(space.len());
+        space[..len].copy_from_slice(&data[..len]);
+        match self.encap {
+            Encap::Vxlan { .. } if len > 0 => self.split_runs(bufs, len, segment.clamp(1, len)),
+            Encap::Vxlan { .. } => 0,
+            Encap::Ipip { .. } => usize::from(self.decapsulate(first, at, len)),
+        }
+    }
+
     /// The encapsulation.
     pub fn encap(&self) -> Encap {
         self.encap
@@ -235,31 +272,29 @@ impl Uplink {
     fn split_runs(&self, bufs: &mut [PacketBuf], mut len: usize, segment: usize) -> usize {
         let mut made = 0;
         while len > 0 {
-            let (used, frame_len) = self.merge_run(bufs[made].receive_space(), len, segment);
-            if frame_len > 0 {
-                bufs[made].set_len(frame_len);
-            }
-            len -= used;
-            if len == 0 {
-                return made + usize::from(frame_len > 0);
-            }
-            // The rest starts a new frame: in the next buffer, or in place if this one
-            // made none.
             let (this, rest) = bufs.split_at_mut(made + 1);
+            let space = this[made].receive_space();
+            let (used, frame_len) = self.merge_run(space, len, segment);
+            len -= used;
             let src_at = VXLAN_RX_AT + used;
             if frame_len == 0 {
-                this[made]
-                    .receive_space()
-                    .copy_within(src_at..src_at + len, VXLAN_RX_AT);
+                // The first datagram was not ours: the rest starts over in this buffer.
+                space.copy_within(src_at..src_at + len, VXLAN_RX_AT);
                 continue;
             }
-            let Some(next) = rest.first_mut() else {
-                self.rx_rejected
-                    .fetch_add(len.div_ceil(segment) as u64, Ordering::Relaxed);
-                return made + 1;
-            };
-            next.receive_space()[VXLAN_RX_AT..VXLAN_RX_AT + len]
-                .copy_from_slice(&this[made].receive_space()[src_at..src_at + len]);
+            if len > 0 {
+                // The rest starts a new frame in the next buffer, if there is one.
+                match rest.first_mut() {
+                    Some(next) => next.receive_space()[VXLAN_RX_AT..VXLAN_RX_AT + len]
+                        .copy_from_slice(&space[src_at..src_at + len]),
+                    None => {
+                        self.rx_rejected
+                            .fetch_add(len.div_ceil(segment) as u64, Ordering::Relaxed);
+                        len = 0;
+                    }
+                }
+            }
+            this[made].set_len(frame_len);
             made += 1;
         }
         made
@@ -439,7 +474,8 @@ impl Uplink {
                     Encap::Ipip { .. } => send_many(
                         socket,
                         &dst,
-                        out.chunks(segs.stride).map(|seg| &seg[ethernet::HEADER_LEN..]),
+                        out.chunks(segs.stride)
+                            .map(|seg| &seg[ethernet::HEADER_LEN..]),
                     ),
                 }
             }
@@ -619,9 +655,7 @@ fn send_many<'a>(
         while sent < n {
             // SAFETY: `hdrs[sent..n]` point at the destination and at iovecs over live
             // slices, all of which outlive the call; sendmmsg only reads them.
-            let rc = unsafe {
-                libc::sendmmsg(fd, hdrs[sent..].as_mut_ptr(), (n - sent) as u32, 0)
-            };
+            let rc = unsafe { libc::sendmmsg(fd, hdrs[sent..].as_mut_ptr(), (n - sent) as u32, 0) };
             if rc < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -719,6 +753,7 @@ fn raw_socket(local: Ipv4Addr, protocol: u8) -> io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::segment::test_frames;
 
     #[test]
     fn flow_hash_is_per_flow() {
@@ -735,19 +770,129 @@ mod tests {
 
     #[test]
     fn vxlan_header_carries_the_vni() {
-        let u = Uplink {
-            encap: Encap::Vxlan {
-                vni: 0x12_3456,
-                port: 4789,
-            },
-            rx: Vec::new(),
-            tx: Vec::new(),
-            peers: ArcSwap::from_pointee(Vec::new()),
-            mac: MacAddr::default(),
-            gateway: MacAddr::default(),
-            gso: AtomicBool::new(true),
-            rx_rejected: AtomicU64::new(0),
-        };
+        let u = vxlan(0x12_3456);
         assert_eq!(u.vxlan_header(), [0x08, 0, 0, 0, 0x12, 0x34, 0x56, 0]);
+    }
+
+    const GW: MacAddr = MacAddr([0xee; 6]);
+    const UP: MacAddr = MacAddr([0x0e, 0xee, 0xee, 0, 0, 2]);
+
+    fn vxlan(vni: u32) -> Uplink {
+        Uplink::detached(Encap::Vxlan { vni, port: 4789 }, UP, GW)
+    }
+
+    /// What the sending node puts on the wire for `frame`: its segments, each behind a
+    /// VXLAN header with `vni`; returns the datagrams back to back and their size.
+    fn datagrams(frame: &[u8], vni: u32) -> (Vec<u8>, usize) {
+        let mut out = vec![0u8; segment::SCRATCH_LEN];
+        let s = segment::tcp(frame, VXLAN_HEADER_LEN, &mut out).unwrap();
+        out.truncate(s.total);
+        let header = vxlan(vni).vxlan_header();
+        for seg in out.chunks_mut(s.stride) {
+            seg[..VXLAN_HEADER_LEN].copy_from_slice(&header);
+        }
+        (out, s.stride)
+    }
+
+    fn bufs(n: usize) -> Vec<PacketBuf> {
+        (0..n).map(|_| PacketBuf::new()).collect()
+    }
+
+    const ACK: u8 = 0x10;
+
+    #[test]
+    fn a_run_of_segments_becomes_the_super_frame_again() {
+        for v6 in [false, true] {
+            let payload: Vec<u8> = (0..20_000u32).map(|i| (i * 13 % 251) as u8).collect();
+            let frame = test_frames::super_frame(v6, &payload, 1448, ACK);
+            let (wire, stride) = datagrams(&frame, 1);
+            let mut b = bufs(4);
+            assert_eq!(vxlan(1).deliver(&wire, stride, &mut b), 1, "one frame");
+            let f = b[0].frame();
+            let vh = VnetHeader::new_checked(f).unwrap();
+            let l3h = if v6 { 40 } else { 20 };
+            assert_eq!(
+                vh.gso_type(),
+                if v6 { vnet::GSO_TCPV6 } else { vnet::GSO_TCPV4 }
+            );
+            assert_eq!(vh.gso_size(), 1448);
+            assert_eq!(usize::from(vh.csum_start()), 14 + l3h);
+            assert_eq!(&f[12..18], &GW.0, "to the gateway");
+            assert_eq!(&f[18..24], &UP.0, "from the uplink");
+            let l3 = &f[26..];
+            let total = if v6 {
+                40 + usize::from(crate::wire::read_u16(l3, 4))
+            } else {
+                usize::from(crate::wire::read_u16(l3, 2))
+            };
+            assert_eq!(total, l3.len());
+            assert_eq!(&l3[l3h + 20..], &payload[..], "payload intact and in order");
+            assert_eq!(&l3[l3h + 4..l3h + 8], &1_000_000u32.to_be_bytes());
+            if !v6 {
+                assert_eq!(crate::wire::checksum::checksum(&l3[..20]), 0);
+            }
+        }
+    }
+
+    #[test]
+    fn other_flows_wrong_vni_and_short_buffers_are_handled() {
+        let payload = vec![7u8; 1448 * 4];
+        let frame = test_frames::super_frame(false, &payload, 1448, ACK);
+        let (mut wire, stride) = datagrams(&frame, 1);
+        // Segments 3 and 4 belong to another flow (other destination port).
+        for k in 2..4 {
+            let tcp = k * stride + VXLAN_HEADER_LEN + 14 + 20;
+            wire[tcp + 3] ^= 1;
+        }
+        let mut b = bufs(4);
+        assert_eq!(vxlan(1).deliver(&wire, stride, &mut b), 2, "two runs");
+        for f in &b[..2] {
+            assert_eq!(
+                f.len(),
+                12 + 14 + 20 + 20 + 2 * 1448,
+                "two segments in each"
+            );
+        }
+        // Another VNI: the first datagram is dropped and counted, the rest start over.
+        let (mut wire, stride) = datagrams(&frame, 1);
+        wire[4..7].copy_from_slice(&[0, 0, 9]);
+        let u = vxlan(1);
+        let mut b = bufs(4);
+        assert_eq!(u.deliver(&wire, stride, &mut b), 1);
+        assert_eq!(u.rx_rejected.load(Ordering::Relaxed), 1);
+        let l3 = &b[0].frame()[26..];
+        assert_eq!(l3.len(), 20 + 20 + 3 * 1448, "three segments merged");
+        // More runs than buffers: the rest is dropped and counted, nothing panics.
+        let (mut wire, stride) = datagrams(&frame, 1);
+        for k in 0..4 {
+            wire[k * stride + VXLAN_HEADER_LEN + 14 + 20 + 3] ^= k as u8;
+        }
+        let u = vxlan(1);
+        let mut b = bufs(2);
+        assert_eq!(u.deliver(&wire, stride, &mut b), 2);
+        assert_eq!(u.rx_rejected.load(Ordering::Relaxed), 2);
+        assert!(b.iter().all(|f| f.len() == 12 + 14 + 20 + 20 + 1448));
+    }
+
+    #[test]
+    fn ip_in_ip_is_stripped_to_a_frame() {
+        let inner = [
+            0x45u8, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0, 10, 244, 1, 5, 10, 244, 0, 5,
+        ];
+        let mut packet = vec![
+            0x45u8, 0, 0, 40, 0, 0, 0, 0, 64, 4, 0, 0, 192, 168, 1, 11, 192, 168, 1, 10,
+        ];
+        packet.extend_from_slice(&inner);
+        let u = Uplink::detached(Encap::Ipip { protocol: 4 }, UP, GW);
+        let mut b = bufs(1);
+        assert_eq!(u.deliver(&packet, 0, &mut b), 1);
+        assert_eq!(&b[0].frame()[24..26], &[0x08, 0x00]);
+        assert_eq!(&b[0].frame()[26..], &inner);
+        packet[9] = 41;
+        assert_eq!(
+            u.deliver(&packet, 0, &mut b),
+            0,
+            "another protocol is not ours"
+        );
     }
 }

@@ -134,25 +134,25 @@ pub fn tcp(frame: &[u8], gap: usize, out: &mut [u8]) -> Result<Segments, Segment
     })
 }
 
+/// Frames for tests: TCP super-frames as a pod's kernel hands them over a TAP.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::wire::{Ipv4Packet, Ipv6Packet};
+pub(crate) mod test_frames {
+    use crate::wire::{ipv4, ipv6, vnet, write_u16};
 
-    const FLAGS_ACK_PSH_FIN_CWR: u8 = 0x10 | TCP_PSH | TCP_FIN | TCP_CWR;
-
-    fn tcp_header(seq: u32) -> Vec<u8> {
+    fn tcp_header(seq: u32, flags: u8) -> Vec<u8> {
         let mut t = vec![0u8; 20];
         t[0..2].copy_from_slice(&40000u16.to_be_bytes());
         t[2..4].copy_from_slice(&5201u16.to_be_bytes());
         t[4..8].copy_from_slice(&seq.to_be_bytes());
         t[12] = 5 << 4;
-        t[13] = FLAGS_ACK_PSH_FIN_CWR;
+        t[13] = flags;
         t[14..16].copy_from_slice(&65535u16.to_be_bytes());
         t
     }
 
-    fn super_frame(v6: bool, payload: &[u8], mss: u16) -> Vec<u8> {
+    /// A TCP super-frame from 10.244.0.5 (fd00::5) to .6 (::6), sequence 1,000,000, with
+    /// `flags`, MSS `mss`, partial checksum.
+    pub(crate) fn super_frame(v6: bool, payload: &[u8], mss: u16, flags: u8) -> Vec<u8> {
         let mut f = vec![0u8; 12];
         f[0] = vnet::F_NEEDS_CSUM;
         f[1] = if v6 { vnet::GSO_TCPV6 } else { vnet::GSO_TCPV4 };
@@ -160,7 +160,7 @@ mod tests {
         f.extend_from_slice(&[0xee; 6]);
         f.extend_from_slice(&[0x0a, 0x58, 10, 244, 0, 5]);
         f.extend_from_slice(if v6 { &[0x86, 0xdd] } else { &[0x08, 0x00] });
-        let mut tcp = tcp_header(1_000_000);
+        let mut tcp = tcp_header(1_000_000, flags);
         tcp.extend_from_slice(payload);
         if v6 {
             let mut ip = vec![0u8; 40];
@@ -188,6 +188,19 @@ mod tests {
         }
         f.extend_from_slice(&tcp);
         f
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_frames::super_frame as frame_with;
+    use super::*;
+    use crate::wire::{Ipv4Packet, Ipv6Packet};
+
+    const FLAGS_ACK_PSH_FIN_CWR: u8 = 0x10 | TCP_PSH | TCP_FIN | TCP_CWR;
+
+    fn super_frame(v6: bool, payload: &[u8], mss: u16) -> Vec<u8> {
+        frame_with(v6, payload, mss, FLAGS_ACK_PSH_FIN_CWR)
     }
 
     fn check_segments(v6: bool) {
