@@ -316,3 +316,98 @@ fn cli_lists_nodes_peers_routes_pods_and_checks_the_matrix() {
     // To the pod on node1 and to both nodes, IPv4 and IPv6.
     assert!(table.contains("6/6 passed"), "{table}");
 }
+
+/// Checks every VXLAN packet in `frames` (captured with their virtio-net header): the inner
+/// IPv4 header checksum and the inner TCP, UDP and ICMP checksums of every segment. Returns
+/// (segments verified per inner protocol, problems).
+fn verify_vxlan_checksums(
+    frames: &[Vec<u8>],
+) -> (std::collections::BTreeMap<String, usize>, Vec<String>) {
+    use bench_env::rawsock::CAPTURE_VNET_LEN;
+    use switchyard_dataplane::wire::checksum::{accumulate, checksum, finish, pseudo_header_of};
+    let mut seen = std::collections::BTreeMap::new();
+    let mut bad = Vec::new();
+    for f in frames {
+        let (vnet, eth) = f.split_at(CAPTURE_VNET_LEN.min(f.len()));
+        if eth.len() < 14 + 20 + 8 || eth[12..14] != [0x08, 0x00] || eth[14 + 9] != 17 {
+            continue;
+        }
+        let ihl = usize::from(eth[14] & 0x0f) * 4;
+        let udp = &eth[14 + ihl..];
+        if udp.len() < 8 || udp[2..4] != 4789u16.to_be_bytes() {
+            continue;
+        }
+        let payload = &udp[8..];
+        let gso_size = usize::from(u16::from_le_bytes([vnet[4], vnet[5]]));
+        let step = if vnet[1] == 5 && gso_size > 0 {
+            gso_size
+        } else {
+            payload.len()
+        };
+        for datagram in payload.chunks(step) {
+            if datagram.len() < 8 + 14 + 20 || datagram[0] & 0x08 == 0 {
+                bad.push(format!(
+                    "not VXLAN: {:02x?}",
+                    &datagram[..datagram.len().min(16)]
+                ));
+                continue;
+            }
+            let l3 = &datagram[8 + 14..];
+            let (v6, header, proto) = match l3[0] >> 4 {
+                4 => (false, usize::from(l3[0] & 0x0f) * 4, l3[9]),
+                _ => (true, 40, l3[6]),
+            };
+            if !v6 && checksum(&l3[..header]) != 0 {
+                bad.push("inner IPv4 header checksum".into());
+            }
+            let l4 = &l3[header..];
+            let sum = match proto {
+                1 => checksum(l4),
+                6 | 17 | 58 => finish(accumulate(pseudo_header_of(l3, proto, l4.len() as u32), l4)),
+                _ => continue,
+            };
+            let name = format!("{}/{proto}", if v6 { "ipv6" } else { "ipv4" });
+            if sum != 0 {
+                bad.push(format!("{name} checksum wrong ({} bytes)", l4.len()));
+            }
+            *seen.entry(name).or_insert(0) += 1;
+        }
+    }
+    (seen, bad)
+}
+
+#[test]
+fn every_vxlan_packet_on_the_wire_has_right_checksums() {
+    let Some(c) = cluster(ClusterOptions::default()) else {
+        return;
+    };
+    let hub = c.hub.path();
+    let capture = std::thread::spawn(move || {
+        bench_env::rawsock::capture(&hub, "n0", Duration::from_secs(3)).unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
+    let t = tcp_transfer(a, b, 20 << 20).unwrap();
+    assert_eq!(t.sent_hash, t.received_hash);
+    for v6 in [false, true] {
+        let burst = bench_env::transfer::udp_burst(a, b, v6, 300, 600).unwrap();
+        assert_eq!(burst.damaged, 0);
+    }
+    assert!(measure::ping(&a.ns, IpAddr::V4(b.ipv4)));
+    assert!(measure::ping(&b.ns, IpAddr::V6(a.ipv6)));
+    let frames = capture.join().unwrap();
+    let (seen, bad) = verify_vxlan_checksums(&frames);
+    assert!(
+        bad.is_empty(),
+        "{} bad packets, first: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
+    );
+    for kind in ["ipv4/6", "ipv4/17", "ipv4/1", "ipv6/17", "ipv6/58"] {
+        assert!(
+            seen.get(kind).copied().unwrap_or(0) > 0,
+            "no {kind} seen: {seen:?}"
+        );
+    }
+    assert!(seen["ipv4/6"] > 10_000, "{seen:?}");
+}
