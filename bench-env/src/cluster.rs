@@ -204,11 +204,7 @@ impl Cluster {
     /// Writes node `i`'s Node manifest (name and InternalIPs; no podCIDR, so the control
     /// processes allocate one).
     pub fn write_node_manifest(&self, i: usize) -> Result<()> {
-        let node = self
-            .nodes
-            .iter()
-            .find(|n| n.index == i)
-            .ok_or_else(|| fail!("no node {i}"))?;
+        let node = &self.nodes[self.at(i)?];
         let text = format!(
             "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n  - type: InternalIP\n    address: \"{}\"\n  - type: Hostname\n    address: {}\n",
             node.name, node.ipv4, node.ipv6, node.name
@@ -256,16 +252,8 @@ impl Cluster {
         };
         self.hub
             .exec(&["ip", "link", "set", &port, "master", &bridge, "up"])?;
-        ns.exec(&["ip", "addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
-        ns.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{ipv6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
+        ns.add_address("eth0", &format!("{ipv4}/24"))?;
+        ns.add_address("eth0", &format!("{ipv6}/64"))?;
         ns.exec(&["ip", "link", "set", "eth0", "up"])?;
         if self.options.underlay == Underlay::Routed {
             ns.exec(&[
@@ -352,63 +340,35 @@ impl Cluster {
         )
     }
 
+    /// Where node `i` is in `nodes`.
+    fn at(&self, i: usize) -> Result<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.index == i)
+            .ok_or_else(|| fail!("no node {i}"))
+    }
+
     /// Kills node `i`'s dataplane and starts a new one.
     pub fn restart_dataplane(&mut self, i: usize) -> Result<()> {
-        let node = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.index == i)
-            .ok_or_else(|| fail!("no node {i}"))?;
-        node.dataplane.take();
-        let process = {
-            let node = self
-                .nodes
-                .iter()
-                .find(|n| n.index == i)
-                .ok_or_else(|| fail!("no node {i}"))?;
-            self.spawn_dataplane(node)?
-        };
-        let node = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.index == i)
-            .ok_or_else(|| fail!("no node {i}"))?;
-        node.dataplane = Some(process);
+        let at = self.at(i)?;
+        self.nodes[at].dataplane.take();
+        let process = self.spawn_dataplane(&self.nodes[at])?;
+        self.nodes[at].dataplane = Some(process);
         Ok(())
     }
 
     /// Kills node `i`'s control process and starts a new one.
     pub fn restart_control(&mut self, i: usize) -> Result<()> {
-        let node = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.index == i)
-            .ok_or_else(|| fail!("no node {i}"))?;
-        node.control.take();
-        let process = {
-            let node = self
-                .nodes
-                .iter()
-                .find(|n| n.index == i)
-                .ok_or_else(|| fail!("no node {i}"))?;
-            self.spawn_control(node)?
-        };
-        let node = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.index == i)
-            .ok_or_else(|| fail!("no node {i}"))?;
-        node.control = Some(process);
+        let at = self.at(i)?;
+        self.nodes[at].control.take();
+        let process = self.spawn_control(&self.nodes[at])?;
+        self.nodes[at].control = Some(process);
         Ok(())
     }
 
     /// Waits until node `i`'s dataplane has node settings with `peers` peers.
     pub fn wait_for_peers(&self, i: usize, peers: usize, timeout: Duration) -> Result<Duration> {
-        let node = self
-            .nodes
-            .iter()
-            .find(|n| n.index == i)
-            .ok_or_else(|| fail!("no node {i}"))?;
+        let node = &self.nodes[self.at(i)?];
         let start = Instant::now();
         loop {
             let have = node
@@ -468,23 +428,8 @@ impl Cluster {
                 "1450",
                 "up",
             ])?;
-            ns.exec(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("10.244.{i}.0/32"),
-                "dev",
-                "flannel.1",
-            ])?;
-            ns.exec(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("fd00:244:0:{i:x}::/128"),
-                "dev",
-                "flannel.1",
-                "nodad",
-            ])?;
+            ns.add_address("flannel.1", &format!("10.244.{i}.0/32"))?;
+            ns.add_address("flannel.1", &format!("fd00:244:0:{i:x}::/128"))?;
             for peer in self.nodes.iter().filter(|p| p.index != i) {
                 let j = peer.index;
                 let (v4, v6) = pod_cidrs(j);
@@ -587,11 +532,7 @@ impl Cluster {
 
     /// Attaches pod `p` of node `i` through the node's CNI plugin.
     pub fn add_pod(&mut self, i: usize, p: usize) -> Result<()> {
-        let at = self
-            .nodes
-            .iter()
-            .position(|n| n.index == i)
-            .ok_or_else(|| fail!("no node {i}"))?;
+        let at = self.at(i)?;
         let node = &self.nodes[at];
         let ns = Netns::create(&format!("{}-n{i}p{p}", self.prefix))?;
         let (plugin, conf) = self.cni_conf(node)?;
@@ -648,8 +589,8 @@ impl Cluster {
 fn bridge(ns: &Netns, name: &str, addrs: Option<(&str, &str)>) -> Result<()> {
     ns.exec(&["ip", "link", "add", name, "type", "bridge"])?;
     if let Some((v4, v6)) = addrs {
-        ns.exec(&["ip", "addr", "add", v4, "dev", name])?;
-        ns.exec(&["ip", "addr", "add", v6, "dev", name, "nodad"])?;
+        ns.add_address(name, v4)?;
+        ns.add_address(name, v6)?;
     }
     ns.exec(&["ip", "link", "set", name, "up"])?;
     Ok(())

@@ -200,31 +200,14 @@ fn single_node(run: SingleNode) -> Result<bool> {
         ),
     ];
     for (metric_names, run) in &runs {
-        print!(
-            "measuring {} ...",
-            metric_names
-                .iter()
-                .map(|m| m.0)
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-        let mut k_rounds = Vec::new();
-        let mut s_rounds = Vec::new();
-        for _ in 0..repeat.max(1) {
-            k_rounds.push(run(&kernel)?);
-            s_rounds.push(run(&switchyard)?);
-            print!(".");
-            let _ = std::io::stdout().flush();
-        }
-        println!(" done");
-        for (i, name) in metric_names.iter().enumerate() {
-            names.push(*name);
-            let s = median(s_rounds.iter().map(|r| r[i]).collect());
-            let k = median(k_rounds.iter().map(|r| r[i]).collect());
-            results.push([s, k]);
-        }
+        let label = metric_names
+            .iter()
+            .map(|m| m.0)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let medians = rounds([&switchyard, &kernel], repeat, &label, run.as_ref())?;
+        names.extend(metric_names.iter().copied());
+        results.extend(medians);
     }
     let metrics: Vec<Metric> = names
         .iter()
@@ -333,36 +316,17 @@ fn multi_node(run: MultiNode) -> Result<bool> {
         all_connected &= m.failures.is_empty();
     }
     let mut metrics = Vec::new();
-    let r = rounds(
-        [&switchyard, &kernel],
-        repeat,
-        "cross-node tcp_1_stream",
-        &|c| {
+    for streams in [1, 4] {
+        let name = format!(
+            "cross_node_tcp_{streams}_stream{}",
+            if streams > 1 { "s" } else { "" }
+        );
+        let r = rounds([&switchyard, &kernel], repeat, &name, &|c| {
             let (a, b) = cross(c)?;
-            Ok(vec![measure::tcp_gbps(a, b, 1, seconds)?])
-        },
-    )?;
-    metrics.push(Metric::new(
-        "cross_node_tcp_1_stream",
-        "Gbit/s",
-        r[0][0],
-        r[0][1],
-    ));
-    let r = rounds(
-        [&switchyard, &kernel],
-        repeat,
-        "cross-node tcp_4_streams",
-        &|c| {
-            let (a, b) = cross(c)?;
-            Ok(vec![measure::tcp_gbps(a, b, 4, seconds)?])
-        },
-    )?;
-    metrics.push(Metric::new(
-        "cross_node_tcp_4_streams",
-        "Gbit/s",
-        r[0][0],
-        r[0][1],
-    ));
+            Ok(vec![measure::tcp_gbps(a, b, streams, seconds)?])
+        })?;
+        metrics.push(Metric::new(&name, "Gbit/s", r[0][0], r[0][1]));
+    }
     let r = rounds([&switchyard, &kernel], repeat, "cross-node rtt", &|c| {
         let (a, b) = cross(c)?;
         let (p50, p99) = measure::rtt_us(a, b, 200)?;

@@ -51,6 +51,16 @@ impl Netns {
         run(&refs)
     }
 
+    /// Adds `cidr` (`10.0.0.1/24`, `fd00::1/64`; IPv6 without duplicate address detection)
+    /// to `ifname`.
+    pub fn add_address(&self, ifname: &str, cidr: &str) -> Result<()> {
+        let mut argv = vec!["ip", "addr", "add", cidr, "dev", ifname];
+        if cidr.contains(':') {
+            argv.push("nodad");
+        }
+        self.exec(&argv).map(|_| ())
+    }
+
     /// Starts a command inside the namespace; it is killed when the guard drops.
     pub fn spawn(&self, argv: &[&str], log: Option<&std::path::Path>) -> Result<Process> {
         Process::spawn(&self.argv(argv), log)

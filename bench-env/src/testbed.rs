@@ -346,8 +346,8 @@ impl Testbed {
     fn add_bridge_pods(&mut self, prefix: &str, options: &Options) -> Result<()> {
         let node = &self.node;
         node.exec(&["ip", "link", "add", "br0", "type", "bridge"])?;
-        node.exec(&["ip", "addr", "add", "10.244.0.1/24", "dev", "br0"])?;
-        node.exec(&["ip", "addr", "add", "fd00:244::1/64", "dev", "br0", "nodad"])?;
+        node.add_address("br0", "10.244.0.1/24")?;
+        node.add_address("br0", "fd00:244::1/64")?;
         node.exec(&["ip", "link", "set", "br0", "up"])?;
         for i in 0..options.pods {
             let ns = Netns::create(&format!("{prefix}-pod{i}"))?;
@@ -372,16 +372,8 @@ impl Testbed {
             ])?;
             node.exec(&["ip", "link", "set", &veth, "master", "br0", "up"])?;
             let (ipv4, ipv6) = (pod_ipv4(i), pod_ipv6(i));
-            ns.exec(&["ip", "addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
-            ns.exec(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("{ipv6}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
+            ns.add_address("eth0", &format!("{ipv4}/24"))?;
+            ns.add_address("eth0", &format!("{ipv6}/64"))?;
             ns.exec(&["ip", "link", "set", "eth0", "up"])?;
             ns.exec(&["ip", "route", "add", "default", "via", "10.244.0.1"])?;
             ns.exec(&["ip", "-6", "route", "add", "default", "via", "fd00:244::1"])?;
