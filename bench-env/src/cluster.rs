@@ -188,6 +188,12 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Rewrites the cluster configuration with another backend (the agents apply it).
+    pub fn set_backend(&mut self, backend: BackendKind) -> Result<()> {
+        self.options.backend = backend;
+        self.write_config()
+    }
+
     fn write_config(&self) -> Result<()> {
         let backend = match self.options.backend {
             BackendKind::Vxlan => "vxlan",

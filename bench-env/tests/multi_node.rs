@@ -411,3 +411,50 @@ fn every_vxlan_packet_on_the_wire_has_right_checksums() {
     }
     assert!(seen["ipv4/6"] > 10_000, "{seen:?}");
 }
+
+#[test]
+fn the_backend_changes_live_and_stale_routes_go() {
+    let Some(mut c) = cluster(ClusterOptions::default()) else {
+        return;
+    };
+    for backend in [BackendKind::Ipip, BackendKind::Direct, BackendKind::Vxlan] {
+        c.set_backend(backend).unwrap();
+        let start = Instant::now();
+        while c.nodes.iter().any(|n| {
+            n.client()
+                .unwrap()
+                .node()
+                .unwrap()
+                .spec
+                .unwrap()
+                .backend
+                .kind
+                != backend
+        }) {
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "{backend:?} not applied"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
+        for target in [IpAddr::V4(b.ipv4), IpAddr::V6(b.ipv6)] {
+            assert!(
+                measure::ping(&a.ns, target),
+                "{backend:?}: {target}\n{}",
+                c.logs()
+            );
+        }
+        assert!(
+            measure::ping(&c.nodes[1].ns, IpAddr::V4(a.ipv4)),
+            "{backend:?}: node1 -> pod"
+        );
+        let routes = c.nodes[0].ns.exec(&["ip", "route"]).unwrap();
+        let direct_route = routes.contains("10.244.1.0/24 via 192.168.1.11");
+        assert_eq!(
+            direct_route,
+            backend == BackendKind::Direct,
+            "{backend:?}: {routes}"
+        );
+    }
+}
