@@ -20,6 +20,7 @@
 pub mod coalesce;
 pub mod counters;
 pub mod icmp_error;
+pub mod nat;
 pub mod neighbor;
 pub mod segment;
 
