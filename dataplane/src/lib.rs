@@ -14,6 +14,7 @@
 //!   new snapshots.
 
 pub mod buffer;
+pub mod conntrack;
 pub mod io;
 pub mod node;
 pub mod pipeline;

@@ -184,7 +184,13 @@ mod tests {
     fn tcp_source_and_back_keep_checksums_valid() {
         let p = with_checksum(packet(6, &tcp(0x02)), 16);
         let mut q = p.clone();
-        assert!(translate(&mut q, Side::Source, [192, 168, 1, 10].into(), 33000, false));
+        assert!(translate(
+            &mut q,
+            Side::Source,
+            [192, 168, 1, 10].into(),
+            33000,
+            false
+        ));
         assert_eq!(checksum(&q[..20]), 0, "IP header checksum");
         assert!(l4_verifies(&q), "TCP checksum");
         assert_eq!(&q[12..16], &[192, 168, 1, 10]);
@@ -205,7 +211,13 @@ mod tests {
             },
             16,
         );
-        assert!(translate(&mut r, Side::Destination, [10, 244, 0, 5].into(), 40000, false));
+        assert!(translate(
+            &mut r,
+            Side::Destination,
+            [10, 244, 0, 5].into(),
+            40000,
+            false
+        ));
         assert_eq!(checksum(&r[..20]), 0);
         assert!(l4_verifies(&r));
         assert_eq!(read_u16(&r[20..], 2), 40000);
@@ -217,7 +229,13 @@ mod tests {
         let len = (p.len() - 20) as u32;
         let partial = fold(pseudo_header_of(&p, 6, len));
         write_u16(&mut p[20..], 16, partial);
-        assert!(translate(&mut p, Side::Source, [192, 168, 1, 10].into(), 33000, true));
+        assert!(translate(
+            &mut p,
+            Side::Source,
+            [192, 168, 1, 10].into(),
+            33000,
+            true
+        ));
         assert_eq!(
             read_u16(&p[20..], 16),
             fold(pseudo_header_of(&p, 6, len)),
@@ -228,17 +246,35 @@ mod tests {
     #[test]
     fn udp_without_checksum_and_icmp_echo() {
         let mut u = packet(17, &[0x9c, 0x40, 0, 53, 0, 10, 0, 0, 1, 2]);
-        assert!(translate(&mut u, Side::Source, [192, 168, 1, 10].into(), 40001, false));
+        assert!(translate(
+            &mut u,
+            Side::Source,
+            [192, 168, 1, 10].into(),
+            40001,
+            false
+        ));
         assert_eq!(read_u16(&u[20..], 6), 0, "no checksum stays no checksum");
         let u = with_checksum(packet(17, &[0x9c, 0x40, 0, 53, 0, 10, 0, 0, 1, 2]), 6);
         let mut v = u.clone();
-        assert!(translate(&mut v, Side::Source, [192, 168, 1, 10].into(), 40001, false));
+        assert!(translate(
+            &mut v,
+            Side::Source,
+            [192, 168, 1, 10].into(),
+            40001,
+            false
+        ));
         assert!(l4_verifies(&v));
         let mut echo = vec![8u8, 0, 0, 0, 0x12, 0x34, 0, 1, b'h', b'i'];
         let c = checksum(&echo);
         write_u16(&mut echo, 2, c);
         let mut e = packet(1, &echo);
-        assert!(translate(&mut e, Side::Source, [192, 168, 1, 10].into(), 0x4321, false));
+        assert!(translate(
+            &mut e,
+            Side::Source,
+            [192, 168, 1, 10].into(),
+            0x4321,
+            false
+        ));
         assert_eq!(checksum(&e[20..]), 0, "ICMP checksum");
         assert_eq!(read_u16(&e[20..], 4), 0x4321);
         assert_eq!(checksum(&e[..20]), 0);
@@ -249,11 +285,23 @@ mod tests {
         let mut frag = with_checksum(packet(6, &tcp(0x10)), 16);
         frag[7] = 1; // a later fragment
         let before = frag.clone();
-        assert!(!translate(&mut frag, Side::Source, [1, 1, 1, 1].into(), 1, false));
+        assert!(!translate(
+            &mut frag,
+            Side::Source,
+            [1, 1, 1, 1].into(),
+            1,
+            false
+        ));
         assert_eq!(frag, before);
         let mut unreachable = packet(1, &[3, 1, 0, 0, 0, 0, 0, 0]);
         assert!(l4_of(&unreachable).is_none());
-        assert!(!translate(&mut unreachable, Side::Source, [1, 1, 1, 1].into(), 1, false));
+        assert!(!translate(
+            &mut unreachable,
+            Side::Source,
+            [1, 1, 1, 1].into(),
+            1,
+            false
+        ));
         assert!(l4_of(&[0x45]).is_none());
         assert!(l4_of(&[]).is_none());
     }

@@ -1,0 +1,541 @@
+//! Connection tracking for masquerade: which pod flow owns which of the node's source
+//! ports, so that replies find their way back.
+//!
+//! One table for the whole dataplane, because a flow's two directions are read by
+//! different workers (the pod's TAP queue and the host port's queue are chosen by
+//! different hashes). It is split into 1,024 shards, each a hash map behind its own lock:
+//! a packet takes one shard's lock for a lookup (uncontended unless two workers touch the
+//! same shard at once), never a global one. Each flow is stored under two keys, the
+//! outbound tuple (pod -> destination) and the reply tuple (destination -> node:port),
+//! pointing at one shared [`Flow`] whose state and last-seen time are atomics.
+//!
+//! Bounded: at most `limit` flows (default 1M). When full, new flows are refused (and the
+//! caller counts them) while established ones carry on; expired flows are removed by
+//! [`Conntrack::sweep`], which the dataplane runs every second. Memory per flow: two map
+//! slots of 24 bytes plus a control byte each (at most 7/8 full), and one 40-byte shared
+//! [`Flow`] (Arc counts included), about 110 bytes with allocator overhead: 1M flows take
+//! about 110 MiB.
+//!
+//! Source ports come from a per-protocol bitmap over the configured range, taken with an
+//! atomic compare-and-swap at a position derived from the flow's hash (randomised per
+//! dataplane start), so two workers never hand out the same port.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+const SHARDS: usize = 1024;
+const NS: u64 = 1_000_000_000;
+
+/// One direction of a flow: protocol, source and destination address and port (ICMP:
+/// the echo identifier as both ports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tuple {
+    /// IP protocol.
+    pub protocol: u8,
+    /// Source address.
+    pub src: Ipv4Addr,
+    /// Source port.
+    pub src_port: u16,
+    /// Destination address.
+    pub dst: Ipv4Addr,
+    /// Destination port.
+    pub dst_port: u16,
+}
+
+/// Where a flow is in its life, which decides its timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// Outbound packets only so far (TCP SYN sent, UDP or ICMP unanswered).
+    New = 0,
+    /// Replies seen.
+    Established = 1,
+    /// A FIN was seen.
+    Closing = 2,
+    /// A RST was seen.
+    Closed = 3,
+}
+
+impl State {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => State::Established,
+            2 => State::Closing,
+            3 => State::Closed,
+            _ => State::New,
+        }
+    }
+
+    /// Lower-case name, as listed.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::New => "new",
+            State::Established => "established",
+            State::Closing => "closing",
+            State::Closed => "closed",
+        }
+    }
+}
+
+/// Idle time after which a flow expires, by protocol and state, in seconds.
+fn timeout_s(protocol: u8, state: State) -> u64 {
+    match (protocol, state) {
+        (6, State::New) => 60,
+        (6, State::Established) => 86_400,
+        (6, State::Closing) => 120,
+        (6, State::Closed) => 10,
+        (17, State::Established) => 180,
+        _ => 30,
+    }
+}
+
+/// A tracked flow: what both of its keys point at.
+#[derive(Debug)]
+pub struct Flow {
+    /// The outbound tuple as the pod sent it.
+    pub original: Tuple,
+    /// The node's source port (or echo identifier) it was given.
+    pub node_port: u16,
+    state: AtomicU8,
+    last_seen_ns: AtomicU64,
+}
+
+impl Flow {
+    /// Its state now.
+    pub fn state(&self) -> State {
+        State::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    fn touch(&self, now_ns: u64, tcp_flags: Option<u8>, reply: bool) {
+        self.last_seen_ns.store(now_ns, Ordering::Relaxed);
+        let state = self.state();
+        let next = match tcp_flags {
+            Some(f) if f & TCP_RST != 0 => State::Closed,
+            Some(f) if f & TCP_FIN != 0 && state != State::Closed => State::Closing,
+            _ if reply && state == State::New => State::Established,
+            _ => state,
+        };
+        if next != state {
+            self.state.store(next as u8, Ordering::Relaxed);
+        }
+    }
+
+    fn expired(&self, now_ns: u64) -> bool {
+        let idle = now_ns.saturating_sub(self.last_seen_ns.load(Ordering::Relaxed));
+        idle > timeout_s(self.original.protocol, self.state()) * NS
+    }
+}
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+/// Why a new flow was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The table holds its limit of flows.
+    TableFull,
+    /// Every source port of the range is in use for this protocol.
+    NoPort,
+}
+
+/// FxHash: fast, and good enough for tuples an attacker can only partly choose (the shard
+/// index and the port search start are mixed with a per-start random seed).
+#[derive(Default)]
+struct Fx(u64);
+
+impl Hasher for Fx {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x51_7cc1_b727_220a_95);
+        }
+    }
+}
+
+type Shard = Mutex<HashMap<Tuple, Arc<Flow>, BuildHasherDefault<Fx>>>;
+
+/// A random number per process (std's per-process hash keys).
+fn random_seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)
+}
+
+/// A pool of source ports for one protocol.
+struct Ports {
+    first: u16,
+    count: usize,
+    words: Box<[AtomicU64]>,
+}
+
+impl Ports {
+    fn new(first: u16, last: u16) -> Self {
+        let count = usize::from(last.saturating_sub(first)) + 1;
+        Self {
+            first,
+            count,
+            words: (0..count.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn take(&self, seed: u64) -> Option<u16> {
+        let start = (seed % self.count as u64) as usize;
+        for k in 0..self.count {
+            let i = (start + k) % self.count;
+            let (w, bit) = (i / 64, 1u64 << (i % 64));
+            if self.words[w].fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+                return Some(self.first + i as u16);
+            }
+        }
+        None
+    }
+
+    fn give_back(&self, port: u16) {
+        let i = usize::from(port.wrapping_sub(self.first));
+        if i < self.count {
+            self.words[i / 64].fetch_and(!(1u64 << (i % 64)), Ordering::AcqRel);
+        }
+    }
+
+    fn in_use(&self) -> usize {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as usize)
+            .sum()
+    }
+}
+
+/// The connection-tracking table of a masquerading node.
+pub struct Conntrack {
+    node: Ipv4Addr,
+    shards: Box<[Shard]>,
+    limit: usize,
+    flows: AtomicUsize,
+    seed: u64,
+    tcp: Ports,
+    udp: Ports,
+    icmp: Ports,
+}
+
+/// A flow as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowInfo {
+    /// The outbound tuple as the pod sent it.
+    pub original: Tuple,
+    /// The node's port.
+    pub node_port: u16,
+    /// Its state.
+    pub state: State,
+    /// Seconds since the last packet.
+    pub idle_s: u64,
+}
+
+impl Conntrack {
+    /// A table masquerading to `node`, with source ports `ports` (inclusive) and at most
+    /// `limit` flows.
+    pub fn new(node: Ipv4Addr, ports: (u16, u16), limit: usize) -> Self {
+        let (first, last) = (ports.0.min(ports.1).max(1), ports.0.max(ports.1));
+        Self {
+            node,
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
+            limit,
+            flows: AtomicUsize::new(0),
+            seed: random_seed(),
+            tcp: Ports::new(first, last),
+            udp: Ports::new(first, last),
+            icmp: Ports::new(first, last),
+        }
+    }
+
+    /// The address flows are masqueraded to.
+    pub fn node(&self) -> Ipv4Addr {
+        self.node
+    }
+
+    /// The port range, inclusive.
+    pub fn port_range(&self) -> (u16, u16) {
+        (self.tcp.first, self.tcp.first + (self.tcp.count - 1) as u16)
+    }
+
+    fn hash(&self, t: &Tuple) -> u64 {
+        let mut h = Fx(self.seed);
+        t.hash(&mut h);
+        h.finish() ^ (h.finish() >> 29)
+    }
+
+    fn shard(
+        &self,
+        t: &Tuple,
+    ) -> std::sync::MutexGuard<'_, HashMap<Tuple, Arc<Flow>, BuildHasherDefault<Fx>>> {
+        let i = (self.hash(t) as usize) % SHARDS;
+        // A panic while holding a shard lock leaves the map consistent (single inserts or
+        // removes), so a poisoned lock is still usable.
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ports(&self, protocol: u8) -> &Ports {
+        match protocol {
+            6 => &self.tcp,
+            17 => &self.udp,
+            _ => &self.icmp,
+        }
+    }
+
+    fn reply_tuple(original: &Tuple, node: Ipv4Addr, node_port: u16) -> Tuple {
+        if original.protocol == 1 {
+            Tuple {
+                protocol: 1,
+                src: original.dst,
+                src_port: node_port,
+                dst: node,
+                dst_port: node_port,
+            }
+        } else {
+            Tuple {
+                protocol: original.protocol,
+                src: original.dst,
+                src_port: original.dst_port,
+                dst: node,
+                dst_port: node_port,
+            }
+        }
+    }
+
+    /// An outbound packet of `original` (pod -> destination): returns the node port to
+    /// translate the source to, creating the flow if it is new.
+    pub fn outbound(
+        &self,
+        original: Tuple,
+        tcp_flags: Option<u8>,
+        now_ns: u64,
+    ) -> Result<u16, Refusal> {
+        if let Some(flow) = self.shard(&original).get(&original) {
+            flow.touch(now_ns, tcp_flags, false);
+            return Ok(flow.node_port);
+        }
+        if self.flows.load(Ordering::Relaxed) >= self.limit {
+            return Err(Refusal::TableFull);
+        }
+        let ports = self.ports(original.protocol);
+        let port = ports.take(self.hash(&original)).ok_or(Refusal::NoPort)?;
+        let flow = Arc::new(Flow {
+            original,
+            node_port: port,
+            state: AtomicU8::new(State::New as u8),
+            last_seen_ns: AtomicU64::new(now_ns),
+        });
+        flow.touch(now_ns, tcp_flags, false);
+        let reply = Self::reply_tuple(&original, self.node, port);
+        // The port is ours alone (taken from the bitmap), so the reply key is free.
+        self.shard(&reply).insert(reply, flow.clone());
+        let mut out = self.shard(&original);
+        if let Some(other) = out.get(&original) {
+            // Another worker created the same flow meanwhile: use its port, undo ours.
+            let kept = other.node_port;
+            drop(out);
+            self.shard(&reply).remove(&reply);
+            ports.give_back(port);
+            return Ok(kept);
+        }
+        out.insert(original, flow);
+        self.flows.fetch_add(1, Ordering::Relaxed);
+        Ok(port)
+    }
+
+    /// A packet arriving for the node (`reply`: destination -> node:port): the pod address
+    /// and port to translate the destination back to, if it belongs to a tracked flow.
+    pub fn inbound(
+        &self,
+        reply: &Tuple,
+        tcp_flags: Option<u8>,
+        now_ns: u64,
+    ) -> Option<(Ipv4Addr, u16)> {
+        let shard = self.shard(reply);
+        let flow = shard.get(reply)?;
+        flow.touch(now_ns, tcp_flags, true);
+        Some((flow.original.src, flow.original.src_port))
+    }
+
+    /// Removes the flows idle past their timeout and frees their ports; returns how many.
+    pub fn sweep(&self, now_ns: u64) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let expired: Vec<Arc<Flow>> = {
+                let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+                let mut out = Vec::new();
+                map.retain(|key, flow| {
+                    let keep = !flow.expired(now_ns);
+                    if !keep && *key == flow.original {
+                        out.push(flow.clone());
+                    }
+                    keep
+                });
+                out
+            };
+            for flow in expired {
+                let reply = Self::reply_tuple(&flow.original, self.node, flow.node_port);
+                self.shard(&reply).remove(&reply);
+                self.ports(flow.original.protocol).give_back(flow.node_port);
+                self.flows.fetch_sub(1, Ordering::Relaxed);
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Flows tracked now.
+    pub fn len(&self) -> usize {
+        self.flows.load(Ordering::Relaxed)
+    }
+
+    /// True when no flow is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The most flows it holds.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Source ports in use, per protocol (TCP, UDP, ICMP).
+    pub fn ports_in_use(&self) -> [usize; 3] {
+        [self.tcp.in_use(), self.udp.in_use(), self.icmp.in_use()]
+    }
+
+    /// Every flow (a snapshot, shard by shard).
+    pub fn flows(&self, now_ns: u64) -> Vec<FlowInfo> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(
+                map.iter()
+                    .filter(|(k, f)| **k == f.original)
+                    .map(|(_, f)| FlowInfo {
+                        original: f.original,
+                        node_port: f.node_port,
+                        state: f.state(),
+                        idle_s: now_ns.saturating_sub(f.last_seen_ns.load(Ordering::Relaxed)) / NS,
+                    }),
+            );
+        }
+        out.sort_by_key(|f| f.original);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(src_port: u16) -> Tuple {
+        Tuple {
+            protocol: 6,
+            src: Ipv4Addr::new(10, 244, 0, 5),
+            src_port,
+            dst: Ipv4Addr::new(192, 168, 2, 10),
+            dst_port: 80,
+        }
+    }
+
+    const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
+
+    #[test]
+    fn a_flow_keeps_its_port_and_replies_find_the_pod() {
+        let ct = Conntrack::new(NODE, (40000, 40009), 100);
+        let p = ct.outbound(t(1234), Some(0x02), 0).unwrap();
+        assert!((40000..=40009).contains(&p));
+        assert_eq!(
+            ct.outbound(t(1234), Some(0x10), 1).unwrap(),
+            p,
+            "same flow, same port"
+        );
+        let reply = Tuple {
+            protocol: 6,
+            src: Ipv4Addr::new(192, 168, 2, 10),
+            src_port: 80,
+            dst: NODE,
+            dst_port: p,
+        };
+        assert_eq!(
+            ct.inbound(&reply, Some(0x12), 2),
+            Some((Ipv4Addr::new(10, 244, 0, 5), 1234))
+        );
+        assert_eq!(ct.flows(2)[0].state, State::Established);
+        let stranger = Tuple {
+            dst_port: p.wrapping_add(1),
+            ..reply
+        };
+        assert_eq!(ct.inbound(&stranger, None, 2), None);
+        assert_eq!(ct.len(), 1);
+    }
+
+    #[test]
+    fn ports_are_distinct_and_run_out_then_the_table_fills() {
+        let ct = Conntrack::new(NODE, (40000, 40009), 100);
+        let mut ports: Vec<u16> = (0..10)
+            .map(|i| ct.outbound(t(i), Some(0x02), 0).unwrap())
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 10, "no port handed out twice");
+        assert_eq!(ct.outbound(t(99), Some(0x02), 0), Err(Refusal::NoPort));
+        assert_eq!(ct.ports_in_use()[0], 10);
+        let small = Conntrack::new(NODE, (1024, 65535), 3);
+        for i in 0..3 {
+            small.outbound(t(i), None, 0).unwrap();
+        }
+        assert_eq!(small.outbound(t(7), None, 0), Err(Refusal::TableFull));
+        assert!(
+            small.outbound(t(1), None, 0).is_ok(),
+            "known flows carry on when full"
+        );
+    }
+
+    #[test]
+    fn idle_flows_expire_by_state_and_give_their_ports_back() {
+        let ct = Conntrack::new(NODE, (40000, 40000), 10);
+        let p = ct.outbound(t(1), Some(0x02), 0).unwrap();
+        assert_eq!(ct.sweep(59 * NS), 0, "a fresh SYN lives 60 s");
+        assert_eq!(ct.sweep(61 * NS), 1);
+        assert!(ct.is_empty());
+        assert_eq!(
+            ct.outbound(t(2), Some(0x02), 62 * NS).unwrap(),
+            p,
+            "the port is free again"
+        );
+        ct.outbound(t(2), Some(0x04), 63 * NS).unwrap(); // RST
+        assert_eq!(ct.flows(63 * NS)[0].state, State::Closed);
+        assert_eq!(ct.sweep(74 * NS), 1, "closed flows go after 10 s");
+        assert_eq!(ct.ports_in_use(), [0, 0, 0]);
+    }
+
+    #[test]
+    fn workers_racing_for_the_same_flow_agree() {
+        let ct = Arc::new(Conntrack::new(NODE, (1024, 65535), 100_000));
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let ct = ct.clone();
+                std::thread::spawn(move || {
+                    (0..2000)
+                        .map(|i| ct.outbound(t(i), None, 0).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let results: Vec<Vec<u16>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert!(
+            results.windows(2).all(|w| w[0] == w[1]),
+            "every worker got the same ports"
+        );
+        assert_eq!(ct.len(), 2000);
+        assert_eq!(ct.ports_in_use()[0], 2000, "no port leaked by a lost race");
+    }
+}
