@@ -14,7 +14,7 @@ mod node;
 pub use client::{Client, ClientError};
 pub use ipnet::IpNet;
 pub use mac::{MacAddr, ParseMacError};
-pub use node::{Backend, BackendKind, NodeSpec, NodeStatus, Peer};
+pub use node::{Backend, BackendKind, Masquerade, NodeSpec, NodeStatus, Peer, PortRange};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -102,6 +102,9 @@ pub struct NodeSpec {
     pub mtu: Option<u32>,
     /// Every other node.
     pub peers: Vec<Peer>,
+    /// Masquerade of pod traffic leaving the cluster.
+    #[serde(default)]
+    pub masquerade: Masquerade,
 }
 
 /// What the dataplane made of a [`NodeSpec`].
@@ -121,4 +124,88 @@ pub struct NodeStatus {
     /// The node-side interface through which the node's own stack reaches pods.
     #[serde(default)]
     pub host_ifname: Option<String>,
+}
+
+/// Source ports for masquerade, inclusive: `"32768-60999"` in configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    /// First port.
+    pub first: u16,
+    /// Last port.
+    pub last: u16,
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        Self {
+            first: 32768,
+            last: 60999,
+        }
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a port range like \"32768-60999\"");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let first: u16 = a.trim().parse().map_err(|_| bad())?;
+        let last: u16 = b.trim().parse().map_err(|_| bad())?;
+        if first < 1024 || last < first {
+            return Err(format!(
+                "port range {s:?} must lie within 1024-65535 and start at or before its end"
+            ));
+        }
+        Ok(Self { first, last })
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// How pod traffic leaving the cluster is masqueraded (the `masquerade` section of the
+/// cluster configuration, shaped like ip-masq-agent's).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct Masquerade {
+    /// Destinations never masqueraded, besides the cluster's pod networks. Empty by
+    /// default: everything outside the cluster is masqueraded (ip-masq-agent's default
+    /// exempts the RFC 1918 ranges instead).
+    #[serde(rename = "nonMasqueradeCIDRs")]
+    pub non_masquerade_cidrs: Vec<IpNet>,
+    /// Masquerade traffic to link-local addresses (169.254.0.0/16) too.
+    pub masq_link_local: bool,
+    /// The node's source ports for masqueraded flows; the node's own sockets do not use
+    /// them (the dataplane reserves them).
+    pub port_range: PortRange,
+    /// The most flows tracked at once; new flows beyond it are dropped and counted.
+    pub conntrack_max: usize,
+}
+
+impl Default for Masquerade {
+    fn default() -> Self {
+        Self {
+            non_masquerade_cidrs: Vec::new(),
+            masq_link_local: false,
+            port_range: PortRange::default(),
+            conntrack_max: 1 << 20,
+        }
+    }
 }

@@ -161,6 +161,7 @@ mod tests {
                     addresses: vec![],
                     pod_cidrs: vec![],
                 }],
+                masquerade: Default::default(),
             }),
             uplink: None,
             uplink_mtu: None,

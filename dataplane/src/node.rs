@@ -293,6 +293,7 @@ mod tests {
                 addresses: vec!["fd00:1::3".parse().unwrap()],
                 pod_cidrs: vec![net("10.244.1.0/24"), net("fd10:244:0:1::/64")],
             }],
+            masquerade: Default::default(),
         }
     }
 

@@ -4,7 +4,7 @@
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-pub use switchyard_api::{Backend, BackendKind};
+pub use switchyard_api::{Backend, BackendKind, Masquerade};
 
 /// The cluster-wide settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +28,9 @@ pub struct ClusterConfig {
     /// Pod MTU; otherwise the uplink's MTU less the backend's overhead.
     #[serde(default)]
     pub mtu: Option<u32>,
+    /// Masquerade of pod traffic leaving the cluster.
+    #[serde(default)]
+    pub masquerade: Masquerade,
 }
 
 fn default_mask() -> u8 {
@@ -47,6 +50,7 @@ impl Default for ClusterConfig {
             node_cidr_mask_size_v6: default_mask_v6(),
             backend: Backend::default(),
             mtu: None,
+            masquerade: Masquerade::default(),
         }
     }
 }
@@ -109,6 +113,15 @@ mod tests {
         );
         let c = ClusterConfig::parse("backend: {type: ipip}\nmtu: 1480\n").unwrap();
         assert_eq!(c.backend.kind, BackendKind::Ipip);
+        let c = ClusterConfig::parse(
+            "masquerade:\n  nonMasqueradeCIDRs: [10.0.0.0/8]\n  masqLinkLocal: true\n  portRange: \"40000-40999\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.masquerade.port_range.to_string(), "40000-40999");
+        assert!(c.masquerade.masq_link_local);
+        assert_eq!(ClusterConfig::parse("").unwrap().masquerade.port_range.first, 32768);
+        let bad = ClusterConfig::parse("masquerade: {portRange: \"70-20\"}\n").unwrap_err();
+        assert!(bad.contains("port range"), "{bad}");
         let bad = ClusterConfig::parse("backend: {type: gre}\n").unwrap_err();
         assert!(bad.contains("backend") && bad.contains("gre"), "{bad}");
         assert!(ClusterConfig::parse("clusterCIDR: 10.244.0.1/16\n")

@@ -117,6 +117,7 @@ impl NodePlan {
             backend: self.backend,
             mtu: self.mtu,
             peers,
+            masquerade: m.config.masquerade.clone(),
         })
     }
 }
