@@ -46,6 +46,11 @@ pub struct ClusterOptions {
     pub workers: Option<usize>,
     /// Extra arguments for `switchyard-dataplane`.
     pub dataplane_args: Vec<String>,
+    /// An external network outside the cluster (seed 004): the hub routes between the
+    /// nodes' subnet and `192.168.2.0/24` (`192.168.3.0/24` with a routed underlay), where
+    /// the external host `.10` lives; the nodes reach it by a static route, and nobody
+    /// outside the cluster knows the pod CIDRs.
+    pub external: bool,
 }
 
 impl Default for ClusterOptions {
@@ -58,6 +63,7 @@ impl Default for ClusterOptions {
             pod_mtu: None,
             workers: None,
             dataplane_args: Vec::new(),
+            external: false,
         }
     }
 }
@@ -118,6 +124,8 @@ pub struct Cluster {
     pub manifests: PathBuf,
     /// Name prefix of everything this testbed made.
     pub prefix: String,
+    /// The external host (with `ClusterOptions::external`).
+    pub external: Option<Pod>,
     options: ClusterOptions,
     keys: Vec<u64>,
 }
@@ -125,6 +133,7 @@ pub struct Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.nodes.clear();
+        self.external.take();
         for key in self.keys.drain(..) {
             cleanup::release(key);
         }
@@ -163,9 +172,13 @@ impl Cluster {
             keys: vec![cleanup::register(Resource::Dir(manifests.clone()))],
             manifests,
             prefix,
+            external: None,
             options: options.clone(),
         };
         cluster.write_config()?;
+        if options.external {
+            cluster.add_external()?;
+        }
         for i in 0..options.nodes {
             cluster.start_node(i)?;
         }
@@ -186,6 +199,64 @@ impl Cluster {
             }
         }
         Ok(cluster)
+    }
+
+    /// The external subnet's third octet.
+    fn external_subnet(&self) -> u8 {
+        match self.options.underlay {
+            Underlay::Flat => 2,
+            Underlay::Routed => 3,
+        }
+    }
+
+    /// The external host: a namespace behind the hub, which routes to it.
+    fn add_external(&mut self) -> Result<()> {
+        let x = self.external_subnet();
+        let ns = Netns::create(&format!("{}-ext", self.prefix))?;
+        ns.exec(&[
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "x0",
+            "netns",
+            self.hub.name(),
+        ])?;
+        let (ipv4, ipv6) = (
+            Ipv4Addr::new(192, 168, x, 10),
+            Ipv6Addr::new(0xfd00, u16::from(x), 0, 0, 0, 0, 0, 10),
+        );
+        ns.add_address("eth0", &format!("{ipv4}/24"))?;
+        ns.add_address("eth0", &format!("{ipv6}/64"))?;
+        ns.exec(&["ip", "link", "set", "eth0", "up"])?;
+        ns.exec(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("192.168.{x}.1"),
+        ])?;
+        let hub = &self.hub;
+        hub.add_address("x0", &format!("192.168.{x}.1/24"))?;
+        hub.add_address("x0", &format!("fd00:{x}::1/64"))?;
+        hub.exec(&["ip", "link", "set", "x0", "up"])?;
+        hub.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        if self.options.underlay == Underlay::Flat {
+            hub.add_address("br0", "192.168.1.1/24")?;
+            hub.add_address("br0", "fd00:1::1/64")?;
+        }
+        self.external = Some(Pod {
+            ns,
+            ipv4,
+            ipv6,
+            port: None,
+        });
+        Ok(())
     }
 
     /// Rewrites the cluster configuration with another backend (the agents apply it).
@@ -261,6 +332,18 @@ impl Cluster {
         ns.add_address("eth0", &format!("{ipv4}/24"))?;
         ns.add_address("eth0", &format!("{ipv6}/64"))?;
         ns.exec(&["ip", "link", "set", "eth0", "up"])?;
+        if self.options.external && self.options.underlay == Underlay::Flat {
+            // Seed 004: the node reaches the external subnet by a static route.
+            let x = self.external_subnet();
+            ns.exec(&[
+                "ip",
+                "route",
+                "add",
+                &format!("192.168.{x}.0/24"),
+                "via",
+                "192.168.1.1",
+            ])?;
+        }
         if self.options.underlay == Underlay::Routed {
             ns.exec(&[
                 "ip",

@@ -417,6 +417,7 @@ fn main() -> ExitCode {
                 pod_mtu: None,
                 workers,
                 dataplane_args,
+                external: false,
             },
         }),
     };

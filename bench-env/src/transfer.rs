@@ -44,6 +44,8 @@ pub struct Transfer {
     pub received_hash: u64,
     /// Time from connect to the server's end of stream.
     pub elapsed: Duration,
+    /// The client's address as the server saw it.
+    pub peer: SocketAddr,
 }
 
 /// Runs `receive` in `server`'s namespace and, once it says it is ready, `send` in
@@ -77,7 +79,7 @@ pub fn tcp_transfer(client: &Pod, server: &Pod, bytes: u64) -> Result<Transfer> 
         listener.set_nonblocking(true)?;
         let _ = ready.send(());
         let deadline = Instant::now() + Duration::from_secs(30);
-        let (mut stream, _) = loop {
+        let (mut stream, peer) = loop {
             match listener.accept() {
                 Ok(s) => break s,
                 Err(e)
@@ -101,7 +103,7 @@ pub fn tcp_transfer(client: &Pod, server: &Pod, bytes: u64) -> Result<Transfer> 
             hash.update(&buf[..n]);
             total += n as u64;
         }
-        Ok((total, hash.finish()))
+        Ok((total, hash.finish(), peer))
     };
     let send = move || {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
@@ -125,12 +127,13 @@ pub fn tcp_transfer(client: &Pod, server: &Pod, bytes: u64) -> Result<Transfer> 
         stream.shutdown(std::net::Shutdown::Write)?;
         Ok(hash.finish())
     };
-    let (sent_hash, (received, received_hash)) = run_pair(client, server, receive, send)?;
+    let (sent_hash, (received, received_hash, peer)) = run_pair(client, server, receive, send)?;
     Ok(Transfer {
         received,
         sent_hash,
         received_hash,
         elapsed: start.elapsed(),
+        peer,
     })
 }
 
@@ -143,6 +146,8 @@ pub struct UdpBurst {
     pub intact: usize,
     /// Datagrams received with wrong length or content, or twice.
     pub damaged: usize,
+    /// The source addresses the receiver saw.
+    pub sources: Vec<SocketAddr>,
 }
 
 /// The datagram with sequence number `seq`: its number then a pattern derived from it;
@@ -177,8 +182,12 @@ pub fn udp_burst(
         let _ = ready.send(());
         let mut seen = vec![false; count as usize];
         let (mut intact, mut damaged) = (0, 0);
+        let mut sources: Vec<SocketAddr> = Vec::new();
         let mut buf = vec![0u8; 65_536];
-        while let Ok(n) = socket.recv(&mut buf) {
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            if !sources.contains(&from) {
+                sources.push(from);
+            }
             let seq = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
             let ok = n >= 4
                 && seq < count
@@ -191,7 +200,7 @@ pub fn udp_burst(
                 damaged += 1;
             }
         }
-        Ok((intact, damaged))
+        Ok((intact, damaged, sources))
     };
     let send = move || {
         let socket = UdpSocket::bind(if ipv6 { "[::]:0" } else { "0.0.0.0:0" })?;
@@ -208,10 +217,11 @@ pub fn udp_burst(
         }
         Ok(sent)
     };
-    let (sent, (intact, damaged)) = run_pair(client, server, receive, send)?;
+    let (sent, (intact, damaged, sources)) = run_pair(client, server, receive, send)?;
     Ok(UdpBurst {
         sent,
         intact,
         damaged,
+        sources,
     })
 }

@@ -119,7 +119,14 @@ mod tests {
         .unwrap();
         assert_eq!(c.masquerade.port_range.to_string(), "40000-40999");
         assert!(c.masquerade.masq_link_local);
-        assert_eq!(ClusterConfig::parse("").unwrap().masquerade.port_range.first, 32768);
+        assert_eq!(
+            ClusterConfig::parse("")
+                .unwrap()
+                .masquerade
+                .port_range
+                .first,
+            32768
+        );
         let bad = ClusterConfig::parse("masquerade: {portRange: \"70-20\"}\n").unwrap_err();
         assert!(bad.contains("port range"), "{bad}");
         let bad = ClusterConfig::parse("backend: {type: gre}\n").unwrap_err();

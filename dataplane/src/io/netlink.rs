@@ -10,6 +10,16 @@ const RTM_NEWLINK: u16 = 16;
 const RTM_NEWADDR: u16 = 20;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
+const RTM_NEWRULE: u16 = 32;
+const RTM_DELRULE: u16 = 33;
+const FRA_IIFNAME: u16 = 3;
+const FRA_PRIORITY: u16 = 6;
+const FRA_TABLE: u16 = 15;
+const FRA_IP_PROTO: u16 = 22;
+const FRA_DPORT_RANGE: u16 = 24;
+const FR_ACT_TO_TBL: u8 = 1;
+/// The kernel's table of local addresses.
+pub const RT_TABLE_LOCAL: u32 = 255;
 const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
@@ -42,6 +52,23 @@ pub struct KernelRoute {
     pub gateway: Option<IpAddr>,
     /// Preferred source address of locally sent packets.
     pub src: Option<IpAddr>,
+    /// Routing table (the main table: 254).
+    pub table: u8,
+}
+
+/// A policy routing rule (`ip rule`), IPv4: which packets look up which table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KernelRule {
+    /// Priority (lower first).
+    pub priority: u32,
+    /// Only packets that arrived on this interface.
+    pub iif: Option<String>,
+    /// Only this IP protocol.
+    pub protocol: Option<u8>,
+    /// Only these destination ports (inclusive).
+    pub dports: Option<(u16, u16)>,
+    /// The table to look up.
+    pub table: u32,
 }
 
 /// A NETLINK_ROUTE socket in the namespace of the thread that opened it.
@@ -203,6 +230,7 @@ impl Netlink {
             oif: index,
             gateway,
             src: None,
+            table: RT_TABLE_MAIN,
         };
         self.route_message(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &route)
     }
@@ -229,7 +257,7 @@ impl Netlink {
             route.dst.prefix_len(),
             0,
             0,
-            RT_TABLE_MAIN,
+            route.table,
             RTPROT_STATIC,
             scope,
             RTN_UNICAST,
@@ -245,6 +273,46 @@ impl Netlink {
             msg.attr(RTA_PREFSRC, &ip_bytes(src));
         }
         msg.attr(RTA_OIF, &route.oif.to_ne_bytes());
+        self.transact(msg)
+    }
+
+    /// Adds `rule`; one that exists already is left as it is.
+    pub fn add_rule(&mut self, rule: &KernelRule) -> io::Result<()> {
+        match self.rule_message(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, rule) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Removes `rule`; one that does not exist is no error.
+    pub fn delete_rule(&mut self, rule: &KernelRule) -> io::Result<()> {
+        match self.rule_message(RTM_DELRULE, 0, rule) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn rule_message(&mut self, kind: u16, flags: u16, rule: &KernelRule) -> io::Result<()> {
+        let mut msg = Message::new(kind, flags, self.seq);
+        // struct fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action,
+        // flags.
+        msg.bytes(&[libc::AF_INET as u8, 0, 0, 0, 0, 0, 0, FR_ACT_TO_TBL])
+            .bytes(&0u32.to_ne_bytes());
+        msg.attr(FRA_PRIORITY, &rule.priority.to_ne_bytes());
+        msg.attr(FRA_TABLE, &rule.table.to_ne_bytes());
+        if let Some(iif) = &rule.iif {
+            let mut name = iif.as_bytes().to_vec();
+            name.push(0);
+            msg.attr(FRA_IIFNAME, &name);
+        }
+        if let Some(protocol) = rule.protocol {
+            msg.attr(FRA_IP_PROTO, &[protocol]);
+        }
+        if let Some((first, last)) = rule.dports {
+            let mut range = first.to_ne_bytes().to_vec();
+            range.extend_from_slice(&last.to_ne_bytes());
+            msg.attr(FRA_DPORT_RANGE, &range);
+        }
         self.transact(msg)
     }
 }

@@ -49,6 +49,10 @@ named_counters! {
         UdpCoalesced => "udp_coalesced",
         /// TCP segments from another node merged into an earlier one's GSO super-frame.
         TcpCoalesced => "tcp_coalesced",
+        /// Pod packets leaving the cluster with the node's address (masquerade).
+        Masqueraded => "masqueraded",
+        /// Replies given their pod's address back.
+        Unmasqueraded => "unmasqueraded",
     }
 }
 
@@ -100,6 +104,13 @@ named_counters! {
         /// Arrived from another node and routed to a third one (the overlay carries no
         /// transit traffic).
         OverlayTransit => "overlay_transit",
+        /// Masquerade refused a new flow: the connection-tracking table is full.
+        ConntrackFull => "conntrack_full",
+        /// Masquerade refused a new flow: no source port of the range is free.
+        NoMasqueradePort => "nat_no_port_left",
+        /// Leaving the cluster needs masquerade, and this packet cannot be masqueraded
+        /// (not TCP, UDP or ICMP echo, or a later fragment).
+        NotMasqueradable => "not_masqueradable",
         /// Writing to the egress port failed.
         TxFailed => "tx_failed",
     }

@@ -20,6 +20,7 @@
 pub mod coalesce;
 pub mod counters;
 pub mod icmp_error;
+pub mod masquerade;
 pub mod nat;
 pub mod neighbor;
 pub mod segment;
@@ -57,6 +58,8 @@ pub struct Pipeline {
     /// Where super-frames are cut into segments on their way to an uplink (allocated on
     /// first use: [`segment::SCRATCH_LEN`]).
     segment_buf: Vec<u8>,
+    /// The clock reading of the batch being processed.
+    now_ns: u64,
 }
 
 impl Default for Pipeline {
@@ -78,6 +81,7 @@ impl Pipeline {
             counters: Counters::default(),
             icmp_limit: RateLimiter::default(),
             segment_buf: Vec::new(),
+            now_ns: 0,
         }
     }
 
@@ -110,6 +114,7 @@ impl Pipeline {
         now_ns: u64,
     ) {
         self.icmp_limit.refill(now_ns);
+        self.now_ns = now_ns;
         for (frame, verdict) in frames.iter_mut().zip(verdicts.iter_mut()) {
             *verdict = self.process_one(tables, ingress, frame);
         }
@@ -161,15 +166,24 @@ impl Pipeline {
 
     fn forward_ipv4(&mut self, tables: &Tables, ingress: &Port, pkt: &mut PacketBuf) -> Verdict {
         let (head, l3) = pkt.frame_mut().split_at_mut(L3_OFFSET);
-        let Ok(mut ip) = Ipv4Packet::new_checked(&mut *l3) else {
+        let partial = head[0] & vnet::F_NEEDS_CSUM != 0;
+        let Ok(ip) = Ipv4Packet::new_checked(&*l3) else {
             return self.drop(DropReason::MalformedIpv4);
         };
-        let (src, dst) = (ip.src(), ip.dst());
+        let (src, mut dst) = (ip.src(), ip.dst());
         if !ingress.may_send_from_v4(src) {
             return self.drop(DropReason::SpoofedSource);
         }
         if !ip.verify_checksum() {
             return self.drop(DropReason::BadIpv4Checksum);
+        }
+        if ingress.role == PortRole::Host {
+            if let Some(m) = tables.masquerade.as_deref() {
+                if dst == m.node() && masquerade::inbound(m, l3, partial, self.now_ns) {
+                    self.counters.event(Event::Unmasqueraded);
+                    dst = Ipv4Packet::new_checked(&*l3).map_or(dst, |ip| ip.dst());
+                }
+            }
         }
         if dst == tables.gateway.ipv4 {
             return self.drop(DropReason::ToGateway);
@@ -177,12 +191,23 @@ impl Pipeline {
         if is_martian_v4(dst) {
             return self.drop(DropReason::Martian);
         }
+        let Ok(mut ip) = Ipv4Packet::new_checked(&mut *l3) else {
+            return self.drop(DropReason::MalformedIpv4);
+        };
         let vnet = &head[..vnet::HEADER_LEN];
         let wire_len = wire_l3_len(vnet, ip.header_len(), ip.total_len(), ip.payload());
         let nh = tables.routes_v4.lookup(u32::from(dst));
         match self.route(tables, ingress, nh, ip.ttl(), wire_len) {
             Ok(egress) => {
                 ip.decrement_ttl();
+                if ingress.role == PortRole::Pod && egress.role == PortRole::Host {
+                    if let Some(m) = tables.masquerade.as_deref().filter(|m| m.applies_to(dst)) {
+                        if let Err(reason) = masquerade::outbound(m, l3, partial, self.now_ns) {
+                            return self.drop(reason);
+                        }
+                        self.counters.event(Event::Masqueraded);
+                    }
+                }
                 self.rewrite_ethernet(tables, egress, head, Event::ForwardedIpv4);
                 Verdict::Forward(nh)
             }

@@ -74,6 +74,38 @@ fn adjust(check: u16, old: u16, new: u16, partial: bool) -> u16 {
     }
 }
 
+/// Rewrites `side`'s address in the IPv4 header `l3` to `addr`, with the header checksum;
+/// returns the old and new address as 16-bit words (for the callers' L4 checksums).
+pub fn translate_address(l3: &mut [u8], side: Side, addr: Ipv4Addr) -> ([u16; 2], [u16; 2]) {
+    let at = match side {
+        Side::Source => 12,
+        Side::Destination => 16,
+    };
+    let old = [read_u16(l3, at), read_u16(l3, at + 2)];
+    let octets = addr.octets();
+    let new = [
+        u16::from_be_bytes([octets[0], octets[1]]),
+        u16::from_be_bytes([octets[2], octets[3]]),
+    ];
+    let mut check = read_u16(l3, 10);
+    for (o, n) in old.iter().zip(new) {
+        check = update_word(check, *o, n);
+    }
+    write_u16(l3, 10, check);
+    l3[at..at + 4].copy_from_slice(&octets);
+    (old, new)
+}
+
+/// Recomputes the checksum of the ICMP message `icmp` (no pseudo-header) in full.
+pub fn refresh_icmp_checksum(icmp: &mut [u8]) {
+    if icmp.len() < 4 {
+        return;
+    }
+    write_u16(icmp, 2, 0);
+    let sum = crate::wire::checksum::checksum(icmp);
+    write_u16(icmp, 2, sum);
+}
+
 /// Rewrites `side`'s address to `addr` and its port (or the echo identifier) to `port` in
 /// the IPv4 packet `l3`. `partial`: the L4 checksum is still partial (`F_NEEDS_CSUM`).
 /// Returns false (and changes nothing) when the packet is not translatable.
@@ -82,22 +114,7 @@ pub fn translate(l3: &mut [u8], side: Side, addr: Ipv4Addr, port: u16, partial: 
         return false;
     };
     let ihl = usize::from(l3[0] & 0x0f) * 4;
-    let addr_at = match side {
-        Side::Source => 12,
-        Side::Destination => 16,
-    };
-    let old_addr = [read_u16(l3, addr_at), read_u16(l3, addr_at + 2)];
-    let new = addr.octets();
-    let new_addr = [
-        u16::from_be_bytes([new[0], new[1]]),
-        u16::from_be_bytes([new[2], new[3]]),
-    ];
-    let mut ip_check = read_u16(l3, 10);
-    for (o, n) in old_addr.iter().zip(new_addr) {
-        ip_check = update_word(ip_check, *o, n);
-    }
-    write_u16(l3, 10, ip_check);
-    l3[addr_at..addr_at + 4].copy_from_slice(&new);
+    let (old_addr, new_addr) = translate_address(l3, side, addr);
     let (l4_protocol, l4) = (ports.protocol, &mut l3[ihl..]);
     match l4_protocol {
         ipv4::PROTO_TCP | ipv4::PROTO_UDP => {

@@ -8,7 +8,7 @@
 
 use super::{State, Switch};
 use crate::io::links;
-use crate::io::netlink::{KernelRoute, Netlink};
+use crate::io::netlink::{KernelRoute, KernelRule, Netlink};
 use crate::io::tap::TapDevice;
 use crate::io::uplink::{Encap, Uplink};
 use crate::io::PortIo;
@@ -27,6 +27,9 @@ use switchyard_api::{
 const HOST_MAC: MacAddr = MacAddr([0x0e, 0xee, 0xee, 0x00, 0x00, 0x01]);
 /// Source MAC of decapsulated frames (never on a wire).
 const UPLINK_MAC: MacAddr = MacAddr([0x0e, 0xee, 0xee, 0x00, 0x00, 0x02]);
+/// The kernel's main routing table.
+const MAIN_TABLE: u8 = 254;
+
 /// The host port takes any frame the node's stack sends (its own MTU is the pods').
 const HOST_PORT_MTU: u32 = 65_521;
 
@@ -39,6 +42,7 @@ pub(super) struct NodeState {
     host_ifindex: u32,
     tunnels: Vec<Arc<Port>>,
     kernel_routes: Vec<KernelRoute>,
+    rules: Vec<KernelRule>,
 }
 
 fn system(context: &str, err: io::Error) -> ApiError {
@@ -150,6 +154,7 @@ impl Switch {
             oif: host_ifindex,
             gateway: None,
             src: None,
+            table: MAIN_TABLE,
         }];
         for (dst, (via, src)) in &plan.kernel_routes {
             let (oif, gw) = match via {
@@ -168,6 +173,7 @@ impl Switch {
                 oif,
                 gateway: Some(gw),
                 src: *src,
+                table: MAIN_TABLE,
             });
         }
         links::set_sysctl("net.ipv4.ip_forward", "1").map_err(|e| system("forwarding", e))?;
@@ -180,6 +186,8 @@ impl Switch {
             nl.replace_route(route)
                 .map_err(|e| system(&format!("cannot route {} on the node", route.dst), e))?;
         }
+        let (rules, steer_route) = self.steer_replies(&spec, &uplink.ifname, host_ifindex)?;
+        kernel_routes.push(steer_route);
         if let Some(old) = &state.node {
             for route in old
                 .kernel_routes
@@ -188,7 +196,16 @@ impl Switch {
             {
                 let _ = nl.delete_route(route);
             }
+            let stale: Vec<KernelRule> = old
+                .rules
+                .iter()
+                .filter(|r| !rules.contains(r))
+                .cloned()
+                .collect();
+            super::egress::remove_rules(&stale);
         }
+        let masquerade = self.masquerading(state.builder.masquerade(), &spec);
+        state.builder.set_masquerade(Some(masquerade));
 
         let ports = NodePorts {
             host: Some(host.clone()),
@@ -211,6 +228,7 @@ impl Switch {
             host_ifindex,
             tunnels,
             kernel_routes,
+            rules,
         });
         Ok(status(state.node.as_ref(), &self.config.host_ifname))
     }
@@ -282,6 +300,7 @@ impl Switch {
     pub fn leave_cluster(&self) {
         let state = self.state();
         if let (Some(node), Ok(mut nl)) = (&state.node, Netlink::open()) {
+            super::egress::remove_rules(&node.rules);
             for route in &node.kernel_routes {
                 let _ = nl.delete_route(route);
             }

@@ -6,6 +6,7 @@
 //! `cluster` carries out the node settings (host port, uplink, routes).
 
 mod cluster;
+mod egress;
 mod persist;
 
 use crate::io::memory::{self, MemoryPeer};
@@ -96,6 +97,7 @@ impl Switch {
                 Worker::spawn(i, shared.clone(), config.spin, pin)
             })
             .collect::<io::Result<Vec<_>>>()?;
+        spawn_housekeeping(Arc::downgrade(&shared))?;
         Ok(Self {
             state: Mutex::new(State {
                 builder: TableBuilder::new(config.gateway),
@@ -477,6 +479,22 @@ impl Switch {
             worker.stop();
         }
     }
+}
+
+/// Once a second, removes expired connection-tracking entries; ends with the switch.
+fn spawn_housekeeping(shared: std::sync::Weak<SharedTables>) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("sy-housekeeping".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            if let Some(m) = shared.load().masquerade.as_deref() {
+                m.conntrack.sweep(crate::worker::monotonic_ns());
+            }
+        })
+        .map(|_| ())
 }
 
 fn describe(selector: &PortSelector) -> String {

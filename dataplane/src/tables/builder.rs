@@ -25,6 +25,7 @@ pub struct TableBuilder {
     static_routes: BTreeMap<IpNet, api::NextHop>,
     cluster_routes: BTreeMap<IpNet, api::NextHop>,
     node_ports: NodePorts,
+    masquerade: Option<Arc<super::masquerade::Masquerading>>,
 }
 
 /// The ports through which [`api::NextHop::Host`] and [`api::NextHop::Peer`] routes leave.
@@ -48,6 +49,7 @@ impl TableBuilder {
             static_routes: BTreeMap::new(),
             cluster_routes: BTreeMap::new(),
             node_ports: NodePorts::default(),
+            masquerade: None,
         }
     }
 
@@ -56,6 +58,16 @@ impl TableBuilder {
     pub fn set_cluster(&mut self, routes: BTreeMap<IpNet, api::NextHop>, ports: NodePorts) {
         self.cluster_routes = routes;
         self.node_ports = ports;
+    }
+
+    /// Sets (or clears) masquerading for the next snapshots.
+    pub fn set_masquerade(&mut self, masquerade: Option<Arc<super::masquerade::Masquerading>>) {
+        self.masquerade = masquerade;
+    }
+
+    /// The masquerade state in force.
+    pub fn masquerade(&self) -> Option<&Arc<super::masquerade::Masquerading>> {
+        self.masquerade.as_ref()
     }
 
     /// The ports of the node settings.
@@ -278,6 +290,7 @@ impl TableBuilder {
             routes_v4: Lpm::build(v4).unwrap_or_default(),
             routes_v6: Lpm::build(v6).unwrap_or_default(),
             nexthops,
+            masquerade: self.masquerade.clone(),
         }
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod builder;
 pub mod lpm;
+pub mod masquerade;
 
 use crate::io::PortIo;
 use arc_swap::ArcSwap;
@@ -145,6 +146,8 @@ pub struct Tables {
     pub routes_v6: Lpm<u128>,
     /// Next hops; index 0 is unused (it means "no route").
     pub nexthops: Vec<NextHop>,
+    /// Masquerade of pod traffic leaving the cluster, once the node settings enable it.
+    pub masquerade: Option<Arc<masquerade::Masquerading>>,
 }
 
 impl Tables {
@@ -157,6 +160,7 @@ impl Tables {
             routes_v4: Lpm::default(),
             routes_v6: Lpm::default(),
             nexthops: vec![NextHop::Blackhole],
+            masquerade: None,
         }
     }
 

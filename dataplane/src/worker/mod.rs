@@ -19,6 +19,13 @@ use std::time::{Duration, Instant};
 
 const WAKE: Token = Token(usize::MAX);
 
+/// Nanoseconds on one monotonic clock shared by every worker and the housekeeping thread
+/// (connection-tracking timestamps are compared across them).
+pub fn monotonic_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
 /// Reads one batch from queue `queue` of `port`, runs the pipeline and transmits the
 /// results through the same queue number of each egress port. Returns how many frames were
 /// read (a full batch means there may be more).
@@ -213,8 +220,7 @@ fn run(
     let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
     let mut verdicts = [Verdict::Drop; BATCH];
     let mut pipeline = Pipeline::new();
-    let clock = Instant::now();
-    let mut last_work = clock;
+    let mut last_work = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let timeout = if pending.is_empty() && last_work.elapsed() >= spin {
             Duration::from_millis(500)
@@ -239,7 +245,7 @@ fn run(
         }
         let tables = shared.load();
         last_work = Instant::now();
-        let now_ns = last_work.duration_since(clock).as_nanos() as u64;
+        let now_ns = monotonic_ns();
         for _ in 0..pending.len() {
             let Some(id) = pending.pop_front() else { break };
             let Some(port) = tables.ports.get(&id) else {

@@ -1,0 +1,197 @@
+//! Masquerade's side of the node settings: the connection-tracking table and the node's
+//! kernel set up so that replies to masqueraded flows reach the dataplane, never the
+//! node's own sockets (docs/egress.md).
+//!
+//! In the node's namespace:
+//! * the masquerade port range is reserved (`ip_local_reserved_ports`), so the node's own
+//!   sockets never take a port a pod flow may use; if the node's ephemeral range lay
+//!   inside it, the ephemeral range moves to the larger part outside it;
+//! * policy rules, before the local table (which moves from priority 0 to 100): TCP and UDP
+//!   arriving on the uplink for a port in the range, and ICMP arriving on the uplink, look
+//!   up a table whose only route is `default dev <host port>`: they are forwarded into the
+//!   dataplane, which translates its flows back and hands anything else to the node's
+//!   stack through the same port (then `iif` is the host port, and the local table
+//!   delivers it);
+//! * the host port accepts packets with the node's own source address (`accept_local`:
+//!   masqueraded packets) and skips reverse-path filtering (handed-back packets come
+//!   from remote sources).
+
+use super::Switch;
+use crate::conntrack::Conntrack;
+use crate::io::links;
+use crate::io::netlink::{KernelRoute, KernelRule, Netlink, RT_TABLE_LOCAL};
+use crate::tables::masquerade::Masquerading;
+use std::io;
+use std::net::IpAddr;
+use std::sync::Arc;
+use switchyard_api::{ApiError, ErrorCode, IpNet, NodeSpec};
+
+/// The node's table that steers replies into the host port.
+pub(super) const STEER_TABLE: u8 = 200;
+/// Priority of the steering rules.
+const STEER_PRIORITY: u32 = 50;
+/// Where the local table's rule moves to, so that the steering rules come first.
+const LOCAL_PRIORITY: u32 = 100;
+
+fn system(context: &str, err: io::Error) -> ApiError {
+    ApiError::new(ErrorCode::System, format!("{context}: {err}"))
+}
+
+/// The destinations pods reach without masquerade: the cluster's pod networks, every
+/// node's addresses, `nonMasqueradeCIDRs`, and link-local unless `masqLinkLocal`.
+fn exempt(spec: &NodeSpec) -> Vec<IpNet> {
+    let host = |a: &IpAddr| crate::tables::builder::host_net(*a);
+    let mut out: Vec<IpNet> = spec
+        .cluster_cidrs
+        .iter()
+        .chain(&spec.pod_cidrs)
+        .chain(spec.peers.iter().flat_map(|p| &p.pod_cidrs))
+        .chain(&spec.masquerade.non_masquerade_cidrs)
+        .copied()
+        .collect();
+    out.extend(spec.addresses.iter().map(host));
+    out.push(host(&IpAddr::V4(spec.underlay)));
+    for peer in &spec.peers {
+        out.extend(peer.addresses.iter().map(host));
+        out.push(host(&IpAddr::V4(peer.underlay)));
+    }
+    if !spec.masquerade.masq_link_local {
+        out.extend("169.254.0.0/16".parse::<IpNet>());
+    }
+    out
+}
+
+/// The ports of `range` free for the node's own sockets: the larger part of 1024-65535
+/// outside it.
+fn ephemeral_outside(range: (u16, u16)) -> (u16, u16) {
+    let below = (1024u16, range.0.saturating_sub(1));
+    let above = (range.1.saturating_add(1), 65535u16);
+    let size = |r: (u16, u16)| u32::from(r.1).saturating_sub(u32::from(r.0));
+    if size(above) >= size(below) {
+        above
+    } else {
+        below
+    }
+}
+
+impl Switch {
+    /// The masquerade state for `spec`: the table in force is kept (with its flows) when
+    /// the node address, port range and size are unchanged.
+    pub(super) fn masquerading(
+        &self,
+        current: Option<&Arc<Masquerading>>,
+        spec: &NodeSpec,
+    ) -> Arc<Masquerading> {
+        let m = &spec.masquerade;
+        let range = (m.port_range.first, m.port_range.last);
+        let conntrack = current
+            .map(|c| c.conntrack.clone())
+            .filter(|c| {
+                c.node() == spec.underlay && c.port_range() == range && c.limit() == m.conntrack_max
+            })
+            .unwrap_or_else(|| Arc::new(Conntrack::new(spec.underlay, range, m.conntrack_max)));
+        Arc::new(Masquerading::new(conntrack, &exempt(spec)))
+    }
+
+    /// Sets the node's kernel up to send masquerade replies into the host port; returns
+    /// the rules and the route it added (to remove them when they change).
+    pub(super) fn steer_replies(
+        &self,
+        spec: &NodeSpec,
+        uplink: &str,
+        host_ifindex: u32,
+    ) -> Result<(Vec<KernelRule>, KernelRoute), ApiError> {
+        let host = &self.config.host_ifname;
+        let range = (
+            spec.masquerade.port_range.first,
+            spec.masquerade.port_range.last,
+        );
+        for (key, value) in [
+            (
+                format!("net.ipv4.conf.{host}.accept_local"),
+                "1".to_string(),
+            ),
+            (format!("net.ipv4.conf.{host}.rp_filter"), "0".to_string()),
+            (
+                "net.ipv4.ip_local_reserved_ports".to_string(),
+                format!("{}-{}", range.0, range.1),
+            ),
+        ] {
+            links::set_sysctl(&key, &value).map_err(|e| system("masquerade", e))?;
+        }
+        let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|t| {
+                let mut it = t.split_whitespace().filter_map(|v| v.parse::<u16>().ok());
+                Some((it.next()?, it.next()?))
+            });
+        if let Some((lo, hi)) = ephemeral {
+            if lo >= range.0 && hi <= range.1 {
+                let (a, b) = ephemeral_outside(range);
+                links::set_sysctl("net.ipv4.ip_local_port_range", &format!("{a} {b}"))
+                    .map_err(|e| system("masquerade", e))?;
+                eprintln!(
+                    "switchyard-dataplane: the node's ephemeral ports {lo}-{hi} lay inside the masquerade range {}-{}; they are now {a}-{b}",
+                    range.0, range.1
+                );
+            }
+        }
+        let route = KernelRoute {
+            dst: IpNet::V4(Default::default()),
+            oif: host_ifindex,
+            gateway: None,
+            src: None,
+            table: STEER_TABLE,
+        };
+        let mut nl = Netlink::open().map_err(|e| system("netlink", e))?;
+        nl.replace_route(&route)
+            .map_err(|e| system("cannot add the masquerade steering route", e))?;
+        let local = |priority| KernelRule {
+            priority,
+            iif: None,
+            protocol: None,
+            dports: None,
+            table: RT_TABLE_LOCAL,
+        };
+        nl.add_rule(&local(LOCAL_PRIORITY))
+            .and_then(|()| nl.delete_rule(&local(0)))
+            .map_err(|e| system("cannot move the local table's rule", e))?;
+        let steer = |protocol: u8, dports| KernelRule {
+            priority: STEER_PRIORITY,
+            iif: Some(uplink.to_string()),
+            protocol: Some(protocol),
+            dports,
+            table: u32::from(STEER_TABLE),
+        };
+        let rules = vec![
+            steer(6, Some(range)),
+            steer(17, Some(range)),
+            steer(1, None),
+        ];
+        for rule in &rules {
+            nl.add_rule(rule)
+                .map_err(|e| system("cannot add a masquerade steering rule", e))?;
+        }
+        Ok((rules, route))
+    }
+}
+
+/// Removes steering rules (when they change, or when the dataplane leaves).
+pub(super) fn remove_rules(rules: &[KernelRule]) {
+    if let Ok(mut nl) = Netlink::open() {
+        for rule in rules {
+            let _ = nl.delete_rule(rule);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_node_keeps_the_larger_part_of_the_ports() {
+        assert_eq!(ephemeral_outside((32768, 60999)), (61000, 65535));
+        assert_eq!(ephemeral_outside((50000, 65535)), (1024, 49999));
+    }
+}
