@@ -114,7 +114,7 @@ impl Client {
     /// The node settings in force.
     pub fn node(&mut self) -> Result<NodeStatus, ClientError> {
         match self.call(Request::GetNode)? {
-            Reply::Node(n) => Ok(n),
+            Reply::Node(n) => Ok(*n),
             other => Err(unexpected("get_node", other)),
         }
     }
@@ -122,7 +122,7 @@ impl Client {
     /// Pushes node settings; returns what the dataplane made of them.
     pub fn set_node(&mut self, spec: NodeSpec) -> Result<NodeStatus, ClientError> {
         match self.call(Request::SetNode(spec))? {
-            Reply::Node(n) => Ok(n),
+            Reply::Node(n) => Ok(*n),
             other => Err(unexpected("set_node", other)),
         }
     }

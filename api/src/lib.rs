@@ -243,7 +243,7 @@ pub enum Reply {
     /// Counters.
     Stats(Stats),
     /// Node settings in force.
-    Node(NodeStatus),
+    Node(Box<NodeStatus>),
     /// The request took effect and has nothing to report.
     Done,
 }

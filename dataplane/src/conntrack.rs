@@ -16,9 +16,10 @@
 //! [`Flow`] (Arc counts included), about 110 bytes with allocator overhead: 1M flows take
 //! about 110 MiB.
 //!
-//! Source ports come from a per-protocol bitmap over the configured range, taken with an
-//! atomic compare-and-swap at a position derived from the flow's hash (randomised per
-//! dataplane start), so two workers never hand out the same port.
+//! A new flow's source port is searched in the configured range from a position derived
+//! from the flow's hash (randomised per dataplane start) for a reply tuple no other flow
+//! holds; ports are shared between destinations, as Linux's NAT shares them, so the range
+//! bounds the flows per destination, not in all.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
@@ -27,6 +28,8 @@ use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 const SHARDS: usize = 1024;
+/// Ports tried for a new flow before it is refused.
+const PORT_TRIES: u64 = 256;
 const NS: u64 = 1_000_000_000;
 
 /// One direction of a flow: protocol, source and destination address and port (ICMP:
@@ -153,7 +156,7 @@ impl Hasher for Fx {
 
     fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x51_7cc1_b727_220a_95);
+            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x517c_c1b7_2722_0a95);
         }
     }
 }
@@ -166,60 +169,15 @@ fn random_seed() -> u64 {
     std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)
 }
 
-/// A pool of source ports for one protocol.
-struct Ports {
-    first: u16,
-    count: usize,
-    words: Box<[AtomicU64]>,
-}
-
-impl Ports {
-    fn new(first: u16, last: u16) -> Self {
-        let count = usize::from(last.saturating_sub(first)) + 1;
-        Self {
-            first,
-            count,
-            words: (0..count.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    fn take(&self, seed: u64) -> Option<u16> {
-        let start = (seed % self.count as u64) as usize;
-        for k in 0..self.count {
-            let i = (start + k) % self.count;
-            let (w, bit) = (i / 64, 1u64 << (i % 64));
-            if self.words[w].fetch_or(bit, Ordering::AcqRel) & bit == 0 {
-                return Some(self.first + i as u16);
-            }
-        }
-        None
-    }
-
-    fn give_back(&self, port: u16) {
-        let i = usize::from(port.wrapping_sub(self.first));
-        if i < self.count {
-            self.words[i / 64].fetch_and(!(1u64 << (i % 64)), Ordering::AcqRel);
-        }
-    }
-
-    fn in_use(&self) -> usize {
-        self.words
-            .iter()
-            .map(|w| w.load(Ordering::Relaxed).count_ones() as usize)
-            .sum()
-    }
-}
-
 /// The connection-tracking table of a masquerading node.
 pub struct Conntrack {
     node: Ipv4Addr,
     shards: Box<[Shard]>,
     limit: usize,
     flows: AtomicUsize,
+    by_protocol: [AtomicUsize; 3],
     seed: u64,
-    tcp: Ports,
-    udp: Ports,
-    icmp: Ports,
+    ports: (u16, u16),
 }
 
 /// A flow as listed.
@@ -247,10 +205,9 @@ impl Conntrack {
                 .collect(),
             limit,
             flows: AtomicUsize::new(0),
+            by_protocol: Default::default(),
             seed: random_seed(),
-            tcp: Ports::new(first, last),
-            udp: Ports::new(first, last),
-            icmp: Ports::new(first, last),
+            ports: (first, last),
         }
     }
 
@@ -261,7 +218,7 @@ impl Conntrack {
 
     /// The port range, inclusive.
     pub fn port_range(&self) -> (u16, u16) {
-        (self.tcp.first, self.tcp.first + (self.tcp.count - 1) as u16)
+        self.ports
     }
 
     fn hash(&self, t: &Tuple) -> u64 {
@@ -280,11 +237,11 @@ impl Conntrack {
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn ports(&self, protocol: u8) -> &Ports {
+    fn counter(&self, protocol: u8) -> &AtomicUsize {
         match protocol {
-            6 => &self.tcp,
-            17 => &self.udp,
-            _ => &self.icmp,
+            6 => &self.by_protocol[0],
+            17 => &self.by_protocol[1],
+            _ => &self.by_protocol[2],
         }
     }
 
@@ -310,6 +267,12 @@ impl Conntrack {
 
     /// An outbound packet of `original` (pod -> destination): returns the node port to
     /// translate the source to, creating the flow if it is new.
+    ///
+    /// A new flow's port is searched from a position derived from the flow's hash, for a
+    /// reply tuple (destination -> node:port) that no other flow holds: ports are shared
+    /// between destinations, as Linux's NAT does, so the range limits the flows per
+    /// destination address and port, not in all. Checking and claiming happen under the
+    /// reply key's shard lock, so two workers never take the same tuple.
     pub fn outbound(
         &self,
         original: Tuple,
@@ -323,30 +286,42 @@ impl Conntrack {
         if self.flows.load(Ordering::Relaxed) >= self.limit {
             return Err(Refusal::TableFull);
         }
-        let ports = self.ports(original.protocol);
-        let port = ports.take(self.hash(&original)).ok_or(Refusal::NoPort)?;
-        let flow = Arc::new(Flow {
-            original,
-            node_port: port,
-            state: AtomicU8::new(State::New as u8),
-            last_seen_ns: AtomicU64::new(now_ns),
-        });
-        flow.touch(now_ns, tcp_flags, false);
-        let reply = Self::reply_tuple(&original, self.node, port);
-        // The port is ours alone (taken from the bitmap), so the reply key is free.
-        self.shard(&reply).insert(reply, flow.clone());
-        let mut out = self.shard(&original);
-        if let Some(other) = out.get(&original) {
-            // Another worker created the same flow meanwhile: use its port, undo ours.
-            let kept = other.node_port;
-            drop(out);
-            self.shard(&reply).remove(&reply);
-            ports.give_back(port);
-            return Ok(kept);
+        let (first, last) = self.ports;
+        let count = u64::from(last - first) + 1;
+        let start = self.hash(&original) % count;
+        let tries = count.min(PORT_TRIES);
+        for k in 0..tries {
+            let port = first + ((start + k) % count) as u16;
+            let reply = Self::reply_tuple(&original, self.node, port);
+            let flow = Arc::new(Flow {
+                original,
+                node_port: port,
+                state: AtomicU8::new(State::New as u8),
+                last_seen_ns: AtomicU64::new(now_ns),
+            });
+            {
+                let mut replies = self.shard(&reply);
+                if replies.contains_key(&reply) {
+                    continue;
+                }
+                replies.insert(reply, flow.clone());
+            }
+            flow.touch(now_ns, tcp_flags, false);
+            let mut out = self.shard(&original);
+            if let Some(other) = out.get(&original) {
+                // Another worker created the same flow meanwhile: use its port, undo ours.
+                let kept = other.node_port;
+                drop(out);
+                self.shard(&reply).remove(&reply);
+                return Ok(kept);
+            }
+            out.insert(original, flow);
+            self.flows.fetch_add(1, Ordering::Relaxed);
+            self.counter(original.protocol)
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(port);
         }
-        out.insert(original, flow);
-        self.flows.fetch_add(1, Ordering::Relaxed);
-        Ok(port)
+        Err(Refusal::NoPort)
     }
 
     /// A packet arriving for the node (`reply`: destination -> node:port): the pod address
@@ -382,7 +357,8 @@ impl Conntrack {
             for flow in expired {
                 let reply = Self::reply_tuple(&flow.original, self.node, flow.node_port);
                 self.shard(&reply).remove(&reply);
-                self.ports(flow.original.protocol).give_back(flow.node_port);
+                self.counter(flow.original.protocol)
+                    .fetch_sub(1, Ordering::Relaxed);
                 self.flows.fetch_sub(1, Ordering::Relaxed);
                 removed += 1;
             }
@@ -405,9 +381,9 @@ impl Conntrack {
         self.limit
     }
 
-    /// Source ports in use, per protocol (TCP, UDP, ICMP).
-    pub fn ports_in_use(&self) -> [usize; 3] {
-        [self.tcp.in_use(), self.udp.in_use(), self.icmp.in_use()]
+    /// Flows per protocol (TCP, UDP, ICMP).
+    pub fn flows_by_protocol(&self) -> [usize; 3] {
+        [0, 1, 2].map(|i| self.by_protocol[i].load(Ordering::Relaxed))
     }
 
     /// Every flow (a snapshot, shard by shard).
@@ -487,7 +463,15 @@ mod tests {
         ports.dedup();
         assert_eq!(ports.len(), 10, "no port handed out twice");
         assert_eq!(ct.outbound(t(99), Some(0x02), 0), Err(Refusal::NoPort));
-        assert_eq!(ct.ports_in_use()[0], 10);
+        let elsewhere = Tuple {
+            dst_port: 443,
+            ..t(99)
+        };
+        assert!(
+            ct.outbound(elsewhere, Some(0x02), 0).is_ok(),
+            "ports are per destination"
+        );
+        assert_eq!(ct.flows_by_protocol(), [11, 0, 0]);
         let small = Conntrack::new(NODE, (1024, 65535), 3);
         for i in 0..3 {
             small.outbound(t(i), None, 0).unwrap();
@@ -514,7 +498,7 @@ mod tests {
         ct.outbound(t(2), Some(0x04), 63 * NS).unwrap(); // RST
         assert_eq!(ct.flows(63 * NS)[0].state, State::Closed);
         assert_eq!(ct.sweep(74 * NS), 1, "closed flows go after 10 s");
-        assert_eq!(ct.ports_in_use(), [0, 0, 0]);
+        assert_eq!(ct.flows_by_protocol(), [0, 0, 0]);
     }
 
     #[test]
@@ -536,6 +520,18 @@ mod tests {
             "every worker got the same ports"
         );
         assert_eq!(ct.len(), 2000);
-        assert_eq!(ct.ports_in_use()[0], 2000, "no port leaked by a lost race");
+        assert_eq!(
+            ct.flows_by_protocol()[0],
+            2000,
+            "no flow counted twice by a lost race"
+        );
+        let mut ports: Vec<u16> = results[0].clone();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(
+            ports.len(),
+            2000,
+            "one destination: every flow its own port"
+        );
     }
 }

@@ -159,8 +159,8 @@ impl Switch {
             }
             Request::ListRoutes => Ok(Reply::Routes(self.state().builder.routes())),
             Request::Stats => Ok(Reply::Stats(self.stats())),
-            Request::SetNode(spec) => self.set_node(spec).map(Reply::Node),
-            Request::GetNode => Ok(Reply::Node(self.node_status())),
+            Request::SetNode(spec) => self.set_node(spec).map(|n| Reply::Node(Box::new(n))),
+            Request::GetNode => Ok(Reply::Node(Box::new(self.node_status()))),
         }
     }
 
