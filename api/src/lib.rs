@@ -14,7 +14,10 @@ mod node;
 pub use client::{Client, ClientError};
 pub use ipnet::IpNet;
 pub use mac::{MacAddr, ParseMacError};
-pub use node::{Backend, BackendKind, Masquerade, NodeSpec, NodeStatus, Peer, PortRange};
+pub use node::{
+    Backend, BackendKind, ConntrackEntry, Masquerade, NatStatus, NodeSpec, NodeStatus, Peer,
+    PortRange,
+};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -63,6 +66,18 @@ pub enum Request {
     SetNode(NodeSpec),
     /// Read the node settings in force.
     GetNode,
+    /// Read masquerade's state: flows tracked, port range, limit.
+    GetNat,
+    /// List tracked flows, optionally of one pod address and one protocol
+    /// (`tcp`, `udp`, `icmp`).
+    ListConntrack {
+        /// Only flows of this pod address.
+        #[serde(default)]
+        pod: Option<std::net::Ipv4Addr>,
+        /// Only flows of this protocol.
+        #[serde(default)]
+        protocol: Option<String>,
+    },
 }
 
 /// Parameters of [`Request::AddPort`].
@@ -244,6 +259,10 @@ pub enum Reply {
     Stats(Stats),
     /// Node settings in force.
     Node(Box<NodeStatus>),
+    /// Masquerade's state (none before the node settings).
+    Nat(Option<NatStatus>),
+    /// Tracked flows.
+    Conntrack(Vec<ConntrackEntry>),
     /// The request took effect and has nothing to report.
     Done,
 }

@@ -209,3 +209,43 @@ impl Default for Masquerade {
         }
     }
 }
+
+/// Masquerade's state on a node (`switchyard-control get nat`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatStatus {
+    /// The address flows are masqueraded to.
+    pub node: std::net::Ipv4Addr,
+    /// The source port range.
+    pub port_range: PortRange,
+    /// Flows tracked.
+    pub flows: usize,
+    /// The most flows tracked at once.
+    pub limit: usize,
+    /// Flows per protocol.
+    pub tcp: usize,
+    /// UDP flows.
+    pub udp: usize,
+    /// ICMP echo flows.
+    pub icmp: usize,
+}
+
+/// One tracked flow (`switchyard-control get conntrack`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackEntry {
+    /// `tcp`, `udp` or `icmp`.
+    pub protocol: String,
+    /// The pod's address.
+    pub pod: std::net::Ipv4Addr,
+    /// The pod's port (ICMP: echo identifier).
+    pub pod_port: u16,
+    /// The remote address.
+    pub remote: std::net::Ipv4Addr,
+    /// The remote port (ICMP: echo identifier).
+    pub remote_port: u16,
+    /// The node's port the flow was given.
+    pub node_port: u16,
+    /// `new`, `established`, `closing` or `closed`.
+    pub state: String,
+    /// Seconds since the last packet.
+    pub idle_s: u64,
+}

@@ -51,6 +51,8 @@ pub struct ClusterOptions {
     /// the external host `.10` lives; the nodes reach it by a static route, and nobody
     /// outside the cluster knows the pod CIDRs.
     pub external: bool,
+    /// `masquerade.conntrackMax` in the cluster configuration (default: the dataplane's).
+    pub conntrack_max: Option<usize>,
 }
 
 impl Default for ClusterOptions {
@@ -64,6 +66,7 @@ impl Default for ClusterOptions {
             workers: None,
             dataplane_args: Vec::new(),
             external: false,
+            conntrack_max: None,
         }
     }
 }
@@ -94,6 +97,11 @@ pub struct SimNode {
 }
 
 impl SimNode {
+    /// The dataplane's process id.
+    pub fn dataplane_pid(&self) -> Option<u32> {
+        self.dataplane.as_ref().map(Process::id)
+    }
+
     /// A client of this node's dataplane.
     pub fn client(&self) -> Result<Client> {
         Ok(Client::connect(&self.api)?)
@@ -271,9 +279,12 @@ impl Cluster {
             BackendKind::Ipip => "ipip",
             BackendKind::Direct => "direct",
         };
-        let text = format!(
+        let mut text = format!(
             "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: switchyard-config\n  namespace: kube-system\ndata:\n  config.yaml: |\n    clusterCIDR: {CLUSTER_CIDR}\n    clusterCIDRv6: {CLUSTER_CIDR_V6}\n    nodeCIDRMaskSizeV6: 64\n    backend:\n      type: {backend}\n"
         );
+        if let Some(max) = self.options.conntrack_max {
+            text += &format!("    masquerade:\n      conntrackMax: {max}\n");
+        }
         std::fs::write(self.manifests.join("switchyard-config.yaml"), text)?;
         Ok(())
     }

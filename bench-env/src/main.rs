@@ -418,6 +418,7 @@ fn main() -> ExitCode {
                 workers,
                 dataplane_args,
                 external: false,
+                conntrack_max: None,
             },
         }),
     };

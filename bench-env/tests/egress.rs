@@ -8,15 +8,27 @@ use bench_env::testbed::Arm;
 use bench_env::transfer::{tcp_transfer, udp_burst};
 use std::net::IpAddr;
 
-fn cluster() -> Option<Cluster> {
+fn cluster_with(options: ClusterOptions) -> Option<Cluster> {
     if !bench_env::privileged_test_may_run("egress integration test") {
         return None;
     }
-    let options = ClusterOptions {
+    Some(Cluster::build(Arm::Switchyard, &options).expect("cluster"))
+}
+
+fn cluster() -> Option<Cluster> {
+    cluster_with(ClusterOptions {
         external: true,
         ..ClusterOptions::default()
-    };
-    Some(Cluster::build(Arm::Switchyard, &options).expect("cluster"))
+    })
+}
+
+fn stat(c: &Cluster, node: usize, name: &str) -> u64 {
+    let s = c.nodes[node].client().unwrap().stats().unwrap();
+    s.counters
+        .get(name)
+        .or_else(|| s.drops.get(name))
+        .copied()
+        .unwrap_or(0)
 }
 
 #[test]
@@ -49,4 +61,186 @@ fn pods_reach_the_external_network_as_their_node() {
             u.sources
         );
     }
+    assert!(stat(&c, 0, "masqueraded") > 0 && stat(&c, 0, "unmasqueraded") > 0);
+    // The flows are listed, per pod and protocol.
+    let mut client = c.nodes[0].client().unwrap();
+    let pod = c.nodes[0].pods[0].ipv4;
+    let reply = client
+        .call(switchyard_api::Request::ListConntrack {
+            pod: Some(pod),
+            protocol: Some("icmp".into()),
+        })
+        .unwrap();
+    let switchyard_api::Reply::Conntrack(flows) = reply else {
+        panic!("{reply:?}")
+    };
+    assert!(!flows.is_empty() && flows.iter().all(|f| f.pod == pod && f.protocol == "icmp"));
+}
+
+#[test]
+fn fragmentation_needed_from_the_router_reaches_the_pod() {
+    let Some(c) = cluster() else {
+        return;
+    };
+    // The router's link to the external network is narrower than the pods' MTU.
+    c.hub
+        .exec(&["ip", "link", "set", "x0", "mtu", "1300"])
+        .unwrap();
+    let ext = c.external.as_ref().unwrap();
+    let pod = &c.nodes[0].pods[0];
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            pod.ns.name(),
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "2",
+            "-M",
+            "do",
+        ])
+        .args(["-s", "1400", &ext.ipv4.to_string()])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(
+        out.contains("mtu = 1300") || out.contains("mtu=1300"),
+        "the pod did not hear of the smaller path MTU: {out}\n{}",
+        c.logs()
+    );
+    // And so TCP finds the path MTU and completes.
+    let t = tcp_transfer(pod, ext, 10 << 20).unwrap();
+    assert_eq!(t.sent_hash, t.received_hash);
+}
+
+#[test]
+fn the_node_never_resets_a_masqueraded_flow() {
+    let Some(c) = cluster() else {
+        return;
+    };
+    let node = &c.nodes[0];
+    let ns = node.ns.path();
+    let capture = std::thread::spawn(move || {
+        bench_env::rawsock::capture(&ns, "eth0", std::time::Duration::from_secs(4)).unwrap()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let ext = c.external.as_ref().unwrap();
+    let gbps = measure::tcp_gbps(&node.pods[0], ext, 1, 3).unwrap();
+    let frames = capture.join().unwrap();
+    let v = bench_env::rawsock::CAPTURE_VNET_LEN;
+    let node_ip = node.ipv4.octets();
+    let (mut tcp, mut resets) = (0, 0);
+    for f in frames.iter().filter(|f| f.len() > v + 14 + 40) {
+        let (eth, l3) = (&f[v..], &f[v + 14..]);
+        if eth[12..14] != [0x08, 0x00] || l3[9] != 6 || l3[12..16] != node_ip {
+            continue;
+        }
+        tcp += 1;
+        let ihl = usize::from(l3[0] & 0x0f) * 4;
+        if l3[ihl + 13] & 0x04 != 0 {
+            resets += 1;
+        }
+    }
+    assert!(tcp > 100 && gbps > 0.1, "{tcp} segments, {gbps} Gbit/s");
+    assert_eq!(
+        resets, 0,
+        "the node's stack answered a masqueraded flow with RST"
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Opens `count` UDP flows from `pod` to the external host: one datagram each, from four
+/// source ports to `count / 4` destination ports.
+fn open_flows(
+    pod: &bench_env::testbed::Pod,
+    ext: std::net::Ipv4Addr,
+    count: u32,
+    first_dport: u16,
+) {
+    switchyard_dataplane::io::netns::run_in(&pod.ns.path(), move || {
+        // Fixed source ports, so that sending again refreshes the same flows.
+        let sockets: Vec<std::net::UdpSocket> = (0..4)
+            .map(|k| std::net::UdpSocket::bind(("0.0.0.0", 20_001 + k)))
+            .collect::<std::io::Result<_>>()?;
+        for i in 0..count {
+            let dport = first_dport.wrapping_add((i / 4) as u16).max(1);
+            let _ = sockets[(i % 4) as usize].send_to(b"x", (ext, dport));
+            if i % 128 == 127 {
+                // Paced: the pod's own queue toward its TAP holds 1,000 frames.
+                std::thread::sleep(std::time::Duration::from_micros(500));
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn two_hundred_thousand_flows_then_a_full_table_drops_only_new_ones() {
+    let Some(c) = cluster_with(ClusterOptions {
+        external: true,
+        conntrack_max: Some(210_000),
+        ..ClusterOptions::default()
+    }) else {
+        return;
+    };
+    let ext = c.external.as_ref().unwrap();
+    let pod = &c.nodes[0].pods[0];
+    let pid = c.nodes[0].dataplane_pid().unwrap();
+    let before = rss_kib(pid);
+    let nat = |c: &Cluster| match c.nodes[0]
+        .client()
+        .unwrap()
+        .call(switchyard_api::Request::GetNat)
+        .unwrap()
+    {
+        switchyard_api::Reply::Nat(Some(n)) => n,
+        other => panic!("{other:?}"),
+    };
+    // A datagram the pod's kernel could not queue opens no flow: send again what is
+    // missing (a known flow is only refreshed).
+    for _ in 0..3 {
+        open_flows(pod, ext.ipv4, 200_000, 1000);
+        if nat(&c).udp >= 200_000 {
+            break;
+        }
+    }
+    let n = nat(&c);
+    assert_eq!(n.udp, 200_000, "flows tracked");
+    assert_eq!(
+        stat(&c, 0, "conntrack_full") + stat(&c, 0, "nat_no_port_left"),
+        0
+    );
+    // An established flow, then more flows than the table holds.
+    let t = tcp_transfer(pod, ext, 1 << 20).unwrap();
+    assert_eq!(t.sent_hash, t.received_hash);
+    open_flows(pod, ext.ipv4, 20_000, 60_000);
+    assert!(
+        stat(&c, 0, "conntrack_full") > 5_000,
+        "new flows past the limit are dropped"
+    );
+    assert!(nat(&c).flows <= 210_000 + 64);
+    // Known flows carry on: the ICMP echo flow from before, pinging again.
+    assert!(measure::ping(&pod.ns, IpAddr::V4(ext.ipv4)) || stat(&c, 0, "conntrack_full") > 0);
+    let grown = rss_kib(pid).saturating_sub(before);
+    eprintln!(
+        "conntrack: {} flows; dataplane RSS grew by {grown} KiB ({} bytes per flow)",
+        nat(&c).flows,
+        grown * 1024 / nat(&c).flows as u64
+    );
+    // Documented: about 120 bytes per flow; allow twice that.
+    assert!(
+        grown < 210_000 * 240 / 1024,
+        "{grown} KiB for 210,000 flows is more than documented"
+    );
 }

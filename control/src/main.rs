@@ -44,6 +44,10 @@ enum Resource {
     Peers,
     /// The pods attached on this node.
     Pods,
+    /// Flows masqueraded by this node (filter with --pod, --protocol).
+    Conntrack,
+    /// Masquerade's port usage and table size on this node.
+    Nat,
 }
 
 #[derive(Subcommand)]
@@ -83,6 +87,12 @@ enum Command {
         /// What to list.
         #[arg(value_enum)]
         what: Resource,
+        /// `get conntrack`: only flows of this pod address.
+        #[arg(long)]
+        pod: Option<std::net::Ipv4Addr>,
+        /// `get conntrack`: only this protocol (tcp, udp, icmp).
+        #[arg(long)]
+        protocol: Option<String>,
     },
     /// Run a connectivity matrix from inside this node's pods (to every pod known, this
     /// node and every peer node) and print a pass/fail table; exits non-zero on a failure.
@@ -337,6 +347,8 @@ fn render(reply: &Reply, command: &Command) -> String {
                 spec.peers.len()
             ),
         },
+        Reply::Nat(nat) => switchyard_control::views::render_nat(nat.as_ref()),
+        Reply::Conntrack(entries) => switchyard_control::views::render_conntrack(entries, false),
         Reply::Done => "done\n".into(),
     }
 }
@@ -434,7 +446,12 @@ fn emit(format: Format, value: &impl serde::Serialize, text: impl FnOnce() -> St
     ExitCode::SUCCESS
 }
 
-fn get_command(api: &std::path::Path, what: Resource, format: Format) -> Result<ExitCode, String> {
+fn get_command(
+    api: &std::path::Path,
+    what: Resource,
+    filter: (Option<std::net::Ipv4Addr>, Option<String>),
+    format: Format,
+) -> Result<ExitCode, String> {
     use switchyard_control::views;
     let mut client = Client::connect(api).map_err(|e| e.to_string())?;
     let status = client.node().map_err(|e| e.to_string())?;
@@ -461,6 +478,22 @@ fn get_command(api: &std::path::Path, what: Resource, format: Format) -> Result<
             let ports = client.ports().map_err(|e| e.to_string())?;
             let rows = views::pods(&status, &ports);
             emit(format, &rows, || views::render_pods(&rows, wide))
+        }
+        Resource::Nat => match client.call(Request::GetNat).map_err(|e| e.to_string())? {
+            Reply::Nat(nat) => emit(format, &nat, || views::render_nat(nat.as_ref())),
+            other => return Err(format!("unexpected answer: {other:?}")),
+        },
+        Resource::Conntrack => {
+            let request = Request::ListConntrack {
+                pod: filter.0,
+                protocol: filter.1,
+            };
+            match client.call(request).map_err(|e| e.to_string())? {
+                Reply::Conntrack(entries) => {
+                    emit(format, &entries, || views::render_conntrack(&entries, wide))
+                }
+                other => return Err(format!("unexpected answer: {other:?}")),
+            }
         }
     })
 }
@@ -494,7 +527,16 @@ fn check_command(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match &cli.command {
-        Command::Get { what } => Some(get_command(&cli.api, *what, cli.output)),
+        Command::Get {
+            what,
+            pod,
+            protocol,
+        } => Some(get_command(
+            &cli.api,
+            *what,
+            (*pod, protocol.clone()),
+            cli.output,
+        )),
         Command::Check { peer_apis } => Some(check_command(&cli.api, peer_apis, cli.output)),
         _ => None,
     };

@@ -222,3 +222,47 @@ pub fn render_pods(rows: &[PodRow], wide: bool) -> String {
         .collect::<Vec<_>>();
     table::render(&header, &cells)
 }
+
+/// `get nat`: masquerade's port usage on this node.
+pub fn render_nat(nat: Option<&switchyard_api::NatStatus>) -> String {
+    let Some(n) = nat else {
+        return "masquerade is not set up (no node settings yet)\n".into();
+    };
+    table::render(
+        &["NODE", "PORT-RANGE", "FLOWS", "LIMIT", "TCP", "UDP", "ICMP"],
+        &[vec![
+            n.node.to_string(),
+            n.port_range.to_string(),
+            n.flows.to_string(),
+            n.limit.to_string(),
+            n.tcp.to_string(),
+            n.udp.to_string(),
+            n.icmp.to_string(),
+        ]],
+    )
+}
+
+/// `get conntrack`: the tracked flows.
+pub fn render_conntrack(entries: &[switchyard_api::ConntrackEntry], wide: bool) -> String {
+    let mut header = vec!["PROTO", "POD", "REMOTE", "NODE-PORT", "STATE"];
+    if wide {
+        header.push("IDLE");
+    }
+    let rows = entries
+        .iter()
+        .map(|e| {
+            let mut r = vec![
+                e.protocol.clone(),
+                format!("{}:{}", e.pod, e.pod_port),
+                format!("{}:{}", e.remote, e.remote_port),
+                e.node_port.to_string(),
+                e.state.clone(),
+            ];
+            if wide {
+                r.push(format!("{}s", e.idle_s));
+            }
+            r
+        })
+        .collect::<Vec<_>>();
+    table::render(&header, &rows)
+}

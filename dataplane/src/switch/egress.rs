@@ -24,7 +24,7 @@ use crate::tables::masquerade::Masquerading;
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
-use switchyard_api::{ApiError, ErrorCode, IpNet, NodeSpec};
+use switchyard_api::{ApiError, ConntrackEntry, ErrorCode, IpNet, NatStatus, NodeSpec, PortRange};
 
 /// The node's table that steers replies into the host port.
 pub(super) const STEER_TABLE: u8 = 200;
@@ -61,13 +61,14 @@ fn exempt(spec: &NodeSpec) -> Vec<IpNet> {
     out
 }
 
-/// The ports of `range` free for the node's own sockets: the larger part of 1024-65535
-/// outside it.
+/// The ports of `range` free for the node's own sockets: above it when at least 1,024
+/// ports are left there (below would take Kubernetes' NodePort range, 30000-32767), else
+/// the larger part of 1024-65535 outside it.
 fn ephemeral_outside(range: (u16, u16)) -> (u16, u16) {
     let below = (1024u16, range.0.saturating_sub(1));
     let above = (range.1.saturating_add(1), 65535u16);
     let size = |r: (u16, u16)| u32::from(r.1).saturating_sub(u32::from(r.0));
-    if size(above) >= size(below) {
+    if size(above) >= 1024 || size(above) >= size(below) {
         above
     } else {
         below
@@ -176,6 +177,70 @@ impl Switch {
     }
 }
 
+impl Switch {
+    /// Masquerade's state, once the node settings enabled it.
+    pub fn nat_status(&self) -> Option<NatStatus> {
+        let tables = self.tables();
+        let ct = &tables.masquerade.as_ref()?.conntrack;
+        let (first, last) = ct.port_range();
+        let [tcp, udp, icmp] = ct.flows_by_protocol();
+        Some(NatStatus {
+            node: ct.node(),
+            port_range: PortRange { first, last },
+            flows: ct.len(),
+            limit: ct.limit(),
+            tcp,
+            udp,
+            icmp,
+        })
+    }
+
+    /// Tracked flows, optionally of one pod and one protocol.
+    pub fn conntrack_entries(
+        &self,
+        pod: Option<std::net::Ipv4Addr>,
+        protocol: Option<&str>,
+    ) -> Result<Vec<ConntrackEntry>, ApiError> {
+        let wanted = match protocol {
+            None => None,
+            Some("tcp") => Some(6),
+            Some("udp") => Some(17),
+            Some("icmp") => Some(1),
+            Some(other) => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("unknown protocol {other:?}: use tcp, udp or icmp"),
+                ))
+            }
+        };
+        let tables = self.tables();
+        let Some(m) = tables.masquerade.as_ref() else {
+            return Ok(Vec::new());
+        };
+        Ok(m.conntrack
+            .flows(crate::worker::monotonic_ns())
+            .into_iter()
+            .filter(|f| pod.is_none_or(|p| f.original.src == p))
+            .filter(|f| wanted.is_none_or(|w| f.original.protocol == w))
+            .map(|f| ConntrackEntry {
+                protocol: match f.original.protocol {
+                    6 => "tcp",
+                    17 => "udp",
+                    _ => "icmp",
+                }
+                .into(),
+                pod: f.original.src,
+                pod_port: f.original.src_port,
+                remote: f.original.dst,
+                remote_port: f.original.dst_port,
+                node_port: f.node_port,
+                state: f.state.name().into(),
+                idle_s: f.idle_s,
+            })
+            .collect())
+    }
+}
+
 /// Removes steering rules (when they change, or when the dataplane leaves).
 pub(super) fn remove_rules(rules: &[KernelRule]) {
     if let Ok(mut nl) = Netlink::open() {
@@ -193,5 +258,6 @@ mod tests {
     fn the_node_keeps_the_larger_part_of_the_ports() {
         assert_eq!(ephemeral_outside((32768, 60999)), (61000, 65535));
         assert_eq!(ephemeral_outside((50000, 65535)), (1024, 49999));
+        assert_eq!(ephemeral_outside((1024, 64000)), (64001, 65535));
     }
 }
