@@ -13,6 +13,7 @@ missing=()
 command -v ip >/dev/null || missing+=(iproute2)
 command -v ping >/dev/null || missing+=(iputils-ping)
 command -v iperf3 >/dev/null || missing+=(iperf3)
+command -v iptables >/dev/null || missing+=(iptables)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
@@ -20,4 +21,4 @@ fi
 cargo build --release --workspace --bins --locked
 target/release/bench-env single-node --json bench-results.json "$@"
 echo
-target/release/bench-env multi-node --json bench-results-multinode.json "$@"
+target/release/bench-env multi-node --external --json bench-results-multinode.json "$@"

@@ -500,6 +500,24 @@ impl Cluster {
             let i = node.index;
             ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
             ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+            if self.options.external {
+                // Flannel's masquerade for traffic leaving the cluster.
+                ns.exec(&[
+                    "iptables",
+                    "-t",
+                    "nat",
+                    "-A",
+                    "POSTROUTING",
+                    "-s",
+                    CLUSTER_CIDR,
+                    "!",
+                    "-d",
+                    CLUSTER_CIDR,
+                    "-j",
+                    "MASQUERADE",
+                    "--random-fully",
+                ])?;
+            }
             ns.exec(&[
                 "ip",
                 "link",
@@ -713,7 +731,7 @@ fn wait_for_api(node: &SimNode, timeout: Duration) -> Result<()> {
 
 /// The cluster matrix: every pod pings every other pod (same node and across nodes), every
 /// node pings every pod of the other nodes, and every pod pings every other node, over IPv4
-/// and IPv6.
+/// and IPv6; with an external network, every pod pings the external host too.
 pub fn connectivity(cluster: &Cluster) -> crate::measure::Matrix {
     let mut m = crate::measure::Matrix::default();
     let pods: Vec<(usize, usize, &Pod)> = cluster
@@ -737,11 +755,16 @@ pub fn connectivity(cluster: &Cluster) -> crate::measure::Matrix {
         }
     }
     for node in &cluster.nodes {
-        for &(j, _, to) in pods.iter().filter(|(j, _, _)| *j != node.index) {
-            let _ = j;
+        for &(_, _, to) in pods.iter().filter(|(j, _, _)| *j != node.index) {
             for addr in [IpAddr::V4(to.ipv4), IpAddr::V6(to.ipv6)] {
                 m.ping(&node.ns, &node.name, addr);
             }
+        }
+    }
+    if let Some(ext) = &cluster.external {
+        // Seed 004: every pod reaches the external host (IPv4, masqueraded).
+        for &(i, k, from) in &pods {
+            m.ping(&from.ns, &format!("node{i}/pod{k}"), IpAddr::V4(ext.ipv4));
         }
     }
     m

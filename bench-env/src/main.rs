@@ -94,6 +94,11 @@ enum Scenario {
         /// Extra arguments for switchyard-dataplane.
         #[arg(long = "dataplane-arg", allow_hyphen_values = true)]
         dataplane_args: Vec<String>,
+        /// Add seed 004's external network (a router and an external host the nodes reach
+        /// by a static route): pods ping it and iperf3 to it, masqueraded (the kernel arm:
+        /// iptables MASQUERADE, as flannel does).
+        #[arg(long)]
+        external: bool,
     },
 }
 
@@ -327,6 +332,31 @@ fn multi_node(run: MultiNode) -> Result<bool> {
         })?;
         metrics.push(Metric::new(&name, "Gbit/s", r[0][0], r[0][1]));
     }
+    if options.external {
+        let r = rounds(
+            [&switchyard, &kernel],
+            repeat,
+            "egress_tcp_1_stream",
+            &|c| {
+                let ext = c
+                    .external
+                    .as_ref()
+                    .ok_or_else(|| fail!("no external host"))?;
+                Ok(vec![measure::tcp_gbps(
+                    &c.nodes[0].pods[0],
+                    ext,
+                    1,
+                    seconds,
+                )?])
+            },
+        )?;
+        metrics.push(Metric::new(
+            "egress_tcp_1_stream",
+            "Gbit/s",
+            r[0][0],
+            r[0][1],
+        ));
+    }
     let r = rounds([&switchyard, &kernel], repeat, "cross-node rtt", &|c| {
         let (a, b) = cross(c)?;
         let (p50, p99) = measure::rtt_us(a, b, 200)?;
@@ -398,6 +428,7 @@ fn main() -> ExitCode {
             json,
             workers,
             dataplane_args,
+            external,
         } => multi_node(MultiNode {
             seconds,
             repeat,
@@ -417,7 +448,7 @@ fn main() -> ExitCode {
                 pod_mtu: None,
                 workers,
                 dataplane_args,
-                external: false,
+                external,
                 conntrack_max: None,
             },
         }),
