@@ -15,8 +15,8 @@ pub use client::{Client, ClientError};
 pub use ipnet::IpNet;
 pub use mac::{MacAddr, ParseMacError};
 pub use node::{
-    Backend, BackendKind, ConntrackEntry, Masquerade, NatStatus, NodeSpec, NodeStatus, Peer,
-    PortRange,
+    Backend, BackendKind, ConntrackEntry, ExtraRoute, Masquerade, NatStatus, NodeSpec, NodeStatus,
+    Peer, PortRange,
 };
 
 use serde::{Deserialize, Serialize};

@@ -63,6 +63,17 @@ impl Default for Backend {
     }
 }
 
+/// A route the cluster configuration adds to every node (`routes: [{dst, via}]`): the
+/// node's stack, and so its pods, reach `dst` through `via`, which must be on-link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraRoute {
+    /// Destination prefix.
+    pub dst: IpNet,
+    /// Next-hop router.
+    pub via: IpAddr,
+}
+
 /// Another node, as this node's dataplane needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Peer {
@@ -105,6 +116,9 @@ pub struct NodeSpec {
     /// Masquerade of pod traffic leaving the cluster.
     #[serde(default)]
     pub masquerade: Masquerade,
+    /// Routes added to the node's stack.
+    #[serde(default)]
+    pub routes: Vec<ExtraRoute>,
 }
 
 /// What the dataplane made of a [`NodeSpec`].

@@ -53,6 +53,8 @@ pub struct ClusterOptions {
     pub external: bool,
     /// `masquerade.conntrackMax` in the cluster configuration (default: the dataplane's).
     pub conntrack_max: Option<usize>,
+    /// `routes` in the cluster configuration: (destination, next hop).
+    pub routes: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -67,6 +69,7 @@ impl Default for ClusterOptions {
             dataplane_args: Vec::new(),
             external: false,
             conntrack_max: None,
+            routes: Vec::new(),
         }
     }
 }
@@ -267,6 +270,12 @@ impl Cluster {
         Ok(())
     }
 
+    /// Rewrites the cluster configuration with these extra routes (the agents apply them).
+    pub fn set_routes(&mut self, routes: Vec<(String, String)>) -> Result<()> {
+        self.options.routes = routes;
+        self.write_config()
+    }
+
     /// Rewrites the cluster configuration with another backend (the agents apply it).
     pub fn set_backend(&mut self, backend: BackendKind) -> Result<()> {
         self.options.backend = backend;
@@ -284,6 +293,12 @@ impl Cluster {
         );
         if let Some(max) = self.options.conntrack_max {
             text += &format!("    masquerade:\n      conntrackMax: {max}\n");
+        }
+        if !self.options.routes.is_empty() {
+            text += "    routes:\n";
+            for (dst, via) in &self.options.routes {
+                text += &format!("    - {{dst: {dst}, via: {via}}}\n");
+            }
         }
         std::fs::write(self.manifests.join("switchyard-config.yaml"), text)?;
         Ok(())

@@ -450,6 +450,7 @@ fn main() -> ExitCode {
                 dataplane_args,
                 external,
                 conntrack_max: None,
+                routes: Vec::new(),
             },
         }),
     };

@@ -244,3 +244,35 @@ fn two_hundred_thousand_flows_then_a_full_table_drops_only_new_ones() {
         "{grown} KiB for 210,000 flows is more than documented"
     );
 }
+
+#[test]
+fn routes_from_the_cluster_configuration_reach_the_nodes() {
+    let Some(mut c) = cluster() else {
+        return;
+    };
+    let ext = c.external.as_ref().unwrap().ipv4;
+    // Node 0 loses its hand-made static route: its pods lose the external network.
+    c.nodes[0]
+        .ns
+        .exec(&["ip", "route", "del", "192.168.2.0/24"])
+        .unwrap();
+    assert!(!measure::ping(&c.nodes[0].pods[0].ns, IpAddr::V4(ext)));
+    // The ConfigMap's routes give it back, without scripts on the node.
+    c.set_routes(vec![("192.168.2.0/24".into(), "192.168.1.1".into())])
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !c.nodes[0]
+        .ns
+        .exec(&["ip", "route", "show", "192.168.2.0/24"])
+        .unwrap()
+        .contains("via 192.168.1.1")
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(2),
+            "{}",
+            c.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(measure::ping(&c.nodes[0].pods[0].ns, IpAddr::V4(ext)));
+}

@@ -162,6 +162,7 @@ mod tests {
                     pod_cidrs: vec![],
                 }],
                 masquerade: Default::default(),
+                routes: Vec::new(),
             }),
             uplink: None,
             uplink_mtu: None,

@@ -224,6 +224,24 @@ pub fn plan(spec: &NodeSpec, uplink: &UplinkInfo) -> Result<NodePlan, ApiError> 
             }
         }
     }
+    for route in &spec.routes {
+        if !on_link(route.via) {
+            return Err(invalid(format!(
+                "route to {} via {}: the next hop is not on-link from uplink {} ({})",
+                route.dst,
+                route.via,
+                uplink.ifname,
+                list(&uplink.prefixes)
+            )));
+        }
+        if route.dst.addr().is_ipv4() != route.via.is_ipv4() {
+            return Err(invalid(format!(
+                "route to {} via {}: the families differ",
+                route.dst, route.via
+            )));
+        }
+        kernel_routes.insert(route.dst.trunc(), (KernelVia::Uplink(route.via), None));
+    }
     let reach: Vec<IpNet> = if spec.cluster_cidrs.is_empty() {
         spec.pod_cidrs
             .iter()
@@ -294,6 +312,7 @@ mod tests {
                 pod_cidrs: vec![net("10.244.1.0/24"), net("fd10:244:0:1::/64")],
             }],
             masquerade: Default::default(),
+            routes: Vec::new(),
         }
     }
 
@@ -351,6 +370,25 @@ mod tests {
         let err = plan(&far, &uplink()).unwrap_err();
         assert!(err.message.contains("not on-link"), "{}", err.message);
         assert!(err.message.contains("use backend vxlan or ipip"));
+    }
+
+    #[test]
+    fn extra_routes_go_to_the_node_through_on_link_routers() {
+        let mut s = spec(BackendKind::Vxlan);
+        s.routes.push(switchyard_api::ExtraRoute {
+            dst: net("192.168.2.0/24"),
+            via: "192.168.1.1".parse().unwrap(),
+        });
+        let p = plan(&s, &uplink()).unwrap();
+        assert_eq!(
+            p.kernel_routes[&net("192.168.2.0/24")],
+            (KernelVia::Uplink("192.168.1.1".parse().unwrap()), None)
+        );
+        s.routes[0].via = "10.9.9.9".parse().unwrap();
+        assert!(plan(&s, &uplink())
+            .unwrap_err()
+            .message
+            .contains("not on-link"));
     }
 
     #[test]

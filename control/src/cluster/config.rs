@@ -4,7 +4,7 @@
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-pub use switchyard_api::{Backend, BackendKind, Masquerade};
+pub use switchyard_api::{Backend, BackendKind, ExtraRoute, Masquerade};
 
 /// The cluster-wide settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +31,9 @@ pub struct ClusterConfig {
     /// Masquerade of pod traffic leaving the cluster.
     #[serde(default)]
     pub masquerade: Masquerade,
+    /// Routes every node's stack gets (`[{dst, via}]`).
+    #[serde(default)]
+    pub routes: Vec<ExtraRoute>,
 }
 
 fn default_mask() -> u8 {
@@ -51,6 +54,7 @@ impl Default for ClusterConfig {
             backend: Backend::default(),
             mtu: None,
             masquerade: Masquerade::default(),
+            routes: Vec::new(),
         }
     }
 }

@@ -118,6 +118,7 @@ impl NodePlan {
             mtu: self.mtu,
             peers,
             masquerade: m.config.masquerade.clone(),
+            routes: m.config.routes.clone(),
         })
     }
 }
