@@ -98,6 +98,30 @@ pub struct AddPort {
     /// Free-form owner key (the CNI container ID), kept for listing and garbage collection.
     #[serde(default)]
     pub owner: Option<String>,
+    /// Ports of the node published to the pod (hostPort, CNI's `portMappings`).
+    #[serde(default)]
+    pub port_mappings: Vec<PortMapping>,
+}
+
+/// A port of the node published to a pod's port (Kubernetes' hostPort), as CNI's
+/// `portMappings` capability carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortMapping {
+    /// The node's port.
+    pub host_port: u16,
+    /// The pod's port.
+    pub container_port: u16,
+    /// `tcp` or `udp`.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// The node address it is published on; empty: the node's address.
+    #[serde(default, rename = "hostIP")]
+    pub host_ip: String,
+}
+
+fn default_protocol() -> String {
+    "tcp".into()
 }
 
 /// Names one port: by its id, or by the namespace and interface name it was created with.
@@ -189,6 +213,9 @@ pub struct PortInfo {
     pub owner: Option<String>,
     /// Number of device queues; worker `i` serves queue `i`.
     pub queues: usize,
+    /// Ports of the node published to this pod (hostPort).
+    #[serde(default)]
+    pub port_mappings: Vec<PortMapping>,
 }
 
 /// Per-port traffic counters.

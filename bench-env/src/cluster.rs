@@ -665,10 +665,24 @@ impl Cluster {
 
     /// Attaches pod `p` of node `i` through the node's CNI plugin.
     pub fn add_pod(&mut self, i: usize, p: usize) -> Result<()> {
+        self.add_pod_with(i, p, None)
+    }
+
+    /// Attaches pod `p` of node `i` with `runtimeConfig` (e.g. `portMappings`) in the CNI
+    /// configuration, as a runtime passes capabilities.
+    pub fn add_pod_with(
+        &mut self,
+        i: usize,
+        p: usize,
+        runtime_config: Option<serde_json::Value>,
+    ) -> Result<()> {
         let at = self.at(i)?;
         let node = &self.nodes[at];
         let ns = Netns::create(&format!("{}-n{i}p{p}", self.prefix))?;
-        let (plugin, conf) = self.cni_conf(node)?;
+        let (plugin, mut conf) = self.cni_conf(node)?;
+        if let Some(rc) = runtime_config {
+            conf["runtimeConfig"] = rc;
+        }
         let result = cni_call(
             &node.ns,
             &plugin,
@@ -703,6 +717,27 @@ impl Cluster {
             ipv6,
             port: None,
         });
+        Ok(())
+    }
+
+    /// Detaches pod `p` of node `i` (CNI DEL) and removes its namespace.
+    pub fn del_pod(&mut self, i: usize, p: usize) -> Result<()> {
+        let at = self.at(i)?;
+        let node = &self.nodes[at];
+        let (plugin, conf) = self.cni_conf(node)?;
+        let pod = node
+            .pods
+            .get(p)
+            .ok_or_else(|| fail!("no pod {p} on node {i}"))?;
+        cni_call(
+            &node.ns,
+            &plugin,
+            "DEL",
+            &format!("{}-n{i}c{p}", self.prefix),
+            &pod.ns,
+            &conf,
+        )?;
+        self.nodes[at].pods.remove(p);
         Ok(())
     }
 

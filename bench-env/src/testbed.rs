@@ -236,6 +236,7 @@ impl Testbed {
             mtu: Some(mtu),
             mac: None,
             owner: Some(format!("bench-env/{prefix}/pod{i}")),
+            port_mappings: Vec::new(),
         }))?;
         let Reply::Port(port) = reply else {
             return Err(fail!("unexpected reply to add_port: {reply:?}"));

@@ -276,3 +276,73 @@ fn routes_from_the_cluster_configuration_reach_the_nodes() {
     }
     assert!(measure::ping(&c.nodes[0].pods[0].ns, IpAddr::V4(ext)));
 }
+
+/// Accepts one TCP connection on port 80 in `pod`'s namespace; returns the peer it saw
+/// and the bytes it read.
+fn serve_once(
+    pod: &bench_env::testbed::Pod,
+) -> std::thread::JoinHandle<std::io::Result<(std::net::SocketAddr, Vec<u8>)>> {
+    let ns = pod.ns.path();
+    let addr = std::net::SocketAddr::from((pod.ipv4, 80));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        switchyard_dataplane::io::netns::run_in(&ns, move || {
+            use std::io::Read;
+            let listener = std::net::TcpListener::bind(addr)?;
+            let _ = ready_tx.send(());
+            let (mut stream, peer) = listener.accept()?;
+            let mut data = Vec::new();
+            stream.read_to_end(&mut data)?;
+            Ok((peer, data))
+        })
+    });
+    ready_rx.recv().unwrap();
+    handle
+}
+
+fn connect_from(
+    ext: &bench_env::testbed::Pod,
+    to: std::net::SocketAddr,
+    payload: &'static [u8],
+) -> std::io::Result<()> {
+    switchyard_dataplane::io::netns::run_in(&ext.ns.path(), move || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2))?;
+        s.write_all(payload)?;
+        Ok(())
+    })
+}
+
+#[test]
+fn host_port_publishes_a_pod_on_its_node_until_del() {
+    let Some(mut c) = cluster() else {
+        return;
+    };
+    let mappings = serde_json::json!({"portMappings": [
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""}
+    ]});
+    c.add_pod_with(0, 1, Some(mappings)).unwrap();
+    let node = std::net::SocketAddr::from((c.nodes[0].ipv4, 8080));
+    let server = serve_once(&c.nodes[0].pods[1]);
+    let ext = c.external.as_ref().unwrap();
+    connect_from(ext, node, b"hello through the node's port")
+        .unwrap_or_else(|e| panic!("external host cannot reach node:8080: {e}\n{}", c.logs()));
+    let (peer, data) = server.join().unwrap().unwrap();
+    assert_eq!(data, b"hello through the node's port");
+    assert_eq!(
+        peer.ip(),
+        IpAddr::V4(ext.ipv4),
+        "the pod sees the real client"
+    );
+    let rules = c.nodes[0].ns.exec(&["ip", "rule"]).unwrap();
+    assert!(rules.contains("dport 8080"), "{rules}");
+    // CNI DEL: the mapping and its steering rule go.
+    c.del_pod(0, 1).unwrap();
+    let rules = c.nodes[0].ns.exec(&["ip", "rule"]).unwrap();
+    assert!(!rules.contains("dport 8080"), "{rules}");
+    let ext = c.external.as_ref().unwrap();
+    assert!(
+        connect_from(ext, node, b"x").is_err(),
+        "node:8080 still answers after DEL"
+    );
+}

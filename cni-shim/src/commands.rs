@@ -63,8 +63,15 @@ fn find_port(client: &mut Client, owner: &str, ifname: &str) -> Result<Option<Po
 }
 
 /// Replaces `"subnet": "usePodCidr"` / `"usePodCidrIPv6"` in host-local style ranges with
-/// the node's pod CIDRs.
-fn fill_pod_cidr(ipam_conf: &mut Value, pod_cidrs: &[IpNet]) -> Result<(), CniError> {
+/// the node's pod CIDRs. With `release_only` (DEL, GC: host-local releases by container,
+/// whatever the subnet, but still parses it), an unknown CIDR becomes a documentation
+/// range instead of an error, so that addresses are released even while the dataplane is
+/// down.
+fn fill_pod_cidr(
+    ipam_conf: &mut Value,
+    pod_cidrs: &[IpNet],
+    release_only: bool,
+) -> Result<(), CniError> {
     let Some(ipam) = ipam_conf.get_mut("ipam") else {
         return Ok(());
     };
@@ -91,13 +98,18 @@ fn fill_pod_cidr(ipam_conf: &mut Value, pod_cidrs: &[IpNet]) -> Result<(), CniEr
             Some("usePodCidrIPv6") => true,
             _ => continue,
         };
-        let cidr = pod_cidrs.iter().find(|c| c.addr().is_ipv6() == want_v6).ok_or_else(|| {
-            CniError::new(
-                code::TRY_AGAIN_LATER,
-                format!("the configuration asks for {} but the dataplane does not know this node's {} pod CIDR yet", slot, if want_v6 { "IPv6" } else { "IPv4" }),
-            )
-        })?;
-        *slot = Value::String(cidr.to_string());
+        let found = pod_cidrs.iter().find(|c| c.addr().is_ipv6() == want_v6);
+        let cidr = match (found, release_only) {
+            (Some(cidr), _) => cidr.to_string(),
+            (None, true) => if want_v6 { "2001:db8::/64" } else { "192.0.2.0/24" }.to_string(),
+            (None, false) => {
+                return Err(CniError::new(
+                    code::TRY_AGAIN_LATER,
+                    format!("the configuration asks for {} but the dataplane does not know this node's {} pod CIDR yet", slot, if want_v6 { "IPv6" } else { "IPv4" }),
+                ))
+            }
+        };
+        *slot = Value::String(cidr);
     }
     Ok(())
 }
@@ -108,7 +120,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     let gateway = hello(&mut client)?;
     let mut ipam = Ipam::from_conf(conf, env)?
         .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "the network configuration needs an \"ipam\" section (e.g. {\"type\": \"host-local\", ...})"))?;
-    fill_pod_cidr(ipam.conf_mut(), &gateway.pod_cidrs)?;
+    fill_pod_cidr(ipam.conf_mut(), &gateway.pod_cidrs, false)?;
     let allocation = ipam.add(env)?;
     let spec = AddPort {
         netns: env.netns.clone(),
@@ -117,6 +129,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
         mtu: conf.mtu,
         mac: None,
         owner: Some(owner(&conf.name, &env.container_id)),
+        port_mappings: conf.port_mappings.clone(),
     };
     let port = match client.call(Request::AddPort(spec)) {
         Ok(Reply::Port(port)) => port,
@@ -142,8 +155,23 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     ))
 }
 
+/// The IPAM plugin for a release (DEL, GC), with the pod CIDRs filled in as far as the
+/// dataplane (if it answers) knows them.
+fn ipam_for_release(conf: &NetConf, env: &Env) -> Result<Option<Ipam>, CniError> {
+    let Some(mut ipam) = Ipam::from_conf(conf, env)? else {
+        return Ok(None);
+    };
+    let cidrs = connect(conf)
+        .and_then(|mut c| hello(&mut c))
+        .map(|h| h.pod_cidrs)
+        .unwrap_or_default();
+    fill_pod_cidr(ipam.conf_mut(), &cidrs, true)?;
+    Ok(Some(ipam))
+}
+
 /// DEL: remove the port and release the addresses; succeeds when either is already gone.
-/// A dataplane that is down has no ports (they die with it), so only IPAM is released.
+/// A dataplane that is down keeps its ports (pod TAPs persist), which a later DEL or GC
+/// removes; the addresses are released now.
 pub fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     if let Ok(mut client) = connect(conf) {
         if let Some(port) = find_port(
@@ -161,7 +189,7 @@ pub fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
             }
         }
     }
-    if let Some(ipam) = Ipam::from_conf(conf, env)? {
+    if let Some(ipam) = ipam_for_release(conf, env)? {
         ipam.del(env)?;
     }
     Ok(())
@@ -215,7 +243,8 @@ pub fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
         )));
     }
     check_interface(env, &port, &gateway)?;
-    if let Some(ipam) = Ipam::from_conf(conf, env)? {
+    if let Some(mut ipam) = Ipam::from_conf(conf, env)? {
+        fill_pod_cidr(ipam.conf_mut(), &gateway.pod_cidrs, false)?;
         ipam.check(env, prev)?;
     }
     Ok(())
@@ -346,7 +375,7 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
 /// attachment. Carries on past individual failures and reports them together.
 pub fn gc(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     let valid: HashSet<(String, String)> = input::valid_attachments(conf)?.into_iter().collect();
-    let ipam = Ipam::from_conf(conf, env)?;
+    let ipam = ipam_for_release(conf, env)?;
     let prefix = owner(&conf.name, "");
     let mut failures = Vec::new();
     let release = |id: &str, ifname: &str, failures: &mut Vec<String>| {
@@ -447,12 +476,12 @@ mod tests {
             "10.244.3.0/24".parse().unwrap(),
             "fd00:3::/64".parse().unwrap(),
         ];
-        fill_pod_cidr(&mut conf, &cidrs).unwrap();
+        fill_pod_cidr(&mut conf, &cidrs, false).unwrap();
         assert_eq!(conf["ipam"]["ranges"][0][0]["subnet"], "10.244.3.0/24");
         assert_eq!(conf["ipam"]["ranges"][1][0]["subnet"], "fd00:3::/64");
         let mut unknown = json!({"ipam": {"type": "host-local", "subnet": "usePodCidr"}});
         assert_eq!(
-            fill_pod_cidr(&mut unknown, &[]).unwrap_err().code,
+            fill_pod_cidr(&mut unknown, &[], false).unwrap_err().code,
             code::TRY_AGAIN_LATER
         );
     }

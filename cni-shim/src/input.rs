@@ -129,8 +129,39 @@ pub struct NetConf {
     pub prev_result: Option<Value>,
     /// `dns` passed through to the result.
     pub dns: Option<Value>,
+    /// `runtimeConfig.portMappings` (the `portMappings` capability): hostPorts.
+    pub port_mappings: Vec<switchyard_api::PortMapping>,
     /// The whole configuration object.
     pub raw: Value,
+}
+
+/// Parses `runtimeConfig.portMappings` as the reference `portmap` plugin takes it.
+fn port_mappings(v: &Value) -> Result<Vec<switchyard_api::PortMapping>, CniError> {
+    let list: Vec<switchyard_api::PortMapping> = serde_json::from_value(v.clone()).map_err(|e| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            "runtimeConfig.portMappings must be a list of {hostPort, containerPort, protocol, hostIP}",
+        )
+        .with_details(e.to_string())
+    })?;
+    for m in &list {
+        if m.host_port == 0 || m.container_port == 0 {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!(
+                    "port mapping {}:{} needs two non-zero ports",
+                    m.host_port, m.container_port
+                ),
+            ));
+        }
+        if !matches!(m.protocol.to_ascii_lowercase().as_str(), "tcp" | "udp") {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                format!("port mapping protocol {:?} is not tcp or udp", m.protocol),
+            ));
+        }
+    }
+    Ok(list)
 }
 
 /// Parses the configuration on stdin.
@@ -193,7 +224,12 @@ pub fn netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
             ));
         }
     }
+    let port_mappings = match obj.get("runtimeConfig").and_then(|r| r.get("portMappings")) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => port_mappings(v)?,
+    };
     Ok(NetConf {
+        port_mappings,
         cni_version,
         name,
         dataplane_api: text("dataplane_api").unwrap_or_else(|| DEFAULT_API_PATH.into()),

@@ -84,6 +84,7 @@ mod tests {
             ],
             owner: None,
             queues: 2,
+            port_mappings: Vec::new(),
         }
     }
 

@@ -140,6 +140,7 @@ mod tests {
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             owner: owner.map(String::from),
             queues: 1,
+            port_mappings: Vec::new(),
         }
     }
 

@@ -199,6 +199,7 @@ fn request_for(command: &Command) -> Result<Request, String> {
             mtu: *mtu,
             mac: *mac,
             owner: None,
+            port_mappings: Vec::new(),
         }),
         Command::Port(PortCommand::Del { id, netns, ifname }) => {
             Request::DelPort(match (id, netns, ifname) {

@@ -338,6 +338,50 @@ impl Conntrack {
         Some((flow.original.src, flow.original.src_port))
     }
 
+    /// A new connection to a port of the node published to a pod (hostPort): `reply` is
+    /// the arriving packet's tuple (client -> node:hostPort); the flow is tracked as if the
+    /// pod had opened it from `pod` to the client with the node port `hostPort`, so that
+    /// this packet and later ones go to `pod` and the pod's answers leave as node:hostPort.
+    /// Returns where to send it, or why the flow was refused.
+    pub fn expose(
+        &self,
+        reply: &Tuple,
+        pod: (Ipv4Addr, u16),
+        tcp_flags: Option<u8>,
+        now_ns: u64,
+    ) -> Result<(Ipv4Addr, u16), Refusal> {
+        if self.flows.load(Ordering::Relaxed) >= self.limit {
+            return Err(Refusal::TableFull);
+        }
+        let original = Tuple {
+            protocol: reply.protocol,
+            src: pod.0,
+            src_port: pod.1,
+            dst: reply.src,
+            dst_port: reply.src_port,
+        };
+        let flow = Arc::new(Flow {
+            original,
+            node_port: reply.dst_port,
+            state: AtomicU8::new(State::New as u8),
+            last_seen_ns: AtomicU64::new(now_ns),
+        });
+        {
+            let mut replies = self.shard(reply);
+            if let Some(existing) = replies.get(reply) {
+                // Another worker published it meanwhile.
+                return Ok((existing.original.src, existing.original.src_port));
+            }
+            replies.insert(*reply, flow.clone());
+        }
+        flow.touch(now_ns, tcp_flags, true);
+        self.shard(&original).insert(original, flow);
+        self.flows.fetch_add(1, Ordering::Relaxed);
+        self.counter(original.protocol)
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(pod)
+    }
+
     /// Removes the flows idle past their timeout and frees their ports; returns how many.
     pub fn sweep(&self, now_ns: u64) -> usize {
         let mut removed = 0;

@@ -21,6 +21,7 @@ fn switch() -> &'static Switch {
                 mtu: Some(1500),
                 mac: None,
                 owner: None,
+                port_mappings: Vec::new(),
             };
             s.add_memory_port(&spec, uso).unwrap();
         }

@@ -6,7 +6,8 @@
 //! * **inbound**: a packet the node's stack hands to the host port for the node's own
 //!   address (the node steers replies in the port range, and ICMP, to the dataplane; see
 //!   docs/egress.md) gets its pod's address and port back if it belongs to a tracked flow,
-//!   and is then routed like any packet. An ICMP error quoting a masqueraded packet goes to
+//!   and is then routed like any packet; a new connection to a port published to a pod
+//!   (hostPort) opens a flow to that pod. An ICMP error quoting a masqueraded packet goes to
 //!   the pod with the quote translated back too. Anything else keeps its destination and
 //!   is routed back to the node's stack, which is where it was going.
 
@@ -15,6 +16,7 @@ use super::DropReason;
 use crate::conntrack::{Refusal, Tuple};
 use crate::tables::masquerade::Masquerading;
 use crate::wire::ipv4;
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 fn tcp_flags(l3: &[u8], protocol: u8) -> Option<u8> {
@@ -59,24 +61,41 @@ pub(super) fn outbound(
     }
 }
 
-/// Gives a reply for the node's address its pod's address back, if it belongs to a
-/// masqueraded flow; returns whether it did.
-pub(super) fn inbound(m: &Masquerading, l3: &mut [u8], partial: bool, now_ns: u64) -> bool {
-    if let Some(ports) = nat::l4_of(l3) {
-        let reply = Tuple {
-            protocol: ports.protocol,
-            src: addr(l3, 12),
-            src_port: ports.src_port,
-            dst: addr(l3, 16),
-            dst_port: ports.dst_port,
-        };
-        let flags = tcp_flags(l3, ports.protocol);
-        return match m.conntrack.inbound(&reply, flags, now_ns) {
-            Some((pod, port)) => nat::translate(l3, Side::Destination, pod, port, partial),
-            None => false,
-        };
-    }
-    icmp_error(m, l3, now_ns)
+/// Gives a packet for the node's address its pod's address back, if it belongs to a
+/// masqueraded flow or opens one to a port published to a pod (`host_ports`: hostPort);
+/// returns whether it did, or why a new published flow was refused.
+pub(super) fn inbound(
+    m: &Masquerading,
+    host_ports: &HashMap<(u8, u16), (Ipv4Addr, u16)>,
+    l3: &mut [u8],
+    partial: bool,
+    now_ns: u64,
+) -> Result<bool, DropReason> {
+    let Some(ports) = nat::l4_of(l3) else {
+        return Ok(icmp_error(m, l3, now_ns));
+    };
+    let reply = Tuple {
+        protocol: ports.protocol,
+        src: addr(l3, 12),
+        src_port: ports.src_port,
+        dst: addr(l3, 16),
+        dst_port: ports.dst_port,
+    };
+    let flags = tcp_flags(l3, ports.protocol);
+    let pod = match m.conntrack.inbound(&reply, flags, now_ns) {
+        Some(pod) => pod,
+        None => match host_ports.get(&(ports.protocol, ports.dst_port)) {
+            Some(published) if ports.protocol != ipv4::PROTO_ICMP => m
+                .conntrack
+                .expose(&reply, *published, flags, now_ns)
+                .map_err(|refusal| match refusal {
+                    Refusal::TableFull => DropReason::ConntrackFull,
+                    Refusal::NoPort => DropReason::NoMasqueradePort,
+                })?,
+            _ => return Ok(false),
+        },
+    };
+    Ok(nat::translate(l3, Side::Destination, pod.0, pod.1, partial))
 }
 
 /// An ICMP error about a masqueraded packet: the quoted packet went from node:port to the

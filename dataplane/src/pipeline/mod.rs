@@ -179,9 +179,15 @@ impl Pipeline {
         }
         if ingress.role == PortRole::Host {
             if let Some(m) = tables.masquerade.as_deref() {
-                if dst == m.node() && masquerade::inbound(m, l3, partial, self.now_ns) {
-                    self.counters.event(Event::Unmasqueraded);
-                    dst = Ipv4Packet::new_checked(&*l3).map_or(dst, |ip| ip.dst());
+                if dst == m.node() {
+                    match masquerade::inbound(m, &tables.host_ports, l3, partial, self.now_ns) {
+                        Ok(true) => {
+                            self.counters.event(Event::Unmasqueraded);
+                            dst = Ipv4Packet::new_checked(&*l3).map_or(dst, |ip| ip.dst());
+                        }
+                        Ok(false) => {}
+                        Err(reason) => return self.drop(reason),
+                    }
                 }
             }
         }

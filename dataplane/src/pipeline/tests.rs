@@ -26,6 +26,7 @@ fn port(name: &str, ips: &[&str], mtu: u32) -> AddPort {
         mtu: Some(mtu),
         mac: None,
         owner: None,
+        port_mappings: Vec::new(),
     }
 }
 

@@ -43,6 +43,16 @@ pub(super) struct NodeState {
     tunnels: Vec<Arc<Port>>,
     kernel_routes: Vec<KernelRoute>,
     rules: Vec<KernelRule>,
+    /// Steering rules for ports published to pods (hostPort), kept by
+    /// `Switch::sync_host_port_rules`.
+    pub(super) host_rules: Vec<KernelRule>,
+}
+
+impl NodeState {
+    /// The uplink interface's name.
+    pub(super) fn uplink_ifname(&self) -> &str {
+        &self.uplink.ifname
+    }
 }
 
 fn system(context: &str, err: io::Error) -> ApiError {
@@ -69,6 +79,7 @@ fn node_port(
         ips: Vec::new(),
         owner: Some("node".into()),
         queues: 1,
+        port_mappings: Vec::new(),
     };
     Port {
         id,
@@ -204,6 +215,11 @@ impl Switch {
                 .collect();
             super::egress::remove_rules(&stale);
         }
+        let old_host_rules = state
+            .node
+            .as_mut()
+            .map(|n| std::mem::take(&mut n.host_rules))
+            .unwrap_or_default();
         let masquerade = self.masquerading(state.builder.masquerade(), &spec);
         state.builder.set_masquerade(Some(masquerade));
 
@@ -229,8 +245,12 @@ impl Switch {
             tunnels,
             kernel_routes,
             rules,
+            host_rules: old_host_rules,
         });
-        Ok(status(state.node.as_ref(), &self.config.host_ifname))
+        let status = status(state.node.as_ref(), &self.config.host_ifname);
+        drop(state);
+        self.sync_host_port_rules();
+        Ok(status)
     }
 
     fn create_host_port(&self, state: &mut State, mtu: u32) -> Result<(Arc<Port>, u32), ApiError> {
@@ -301,6 +321,7 @@ impl Switch {
         let state = self.state();
         if let (Some(node), Ok(mut nl)) = (&state.node, Netlink::open()) {
             super::egress::remove_rules(&node.rules);
+            super::egress::remove_rules(&node.host_rules);
             for route in &node.kernel_routes {
                 let _ = nl.delete_route(route);
             }

@@ -241,6 +241,49 @@ impl Switch {
     }
 }
 
+impl Switch {
+    /// Keeps one steering rule per port of the node published to a pod (hostPort), so that
+    /// connections to it from outside reach the dataplane; call after pods or node settings
+    /// change.
+    pub(super) fn sync_host_port_rules(&self) {
+        let mut state = self.state();
+        let desired: Vec<KernelRule> = match &state.node {
+            None => return,
+            Some(node) => state
+                .builder
+                .host_ports()
+                .keys()
+                .map(|(protocol, port)| KernelRule {
+                    priority: STEER_PRIORITY,
+                    iif: Some(node.uplink_ifname().to_string()),
+                    protocol: Some(*protocol),
+                    dports: Some((*port, *port)),
+                    table: u32::from(STEER_TABLE),
+                })
+                .collect(),
+        };
+        let Some(node) = state.node.as_mut() else {
+            return;
+        };
+        let (keep, stale): (Vec<KernelRule>, Vec<KernelRule>) =
+            std::mem::take(&mut node.host_rules)
+                .into_iter()
+                .partition(|r| desired.contains(r));
+        remove_rules(&stale);
+        if let Ok(mut nl) = Netlink::open() {
+            for rule in desired.iter().filter(|r| !keep.contains(r)) {
+                if let Err(e) = nl.add_rule(rule) {
+                    eprintln!(
+                        "switchyard-dataplane: cannot steer hostPort {:?}: {e}",
+                        rule.dports
+                    );
+                }
+            }
+        }
+        node.host_rules = desired;
+    }
+}
+
 /// Removes steering rules (when they change, or when the dataplane leaves).
 pub(super) fn remove_rules(rules: &[KernelRule]) {
     if let Ok(mut nl) = Netlink::open() {

@@ -137,11 +137,13 @@ impl Switch {
             Request::AddPort(spec) => {
                 let port = self.add_tap_port(&spec)?;
                 self.save_ports();
+                self.sync_host_port_rules();
                 Ok(Reply::Port(port))
             }
             Request::DelPort(selector) => {
                 self.del_port(&selector)?;
                 self.save_ports();
+                self.sync_host_port_rules();
                 Ok(Reply::Done)
             }
             Request::ListPorts => Ok(Reply::Ports(self.list_ports())),
@@ -195,6 +197,23 @@ impl Switch {
         }
         if spec.ips.is_empty() {
             return Err(invalid("a port needs at least one IP address"));
+        }
+        for m in &spec.port_mappings {
+            if m.host_port == 0 || m.container_port == 0 {
+                return Err(invalid(format!(
+                    "port mapping {}:{} needs two non-zero ports",
+                    m.host_port, m.container_port
+                )));
+            }
+            if !matches!(m.protocol.to_ascii_lowercase().as_str(), "tcp" | "udp") {
+                return Err(invalid(format!(
+                    "port mapping protocol {:?} is not tcp or udp",
+                    m.protocol
+                )));
+            }
+            if !spec.ips.iter().any(|ip| ip.addr().is_ipv4()) {
+                return Err(invalid("hostPort needs an IPv4 pod address"));
+            }
         }
         for (i, ip) in spec.ips.iter().enumerate() {
             let addr = ip.addr();
@@ -271,7 +290,7 @@ impl Switch {
         let mut state = self.state();
         state
             .builder
-            .check_new_port(&spec.netns, &spec.ifname, &spec.ips)?;
+            .check_new_port(&spec.netns, &spec.ifname, &spec.ips, &spec.port_mappings)?;
         let config = TapConfig {
             ifname: spec.ifname.clone(),
             mac,
@@ -308,7 +327,7 @@ impl Switch {
         let mut state = self.state();
         state
             .builder
-            .check_new_port(&spec.netns, &spec.ifname, &spec.ips)?;
+            .check_new_port(&spec.netns, &spec.ifname, &spec.ips, &spec.port_mappings)?;
         let (port, peer) = memory::pair(1024);
         let info = self.insert_port(
             &mut state,
@@ -347,6 +366,7 @@ impl Switch {
             ips: spec.ips.clone(),
             owner: spec.owner.clone(),
             queues,
+            port_mappings: spec.port_mappings.clone(),
         };
         let port = Arc::new(Port {
             id,

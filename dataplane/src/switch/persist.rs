@@ -77,12 +77,13 @@ impl Switch {
             mtu: Some(info.mtu),
             mac: Some(info.mac),
             owner: info.owner.clone(),
+            port_mappings: info.port_mappings.clone(),
         };
         self.validate(&spec).map_err(|e| e.message)?;
         let mut state = self.state();
         state
             .builder
-            .check_new_port(&spec.netns, &spec.ifname, &spec.ips)
+            .check_new_port(&spec.netns, &spec.ifname, &spec.ips, &spec.port_mappings)
             .map_err(|e| e.message)?;
         let (tap, ifindex) = TapDevice::attach(Path::new(&info.netns), &info.ifname, info.queues)
             .map_err(|e| e.to_string())?;

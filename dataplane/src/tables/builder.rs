@@ -97,8 +97,32 @@ impl TableBuilder {
             .find(|p| p.info.netns == netns && p.info.ifname == ifname)
     }
 
-    /// Refuses a new port whose attachment or addresses are already taken.
-    pub fn check_new_port(&self, netns: &str, ifname: &str, ips: &[IpNet]) -> Result<(), ApiError> {
+    /// Refuses host ports another pod has published already.
+    fn check_port_mappings(&self, mappings: &[api::PortMapping]) -> Result<(), ApiError> {
+        let taken = self.host_ports();
+        for m in mappings {
+            if taken.contains_key(&(protocol_number(&m.protocol), m.host_port)) {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!(
+                        "hostPort {}/{} is published by another pod already",
+                        m.host_port, m.protocol
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a new port whose attachment, addresses or host ports are already taken.
+    pub fn check_new_port(
+        &self,
+        netns: &str,
+        ifname: &str,
+        ips: &[IpNet],
+        mappings: &[api::PortMapping],
+    ) -> Result<(), ApiError> {
+        self.check_port_mappings(mappings)?;
         if let Some(p) = self.find_attachment(netns, ifname) {
             return Err(ApiError::new(
                 ErrorCode::Conflict,
@@ -235,6 +259,24 @@ impl TableBuilder {
         out
     }
 
+    /// The node's ports published to pods: (protocol, node port) -> (pod IPv4 address, pod
+    /// port).
+    pub fn host_ports(&self) -> HashMap<(u8, u16), (std::net::Ipv4Addr, u16)> {
+        let mut out = HashMap::new();
+        for port in self.ports.values() {
+            let Some(addr) = port.ipv4.first() else {
+                continue;
+            };
+            for m in &port.info.port_mappings {
+                out.insert(
+                    (protocol_number(&m.protocol), m.host_port),
+                    (*addr, m.container_port),
+                );
+            }
+        }
+        out
+    }
+
     /// Compiles the current state into a new snapshot.
     pub fn build(&mut self) -> Tables {
         self.generation += 1;
@@ -291,6 +333,7 @@ impl TableBuilder {
             routes_v6: Lpm::build(v6).unwrap_or_default(),
             nexthops,
             masquerade: self.masquerade.clone(),
+            host_ports: self.host_ports(),
         }
     }
 }
@@ -298,4 +341,13 @@ impl TableBuilder {
 /// The /32 or /128 network of one address.
 pub fn host_net(addr: IpAddr) -> IpNet {
     IpNet::new(addr, if addr.is_ipv4() { 32 } else { 128 }).unwrap_or_else(|_| IpNet::from(addr))
+}
+
+/// The IP protocol number of a port mapping's protocol (`tcp`, `udp`).
+pub fn protocol_number(protocol: &str) -> u8 {
+    if protocol.eq_ignore_ascii_case("udp") {
+        17
+    } else {
+        6
+    }
 }

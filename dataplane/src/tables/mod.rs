@@ -148,6 +148,9 @@ pub struct Tables {
     pub nexthops: Vec<NextHop>,
     /// Masquerade of pod traffic leaving the cluster, once the node settings enable it.
     pub masquerade: Option<Arc<masquerade::Masquerading>>,
+    /// The node's ports published to pods (hostPort): (protocol, node port) -> (pod
+    /// address, pod port).
+    pub host_ports: HashMap<(u8, u16), (Ipv4Addr, u16)>,
 }
 
 impl Tables {
@@ -161,6 +164,7 @@ impl Tables {
             routes_v6: Lpm::default(),
             nexthops: vec![NextHop::Blackhole],
             masquerade: None,
+            host_ports: HashMap::new(),
         }
     }
 
