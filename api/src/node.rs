@@ -119,6 +119,9 @@ pub struct NodeSpec {
     /// Routes added to the node's stack.
     #[serde(default)]
     pub routes: Vec<ExtraRoute>,
+    /// The Services' virtual address ranges (never masqueraded).
+    #[serde(default)]
+    pub service_cidrs: Vec<IpNet>,
 }
 
 /// What the dataplane made of a [`NodeSpec`].

@@ -319,7 +319,8 @@ fn host_port_publishes_a_pod_on_its_node_until_del() {
         return;
     };
     let mappings = serde_json::json!({"portMappings": [
-        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""}
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""},
+        {"hostPort": 5353, "containerPort": 53, "protocol": "udp"}
     ]});
     c.add_pod_with(0, 1, Some(mappings)).unwrap();
     let node = std::net::SocketAddr::from((c.nodes[0].ipv4, 8080));
@@ -335,7 +336,39 @@ fn host_port_publishes_a_pod_on_its_node_until_del() {
         "the pod sees the real client"
     );
     let rules = c.nodes[0].ns.exec(&["ip", "rule"]).unwrap();
-    assert!(rules.contains("dport 8080"), "{rules}");
+    assert!(
+        rules.contains("dport 8080") && rules.contains("dport 5353"),
+        "{rules}"
+    );
+    // UDP: a question to node:5353 is answered by the pod, from node:5353.
+    let pod_addr = std::net::SocketAddr::from((c.nodes[0].pods[1].ipv4, 53));
+    let echo = std::thread::spawn({
+        let ns = c.nodes[0].pods[1].ns.path();
+        move || {
+            switchyard_dataplane::io::netns::run_in(&ns, move || {
+                let s = std::net::UdpSocket::bind(pod_addr)?;
+                s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+                let mut buf = [0u8; 64];
+                let (n, from) = s.recv_from(&mut buf)?;
+                s.send_to(&buf[..n], from)?;
+                Ok(from)
+            })
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let node_udp = std::net::SocketAddr::from((c.nodes[0].ipv4, 5353));
+    let (answer, from) = switchyard_dataplane::io::netns::run_in(&ext.ns.path(), move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        s.send_to(b"question", node_udp)?;
+        let mut buf = [0u8; 64];
+        let (n, from) = s.recv_from(&mut buf)?;
+        Ok((buf[..n].to_vec(), from))
+    })
+    .unwrap_or_else(|e| panic!("no UDP answer through node:5353: {e}\n{}", c.logs()));
+    assert_eq!(answer, b"question");
+    assert_eq!(from, node_udp, "the answer comes from the node's port");
+    assert_eq!(echo.join().unwrap().unwrap().ip(), IpAddr::V4(ext.ipv4));
     // CNI DEL: the mapping and its steering rule go.
     c.del_pod(0, 1).unwrap();
     let rules = c.nodes[0].ns.exec(&["ip", "rule"]).unwrap();

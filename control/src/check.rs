@@ -164,6 +164,7 @@ mod tests {
                 }],
                 masquerade: Default::default(),
                 routes: Vec::new(),
+                service_cidrs: Vec::new(),
             }),
             uplink: None,
             uplink_mtu: None,

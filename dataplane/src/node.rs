@@ -313,6 +313,7 @@ mod tests {
             }],
             masquerade: Default::default(),
             routes: Vec::new(),
+            service_cidrs: Vec::new(),
         }
     }
 

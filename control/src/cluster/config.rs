@@ -34,6 +34,24 @@ pub struct ClusterConfig {
     /// Routes every node's stack gets (`[{dst, via}]`).
     #[serde(default)]
     pub routes: Vec<ExtraRoute>,
+    /// The Services' virtual address range(s), as the API server's
+    /// `--service-cluster-ip-range` (never masqueraded).
+    #[serde(rename = "serviceCIDR", default, deserialize_with = "one_or_many")]
+    pub service_cidrs: Vec<IpNet>,
+}
+
+/// `serviceCIDR: 10.96.0.0/12` or `serviceCIDR: [10.96.0.0/12, fd00:96::/112]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(IpNet),
+        Many(Vec<IpNet>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(n) => vec![n],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 fn default_mask() -> u8 {
@@ -55,6 +73,7 @@ impl Default for ClusterConfig {
             mtu: None,
             masquerade: Masquerade::default(),
             routes: Vec::new(),
+            service_cidrs: Vec::new(),
         }
     }
 }

@@ -119,6 +119,7 @@ impl NodePlan {
             peers,
             masquerade: m.config.masquerade.clone(),
             routes: m.config.routes.clone(),
+            service_cidrs: m.config.service_cidrs.clone(),
         })
     }
 }

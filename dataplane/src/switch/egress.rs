@@ -37,8 +37,9 @@ fn system(context: &str, err: io::Error) -> ApiError {
     ApiError::new(ErrorCode::System, format!("{context}: {err}"))
 }
 
-/// The destinations pods reach without masquerade: the cluster's pod networks, every
-/// node's addresses, `nonMasqueradeCIDRs`, and link-local unless `masqLinkLocal`.
+/// The destinations pods reach without masquerade: the cluster's pod networks, the
+/// Services' ranges, every node's addresses, `nonMasqueradeCIDRs`, and link-local unless
+/// `masqLinkLocal`.
 fn exempt(spec: &NodeSpec) -> Vec<IpNet> {
     let host = |a: &IpAddr| crate::tables::builder::host_net(*a);
     let mut out: Vec<IpNet> = spec
@@ -47,6 +48,7 @@ fn exempt(spec: &NodeSpec) -> Vec<IpNet> {
         .chain(&spec.pod_cidrs)
         .chain(spec.peers.iter().flat_map(|p| &p.pod_cidrs))
         .chain(&spec.masquerade.non_masquerade_cidrs)
+        .chain(&spec.service_cidrs)
         .copied()
         .collect();
     out.extend(spec.addresses.iter().map(host));
