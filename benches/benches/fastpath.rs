@@ -266,9 +266,77 @@ fn segmentation(c: &mut Criterion) {
     g.finish();
 }
 
+fn masquerade(c: &mut Criterion) {
+    use switchyard_dataplane::conntrack::{Conntrack, Tuple};
+    use switchyard_dataplane::pipeline::nat::{translate, Side};
+    // 100,000 flows tracked; the measured packet belongs to one of them (lookup, state
+    // update, translation with incremental checksums), or opens a new one.
+    let node = Ipv4Addr::new(192, 168, 1, 10);
+    let ct = Conntrack::new(node, (32768, 60999), 1 << 20);
+    // 1,000 flows to each of 100 remote hosts.
+    let tuple = |i: u32| Tuple {
+        protocol: 17,
+        src: Ipv4Addr::new(10, 244, 0, 5),
+        src_port: 1024 + (i % 1000) as u16,
+        dst: Ipv4Addr::from(0xc0a8_0200 + i / 1000),
+        dst_port: 53,
+    };
+    for i in 0..100_000 {
+        ct.outbound(tuple(i), None, 0).unwrap();
+    }
+    let eth = udp_frame(
+        A_MAC,
+        GW,
+        Ipv4Addr::new(10, 244, 0, 5),
+        Ipv4Addr::new(192, 168, 2, 10),
+        64,
+    );
+    let mut g = c.benchmark_group("masquerade");
+    let mut i = 0u32;
+    g.bench_function("known_flow_64B", |b| {
+        b.iter_batched_ref(
+            || eth[14..].to_vec(),
+            |l3| {
+                i = i.wrapping_add(7919) % 100_000;
+                let t = tuple(i);
+                let port = ct.outbound(black_box(t), None, 1).unwrap();
+                translate(l3, Side::Source, node, port, false)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    let mut j = 0u32;
+    g.bench_function("known_flow_lookup", |b| {
+        b.iter(|| {
+            j = j.wrapping_add(7919) % 100_000;
+            ct.outbound(black_box(tuple(j)), None, 1)
+        })
+    });
+    g.bench_function("same_flow_lookup", |b| {
+        b.iter(|| ct.outbound(black_box(tuple(42)), None, 1))
+    });
+    let mut l3 = eth[14..].to_vec();
+    g.bench_function("translate_64B", |b| {
+        b.iter(|| translate(black_box(&mut l3), Side::Source, node, 40000, false))
+    });
+    let fresh = Conntrack::new(node, (32768, 60999), 1 << 22);
+    let mut n = 0u32;
+    g.bench_function("new_flow", |b| {
+        b.iter(|| {
+            n = n.wrapping_add(1);
+            let t = Tuple {
+                dst: Ipv4Addr::from(0x0a00_0000 + n),
+                ..tuple(0)
+            };
+            fresh.outbound(black_box(t), None, 1)
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(30);
-    targets = parse_classify, lpm, pipeline, segmentation
+    targets = parse_classify, lpm, pipeline, segmentation, masquerade
 }
 criterion_main!(benches);
