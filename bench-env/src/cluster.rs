@@ -12,7 +12,7 @@
 use crate::cleanup::{self, Resource};
 use crate::netns::Netns;
 use crate::process::Process;
-use crate::testbed::{cni_call, unique_prefix, Arm, Pod, CNI_BIN_DIR};
+use crate::testbed::{cni_call, result_addresses, unique_prefix, Arm, Pod, CNI_BIN_DIR};
 use crate::tools::find_binary;
 use crate::{fail, Result};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -220,10 +220,8 @@ impl Cluster {
         }
     }
 
-    /// The external host: a namespace behind the hub, which routes to it.
-    fn add_external(&mut self) -> Result<()> {
-        let x = self.external_subnet();
-        let ns = Netns::create(&format!("{}-ext", self.prefix))?;
+    /// Connects `ns` to the hub: `eth0` in `ns`, `port` in the hub.
+    fn wire_to_hub(&self, ns: &Netns, port: &str) -> Result<()> {
         ns.exec(&[
             "ip",
             "link",
@@ -233,10 +231,18 @@ impl Cluster {
             "veth",
             "peer",
             "name",
-            "x0",
+            port,
             "netns",
             self.hub.name(),
-        ])?;
+        ])
+        .map(|_| ())
+    }
+
+    /// The external host: a namespace behind the hub, which routes to it.
+    fn add_external(&mut self) -> Result<()> {
+        let x = self.external_subnet();
+        let ns = Netns::create(&format!("{}-ext", self.prefix))?;
+        self.wire_to_hub(&ns, "x0")?;
         let (ipv4, ipv6) = (
             Ipv4Addr::new(192, 168, x, 10),
             Ipv6Addr::new(0xfd00, u16::from(x), 0, 0, 0, 0, 0, 10),
@@ -336,19 +342,7 @@ impl Cluster {
             Ipv6Addr::new(0xfd00, u16::from(s), 0, 0, 0, 0, 0, 10 + i as u16),
         );
         let port = format!("n{i}");
-        ns.exec(&[
-            "ip",
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            self.hub.name(),
-        ])?;
+        self.wire_to_hub(&ns, &port)?;
         let bridge = match self.options.underlay {
             Underlay::Flat => "br0".to_string(),
             Underlay::Routed => format!("br{s}"),
@@ -692,25 +686,7 @@ impl Cluster {
             &conf,
         )
         .map_err(|e| fail!("{e}\n{}", node.logs()))?;
-        let addr = |v6: bool| -> Result<IpAddr> {
-            result["ips"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|ip| {
-                    ip["address"]
-                        .as_str()?
-                        .split('/')
-                        .next()?
-                        .parse::<IpAddr>()
-                        .ok()
-                })
-                .find(|a| a.is_ipv6() == v6)
-                .ok_or_else(|| fail!("CNI result without both address families: {result}"))
-        };
-        let (IpAddr::V4(ipv4), IpAddr::V6(ipv6)) = (addr(false)?, addr(true)?) else {
-            return Err(fail!("unexpected address families in {result}"));
-        };
+        let (ipv4, ipv6) = result_addresses(&result)?;
         self.nodes[at].pods.push(Pod {
             ns,
             ipv4,

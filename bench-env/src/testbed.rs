@@ -300,31 +300,7 @@ impl Testbed {
             &ns,
             &conf,
         )?;
-        let addr = |v6: bool| {
-            result["ips"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|ip| {
-                    ip["address"]
-                        .as_str()?
-                        .split('/')
-                        .next()?
-                        .parse::<std::net::IpAddr>()
-                        .ok()
-                })
-                .find(|a| a.is_ipv6() == v6)
-                .ok_or_else(|| {
-                    fail!(
-                        "CNI result without an IPv{} address: {result}",
-                        if v6 { 6 } else { 4 }
-                    )
-                })
-        };
-        let (std::net::IpAddr::V4(ipv4), std::net::IpAddr::V6(ipv6)) = (addr(false)?, addr(true)?)
-        else {
-            return Err(fail!("unexpected address families in {result}"));
-        };
+        let (ipv4, ipv6) = result_addresses(&result)?;
         // The Switchyard arm's port id; the kernel arm has no dataplane to ask.
         let port = match self.client() {
             Ok(mut c) => c
@@ -514,4 +490,29 @@ pub fn cni_call(
         return Ok(serde_json::Value::Null);
     }
     Ok(serde_json::from_str(&stdout)?)
+}
+
+/// The IPv4 and IPv6 addresses of a CNI ADD result.
+pub fn result_addresses(result: &serde_json::Value) -> Result<(Ipv4Addr, Ipv6Addr)> {
+    let addr = |v6: bool| {
+        result["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| {
+                ip["address"]
+                    .as_str()?
+                    .split('/')
+                    .next()?
+                    .parse::<std::net::IpAddr>()
+                    .ok()
+            })
+            .find(|a| a.is_ipv6() == v6)
+    };
+    match (addr(false), addr(true)) {
+        (Some(std::net::IpAddr::V4(a)), Some(std::net::IpAddr::V6(b))) => Ok((a, b)),
+        _ => Err(fail!(
+            "CNI result without an IPv4 and an IPv6 address: {result}"
+        )),
+    }
 }

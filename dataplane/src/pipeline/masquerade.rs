@@ -31,6 +31,17 @@ fn addr(l3: &[u8], at: usize) -> Ipv4Addr {
     Ipv4Addr::new(l3[at], l3[at + 1], l3[at + 2], l3[at + 3])
 }
 
+/// The tuple of the IPv4 packet `l3` whose ports are `ports`.
+fn tuple_of(l3: &[u8], ports: &nat::L4) -> Tuple {
+    Tuple {
+        protocol: ports.protocol,
+        src: addr(l3, 12),
+        src_port: ports.src_port,
+        dst: addr(l3, 16),
+        dst_port: ports.dst_port,
+    }
+}
+
 /// Masquerades the pod's IPv4 packet `l3` (source becomes the node's address and port).
 pub(super) fn outbound(
     m: &Masquerading,
@@ -39,13 +50,7 @@ pub(super) fn outbound(
     now_ns: u64,
 ) -> Result<(), DropReason> {
     let ports = nat::l4_of(l3).ok_or(DropReason::NotMasqueradable)?;
-    let tuple = Tuple {
-        protocol: ports.protocol,
-        src: addr(l3, 12),
-        src_port: ports.src_port,
-        dst: addr(l3, 16),
-        dst_port: ports.dst_port,
-    };
+    let tuple = tuple_of(l3, &ports);
     let flags = tcp_flags(l3, ports.protocol);
     let port = m
         .conntrack
@@ -74,13 +79,7 @@ pub(super) fn inbound(
     let Some(ports) = nat::l4_of(l3) else {
         return Ok(icmp_error(m, l3, now_ns));
     };
-    let reply = Tuple {
-        protocol: ports.protocol,
-        src: addr(l3, 12),
-        src_port: ports.src_port,
-        dst: addr(l3, 16),
-        dst_port: ports.dst_port,
-    };
+    let reply = tuple_of(l3, &ports);
     let flags = tcp_flags(l3, ports.protocol);
     let pod = match m.conntrack.inbound(&reply, flags, now_ns) {
         Some(pod) => pod,
