@@ -561,54 +561,33 @@ impl Cluster {
                 let j = peer.index;
                 let (v4, v6) = pod_cidrs(j);
                 let (gw4, gw6) = (format!("10.244.{j}.0"), format!("fd00:244:0:{j:x}::"));
-                ns.exec(&[
-                    "ip",
-                    "route",
-                    "add",
-                    &v4,
-                    "via",
-                    &gw4,
-                    "dev",
-                    "flannel.1",
-                    "onlink",
-                ])?;
-                ns.exec(&[
-                    "ip",
-                    "-6",
-                    "route",
-                    "add",
-                    &v6,
-                    "via",
-                    &gw6,
-                    "dev",
-                    "flannel.1",
-                    "onlink",
-                ])?;
-                ns.exec(&[
-                    "ip",
-                    "neigh",
-                    "add",
-                    &gw4,
-                    "lladdr",
-                    &mac(j),
-                    "dev",
-                    "flannel.1",
-                    "nud",
-                    "permanent",
-                ])?;
-                ns.exec(&[
-                    "ip",
-                    "-6",
-                    "neigh",
-                    "add",
-                    &gw6,
-                    "lladdr",
-                    &mac(j),
-                    "dev",
-                    "flannel.1",
-                    "nud",
-                    "permanent",
-                ])?;
+                // Per family: the peer's pod CIDR via its flannel.1 address, which
+                // resolves to its VTEP MAC.
+                for (cidr, gw) in [(&v4, &gw4), (&v6, &gw6)] {
+                    ns.exec(&[
+                        "ip",
+                        "route",
+                        "add",
+                        cidr,
+                        "via",
+                        gw,
+                        "dev",
+                        "flannel.1",
+                        "onlink",
+                    ])?;
+                    ns.exec(&[
+                        "ip",
+                        "neigh",
+                        "add",
+                        gw,
+                        "lladdr",
+                        &mac(j),
+                        "dev",
+                        "flannel.1",
+                        "nud",
+                        "permanent",
+                    ])?;
+                }
                 ns.exec(&[
                     "bridge",
                     "fdb",
