@@ -577,3 +577,149 @@ fn ipv6_udp_runs_are_coalesced() {
         checksum::fold(pseudo)
     );
 }
+
+/// Masquerade through the pipeline, sans-IO: a pod port, a host port (the node's stack),
+/// a default route to the host and a connection-tracking table, built by hand.
+mod masquerade_stage {
+    use super::*;
+    use crate::conntrack::Conntrack;
+    use crate::io::{memory, PortIo};
+    use crate::tables::builder::{NodePorts, TableBuilder};
+    use crate::tables::masquerade::Masquerading;
+    use crate::tables::{Gateway, Port, PortCounters, PortRole};
+    use std::collections::BTreeMap;
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+    use switchyard_api::{NextHop as ApiNextHop, PortInfo};
+
+    const HOST_MAC: MacAddr = MacAddr([0x0e, 0xee, 0xee, 0, 0, 1]);
+    const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
+    const EXT: [u8; 4] = [192, 168, 2, 10];
+
+    fn memory_port(id: u32, mac: MacAddr, ips: &[&str], role: PortRole) -> Arc<Port> {
+        let ips: Vec<switchyard_api::IpNet> = ips.iter().map(|s| s.parse().unwrap()).collect();
+        let (io, _peer) = memory::pair(4);
+        Arc::new(Port {
+            id,
+            mac,
+            mtu: 1500,
+            ipv4: ips
+                .iter()
+                .filter_map(|n| match n.addr() {
+                    std::net::IpAddr::V4(a) => Some(a),
+                    _ => None,
+                })
+                .collect(),
+            ipv6: Vec::new(),
+            io: PortIo::Memory(io),
+            role,
+            accepts_udp_gso: false,
+            counters: PortCounters::default(),
+            info: PortInfo {
+                id,
+                kind: "memory".into(),
+                netns: String::new(),
+                ifname: format!("p{id}"),
+                ifindex: 0,
+                mac,
+                mtu: 1500,
+                ips,
+                owner: None,
+                queues: 1,
+                port_mappings: Vec::new(),
+            },
+        })
+    }
+
+    fn tables() -> crate::tables::Tables {
+        let mut b = TableBuilder::new(Gateway::default());
+        let pod = memory_port(1, A_MAC, &["10.244.0.5/24"], PortRole::Pod);
+        let host = memory_port(2, HOST_MAC, &[], PortRole::Host);
+        b.insert_port(pod);
+        b.insert_port(host.clone());
+        let mut routes = BTreeMap::new();
+        routes.insert("0.0.0.0/0".parse().unwrap(), ApiNextHop::Host);
+        routes.insert("192.168.1.10/32".parse().unwrap(), ApiNextHop::Host);
+        b.set_cluster(
+            routes,
+            NodePorts {
+                host: Some(host),
+                ..NodePorts::default()
+            },
+        );
+        let ct = Arc::new(Conntrack::new(NODE, (40000, 40099), 100));
+        let exempt: Vec<switchyard_api::IpNet> = vec!["10.244.0.0/16".parse().unwrap()];
+        b.set_masquerade(Some(Arc::new(Masquerading::new(ct, &exempt))));
+        b.build()
+    }
+
+    fn udp_datagram(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&sport.to_be_bytes());
+        udp.extend_from_slice(&dport.to_be_bytes());
+        udp.extend_from_slice(&12u16.to_be_bytes());
+        udp.extend_from_slice(&[0, 0, b'd', b'n', b's', b'?']);
+        let mut p = ipv4_packet(src, dst, 64, true, 17, &udp);
+        let pseudo = checksum::pseudo_header_of(&p, 17, 12);
+        let sum = checksum::finish(checksum::accumulate(pseudo, &p[20..]));
+        p[26..28].copy_from_slice(&sum.to_be_bytes());
+        p
+    }
+
+    fn run(tables: &crate::tables::Tables, ingress: u32, frame: Vec<u8>) -> (Verdict, Vec<u8>) {
+        let mut pipeline = Pipeline::new();
+        let mut bufs = vec![PacketBuf::new()];
+        bufs[0].load_ethernet(&frame);
+        let mut verdicts = [Verdict::Drop];
+        let port = tables.ports[&ingress].clone();
+        pipeline.process(tables, &port, &mut bufs, &mut verdicts, 1);
+        (verdicts[0], bufs[0].frame()[12..].to_vec())
+    }
+
+    fn valid(l3: &[u8]) -> bool {
+        let len = (l3.len() - 20) as u32;
+        checksum::checksum(&l3[..20]) == 0
+            && checksum::finish(checksum::accumulate(
+                checksum::pseudo_header_of(l3, 17, len),
+                &l3[20..],
+            )) == 0
+    }
+
+    #[test]
+    fn leaving_the_cluster_takes_the_node_address_and_replies_come_back() {
+        let t = tables();
+        let out = udp_datagram([10, 244, 0, 5], EXT, 5353, 53);
+        let (v, frame) = run(&t, 1, eth(GW, A_MAC, 0x0800, &out));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        let l3 = &frame[14..];
+        assert_eq!(&l3[12..16], &NODE.octets(), "source is the node");
+        let port = u16::from_be_bytes([l3[20], l3[21]]);
+        assert!((40000..=40099).contains(&port));
+        assert!(valid(l3), "checksums after masquerade");
+        assert_eq!(&frame[..6], &HOST_MAC.0, "to the node's stack");
+        // The reply from outside, as the node's stack hands it to the host port.
+        let reply = udp_datagram(EXT, NODE.octets(), 53, port);
+        let (v, frame) = run(&t, 2, eth(GW, HOST_MAC, 0x0800, &reply));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        let l3 = &frame[14..];
+        assert_eq!(&l3[16..20], &[10, 244, 0, 5], "back to the pod");
+        assert_eq!(u16::from_be_bytes([l3[22], l3[23]]), 5353);
+        assert!(valid(l3), "checksums after the reverse translation");
+        assert_eq!(&frame[..6], &A_MAC.0);
+    }
+
+    #[test]
+    fn traffic_inside_the_cluster_and_strangers_are_not_translated() {
+        let t = tables();
+        // To another pod's network: exempt, routed to the host untouched (no peer route).
+        let inside = udp_datagram([10, 244, 0, 5], [10, 244, 1, 7], 5353, 53);
+        let (_, frame) = run(&t, 1, eth(GW, A_MAC, 0x0800, &inside));
+        assert_eq!(&frame[14 + 12..14 + 16], &[10, 244, 0, 5]);
+        // A packet for the node that no flow knows goes back to the node's stack as it was.
+        let stranger = udp_datagram(EXT, NODE.octets(), 53, 40050);
+        let (v, frame) = run(&t, 2, eth(GW, HOST_MAC, 0x0800, &stranger));
+        assert!(matches!(v, Verdict::Forward(_)));
+        assert_eq!(&frame[14 + 16..14 + 20], &NODE.octets());
+        assert_eq!(&frame[..6], &HOST_MAC.0);
+    }
+}
