@@ -75,6 +75,42 @@ fn pods_reach_the_external_network_as_their_node() {
         panic!("{reply:?}")
     };
     assert!(!flows.is_empty() && flows.iter().all(|f| f.pod == pod && f.protocol == "icmp"));
+    // The same through the CLI.
+    let cli = bench_env::tools::find_binary("switchyard-control").unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&cli)
+            .arg("--api")
+            .arg(&c.nodes[0].api)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let nat = run(&["get", "nat"]);
+    assert!(
+        nat.contains("32768-60999") && nat.contains(&c.nodes[0].ipv4.to_string()),
+        "{nat}"
+    );
+    let tcp = run(&[
+        "get",
+        "conntrack",
+        "--protocol",
+        "tcp",
+        "--pod",
+        &pod.to_string(),
+        "-o",
+        "wide",
+    ]);
+    assert!(
+        tcp.contains(&format!("{}:7000", ext.ipv4)) && tcp.contains("IDLE"),
+        "{tcp}"
+    );
+    assert!(!tcp.contains("udp"), "{tcp}");
 }
 
 #[test]
