@@ -28,6 +28,7 @@ const NLM_F_CREATE: u16 = 0x400;
 const NLMSG_ERROR: u16 = 2;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_MTU: u16 = 4;
+const IFLA_GSO_MAX_SIZE: u16 = 41;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const IFA_F_NODAD: u8 = 0x02;
@@ -186,6 +187,18 @@ impl Netlink {
                 rest = &rest[len.next_multiple_of(4).min(rest.len())..];
             }
         }
+    }
+
+    /// Caps the size of the GSO super-frames the link's stack builds.
+    pub fn set_gso_max_size(&mut self, index: u32, size: u32) -> io::Result<()> {
+        let mut msg = Message::new(RTM_NEWLINK, 0, self.seq);
+        msg.bytes(&[libc::AF_UNSPEC as u8, 0])
+            .bytes(&0u16.to_ne_bytes())
+            .bytes(&(index as i32).to_ne_bytes())
+            .bytes(&0u32.to_ne_bytes())
+            .bytes(&0u32.to_ne_bytes());
+        msg.attr(IFLA_GSO_MAX_SIZE, &size.to_ne_bytes());
+        self.transact(msg)
     }
 
     /// Sets a link's MAC and MTU (when given) and brings it up.

@@ -53,6 +53,11 @@ impl NodeState {
     pub(super) fn uplink_ifname(&self) -> &str {
         &self.uplink.ifname
     }
+
+    /// True when traffic to other nodes is sent with `UDP_SEGMENT` (VXLAN).
+    pub(super) fn segments_over_udp(&self) -> bool {
+        self.spec.backend.kind == BackendKind::Vxlan
+    }
 }
 
 fn system(context: &str, err: io::Error) -> ApiError {

@@ -298,6 +298,11 @@ impl Switch {
             ips: spec.ips.clone(),
             gateway: self.config.gateway,
             cpu_steering: self.config.cpu_steering,
+            gso_max_size: state
+                .node
+                .as_ref()
+                .filter(|n| n.segments_over_udp())
+                .map(|_| crate::io::tap::gso_max_for_overlay(mtu)),
         };
         let (tap, ifindex) =
             TapDevice::create(netns, &config, self.workers.len()).map_err(|err| {
