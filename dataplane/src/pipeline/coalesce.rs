@@ -1,13 +1,13 @@
 //! Coalescing (GRO in user space): consecutive packets of one flow in a batch, forwarded
 //! to the same TAP port, are merged into one GSO super-frame before they are written, so
 //! the dataplane makes one write instead of many and the receiving stack runs its IP layer
-//! once per super-frame. Two kinds share one run-walker ([`coalesce`]):
+//! once per super-frame. Two kinds share one run-walker (`coalesce`):
 //!
-//! * **UDP** ([`Udp`]): datagrams whose checksum is still partial (`NEEDS_CSUM`, as a pod's
+//! * **UDP** (`Udp`): datagrams whose checksum is still partial (`NEEDS_CSUM`, as a pod's
 //!   kernel sends them over a TAP with offloads) become a `UDP_L4` super-frame; the pod's
 //!   kernel splits it again at the socket (`udp_rcv_segment`), so each datagram still
 //!   arrives on its own. Only toward ports that accept USO.
-//! * **TCP** ([`Tcp`]): segments that arrived from another node (decapsulated, each with a
+//! * **TCP** (`Tcp`): segments that arrived from another node (decapsulated, each with a
 //!   complete checksum) become a `TCPV4`/`TCPV6` super-frame, as the kernel's GRO does,
 //!   when they follow each other in sequence with identical headers (flags ACK/PSH only,
 //!   same options). A segment's checksum is verified before it is merged unless the uplink
