@@ -37,6 +37,8 @@ pub struct PodRow {
     pub ifname: String,
     /// Who attached it (CNI network and container).
     pub owner: Option<String>,
+    /// Node ports published to it (hostPort), as `8080->80/tcp`.
+    pub host_ports: Vec<String>,
 }
 
 fn join<T: ToString>(items: &[T]) -> String {
@@ -93,6 +95,11 @@ pub fn pods(status: &NodeStatus, ports: &[PortInfo]) -> Vec<PodRow> {
             port: p.id,
             ifname: p.ifname.clone(),
             owner: p.owner.clone(),
+            host_ports: p
+                .port_mappings
+                .iter()
+                .map(|m| format!("{}->{}/{}", m.host_port, m.container_port, m.protocol))
+                .collect(),
         })
         .collect()
 }
@@ -204,7 +211,7 @@ pub fn render_routes(routes: &[RouteInfo], status: &NodeStatus, wide: bool) -> S
 pub fn render_pods(rows: &[PodRow], wide: bool) -> String {
     let mut header = vec!["NAME", "IP"];
     if wide {
-        header.extend(["NODE", "PORT", "OWNER"]);
+        header.extend(["NODE", "PORT", "HOST-PORTS", "OWNER"]);
     }
     let cells = rows
         .iter()
@@ -214,6 +221,11 @@ pub fn render_pods(rows: &[PodRow], wide: bool) -> String {
                 r.extend([
                     p.node.clone(),
                     format!("{} ({})", p.port, p.ifname),
+                    if p.host_ports.is_empty() {
+                        "-".into()
+                    } else {
+                        p.host_ports.join(",")
+                    },
                     p.owner.clone().unwrap_or_else(|| "-".into()),
                 ]);
             }
