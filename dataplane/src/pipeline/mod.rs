@@ -167,7 +167,7 @@ impl Pipeline {
     fn forward_ipv4(&mut self, tables: &Tables, ingress: &Port, pkt: &mut PacketBuf) -> Verdict {
         let (head, l3) = pkt.frame_mut().split_at_mut(L3_OFFSET);
         let partial = head[0] & vnet::F_NEEDS_CSUM != 0;
-        let Ok(ip) = Ipv4Packet::new_checked(&*l3) else {
+        let Ok(mut ip) = Ipv4Packet::new_checked(&mut *l3) else {
             return self.drop(DropReason::MalformedIpv4);
         };
         let (src, mut dst) = (ip.src(), ip.dst());
@@ -178,16 +178,22 @@ impl Pipeline {
             return self.drop(DropReason::BadIpv4Checksum);
         }
         if ingress.role == PortRole::Host {
-            if let Some(m) = tables.masquerade.as_deref() {
-                if dst == m.node() {
-                    match masquerade::inbound(m, &tables.host_ports, l3, partial, self.now_ns) {
-                        Ok(true) => {
-                            self.counters.event(Event::Unmasqueraded);
-                            dst = Ipv4Packet::new_checked(&*l3).map_or(dst, |ip| ip.dst());
-                        }
-                        Ok(false) => {}
-                        Err(reason) => return self.drop(reason),
+            if let Some(m) = tables.masquerade.as_deref().filter(|m| dst == m.node()) {
+                let bytes = ip.into_inner();
+                let translated =
+                    masquerade::inbound(m, &tables.host_ports, bytes, partial, self.now_ns);
+                // Translation changes addresses and ports, never lengths: still a packet.
+                let Ok(view) = Ipv4Packet::new_checked(bytes) else {
+                    return self.drop(DropReason::MalformedIpv4);
+                };
+                ip = view;
+                match translated {
+                    Ok(true) => {
+                        self.counters.event(Event::Unmasqueraded);
+                        dst = ip.dst();
                     }
+                    Ok(false) => {}
+                    Err(reason) => return self.drop(reason),
                 }
             }
         }
@@ -197,9 +203,6 @@ impl Pipeline {
         if is_martian_v4(dst) {
             return self.drop(DropReason::Martian);
         }
-        let Ok(mut ip) = Ipv4Packet::new_checked(&mut *l3) else {
-            return self.drop(DropReason::MalformedIpv4);
-        };
         let vnet = &head[..vnet::HEADER_LEN];
         let wire_len = wire_l3_len(vnet, ip.header_len(), ip.total_len(), ip.payload());
         let nh = tables.routes_v4.lookup(u32::from(dst));

@@ -41,6 +41,11 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         Ok(Self { buf })
     }
 
+    /// The buffer back.
+    pub fn into_inner(self) -> T {
+        self.buf
+    }
+
     /// Header length in bytes, options included.
     pub fn header_len(&self) -> usize {
         usize::from(self.buf.as_ref()[0] & 0x0f) * 4
