@@ -110,6 +110,20 @@ impl SimNode {
         Ok(Client::connect(&self.api)?)
     }
 
+    /// Runs `switchyard-control --api <this node's socket> ARGS`; returns whether it
+    /// succeeded and its stdout (stderr in the error when it could not start).
+    pub fn control(&self, args: &[&str]) -> Result<(bool, String)> {
+        let out = std::process::Command::new(find_binary("switchyard-control")?)
+            .arg("--api")
+            .arg(&self.api)
+            .args(args)
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    }
+
     /// The dataplane's and the control process's logs.
     pub fn logs(&self) -> String {
         let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();

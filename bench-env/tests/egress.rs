@@ -76,20 +76,10 @@ fn pods_reach_the_external_network_as_their_node() {
     };
     assert!(!flows.is_empty() && flows.iter().all(|f| f.pod == pod && f.protocol == "icmp"));
     // The same through the CLI.
-    let cli = bench_env::tools::find_binary("switchyard-control").unwrap();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(&cli)
-            .arg("--api")
-            .arg(&c.nodes[0].api)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let (ok, out) = c.nodes[0].control(args).unwrap();
+        assert!(ok, "switchyard-control {args:?} failed");
+        out
     };
     let nat = run(&["get", "nat"]);
     assert!(
@@ -376,6 +366,8 @@ fn host_port_publishes_a_pod_on_its_node_until_del() {
         rules.contains("dport 8080") && rules.contains("dport 5353"),
         "{rules}"
     );
+    let (_, pods) = c.nodes[0].control(&["get", "pods", "-o", "wide"]).unwrap();
+    assert!(pods.contains("8080->80/tcp,5353->53/udp"), "{pods}");
     // UDP: a question to node:5353 is answered by the pod, from node:5353.
     let pod_addr = std::net::SocketAddr::from((c.nodes[0].pods[1].ipv4, 53));
     let echo = std::thread::spawn({

@@ -265,19 +265,7 @@ fn cli_lists_nodes_peers_routes_pods_and_checks_the_matrix() {
     let Some(c) = cluster(ClusterOptions::default()) else {
         return;
     };
-    let cli = bench_env::tools::find_binary("switchyard-control").unwrap();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(&cli)
-            .arg("--api")
-            .arg(&c.nodes[0].api)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| c.nodes[0].control(args).unwrap();
     let (ok, nodes) = run(&["get", "nodes", "-o", "wide"]);
     assert!(
         ok && nodes.contains("node0") && nodes.contains("node1"),
