@@ -120,6 +120,16 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// A new flow of `original` given `node_port`, seen at `now_ns`.
+    fn new(original: Tuple, node_port: u16, now_ns: u64) -> Arc<Self> {
+        Arc::new(Self {
+            original,
+            node_port,
+            state: AtomicU8::new(State::New as u8),
+            last_seen_ns: AtomicU64::new(now_ns),
+        })
+    }
+
     /// Its state now.
     pub fn state(&self) -> State {
         State::from_u8(self.state.load(Ordering::Relaxed))
@@ -254,6 +264,11 @@ impl Conntrack {
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn count_new(&self, protocol: u8) {
+        self.flows.fetch_add(1, Ordering::Relaxed);
+        self.counter(protocol).fetch_add(1, Ordering::Relaxed);
+    }
+
     fn counter(&self, protocol: u8) -> &AtomicUsize {
         match protocol {
             6 => &self.by_protocol[0],
@@ -310,12 +325,7 @@ impl Conntrack {
         for k in 0..tries {
             let port = first + ((start + k) % count) as u16;
             let reply = Self::reply_tuple(&original, self.node, port);
-            let flow = Arc::new(Flow {
-                original,
-                node_port: port,
-                state: AtomicU8::new(State::New as u8),
-                last_seen_ns: AtomicU64::new(now_ns),
-            });
+            let flow = Flow::new(original, port, now_ns);
             {
                 let mut replies = self.shard(&reply);
                 if replies.contains_key(&reply) {
@@ -333,9 +343,7 @@ impl Conntrack {
                 return Ok(kept);
             }
             out.insert(original, flow);
-            self.flows.fetch_add(1, Ordering::Relaxed);
-            self.counter(original.protocol)
-                .fetch_add(1, Ordering::Relaxed);
+            self.count_new(original.protocol);
             return Ok(port);
         }
         Err(Refusal::NoPort)
@@ -377,12 +385,7 @@ impl Conntrack {
             dst: reply.src,
             dst_port: reply.src_port,
         };
-        let flow = Arc::new(Flow {
-            original,
-            node_port: reply.dst_port,
-            state: AtomicU8::new(State::New as u8),
-            last_seen_ns: AtomicU64::new(now_ns),
-        });
+        let flow = Flow::new(original, reply.dst_port, now_ns);
         {
             let mut replies = self.shard(reply);
             if let Some(existing) = replies.get(reply) {
@@ -393,9 +396,7 @@ impl Conntrack {
         }
         flow.touch(now_ns, tcp_flags, true);
         self.shard(&original).insert(original, flow);
-        self.flows.fetch_add(1, Ordering::Relaxed);
-        self.counter(original.protocol)
-            .fetch_add(1, Ordering::Relaxed);
+        self.count_new(original.protocol);
         Ok(pod)
     }
 
