@@ -327,11 +327,11 @@ fn serve_once(
 }
 
 fn connect_from(
-    ext: &bench_env::testbed::Pod,
+    from: &bench_env::netns::Netns,
     to: std::net::SocketAddr,
     payload: &'static [u8],
 ) -> std::io::Result<()> {
-    switchyard_dataplane::io::netns::run_in(&ext.ns.path(), move || {
+    switchyard_dataplane::io::netns::run_in(&from.path(), move || {
         use std::io::Write;
         let mut s = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2))?;
         s.write_all(payload)?;
@@ -352,7 +352,7 @@ fn host_port_publishes_a_pod_on_its_node_until_del() {
     let node = std::net::SocketAddr::from((c.nodes[0].ipv4, 8080));
     let server = serve_once(&c.nodes[0].pods[1]);
     let ext = c.external.as_ref().unwrap();
-    connect_from(ext, node, b"hello through the node's port")
+    connect_from(&ext.ns, node, b"hello through the node's port")
         .unwrap_or_else(|e| panic!("external host cannot reach node:8080: {e}\n{}", c.logs()));
     let (peer, data) = server.join().unwrap().unwrap();
     assert_eq!(data, b"hello through the node's port");
@@ -403,7 +403,46 @@ fn host_port_publishes_a_pod_on_its_node_until_del() {
     assert!(!rules.contains("dport 8080"), "{rules}");
     let ext = c.external.as_ref().unwrap();
     assert!(
-        connect_from(ext, node, b"x").is_err(),
+        connect_from(&ext.ns, node, b"x").is_err(),
         "node:8080 still answers after DEL"
     );
+}
+
+#[test]
+fn host_port_answers_pods_on_every_node_and_the_node_itself() {
+    let Some(mut c) = cluster() else {
+        return;
+    };
+    let mappings = serde_json::json!({"portMappings": [
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}
+    ]});
+    c.add_pod_with(0, 1, Some(mappings)).unwrap();
+    let node = std::net::SocketAddr::from((c.nodes[0].ipv4, 8080));
+    let clients = [
+        (
+            "a pod on the same node",
+            &c.nodes[0].pods[0].ns,
+            Some(c.nodes[0].pods[0].ipv4),
+        ),
+        (
+            "a pod on another node",
+            &c.nodes[1].pods[0].ns,
+            Some(c.nodes[1].pods[0].ipv4),
+        ),
+        ("the node itself", &c.nodes[0].ns, None),
+    ];
+    for (who, ns, address) in clients {
+        let server = serve_once(&c.nodes[0].pods[1]);
+        connect_from(ns, node, b"hello from inside the cluster")
+            .unwrap_or_else(|e| panic!("{who} cannot reach node:8080: {e}\n{}", c.logs()));
+        let (peer, data) = server.join().unwrap().unwrap();
+        assert_eq!(data, b"hello from inside the cluster", "{who}");
+        if let Some(address) = address {
+            assert_eq!(
+                peer.ip(),
+                IpAddr::V4(address),
+                "{who}: the pod sees the real client"
+            );
+        }
+    }
 }

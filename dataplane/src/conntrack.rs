@@ -363,6 +363,17 @@ impl Conntrack {
         Some((flow.original.src, flow.original.src_port))
     }
 
+    /// A packet a pod sends on a tracked flow, looked up without opening one: the node port
+    /// its source becomes, if `original` (pod -> remote) is a flow's original direction.
+    /// For the answers of a published port (hostPort) to clients inside the cluster, which
+    /// are not masqueraded and so never reach [`Conntrack::outbound`].
+    pub fn answer(&self, original: &Tuple, tcp_flags: Option<u8>, now_ns: u64) -> Option<u16> {
+        let shard = self.shard(original);
+        let flow = shard.get(original).filter(|f| f.original == *original)?;
+        flow.touch(now_ns, tcp_flags, false);
+        Some(flow.node_port)
+    }
+
     /// A new connection to a port of the node published to a pod (hostPort): `reply` is
     /// the arriving packet's tuple (client -> node:hostPort); the flow is tracked as if the
     /// pod had opened it from `pod` to the client with the node port `hostPort`, so that

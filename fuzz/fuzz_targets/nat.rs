@@ -12,8 +12,18 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut l3 = packet.to_vec();
-    let side = if flags & 1 == 0 { Side::Source } else { Side::Destination };
-    let translated = translate(&mut l3, side, Ipv4Addr::new(192, 168, 1, 10), 40000, flags & 2 != 0);
+    let side = if flags & 1 == 0 {
+        Side::Source
+    } else {
+        Side::Destination
+    };
+    let translated = translate(
+        &mut l3,
+        side,
+        Ipv4Addr::new(192, 168, 1, 10),
+        40000,
+        flags & 2 != 0,
+    );
     assert_eq!(translated, l4_of(packet).is_some());
     assert_eq!(l3.len(), packet.len());
     if let Some(p) = l4_of(packet) {
@@ -27,6 +37,18 @@ fuzz_target!(|data: &[u8]| {
         };
         let _ = ct.outbound(t, Some(flags), 0);
         let _ = ct.outbound(t, Some(flags >> 1), 1);
+        assert!(ct.answer(&t, Some(flags), 1).is_some() || ct.is_empty() || ct.len() >= ct.limit());
+        // The same tuple as a connection to a published port (hostPort).
+        if let Ok(pod) = ct.expose(&t, (Ipv4Addr::new(10, 244, 0, 7), 80), Some(flags), 2) {
+            let answer = Tuple {
+                protocol: t.protocol,
+                src: pod.0,
+                src_port: pod.1,
+                dst: t.src,
+                dst_port: t.src_port,
+            };
+            let _ = ct.answer(&answer, Some(flags >> 2), 3);
+        }
         ct.sweep(u64::from(flags) << 33);
     }
 });

@@ -12,12 +12,19 @@ use switchyard_dataplane::{Switch, SwitchConfig};
 fn switch() -> &'static Switch {
     static SWITCH: OnceLock<Switch> = OnceLock::new();
     SWITCH.get_or_init(|| {
-        let s = Switch::start(SwitchConfig { workers: 1, ..SwitchConfig::default() }).unwrap();
+        let s = Switch::start(SwitchConfig {
+            workers: 1,
+            ..SwitchConfig::default()
+        })
+        .unwrap();
         for (name, ip, uso) in [("a", "10.244.0.5", false), ("b", "10.244.0.6", true)] {
             let spec = AddPort {
                 netns: format!("/fuzz/{name}"),
                 ifname: "eth0".into(),
-                ips: vec![format!("{ip}/24").parse().unwrap(), format!("fd00::{}/64", &ip[9..]).parse().unwrap()],
+                ips: vec![
+                    format!("{ip}/24").parse().unwrap(),
+                    format!("fd00::{}/64", &ip[9..]).parse().unwrap(),
+                ],
                 mtu: Some(1500),
                 mac: None,
                 owner: None,
@@ -32,7 +39,9 @@ fn switch() -> &'static Switch {
 fuzz_target!(|data: &[u8]| {
     let switch = switch();
     let tables = switch.tables();
-    let Some(ingress) = tables.ports.values().min_by_key(|p| p.id) else { return };
+    let Some(ingress) = tables.ports.values().min_by_key(|p| p.id) else {
+        return;
+    };
     // Split the input into up to 8 frames at 0xff 0xfe markers; give each the pod's MAC
     // when long enough, so that deeper stages see them.
     let mut frames: Vec<PacketBuf> = data

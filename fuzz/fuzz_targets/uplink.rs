@@ -18,7 +18,11 @@ fuzz_target!(|data: &[u8]| {
         _ => Encap::Ipip { protocol: 41 },
     };
     let segment = usize::from(u16::from_le_bytes([data[1], data[2]]));
-    let uplink = Uplink::detached(encap, MacAddr([0x0e, 0xee, 0xee, 0, 0, 2]), MacAddr([0xee; 6]));
+    let uplink = Uplink::detached(
+        encap,
+        MacAddr([0x0e, 0xee, 0xee, 0, 0, 2]),
+        MacAddr([0xee; 6]),
+    );
     let mut bufs: Vec<PacketBuf> = (0..4).map(|_| PacketBuf::new()).collect();
     let n = uplink.deliver(&data[3..], segment, &mut bufs);
     assert!(n <= bufs.len());

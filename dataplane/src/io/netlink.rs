@@ -2,7 +2,7 @@
 //! MAC, MTU, addresses, routes). Synchronous; every request is acknowledged.
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use switchyard_api::{IpNet, MacAddr};
 
@@ -12,6 +12,7 @@ const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const RTM_NEWRULE: u16 = 32;
 const RTM_DELRULE: u16 = 33;
+const FRA_DST: u16 = 1;
 const FRA_IIFNAME: u16 = 3;
 const FRA_PRIORITY: u16 = 6;
 const FRA_TABLE: u16 = 15;
@@ -68,6 +69,8 @@ pub struct KernelRule {
     pub protocol: Option<u8>,
     /// Only these destination ports (inclusive).
     pub dports: Option<(u16, u16)>,
+    /// Only packets to this address.
+    pub dst: Option<Ipv4Addr>,
     /// The table to look up.
     pub table: u32,
 }
@@ -309,8 +312,12 @@ impl Netlink {
         let mut msg = Message::new(kind, flags, self.seq);
         // struct fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action,
         // flags.
-        msg.bytes(&[libc::AF_INET as u8, 0, 0, 0, 0, 0, 0, FR_ACT_TO_TBL])
+        let dst_len = if rule.dst.is_some() { 32 } else { 0 };
+        msg.bytes(&[libc::AF_INET as u8, dst_len, 0, 0, 0, 0, 0, FR_ACT_TO_TBL])
             .bytes(&0u32.to_ne_bytes());
+        if let Some(dst) = rule.dst {
+            msg.attr(FRA_DST, &dst.octets());
+        }
         msg.attr(FRA_PRIORITY, &rule.priority.to_ne_bytes());
         msg.attr(FRA_TABLE, &rule.table.to_ne_bytes());
         if let Some(iif) = &rule.iif {

@@ -14,9 +14,9 @@
 use super::nat::{self, Side};
 use super::DropReason;
 use crate::conntrack::{Refusal, Tuple};
+use crate::tables::host_ports::HostPorts;
 use crate::tables::masquerade::Masquerading;
 use crate::wire::ipv4;
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 fn tcp_flags(l3: &[u8], protocol: u8) -> Option<u8> {
@@ -71,7 +71,7 @@ pub(super) fn outbound(
 /// returns whether it did, or why a new published flow was refused.
 pub(super) fn inbound(
     m: &Masquerading,
-    host_ports: &HashMap<(u8, u16), (Ipv4Addr, u16)>,
+    host_ports: &HostPorts,
     l3: &mut [u8],
     partial: bool,
     now_ns: u64,
@@ -83,10 +83,10 @@ pub(super) fn inbound(
     let flags = tcp_flags(l3, ports.protocol);
     let pod = match m.conntrack.inbound(&reply, flags, now_ns) {
         Some(pod) => pod,
-        None => match host_ports.get(&(ports.protocol, ports.dst_port)) {
+        None => match host_ports.get(ports.protocol, ports.dst_port) {
             Some(published) if ports.protocol != ipv4::PROTO_ICMP => m
                 .conntrack
-                .expose(&reply, *published, flags, now_ns)
+                .expose(&reply, published, flags, now_ns)
                 .map_err(|refusal| match refusal {
                     Refusal::TableFull => DropReason::ConntrackFull,
                     Refusal::NoPort => DropReason::NoMasqueradePort,
@@ -95,6 +95,42 @@ pub(super) fn inbound(
         },
     };
     Ok(nat::translate(l3, Side::Destination, pod.0, pod.1, partial))
+}
+
+/// True when the IPv4 packet `l3` goes to a port of the node published to a pod: from a
+/// pod or another node, only these are translated (the node's stack sees the rest).
+pub(super) fn to_host_port(host_ports: &HostPorts, l3: &[u8]) -> bool {
+    !host_ports.is_empty()
+        && nat::l4_of(l3).is_some_and(|p| {
+            p.protocol != ipv4::PROTO_ICMP && host_ports.get(p.protocol, p.dst_port).is_some()
+        })
+}
+
+/// A pod's answer on a connection that came in through a published port (hostPort) from
+/// inside the cluster (another pod, another node, the node itself): the source becomes
+/// node:hostPort again. Returns whether it did; traffic that is no such answer is left
+/// alone after one set lookup (none at all while no port is published).
+pub(super) fn host_port_answer(
+    m: &Masquerading,
+    host_ports: &HostPorts,
+    l3: &mut [u8],
+    partial: bool,
+    now_ns: u64,
+) -> bool {
+    if host_ports.is_empty() {
+        return false;
+    }
+    let Some(ports) = nat::l4_of(l3) else {
+        return false;
+    };
+    if !host_ports.publishes(addr(l3, 12), ports.protocol, ports.src_port) {
+        return false;
+    }
+    let flags = tcp_flags(l3, ports.protocol);
+    let Some(port) = m.conntrack.answer(&tuple_of(l3, &ports), flags, now_ns) else {
+        return false;
+    };
+    nat::translate(l3, Side::Source, m.node(), port, partial)
 }
 
 /// An ICMP error about a masqueraded packet: the quoted packet went from node:port to the

@@ -177,24 +177,29 @@ impl Pipeline {
         if !ip.verify_checksum() {
             return self.drop(DropReason::BadIpv4Checksum);
         }
-        if ingress.role == PortRole::Host {
-            if let Some(m) = tables.masquerade.as_deref().filter(|m| dst == m.node()) {
-                let bytes = ip.into_inner();
-                let translated =
-                    masquerade::inbound(m, &tables.host_ports, bytes, partial, self.now_ns);
-                // Translation changes addresses and ports, never lengths: still a packet.
-                let Ok(view) = Ipv4Packet::new_checked(bytes) else {
-                    return self.drop(DropReason::MalformedIpv4);
-                };
-                ip = view;
-                match translated {
-                    Ok(true) => {
-                        self.counters.event(Event::Unmasqueraded);
-                        dst = ip.dst();
-                    }
-                    Ok(false) => {}
-                    Err(reason) => return self.drop(reason),
+        if let Some(m) = tables.masquerade.as_deref().filter(|m| dst == m.node()) {
+            // From the node's stack: replies to masqueraded flows and connections to
+            // published ports. From pods and other nodes: connections to published ports.
+            let bytes = ip.into_inner();
+            let translated = if ingress.role == PortRole::Host
+                || masquerade::to_host_port(&tables.host_ports, bytes)
+            {
+                masquerade::inbound(m, &tables.host_ports, bytes, partial, self.now_ns)
+            } else {
+                Ok(false)
+            };
+            // Translation changes addresses and ports, never lengths: still a packet.
+            let Ok(view) = Ipv4Packet::new_checked(bytes) else {
+                return self.drop(DropReason::MalformedIpv4);
+            };
+            ip = view;
+            match translated {
+                Ok(true) => {
+                    self.counters.event(Event::Unmasqueraded);
+                    dst = ip.dst();
                 }
+                Ok(false) => {}
+                Err(reason) => return self.drop(reason),
             }
         }
         if dst == tables.gateway.ipv4 {
@@ -209,12 +214,22 @@ impl Pipeline {
         match self.route(tables, ingress, nh, ip.ttl(), wire_len) {
             Ok(egress) => {
                 ip.decrement_ttl();
-                if ingress.role == PortRole::Pod && egress.role == PortRole::Host {
-                    if let Some(m) = tables.masquerade.as_deref().filter(|m| m.applies_to(dst)) {
-                        if let Err(reason) = masquerade::outbound(m, l3, partial, self.now_ns) {
-                            return self.drop(reason);
+                if let Some(m) = tables.masquerade.as_deref() {
+                    if ingress.role == PortRole::Pod {
+                        if egress.role == PortRole::Host && m.applies_to(dst) {
+                            if let Err(reason) = masquerade::outbound(m, l3, partial, self.now_ns) {
+                                return self.drop(reason);
+                            }
+                            self.counters.event(Event::Masqueraded);
+                        } else if masquerade::host_port_answer(
+                            m,
+                            &tables.host_ports,
+                            l3,
+                            partial,
+                            self.now_ns,
+                        ) {
+                            self.counters.event(Event::Masqueraded);
                         }
-                        self.counters.event(Event::Masqueraded);
                     }
                 }
                 self.rewrite_ethernet(tables, egress, head, Event::ForwardedIpv4);

@@ -631,12 +631,26 @@ mod masquerade_stage {
         })
     }
 
+    /// Pod A (port 1, 10.244.0.5), the host port (2) and pod B (port 3, 10.244.0.6), which
+    /// publishes its UDP port 53 as the node's 5353.
     fn tables() -> crate::tables::Tables {
         let mut b = TableBuilder::new(Gateway::default());
         let pod = memory_port(1, A_MAC, &["10.244.0.5/24"], PortRole::Pod);
         let host = memory_port(2, HOST_MAC, &[], PortRole::Host);
+        let mut published = memory_port(3, B_MAC, &["10.244.0.6/24"], PortRole::Pod);
+        Arc::get_mut(&mut published)
+            .unwrap()
+            .info
+            .port_mappings
+            .push(switchyard_api::PortMapping {
+                host_port: 5353,
+                container_port: 53,
+                protocol: "udp".into(),
+                host_ip: String::new(),
+            });
         b.insert_port(pod);
         b.insert_port(host.clone());
+        b.insert_port(published);
         let mut routes = BTreeMap::new();
         routes.insert("0.0.0.0/0".parse().unwrap(), ApiNextHop::Host);
         routes.insert("192.168.1.10/32".parse().unwrap(), ApiNextHop::Host);
@@ -721,5 +735,37 @@ mod masquerade_stage {
         assert!(matches!(v, Verdict::Forward(_)));
         assert_eq!(&frame[14 + 16..14 + 20], &NODE.octets());
         assert_eq!(&frame[..6], &HOST_MAC.0);
+    }
+
+    #[test]
+    fn a_pod_reaches_a_published_port_of_its_node_and_the_answer_comes_from_it() {
+        let t = tables();
+        let ask = udp_datagram([10, 244, 0, 5], NODE.octets(), 40123, 5353);
+        let (v, frame) = run(&t, 1, eth(GW, A_MAC, 0x0800, &ask));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(&frame[..6], &B_MAC.0, "to the publishing pod");
+        let l3 = &frame[14..];
+        assert_eq!(&l3[12..16], &[10, 244, 0, 5], "the client is kept");
+        assert_eq!(&l3[16..20], &[10, 244, 0, 6]);
+        assert_eq!(u16::from_be_bytes([l3[22], l3[23]]), 53);
+        assert!(valid(l3));
+        // B's answer leaves as node:5353, to A.
+        let answer = udp_datagram([10, 244, 0, 6], [10, 244, 0, 5], 53, 40123);
+        let (v, frame) = run(&t, 3, eth(GW, B_MAC, 0x0800, &answer));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(&frame[..6], &A_MAC.0);
+        let l3 = &frame[14..];
+        assert_eq!(&l3[12..16], &NODE.octets(), "from the node's address");
+        assert_eq!(u16::from_be_bytes([l3[20], l3[21]]), 5353);
+        assert!(valid(l3));
+        // B's other traffic from port 53 (no such flow) and to unpublished node ports
+        // (the node's own services) pass untouched.
+        let other = udp_datagram([10, 244, 0, 6], [10, 244, 0, 5], 53, 40999);
+        let (_, frame) = run(&t, 3, eth(GW, B_MAC, 0x0800, &other));
+        assert_eq!(&frame[14 + 12..14 + 16], &[10, 244, 0, 6]);
+        let to_node = udp_datagram([10, 244, 0, 5], NODE.octets(), 40123, 53);
+        let (_, frame) = run(&t, 1, eth(GW, A_MAC, 0x0800, &to_node));
+        assert_eq!(&frame[..6], &HOST_MAC.0, "to the node's stack");
+        assert_eq!(&frame[14 + 16..14 + 20], &NODE.octets());
     }
 }

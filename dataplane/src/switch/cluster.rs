@@ -54,6 +54,11 @@ impl NodeState {
         &self.uplink.ifname
     }
 
+    /// The node's address: the masquerade source, and where hostPorts are published.
+    pub(super) fn address(&self) -> std::net::Ipv4Addr {
+        self.spec.underlay
+    }
+
     /// True when traffic to other nodes is sent with `UDP_SEGMENT` (VXLAN).
     pub(super) fn segments_over_udp(&self) -> bool {
         self.spec.backend.kind == BackendKind::Vxlan

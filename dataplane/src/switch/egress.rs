@@ -154,6 +154,7 @@ impl Switch {
             iif: None,
             protocol: None,
             dports: None,
+            dst: None,
             table: RT_TABLE_LOCAL,
         };
         nl.add_rule(&local(LOCAL_PRIORITY))
@@ -164,6 +165,7 @@ impl Switch {
             iif: Some(uplink.to_string()),
             protocol: Some(protocol),
             dports,
+            dst: None,
             table: u32::from(STEER_TABLE),
         };
         let rules = vec![
@@ -244,25 +246,35 @@ impl Switch {
 }
 
 impl Switch {
-    /// Keeps one steering rule per port of the node published to a pod (hostPort), so that
-    /// connections to it from outside reach the dataplane; call after pods or node settings
-    /// change.
+    /// Keeps two steering rules per port of the node published to a pod (hostPort): one for
+    /// connections arriving on the uplink, one for the node's own connections to its
+    /// address (`iif lo`), so that both reach the dataplane; call after pods or node
+    /// settings change. (Pods reach a hostPort through the dataplane itself.)
     pub(super) fn sync_host_port_rules(&self) {
         let mut state = self.state();
         let desired: Vec<KernelRule> = match &state.node {
             None => return,
-            Some(node) => state
-                .builder
-                .host_ports()
-                .keys()
-                .map(|(protocol, port)| KernelRule {
+            Some(node) => {
+                let rule = |protocol: u8, port: u16, iif: &str, dst| KernelRule {
                     priority: STEER_PRIORITY,
-                    iif: Some(node.uplink_ifname().to_string()),
-                    protocol: Some(*protocol),
-                    dports: Some((*port, *port)),
+                    iif: Some(iif.to_string()),
+                    protocol: Some(protocol),
+                    dports: Some((port, port)),
+                    dst,
                     table: u32::from(STEER_TABLE),
-                })
-                .collect(),
+                };
+                state
+                    .builder
+                    .host_ports()
+                    .keys()
+                    .flat_map(|&(protocol, port)| {
+                        [
+                            rule(protocol, port, node.uplink_ifname(), None),
+                            rule(protocol, port, "lo", Some(node.address())),
+                        ]
+                    })
+                    .collect()
+            }
         };
         let Some(node) = state.node.as_mut() else {
             return;

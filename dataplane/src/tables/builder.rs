@@ -333,7 +333,7 @@ impl TableBuilder {
             routes_v6: Lpm::build(v6).unwrap_or_default(),
             nexthops,
             masquerade: self.masquerade.clone(),
-            host_ports: self.host_ports(),
+            host_ports: super::host_ports::HostPorts::new(self.host_ports()),
         }
     }
 }

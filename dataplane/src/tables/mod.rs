@@ -7,6 +7,7 @@
 //! removed from the tables stays open until the last worker lets go of the old snapshot.
 
 pub mod builder;
+pub mod host_ports;
 pub mod lpm;
 pub mod masquerade;
 
@@ -148,9 +149,8 @@ pub struct Tables {
     pub nexthops: Vec<NextHop>,
     /// Masquerade of pod traffic leaving the cluster, once the node settings enable it.
     pub masquerade: Option<Arc<masquerade::Masquerading>>,
-    /// The node's ports published to pods (hostPort): (protocol, node port) -> (pod
-    /// address, pod port).
-    pub host_ports: HashMap<(u8, u16), (Ipv4Addr, u16)>,
+    /// The node's ports published to pods (hostPort).
+    pub host_ports: host_ports::HostPorts,
 }
 
 impl Tables {
@@ -164,7 +164,7 @@ impl Tables {
             routes_v6: Lpm::default(),
             nexthops: vec![NextHop::Blackhole],
             masquerade: None,
-            host_ports: HashMap::new(),
+            host_ports: host_ports::HostPorts::default(),
         }
     }
 
