@@ -409,7 +409,7 @@ fn host_port_publishes_a_pod_on_its_node_until_del() {
 }
 
 #[test]
-fn host_port_answers_pods_on_every_node_and_the_node_itself() {
+fn host_port_answers_pods_on_every_node_the_node_itself_and_hairpin() {
     let Some(mut c) = cluster() else {
         return;
     };
@@ -430,6 +430,12 @@ fn host_port_answers_pods_on_every_node_and_the_node_itself() {
             Some(c.nodes[1].pods[0].ipv4),
         ),
         ("the node itself", &c.nodes[0].ns, None),
+        // Hairpin: the pod sees its node's address as the client, not its own.
+        (
+            "the publishing pod itself",
+            &c.nodes[0].pods[1].ns,
+            Some(c.nodes[0].ipv4),
+        ),
     ];
     for (who, ns, address) in clients {
         let server = serve_once(&c.nodes[0].pods[1]);
@@ -441,7 +447,7 @@ fn host_port_answers_pods_on_every_node_and_the_node_itself() {
             assert_eq!(
                 peer.ip(),
                 IpAddr::V4(address),
-                "{who}: the pod sees the real client"
+                "{who}: the client the pod sees"
             );
         }
     }

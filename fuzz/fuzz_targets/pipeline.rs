@@ -1,10 +1,11 @@
-//! Arbitrary frames (virtio-net header included) from a pod through the whole pipeline,
-//! in batches: no panic, and every verdict is one the worker can carry out.
+//! Arbitrary frames (virtio-net header included) from a pod, or from the node's stack,
+//! through the whole pipeline, in batches, with masquerade on and a pod publishing ports
+//! (hostPort): no panic, and every verdict is one the worker can carry out.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
-use switchyard_api::AddPort;
+use switchyard_api::{AddPort, PortMapping};
 use switchyard_dataplane::buffer::PacketBuf;
 use switchyard_dataplane::pipeline::{Pipeline, Verdict};
 use switchyard_dataplane::{Switch, SwitchConfig};
@@ -28,20 +29,39 @@ fn switch() -> &'static Switch {
                 mtu: Some(1500),
                 mac: None,
                 owner: None,
-                port_mappings: Vec::new(),
+                port_mappings: if uso { published() } else { Vec::new() },
             };
             s.add_memory_port(&spec, uso).unwrap();
         }
+        let exempt = ["10.244.0.0/16".parse().unwrap()];
+        s.add_memory_node("192.168.1.10".parse().unwrap(), &exempt)
+            .unwrap();
         s
     })
+}
+
+fn published() -> Vec<PortMapping> {
+    [(8080, 80, "tcp"), (5353, 53, "udp")]
+        .into_iter()
+        .map(|(host_port, container_port, protocol)| PortMapping {
+            host_port,
+            container_port,
+            protocol: protocol.into(),
+            host_ip: String::new(),
+        })
+        .collect()
 }
 
 fuzz_target!(|data: &[u8]| {
     let switch = switch();
     let tables = switch.tables();
-    let Some(ingress) = tables.ports.values().min_by_key(|p| p.id) else {
+    // The first byte picks the ingress: pod a, pod b (publishing ports) or the host port.
+    let Some((&pick, data)) = data.split_first() else {
         return;
     };
+    let mut ports: Vec<_> = tables.ports.values().collect();
+    ports.sort_by_key(|p| p.id);
+    let ingress = ports[usize::from(pick) % ports.len()];
     // Split the input into up to 8 frames at 0xff 0xfe markers; give each the pod's MAC
     // when long enough, so that deeper stages see them.
     let mut frames: Vec<PacketBuf> = data

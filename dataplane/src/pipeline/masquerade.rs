@@ -9,13 +9,21 @@
 //!   and is then routed like any packet; a new connection to a port published to a pod
 //!   (hostPort) opens a flow to that pod. An ICMP error quoting a masqueraded packet goes to
 //!   the pod with the quote translated back too. Anything else keeps its destination and
-//!   is routed back to the node's stack, which is where it was going.
+//!   is routed back to the node's stack, which is where it was going;
+//! * **published ports** (hostPort) from inside the cluster: a pod's or another node's
+//!   connection to node:hostPort is translated like an inbound one, and the pod's answers,
+//!   recognised by their source, leave as node:hostPort whoever the client is (outside,
+//!   a pod, a node, the node itself, the pod itself).
+//!
+//! [`before_routing`] decides what a packet needs before it is routed, cheaply;
+//! [`translate_before_routing`] does it; [`outbound`] runs after routing.
 
 use super::nat::{self, Side};
 use super::DropReason;
 use crate::conntrack::{Refusal, Tuple};
 use crate::tables::host_ports::HostPorts;
 use crate::tables::masquerade::Masquerading;
+use crate::tables::PortRole;
 use crate::wire::ipv4;
 use std::net::Ipv4Addr;
 
@@ -94,43 +102,123 @@ pub(super) fn inbound(
             _ => return Ok(false),
         },
     };
-    Ok(nat::translate(l3, Side::Destination, pod.0, pod.1, partial))
+    let client = reply.src;
+    if !nat::translate(l3, Side::Destination, pod.0, pod.1, partial) {
+        return Ok(false);
+    }
+    // A pod connecting to its own published port (hairpin) would receive a packet from its
+    // own address, which its kernel drops: it sees the node's address as the client
+    // instead (with its own port, which no other connection to it from the node's address
+    // uses: the node's ports in the masquerade range are reserved).
+    if client == pod.0 {
+        nat::translate(l3, Side::Source, m.node(), reply.src_port, partial);
+    }
+    Ok(true)
 }
 
-/// True when the IPv4 packet `l3` goes to a port of the node published to a pod: from a
-/// pod or another node, only these are translated (the node's stack sees the rest).
-pub(super) fn to_host_port(host_ports: &HostPorts, l3: &[u8]) -> bool {
-    !host_ports.is_empty()
-        && nat::l4_of(l3).is_some_and(|p| {
-            p.protocol != ipv4::PROTO_ICMP && host_ports.get(p.protocol, p.dst_port).is_some()
-        })
+/// A translation a packet needs before it is routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum BeforeRouting {
+    /// For the node's address: [`inbound`].
+    Inbound,
+    /// From a published pod port: [`host_port_answer`].
+    Answer,
 }
 
-/// A pod's answer on a connection that came in through a published port (hostPort) from
-/// inside the cluster (another pod, another node, the node itself): the source becomes
-/// node:hostPort again. Returns whether it did; traffic that is no such answer is left
-/// alone after one set lookup (none at all while no port is published).
-pub(super) fn host_port_answer(
+/// Which translation, if any, the IPv4 packet `l3` arriving on a port of role `from` needs
+/// before routing. From the node's stack: everything for the node's address (replies to
+/// masqueraded flows, connections to published ports). From pods and other nodes:
+/// connections to published ports, and pods' answers from them. With no port published,
+/// this costs pod traffic one address comparison.
+pub(super) fn before_routing(
     m: &Masquerading,
     host_ports: &HostPorts,
+    from: PortRole,
+    l3: &[u8],
+) -> Option<BeforeRouting> {
+    let to_node = addr(l3, 16) == m.node();
+    if to_node && from == PortRole::Host {
+        return Some(BeforeRouting::Inbound);
+    }
+    if host_ports.is_empty() {
+        return None;
+    }
+    let ports = nat::l4_of(l3).filter(|p| p.protocol != ipv4::PROTO_ICMP)?;
+    if from == PortRole::Pod && host_ports.publishes(addr(l3, 12), ports.protocol, ports.src_port) {
+        Some(BeforeRouting::Answer)
+    } else if to_node && host_ports.get(ports.protocol, ports.dst_port).is_some() {
+        Some(BeforeRouting::Inbound)
+    } else {
+        None
+    }
+}
+
+/// What [`translate_before_routing`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Translated {
+    /// Nothing: the packet goes on as it came.
+    Nothing,
+    /// The destination became a pod's ([`inbound`]).
+    Destination,
+    /// A published port's answer now comes from the node ([`host_port_answer`]).
+    Answer,
+}
+
+/// Runs the translation [`before_routing`] chose. A packet from a published pod port that
+/// answers no flow may still be a new connection to a published port (the pod's own,
+/// hairpin): then it is treated as such.
+pub(super) fn translate_before_routing(
+    m: &Masquerading,
+    host_ports: &HostPorts,
+    step: BeforeRouting,
     l3: &mut [u8],
     partial: bool,
     now_ns: u64,
-) -> bool {
-    if host_ports.is_empty() {
-        return false;
+) -> Result<Translated, DropReason> {
+    if step == BeforeRouting::Answer {
+        if host_port_answer(m, l3, partial, now_ns) {
+            return Ok(Translated::Answer);
+        }
+        let to_published = addr(l3, 16) == m.node()
+            && nat::l4_of(l3).is_some_and(|p| host_ports.get(p.protocol, p.dst_port).is_some());
+        if !to_published {
+            return Ok(Translated::Nothing);
+        }
     }
+    Ok(match inbound(m, host_ports, l3, partial, now_ns)? {
+        true => Translated::Destination,
+        false => Translated::Nothing,
+    })
+}
+
+/// A pod's answer on a connection that came in through one of its published ports
+/// (hostPort): the source becomes node:hostPort again, whoever the client (outside the
+/// cluster, another pod, another node, the node itself). For the pod's connection to its
+/// own published port (hairpin, see [`inbound`]) the destination becomes the pod again.
+/// Returns whether it translated; a packet of no such flow is left alone (a new flow from
+/// that port is masqueraded after routing as usual).
+fn host_port_answer(m: &Masquerading, l3: &mut [u8], partial: bool, now_ns: u64) -> bool {
     let Some(ports) = nat::l4_of(l3) else {
         return false;
     };
-    if !host_ports.publishes(addr(l3, 12), ports.protocol, ports.src_port) {
-        return false;
-    }
     let flags = tcp_flags(l3, ports.protocol);
-    let Some(port) = m.conntrack.answer(&tuple_of(l3, &ports), flags, now_ns) else {
-        return false;
+    let tuple = tuple_of(l3, &ports);
+    let (port, hairpin) = match m.conntrack.answer(&tuple, flags, now_ns) {
+        Some(port) => (port, false),
+        None if tuple.dst == m.node() => {
+            let own = Tuple {
+                dst: tuple.src,
+                ..tuple
+            };
+            match m.conntrack.answer(&own, flags, now_ns) {
+                Some(port) => (port, true),
+                None => return false,
+            }
+        }
+        None => return false,
     };
     nat::translate(l3, Side::Source, m.node(), port, partial)
+        && (!hairpin || nat::translate(l3, Side::Destination, tuple.src, tuple.dst_port, partial))
 }
 
 /// An ICMP error about a masqueraded packet: the quoted packet went from node:port to the

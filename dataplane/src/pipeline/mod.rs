@@ -31,6 +31,7 @@ use crate::wire::ethernet::{self, EtherType, EthernetFrame};
 use crate::wire::{ipv4::Ipv4Packet, ipv6::Ipv6Packet, vnet, VnetHeader};
 pub use counters::{Counters, DropReason, Event};
 use icmp_error::{IcmpError, RateLimiter};
+use masquerade::Translated;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// Offset of the Ethernet header in a frame (after the virtio-net header).
@@ -177,29 +178,38 @@ impl Pipeline {
         if !ip.verify_checksum() {
             return self.drop(DropReason::BadIpv4Checksum);
         }
-        if let Some(m) = tables.masquerade.as_deref().filter(|m| dst == m.node()) {
-            // From the node's stack: replies to masqueraded flows and connections to
-            // published ports. From pods and other nodes: connections to published ports.
-            let bytes = ip.into_inner();
-            let translated = if ingress.role == PortRole::Host
-                || masquerade::to_host_port(&tables.host_ports, bytes)
+        let mut answered = false;
+        if let Some(m) = tables.masquerade.as_deref() {
+            let host_ports = &tables.host_ports;
+            if let Some(step) =
+                masquerade::before_routing(m, host_ports, ingress.role, ip.as_bytes())
             {
-                masquerade::inbound(m, &tables.host_ports, bytes, partial, self.now_ns)
-            } else {
-                Ok(false)
-            };
-            // Translation changes addresses and ports, never lengths: still a packet.
-            let Ok(view) = Ipv4Packet::new_checked(bytes) else {
-                return self.drop(DropReason::MalformedIpv4);
-            };
-            ip = view;
-            match translated {
-                Ok(true) => {
-                    self.counters.event(Event::Unmasqueraded);
-                    dst = ip.dst();
+                let bytes = ip.into_inner();
+                let translated = masquerade::translate_before_routing(
+                    m,
+                    host_ports,
+                    step,
+                    bytes,
+                    partial,
+                    self.now_ns,
+                );
+                // Translation changes addresses and ports, never lengths: still a packet.
+                let Ok(view) = Ipv4Packet::new_checked(bytes) else {
+                    return self.drop(DropReason::MalformedIpv4);
+                };
+                ip = view;
+                match translated {
+                    Ok(Translated::Nothing) => {}
+                    Ok(done) => {
+                        self.counters.event(match done {
+                            Translated::Answer => Event::Masqueraded,
+                            _ => Event::Unmasqueraded,
+                        });
+                        dst = ip.dst();
+                        answered = done == Translated::Answer;
+                    }
+                    Err(reason) => return self.drop(reason),
                 }
-                Ok(false) => {}
-                Err(reason) => return self.drop(reason),
             }
         }
         if dst == tables.gateway.ipv4 {
@@ -214,22 +224,12 @@ impl Pipeline {
         match self.route(tables, ingress, nh, ip.ttl(), wire_len) {
             Ok(egress) => {
                 ip.decrement_ttl();
-                if let Some(m) = tables.masquerade.as_deref() {
-                    if ingress.role == PortRole::Pod {
-                        if egress.role == PortRole::Host && m.applies_to(dst) {
-                            if let Err(reason) = masquerade::outbound(m, l3, partial, self.now_ns) {
-                                return self.drop(reason);
-                            }
-                            self.counters.event(Event::Masqueraded);
-                        } else if masquerade::host_port_answer(
-                            m,
-                            &tables.host_ports,
-                            l3,
-                            partial,
-                            self.now_ns,
-                        ) {
-                            self.counters.event(Event::Masqueraded);
+                if ingress.role == PortRole::Pod && egress.role == PortRole::Host && !answered {
+                    if let Some(m) = tables.masquerade.as_deref().filter(|m| m.applies_to(dst)) {
+                        if let Err(reason) = masquerade::outbound(m, l3, partial, self.now_ns) {
+                            return self.drop(reason);
                         }
+                        self.counters.event(Event::Masqueraded);
                     }
                 }
                 self.rewrite_ethernet(tables, egress, head, Event::ForwardedIpv4);

@@ -768,4 +768,29 @@ mod masquerade_stage {
         assert_eq!(&frame[..6], &HOST_MAC.0, "to the node's stack");
         assert_eq!(&frame[14 + 16..14 + 20], &NODE.octets());
     }
+
+    #[test]
+    fn a_pod_reaching_its_own_published_port_sees_the_node_as_client() {
+        let t = tables();
+        let ask = udp_datagram([10, 244, 0, 6], NODE.octets(), 40555, 5353);
+        let (v, frame) = run(&t, 3, eth(GW, B_MAC, 0x0800, &ask));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(&frame[..6], &B_MAC.0, "back to the pod itself");
+        let l3 = &frame[14..];
+        assert_eq!(&l3[12..16], &NODE.octets(), "not its own address");
+        assert_eq!(u16::from_be_bytes([l3[20], l3[21]]), 40555);
+        assert_eq!(&l3[16..20], &[10, 244, 0, 6]);
+        assert_eq!(u16::from_be_bytes([l3[22], l3[23]]), 53);
+        assert!(valid(l3));
+        let answer = udp_datagram([10, 244, 0, 6], NODE.octets(), 53, 40555);
+        let (v, frame) = run(&t, 3, eth(GW, B_MAC, 0x0800, &answer));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(&frame[..6], &B_MAC.0);
+        let l3 = &frame[14..];
+        assert_eq!(&l3[12..16], &NODE.octets());
+        assert_eq!(u16::from_be_bytes([l3[20], l3[21]]), 5353, "from node:5353");
+        assert_eq!(&l3[16..20], &[10, 244, 0, 6], "to the pod");
+        assert_eq!(u16::from_be_bytes([l3[22], l3[23]]), 40555);
+        assert!(valid(l3));
+    }
 }

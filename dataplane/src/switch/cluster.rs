@@ -263,6 +263,51 @@ impl Switch {
         Ok(status)
     }
 
+    /// For tests, benchmarks and fuzzing, a node without kernel devices: an in-memory host
+    /// port stands for the node's stack (returned: its far end), every IPv4 destination
+    /// that is no pod's goes to it, and pod traffic is masqueraded as `node`, except toward
+    /// `exempt`, with the default port range.
+    pub fn add_memory_node(
+        &self,
+        node: std::net::Ipv4Addr,
+        exempt: &[IpNet],
+    ) -> Result<crate::io::memory::MemoryPeer, ApiError> {
+        let mut state = self.state();
+        let (io, peer) = crate::io::memory::pair(1024);
+        let id = state.next_port_id;
+        let host = Arc::new(node_port(
+            id,
+            &self.config.host_ifname,
+            0,
+            HOST_MAC,
+            HOST_PORT_MTU,
+            PortIo::Memory(io),
+            PortRole::Host,
+        ));
+        self.publish_port(&mut state, host.clone())?;
+        state.next_port_id += 1;
+        let default_route = IpNet::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0)
+            .map_err(|e| system("default route", io::Error::other(e)))?;
+        let routes = [(default_route, switchyard_api::NextHop::Host)]
+            .into_iter()
+            .collect();
+        let ports = NodePorts {
+            host: Some(host),
+            ..NodePorts::default()
+        };
+        state.builder.set_cluster(routes, ports);
+        let range = switchyard_api::PortRange::default();
+        let conntrack = Arc::new(crate::conntrack::Conntrack::new(
+            node,
+            (range.first, range.last),
+            1 << 16,
+        ));
+        let masquerade = crate::tables::masquerade::Masquerading::new(conntrack, exempt);
+        state.builder.set_masquerade(Some(Arc::new(masquerade)));
+        self.publish(&mut state);
+        Ok(peer)
+    }
+
     fn create_host_port(&self, state: &mut State, mtu: u32) -> Result<(Arc<Port>, u32), ApiError> {
         let name = &self.config.host_ifname;
         let (tap, ifindex) = TapDevice::create_host(name, HOST_MAC, mtu, self.workers.len())

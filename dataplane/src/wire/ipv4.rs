@@ -46,6 +46,11 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         self.buf
     }
 
+    /// The whole buffer, header first.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.buf.as_ref()
+    }
+
     /// Header length in bytes, options included.
     pub fn header_len(&self) -> usize {
         usize::from(self.buf.as_ref()[0] & 0x0f) * 4
