@@ -15,8 +15,8 @@
 //!   recognised by their source, leave as node:hostPort whoever the client is (outside,
 //!   a pod, a node, the node itself, the pod itself).
 //!
-//! [`before_routing`] decides what a packet needs before it is routed, cheaply;
-//! [`translate_before_routing`] does it; [`outbound`] runs after routing.
+//! `before_routing` decides what a packet needs before it is routed, cheaply;
+//! `translate_before_routing` does it; `outbound` runs after routing.
 
 use super::nat::{self, Side};
 use super::DropReason;
