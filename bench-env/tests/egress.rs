@@ -397,8 +397,24 @@ fn host_port_publishes_a_pod_on_its_node_until_del() {
     assert_eq!(answer, b"question");
     assert_eq!(from, node_udp, "the answer comes from the node's port");
     assert_eq!(echo.join().unwrap().unwrap().ip(), IpAddr::V4(ext.ipv4));
-    // CNI DEL: the mapping and its steering rule go.
+    // CNI DEL: the mapping, its steering rules and the pod's flows go.
+    let pod_ip = c.nodes[0].pods[1].ipv4;
+    let flows_of_pod = |c: &Cluster| {
+        let request = switchyard_api::Request::ListConntrack {
+            pod: Some(pod_ip),
+            protocol: None,
+        };
+        match c.nodes[0].client().unwrap().call(request).unwrap() {
+            switchyard_api::Reply::Conntrack(flows) => flows.len(),
+            other => panic!("unexpected reply {other:?}"),
+        }
+    };
+    assert!(
+        flows_of_pod(&c) > 0,
+        "the published connections are tracked"
+    );
     c.del_pod(0, 1).unwrap();
+    assert_eq!(flows_of_pod(&c), 0, "a deleted pod leaves no flow behind");
     let rules = c.nodes[0].ns.exec(&["ip", "rule"]).unwrap();
     assert!(!rules.contains("dport 8080"), "{rules}");
     let ext = c.external.as_ref().unwrap();

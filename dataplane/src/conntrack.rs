@@ -413,21 +413,34 @@ impl Conntrack {
 
     /// Removes the flows idle past their timeout and frees their ports; returns how many.
     pub fn sweep(&self, now_ns: u64) -> usize {
+        self.remove_where(|flow| flow.expired(now_ns))
+    }
+
+    /// Removes every flow of the pod at `pod` (masqueraded or through a published port),
+    /// when its port goes: a later pod given the same address must not inherit them.
+    /// Returns how many.
+    pub fn forget_pod(&self, pod: Ipv4Addr) -> usize {
+        self.remove_where(|flow| flow.original.src == pod)
+    }
+
+    /// Removes the flows `doomed` picks, both keys of each: the original key decides (a
+    /// reply key goes with its flow's original, so a flow is never left half reachable).
+    fn remove_where(&self, doomed: impl Fn(&Flow) -> bool) -> usize {
         let mut removed = 0;
         for shard in self.shards.iter() {
-            let expired: Vec<Arc<Flow>> = {
+            let gone: Vec<Arc<Flow>> = {
                 let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
                 let mut out = Vec::new();
                 map.retain(|key, flow| {
-                    let keep = !flow.expired(now_ns);
-                    if !keep && *key == flow.original {
+                    if *key == flow.original && doomed(flow) {
                         out.push(flow.clone());
+                        return false;
                     }
-                    keep
+                    true
                 });
                 out
             };
-            for flow in expired {
+            for flow in gone {
                 let reply = Self::reply_tuple(&flow.original, self.node, flow.node_port);
                 self.shard(&reply).remove(&reply);
                 self.counter(flow.original.protocol)
@@ -572,6 +585,42 @@ mod tests {
         assert_eq!(ct.flows(63 * NS)[0].state, State::Closed);
         assert_eq!(ct.sweep(74 * NS), 1, "closed flows go after 10 s");
         assert_eq!(ct.flows_by_protocol(), [0, 0, 0]);
+    }
+
+    #[test]
+    fn a_deleted_pod_takes_its_flows_and_published_connections_with_it() {
+        let ct = Conntrack::new(NODE, (40000, 40009), 10);
+        let p = ct.outbound(t(1), Some(0x02), 0).unwrap();
+        let other = Tuple {
+            src: Ipv4Addr::new(10, 244, 0, 6),
+            ..t(1)
+        };
+        ct.outbound(other, Some(0x02), 0).unwrap();
+        let client = Tuple {
+            protocol: 6,
+            src: Ipv4Addr::new(192, 168, 2, 10),
+            src_port: 5555,
+            dst: NODE,
+            dst_port: 8080,
+        };
+        ct.expose(&client, (Ipv4Addr::new(10, 244, 0, 5), 80), Some(0x02), 0)
+            .unwrap();
+        assert_eq!(ct.forget_pod(Ipv4Addr::new(10, 244, 0, 5)), 2);
+        assert_eq!(ct.len(), 1);
+        let reply = Tuple {
+            src: Ipv4Addr::new(192, 168, 2, 10),
+            src_port: 80,
+            dst: NODE,
+            dst_port: p,
+            protocol: 6,
+        };
+        assert_eq!(
+            ct.inbound(&reply, None, 1),
+            None,
+            "replies no longer find it"
+        );
+        assert_eq!(ct.inbound(&client, None, 1), None, "nor the published port");
+        assert_eq!(ct.flows_by_protocol(), [1, 0, 0]);
     }
 
     #[test]

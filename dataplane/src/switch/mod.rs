@@ -458,6 +458,13 @@ impl Switch {
             let _ = tap.set_persist(false);
         }
         self.unpublish_port(&mut state, &port);
+        // Its flows go with it: a pod given the address later must not inherit them (nor
+        // replies, nor connections to the published ports it had).
+        if let Some(m) = state.builder.masquerade() {
+            for addr in &port.ipv4 {
+                m.conntrack.forget_pod(*addr);
+            }
+        }
         Ok(port.info.clone())
     }
 
