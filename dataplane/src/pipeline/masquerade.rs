@@ -191,6 +191,36 @@ pub(super) fn translate_before_routing(
     })
 }
 
+/// The addresses and ports an IPv4 packet had before a translation: an ICMP error about it
+/// must quote it as its sender sent it, or the sender cannot match the error to its socket
+/// (a PMTU black hole).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Untranslated {
+    src: Ipv4Addr,
+    src_port: u16,
+    dst: Ipv4Addr,
+    dst_port: u16,
+}
+
+impl Untranslated {
+    /// What `l3` holds now, if it is translatable at all.
+    pub(super) fn of(l3: &[u8]) -> Option<Self> {
+        let ports = nat::l4_of(l3)?;
+        Some(Self {
+            src: addr(l3, 12),
+            src_port: ports.src_port,
+            dst: addr(l3, 16),
+            dst_port: ports.dst_port,
+        })
+    }
+
+    /// Puts the addresses and ports back into the translated packet `l3`.
+    pub(super) fn restore(self, l3: &mut [u8], partial: bool) {
+        nat::translate(l3, Side::Source, self.src, self.src_port, partial);
+        nat::translate(l3, Side::Destination, self.dst, self.dst_port, partial);
+    }
+}
+
 /// A pod's answer on a connection that came in through one of its published ports
 /// (hostPort): the source becomes node:hostPort again, whoever the client (outside the
 /// cluster, another pod, another node, the node itself). For the pod's connection to its

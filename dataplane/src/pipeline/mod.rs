@@ -179,12 +179,14 @@ impl Pipeline {
             return self.drop(DropReason::BadIpv4Checksum);
         }
         let mut answered = false;
+        let mut untranslated = None;
         if let Some(m) = tables.masquerade.as_deref() {
             let host_ports = &tables.host_ports;
             if let Some(step) =
                 masquerade::before_routing(m, host_ports, ingress.role, ip.as_bytes())
             {
                 let bytes = ip.into_inner();
+                let before = masquerade::Untranslated::of(bytes);
                 let translated = masquerade::translate_before_routing(
                     m,
                     host_ports,
@@ -207,6 +209,7 @@ impl Pipeline {
                         });
                         dst = ip.dst();
                         answered = done == Translated::Answer;
+                        untranslated = before;
                     }
                     Err(reason) => return self.drop(reason),
                 }
@@ -241,6 +244,10 @@ impl Pipeline {
             Err(Reject::Drop(reason)) => self.drop(reason),
             Err(Reject::Icmp(error, reason)) => {
                 let quotable = icmp_error::may_answer_v4(&ip);
+                // The sender knows its packet only as it sent it.
+                if let Some(original) = untranslated {
+                    original.restore(&mut pkt.frame_mut()[L3_OFFSET..], partial);
+                }
                 self.counters.drop(reason);
                 self.send_icmp_error(tables, ingress, pkt, error, quotable)
             }

@@ -634,20 +634,22 @@ mod masquerade_stage {
     /// Pod A (port 1, 10.244.0.5), the host port (2) and pod B (port 3, 10.244.0.6), which
     /// publishes its UDP port 53 as the node's 5353.
     fn tables() -> crate::tables::Tables {
+        tables_with_mtu_of_b(1500)
+    }
+
+    fn tables_with_mtu_of_b(mtu: u32) -> crate::tables::Tables {
         let mut b = TableBuilder::new(Gateway::default());
         let pod = memory_port(1, A_MAC, &["10.244.0.5/24"], PortRole::Pod);
         let host = memory_port(2, HOST_MAC, &[], PortRole::Host);
         let mut published = memory_port(3, B_MAC, &["10.244.0.6/24"], PortRole::Pod);
-        Arc::get_mut(&mut published)
-            .unwrap()
-            .info
-            .port_mappings
-            .push(switchyard_api::PortMapping {
-                host_port: 5353,
-                container_port: 53,
-                protocol: "udp".into(),
-                host_ip: String::new(),
-            });
+        let port = Arc::get_mut(&mut published).unwrap();
+        port.mtu = mtu;
+        port.info.port_mappings.push(switchyard_api::PortMapping {
+            host_port: 5353,
+            container_port: 53,
+            protocol: "udp".into(),
+            host_ip: String::new(),
+        });
         b.insert_port(pod);
         b.insert_port(host.clone());
         b.insert_port(published);
@@ -792,5 +794,34 @@ mod masquerade_stage {
         assert_eq!(&l3[16..20], &[10, 244, 0, 6], "to the pod");
         assert_eq!(u16::from_be_bytes([l3[22], l3[23]]), 40555);
         assert!(valid(l3));
+    }
+
+    #[test]
+    fn an_icmp_error_about_a_translated_packet_quotes_it_as_sent() {
+        // The publishing pod's link is narrower than the client's.
+        let t = tables_with_mtu_of_b(1280);
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&40123u16.to_be_bytes());
+        udp.extend_from_slice(&5353u16.to_be_bytes());
+        udp.extend_from_slice(&1388u16.to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.resize(1388, 7);
+        let big = ipv4_packet([10, 244, 0, 5], NODE.octets(), 64, true, 17, &udp);
+        let (v, frame) = run(&t, 1, eth(GW, A_MAC, 0x0800, &big));
+        assert_eq!(
+            v,
+            Verdict::Reply,
+            "fragmentation needed, back to the client"
+        );
+        let l3 = &frame[14..];
+        assert_eq!((l3[20], l3[21]), (3, 4), "ICMP fragmentation needed");
+        let quote = &l3[28..];
+        assert_eq!(&quote[12..16], &[10, 244, 0, 5]);
+        assert_eq!(
+            &quote[16..20],
+            &NODE.octets(),
+            "the node, as the client sent it"
+        );
+        assert_eq!(u16::from_be_bytes([quote[22], quote[23]]), 5353);
     }
 }
