@@ -251,6 +251,10 @@ pub struct NatStatus {
 pub struct ConntrackEntry {
     /// `tcp`, `udp` or `icmp`.
     pub protocol: String,
+    /// `masquerade` (opened by the pod) or `hostPort` (opened by a client through a port
+    /// published to the pod).
+    #[serde(default = "masquerade_kind")]
+    pub kind: String,
     /// The pod's address.
     pub pod: std::net::Ipv4Addr,
     /// The pod's port (ICMP: echo identifier).
@@ -265,4 +269,8 @@ pub struct ConntrackEntry {
     pub state: String,
     /// Seconds since the last packet.
     pub idle_s: u64,
+}
+
+fn masquerade_kind() -> String {
+    "masquerade".into()
 }

@@ -413,6 +413,13 @@ fn host_port_publishes_a_pod_on_its_node_until_del() {
         flows_of_pod(&c) > 0,
         "the published connections are tracked"
     );
+    let (_, listed) = c.nodes[0]
+        .control(&["get", "conntrack", "--pod", &pod_ip.to_string()])
+        .unwrap();
+    assert!(
+        listed.contains("hostPort") && listed.contains(":80 "),
+        "{listed}"
+    );
     c.del_pod(0, 1).unwrap();
     assert_eq!(flows_of_pod(&c), 0, "a deleted pod leaves no flow behind");
     let rules = c.nodes[0].ns.exec(&["ip", "rule"]).unwrap();

@@ -256,7 +256,7 @@ pub fn render_nat(nat: Option<&switchyard_api::NatStatus>) -> String {
 
 /// `get conntrack`: the tracked flows.
 pub fn render_conntrack(entries: &[switchyard_api::ConntrackEntry], wide: bool) -> String {
-    let mut header = vec!["PROTO", "POD", "REMOTE", "NODE-PORT", "STATE"];
+    let mut header = vec!["PROTO", "KIND", "POD", "REMOTE", "NODE-PORT", "STATE"];
     if wide {
         header.push("IDLE");
     }
@@ -265,6 +265,7 @@ pub fn render_conntrack(entries: &[switchyard_api::ConntrackEntry], wide: bool) 
         .map(|e| {
             let mut r = vec![
                 e.protocol.clone(),
+                e.kind.clone(),
                 format!("{}:{}", e.pod, e.pod_port),
                 format!("{}:{}", e.remote, e.remote_port),
                 e.node_port.to_string(),

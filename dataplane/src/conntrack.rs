@@ -115,16 +115,19 @@ pub struct Flow {
     pub original: Tuple,
     /// The node's source port (or echo identifier) it was given.
     pub node_port: u16,
+    /// Opened by a client through a port published to the pod (hostPort), not by the pod.
+    pub published: bool,
     state: AtomicU8,
     last_seen_ns: AtomicU64,
 }
 
 impl Flow {
     /// A new flow of `original` given `node_port`, seen at `now_ns`.
-    fn new(original: Tuple, node_port: u16, now_ns: u64) -> Arc<Self> {
+    fn new(original: Tuple, node_port: u16, published: bool, now_ns: u64) -> Arc<Self> {
         Arc::new(Self {
             original,
             node_port,
+            published,
             state: AtomicU8::new(State::New as u8),
             last_seen_ns: AtomicU64::new(now_ns),
         })
@@ -214,6 +217,8 @@ pub struct FlowInfo {
     pub original: Tuple,
     /// The node's port.
     pub node_port: u16,
+    /// Opened through a published port (hostPort) rather than masqueraded.
+    pub published: bool,
     /// Its state.
     pub state: State,
     /// Seconds since the last packet.
@@ -325,7 +330,7 @@ impl Conntrack {
         for k in 0..tries {
             let port = first + ((start + k) % count) as u16;
             let reply = Self::reply_tuple(&original, self.node, port);
-            let flow = Flow::new(original, port, now_ns);
+            let flow = Flow::new(original, port, false, now_ns);
             {
                 let mut replies = self.shard(&reply);
                 if replies.contains_key(&reply) {
@@ -396,7 +401,7 @@ impl Conntrack {
             dst: reply.src,
             dst_port: reply.src_port,
         };
-        let flow = Flow::new(original, reply.dst_port, now_ns);
+        let flow = Flow::new(original, reply.dst_port, true, now_ns);
         {
             let mut replies = self.shard(reply);
             if let Some(existing) = replies.get(reply) {
@@ -483,6 +488,7 @@ impl Conntrack {
                     .map(|(_, f)| FlowInfo {
                         original: f.original,
                         node_port: f.node_port,
+                        published: f.published,
                         state: f.state(),
                         idle_s: now_ns.saturating_sub(f.last_seen_ns.load(Ordering::Relaxed)) / NS,
                     }),
@@ -605,6 +611,12 @@ mod tests {
         };
         ct.expose(&client, (Ipv4Addr::new(10, 244, 0, 5), 80), Some(0x02), 0)
             .unwrap();
+        let published: Vec<bool> = ct.flows(0).iter().map(|f| f.published).collect();
+        assert_eq!(
+            published.iter().filter(|p| **p).count(),
+            1,
+            "one published flow"
+        );
         assert_eq!(ct.forget_pod(Ipv4Addr::new(10, 244, 0, 5)), 2);
         assert_eq!(ct.len(), 1);
         let reply = Tuple {

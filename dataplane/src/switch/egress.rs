@@ -233,6 +233,12 @@ impl Switch {
                     _ => "icmp",
                 }
                 .into(),
+                kind: if f.published {
+                    "hostPort"
+                } else {
+                    "masquerade"
+                }
+                .into(),
                 pod: f.original.src,
                 pod_port: f.original.src_port,
                 remote: f.original.dst,
