@@ -475,3 +475,37 @@ fn host_port_answers_pods_on_every_node_the_node_itself_and_hairpin() {
         }
     }
 }
+
+#[test]
+fn steering_rules_left_by_a_crashed_dataplane_are_removed() {
+    let Some(mut c) = cluster() else {
+        return;
+    };
+    // What a dataplane killed with SIGKILL leaves when a pod's hostPort went meanwhile.
+    let uplink = "eth0";
+    c.nodes[0]
+        .ns
+        .exec(&[
+            "ip", "rule", "add", "pref", "50", "iif", uplink, "ipproto", "tcp", "dport", "9999",
+            "lookup", "200",
+        ])
+        .unwrap();
+    c.restart_dataplane(0).unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let rules = c.nodes[0].ns.exec(&["ip", "rule"]).unwrap();
+        let steering = rules.contains("lookup 200");
+        if !rules.contains("dport 9999") && steering {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "the leftover rule stayed (or steering never came back):\n{rules}\n{}",
+            c.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // And egress works again through the new process.
+    let ext = c.external.as_ref().unwrap();
+    assert!(measure::ping(&c.nodes[0].pods[0].ns, IpAddr::V4(ext.ipv4)));
+}

@@ -207,6 +207,9 @@ impl Switch {
             nl.replace_route(route)
                 .map_err(|e| system(&format!("cannot route {} on the node", route.dst), e))?;
         }
+        if state.node.is_none() {
+            super::egress::remove_leftover_rules();
+        }
         let (rules, steer_route) = self.steer_replies(&spec, &uplink.ifname, host_ifindex)?;
         kernel_routes.push(steer_route);
         if let Some(old) = &state.node {

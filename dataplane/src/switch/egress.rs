@@ -304,6 +304,21 @@ impl Switch {
     }
 }
 
+/// Removes the steering rules a previous dataplane process left behind when it did not
+/// exit cleanly (a crash, SIGKILL): rules for ports no pod publishes any more would
+/// otherwise stay for good. Called before this process installs its own.
+pub(super) fn remove_leftover_rules() {
+    let removed = Netlink::open()
+        .and_then(|mut nl| nl.delete_rules_to(STEER_PRIORITY, u32::from(STEER_TABLE)));
+    match removed {
+        Ok(0) => {}
+        Ok(n) => {
+            eprintln!("switchyard-dataplane: removed {n} steering rules left by an earlier process")
+        }
+        Err(e) => eprintln!("switchyard-dataplane: cannot look for leftover steering rules: {e}"),
+    }
+}
+
 /// Removes steering rules (when they change, or when the dataplane leaves).
 pub(super) fn remove_rules(rules: &[KernelRule]) {
     if let Ok(mut nl) = Netlink::open() {
