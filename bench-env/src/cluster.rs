@@ -257,21 +257,8 @@ impl Cluster {
         let x = self.external_subnet();
         let ns = Netns::create(&format!("{}-ext", self.prefix))?;
         self.wire_to_hub(&ns, "x0")?;
-        let (ipv4, ipv6) = (
-            Ipv4Addr::new(192, 168, x, 10),
-            Ipv6Addr::new(0xfd00, u16::from(x), 0, 0, 0, 0, 0, 10),
-        );
-        ns.add_address("eth0", &format!("{ipv4}/24"))?;
-        ns.add_address("eth0", &format!("{ipv6}/64"))?;
-        ns.exec(&["ip", "link", "set", "eth0", "up"])?;
-        ns.exec(&[
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("192.168.{x}.1"),
-        ])?;
+        let (ipv4, ipv6) = address_on_subnet(&ns, x, 10)?;
+        default_via_hub(&ns, x)?;
         let hub = &self.hub;
         hub.add_address("x0", &format!("192.168.{x}.1/24"))?;
         hub.add_address("x0", &format!("fd00:{x}::1/64"))?;
@@ -351,10 +338,6 @@ impl Cluster {
         let name = format!("node{i}");
         let ns = Netns::create(&format!("{}-n{i}", self.prefix))?;
         let s = self.subnet(i);
-        let (ipv4, ipv6) = (
-            Ipv4Addr::new(192, 168, s, 10 + i as u8),
-            Ipv6Addr::new(0xfd00, u16::from(s), 0, 0, 0, 0, 0, 10 + i as u16),
-        );
         let port = format!("n{i}");
         self.wire_to_hub(&ns, &port)?;
         let bridge = match self.options.underlay {
@@ -363,9 +346,7 @@ impl Cluster {
         };
         self.hub
             .exec(&["ip", "link", "set", &port, "master", &bridge, "up"])?;
-        ns.add_address("eth0", &format!("{ipv4}/24"))?;
-        ns.add_address("eth0", &format!("{ipv6}/64"))?;
-        ns.exec(&["ip", "link", "set", "eth0", "up"])?;
+        let (ipv4, ipv6) = address_on_subnet(&ns, s, 10 + i as u8)?;
         if self.options.external && self.options.underlay == Underlay::Flat {
             // Seed 004: the node reaches the external subnet by a static route.
             let x = self.external_subnet();
@@ -379,14 +360,7 @@ impl Cluster {
             ])?;
         }
         if self.options.underlay == Underlay::Routed {
-            ns.exec(&[
-                "ip",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("192.168.{s}.1"),
-            ])?;
+            default_via_hub(&ns, s)?;
             ns.exec(&[
                 "ip",
                 "-6",
@@ -731,6 +705,24 @@ fn bridge(ns: &Netns, name: &str, addrs: Option<(&str, &str)>) -> Result<()> {
     }
     ns.exec(&["ip", "link", "set", name, "up"])?;
     Ok(())
+}
+
+/// Gives `ns`'s `eth0` host `host` of subnet `subnet` (192.168.`subnet`.`host`/24 and
+/// fd00:`subnet`::`host`/64) and brings it up; returns the two addresses.
+fn address_on_subnet(ns: &Netns, subnet: u8, host: u8) -> Result<(Ipv4Addr, Ipv6Addr)> {
+    let ipv4 = Ipv4Addr::new(192, 168, subnet, host);
+    let ipv6 = Ipv6Addr::new(0xfd00, u16::from(subnet), 0, 0, 0, 0, 0, u16::from(host));
+    ns.add_address("eth0", &format!("{ipv4}/24"))?;
+    ns.add_address("eth0", &format!("{ipv6}/64"))?;
+    ns.exec(&["ip", "link", "set", "eth0", "up"])?;
+    Ok((ipv4, ipv6))
+}
+
+/// The IPv4 default route of `ns`: the hub's address on `subnet` (192.168.`subnet`.1).
+fn default_via_hub(ns: &Netns, subnet: u8) -> Result<()> {
+    let hub = format!("192.168.{subnet}.1");
+    ns.exec(&["ip", "route", "add", "default", "via", &hub])
+        .map(|_| ())
 }
 
 fn wait_for_api(node: &SimNode, timeout: Duration) -> Result<()> {

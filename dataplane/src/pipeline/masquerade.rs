@@ -50,6 +50,14 @@ fn tuple_of(l3: &[u8], ports: &nat::L4) -> Tuple {
     }
 }
 
+/// Why the table refused a new flow, as the drop it causes.
+fn refused(refusal: Refusal) -> DropReason {
+    match refusal {
+        Refusal::TableFull => DropReason::ConntrackFull,
+        Refusal::NoPort => DropReason::NoMasqueradePort,
+    }
+}
+
 /// Masquerades the pod's IPv4 packet `l3` (source becomes the node's address and port).
 pub(super) fn outbound(
     m: &Masquerading,
@@ -63,10 +71,7 @@ pub(super) fn outbound(
     let port = m
         .conntrack
         .outbound(tuple, flags, now_ns)
-        .map_err(|refusal| match refusal {
-            Refusal::TableFull => DropReason::ConntrackFull,
-            Refusal::NoPort => DropReason::NoMasqueradePort,
-        })?;
+        .map_err(refused)?;
     if nat::translate(l3, Side::Source, m.node(), port, partial) {
         Ok(())
     } else {
@@ -95,10 +100,7 @@ pub(super) fn inbound(
             Some(published) if ports.protocol != ipv4::PROTO_ICMP => m
                 .conntrack
                 .expose(&reply, published, flags, now_ns)
-                .map_err(|refusal| match refusal {
-                    Refusal::TableFull => DropReason::ConntrackFull,
-                    Refusal::NoPort => DropReason::NoMasqueradePort,
-                })?,
+                .map_err(refused)?,
             _ => return Ok(false),
         },
     };
@@ -191,34 +193,18 @@ pub(super) fn translate_before_routing(
     })
 }
 
-/// The addresses and ports an IPv4 packet had before a translation: an ICMP error about it
-/// must quote it as its sender sent it, or the sender cannot match the error to its socket
-/// (a PMTU black hole).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Untranslated {
-    src: Ipv4Addr,
-    src_port: u16,
-    dst: Ipv4Addr,
-    dst_port: u16,
+/// The tuple of a translatable IPv4 packet `l3`: taken before a translation, what
+/// [`restore`] puts back.
+pub(super) fn tuple(l3: &[u8]) -> Option<Tuple> {
+    nat::l4_of(l3).map(|ports| tuple_of(l3, &ports))
 }
 
-impl Untranslated {
-    /// What `l3` holds now, if it is translatable at all.
-    pub(super) fn of(l3: &[u8]) -> Option<Self> {
-        let ports = nat::l4_of(l3)?;
-        Some(Self {
-            src: addr(l3, 12),
-            src_port: ports.src_port,
-            dst: addr(l3, 16),
-            dst_port: ports.dst_port,
-        })
-    }
-
-    /// Puts the addresses and ports back into the translated packet `l3`.
-    pub(super) fn restore(self, l3: &mut [u8], partial: bool) {
-        nat::translate(l3, Side::Source, self.src, self.src_port, partial);
-        nat::translate(l3, Side::Destination, self.dst, self.dst_port, partial);
-    }
+/// Puts the addresses and ports of `before` back into the translated packet `l3`: an ICMP
+/// error about it must quote it as its sender sent it, or the sender cannot match the error
+/// to its socket (a PMTU black hole).
+pub(super) fn restore(l3: &mut [u8], before: &Tuple, partial: bool) {
+    nat::translate(l3, Side::Source, before.src, before.src_port, partial);
+    nat::translate(l3, Side::Destination, before.dst, before.dst_port, partial);
 }
 
 /// A pod's answer on a connection that came in through one of its published ports

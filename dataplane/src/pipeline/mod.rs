@@ -186,7 +186,7 @@ impl Pipeline {
                 masquerade::before_routing(m, host_ports, ingress.role, ip.as_bytes())
             {
                 let bytes = ip.into_inner();
-                let before = masquerade::Untranslated::of(bytes);
+                let before = masquerade::tuple(bytes);
                 let translated = masquerade::translate_before_routing(
                     m,
                     host_ports,
@@ -245,8 +245,8 @@ impl Pipeline {
             Err(Reject::Icmp(error, reason)) => {
                 let quotable = icmp_error::may_answer_v4(&ip);
                 // The sender knows its packet only as it sent it.
-                if let Some(original) = untranslated {
-                    original.restore(&mut pkt.frame_mut()[L3_OFFSET..], partial);
+                if let Some(before) = &untranslated {
+                    masquerade::restore(&mut pkt.frame_mut()[L3_OFFSET..], before, partial);
                 }
                 self.counters.drop(reason);
                 self.send_icmp_error(tables, ingress, pkt, error, quotable)

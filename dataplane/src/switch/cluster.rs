@@ -277,18 +277,7 @@ impl Switch {
     ) -> Result<crate::io::memory::MemoryPeer, ApiError> {
         let mut state = self.state();
         let (io, peer) = crate::io::memory::pair(1024);
-        let id = state.next_port_id;
-        let host = Arc::new(node_port(
-            id,
-            &self.config.host_ifname,
-            0,
-            HOST_MAC,
-            HOST_PORT_MTU,
-            PortIo::Memory(io),
-            PortRole::Host,
-        ));
-        self.publish_port(&mut state, host.clone())?;
-        state.next_port_id += 1;
+        let host = self.publish_host_port(&mut state, PortIo::Memory(io), 0)?;
         let default_route = IpNet::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0)
             .map_err(|e| system("default route", io::Error::other(e)))?;
         let routes = [(default_route, switchyard_api::NextHop::Host)]
@@ -315,19 +304,29 @@ impl Switch {
         let name = &self.config.host_ifname;
         let (tap, ifindex) = TapDevice::create_host(name, HOST_MAC, mtu, self.workers.len())
             .map_err(|e| system(&format!("cannot create the host port {name}"), e))?;
-        let id = state.next_port_id;
+        let port = self.publish_host_port(state, PortIo::Tap(tap), ifindex)?;
+        Ok((port, ifindex))
+    }
+
+    /// Publishes `io` as the host port (interface `ifindex` in the node's namespace).
+    fn publish_host_port(
+        &self,
+        state: &mut State,
+        io: PortIo,
+        ifindex: u32,
+    ) -> Result<Arc<Port>, ApiError> {
         let port = Arc::new(node_port(
-            id,
-            name,
+            state.next_port_id,
+            &self.config.host_ifname,
             ifindex,
             HOST_MAC,
             HOST_PORT_MTU,
-            PortIo::Tap(tap),
+            io,
             PortRole::Host,
         ));
         self.publish_port(state, port.clone())?;
         state.next_port_id += 1;
-        Ok((port, ifindex))
+        Ok(port)
     }
 
     fn open_tunnels(
