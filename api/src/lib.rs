@@ -22,8 +22,13 @@ pub use node::{
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// The protocol version this crate speaks.
-pub const API_VERSION: u32 = 1;
+/// The protocol version this crate speaks. Every change to a message takes a new version;
+/// `tests/schema/v{N}.json` pins what each version's messages look like.
+pub const API_VERSION: u32 = 2;
+/// The oldest protocol version still accepted: a newer dataplane understands every
+/// request an older client can send (later versions only add requests and fields with
+/// defaults).
+pub const OLDEST_API_VERSION: u32 = 1;
 /// Where the dataplane listens unless told otherwise (`--api PATH`).
 pub const DEFAULT_API_PATH: &str = "/run/switchyard/dataplane.sock";
 /// The largest request or response line accepted, in bytes.
@@ -32,7 +37,7 @@ pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 /// A request line: the protocol version and what is asked.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestEnvelope {
-    /// Protocol version of the sender; must equal [`API_VERSION`].
+    /// Protocol version of the sender; from [`OLDEST_API_VERSION`] to [`API_VERSION`].
     pub version: u32,
     /// The request itself.
     pub request: Request,
@@ -382,11 +387,14 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ApiError> {
         )
     })?;
     match value.get("version").and_then(|v| v.as_u64()) {
-        Some(v) if v == u64::from(API_VERSION) => {}
+        Some(v) if (u64::from(OLDEST_API_VERSION)..=u64::from(API_VERSION)).contains(&v) => {}
         Some(v) => {
             return Err(ApiError::new(
                 ErrorCode::UnsupportedVersion,
-                format!("protocol version {v} is not supported; this dataplane speaks version {API_VERSION}"),
+                format!(
+                    "protocol version {v} is not supported; this dataplane speaks versions \
+                     {OLDEST_API_VERSION} to {API_VERSION}: upgrade the older of the two"
+                ),
             ))
         }
         None => {
@@ -449,12 +457,12 @@ mod tests {
         let ok: ResponseEnvelope = Ok(Reply::Done).into();
         assert_eq!(
             serde_json::to_string(&ok).unwrap(),
-            r#"{"version":1,"ok":"done"}"#
+            r#"{"version":2,"ok":"done"}"#
         );
         let err: ResponseEnvelope = Err(ApiError::new(ErrorCode::NotFound, "no port 3")).into();
         assert_eq!(
             serde_json::to_string(&err).unwrap(),
-            r#"{"version":1,"error":{"code":"not_found","message":"no port 3"}}"#
+            r#"{"version":2,"error":{"code":"not_found","message":"no port 3"}}"#
         );
     }
 }

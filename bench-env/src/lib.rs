@@ -26,16 +26,13 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// For tests that need root: returns false (after saying why) when they should skip, which
-/// is only when not root and not under CI. Under `CI=true` without root it panics: CI must
-/// run these tests, never skip them.
-pub fn privileged_test_may_run(name: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{name}: needs root (network namespaces, TAP devices) and CI=true forbids skipping");
-    }
-    eprintln!("SKIPPED {name}: needs root for network namespaces and TAP devices (run as root, or under CI)");
-    false
+/// For tests that need root: panics, saying why, when not root. Such tests are marked
+/// `#[cfg_attr(not(privileged), ignore = "...")]`: the build script sets `privileged` when
+/// building as root or under `CI=true`, so without root they report as ignored (never as
+/// passed), and under CI they always run: without root there, this panics.
+pub fn require_root(name: &str) {
+    assert!(
+        is_root(),
+        "{name}: needs root (network namespaces, TAP devices); run the tests as root"
+    );
 }

@@ -248,3 +248,59 @@ pub fn udp_burst(
         sources,
     })
 }
+
+/// A TCP connection from a client pod to an echo server on another pod, held open so that
+/// a test can check that an established flow keeps working across a change.
+pub struct EchoFlow {
+    stream: TcpStream,
+    server: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EchoFlow {
+    /// Opens the connection from `client` to `server` (IPv4, TCP port 7002).
+    pub fn open(client: &Pod, server: &Pod) -> Result<Self> {
+        let addr = SocketAddr::from((server.ipv4, 7002));
+        let listener = run_in(&server.ns.path(), || TcpListener::bind(addr))
+            .map_err(|e| fail!("echo server: {e}"))?;
+        let handle = std::thread::spawn(move || {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let stream = run_in(&client.ns.path(), || {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.set_write_timeout(Some(Duration::from_secs(5)))?;
+            Ok(s)
+        })
+        .map_err(|e| fail!("connecting to the echo server: {e}"))?;
+        Ok(Self {
+            stream,
+            server: Some(handle),
+        })
+    }
+
+    /// Sends `message` and reads it back; true when it came back whole within 5 s.
+    pub fn echo(&mut self, message: &[u8]) -> bool {
+        if self.stream.write_all(message).is_err() {
+            return false;
+        }
+        let mut back = vec![0u8; message.len()];
+        self.stream.read_exact(&mut back).is_ok() && back == message
+    }
+}
+
+impl Drop for EchoFlow {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+    }
+}

@@ -26,10 +26,8 @@ impl Drop for Network {
     }
 }
 
-fn network() -> Option<Network> {
-    if !bench_env::privileged_test_may_run("CNI integration test") {
-        return None;
-    }
+fn network() -> Network {
+    bench_env::require_root("CNI integration test");
     bench_env::tools::ensure_cni_plugins().expect("reference CNI plugins");
     let bed = Testbed::dataplane_only().expect("dataplane");
     let name = unique_prefix();
@@ -45,12 +43,12 @@ fn network() -> Option<Network> {
             "ranges": [[{"subnet": "10.88.0.0/24"}], [{"subnet": "fd88::/64"}]],
         },
     });
-    Some(Network {
+    Network {
         bed,
         conf,
         data_dir,
         plugin: bench_env::tools::find_binary("switchyard-cni").unwrap(),
-    })
+    }
 }
 
 impl Network {
@@ -134,8 +132,12 @@ fn call_plugin(
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn every_version_adds_checks_and_deletes() {
-    let Some(net) = network() else { return };
+    let net = network();
     for v in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"] {
         let conf = net.with_version(v);
         let pod = Netns::create(&format!("{}-pod", unique_prefix())).unwrap();
@@ -182,8 +184,12 @@ fn every_version_adds_checks_and_deletes() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn check_fails_when_the_interface_is_gone_and_pods_talk() {
-    let Some(net) = network() else { return };
+    let net = network();
     let a = Netns::create(&format!("{}-a", unique_prefix())).unwrap();
     let b = Netns::create(&format!("{}-b", unique_prefix())).unwrap();
     net.add("ctr-a", &a);
@@ -225,8 +231,12 @@ fn check_fails_when_the_interface_is_gone_and_pods_talk() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn gc_removes_ports_and_addresses_of_invalid_attachments() {
-    let Some(net) = network() else { return };
+    let net = network();
     let keep = Netns::create(&format!("{}-keep", unique_prefix())).unwrap();
     let drop = Netns::create(&format!("{}-drop", unique_prefix())).unwrap();
     net.add("keep", &keep);
@@ -249,8 +259,12 @@ fn gc_removes_ports_and_addresses_of_invalid_attachments() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn errors_follow_the_spec() {
-    let Some(net) = network() else { return };
+    let net = network();
     let pod = Netns::create(&format!("{}-pod", unique_prefix())).unwrap();
     let ns = pod.path().display().to_string();
     let code = |(v, ok): (Value, bool)| {
@@ -303,8 +317,12 @@ fn errors_follow_the_spec() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn fifty_concurrent_adds_then_dels_leak_nothing() {
-    let Some(net) = network() else { return };
+    let net = network();
     let pods: Vec<Netns> = (0..50)
         .map(|i| Netns::create(&format!("{}-c{i}", unique_prefix())).unwrap())
         .collect();

@@ -5,17 +5,15 @@
 use bench_env::cluster::{Cluster, ClusterOptions};
 use bench_env::measure;
 use bench_env::testbed::Arm;
-use bench_env::transfer::{tcp_transfer, udp_burst};
+use bench_env::transfer::{tcp_transfer, udp_burst, EchoFlow};
 use std::net::IpAddr;
 
-fn cluster_with(options: ClusterOptions) -> Option<Cluster> {
-    if !bench_env::privileged_test_may_run("egress integration test") {
-        return None;
-    }
-    Some(Cluster::build(Arm::Switchyard, &options).expect("cluster"))
+fn cluster_with(options: ClusterOptions) -> Cluster {
+    bench_env::require_root("egress integration test");
+    Cluster::build(Arm::Switchyard, &options).expect("cluster")
 }
 
-fn cluster() -> Option<Cluster> {
+fn cluster() -> Cluster {
     cluster_with(ClusterOptions {
         external: true,
         ..ClusterOptions::default()
@@ -32,10 +30,12 @@ fn stat(c: &Cluster, node: usize, name: &str) -> u64 {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn pods_reach_the_external_network_as_their_node() {
-    let Some(c) = cluster() else {
-        return;
-    };
+    let c = cluster();
     let ext = c.external.as_ref().unwrap();
     for node in &c.nodes {
         let pod = &node.pods[0];
@@ -104,10 +104,12 @@ fn pods_reach_the_external_network_as_their_node() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn fragmentation_needed_from_the_router_reaches_the_pod() {
-    let Some(c) = cluster() else {
-        return;
-    };
+    let c = cluster();
     // The router's link to the external network is narrower than the pods' MTU.
     c.hub
         .exec(&["ip", "link", "set", "x0", "mtu", "1300"])
@@ -142,10 +144,12 @@ fn fragmentation_needed_from_the_router_reaches_the_pod() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn the_node_never_resets_a_masqueraded_flow() {
-    let Some(c) = cluster() else {
-        return;
-    };
+    let c = cluster();
     let node = &c.nodes[0];
     let ns = node.ns.path();
     let capture = std::thread::spawn(move || {
@@ -212,14 +216,16 @@ fn open_flows(
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn two_hundred_thousand_flows_then_a_full_table_drops_only_new_ones() {
-    let Some(c) = cluster_with(ClusterOptions {
+    let c = cluster_with(ClusterOptions {
         external: true,
         conntrack_max: Some(210_000),
         ..ClusterOptions::default()
-    }) else {
-        return;
-    };
+    });
     let ext = c.external.as_ref().unwrap();
     let pod = &c.nodes[0].pods[0];
     let pid = c.nodes[0].dataplane_pid().unwrap();
@@ -250,14 +256,25 @@ fn two_hundred_thousand_flows_then_a_full_table_drops_only_new_ones() {
     // An established flow, then more flows than the table holds.
     let t = tcp_transfer(pod, ext, 1 << 20).unwrap();
     assert_eq!(t.sent_hash, t.received_hash);
+    let mut known = EchoFlow::open(pod, ext).expect("a TCP connection to the external host");
+    assert!(known.echo(b"before the table fills"));
     open_flows(pod, ext.ipv4, 20_000, 60_000);
     assert!(
         stat(&c, 0, "conntrack_full") > 5_000,
         "new flows past the limit are dropped"
     );
     assert!(nat(&c).flows <= 210_000 + 64);
-    // Known flows carry on: the ICMP echo flow from before, pinging again.
-    assert!(measure::ping(&pod.ns, IpAddr::V4(ext.ipv4)) || stat(&c, 0, "conntrack_full") > 0);
+    // A known flow carries on while the table is full.
+    let refused = stat(&c, 0, "conntrack_full");
+    assert!(
+        known.echo(b"while the table is full"),
+        "an established connection stopped when the table filled"
+    );
+    assert_eq!(
+        stat(&c, 0, "conntrack_full"),
+        refused,
+        "the established connection's packets were refused as new flows"
+    );
     let grown = rss_kib(pid).saturating_sub(before);
     eprintln!(
         "conntrack: {} flows; dataplane RSS grew by {grown} KiB ({} bytes per flow)",
@@ -272,10 +289,12 @@ fn two_hundred_thousand_flows_then_a_full_table_drops_only_new_ones() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn routes_from_the_cluster_configuration_reach_the_nodes() {
-    let Some(mut c) = cluster() else {
-        return;
-    };
+    let mut c = cluster();
     let ext = c.external.as_ref().unwrap().ipv4;
     // Node 0 loses its hand-made static route: its pods lose the external network.
     c.nodes[0]
@@ -340,10 +359,12 @@ fn connect_from(
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn host_port_publishes_a_pod_on_its_node_until_del() {
-    let Some(mut c) = cluster() else {
-        return;
-    };
+    let mut c = cluster();
     let mappings = serde_json::json!({"portMappings": [
         {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""},
         {"hostPort": 5353, "containerPort": 53, "protocol": "udp"}
@@ -432,10 +453,12 @@ fn host_port_publishes_a_pod_on_its_node_until_del() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn host_port_answers_pods_on_every_node_the_node_itself_and_hairpin() {
-    let Some(mut c) = cluster() else {
-        return;
-    };
+    let mut c = cluster();
     let mappings = serde_json::json!({"portMappings": [
         {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}
     ]});
@@ -477,10 +500,12 @@ fn host_port_answers_pods_on_every_node_the_node_itself_and_hairpin() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn steering_rules_left_by_a_crashed_dataplane_are_removed() {
-    let Some(mut c) = cluster() else {
-        return;
-    };
+    let mut c = cluster();
     // What a dataplane killed with SIGKILL leaves when a pod's hostPort went meanwhile.
     let uplink = "eth0";
     c.nodes[0]

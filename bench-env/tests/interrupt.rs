@@ -15,10 +15,12 @@ fn netns_with(prefix: &str) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn ctrl_c_leaves_nothing_behind() {
-    if !bench_env::privileged_test_may_run("interrupt test") {
-        return;
-    }
+    bench_env::require_root("interrupt test");
     bench_env::tools::ensure_installed().unwrap();
     bench_env::tools::ensure_cni_plugins().unwrap();
     let binary = bench_env::tools::find_binary("bench-env").unwrap();

@@ -11,22 +11,18 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 use switchyard_api::BackendKind;
 
-fn cluster(options: ClusterOptions) -> Option<Cluster> {
-    if !bench_env::privileged_test_may_run("multi-node integration test") {
-        return None;
-    }
-    Some(Cluster::build(Arm::Switchyard, &options).expect("cluster"))
+fn cluster(options: ClusterOptions) -> Cluster {
+    bench_env::require_root("multi-node integration test");
+    Cluster::build(Arm::Switchyard, &options).expect("cluster")
 }
 
 fn assert_matrix(backend: BackendKind, underlay: Underlay) {
-    let Some(c) = cluster(ClusterOptions {
+    let c = cluster(ClusterOptions {
         backend,
         underlay,
         pods_per_node: 2,
         ..ClusterOptions::default()
-    }) else {
-        return;
-    };
+    });
     let m = cluster::connectivity(&c);
     assert!(
         m.failures.is_empty(),
@@ -41,35 +37,57 @@ fn assert_matrix(backend: BackendKind, underlay: Underlay) {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn matrix_vxlan_one_segment() {
     assert_matrix(BackendKind::Vxlan, Underlay::Flat);
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn matrix_ipip_one_segment() {
     assert_matrix(BackendKind::Ipip, Underlay::Flat);
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn matrix_direct_one_segment() {
     assert_matrix(BackendKind::Direct, Underlay::Flat);
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn matrix_vxlan_two_subnets_behind_a_router() {
     assert_matrix(BackendKind::Vxlan, Underlay::Routed);
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn matrix_ipip_two_subnets_behind_a_router() {
     assert_matrix(BackendKind::Ipip, Underlay::Routed);
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn direct_routing_refuses_peers_that_are_not_on_link() {
-    if !bench_env::privileged_test_may_run("multi-node integration test") {
-        return;
-    }
+    bench_env::require_root("multi-node integration test");
     let options = ClusterOptions {
         backend: BackendKind::Direct,
         underlay: Underlay::Routed,
@@ -97,14 +115,16 @@ fn counter(c: &Cluster, node: usize, name: &str) -> u64 {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn pmtu_pod_mtu_wrongly_1500_on_vxlan_still_moves_100_mb() {
-    let Some(c) = cluster(ClusterOptions {
+    let c = cluster(ClusterOptions {
         backend: BackendKind::Vxlan,
         pod_mtu: Some(1500),
         ..ClusterOptions::default()
-    }) else {
-        return;
-    };
+    });
     let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
     let mtu = a.ns.exec(&["cat", "/sys/class/net/eth0/mtu"]).unwrap();
     assert_eq!(
@@ -156,10 +176,12 @@ fn time_to_answer(from: &bench_env::netns::Netns, target: IpAddr, limit: Duratio
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn a_third_node_joins_and_restarts_recover_within_a_second() {
-    let Some(mut c) = cluster(ClusterOptions::default()) else {
-        return;
-    };
+    let mut c = cluster(ClusterOptions::default());
     // A third node: its dataplane and agent run, then its Node object appears.
     c.start_node(2).unwrap();
     let written = Instant::now();
@@ -203,10 +225,12 @@ fn a_third_node_joins_and_restarts_recover_within_a_second() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn bad_manifests_are_reported_and_the_last_good_tables_stay() {
-    let Some(c) = cluster(ClusterOptions::default()) else {
-        return;
-    };
+    let c = cluster(ClusterOptions::default());
     let dir = &c.manifests;
     let target = IpAddr::V4(c.nodes[1].pods[0].ipv4);
     let cases: [(&str, &str, &str); 4] = [
@@ -261,10 +285,12 @@ fn bad_manifests_are_reported_and_the_last_good_tables_stay() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn cli_lists_nodes_peers_routes_pods_and_checks_the_matrix() {
-    let Some(c) = cluster(ClusterOptions::default()) else {
-        return;
-    };
+    let c = cluster(ClusterOptions::default());
     let run = |args: &[&str]| c.nodes[0].control(args).unwrap();
     let (ok, nodes) = run(&["get", "nodes", "-o", "wide"]);
     assert!(
@@ -365,10 +391,12 @@ fn verify_vxlan_checksums(
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn every_vxlan_packet_on_the_wire_has_right_checksums() {
-    let Some(c) = cluster(ClusterOptions::default()) else {
-        return;
-    };
+    let c = cluster(ClusterOptions::default());
     let hub = c.hub.path();
     let capture = std::thread::spawn(move || {
         bench_env::rawsock::capture(&hub, "n0", Duration::from_secs(3)).unwrap()
@@ -402,10 +430,12 @@ fn every_vxlan_packet_on_the_wire_has_right_checksums() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn the_backend_changes_live_and_stale_routes_go() {
-    let Some(mut c) = cluster(ClusterOptions::default()) else {
-        return;
-    };
+    let mut c = cluster(ClusterOptions::default());
     for backend in [BackendKind::Ipip, BackendKind::Direct, BackendKind::Vxlan] {
         c.set_backend(backend).unwrap();
         let start = Instant::now();

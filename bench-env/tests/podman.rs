@@ -165,10 +165,12 @@ impl Drop for Podman {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn podman_containers_on_a_switchyard_network() {
-    if !bench_env::privileged_test_may_run("podman end-to-end test") {
-        return;
-    }
+    bench_env::require_root("podman end-to-end test");
     bench_env::tools::ensure_podman().expect("podman, runc, busybox-static");
     bench_env::tools::ensure_cni_plugins().expect("host-local");
     bench_env::tools::ensure_installed().expect("iperf3");

@@ -10,16 +10,14 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 use switchyard_api::{Reply, Request};
 
-fn testbed(pods: usize, mtus: Vec<u32>) -> Option<Testbed> {
-    if !bench_env::privileged_test_may_run("single-node integration test") {
-        return None;
-    }
+fn testbed(pods: usize, mtus: Vec<u32>) -> Testbed {
+    bench_env::require_root("single-node integration test");
     let options = Options {
         pods,
         mtus,
         ..Options::default()
     };
-    Some(Testbed::build(Arm::Switchyard, &options).expect("testbed"))
+    Testbed::build(Arm::Switchyard, &options).expect("testbed")
 }
 
 fn drops(bed: &Testbed, reason: &str) -> u64 {
@@ -38,10 +36,12 @@ fn ports(bed: &Testbed) -> Vec<switchyard_api::PortInfo> {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn two_pods_ping_and_move_200_mb_intact() {
-    let Some(bed) = testbed(2, vec![1500]) else {
-        return;
-    };
+    let bed = testbed(2, vec![1500]);
     let matrix = measure::connectivity(&bed.pods);
     assert!(
         matrix.failures.is_empty(),
@@ -55,10 +55,12 @@ fn two_pods_ping_and_move_200_mb_intact() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn spoofed_frames_are_dropped_and_counted() {
-    let Some(bed) = testbed(2, vec![1500]) else {
-        return;
-    };
+    let bed = testbed(2, vec![1500]);
     let (a, b) = (&bed.pods[0], &bed.pods[1]);
     let target = b.ipv4.to_string();
     // An address the dataplane never gave to pod A, added behind its back.
@@ -80,11 +82,13 @@ fn spoofed_frames_are_dropped_and_counted() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn jumbo_pods_and_path_mtu_errors() {
     // Pods 0 and 1 have MTU 9000, pod 2 has 1500.
-    let Some(bed) = testbed(3, vec![9000, 9000, 1500]) else {
-        return;
-    };
+    let bed = testbed(3, vec![9000, 9000, 1500]);
     let (a, b, small) = (&bed.pods[0], &bed.pods[1], &bed.pods[2]);
     // Largest payloads that fit 9000 bytes with DF: 9000 - 28 (IPv4), 9000 - 48 (IPv6).
     for (family, size, target) in [
@@ -152,10 +156,12 @@ fn error_code(answer: &serde_json::Value) -> &str {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn bad_api_requests_are_refused_and_change_nothing() {
-    let Some(bed) = testbed(2, vec![1500]) else {
-        return;
-    };
+    let bed = testbed(2, vec![1500]);
     let before = ports(&bed);
     let a_ns = bed.pods[0].ns.path().display().to_string();
     let add = |netns: &str, ifname: &str, ips: &str| {
@@ -240,10 +246,12 @@ fn bad_api_requests_are_refused_and_change_nothing() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn ten_thousand_random_frames_do_not_stop_forwarding() {
-    let Some(mut bed) = testbed(2, vec![1500]) else {
-        return;
-    };
+    let mut bed = testbed(2, vec![1500]);
     let mut rng = fastrand::Rng::with_seed(7);
     let gateway = [0xee; 6];
     let own_mac = [0x0a, 0x58, 10, 244, 0, 10];
@@ -281,10 +289,12 @@ fn ten_thousand_random_frames_do_not_stop_forwarding() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn deleting_a_port_removes_its_interface_and_routes() {
-    let Some(bed) = testbed(2, vec![1500]) else {
-        return;
-    };
+    let bed = testbed(2, vec![1500]);
     let id = bed.pods[1].port.unwrap();
     bed.client()
         .unwrap()
@@ -306,10 +316,12 @@ fn deleting_a_port_removes_its_interface_and_routes() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn udp_datagrams_arrive_intact_through_coalescing() {
-    let Some(bed) = testbed(2, vec![1500]) else {
-        return;
-    };
+    let bed = testbed(2, vec![1500]);
     let coalesced = |bed: &Testbed| {
         bed.client()
             .unwrap()
@@ -338,10 +350,12 @@ fn udp_datagrams_arrive_intact_through_coalescing() {
 }
 
 #[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
 fn cpu_steering_mode_forwards_everything() {
-    if !bench_env::privileged_test_may_run("single-node integration test") {
-        return;
-    }
+    bench_env::require_root("single-node integration test");
     let options = Options {
         pods: 2,
         workers: Some(2),

@@ -1,0 +1,272 @@
+//! The wire format is pinned per protocol version: a sample of every request and reply, with
+//! every field filled, serialises to exactly what `tests/schema/v{API_VERSION}.json`
+//! records. A change to a message without a new [`API_VERSION`] fails here; bump the
+//! version, then record the new file with `UPDATE_API_SCHEMA=1 cargo test -p switchyard-api`.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use switchyard_api::*;
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn node_spec() -> NodeSpec {
+    NodeSpec {
+        name: "node-a".into(),
+        underlay: Ipv4Addr::new(192, 168, 1, 10),
+        addresses: vec![IpAddr::from([192, 168, 1, 10])],
+        uplink: Some("eth0".into()),
+        pod_cidrs: vec![net("10.244.0.0/24"), net("fd00:244::/80")],
+        cluster_cidrs: vec![net("10.244.0.0/16")],
+        backend: Backend {
+            kind: BackendKind::Vxlan,
+            vni: 1,
+            port: 4789,
+        },
+        mtu: Some(1450),
+        peers: vec![Peer {
+            name: "node-b".into(),
+            underlay: Ipv4Addr::new(192, 168, 1, 11),
+            addresses: vec![IpAddr::from([192, 168, 1, 11])],
+            pod_cidrs: vec![net("10.244.1.0/24")],
+        }],
+        masquerade: Masquerade {
+            non_masquerade_cidrs: vec![net("10.0.0.0/8")],
+            masq_link_local: true,
+            port_range: PortRange {
+                first: 32768,
+                last: 60999,
+            },
+            conntrack_max: 1000,
+        },
+        routes: vec![ExtraRoute {
+            dst: net("192.168.2.0/24"),
+            via: IpAddr::from([192, 168, 1, 1]),
+        }],
+        service_cidrs: vec![net("10.96.0.0/12")],
+    }
+}
+
+fn port_info() -> PortInfo {
+    PortInfo {
+        id: 3,
+        kind: "tap".into(),
+        netns: "/run/netns/pod-a".into(),
+        ifname: "eth0".into(),
+        ifindex: 2,
+        mac: MacAddr([0x0a, 0x58, 10, 244, 0, 5]),
+        mtu: 1450,
+        ips: vec![net("10.244.0.5/24")],
+        owner: Some("container-id".into()),
+        queues: 2,
+        port_mappings: vec![PortMapping {
+            host_port: 8080,
+            container_port: 80,
+            protocol: "tcp".into(),
+            host_ip: "".into(),
+        }],
+    }
+}
+
+/// One of every request. The match makes a new variant a compile error until it has a
+/// sample here.
+fn requests() -> Vec<Request> {
+    let all = vec![
+        Request::Hello,
+        Request::AddPort(AddPort {
+            netns: "/run/netns/pod-a".into(),
+            ifname: "eth0".into(),
+            ips: vec![net("10.244.0.5/24"), net("fd00:244::5/80")],
+            mtu: Some(1450),
+            mac: Some(MacAddr([0x0a, 0x58, 10, 244, 0, 5])),
+            owner: Some("container-id".into()),
+            port_mappings: port_info().port_mappings,
+        }),
+        Request::DelPort(PortSelector::Id { id: 3 }),
+        Request::DelPort(PortSelector::Attachment {
+            netns: "/run/netns/pod-a".into(),
+            ifname: "eth0".into(),
+        }),
+        Request::ListPorts,
+        Request::AddRoute(RouteSpec {
+            dst: net("10.1.0.0/16"),
+            via: NextHop::Peer(Ipv4Addr::new(192, 168, 1, 11)),
+        }),
+        Request::DelRoute {
+            dst: net("10.1.0.0/16"),
+        },
+        Request::ListRoutes,
+        Request::Stats,
+        Request::SetNode(node_spec()),
+        Request::GetNode,
+        Request::GetNat,
+        Request::ListConntrack {
+            pod: Some(Ipv4Addr::new(10, 244, 0, 5)),
+            protocol: Some("tcp".into()),
+        },
+    ];
+    for request in &all {
+        match request {
+            Request::Hello
+            | Request::AddPort(_)
+            | Request::DelPort(_)
+            | Request::ListPorts
+            | Request::AddRoute(_)
+            | Request::DelRoute { .. }
+            | Request::ListRoutes
+            | Request::Stats
+            | Request::SetNode(_)
+            | Request::GetNode
+            | Request::GetNat
+            | Request::ListConntrack { .. } => {}
+        }
+    }
+    all
+}
+
+/// One of every reply, likewise.
+fn replies() -> Vec<Reply> {
+    let all = vec![
+        Reply::Hello(HelloReply {
+            version: API_VERSION,
+            software: "0.1.0".into(),
+            workers: 2,
+            gateway_mac: MacAddr([0xee; 6]),
+            gateway_ipv4: Ipv4Addr::new(169, 254, 1, 1),
+            gateway_ipv6: "fe80::1".parse().unwrap(),
+            pod_cidrs: vec![net("10.244.0.0/24")],
+        }),
+        Reply::Port(port_info()),
+        Reply::Ports(vec![port_info()]),
+        Reply::Routes(vec![RouteInfo {
+            dst: net("10.244.0.5/32"),
+            via: NextHop::Port(3),
+            origin: RouteOrigin::Pod,
+        }]),
+        Reply::Stats(Stats {
+            workers: 2,
+            counters: BTreeMap::from([("forwarded_ipv4".into(), 7)]),
+            drops: BTreeMap::from([("no_route".into(), 1)]),
+            ports: vec![PortCounters {
+                id: 3,
+                ifname: "eth0".into(),
+                rx_frames: 1,
+                rx_bytes: 2,
+                tx_frames: 3,
+                tx_bytes: 4,
+                tx_errors: 5,
+            }],
+        }),
+        Reply::Node(Box::new(NodeStatus {
+            spec: Some(node_spec()),
+            uplink: Some("eth0".into()),
+            uplink_mtu: Some(1500),
+            pod_mtu: Some(1450),
+            host_ifname: Some("sy-host".into()),
+        })),
+        Reply::Nat(Some(NatStatus {
+            node: Ipv4Addr::new(192, 168, 1, 10),
+            port_range: PortRange::default(),
+            flows: 1,
+            limit: 2,
+            tcp: 1,
+            udp: 0,
+            icmp: 0,
+        })),
+        Reply::Conntrack(vec![ConntrackEntry {
+            protocol: "tcp".into(),
+            kind: "masquerade".into(),
+            pod: Ipv4Addr::new(10, 244, 0, 5),
+            pod_port: 40000,
+            remote: Ipv4Addr::new(192, 168, 2, 10),
+            remote_port: 80,
+            node_port: 33000,
+            state: "established".into(),
+            idle_s: 1,
+        }]),
+        Reply::Done,
+    ];
+    for reply in &all {
+        match reply {
+            Reply::Hello(_)
+            | Reply::Port(_)
+            | Reply::Ports(_)
+            | Reply::Routes(_)
+            | Reply::Stats(_)
+            | Reply::Node(_)
+            | Reply::Nat(_)
+            | Reply::Conntrack(_)
+            | Reply::Done => {}
+        }
+    }
+    all
+}
+
+fn recorded_path() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/schema")
+        .join(format!("v{API_VERSION}.json"))
+}
+
+#[test]
+fn messages_match_the_schema_recorded_for_this_version() {
+    let now = serde_json::to_string_pretty(&serde_json::json!({
+        "version": API_VERSION,
+        "requests": requests(),
+        "replies": replies(),
+    }))
+    .unwrap()
+        + "\n";
+    let path = recorded_path();
+    if std::env::var_os("UPDATE_API_SCHEMA").is_some() {
+        std::fs::write(&path, &now).unwrap();
+    }
+    let recorded = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        panic!(
+            "no schema recorded for API version {API_VERSION} at {}: record it with \
+             UPDATE_API_SCHEMA=1",
+            path.display()
+        )
+    });
+    assert!(
+        recorded == now,
+        "the messages changed but API_VERSION is still {API_VERSION}: bump it in \
+         api/src/lib.rs and record tests/schema/v{{new}}.json with UPDATE_API_SCHEMA=1"
+    );
+}
+
+#[test]
+fn every_request_and_reply_round_trips_through_its_line() {
+    for request in requests() {
+        let line = serde_json::to_vec(&RequestEnvelope {
+            version: API_VERSION,
+            request: request.clone(),
+        })
+        .unwrap();
+        assert_eq!(parse_request(&line).unwrap(), request);
+    }
+    for reply in replies() {
+        let envelope: ResponseEnvelope = Ok(reply.clone()).into();
+        let line = serde_json::to_string(&envelope).unwrap();
+        let back: ResponseEnvelope = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.outcome, Outcome::Ok(reply));
+    }
+}
+
+#[test]
+fn requests_of_every_older_version_are_still_understood() {
+    let oldest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("tests/schema/v{OLDEST_API_VERSION}.json")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    for request in oldest["requests"].as_array().unwrap() {
+        let line = serde_json::json!({"version": OLDEST_API_VERSION, "request": request});
+        parse_request(line.to_string().as_bytes())
+            .unwrap_or_else(|e| panic!("a version {OLDEST_API_VERSION} request is refused: {e}"));
+    }
+}
