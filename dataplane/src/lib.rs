@@ -15,6 +15,7 @@
 
 pub mod buffer;
 pub mod conntrack;
+pub mod gateway;
 pub mod io;
 pub mod node;
 pub mod pipeline;

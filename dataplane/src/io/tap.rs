@@ -15,7 +15,7 @@
 use super::netlink::Netlink;
 use super::netns;
 use crate::buffer::PacketBuf;
-use crate::tables::Gateway;
+use crate::gateway::Gateway;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

@@ -95,7 +95,7 @@ pub(super) trait Kind {
     /// The event counted per merged packet.
     const EVENT: Event;
     /// Whether frames going to `egress` from `ingress` may be merged.
-    fn eligible(ingress: &Port, egress: &Port) -> bool;
+    fn eligible<D>(ingress: &Port<D>, egress: &Port<D>) -> bool;
     /// Parses a candidate; `None` when it cannot be merged at all.
     fn parse(frame: &[u8]) -> Option<Self::First>;
     /// Where the payload of a parsed packet starts in its frame, and its length.
@@ -116,9 +116,9 @@ pub(super) trait Kind {
 
 /// Merges runs of packets of kind `K` in place: the first of a run grows into a GSO
 /// super-frame, the others get [`Verdict::Merged`].
-pub(super) fn coalesce<K: Kind>(
-    tables: &Tables,
-    ingress: &Port,
+pub(super) fn coalesce<K: Kind, D>(
+    tables: &Tables<D>,
+    ingress: &Port<D>,
     frames: &mut [PacketBuf],
     verdicts: &mut [Verdict],
     counters: &mut Counters,
@@ -177,7 +177,7 @@ impl Kind for Udp {
     type First = Datagram;
     const EVENT: Event = Event::UdpCoalesced;
 
-    fn eligible(_: &Port, egress: &Port) -> bool {
+    fn eligible<D>(_: &Port<D>, egress: &Port<D>) -> bool {
         egress.accepts_udp_gso
     }
 
@@ -352,7 +352,7 @@ impl Kind for Tcp {
     type First = Segment;
     const EVENT: Event = Event::TcpCoalesced;
 
-    fn eligible(ingress: &Port, egress: &Port) -> bool {
+    fn eligible<D>(ingress: &Port<D>, egress: &Port<D>) -> bool {
         ingress.role == PortRole::Uplink && egress.role != PortRole::Uplink
     }
 

@@ -4,7 +4,7 @@
 
 use super::L3_OFFSET;
 use crate::buffer::PacketBuf;
-use crate::tables::Gateway;
+use crate::gateway::Gateway;
 use crate::wire::checksum;
 use crate::wire::icmp;
 use crate::wire::ipv4::{self, Ipv4Packet};

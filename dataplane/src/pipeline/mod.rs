@@ -106,10 +106,10 @@ impl Pipeline {
 
     /// Runs the pipeline over frames that arrived on `ingress`, writing one verdict per
     /// frame. `now_ns` is a monotonic clock reading for rate limits.
-    pub fn process(
+    pub fn process<D>(
         &mut self,
-        tables: &Tables,
-        ingress: &Port,
+        tables: &Tables<D>,
+        ingress: &Port<D>,
         frames: &mut [PacketBuf],
         verdicts: &mut [Verdict],
         now_ns: u64,
@@ -119,9 +119,15 @@ impl Pipeline {
         for (frame, verdict) in frames.iter_mut().zip(verdicts.iter_mut()) {
             *verdict = self.process_one(tables, ingress, frame);
         }
-        coalesce::coalesce::<coalesce::Udp>(tables, ingress, frames, verdicts, &mut self.counters);
+        coalesce::coalesce::<coalesce::Udp, D>(
+            tables,
+            ingress,
+            frames,
+            verdicts,
+            &mut self.counters,
+        );
         if ingress.role == PortRole::Uplink {
-            coalesce::coalesce::<coalesce::Tcp>(
+            coalesce::coalesce::<coalesce::Tcp, D>(
                 tables,
                 ingress,
                 frames,
@@ -136,7 +142,12 @@ impl Pipeline {
         Verdict::Drop
     }
 
-    fn process_one(&mut self, tables: &Tables, ingress: &Port, pkt: &mut PacketBuf) -> Verdict {
+    fn process_one<D>(
+        &mut self,
+        tables: &Tables<D>,
+        ingress: &Port<D>,
+        pkt: &mut PacketBuf,
+    ) -> Verdict {
         let Some(eth) = pkt
             .frame()
             .get(ETH_OFFSET..)
@@ -165,7 +176,12 @@ impl Pipeline {
         }
     }
 
-    fn forward_ipv4(&mut self, tables: &Tables, ingress: &Port, pkt: &mut PacketBuf) -> Verdict {
+    fn forward_ipv4<D>(
+        &mut self,
+        tables: &Tables<D>,
+        ingress: &Port<D>,
+        pkt: &mut PacketBuf,
+    ) -> Verdict {
         let (head, l3) = pkt.frame_mut().split_at_mut(L3_OFFSET);
         let partial = head[0] & vnet::F_NEEDS_CSUM != 0;
         let Ok(mut ip) = Ipv4Packet::new_checked(&mut *l3) else {
@@ -254,7 +270,12 @@ impl Pipeline {
         }
     }
 
-    fn forward_ipv6(&mut self, tables: &Tables, ingress: &Port, pkt: &mut PacketBuf) -> Verdict {
+    fn forward_ipv6<D>(
+        &mut self,
+        tables: &Tables<D>,
+        ingress: &Port<D>,
+        pkt: &mut PacketBuf,
+    ) -> Verdict {
         let (head, l3) = pkt.frame_mut().split_at_mut(L3_OFFSET);
         let Ok(mut ip) = Ipv6Packet::new_checked(&mut *l3) else {
             return self.drop(DropReason::MalformedIpv6);
@@ -289,14 +310,14 @@ impl Pipeline {
 
     /// The routing decision shared by both families.
     #[inline(always)]
-    fn route<'t>(
+    fn route<'t, D>(
         &self,
-        tables: &'t Tables,
-        ingress: &Port,
+        tables: &'t Tables<D>,
+        ingress: &Port<D>,
         nh: u32,
         ttl: u8,
         wire_len: usize,
-    ) -> Result<&'t Port, Reject> {
+    ) -> Result<&'t Port<D>, Reject> {
         let port = match tables.nexthop(nh) {
             None => return Err(Reject::Icmp(IcmpError::Unreachable, DropReason::NoRoute)),
             Some(NextHop::Blackhole) => return Err(Reject::Drop(DropReason::Blackhole)),
@@ -332,7 +353,13 @@ impl Pipeline {
     /// Rewrites the Ethernet header for delivery to `egress` (`head` is the virtio-net
     /// header followed by the Ethernet header) and counts the forward.
     #[inline(always)]
-    fn rewrite_ethernet(&mut self, tables: &Tables, egress: &Port, head: &mut [u8], event: Event) {
+    fn rewrite_ethernet<D>(
+        &mut self,
+        tables: &Tables<D>,
+        egress: &Port<D>,
+        head: &mut [u8],
+        event: Event,
+    ) {
         let (vnet, eth) = head.split_at_mut(vnet::HEADER_LEN);
         if is_gso(vnet) {
             self.counters.event(Event::ForwardedGso);
@@ -342,10 +369,10 @@ impl Pipeline {
         self.counters.event(event);
     }
 
-    fn send_icmp_error(
+    fn send_icmp_error<D>(
         &mut self,
-        tables: &Tables,
-        ingress: &Port,
+        tables: &Tables<D>,
+        ingress: &Port<D>,
         pkt: &mut PacketBuf,
         error: IcmpError,
         quotable: bool,

@@ -13,10 +13,10 @@ use crate::wire::ipv6::{self, Ipv6Packet};
 use crate::wire::{checksum, ethernet, EthernetFrame, VnetHeader};
 
 /// Answers an ARP request in place.
-pub(super) fn answer_arp(
+pub(super) fn answer_arp<D>(
     p: &mut Pipeline,
-    tables: &Tables,
-    ingress: &Port,
+    tables: &Tables<D>,
+    ingress: &Port<D>,
     pkt: &mut PacketBuf,
 ) -> Verdict {
     let Some(body) = pkt.frame_mut().get_mut(L3_OFFSET..) else {
@@ -43,10 +43,10 @@ pub(super) fn answer_arp(
 
 /// Answers an IPv6 neighbour solicitation in place. `None` when the frame is not neighbour
 /// discovery, so the caller forwards it.
-pub(super) fn answer_nd(
+pub(super) fn answer_nd<D>(
     p: &mut Pipeline,
-    tables: &Tables,
-    ingress: &Port,
+    tables: &Tables<D>,
+    ingress: &Port<D>,
     pkt: &mut PacketBuf,
 ) -> Option<Verdict> {
     let l3 = pkt.frame().get(L3_OFFSET..)?;
@@ -112,7 +112,12 @@ pub(super) fn answer_nd(
 
 /// Addresses a reply of `l3_len` bytes back to the pod: Ethernet from the gateway to the
 /// pod, a plain (non-GSO) virtio-net header, the frame cut to size.
-pub(super) fn finish_reply(pkt: &mut PacketBuf, tables: &Tables, ingress: &Port, l3_len: usize) {
+pub(super) fn finish_reply<D>(
+    pkt: &mut PacketBuf,
+    tables: &Tables<D>,
+    ingress: &Port<D>,
+    l3_len: usize,
+) {
     let frame = pkt.frame_mut();
     if let Ok(mut vnet) = VnetHeader::new_checked(&mut frame[..]) {
         vnet.clear();

@@ -579,11 +579,11 @@ fn ipv6_udp_runs_are_coalesced() {
 }
 
 /// Masquerade through the pipeline, sans-IO: a pod port, a host port (the node's stack),
-/// a default route to the host and a connection-tracking table, built by hand.
+/// a default route to the host and a connection-tracking table, built by hand, with no
+/// device behind the ports (the tables take any device type; here `()`).
 mod masquerade_stage {
     use super::*;
     use crate::conntrack::Conntrack;
-    use crate::io::{memory, PortIo};
     use crate::tables::builder::{NodePorts, TableBuilder};
     use crate::tables::masquerade::Masquerading;
     use crate::tables::{Gateway, Port, PortCounters, PortRole};
@@ -596,9 +596,8 @@ mod masquerade_stage {
     const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
     const EXT: [u8; 4] = [192, 168, 2, 10];
 
-    fn memory_port(id: u32, mac: MacAddr, ips: &[&str], role: PortRole) -> Arc<Port> {
+    fn port(id: u32, mac: MacAddr, ips: &[&str], role: PortRole) -> Arc<Port<()>> {
         let ips: Vec<switchyard_api::IpNet> = ips.iter().map(|s| s.parse().unwrap()).collect();
-        let (io, _peer) = memory::pair(4);
         Arc::new(Port {
             id,
             mac,
@@ -611,13 +610,13 @@ mod masquerade_stage {
                 })
                 .collect(),
             ipv6: Vec::new(),
-            io: PortIo::Memory(io),
+            device: (),
             role,
             accepts_udp_gso: false,
             counters: PortCounters::default(),
             info: PortInfo {
                 id,
-                kind: "memory".into(),
+                kind: "none".into(),
                 netns: String::new(),
                 ifname: format!("p{id}"),
                 ifindex: 0,
@@ -633,15 +632,15 @@ mod masquerade_stage {
 
     /// Pod A (port 1, 10.244.0.5), the host port (2) and pod B (port 3, 10.244.0.6), which
     /// publishes its UDP port 53 as the node's 5353.
-    fn tables() -> crate::tables::Tables {
+    fn tables() -> crate::tables::Tables<()> {
         tables_with_mtu_of_b(1500)
     }
 
-    fn tables_with_mtu_of_b(mtu: u32) -> crate::tables::Tables {
+    fn tables_with_mtu_of_b(mtu: u32) -> crate::tables::Tables<()> {
         let mut b = TableBuilder::new(Gateway::default());
-        let pod = memory_port(1, A_MAC, &["10.244.0.5/24"], PortRole::Pod);
-        let host = memory_port(2, HOST_MAC, &[], PortRole::Host);
-        let mut published = memory_port(3, B_MAC, &["10.244.0.6/24"], PortRole::Pod);
+        let pod = port(1, A_MAC, &["10.244.0.5/24"], PortRole::Pod);
+        let host = port(2, HOST_MAC, &[], PortRole::Host);
+        let mut published = port(3, B_MAC, &["10.244.0.6/24"], PortRole::Pod);
         let port = Arc::get_mut(&mut published).unwrap();
         port.mtu = mtu;
         port.info.port_mappings.push(switchyard_api::PortMapping {
@@ -682,7 +681,7 @@ mod masquerade_stage {
         p
     }
 
-    fn run(tables: &crate::tables::Tables, ingress: u32, frame: Vec<u8>) -> (Verdict, Vec<u8>) {
+    fn run(tables: &crate::tables::Tables<()>, ingress: u32, frame: Vec<u8>) -> (Verdict, Vec<u8>) {
         let mut pipeline = Pipeline::new();
         let mut bufs = vec![PacketBuf::new()];
         bufs[0].load_ethernet(&frame);

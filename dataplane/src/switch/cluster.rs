@@ -38,9 +38,9 @@ pub(super) struct NodeState {
     spec: NodeSpec,
     plan: NodePlan,
     uplink: UplinkInfo,
-    host: Arc<Port>,
+    host: Arc<Port<PortIo>>,
     host_ifindex: u32,
-    tunnels: Vec<Arc<Port>>,
+    tunnels: Vec<Arc<Port<PortIo>>>,
     kernel_routes: Vec<KernelRoute>,
     rules: Vec<KernelRule>,
     /// Steering rules for ports published to pods (hostPort), kept by
@@ -77,7 +77,7 @@ fn node_port(
     mtu: u32,
     io: PortIo,
     role: PortRole,
-) -> Port {
+) -> Port<PortIo> {
     let info = PortInfo {
         id,
         kind: io.kind().into(),
@@ -97,7 +97,7 @@ fn node_port(
         mtu,
         ipv4: Vec::new(),
         ipv6: Vec::new(),
-        io,
+        device: io,
         role,
         accepts_udp_gso: false,
         counters: PortCounters::default(),
@@ -149,7 +149,7 @@ impl Switch {
             .and_then(|mut nl| nl.set_link(host_ifindex, None, Some(plan.pod_mtu)))
             .map_err(|e| system("cannot set the host port's MTU", e))?;
 
-        let old_tunnels: Vec<Arc<Port>> = state
+        let old_tunnels: Vec<Arc<Port<PortIo>>> = state
             .node
             .as_ref()
             .map(|n| n.tunnels.clone())
@@ -164,7 +164,7 @@ impl Switch {
             self.open_tunnels(&mut state, &spec, plan.pod_mtu)?
         };
         for port in &tunnels {
-            if let PortIo::Uplink(up) = &port.io {
+            if let PortIo::Uplink(up) = &port.device {
                 up.set_peers(plan.peer_underlays.clone());
             }
         }
@@ -300,7 +300,11 @@ impl Switch {
         Ok(peer)
     }
 
-    fn create_host_port(&self, state: &mut State, mtu: u32) -> Result<(Arc<Port>, u32), ApiError> {
+    fn create_host_port(
+        &self,
+        state: &mut State,
+        mtu: u32,
+    ) -> Result<(Arc<Port<PortIo>>, u32), ApiError> {
         let name = &self.config.host_ifname;
         let (tap, ifindex) = TapDevice::create_host(name, HOST_MAC, mtu, self.workers.len())
             .map_err(|e| system(&format!("cannot create the host port {name}"), e))?;
@@ -314,7 +318,7 @@ impl Switch {
         state: &mut State,
         io: PortIo,
         ifindex: u32,
-    ) -> Result<Arc<Port>, ApiError> {
+    ) -> Result<Arc<Port<PortIo>>, ApiError> {
         let port = Arc::new(node_port(
             state.next_port_id,
             &self.config.host_ifname,
@@ -334,8 +338,8 @@ impl Switch {
         state: &mut State,
         spec: &NodeSpec,
         mtu: u32,
-    ) -> Result<Vec<Arc<Port>>, ApiError> {
-        let mut out: Vec<Arc<Port>> = Vec::new();
+    ) -> Result<Vec<Arc<Port<PortIo>>>, ApiError> {
+        let mut out: Vec<Arc<Port<PortIo>>> = Vec::new();
         for encap in encaps(spec) {
             let uplink = Uplink::open(
                 encap,

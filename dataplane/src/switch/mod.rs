@@ -68,7 +68,7 @@ impl Default for SwitchConfig {
 }
 
 struct State {
-    builder: TableBuilder,
+    builder: TableBuilder<PortIo>,
     next_port_id: u32,
     node: Option<cluster::NodeState>,
 }
@@ -76,7 +76,7 @@ struct State {
 /// A running switch.
 pub struct Switch {
     config: SwitchConfig,
-    shared: Arc<SharedTables>,
+    shared: Arc<SharedTables<PortIo>>,
     workers: Vec<Worker>,
     state: Mutex<State>,
     /// MTU for new pods once the node settings fixed it (0: not yet).
@@ -112,7 +112,7 @@ impl Switch {
     }
 
     /// The tables the workers currently use.
-    pub fn tables(&self) -> Arc<Tables> {
+    pub fn tables(&self) -> Arc<Tables<PortIo>> {
         self.shared.load_full()
     }
 
@@ -393,7 +393,7 @@ impl Switch {
                     _ => None,
                 })
                 .collect(),
-            io,
+            device: io,
             role: PortRole::Pod,
             accepts_udp_gso,
             counters: PortCounters::default(),
@@ -406,7 +406,7 @@ impl Switch {
 
     /// Adds a port whose device is open to the tables and the workers' polls; undoes both
     /// when polling fails.
-    fn publish_port(&self, state: &mut State, port: Arc<Port>) -> Result<(), ApiError> {
+    fn publish_port(&self, state: &mut State, port: Arc<Port<PortIo>>) -> Result<(), ApiError> {
         state.builder.insert_port(port.clone());
         self.publish(state);
         if let Err(err) = self.workers.iter().try_for_each(|w| w.watch(&port)) {
@@ -422,7 +422,7 @@ impl Switch {
     }
 
     /// Removes a port from the workers' polls and the tables.
-    fn unpublish_port(&self, state: &mut State, port: &Port) {
+    fn unpublish_port(&self, state: &mut State, port: &Port<PortIo>) {
         self.workers.iter().for_each(|w| w.unwatch(port));
         state.builder.remove_port(port.id);
         self.publish(state);
@@ -453,7 +453,7 @@ impl Switch {
                 ),
             ));
         }
-        if let PortIo::Tap(tap) = &port.io {
+        if let PortIo::Tap(tap) = &port.device {
             // The device goes away with its last descriptor.
             let _ = tap.set_persist(false);
         }
@@ -518,7 +518,7 @@ impl Switch {
 }
 
 /// Once a second, removes expired connection-tracking entries; ends with the switch.
-fn spawn_housekeeping(shared: std::sync::Weak<SharedTables>) -> io::Result<()> {
+fn spawn_housekeeping(shared: std::sync::Weak<SharedTables<PortIo>>) -> io::Result<()> {
     std::thread::Builder::new()
         .name("sy-housekeeping".into())
         .spawn(move || loop {

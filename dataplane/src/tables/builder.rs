@@ -18,28 +18,47 @@ const NH_UNREACHABLE: u32 = 2;
 const NH_FIRST_PORT: u32 = 3;
 
 /// Ports and static routes, from which snapshots are built.
-pub struct TableBuilder {
+pub struct TableBuilder<D> {
     gateway: Gateway,
     generation: u64,
-    ports: BTreeMap<u32, Arc<Port>>,
+    ports: BTreeMap<u32, Arc<Port<D>>>,
     static_routes: BTreeMap<IpNet, api::NextHop>,
     cluster_routes: BTreeMap<IpNet, api::NextHop>,
-    node_ports: NodePorts,
+    node_ports: NodePorts<D>,
     masquerade: Option<Arc<super::masquerade::Masquerading>>,
 }
 
 /// The ports through which [`api::NextHop::Host`] and [`api::NextHop::Peer`] routes leave.
-#[derive(Default, Clone)]
-pub struct NodePorts {
+pub struct NodePorts<D> {
     /// The host port (the node's own stack).
-    pub host: Option<Arc<Port>>,
+    pub host: Option<Arc<Port<D>>>,
     /// The uplink carrying IPv4 pod traffic.
-    pub tunnel_v4: Option<Arc<Port>>,
+    pub tunnel_v4: Option<Arc<Port<D>>>,
     /// The uplink carrying IPv6 pod traffic.
-    pub tunnel_v6: Option<Arc<Port>>,
+    pub tunnel_v6: Option<Arc<Port<D>>>,
 }
 
-impl TableBuilder {
+impl<D> Default for NodePorts<D> {
+    fn default() -> Self {
+        Self {
+            host: None,
+            tunnel_v4: None,
+            tunnel_v6: None,
+        }
+    }
+}
+
+impl<D> Clone for NodePorts<D> {
+    fn clone(&self) -> Self {
+        Self {
+            host: self.host.clone(),
+            tunnel_v4: self.tunnel_v4.clone(),
+            tunnel_v6: self.tunnel_v6.clone(),
+        }
+    }
+}
+
+impl<D> TableBuilder<D> {
     /// Empty state for a dataplane with this gateway.
     pub fn new(gateway: Gateway) -> Self {
         Self {
@@ -55,7 +74,7 @@ impl TableBuilder {
 
     /// Replaces the routes computed from the node settings and the ports they use. The
     /// ports must have been inserted with [`TableBuilder::insert_port`].
-    pub fn set_cluster(&mut self, routes: BTreeMap<IpNet, api::NextHop>, ports: NodePorts) {
+    pub fn set_cluster(&mut self, routes: BTreeMap<IpNet, api::NextHop>, ports: NodePorts<D>) {
         self.cluster_routes = routes;
         self.node_ports = ports;
     }
@@ -71,7 +90,7 @@ impl TableBuilder {
     }
 
     /// The ports of the node settings.
-    pub fn node_ports(&self) -> &NodePorts {
+    pub fn node_ports(&self) -> &NodePorts<D> {
         &self.node_ports
     }
 
@@ -81,17 +100,17 @@ impl TableBuilder {
     }
 
     /// All ports, by id.
-    pub fn ports(&self) -> impl Iterator<Item = &Arc<Port>> {
+    pub fn ports(&self) -> impl Iterator<Item = &Arc<Port<D>>> {
         self.ports.values()
     }
 
     /// The port with this id.
-    pub fn port(&self, id: u32) -> Option<&Arc<Port>> {
+    pub fn port(&self, id: u32) -> Option<&Arc<Port<D>>> {
         self.ports.get(&id)
     }
 
     /// The port created for this namespace and interface name.
-    pub fn find_attachment(&self, netns: &str, ifname: &str) -> Option<&Arc<Port>> {
+    pub fn find_attachment(&self, netns: &str, ifname: &str) -> Option<&Arc<Port<D>>> {
         self.ports
             .values()
             .find(|p| p.info.netns == netns && p.info.ifname == ifname)
@@ -159,19 +178,19 @@ impl TableBuilder {
         Ok(())
     }
 
-    fn owner_of(&self, addr: IpAddr) -> Option<&Arc<Port>> {
+    fn owner_of(&self, addr: IpAddr) -> Option<&Arc<Port<D>>> {
         self.ports
             .values()
             .find(|p| p.info.ips.iter().any(|n| n.addr() == addr))
     }
 
     /// Adds a port checked with [`TableBuilder::check_new_port`].
-    pub fn insert_port(&mut self, port: Arc<Port>) {
+    pub fn insert_port(&mut self, port: Arc<Port<D>>) {
         self.ports.insert(port.id, port);
     }
 
     /// Removes a port and the static routes through it; returns the port.
-    pub fn remove_port(&mut self, id: u32) -> Option<Arc<Port>> {
+    pub fn remove_port(&mut self, id: u32) -> Option<Arc<Port<D>>> {
         let port = self.ports.remove(&id)?;
         self.static_routes
             .retain(|_, via| *via != api::NextHop::Port(id));
@@ -278,7 +297,7 @@ impl TableBuilder {
     }
 
     /// Compiles the current state into a new snapshot.
-    pub fn build(&mut self) -> Tables {
+    pub fn build(&mut self) -> Tables<D> {
         self.generation += 1;
         let mut nexthops = vec![NextHop::Blackhole, NextHop::Blackhole, NextHop::Unreachable];
         let mut port_nh: HashMap<u32, u32> = HashMap::new();

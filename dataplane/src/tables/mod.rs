@@ -3,15 +3,19 @@
 //!
 //! Workers call [`SharedTables::load`] once per poll round and keep the snapshot for that
 //! round; the API thread builds a new [`Tables`] and swaps it in with
-//! [`SharedTables::publish`]. Nothing a worker does waits for the control side, and a port
-//! removed from the tables stays open until the last worker lets go of the old snapshot.
+//! [`SharedTables::publish`]. Nothing a worker does waits for the control side.
+//!
+//! The tables know nothing of devices: a [`Port`] carries a device of any type `D` that
+//! the layer above chooses (the dataplane's `io::PortIo`; tests may use anything). The
+//! snapshot owns it, so a port removed from the tables stays open until the last worker
+//! lets go of the old snapshot.
 
 pub mod builder;
 pub mod host_ports;
 pub mod lpm;
 pub mod masquerade;
 
-use crate::io::PortIo;
+pub use crate::gateway::Gateway;
 use arc_swap::ArcSwap;
 use lpm::Lpm;
 use std::collections::HashMap;
@@ -19,27 +23,6 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use switchyard_api::{MacAddr, PortInfo};
-
-/// The pods' gateway: the MAC and addresses the dataplane answers ARP / ND for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Gateway {
-    /// MAC of the gateway, answered for every ARP / ND request.
-    pub mac: MacAddr,
-    /// IPv4 gateway (link-local, like Calico's 169.254.1.1).
-    pub ipv4: Ipv4Addr,
-    /// IPv6 gateway (link-local fe80::1).
-    pub ipv6: Ipv6Addr,
-}
-
-impl Default for Gateway {
-    fn default() -> Self {
-        Self {
-            mac: MacAddr([0xee, 0xee, 0xee, 0xee, 0xee, 0xee]),
-            ipv4: Ipv4Addr::new(169, 254, 1, 1),
-            ipv6: Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1),
-        }
-    }
-}
 
 /// Traffic counters of one port, shared between workers.
 #[derive(Debug, Default)]
@@ -56,7 +39,7 @@ pub struct PortCounters {
     pub tx_errors: AtomicU64,
 }
 
-impl Port {
+impl<D> Port<D> {
     /// True when the port may send from this IPv4 address.
     #[inline]
     pub fn may_send_from_v4(&self, addr: Ipv4Addr) -> bool {
@@ -90,8 +73,8 @@ pub enum PortRole {
     Uplink,
 }
 
-/// A port as the fast path sees it.
-pub struct Port {
+/// A port as the fast path sees it, with the device `D` behind it.
+pub struct Port<D> {
     /// Port id (also the worker's poll token).
     pub id: u32,
     /// The pod interface's MAC: the only source MAC accepted from it, the destination of
@@ -104,7 +87,7 @@ pub struct Port {
     /// The pod's IPv6 addresses: the only IPv6 sources forwarded from it.
     pub ipv6: Vec<Ipv6Addr>,
     /// The device behind the port.
-    pub io: PortIo,
+    pub device: D,
     /// What is behind the port.
     pub role: PortRole,
     /// True when the device takes UDP GSO super-frames (a TAP with USO offload).
@@ -116,10 +99,9 @@ pub struct Port {
 }
 
 /// Where a route lookup sends a packet.
-#[derive(Clone)]
-pub enum NextHop {
+pub enum NextHop<D> {
     /// To the pod behind this port.
-    Port(Arc<Port>),
+    Port(Arc<Port<D>>),
     /// Drop silently.
     Blackhole,
     /// Drop and answer ICMP unreachable.
@@ -127,33 +109,47 @@ pub enum NextHop {
     /// Encapsulate and send through the uplink `port` to the node at `peer`.
     Tunnel {
         /// The uplink port (its MTU is the largest inner packet a tunnel carries).
-        port: Arc<Port>,
+        port: Arc<Port<D>>,
         /// The peer node's underlay address.
         peer: Ipv4Addr,
     },
 }
 
+impl<D> Clone for NextHop<D> {
+    fn clone(&self) -> Self {
+        match self {
+            NextHop::Port(port) => NextHop::Port(port.clone()),
+            NextHop::Blackhole => NextHop::Blackhole,
+            NextHop::Unreachable => NextHop::Unreachable,
+            NextHop::Tunnel { port, peer } => NextHop::Tunnel {
+                port: port.clone(),
+                peer: *peer,
+            },
+        }
+    }
+}
+
 /// An immutable snapshot of everything the fast path reads.
-pub struct Tables {
+pub struct Tables<D> {
     /// Increases with every publication.
     pub generation: u64,
     /// The pods' gateway.
     pub gateway: Gateway,
     /// Ports by id.
-    pub ports: HashMap<u32, Arc<Port>>,
+    pub ports: HashMap<u32, Arc<Port<D>>>,
     /// IPv4 routes: values index `nexthops`.
     pub routes_v4: Lpm<u32>,
     /// IPv6 routes: values index `nexthops`.
     pub routes_v6: Lpm<u128>,
     /// Next hops; index 0 is unused (it means "no route").
-    pub nexthops: Vec<NextHop>,
+    pub nexthops: Vec<NextHop<D>>,
     /// Masquerade of pod traffic leaving the cluster, once the node settings enable it.
     pub masquerade: Option<Arc<masquerade::Masquerading>>,
     /// The node's ports published to pods (hostPort).
     pub host_ports: host_ports::HostPorts,
 }
 
-impl Tables {
+impl<D> Tables<D> {
     /// Tables with no port and no route.
     pub fn empty(gateway: Gateway) -> Self {
         Self {
@@ -170,7 +166,7 @@ impl Tables {
 
     /// The next hop stored at `index`, if any.
     #[inline]
-    pub fn nexthop(&self, index: u32) -> Option<&NextHop> {
+    pub fn nexthop(&self, index: u32) -> Option<&NextHop<D>> {
         if index == 0 {
             None
         } else {
@@ -180,27 +176,27 @@ impl Tables {
 }
 
 /// The published snapshot: swapped atomically, read without locks.
-pub struct SharedTables(ArcSwap<Tables>);
+pub struct SharedTables<D>(ArcSwap<Tables<D>>);
 
-impl SharedTables {
+impl<D> SharedTables<D> {
     /// Starts with `tables`.
-    pub fn new(tables: Tables) -> Self {
+    pub fn new(tables: Tables<D>) -> Self {
         Self(ArcSwap::from_pointee(tables))
     }
 
     /// The current snapshot; hold it for one round of work, not longer.
     #[inline]
-    pub fn load(&self) -> arc_swap::Guard<Arc<Tables>> {
+    pub fn load(&self) -> arc_swap::Guard<Arc<Tables<D>>> {
         self.0.load()
     }
 
     /// The current snapshot as an owned reference.
-    pub fn load_full(&self) -> Arc<Tables> {
+    pub fn load_full(&self) -> Arc<Tables<D>> {
         self.0.load_full()
     }
 
     /// Replaces the snapshot. Readers see either the old or the new one, never a mix.
-    pub fn publish(&self, tables: Tables) {
+    pub fn publish(&self, tables: Tables<D>) {
         self.0.store(Arc::new(tables));
     }
 }

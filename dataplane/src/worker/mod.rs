@@ -31,14 +31,14 @@ pub fn monotonic_ns() -> u64 {
 /// read (a full batch means there may be more).
 pub fn forward_batch(
     pipeline: &mut Pipeline,
-    tables: &Tables,
-    port: &Port,
+    tables: &Tables<PortIo>,
+    port: &Port<PortIo>,
     queue: usize,
     bufs: &mut [PacketBuf],
     verdicts: &mut [Verdict],
     now_ns: u64,
 ) -> io::Result<usize> {
-    let n = port.io.recv_batch(queue, bufs)?;
+    let n = port.device.recv_batch(queue, bufs)?;
     if n == 0 {
         return Ok(0);
     }
@@ -64,7 +64,7 @@ pub fn forward_batch(
         };
         let frame = buf.frame_mut();
         let len = frame.len();
-        let sent = match (&egress.io, peer) {
+        let sent = match (&egress.device, peer) {
             (PortIo::Uplink(uplink), Some(peer)) => uplink.send_to(frame, peer, scratch),
             (io, _) => io.send(queue, frame),
         };
@@ -74,7 +74,7 @@ pub fn forward_batch(
 }
 
 #[inline]
-fn count_tx(counters: &mut Counters, egress: &Port, len: usize, sent: io::Result<()>) {
+fn count_tx(counters: &mut Counters, egress: &Port<PortIo>, len: usize, sent: io::Result<()>) {
     match sent {
         Ok(()) => {
             PortCounters::add(&egress.counters.tx_frames, 1);
@@ -138,7 +138,7 @@ impl Worker {
     /// steering puts on queue `index` of `n`.
     pub fn spawn(
         index: usize,
-        tables: Arc<SharedTables>,
+        tables: Arc<SharedTables<PortIo>>,
         spin: Duration,
         pin_among: Option<usize>,
     ) -> io::Result<Self> {
@@ -173,8 +173,8 @@ impl Worker {
 
     /// Starts polling this worker's queue of a port (ports without a file descriptor are
     /// skipped).
-    pub fn watch(&self, port: &Port) -> io::Result<()> {
-        match port.io.raw_fd(self.index) {
+    pub fn watch(&self, port: &Port<PortIo>) -> io::Result<()> {
+        match port.device.raw_fd(self.index) {
             Some(fd) => self.registry.register(
                 &mut SourceFd(&fd),
                 Token(port.id as usize),
@@ -185,8 +185,8 @@ impl Worker {
     }
 
     /// Stops polling this worker's queue of a port.
-    pub fn unwatch(&self, port: &Port) {
-        if let Some(fd) = port.io.raw_fd(self.index) {
+    pub fn unwatch(&self, port: &Port<PortIo>) {
+        if let Some(fd) = port.device.raw_fd(self.index) {
             let _ = self.registry.deregister(&mut SourceFd(&fd));
         }
     }
@@ -211,7 +211,7 @@ fn run(
     queue: usize,
     spin: Duration,
     mut poll: Poll,
-    shared: &SharedTables,
+    shared: &SharedTables<PortIo>,
     stop: &AtomicBool,
     stats: &WorkerStats,
 ) {
