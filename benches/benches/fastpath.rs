@@ -260,7 +260,7 @@ fn segmentation(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(payload as u64));
     g.bench_function("tcp_64KiB_into_45", |b| {
         b.iter(|| {
-            switchyard_dataplane::pipeline::segment::tcp(black_box(&frame), 8, &mut out).unwrap()
+            switchyard_dataplane::offload::segment::tcp(black_box(&frame), 8, &mut out).unwrap()
         })
     });
     g.finish();

@@ -5,6 +5,7 @@
 //!   frames; the only place with system calls;
 //! * [`buffer`]: reusable packet buffers with headroom;
 //! * [`wire`]: typed views over packet bytes;
+//! * [`offload`]: segmentation, GRO merging, encapsulation: pure functions over frames;
 //! * [`pipeline`]: the sans-IO stages a batch goes through (neighbour answers, routing,
 //!   rewrite, ICMP errors), with a named counter for every drop;
 //! * [`tables`]: the immutable forwarding snapshot (ports, LPM routes, next hops) and
@@ -18,6 +19,7 @@ pub mod conntrack;
 pub mod gateway;
 pub mod io;
 pub mod node;
+pub mod offload;
 pub mod pipeline;
 pub mod server;
 pub mod switch;

@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use switchyard_api::MacAddr;
 use switchyard_dataplane::buffer::PacketBuf;
-use switchyard_dataplane::io::uplink::{Encap, Uplink};
+use switchyard_dataplane::offload::tunnel::{Decapsulator, Encap};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 3 {
@@ -18,13 +18,13 @@ fuzz_target!(|data: &[u8]| {
         _ => Encap::Ipip { protocol: 41 },
     };
     let segment = usize::from(u16::from_le_bytes([data[1], data[2]]));
-    let uplink = Uplink::detached(
+    let decap = Decapsulator {
         encap,
-        MacAddr([0x0e, 0xee, 0xee, 0, 0, 2]),
-        MacAddr([0xee; 6]),
-    );
+        mac: MacAddr([0x0e, 0xee, 0xee, 0, 0, 2]),
+        gateway: MacAddr([0xee; 6]),
+    };
     let mut bufs: Vec<PacketBuf> = (0..4).map(|_| PacketBuf::new()).collect();
-    let n = uplink.deliver(&data[3..], segment, &mut bufs);
+    let n = decap.deliver(&data[3..], segment, &mut bufs).frames;
     assert!(n <= bufs.len());
     for b in &bufs[..n] {
         assert!(b.len() >= 12 + 14);

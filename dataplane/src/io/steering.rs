@@ -9,7 +9,6 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
 
-const TUNSETSTEERINGEBPF: libc::c_ulong = 0x8004_54e0;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
 
@@ -51,7 +50,7 @@ fn program() -> io::Result<RawFd> {
 pub fn attach(queue_fd: RawFd) -> io::Result<()> {
     let prog: libc::c_int = program()?;
     // SAFETY: TUNSETSTEERINGEBPF reads one int (the program fd) from the pointer.
-    if unsafe { libc::ioctl(queue_fd, TUNSETSTEERINGEBPF, &prog) } < 0 {
+    if unsafe { libc::ioctl(queue_fd, libc::TUNSETSTEERINGEBPF, &prog) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

@@ -22,18 +22,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use switchyard_api::{IpNet, MacAddr};
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 /// Offload flags: checksum, TSO4, TSO6, TSO with ECN.
-pub const TUN_F_TSO: u32 = 0x01 | 0x02 | 0x04 | 0x08;
+pub const TUN_F_TSO: u32 =
+    libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN;
 /// Offload flags: UDP segmentation for IPv4 and IPv6.
-pub const TUN_F_USO: u32 = 0x20 | 0x40;
+pub const TUN_F_USO: u32 = libc::TUN_F_USO4 | libc::TUN_F_USO6;
 
 /// How to set up a pod's interface.
 #[derive(Debug, Clone)]
@@ -128,7 +121,14 @@ impl TapDevice {
     /// Keeps the device after its last descriptor closes (`true`), or not.
     pub fn set_persist(&self, persist: bool) -> io::Result<()> {
         // SAFETY: TUNSETPERSIST takes its flag by value.
-        if unsafe { libc::ioctl(self.raw_fd(0), TUNSETPERSIST, libc::c_ulong::from(persist)) } < 0 {
+        if unsafe {
+            libc::ioctl(
+                self.raw_fd(0),
+                libc::TUNSETPERSIST,
+                libc::c_ulong::from(persist),
+            )
+        } < 0
+        {
             return Err(io::Error::last_os_error());
         }
         Ok(())
@@ -168,9 +168,9 @@ impl TapDevice {
                 "bad interface name",
             ));
         }
-        let mut flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        let mut flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
         if queues > 1 {
-            flags |= IFF_MULTI_QUEUE;
+            flags |= libc::IFF_MULTI_QUEUE as libc::c_short;
         }
         let mut fds = Vec::with_capacity(queues);
         for _ in 0..queues {
@@ -179,10 +179,10 @@ impl TapDevice {
         let fd = fds[0].as_raw_fd();
         let mut offloads = TUN_F_TSO | TUN_F_USO;
         // SAFETY: TUNSETOFFLOAD takes its flags by value.
-        if unsafe { libc::ioctl(fd, TUNSETOFFLOAD, offloads as libc::c_ulong) } < 0 {
+        if unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, offloads as libc::c_ulong) } < 0 {
             offloads = TUN_F_TSO;
             // SAFETY: as above.
-            if unsafe { libc::ioctl(fd, TUNSETOFFLOAD, offloads as libc::c_ulong) } < 0 {
+            if unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, offloads as libc::c_ulong) } < 0 {
                 return Err(io::Error::last_os_error());
             }
         }
@@ -259,12 +259,12 @@ fn open_queue(name: &[u8], flags: libc::c_short) -> io::Result<OwnedFd> {
     };
     req.name[..name.len()].copy_from_slice(name);
     // SAFETY: `req` is a properly sized `struct ifreq` that lives across the call.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
     }
     let hdr_len: libc::c_int = crate::wire::vnet::HEADER_LEN as libc::c_int;
     // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer, which is valid.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) } < 0 {
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(fd)

@@ -24,28 +24,35 @@ use crate::conntrack::{Refusal, Tuple};
 use crate::tables::host_ports::HostPorts;
 use crate::tables::masquerade::Masquerading;
 use crate::tables::PortRole;
-use crate::wire::ipv4;
+use crate::wire::icmp::{self, IcmpPacket};
+use crate::wire::{ipv4, Ipv4Header, TcpPacket};
 use std::net::Ipv4Addr;
 
+/// The TCP flags of the IPv4 packet `l3` of `protocol`, when it is TCP with a header.
 fn tcp_flags(l3: &[u8], protocol: u8) -> Option<u8> {
     if protocol != ipv4::PROTO_TCP {
         return None;
     }
-    let ihl = usize::from(l3[0] & 0x0f) * 4;
-    l3.get(ihl + 13).copied()
+    let ip = Ipv4Header::new_checked(l3).ok()?;
+    TcpPacket::new_checked(ip.rest()).ok().map(|t| t.flags())
 }
 
-fn addr(l3: &[u8], at: usize) -> Ipv4Addr {
-    Ipv4Addr::new(l3[at], l3[at + 1], l3[at + 2], l3[at + 3])
+/// Source and destination of the IPv4 header `l3` (unspecified when it has none; callers
+/// have parsed it already).
+fn addresses(l3: &[u8]) -> (Ipv4Addr, Ipv4Addr) {
+    Ipv4Header::new_checked(l3).map_or((Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED), |ip| {
+        (ip.src(), ip.dst())
+    })
 }
 
 /// The tuple of the IPv4 packet `l3` whose ports are `ports`.
 fn tuple_of(l3: &[u8], ports: &nat::L4) -> Tuple {
+    let (src, dst) = addresses(l3);
     Tuple {
         protocol: ports.protocol,
-        src: addr(l3, 12),
+        src,
         src_port: ports.src_port,
-        dst: addr(l3, 16),
+        dst,
         dst_port: ports.dst_port,
     }
 }
@@ -138,7 +145,8 @@ pub(super) fn before_routing(
     from: PortRole,
     l3: &[u8],
 ) -> Option<BeforeRouting> {
-    let to_node = addr(l3, 16) == m.node();
+    let (src, dst) = addresses(l3);
+    let to_node = dst == m.node();
     if to_node && from == PortRole::Host {
         return Some(BeforeRouting::Inbound);
     }
@@ -146,7 +154,7 @@ pub(super) fn before_routing(
         return None;
     }
     let ports = nat::l4_of(l3).filter(|p| p.protocol != ipv4::PROTO_ICMP)?;
-    if from == PortRole::Pod && host_ports.publishes(addr(l3, 12), ports.protocol, ports.src_port) {
+    if from == PortRole::Pod && host_ports.publishes(src, ports.protocol, ports.src_port) {
         Some(BeforeRouting::Answer)
     } else if to_node && host_ports.get(ports.protocol, ports.dst_port).is_some() {
         Some(BeforeRouting::Inbound)
@@ -181,7 +189,7 @@ pub(super) fn translate_before_routing(
         if host_port_answer(m, l3, partial, now_ns) {
             return Ok(Translated::Answer);
         }
-        let to_published = addr(l3, 16) == m.node()
+        let to_published = addresses(l3).1 == m.node()
             && nat::l4_of(l3).is_some_and(|p| host_ports.get(p.protocol, p.dst_port).is_some());
         if !to_published {
             return Ok(Translated::Nothing);
@@ -240,25 +248,30 @@ fn host_port_answer(m: &Masquerading, l3: &mut [u8], partial: bool, now_ns: u64)
 /// An ICMP error about a masqueraded packet: the quoted packet went from node:port to the
 /// remote end; translate the quote's source and the outer destination back to the pod.
 fn icmp_error(m: &Masquerading, l3: &mut [u8], now_ns: u64) -> bool {
-    let ihl = usize::from(l3[0] & 0x0f) * 4;
-    if l3[9] != ipv4::PROTO_ICMP || l3.len() < ihl + 8 + 20 + 8 {
+    let Ok(mut ip) = Ipv4Header::new_checked(&mut *l3) else {
+        return false;
+    };
+    if ip.protocol() != ipv4::PROTO_ICMP {
         return false;
     }
-    let kind = l3[ihl];
-    if !crate::wire::icmp::is_v4_error(kind) {
+    let rest_len = ip.rest().len();
+    let Ok(mut message) = IcmpPacket::new_checked(&mut ip.split_mut().1[..rest_len]) else {
+        return false;
+    };
+    if !icmp::is_v4_error(message.kind()) {
         return false;
     }
-    let quote_at = ihl + 8;
-    let quote = &l3[quote_at..];
+    let quote = message.body();
     let Some(quoted) = nat::l4_of(quote) else {
         return false;
     };
     // The quoted packet is what we sent: node:port -> remote. Its reply tuple is the key.
+    let (sent_from, sent_to) = addresses(quote);
     let reply = Tuple {
         protocol: quoted.protocol,
-        src: addr(quote, 16),
+        src: sent_to,
         src_port: quoted.dst_port,
-        dst: addr(quote, 12),
+        dst: sent_from,
         dst_port: quoted.src_port,
     };
     if reply.dst != m.node() {
@@ -267,12 +280,12 @@ fn icmp_error(m: &Masquerading, l3: &mut [u8], now_ns: u64) -> bool {
     let Some((pod, port)) = m.conntrack.inbound(&reply, None, now_ns) else {
         return false;
     };
-    // The quote's source (TCP/UDP checksums inside it are adjusted when quoted), then the
-    // outer destination, then the ICMP checksum over the changed quote.
-    if !nat::translate(&mut l3[quote_at..], Side::Source, pod, port, false) {
+    // The quote's source (TCP/UDP checksums inside it are adjusted when quoted), the ICMP
+    // checksum over the changed quote, then the outer destination.
+    if !nat::translate(message.body_mut(), Side::Source, pod, port, false) {
         return false;
     }
-    nat::translate_address(l3, Side::Destination, pod);
-    nat::refresh_icmp_checksum(&mut l3[ihl..]);
+    message.fill_checksum_v4();
+    ip.set_dst(pod);
     true
 }

@@ -23,21 +23,17 @@ pub mod icmp_error;
 pub mod masquerade;
 pub mod nat;
 pub mod neighbor;
-pub mod segment;
 
 use crate::buffer::PacketBuf;
 use crate::tables::{NextHop, Port, PortRole, Tables};
-use crate::wire::ethernet::{self, EtherType, EthernetFrame};
+use crate::wire::ethernet::{EtherType, EthernetFrame};
 use crate::wire::{ipv4::Ipv4Packet, ipv6::Ipv6Packet, vnet, VnetHeader};
 pub use counters::{Counters, DropReason, Event};
 use icmp_error::{IcmpError, RateLimiter};
 use masquerade::Translated;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-/// Offset of the Ethernet header in a frame (after the virtio-net header).
-pub const ETH_OFFSET: usize = vnet::HEADER_LEN;
-/// Offset of the IP header in a frame.
-pub const L3_OFFSET: usize = vnet::HEADER_LEN + ethernet::HEADER_LEN;
+pub use crate::wire::{ETH_OFFSET, L3_OFFSET};
 
 /// What happens to one frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +53,7 @@ pub struct Pipeline {
     counters: Counters,
     icmp_limit: RateLimiter,
     /// Where super-frames are cut into segments on their way to an uplink (allocated on
-    /// first use: [`segment::SCRATCH_LEN`]).
+    /// first use: [`crate::offload::segment::SCRATCH_LEN`]).
     segment_buf: Vec<u8>,
     /// The clock reading of the batch being processed.
     now_ns: u64,
@@ -89,7 +85,7 @@ impl Pipeline {
     /// The counters and the segmentation buffer, for the I/O layer's transmit step.
     pub fn tx_parts(&mut self) -> (&mut Counters, &mut [u8]) {
         if self.segment_buf.is_empty() {
-            self.segment_buf = vec![0; segment::SCRATCH_LEN];
+            self.segment_buf = vec![0; crate::offload::segment::SCRATCH_LEN];
         }
         (&mut self.counters, &mut self.segment_buf)
     }

@@ -1,15 +1,20 @@
 //! Address and port translation of IPv4 packets in place, for masquerade: the source
 //! (outbound) or the destination (replies) address and the TCP/UDP port or ICMP echo
-//! identifier, with checksums updated incrementally (RFC 1624).
+//! identifier, with checksums updated incrementally (RFC 1624), all through the `wire`
+//! views.
 //!
 //! A packet whose L4 checksum is still partial (`F_NEEDS_CSUM`, as pods' kernels send them
 //! over a TAP, GSO super-frames included) holds only the pseudo-header sum in its checksum
 //! field, not complemented; the receiver's stack finishes it over the data. Then only the
 //! address change is applied, the un-complemented way, and the port change not at all (the
 //! port is data). A UDP checksum of zero means "none" and stays zero.
+//!
+//! The same functions translate a packet quoted in an ICMP error, which carries only its
+//! header and the first 8 bytes of its transport header: there the TCP checksum may be cut
+//! off, and only the port changes.
 
-use crate::wire::checksum::update_word;
-use crate::wire::{ipv4, read_u16, write_u16};
+use crate::wire::checksum::{update_l4_address, update_l4_word};
+use crate::wire::{icmp::IcmpPacket, ipv4, Ipv4Header, TcpPacket, UdpPacket};
 use std::net::Ipv4Addr;
 
 /// Which end of the packet is translated.
@@ -33,77 +38,45 @@ pub struct L4 {
     pub dst_port: u16,
 }
 
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMP_ECHO_REQUEST: u8 = 8;
-
-/// The ports of a translatable IPv4 packet `l3` (plain header or with options; first
-/// fragments only): TCP, UDP, or ICMP echo request/reply. `None` for anything else.
+/// The ports of a translatable IPv4 packet `l3` (plain header or with options, whole or
+/// quoted; first fragments only): TCP, UDP, or ICMP echo request/reply. `None` for
+/// anything else.
 pub fn l4_of(l3: &[u8]) -> Option<L4> {
-    let ihl = usize::from(*l3.first()? & 0x0f) * 4;
-    if l3[0] >> 4 != 4 || ihl < 20 || l3.len() < ihl || read_u16(l3, 6) & 0x1fff != 0 {
+    let ip = Ipv4Header::new_checked(l3).ok()?;
+    if ip.is_later_fragment() {
         return None;
     }
-    let l4 = l3.get(ihl..)?;
-    match l3[9] {
-        ipv4::PROTO_TCP | ipv4::PROTO_UDP if l4.len() >= 8 => Some(L4 {
-            protocol: l3[9],
-            src_port: read_u16(l4, 0),
-            dst_port: read_u16(l4, 2),
-        }),
-        ipv4::PROTO_ICMP
-            if l4.len() >= 8 && matches!(l4[0], ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY) =>
-        {
-            let id = read_u16(l4, 4);
+    let protocol = ip.protocol();
+    match protocol {
+        // TCP and UDP both start with the two ports.
+        ipv4::PROTO_TCP | ipv4::PROTO_UDP => {
+            let ports = UdpPacket::new_checked(ip.rest()).ok()?;
             Some(L4 {
-                protocol: ipv4::PROTO_ICMP,
-                src_port: id,
-                dst_port: id,
+                protocol,
+                src_port: ports.src_port(),
+                dst_port: ports.dst_port(),
+            })
+        }
+        ipv4::PROTO_ICMP => {
+            let icmp = IcmpPacket::new_checked(ip.rest()).ok()?;
+            icmp.is_v4_echo().then(|| L4 {
+                protocol,
+                src_port: icmp.echo_ident(),
+                dst_port: icmp.echo_ident(),
             })
         }
         _ => None,
     }
 }
 
-/// Adjusts an L4 checksum field for a word that changed from `old` to `new`: the usual
-/// way for a complete checksum, the un-complemented way for a partial one.
-fn adjust(check: u16, old: u16, new: u16, partial: bool) -> u16 {
-    if partial {
-        !update_word(!check, old, new)
-    } else {
-        update_word(check, old, new)
-    }
-}
-
 /// Rewrites `side`'s address in the IPv4 header `l3` to `addr`, with the header checksum;
-/// returns the old and new address as 16-bit words (for the callers' L4 checksums).
-pub fn translate_address(l3: &mut [u8], side: Side, addr: Ipv4Addr) -> ([u16; 2], [u16; 2]) {
-    let at = match side {
-        Side::Source => 12,
-        Side::Destination => 16,
-    };
-    let old = [read_u16(l3, at), read_u16(l3, at + 2)];
-    let octets = addr.octets();
-    let new = [
-        u16::from_be_bytes([octets[0], octets[1]]),
-        u16::from_be_bytes([octets[2], octets[3]]),
-    ];
-    let mut check = read_u16(l3, 10);
-    for (o, n) in old.iter().zip(new) {
-        check = update_word(check, *o, n);
-    }
-    write_u16(l3, 10, check);
-    l3[at..at + 4].copy_from_slice(&octets);
-    (old, new)
-}
-
-/// Recomputes the checksum of the ICMP message `icmp` (no pseudo-header) in full.
-pub fn refresh_icmp_checksum(icmp: &mut [u8]) {
-    if icmp.len() < 4 {
-        return;
-    }
-    write_u16(icmp, 2, 0);
-    let sum = crate::wire::checksum::checksum(icmp);
-    write_u16(icmp, 2, sum);
+/// returns the address it replaced. `None` (nothing changed) when `l3` has no IPv4 header.
+pub fn translate_address(l3: &mut [u8], side: Side, addr: Ipv4Addr) -> Option<Ipv4Addr> {
+    let mut ip = Ipv4Header::new_checked(l3).ok()?;
+    Some(match side {
+        Side::Source => ip.set_src(addr),
+        Side::Destination => ip.set_dst(addr),
+    })
 }
 
 /// Rewrites `side`'s address to `addr` and its port (or the echo identifier) to `port` in
@@ -113,52 +86,101 @@ pub fn translate(l3: &mut [u8], side: Side, addr: Ipv4Addr, port: u16, partial: 
     let Some(ports) = l4_of(l3) else {
         return false;
     };
-    let ihl = usize::from(l3[0] & 0x0f) * 4;
-    let (old_addr, new_addr) = translate_address(l3, side, addr);
-    let (l4_protocol, l4) = (ports.protocol, &mut l3[ihl..]);
-    match l4_protocol {
-        ipv4::PROTO_TCP | ipv4::PROTO_UDP => {
-            let (port_at, check_at) = match (l4_protocol, side) {
-                (ipv4::PROTO_TCP, Side::Source) => (0, 16),
-                (ipv4::PROTO_TCP, Side::Destination) => (2, 16),
-                (_, Side::Source) => (0, 6),
-                (_, Side::Destination) => (2, 6),
-            };
-            let old_port = read_u16(l4, port_at);
-            write_u16(l4, port_at, port);
-            if l4.len() < check_at + 2 {
-                return true; // a TCP header cut short: nothing more to fix
+    let Ok(mut ip) = Ipv4Header::new_checked(&mut *l3) else {
+        return false;
+    };
+    let old_addr = match side {
+        Side::Source => ip.set_src(addr),
+        Side::Destination => ip.set_dst(addr),
+    };
+    let l4_len = ip.rest().len();
+    let l4 = &mut ip.split_mut().1[..l4_len];
+    let (old_addr, new_addr) = (old_addr.octets(), addr.octets());
+    // A checksum over the pseudo-header sees the address change; a complete one sees the
+    // port change too (a partial one covers no data).
+    let adjust = |check: u16, old_port: u16| {
+        let check = update_l4_address(check, old_addr, new_addr, partial);
+        if partial {
+            check
+        } else {
+            update_l4_word(check, old_port, port, false)
+        }
+    };
+    match ports.protocol {
+        ipv4::PROTO_TCP => match TcpPacket::new_checked(&mut *l4) {
+            Ok(mut tcp) => {
+                let old_port = set_port(&mut tcp, side, port);
+                let check = adjust(tcp.checksum(), old_port);
+                tcp.set_checksum(check);
             }
-            let mut check = read_u16(l4, check_at);
-            if l4_protocol == ipv4::PROTO_UDP && check == 0 {
+            // A quoted header cut before its checksum: the port only.
+            Err(_) => {
+                if let Ok(mut ports) = UdpPacket::new_checked(l4) {
+                    set_udp_port(&mut ports, side, port);
+                }
+            }
+        },
+        ipv4::PROTO_UDP => {
+            let Ok(mut udp) = UdpPacket::new_checked(l4) else {
                 return true;
+            };
+            let old_port = set_udp_port(&mut udp, side, port);
+            if udp.checksum() != 0 {
+                let check = adjust(udp.checksum(), old_port);
+                udp.set_checksum(if check == 0 { 0xffff } else { check });
             }
-            for (o, n) in old_addr.iter().zip(new_addr) {
-                check = adjust(check, *o, n, partial);
-            }
-            if !partial {
-                check = update_word(check, old_port, port);
-            }
-            if l4_protocol == ipv4::PROTO_UDP && check == 0 {
-                check = 0xffff;
-            }
-            write_u16(l4, check_at, check);
         }
         _ => {
             // ICMP echo: no pseudo-header; only the identifier is covered.
-            let old_id = read_u16(l4, 4);
-            write_u16(l4, 4, port);
-            let check = update_word(read_u16(l4, 2), old_id, port);
-            write_u16(l4, 2, check);
+            let Ok(mut icmp) = IcmpPacket::new_checked(l4) else {
+                return true;
+            };
+            let old_id = icmp.echo_ident();
+            icmp.set_echo_ident(port);
+            let check = update_l4_word(icmp.checksum(), old_id, port, false);
+            icmp.set_checksum(check);
         }
     }
     true
+}
+
+/// Sets `side`'s TCP port; returns the old one.
+fn set_port(tcp: &mut TcpPacket<&mut [u8]>, side: Side, port: u16) -> u16 {
+    match side {
+        Side::Source => {
+            let old = tcp.src_port();
+            tcp.set_src_port(port);
+            old
+        }
+        Side::Destination => {
+            let old = tcp.dst_port();
+            tcp.set_dst_port(port);
+            old
+        }
+    }
+}
+
+/// Sets `side`'s UDP port (or a quoted TCP header's); returns the old one.
+fn set_udp_port(udp: &mut UdpPacket<&mut [u8]>, side: Side, port: u16) -> u16 {
+    match side {
+        Side::Source => {
+            let old = udp.src_port();
+            udp.set_src_port(port);
+            old
+        }
+        Side::Destination => {
+            let old = udp.dst_port();
+            udp.set_dst_port(port);
+            old
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::wire::checksum::{accumulate, checksum, finish, fold, pseudo_header_of};
+    use crate::wire::{read_u16, write_u16};
 
     fn packet(proto: u8, l4: &[u8]) -> Vec<u8> {
         let mut p = vec![0u8; 20];

@@ -74,6 +74,50 @@ pub fn update_word(check: u16, old: u16, new: u16) -> u16 {
     !(sum as u16)
 }
 
+/// Updates checksum field `check` after a 4-byte address changed from `old` to `new`.
+#[inline]
+pub fn update_address(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
+    let a = update_word(
+        check,
+        u16::from_be_bytes([old[0], old[1]]),
+        u16::from_be_bytes([new[0], new[1]]),
+    );
+    update_word(
+        a,
+        u16::from_be_bytes([old[2], old[3]]),
+        u16::from_be_bytes([new[2], new[3]]),
+    )
+}
+
+/// Updates a transport checksum field after a word of what it covers changed. A
+/// *partial* checksum (`F_NEEDS_CSUM`: the field holds the folded pseudo-header sum, not
+/// complemented, and the receiver finishes it) is updated the un-complemented way.
+#[inline]
+pub fn update_l4_word(check: u16, old: u16, new: u16, partial: bool) -> u16 {
+    if partial {
+        !update_word(!check, old, new)
+    } else {
+        update_word(check, old, new)
+    }
+}
+
+/// [`update_l4_word`] for a 4-byte address in the pseudo-header.
+#[inline]
+pub fn update_l4_address(check: u16, old: [u8; 4], new: [u8; 4], partial: bool) -> u16 {
+    let a = update_l4_word(
+        check,
+        u16::from_be_bytes([old[0], old[1]]),
+        u16::from_be_bytes([new[0], new[1]]),
+        partial,
+    );
+    update_l4_word(
+        a,
+        u16::from_be_bytes([old[2], old[3]]),
+        u16::from_be_bytes([new[2], new[3]]),
+        partial,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

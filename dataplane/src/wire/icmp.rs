@@ -14,6 +14,8 @@ pub const V4_DEST_UNREACHABLE: u8 = 3;
 pub const V4_TIME_EXCEEDED: u8 = 11;
 /// ICMPv4 echo request.
 pub const V4_ECHO_REQUEST: u8 = 8;
+/// ICMPv4 echo reply.
+pub const V4_ECHO_REPLY: u8 = 0;
 /// ICMPv4 unreachable code: host unreachable.
 pub const V4_CODE_HOST_UNREACHABLE: u8 = 1;
 /// ICMPv4 unreachable code: fragmentation needed and DF set.
@@ -74,6 +76,21 @@ impl<T: AsRef<[u8]>> IcmpPacket<T> {
         read_u16(self.buf.as_ref(), 2)
     }
 
+    /// True for an ICMPv4 echo request or reply.
+    pub fn is_v4_echo(&self) -> bool {
+        matches!(self.kind(), V4_ECHO_REQUEST | V4_ECHO_REPLY)
+    }
+
+    /// For an echo request or reply: the identifier.
+    pub fn echo_ident(&self) -> u16 {
+        read_u16(self.buf.as_ref(), 4)
+    }
+
+    /// The message after the 8-byte header (for an error: the quoted packet).
+    pub fn body(&self) -> &[u8] {
+        &self.buf.as_ref()[HEADER_LEN..]
+    }
+
     /// For a neighbour solicitation or advertisement: the target address.
     pub fn nd_target(&self) -> Option<Ipv6Addr> {
         let b = self.buf.as_ref();
@@ -103,6 +120,23 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> IcmpPacket<T> {
     /// Sets the checksum field.
     pub fn set_checksum(&mut self, value: u16) {
         write_u16(self.buf.as_mut(), 2, value);
+    }
+
+    /// For an echo request or reply: sets the identifier (the checksum is the caller's).
+    pub fn set_echo_ident(&mut self, ident: u16) {
+        write_u16(self.buf.as_mut(), 4, ident);
+    }
+
+    /// The message after the 8-byte header, mutable.
+    pub fn body_mut(&mut self) -> &mut [u8] {
+        &mut self.buf.as_mut()[HEADER_LEN..]
+    }
+
+    /// Recomputes the checksum over the whole message (ICMPv4: no pseudo-header).
+    pub fn fill_checksum_v4(&mut self) {
+        self.set_checksum(0);
+        let check = super::checksum::checksum(self.buf.as_ref());
+        self.set_checksum(check);
     }
 }
 

@@ -13,15 +13,23 @@ pub const PROTO_TCP: u8 = 6;
 /// Protocol number of UDP.
 pub const PROTO_UDP: u8 = 17;
 
-/// A view of an IPv4 packet. `new_checked` guarantees that the header, with its options, and
-/// the total length it declares both fit in the buffer.
+/// A view of an IPv4 header. `new_checked` guarantees that the header, with its options,
+/// fits in the buffer, but not the total length it declares: the view for a packet quoted
+/// in an ICMP error, which carries only the start of the original. Setters that change an
+/// address update the header checksum incrementally.
 #[derive(Debug)]
-pub struct Ipv4Packet<T> {
+pub struct Ipv4Header<T> {
     buf: T,
 }
 
-impl<T: AsRef<[u8]>> Ipv4Packet<T> {
-    /// Wraps `buf` after checking version, header length and total length.
+/// A view of a whole IPv4 packet: an [`Ipv4Header`] (every header accessor, through
+/// `Deref`) whose declared total length also fits in the buffer, so that its payload can
+/// be read.
+#[derive(Debug)]
+pub struct Ipv4Packet<T>(Ipv4Header<T>);
+
+impl<T: AsRef<[u8]>> Ipv4Header<T> {
+    /// Wraps `buf` after checking version and header length.
     pub fn new_checked(buf: T) -> Result<Self, WireError> {
         let b = buf.as_ref();
         if b.len() < MIN_HEADER_LEN {
@@ -31,11 +39,10 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
             return Err(WireError::Malformed);
         }
         let header_len = usize::from(b[0] & 0x0f) * 4;
-        let total_len = usize::from(read_u16(b, 2));
-        if header_len < MIN_HEADER_LEN || total_len < header_len {
+        if header_len < MIN_HEADER_LEN || usize::from(read_u16(b, 2)) < header_len {
             return Err(WireError::Malformed);
         }
-        if b.len() < header_len || b.len() < total_len {
+        if b.len() < header_len {
             return Err(WireError::Truncated);
         }
         Ok(Self { buf })
@@ -69,6 +76,16 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     /// True for any fragment but the first (offset non-zero).
     pub fn is_later_fragment(&self) -> bool {
         read_u16(self.buf.as_ref(), 6) & 0x1fff != 0
+    }
+
+    /// True for a fragment of any kind (more fragments, or an offset).
+    pub fn is_fragment(&self) -> bool {
+        read_u16(self.buf.as_ref(), 6) & 0x3fff != 0
+    }
+
+    /// Identification.
+    pub fn ident(&self) -> u16 {
+        read_u16(self.buf.as_ref(), 4)
     }
 
     /// Time to live.
@@ -106,13 +123,15 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
         )) == 0xffff
     }
 
-    /// The payload, up to the declared total length.
-    pub fn payload(&self) -> &[u8] {
-        &self.buf.as_ref()[self.header_len()..self.total_len()]
+    /// What follows the header in the buffer, up to the declared total length when the
+    /// buffer holds it (a quoted packet may hold less).
+    pub fn rest(&self) -> &[u8] {
+        let b = self.buf.as_ref();
+        &b[self.header_len()..self.total_len().clamp(self.header_len(), b.len())]
     }
 }
 
-impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Header<T> {
     /// Decrements the TTL and updates the header checksum incrementally.
     /// The caller checks that the TTL is above 1 first.
     pub fn decrement_ttl(&mut self) {
@@ -131,6 +150,67 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
         write_u16(b, 10, 0);
         let check = checksum::checksum(&b[..len]);
         write_u16(b, 10, check);
+    }
+
+    /// Sets the source address, updating the header checksum incrementally; returns the
+    /// address it replaced (for the transport checksum's pseudo-header).
+    pub fn set_src(&mut self, addr: Ipv4Addr) -> Ipv4Addr {
+        self.set_address(12, addr)
+    }
+
+    /// Sets the destination address, likewise.
+    pub fn set_dst(&mut self, addr: Ipv4Addr) -> Ipv4Addr {
+        self.set_address(16, addr)
+    }
+
+    fn set_address(&mut self, at: usize, addr: Ipv4Addr) -> Ipv4Addr {
+        let b = self.buf.as_mut();
+        let old = Ipv4Addr::new(b[at], b[at + 1], b[at + 2], b[at + 3]);
+        let check = checksum::update_address(read_u16(b, 10), old.octets(), addr.octets());
+        write_u16(b, 10, check);
+        b[at..at + 4].copy_from_slice(&addr.octets());
+        old
+    }
+
+    /// The header and what follows it in the buffer, both mutable.
+    pub fn split_mut(&mut self) -> (&mut [u8], &mut [u8]) {
+        let len = self.header_len();
+        self.buf.as_mut().split_at_mut(len)
+    }
+}
+
+impl<T: AsRef<[u8]>> Ipv4Packet<T> {
+    /// Wraps `buf` after checking version, header length and total length.
+    pub fn new_checked(buf: T) -> Result<Self, WireError> {
+        let header = Ipv4Header::new_checked(buf)?;
+        if header.as_bytes().len() < header.total_len() {
+            return Err(WireError::Truncated);
+        }
+        Ok(Self(header))
+    }
+
+    /// The buffer back.
+    pub fn into_inner(self) -> T {
+        self.0.into_inner()
+    }
+
+    /// The payload, up to the declared total length.
+    pub fn payload(&self) -> &[u8] {
+        &self.0.as_bytes()[self.header_len()..self.total_len()]
+    }
+}
+
+impl<T> std::ops::Deref for Ipv4Packet<T> {
+    type Target = Ipv4Header<T>;
+
+    fn deref(&self) -> &Ipv4Header<T> {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for Ipv4Packet<T> {
+    fn deref_mut(&mut self) -> &mut Ipv4Header<T> {
+        &mut self.0
     }
 }
 

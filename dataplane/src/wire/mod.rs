@@ -10,14 +10,26 @@ pub mod ethernet;
 pub mod icmp;
 pub mod ipv4;
 pub mod ipv6;
+pub mod tcp;
+pub mod udp;
 pub mod vnet;
+pub mod vxlan;
 
 pub use arp::ArpPacket;
 pub use ethernet::{EtherType, EthernetFrame};
 pub use icmp::IcmpPacket;
-pub use ipv4::Ipv4Packet;
+pub use ipv4::{Ipv4Header, Ipv4Packet};
 pub use ipv6::Ipv6Packet;
+pub use tcp::TcpPacket;
+pub use udp::UdpPacket;
 pub use vnet::VnetHeader;
+pub use vxlan::VxlanHeader;
+
+/// Where the Ethernet header starts in a frame as every port delivers it: after the
+/// virtio-net header.
+pub const ETH_OFFSET: usize = vnet::HEADER_LEN;
+/// Where the IP header starts in such a frame.
+pub const L3_OFFSET: usize = vnet::HEADER_LEN + ethernet::HEADER_LEN;
 
 /// Why bytes could not be viewed as a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -81,9 +81,36 @@ impl<T: AsRef<[u8]>> VnetHeader<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> VnetHeader<T> {
+    /// Sets the flags byte.
+    pub fn set_flags(&mut self, flags: u8) {
+        self.buf.as_mut()[0] = flags;
+    }
+
     /// Resets to "plain frame, checksums complete".
     pub fn clear(&mut self) {
         self.buf.as_mut()[..HEADER_LEN].fill(0);
+    }
+
+    /// Marks the frame a GSO super-frame of `gso_type` with a partial checksum: headers of
+    /// `hdr_len` bytes (from the Ethernet header), segments of `gso_size` payload bytes,
+    /// and, when given, the checksum's start (from the Ethernet header) and its offset
+    /// from there.
+    pub fn set_gso(
+        &mut self,
+        gso_type: u8,
+        hdr_len: usize,
+        gso_size: usize,
+        csum: Option<(usize, usize)>,
+    ) {
+        let b = self.buf.as_mut();
+        b[0] = F_NEEDS_CSUM;
+        b[1] = gso_type;
+        b[2..4].copy_from_slice(&(hdr_len as u16).to_le_bytes());
+        b[4..6].copy_from_slice(&(gso_size as u16).to_le_bytes());
+        if let Some((start, offset)) = csum {
+            b[6..8].copy_from_slice(&(start as u16).to_le_bytes());
+            b[8..10].copy_from_slice(&(offset as u16).to_le_bytes());
+        }
     }
 }
 

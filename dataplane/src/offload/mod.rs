@@ -1,0 +1,13 @@
+//! Offloads done in user space, as pure functions over frames: what a NIC or the kernel
+//! would do to a packet's bytes on the way between a pod and the wire.
+//!
+//! * [`gro`]: merging packets of one flow into one GSO super-frame;
+//! * [`segment`]: cutting a TCP super-frame into segments (software GSO);
+//! * [`tunnel`]: VXLAN and IP-in-IP encapsulation and decapsulation.
+//!
+//! No system call and no table lookup here: the pipeline's coalescing stage and the
+//! uplink's sockets (`io::uplink`) both build on these.
+
+pub mod gro;
+pub mod segment;
+pub mod tunnel;
