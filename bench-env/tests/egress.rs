@@ -534,3 +534,31 @@ fn steering_rules_left_by_a_crashed_dataplane_are_removed() {
     let ext = c.external.as_ref().unwrap();
     assert!(measure::ping(&c.nodes[0].pods[0].ns, IpAddr::V4(ext.ipv4)));
 }
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
+fn vxlan_from_a_host_that_is_not_a_node_is_dropped_and_counted() {
+    let c = cluster();
+    let ext = c.external.as_ref().unwrap();
+    let node = c.nodes[0].ipv4;
+    let before = stat(&c, 0, "uplink_not_a_peer");
+    switchyard_dataplane::io::netns::run_in(&ext.ns.path(), move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        // A well-formed VXLAN header and inner frame, from an address no Node has.
+        let mut datagram = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+        datagram.extend_from_slice(&[0u8; 14 + 40]);
+        for _ in 0..5 {
+            socket.send_to(&datagram, (node, 4789))?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while stat(&c, 0, "uplink_not_a_peer") < before + 5 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(stat(&c, 0, "uplink_not_a_peer"), before + 5);
+}

@@ -13,13 +13,13 @@
 //! * **IP-in-IP**: a raw socket per inner family (protocol 4 for IPv4, 41 for IPv6), read
 //!   by worker 0 (a raw socket gets every packet of its protocol).
 //!
-//! A datagram from an address that is not a peer, with another VNI, or malformed is
-//! dropped here and counted ([`Uplink::rx_rejected`], reported in the stats as
-//! `uplink_rejected`).
+//! A datagram from an address that is not a peer, with another VNI, malformed, or with no
+//! buffer left is dropped here and counted by reason ([`Uplink::drops`], reported in the
+//! stats as `uplink_not_a_peer`, `uplink_not_ours`, `uplink_malformed`, `uplink_no_buffer`).
 
 use crate::buffer::{PacketBuf, BATCH};
 pub use crate::offload::tunnel::Encap;
-use crate::offload::tunnel::{self, Decapsulator, Outgoing};
+use crate::offload::tunnel::{self, Decapsulator, Outgoing, Received, Reject};
 use crate::wire::{vxlan, L3_OFFSET};
 use arc_swap::ArcSwap;
 use std::io;
@@ -47,8 +47,8 @@ pub struct Uplink {
     peers: ArcSwap<Vec<Ipv4Addr>>,
     /// Whether the kernel accepted `UDP_SEGMENT` so far.
     gso: AtomicBool,
-    /// Datagrams dropped on receive (not a peer, wrong VNI, malformed, no buffer left).
-    pub rx_rejected: AtomicU64,
+    /// Datagrams dropped on receive, by [`Reject`] index.
+    drops: [AtomicU64; Reject::ALL.len()],
 }
 
 impl Uplink {
@@ -89,7 +89,7 @@ impl Uplink {
             tx,
             peers: ArcSwap::from_pointee(Vec::new()),
             gso: AtomicBool::new(true),
-            rx_rejected: AtomicU64::new(0),
+            drops: Default::default(),
         })
     }
 
@@ -113,10 +113,24 @@ impl Uplink {
         self.rx.get(queue).map(AsRawFd::as_raw_fd)
     }
 
-    fn reject(&self, n: u64) {
-        if n > 0 {
-            self.rx_rejected.fetch_add(n, Ordering::Relaxed);
+    /// Datagrams dropped on receive so far, by reason.
+    pub fn drops(&self) -> impl Iterator<Item = (Reject, u64)> + '_ {
+        Reject::ALL
+            .into_iter()
+            .zip(&self.drops)
+            .map(|(reason, n)| (reason, n.load(Ordering::Relaxed)))
+    }
+
+    fn count(&self, got: &Received) {
+        for (slot, n) in self.drops.iter().zip(got.rejected) {
+            if n > 0 {
+                slot.fetch_add(n, Ordering::Relaxed);
+            }
         }
+    }
+
+    fn reject(&self, reason: Reject) {
+        self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Reads and decapsulates datagrams into `bufs`; returns how many frames are ready.
@@ -176,11 +190,16 @@ impl Uplink {
         for i in 0..got as usize {
             let from = Ipv4Addr::from(u32::from_be(addrs[i].sin_addr.s_addr));
             let len = hdrs[i].msg_len as usize;
-            if peers.contains(&from) && self.decap.decapsulate(&mut bufs[i], len) {
-                bufs.swap(kept, i);
-                kept += 1;
-            } else {
-                self.reject(1);
+            if !peers.contains(&from) {
+                self.reject(Reject::NotAPeer);
+                continue;
+            }
+            match self.decap.decapsulate(&mut bufs[i], len) {
+                Ok(()) => {
+                    bufs.swap(kept, i);
+                    kept += 1;
+                }
+                Err(reason) => self.reject(reason),
             }
         }
         Ok(kept)
@@ -201,12 +220,12 @@ impl Uplink {
                 Err(_) => break,
             };
             if !self.peers.load().contains(&from) {
-                self.reject(1);
+                self.reject(Reject::NotAPeer);
                 continue;
             }
             let segment = if segment == 0 { len } else { segment };
             let got = self.decap.split_runs(&mut bufs[n..], len, segment);
-            self.reject(got.rejected);
+            self.count(&got);
             n += got.frames;
         }
         Ok(n)

@@ -86,14 +86,57 @@ pub struct Decapsulator {
     pub gateway: MacAddr,
 }
 
-/// Frames made from a receive, and datagrams rejected on the way (another VNI, malformed,
-/// or no buffer left).
+/// Why a datagram that reached the uplink was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// From an address that is not a peer node (the sockets' check).
+    NotAPeer,
+    /// VXLAN with another VNI or no VNI flag, or IP-in-IP of another protocol.
+    NotOurs,
+    /// Shorter than its headers, or an inner packet that is not IPv4 or IPv6.
+    Malformed,
+    /// A run of datagrams longer than the buffers left in the batch.
+    NoBuffer,
+}
+
+impl Reject {
+    /// Every reason, in counter order.
+    pub const ALL: [Reject; 4] = [
+        Reject::NotAPeer,
+        Reject::NotOurs,
+        Reject::Malformed,
+        Reject::NoBuffer,
+    ];
+
+    /// The drop counter's name in the stats.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reject::NotAPeer => "uplink_not_a_peer",
+            Reject::NotOurs => "uplink_not_ours",
+            Reject::Malformed => "uplink_malformed",
+            Reject::NoBuffer => "uplink_no_buffer",
+        }
+    }
+}
+
+/// Frames made from a receive, and datagrams rejected on the way, by [`Reject`] index.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Received {
     /// Frames ready in the buffers.
     pub frames: usize,
-    /// Datagrams dropped.
-    pub rejected: u64,
+    /// Datagrams dropped, by reason.
+    pub rejected: [u64; Reject::ALL.len()],
+}
+
+impl Received {
+    fn reject(&mut self, reason: Reject, n: u64) {
+        self.rejected[reason as usize] += n;
+    }
+
+    /// Datagrams dropped for any reason.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().sum()
+    }
 }
 
 impl Decapsulator {
@@ -113,25 +156,22 @@ impl Decapsulator {
             Encap::Vxlan { .. } if len > 0 => self.split_runs(bufs, len, segment.clamp(1, len)),
             Encap::Vxlan { .. } => Received::default(),
             Encap::Ipip { .. } => {
-                let ok = self.decapsulate(first, len);
-                Received {
-                    frames: usize::from(ok),
-                    rejected: u64::from(!ok),
+                let mut out = Received::default();
+                match self.decapsulate(first, len) {
+                    Ok(()) => out.frames = 1,
+                    Err(reason) => out.reject(reason, 1),
                 }
+                out
             }
         }
     }
 
     /// Turns the datagram of `len` bytes a receive put at [`Encap::rx_offset`] in `buf`
-    /// into a frame; false when it is not ours.
-    pub fn decapsulate(&self, buf: &mut PacketBuf, len: usize) -> bool {
-        match self.decapsulate_in(buf.receive_space(), self.encap.rx_offset(), len) {
-            Some(frame_len) => {
-                buf.set_len(frame_len);
-                true
-            }
-            None => false,
-        }
+    /// into a frame, or says why not.
+    pub fn decapsulate(&self, buf: &mut PacketBuf, len: usize) -> Result<(), Reject> {
+        let frame_len = self.decapsulate_in(buf.receive_space(), self.encap.rx_offset(), len)?;
+        buf.set_len(frame_len);
+        Ok(())
     }
 
     /// `bufs[0]` holds `len` bytes of VXLAN datagrams of `segment` bytes (the last may be
@@ -143,22 +183,25 @@ impl Decapsulator {
         while len > 0 {
             let (this, rest) = bufs.split_at_mut(out.frames + 1);
             let space = this[out.frames].receive_space();
-            let (used, frame_len) = self.merge_run(space, len, segment);
+            let (used, frame) = self.merge_run(space, len, segment);
             len -= used;
             let src_at = at + used;
-            if frame_len == 0 {
-                // The first datagram was not ours: the rest starts over in this buffer.
-                out.rejected += 1;
-                space.copy_within(src_at..src_at + len, at);
-                continue;
-            }
+            let frame_len = match frame {
+                Ok(frame_len) => frame_len,
+                Err(reason) => {
+                    // The first datagram was not ours: the rest starts over in this buffer.
+                    out.reject(reason, 1);
+                    space.copy_within(src_at..src_at + len, at);
+                    continue;
+                }
+            };
             if len > 0 {
                 // The rest starts a new frame in the next buffer, if there is one.
                 match rest.first_mut() {
                     Some(next) => next.receive_space()[at..at + len]
                         .copy_from_slice(&space[src_at..src_at + len]),
                     None => {
-                        out.rejected += len.div_ceil(segment) as u64;
+                        out.reject(Reject::NoBuffer, len.div_ceil(segment) as u64);
                         len = 0;
                     }
                 }
@@ -171,15 +214,21 @@ impl Decapsulator {
 
     /// Decapsulates the first datagram in `space` (at the VXLAN receive offset) into a
     /// frame and merges the TCP segments that continue it; returns the datagram bytes
-    /// consumed and the frame's length (0 when the first datagram was not ours).
-    fn merge_run(&self, space: &mut [u8], len: usize, segment: usize) -> (usize, usize) {
+    /// consumed and the frame's length, or why the first datagram was not made a frame.
+    fn merge_run(
+        &self,
+        space: &mut [u8],
+        len: usize,
+        segment: usize,
+    ) -> (usize, Result<usize, Reject>) {
         let at = self.encap.rx_offset();
         let first_len = segment.min(len);
-        let Some(frame_len) = self.decapsulate_in(space, at, first_len) else {
-            return (first_len, 0);
+        let frame_len = match self.decapsulate_in(space, at, first_len) {
+            Ok(frame_len) => frame_len,
+            Err(reason) => return (first_len, Err(reason)),
         };
         let Some(first) = tcp_segment(&space[L3_OFFSET..frame_len], true) else {
-            return (first_len, frame_len);
+            return (first_len, Ok(frame_len));
         };
         let inner_type = vnet::HEADER_LEN + 12..L3_OFFSET;
         let (mut used, mut end, mut merged) = (first_len, frame_len, first.payload_len());
@@ -219,7 +268,7 @@ impl Decapsulator {
         if merged > first.payload_len() {
             tcp_finish(&mut space[..end], &first, merged);
         }
-        (used, end)
+        (used, Ok(end))
     }
 
     /// True when `h` starts with a VXLAN header of this uplink's VNI.
@@ -232,22 +281,30 @@ impl Decapsulator {
 
     /// Decapsulates the datagram of `len` bytes at `at` in `space` in place; returns the
     /// frame's length (virtio-net header and Ethernet included).
-    fn decapsulate_in(&self, space: &mut [u8], at: usize, len: usize) -> Option<usize> {
+    fn decapsulate_in(&self, space: &mut [u8], at: usize, len: usize) -> Result<usize, Reject> {
         let frame_len = match self.encap {
             Encap::Vxlan { .. } => {
                 if len < vxlan::HEADER_LEN + ethernet::HEADER_LEN + MIN_INNER_L3
                     || space.len() < at + len
-                    || !self.vxlan_ok(&space[at..])
                 {
-                    return None;
+                    return Err(Reject::Malformed);
+                }
+                if !self.vxlan_ok(&space[at..]) {
+                    return Err(Reject::NotOurs);
                 }
                 at + len
             }
             Encap::Ipip { protocol } => {
-                let outer = crate::wire::Ipv4Header::new_checked(space.get(at..at + len)?).ok()?;
+                let outer = space
+                    .get(at..at + len)
+                    .and_then(|p| crate::wire::Ipv4Header::new_checked(p).ok())
+                    .ok_or(Reject::Malformed)?;
                 let outer_len = outer.header_len();
-                if outer.protocol() != protocol || len < outer_len + MIN_INNER_L3 {
-                    return None;
+                if outer.protocol() != protocol {
+                    return Err(Reject::NotOurs);
+                }
+                if len < outer_len + MIN_INNER_L3 {
+                    return Err(Reject::Malformed);
                 }
                 if outer_len > MIN_INNER_L3 {
                     space.copy_within(at + outer_len..at + len, at + MIN_INNER_L3);
@@ -258,20 +315,20 @@ impl Decapsulator {
         let ethertype = match space[L3_OFFSET] >> 4 {
             4 => ethernet::EtherType::Ipv4,
             6 => ethernet::EtherType::Ipv6,
-            _ => return None,
+            _ => return Err(Reject::Malformed),
         };
         let (vh, rest) = space.split_at_mut(vnet::HEADER_LEN);
-        let mut vh = VnetHeader::new_checked(vh).ok()?;
+        let mut vh = VnetHeader::new_checked(vh).map_err(|_| Reject::Malformed)?;
         vh.clear();
         if matches!(self.encap, Encap::Vxlan { .. }) {
             // The kernel verified the outer UDP checksum, which covers the inner packet.
             vh.set_flags(vnet::F_DATA_VALID);
         }
-        let mut eth = ethernet::EthernetFrame::new_checked(rest).ok()?;
+        let mut eth = ethernet::EthernetFrame::new_checked(rest).map_err(|_| Reject::Malformed)?;
         eth.set_dst(self.gateway);
         eth.set_src(self.mac);
         eth.set_ethertype(ethertype);
-        Some(frame_len)
+        Ok(frame_len)
     }
 }
 
@@ -533,8 +590,9 @@ mod tests {
             u.deliver(&wire, stride, &mut b),
             Received {
                 frames: 1,
-                rejected: 1
-            }
+                rejected: [0, 1, 0, 0]
+            },
+            "another VNI is not ours"
         );
         let l3 = &b[0].frame()[26..];
         assert_eq!(l3.len(), 20 + 20 + 3 * 1448, "three segments merged");
@@ -549,8 +607,9 @@ mod tests {
             u.deliver(&wire, stride, &mut b),
             Received {
                 frames: 2,
-                rejected: 2
-            }
+                rejected: [0, 0, 0, 2]
+            },
+            "no buffer left for the rest"
         );
         assert!(b.iter().all(|f| f.len() == 12 + 14 + 20 + 20 + 1448));
     }

@@ -485,6 +485,16 @@ impl Switch {
                 worker.stats.rx_errors.load(Ordering::Relaxed);
         }
         let tables = self.tables();
+        for reason in crate::offload::tunnel::Reject::ALL {
+            drops.entry(reason.name().to_string()).or_insert(0);
+        }
+        for port in tables.ports.values() {
+            if let PortIo::Uplink(uplink) = &port.device {
+                for (reason, n) in uplink.drops() {
+                    *drops.entry(reason.name().to_string()).or_insert(0) += n;
+                }
+            }
+        }
         let mut ports: Vec<api::PortCounters> = tables
             .ports
             .values()
