@@ -22,8 +22,7 @@ pub use error::{Error, Result};
 
 /// True when running as root.
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 /// For tests that need root: panics, saying why, when not root. Such tests are marked

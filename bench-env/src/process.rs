@@ -2,28 +2,28 @@
 
 use crate::cleanup::{self, Resource};
 use crate::{fail, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// True once `pid` has exited. A child of ours is reaped here (a zombie would otherwise
 /// still answer `kill(pid, 0)`); for any other process, signal 0 tells.
-fn exited(pid: libc::pid_t) -> bool {
-    let mut status = 0;
-    // SAFETY: waitpid with WNOHANG only inspects (and reaps) a child of this process.
-    match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
-        0 => false,
-        r if r == pid => true,
+fn exited(pid: Pid) -> bool {
+    match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::StillAlive) => false,
+        Ok(_) => true,
         // Not our child (or already reaped): ask whether it still exists.
-        // SAFETY: signal 0 only checks that the process exists.
-        _ => (unsafe { libc::kill(pid, 0) }) != 0,
+        Err(_) => kill(pid, None).is_err(),
     }
 }
 
 /// Sends SIGTERM, waits up to two seconds, then SIGKILL.
 pub fn terminate(pid: u32) {
-    let pid = pid as libc::pid_t;
-    // SAFETY: kill(2) with a pid we started; at worst it fails with ESRCH.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let pid = Pid::from_raw(pid as i32);
+    // At worst it fails with ESRCH: the process is gone already.
+    let _ = kill(pid, Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
         if exited(pid) {
@@ -31,8 +31,7 @@ pub fn terminate(pid: u32) {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = kill(pid, Signal::SIGKILL);
     let _ = exited(pid);
 }
 

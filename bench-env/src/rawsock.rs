@@ -1,5 +1,6 @@
 //! Sending arbitrary frames out of a pod's interface with an AF_PACKET socket, for
 //! robustness tests (random, truncated and forged frames).
+#![allow(unsafe_code)] // AF_PACKET sockets bound to an interface index
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

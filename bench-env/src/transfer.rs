@@ -162,23 +162,9 @@ pub fn udp_datagram(seq: u32, size: usize) -> Vec<u8> {
 }
 
 /// Sets the socket's receive buffer to `bytes`, past `rmem_max` (SO_RCVBUFFORCE, as root).
-fn force_receive_buffer(socket: &std::net::UdpSocket, bytes: i32) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: the fd is the open socket's; the option value is an i32 of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&bytes as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+fn force_receive_buffer(socket: &std::net::UdpSocket, bytes: usize) -> std::io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    Ok(setsockopt(socket, sockopt::RcvBufForce, &bytes)?)
 }
 
 /// Sends `count` numbered datagrams of `size` bytes from `client` to `server` (IPv4 or

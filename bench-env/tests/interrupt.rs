@@ -41,8 +41,11 @@ fn ctrl_c_leaves_nothing_behind() {
     }
     // Let it get into a measurement, then interrupt.
     std::thread::sleep(Duration::from_secs(2));
-    // SAFETY: kill(2) on the child we started.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT to the child we started");
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -1,5 +1,6 @@
 //! Reading the node's interfaces: which one holds an address, its prefixes, its MTU.
 //! Everything here looks at the calling thread's network namespace.
+#![allow(unsafe_code)] // ioctl and getifaddrs system calls
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

@@ -1,5 +1,7 @@
-//! Ports: where frames enter and leave the dataplane. This is the only module with
-//! `unsafe` (system calls), each block with a `// SAFETY:` line.
+//! Ports: where frames enter and leave the dataplane, and the system calls that set the
+//! node up (netlink, namespaces). The workspace denies `unsafe`; the submodules that make
+//! raw system calls say so with `#![allow(unsafe_code)]`, and each block has a
+//! `// SAFETY:` line.
 //!
 //! A port moves *batches*: [`PortIo::recv_batch`] fills several buffers per call until the
 //! device has nothing left, [`PortIo::send`] writes one frame. Kinds:
@@ -10,9 +12,9 @@
 //!   nodes (VXLAN, IP-in-IP); sent to with [`uplink::Uplink::send_to`], which
 //!   encapsulates.
 //!
-//! AF_XDP sockets will be a third variant: their receive fills the same buffers (copy
-//! mode on veth copies anyway) and their send posts to the TX ring, with the fd polled
-//! the same way.
+//! An AF_XDP port would be one more variant: its receive fills the same buffers (copy mode
+//! on veth copies anyway) and its send posts to the TX ring, with the fd polled the same
+//! way.
 
 pub mod links;
 pub mod memory;
@@ -75,10 +77,7 @@ impl PortIo {
         match self {
             PortIo::Tap(_) => "tap",
             PortIo::Memory(_) => "memory",
-            PortIo::Uplink(up) => match up.encap() {
-                uplink::Encap::Vxlan { .. } => "vxlan",
-                uplink::Encap::Ipip { .. } => "ipip",
-            },
+            PortIo::Uplink(up) => up.encap().name(),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! A minimal rtnetlink client: just what configuring a pod interface needs (link state,
 //! MAC, MTU, addresses, routes). Synchronous; every request is acknowledged.
+#![allow(unsafe_code)] // the rtnetlink socket's raw sends and receives
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};

@@ -4,6 +4,7 @@
 //! on a short-lived scoped thread: the rest of the process, workers included, stays in the
 //! node's namespace. File descriptors opened there (a TAP's `/dev/net/tun`, a netlink
 //! socket) keep pointing into the pod's namespace after the thread ends.
+#![allow(unsafe_code)] // setns(2) on the calling thread
 
 use std::fs::File;
 use std::io;

@@ -4,6 +4,7 @@
 //! to the CPUs *c* where `c % workers == i` (see [`pin_current_thread`]), a frame is
 //! forwarded on the CPU that sent it, as the kernel's own datapath does: the wake-up of the
 //! worker is local, not an inter-processor interrupt to a halted vCPU.
+#![allow(unsafe_code)] // bpf(2) and the steering ioctl
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

@@ -11,6 +11,7 @@
 //! with their addresses and routes, and a restarted dataplane re-attaches to them by name
 //! ([`TapDevice::attach`]). Deleting the port clears the flag, and the device goes away
 //! with its last descriptor (or with the pod's namespace).
+#![allow(unsafe_code)] // TUN ioctls and readv/writev on the queues (the fast path)
 
 use super::netlink::Netlink;
 use super::netns;

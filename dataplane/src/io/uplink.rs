@@ -16,12 +16,16 @@
 //! A datagram from an address that is not a peer, with another VNI, malformed, or with no
 //! buffer left is dropped here and counted by reason ([`Uplink::drops`], reported in the
 //! stats as `uplink_not_a_peer`, `uplink_not_ours`, `uplink_malformed`, `uplink_no_buffer`).
+// Unsafe code here: sendmsg/recvmsg with UDP_SEGMENT/UDP_GRO control messages and
+// recvmmsg/sendmmsg (the fast path: libc, with no allocation per call; docs/crates.md).
+#![allow(unsafe_code)]
 
 use crate::buffer::{PacketBuf, BATCH};
 pub use crate::offload::tunnel::Encap;
 use crate::offload::tunnel::{self, Decapsulator, Outgoing, Received, Reject};
 use crate::wire::{vxlan, L3_OFFSET};
 use arc_swap::ArcSwap;
+use nix::sys::socket::{setsockopt, sockopt, AddressFamily, SockFlag, SockProtocol, SockType};
 use std::io;
 use std::mem::{size_of, size_of_val, zeroed};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -415,78 +419,42 @@ fn send_many<'a>(
     Ok(())
 }
 
-fn new_socket(kind: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2) call with constant arguments.
-    let fd = unsafe { libc::socket(libc::AF_INET, kind | libc::SOCK_CLOEXEC, protocol) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn set_int(
-    fd: &OwnedFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: the option value is a live c_int of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
+/// The sockets' set-up goes through `nix` (typed options, no `unsafe`); only the raw
+/// socket's creation, for an IP protocol number `nix` has no name for, and the fast path's
+/// batched sends and receives with their control messages stay on `libc` (docs/crates.md).
 fn bind(fd: &OwnedFd, addr: SocketAddrV4) -> io::Result<()> {
-    let sa = sockaddr(addr);
-    // SAFETY: `sa` is a valid sockaddr_in of the size passed.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sa as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as u32,
-        )
-    };
-    if rc < 0 {
-        let err = io::Error::last_os_error();
-        return Err(io::Error::new(
-            err.kind(),
-            format!("cannot bind {addr}: {err}"),
-        ));
-    }
-    Ok(())
+    nix::sys::socket::bind(fd.as_raw_fd(), &nix::sys::socket::SockaddrIn::from(addr)).map_err(
+        |err| {
+            let err = io::Error::from(err);
+            io::Error::new(err.kind(), format!("cannot bind {addr}: {err}"))
+        },
+    )
 }
 
 /// 4 MiB socket buffers, past `net.core.[rw]mem_max` when allowed (root), so that a burst
 /// of super-frames does not overflow them.
 fn set_buffers(fd: &OwnedFd) -> io::Result<()> {
-    for (forced, plain) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-    ] {
-        if set_int(fd, libc::SOL_SOCKET, forced, 4 << 20).is_err() {
-            set_int(fd, libc::SOL_SOCKET, plain, 4 << 20)?;
-        }
+    const BYTES: usize = 4 << 20;
+    if setsockopt(fd, sockopt::RcvBufForce, &BYTES).is_err() {
+        setsockopt(fd, sockopt::RcvBuf, &BYTES)?;
+    }
+    if setsockopt(fd, sockopt::SndBufForce, &BYTES).is_err() {
+        setsockopt(fd, sockopt::SndBuf, &BYTES)?;
     }
     Ok(())
 }
 
 fn udp_socket(addr: SocketAddrV4, reuse_port: bool) -> io::Result<OwnedFd> {
-    let fd = new_socket(libc::SOCK_DGRAM, 0)?;
+    let fd = nix::sys::socket::socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::Udp,
+    )?;
     if reuse_port {
-        set_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+        setsockopt(&fd, sockopt::ReusePort, &true)?;
         // Receive runs of datagrams in one read (see `Uplink::recv_gro`).
-        set_int(&fd, libc::SOL_UDP, libc::UDP_GRO, 1)?;
+        setsockopt(&fd, sockopt::UdpGroSegment, &true)?;
     }
     set_buffers(&fd)?;
     bind(&fd, addr)?;
@@ -494,7 +462,19 @@ fn udp_socket(addr: SocketAddrV4, reuse_port: bool) -> io::Result<OwnedFd> {
 }
 
 fn raw_socket(local: Ipv4Addr, protocol: u8) -> io::Result<OwnedFd> {
-    let fd = new_socket(libc::SOCK_RAW, libc::c_int::from(protocol))?;
+    // SAFETY: plain socket(2) call with constant arguments.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::c_int::from(protocol),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     set_buffers(&fd)?;
     bind(&fd, SocketAddrV4::new(local, 0))?;
     Ok(fd)
