@@ -1,11 +1,16 @@
-//! `switchyard-control get nodes|routes|peers|pods`: what one node's dataplane knows, as
-//! tables (`-o wide` adds columns) or JSON. Every view is built from the dataplane's API
-//! (node settings, routes, ports), so it shows what is in force, not what a manifest says.
+//! What `switchyard-control` prints: one renderer per view. `get nodes|routes|peers|pods|
+//! nat|conntrack` show what one node's dataplane knows, as tables (`-o wide` adds columns)
+//! or JSON, built from the dataplane's API (node settings, routes, ports), so they show
+//! what is in force, not what a manifest says; the dataplane commands (`hello`, `ports`,
+//! `routes`, `stats`, ...) print its replies ([`render_reply`]); `plan` prints a node's
+//! plan from manifests ([`render_plan`]).
 
+use crate::cluster::plan::NodePlan;
 use crate::table;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
-use switchyard_api::{IpNet, NextHop, NodeStatus, PortInfo, RouteInfo};
+use switchyard_api::{IpNet, NextHop, NodeStatus, PortInfo, Reply, RouteInfo, Stats};
 
 /// A node as `get nodes` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -171,12 +176,11 @@ pub fn render_peers(status: &NodeStatus, wide: bool) -> String {
     out
 }
 
-/// `get routes`.
-pub fn render_routes(routes: &[RouteInfo], status: &NodeStatus, wide: bool) -> String {
+/// `get routes` (peers named from the node settings) and `routes` (`status` absent).
+pub fn render_routes(routes: &[RouteInfo], status: Option<&NodeStatus>, wide: bool) -> String {
     let peer_name = |addr: &std::net::Ipv4Addr| {
         status
-            .spec
-            .as_ref()
+            .and_then(|s| s.spec.as_ref())
             .and_then(|s| s.peers.iter().find(|p| p.underlay == *addr))
             .map(|p| p.name.clone())
     };
@@ -278,4 +282,274 @@ pub fn render_conntrack(entries: &[switchyard_api::ConntrackEntry], wide: bool) 
         })
         .collect::<Vec<_>>();
     table::render(&header, &rows)
+}
+
+/// `ports`: every port the dataplane has.
+pub fn render_ports(ports: &[PortInfo]) -> String {
+    table::render(
+        &[
+            "ID", "KIND", "NETNS", "IFNAME", "IPS", "MAC", "MTU", "QUEUES",
+        ],
+        &ports
+            .iter()
+            .map(|p| {
+                vec![
+                    p.id.to_string(),
+                    p.kind.clone(),
+                    p.netns.clone(),
+                    p.ifname.clone(),
+                    join(&p.ips),
+                    p.mac.to_string(),
+                    p.mtu.to_string(),
+                    p.queues.to_string(),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// `stats`: events, drops by reason and per-port traffic; zero counters only with `all`.
+pub fn render_stats(stats: &Stats, all: bool) -> String {
+    let pick = |m: &BTreeMap<String, u64>| -> Vec<Vec<String>> {
+        m.iter()
+            .filter(|(_, v)| all || **v > 0)
+            .map(|(k, v)| vec![k.clone(), v.to_string()])
+            .collect()
+    };
+    let mut out = format!("workers: {}\n\n", stats.workers);
+    out += &table::render(&["EVENT", "COUNT"], &pick(&stats.counters));
+    out += "\n";
+    out += &table::render(&["DROP REASON", "COUNT"], &pick(&stats.drops));
+    out += "\n";
+    out += &table::render(
+        &[
+            "PORT",
+            "IFNAME",
+            "RX FRAMES",
+            "RX BYTES",
+            "TX FRAMES",
+            "TX BYTES",
+            "TX ERRORS",
+        ],
+        &stats
+            .ports
+            .iter()
+            .map(|p| {
+                vec![
+                    p.id.to_string(),
+                    p.ifname.clone(),
+                    p.rx_frames.to_string(),
+                    p.rx_bytes.to_string(),
+                    p.tx_frames.to_string(),
+                    p.tx_bytes.to_string(),
+                    p.tx_errors.to_string(),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    );
+    out
+}
+
+/// The node settings in force, on one line.
+pub fn render_node(status: &NodeStatus) -> String {
+    match &status.spec {
+        None => "no node settings yet (the control process pushes them)\n".into(),
+        Some(spec) => format!(
+            "node {} at {}  backend {}  uplink {} (MTU {})  pod MTU {}  peers {}\n",
+            spec.name,
+            spec.underlay,
+            spec.backend.kind.name(),
+            status.uplink.as_deref().unwrap_or("-"),
+            status.uplink_mtu.unwrap_or(0),
+            status.pod_mtu.unwrap_or(0),
+            spec.peers.len()
+        ),
+    }
+}
+
+/// Any dataplane reply, as the command that asked for it prints it (`all`: zero counters
+/// too, for `stats`).
+pub fn render_reply(reply: &Reply, all: bool) -> String {
+    match reply {
+        Reply::Hello(h) => format!(
+            "{}\nprotocol version {}, {} workers\ngateway {} / {} at {}\n",
+            h.software, h.version, h.workers, h.gateway_ipv4, h.gateway_ipv6, h.gateway_mac
+        ),
+        Reply::Port(p) => format!(
+            "port {} created: {} in {} ({})\n",
+            p.id, p.ifname, p.netns, p.mac
+        ),
+        Reply::Ports(ports) => render_ports(ports),
+        Reply::Routes(routes) => render_routes(routes, None, true),
+        Reply::Stats(stats) => render_stats(stats, all),
+        Reply::Node(status) => render_node(status),
+        Reply::Nat(nat) => render_nat(nat.as_ref()),
+        Reply::Conntrack(entries) => render_conntrack(entries, false),
+        Reply::Done => "done\n".into(),
+    }
+}
+
+/// `plan`: a node's address, pod CIDRs, backend and peers as the manifests give them.
+pub fn render_plan(p: &NodePlan) -> String {
+    let mut out = format!(
+        "node {}  address {}  pod CIDRs {}  backend {} (VNI {}, port {})\n",
+        p.node,
+        p.address,
+        join(&p.pod_cidrs),
+        p.backend.kind.name(),
+        p.backend.vni,
+        p.backend.port
+    );
+    let rows: Vec<Vec<String>> = p
+        .peers
+        .iter()
+        .map(|peer| {
+            vec![
+                peer.node.clone(),
+                peer.address.to_string(),
+                join(&peer.pod_cidrs),
+            ]
+        })
+        .collect();
+    out += &table::render(&["PEER", "ADDRESS", "POD CIDRS"], &rows);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_api::{Backend, MacAddr, NodeSpec, Peer, PortMapping, RouteOrigin};
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn status() -> NodeStatus {
+        NodeStatus {
+            spec: Some(NodeSpec {
+                name: "node-a".into(),
+                underlay: [192, 168, 1, 10].into(),
+                addresses: vec![IpAddr::from([192, 168, 1, 10])],
+                uplink: None,
+                pod_cidrs: vec![net("10.244.0.0/24")],
+                cluster_cidrs: vec![net("10.244.0.0/16")],
+                backend: Backend::default(),
+                mtu: None,
+                peers: vec![Peer {
+                    name: "node-b".into(),
+                    underlay: [192, 168, 1, 11].into(),
+                    addresses: Vec::new(),
+                    pod_cidrs: vec![net("10.244.1.0/24")],
+                }],
+                masquerade: Default::default(),
+                routes: Vec::new(),
+                service_cidrs: Vec::new(),
+            }),
+            uplink: Some("eth0".into()),
+            uplink_mtu: Some(1500),
+            pod_mtu: Some(1450),
+            host_ifname: Some("sy0".into()),
+        }
+    }
+
+    fn port(id: u32, netns: &str, owner: &str) -> PortInfo {
+        PortInfo {
+            id,
+            kind: "tap".into(),
+            netns: netns.into(),
+            ifname: "eth0".into(),
+            ifindex: 2,
+            mac: MacAddr([0x0a, 0x58, 10, 244, 0, id as u8]),
+            mtu: 1450,
+            ips: vec![net(&format!("10.244.0.{id}/24"))],
+            owner: Some(owner.into()),
+            queues: 2,
+            port_mappings: vec![PortMapping {
+                host_port: 8080,
+                container_port: 80,
+                protocol: "tcp".into(),
+                host_ip: String::new(),
+            }],
+        }
+    }
+
+    #[test]
+    fn nodes_list_this_node_first_then_its_peers() {
+        let rows = nodes(&status());
+        let names: Vec<_> = rows.iter().map(|r| (r.name.as_str(), r.role)).collect();
+        assert_eq!(names, [("node-a", "self"), ("node-b", "peer")]);
+        assert!(nodes(&NodeStatus {
+            spec: None,
+            ..status()
+        })
+        .is_empty());
+        let table = render_nodes(&rows, false);
+        assert!(table.starts_with("NAME"), "{table}");
+        assert!(table.contains("10.244.1.0/24"), "{table}");
+    }
+
+    #[test]
+    fn pods_are_named_by_namespace_and_skip_the_node_port() {
+        let rows = pods(
+            &status(),
+            &[
+                port(5, "/run/netns/pod-a", "cni/abc"),
+                port(6, "/proc/1/ns/net", "cni/def"),
+                port(1, "/proc/1/ns/net", "node"),
+            ],
+        );
+        assert_eq!(rows.len(), 2, "the node's own port is not a pod");
+        assert_eq!(rows[0].name, "pod-a");
+        assert_eq!(rows[1].name, "/proc/1/ns/net");
+        assert_eq!(rows[0].node, "node-a");
+        assert_eq!(rows[0].host_ports, ["8080->80/tcp"]);
+        let wide = render_pods(&rows, true);
+        assert!(
+            wide.contains("HOST-PORTS") && wide.contains("8080->80/tcp"),
+            "{wide}"
+        );
+        assert!(!render_pods(&rows, false).contains("HOST-PORTS"));
+    }
+
+    #[test]
+    fn routes_name_peer_nodes_when_the_settings_are_known() {
+        let routes = [RouteInfo {
+            dst: net("10.244.1.0/24"),
+            via: NextHop::Peer([192, 168, 1, 11].into()),
+            origin: RouteOrigin::Cluster,
+        }];
+        let named = render_routes(&routes, Some(&status()), true);
+        assert!(named.contains("peer node-b (192.168.1.11)"), "{named}");
+        assert!(named.contains("cluster"), "{named}");
+        let bare = render_routes(&routes, None, false);
+        assert!(
+            bare.contains("peer 192.168.1.11") && !bare.contains("ORIGIN"),
+            "{bare}"
+        );
+    }
+
+    #[test]
+    fn stats_hide_zero_counters_unless_asked() {
+        let stats = Stats {
+            workers: 2,
+            counters: BTreeMap::from([("forwarded_ipv4".into(), 3), ("arp_replies".into(), 0)]),
+            drops: BTreeMap::from([("no_route".into(), 0)]),
+            ports: Vec::new(),
+        };
+        let some = render_stats(&stats, false);
+        assert!(
+            some.contains("forwarded_ipv4") && !some.contains("arp_replies"),
+            "{some}"
+        );
+        let all = render_stats(&stats, true);
+        assert!(
+            all.contains("arp_replies") && all.contains("no_route"),
+            "{all}"
+        );
+        assert_eq!(
+            render_reply(&Reply::Stats(stats), false),
+            some,
+            "the reply renders as its view"
+        );
+    }
 }

@@ -1,0 +1,168 @@
+//! Runs a parsed command line: one function per kind of command, one dispatch.
+
+use super::{request_for, Cli, Command, Format, Resource};
+use crate::{agent, check, cluster::plan, views};
+use serde::Serialize;
+use std::path::Path;
+use std::process::ExitCode;
+use switchyard_api::{Client, Reply, Request};
+
+/// Runs `cli`'s command; errors are printed, and the exit code says how it went (2 for a
+/// command line that names no complete request).
+pub fn run(cli: Cli) -> ExitCode {
+    let outcome = match &cli.command {
+        Command::Plan { node, manifests } => plan_command(node, manifests, cli.output),
+        Command::Get {
+            what,
+            pod,
+            protocol,
+        } => get_command(&cli.api, *what, (*pod, protocol.clone()), cli.output),
+        Command::Check { peer_apis } => check_command(&cli.api, peer_apis, cli.output),
+        Command::Run {
+            node,
+            manifests,
+            dataplane_api,
+            uplink,
+            interval_ms,
+        } => agent::run(&agent::AgentOptions {
+            node: node.clone(),
+            manifests: manifests.clone(),
+            api: dataplane_api.clone().unwrap_or_else(|| cli.api.clone()),
+            uplink: uplink.clone(),
+            interval: std::time::Duration::from_millis((*interval_ms).max(10)),
+        }),
+        _ => match request_for(&cli.command) {
+            Ok(request) => dataplane_command(&cli, request),
+            Err(message) => {
+                eprintln!("switchyard-control: {message}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    outcome.unwrap_or_else(|e| {
+        eprintln!("switchyard-control: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Sends one request to the dataplane and prints its reply.
+fn dataplane_command(cli: &Cli, request: Request) -> Result<ExitCode, String> {
+    let reply = Client::connect(&cli.api)
+        .and_then(|mut client| client.call(request))
+        .map_err(|e| e.to_string())?;
+    let all = matches!(cli.command, Command::Stats { all: true });
+    // JSON shows the reply's content (`[...]` for `ports`), not the enum wrapper.
+    let content = unwrap_variant(serde_json::to_value(&reply).map_err(|e| e.to_string())?);
+    Ok(emit(cli.output, &content, || {
+        views::render_reply(&reply, all)
+    }))
+}
+
+/// The value inside a one-key object (`{"ports": [...]}` gives `[...]`).
+fn unwrap_variant(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) if map.len() == 1 => map
+            .into_iter()
+            .next()
+            .map_or(serde_json::Value::Null, |(_, v)| v),
+        other => other,
+    }
+}
+
+/// Prints `value` as JSON, or `text` for the table formats.
+fn emit(format: Format, value: &impl Serialize, text: impl FnOnce() -> String) -> ExitCode {
+    if format == Format::Json {
+        match serde_json::to_string_pretty(value) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("switchyard-control: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", text());
+    }
+    ExitCode::SUCCESS
+}
+
+fn plan_command(node: &str, dir: &Path, format: Format) -> Result<ExitCode, String> {
+    let manifests = agent::load(dir).map(|(m, _)| m).map_err(|errors| {
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\nswitchyard-control: ")
+    })?;
+    let p = plan::plan(&manifests, node)?;
+    Ok(emit(format, &p, || views::render_plan(&p)))
+}
+
+fn get_command(
+    api: &Path,
+    what: Resource,
+    filter: (Option<std::net::Ipv4Addr>, Option<String>),
+    format: Format,
+) -> Result<ExitCode, String> {
+    let mut client = Client::connect(api).map_err(|e| e.to_string())?;
+    let status = client.node().map_err(|e| e.to_string())?;
+    let wide = format == Format::Wide;
+    let mut call = |request| client.call(request).map_err(|e| e.to_string());
+    Ok(match what {
+        Resource::Nodes => {
+            let rows = views::nodes(&status);
+            emit(format, &rows, || views::render_nodes(&rows, wide))
+        }
+        Resource::Peers => emit(format, &status, || views::render_peers(&status, wide)),
+        Resource::Routes => match call(Request::ListRoutes)? {
+            Reply::Routes(routes) => emit(format, &routes, || {
+                views::render_routes(&routes, Some(&status), wide)
+            }),
+            other => return Err(format!("unexpected answer: {other:?}")),
+        },
+        Resource::Pods => match call(Request::ListPorts)? {
+            Reply::Ports(ports) => {
+                let rows = views::pods(&status, &ports);
+                emit(format, &rows, || views::render_pods(&rows, wide))
+            }
+            other => return Err(format!("unexpected answer: {other:?}")),
+        },
+        Resource::Nat => match call(Request::GetNat)? {
+            Reply::Nat(nat) => emit(format, &nat, || views::render_nat(nat.as_ref())),
+            other => return Err(format!("unexpected answer: {other:?}")),
+        },
+        Resource::Conntrack => match call(Request::ListConntrack {
+            pod: filter.0,
+            protocol: filter.1,
+        })? {
+            Reply::Conntrack(entries) => {
+                emit(format, &entries, || views::render_conntrack(&entries, wide))
+            }
+            other => return Err(format!("unexpected answer: {other:?}")),
+        },
+    })
+}
+
+fn check_command(
+    api: &Path,
+    peers: &[std::path::PathBuf],
+    format: Format,
+) -> Result<ExitCode, String> {
+    let mut client = Client::connect(api).map_err(|e| e.to_string())?;
+    let status = client.node().map_err(|e| e.to_string())?;
+    let local = client.ports().map_err(|e| e.to_string())?;
+    let mut remote = Vec::new();
+    for peer in peers {
+        let mut c = Client::connect(peer).map_err(|e| e.to_string())?;
+        remote.extend(c.ports().map_err(|e| e.to_string())?);
+    }
+    let outcomes = check::run(check::probes(&status, &local, &remote));
+    if outcomes.is_empty() {
+        return Err("no pods on this node to check from".into());
+    }
+    let code = emit(format, &outcomes, || check::render(&outcomes));
+    Ok(if outcomes.iter().all(|o| o.ok) {
+        code
+    } else {
+        ExitCode::FAILURE
+    })
+}
