@@ -94,7 +94,7 @@ enum Scenario {
         /// Extra arguments for switchyard-dataplane.
         #[arg(long = "dataplane-arg", allow_hyphen_values = true)]
         dataplane_args: Vec<String>,
-        /// Add seed 004's external network (a router and an external host the nodes reach
+        /// Add an external network (a router and an external host the nodes reach
         /// by a static route): pods ping it and iperf3 to it, masqueraded (the kernel arm:
         /// iptables MASQUERADE, as flannel does).
         #[arg(long)]

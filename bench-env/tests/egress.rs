@@ -1,4 +1,4 @@
-//! Integration tests of egress (seed 004): pods reach a network outside the cluster that
+//! Integration tests of egress: pods reach a network outside the cluster that
 //! their nodes reach by a static route, masqueraded to the node's address by Switchyard's
 //! own connection tracking. They need root; under `CI=true` they always run.
 

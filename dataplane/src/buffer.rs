@@ -1,5 +1,5 @@
-//! Packet buffers: fixed-size, reused, with headroom so that later stages (encapsulation)
-//! can prepend headers without copying the payload.
+//! Packet buffers: fixed-size, reused, each with headroom before the frame (kept for a
+//! port kind that needs to prepend; encapsulation sends its header as a separate iovec).
 //!
 //! A buffer holds one frame as a port delivers it: a virtio-net header (12 bytes) followed
 //! by the Ethernet frame. Ports without a virtio-net header (in-memory, later AF_XDP)
@@ -7,7 +7,7 @@
 
 use crate::wire::vnet;
 
-/// Bytes kept free before the frame for headers prepended later (VXLAN: 50 + 12).
+/// Bytes kept free before the frame, for headers a port may prepend.
 pub const HEADROOM: usize = 128;
 /// The largest frame a buffer holds: a virtio-net header and a 64 KiB GSO super-frame.
 pub const MAX_FRAME: usize = vnet::HEADER_LEN + 14 + 65_535 + 64;

@@ -1,6 +1,8 @@
 //! The packet pipeline: a batch of frames from one port in, one [`Verdict`] per frame out.
 //!
-//! Sans-IO: no system calls, no clock (the caller passes `now`), no allocation, no lock.
+//! Sans-IO: no system calls, no clock (the caller passes `now`), no allocation. The one lock
+//! is the connection table's shard lock, which masquerade and published ports take when a
+//! packet opens or finds a flow.
 //! Stages, in order, for each frame:
 //!
 //! 1. **ingress**: the virtio-net header and Ethernet header must be there; the source MAC
@@ -11,11 +13,14 @@
 //!    longest-prefix match, TTL / hop-limit, MTU, then an in-place rewrite (MACs, TTL with
 //!    an incremental checksum). The virtio-net header is kept as it is, so a GSO
 //!    super-frame stays one.
-//! 4. **errors** ([`icmp_error`]): where the packet cannot go on, it is turned into an
+//! 4. **masquerade and published ports** ([`masquerade`], [`nat`]): translations before and
+//!    after routing (IPv4).
+//! 5. **errors** ([`icmp_error`]): where the packet cannot go on, it is turned into an
 //!    ICMP / ICMPv6 error back to the sender, rate-limited.
+//! 6. **coalescing** ([`coalesce`]): runs of one flow toward one port become a super-frame.
 //!
-//! Later stages (conntrack, NAT, policy, encapsulation) slot in between routing and the
-//! rewrite, or as next-hop kinds, without changing this shape.
+//! Later stages (Service translation, policy) slot in around routing, without changing
+//! this shape; encapsulation is a next-hop kind (`Tunnel`) carried out by the uplink.
 
 pub mod coalesce;
 pub mod counters;

@@ -1,0 +1,156 @@
+//! The Switchyard arm: the manifests directory every agent reads (the cluster
+//! configuration and one Node per node), each node's dataplane and `switchyard-control
+//! run` agent, their restarts, and waiting for the overlay to form.
+
+use super::*;
+
+impl Cluster {
+    /// Rewrites the cluster configuration with these extra routes (the agents apply them).
+    pub fn set_routes(&mut self, routes: Vec<(String, String)>) -> Result<()> {
+        self.options.routes = routes;
+        self.write_config()
+    }
+
+    /// Rewrites the cluster configuration with another backend (the agents apply it).
+    pub fn set_backend(&mut self, backend: BackendKind) -> Result<()> {
+        self.options.backend = backend;
+        self.write_config()
+    }
+
+    pub(super) fn write_config(&self) -> Result<()> {
+        let backend = match self.options.backend {
+            BackendKind::Vxlan => "vxlan",
+            BackendKind::Ipip => "ipip",
+            BackendKind::Direct => "direct",
+        };
+        let mut text = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: switchyard-config\n  namespace: kube-system\ndata:\n  config.yaml: |\n    clusterCIDR: {CLUSTER_CIDR}\n    clusterCIDRv6: {CLUSTER_CIDR_V6}\n    serviceCIDR: 10.96.0.0/12\n    nodeCIDRMaskSizeV6: 64\n    backend:\n      type: {backend}\n"
+        );
+        if let Some(max) = self.options.conntrack_max {
+            text += &format!("    masquerade:\n      conntrackMax: {max}\n");
+        }
+        if !self.options.routes.is_empty() {
+            text += "    routes:\n";
+            for (dst, via) in &self.options.routes {
+                text += &format!("    - {{dst: {dst}, via: {via}}}\n");
+            }
+        }
+        std::fs::write(self.manifests.join("switchyard-config.yaml"), text)?;
+        Ok(())
+    }
+
+    /// Writes node `i`'s Node manifest (name and InternalIPs; no podCIDR, so the control
+    /// processes allocate one).
+    pub fn write_node_manifest(&self, i: usize) -> Result<()> {
+        let node = &self.nodes[self.at(i)?];
+        let text = format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n  - type: InternalIP\n    address: \"{}\"\n  - type: Hostname\n    address: {}\n",
+            node.name, node.ipv4, node.ipv6, node.name
+        );
+        let tmp = self.manifests.join(format!(".{}.tmp", node.name));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.manifests.join(format!("{}.yaml", node.name)))?;
+        Ok(())
+    }
+
+    pub(super) fn spawn_dataplane(&self, node: &SimNode) -> Result<Process> {
+        let binary = find_binary("switchyard-dataplane")?
+            .to_string_lossy()
+            .into_owned();
+        let api = node.api.to_string_lossy().into_owned();
+        let mut argv = vec![binary, "--api".into(), api];
+        if let Some(w) = self.options.workers {
+            argv.extend(["--workers".into(), w.to_string()]);
+        }
+        argv.extend(self.options.dataplane_args.iter().cloned());
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        node.ns.spawn(&refs, Some(&node.dataplane_log))
+    }
+
+    pub(super) fn spawn_control(&self, node: &SimNode) -> Result<Process> {
+        let binary = find_binary("switchyard-control")?
+            .to_string_lossy()
+            .into_owned();
+        let manifests = self.manifests.to_string_lossy().into_owned();
+        let api = node.api.to_string_lossy().into_owned();
+        node.ns.spawn(
+            &[
+                &binary,
+                "run",
+                "--node",
+                &node.name,
+                "--manifests",
+                &manifests,
+                "--dataplane-api",
+                &api,
+            ],
+            Some(&node.control_log),
+        )
+    }
+
+    /// Where node `i` is in `nodes`.
+    pub(super) fn at(&self, i: usize) -> Result<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.index == i)
+            .ok_or_else(|| fail!("no node {i}"))
+    }
+
+    /// Kills node `i`'s dataplane and starts a new one.
+    pub fn restart_dataplane(&mut self, i: usize) -> Result<()> {
+        let at = self.at(i)?;
+        self.nodes[at].dataplane.take();
+        let process = self.spawn_dataplane(&self.nodes[at])?;
+        self.nodes[at].dataplane = Some(process);
+        Ok(())
+    }
+
+    /// Kills node `i`'s control process and starts a new one.
+    pub fn restart_control(&mut self, i: usize) -> Result<()> {
+        let at = self.at(i)?;
+        self.nodes[at].control.take();
+        let process = self.spawn_control(&self.nodes[at])?;
+        self.nodes[at].control = Some(process);
+        Ok(())
+    }
+
+    /// Waits until node `i`'s dataplane has node settings with `peers` peers.
+    pub fn wait_for_peers(&self, i: usize, peers: usize, timeout: Duration) -> Result<Duration> {
+        let node = &self.nodes[self.at(i)?];
+        let start = Instant::now();
+        loop {
+            let have = node
+                .client()
+                .and_then(|mut c| Ok(c.node()?))
+                .ok()
+                .and_then(|s| s.spec)
+                .map(|s| s.peers.len());
+            if have == Some(peers) {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                return Err(fail!(
+                    "node {} did not get settings with {peers} peers within {timeout:?} (has {have:?})\n{}",
+                    node.name,
+                    node.logs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+pub(super) fn wait_for_api(node: &SimNode, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if node.client().and_then(|mut c| Ok(c.hello()?)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(fail!(
+        "the dataplane of {} did not answer within {timeout:?}\n{}",
+        node.name,
+        node.logs()
+    ))
+}

@@ -1,0 +1,92 @@
+//! The underlay: the hub namespace (one L2 segment, or two subnets joined by a router),
+//! each node's link to it, and the external network behind the router.
+
+use super::*;
+
+impl Cluster {
+    /// The external subnet's third octet.
+    pub(super) fn external_subnet(&self) -> u8 {
+        match self.options.underlay {
+            Underlay::Flat => 2,
+            Underlay::Routed => 3,
+        }
+    }
+
+    /// Connects `ns` to the hub: `eth0` in `ns`, `port` in the hub.
+    pub(super) fn wire_to_hub(&self, ns: &Netns, port: &str) -> Result<()> {
+        ns.exec(&[
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            port,
+            "netns",
+            self.hub.name(),
+        ])
+        .map(|_| ())
+    }
+
+    /// The external host: a namespace behind the hub, which routes to it.
+    pub(super) fn add_external(&mut self) -> Result<()> {
+        let x = self.external_subnet();
+        let ns = Netns::create(&format!("{}-ext", self.prefix))?;
+        self.wire_to_hub(&ns, "x0")?;
+        let (ipv4, ipv6) = address_on_subnet(&ns, x, 10)?;
+        default_via_hub(&ns, x)?;
+        let hub = &self.hub;
+        hub.add_address("x0", &format!("192.168.{x}.1/24"))?;
+        hub.add_address("x0", &format!("fd00:{x}::1/64"))?;
+        hub.exec(&["ip", "link", "set", "x0", "up"])?;
+        hub.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        if self.options.underlay == Underlay::Flat {
+            hub.add_address("br0", "192.168.1.1/24")?;
+            hub.add_address("br0", "fd00:1::1/64")?;
+        }
+        self.external = Some(Pod {
+            ns,
+            ipv4,
+            ipv6,
+            port: None,
+        });
+        Ok(())
+    }
+
+    pub(super) fn subnet(&self, i: usize) -> u8 {
+        match self.options.underlay {
+            Underlay::Flat => 1,
+            Underlay::Routed => 1 + (i % 2) as u8,
+        }
+    }
+}
+
+pub(super) fn bridge(ns: &Netns, name: &str, addrs: Option<(&str, &str)>) -> Result<()> {
+    ns.exec(&["ip", "link", "add", name, "type", "bridge"])?;
+    if let Some((v4, v6)) = addrs {
+        ns.add_address(name, v4)?;
+        ns.add_address(name, v6)?;
+    }
+    ns.exec(&["ip", "link", "set", name, "up"])?;
+    Ok(())
+}
+
+/// Gives `ns`'s `eth0` host `host` of subnet `subnet` (192.168.`subnet`.`host`/24 and
+/// fd00:`subnet`::`host`/64) and brings it up; returns the two addresses.
+pub(super) fn address_on_subnet(ns: &Netns, subnet: u8, host: u8) -> Result<(Ipv4Addr, Ipv6Addr)> {
+    let ipv4 = Ipv4Addr::new(192, 168, subnet, host);
+    let ipv6 = Ipv6Addr::new(0xfd00, u16::from(subnet), 0, 0, 0, 0, 0, u16::from(host));
+    ns.add_address("eth0", &format!("{ipv4}/24"))?;
+    ns.add_address("eth0", &format!("{ipv6}/64"))?;
+    ns.exec(&["ip", "link", "set", "eth0", "up"])?;
+    Ok((ipv4, ipv6))
+}
+
+/// The IPv4 default route of `ns`: the hub's address on `subnet` (192.168.`subnet`.1).
+pub(super) fn default_via_hub(ns: &Netns, subnet: u8) -> Result<()> {
+    let hub = format!("192.168.{subnet}.1");
+    ns.exec(&["ip", "route", "add", "default", "via", &hub])
+        .map(|_| ())
+}
