@@ -230,3 +230,147 @@ impl Ipam {
         &self.kind
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A directory holding a fake IPAM plugin `fake`: a shell script that answers VERSION
+    /// with `versions`, logs every call's command and stdin, and answers ADD with `add`
+    /// (printed, with `add_status` as exit status). Removed on drop.
+    struct FakePlugin {
+        dir: PathBuf,
+        _serial: std::sync::MutexGuard<'static, ()>,
+    }
+
+    /// One fake plugin at a time: a script written while another test thread forks would be
+    /// held open for writing in that child, and executing it would fail with ETXTBSY.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    impl FakePlugin {
+        fn new(versions: &str, add: &str, add_status: u8) -> Self {
+            let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = std::env::temp_dir().join(format!("sy-ipam-test-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let script = format!(
+                "#!/bin/sh\nread -r input\necho \"$CNI_COMMAND $input\" >> '{log}'\ncase \"$CNI_COMMAND\" in\n  VERSION) echo '{{\"cniVersion\":\"1.0.0\",\"supportedVersions\":{versions}}}' ;;\n  ADD) echo '{add}'; exit {add_status} ;;\n  *) ;;\nesac\n",
+                log = dir.join("log").display(),
+            );
+            let plugin = dir.join("fake");
+            std::fs::write(&plugin, script).unwrap();
+            std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+            Self {
+                dir,
+                _serial: serial,
+            }
+        }
+
+        fn env(&self) -> Env {
+            Env {
+                container_id: "c1".into(),
+                netns: "/run/netns/x".into(),
+                ifname: "eth0".into(),
+                args: Vec::new(),
+                path: vec!["/nonexistent".into(), self.dir.display().to_string()],
+            }
+        }
+
+        fn calls(&self) -> Vec<String> {
+            std::fs::read_to_string(self.dir.join("log"))
+                .unwrap_or_default()
+                .lines()
+                .map(String::from)
+                .collect()
+        }
+    }
+
+    impl Drop for FakePlugin {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn conf(version: &str, ipam_type: &str) -> NetConf {
+        crate::input::netconf(
+            serde_json::json!({
+                "cniVersion": version,
+                "name": "net",
+                "type": "switchyard",
+                "ipam": {"type": ipam_type, "subnet": "10.88.0.0/24"},
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_version_is_negotiated_and_add_returns_the_addresses() {
+        let fake = FakePlugin::new(
+            r#"["0.4.0","1.0.0"]"#,
+            r#"{"cniVersion":"1.0.0","ips":[{"address":"10.88.0.5/24"}],"dns":{}}"#,
+            0,
+        );
+        let ipam = Ipam::from_conf(&conf("1.1.0", "fake"), &fake.env())
+            .unwrap()
+            .unwrap();
+        assert_eq!(ipam.kind(), "fake");
+        assert!(ipam.supports("1.0.0") && !ipam.supports("1.1.0"));
+        let got = ipam.add(&fake.env()).unwrap();
+        assert_eq!(got.ips, vec!["10.88.0.5/24".parse::<IpNet>().unwrap()]);
+        assert!(got.dns.is_none(), "an empty dns object is no DNS");
+        let calls = fake.calls();
+        assert!(calls[1].starts_with("ADD ") && calls[1].contains(r#""cniVersion":"1.0.0""#));
+        assert!(!ipam.gc(&fake.env()).unwrap(), "no GC below 1.1.0");
+    }
+
+    #[test]
+    fn plugin_errors_keep_their_code_and_message() {
+        let fake = FakePlugin::new(
+            r#"["1.0.0"]"#,
+            r#"{"cniVersion":"1.0.0","code":11,"msg":"no addresses left in 10.88.0.0/24"}"#,
+            1,
+        );
+        let ipam = Ipam::from_conf(&conf("1.0.0", "fake"), &fake.env())
+            .unwrap()
+            .unwrap();
+        let err = ipam.add(&fake.env()).unwrap_err();
+        assert_eq!(err.code, 11);
+        assert!(err.msg.contains("no addresses left"), "{}", err.msg);
+        drop(fake);
+        let none = FakePlugin::new(r#"["1.0.0"]"#, r#"{"cniVersion":"1.0.0","ips":[]}"#, 0);
+        let ipam = Ipam::from_conf(&conf("1.0.0", "fake"), &none.env())
+            .unwrap()
+            .unwrap();
+        assert!(ipam
+            .add(&none.env())
+            .unwrap_err()
+            .msg
+            .contains("allocated no address"));
+    }
+
+    #[test]
+    fn a_missing_plugin_a_path_or_no_common_version_is_refused() {
+        let fake = FakePlugin::new(r#"["1.0.0"]"#, "{}", 0);
+        let missing = Ipam::from_conf(&conf("1.0.0", "absent"), &fake.env())
+            .err()
+            .unwrap();
+        assert_eq!(missing.code, code::INVALID_CONFIG);
+        assert!(
+            missing.msg.contains("not found in CNI_PATH"),
+            "{}",
+            missing.msg
+        );
+        let path = Ipam::from_conf(&conf("1.0.0", "/bin/fake"), &fake.env())
+            .err()
+            .unwrap();
+        assert!(path.msg.contains("must be a plugin name"), "{}", path.msg);
+        let older = Ipam::from_conf(&conf("0.4.0", "fake"), &fake.env())
+            .err()
+            .unwrap();
+        assert_eq!(older.code, code::INCOMPATIBLE_VERSION);
+    }
+}

@@ -1,6 +1,7 @@
 //! Joining the cluster: what a [`NodeSpec`] means for this node.
 //!
-//! [`plan`] is pure: from the spec and the uplink found on the node it computes the pod
+//! [`plan`] is pure (no system call here: the control side finds the uplink, see
+//! `switch::cluster`): from the spec and the uplink found on the node it computes the pod
 //! MTU, the dataplane's cluster routes (peers' pod CIDRs through the overlay, the node's
 //! addresses to the host port, a default route to the host) and the routes the node's own
 //! stack needs (the cluster's pod networks through the host port; with the `direct`
@@ -12,7 +13,6 @@
 //! (169.254.1.1 / fe80::1), with the node's address as the preferred source. Pods reach
 //! the node's addresses through the same port; no NAT either way.
 
-use crate::io::links;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use switchyard_api::{ApiError, BackendKind, ErrorCode, IpNet, NextHop, NodeSpec};
@@ -65,45 +65,6 @@ fn default_net(v6: bool) -> IpNet {
         IpNet::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
     }
     .unwrap_or_else(|_| IpNet::from(IpAddr::V4(Ipv4Addr::UNSPECIFIED)))
-}
-
-/// Finds the uplink: the interface named in the spec, or the one holding the underlay
-/// address.
-pub fn find_uplink(spec: &NodeSpec) -> Result<UplinkInfo, ApiError> {
-    let system = |e: std::io::Error| ApiError::new(ErrorCode::System, e.to_string());
-    let all = links::addresses().map_err(system)?;
-    let ifname = match &spec.uplink {
-        Some(name) => name.clone(),
-        None => all
-            .iter()
-            .find(|a| a.net.addr() == IpAddr::V4(spec.underlay))
-            .map(|a| a.ifname.clone())
-            .ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::NotFound,
-                    format!(
-                        "node {}: no interface holds its address {}; check the Node's InternalIP or name the uplink (--uplink IFACE)",
-                        spec.name, spec.underlay
-                    ),
-                )
-            })?,
-    };
-    let mtu = links::mtu(&ifname).map_err(|e| {
-        ApiError::new(
-            ErrorCode::NotFound,
-            format!("uplink {ifname}: {e}; name an existing interface with --uplink"),
-        )
-    })?;
-    let prefixes = all
-        .into_iter()
-        .filter(|a| a.ifname == ifname)
-        .map(|a| a.net.trunc())
-        .collect();
-    Ok(UplinkInfo {
-        ifname,
-        mtu,
-        prefixes,
-    })
 }
 
 /// Computes what `spec` means on a node whose uplink is `uplink`; refuses specs that

@@ -361,3 +361,54 @@ impl Netlink {
         self.transact(msg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_carry_their_length_flags_and_padded_attributes() {
+        let mut m = Message::new(RTM_NEWROUTE, NLM_F_CREATE, 7);
+        m.bytes(&[1, 2, 3, 4])
+            .attr(RTA_OIF, &5u32.to_ne_bytes())
+            .attr(RTA_DST, &[10, 0, 0]);
+        let b = m.finish().to_vec();
+        // Header (16) + 4 bytes + attr of 8 + attr of 4 + 3 padded to 8.
+        assert_eq!(b.len(), 16 + 4 + 8 + 8);
+        assert_eq!(
+            u32::from_ne_bytes(b[0..4].try_into().unwrap()),
+            b.len() as u32
+        );
+        assert_eq!(u16::from_ne_bytes([b[4], b[5]]), RTM_NEWROUTE);
+        let flags = u16::from_ne_bytes([b[6], b[7]]);
+        assert_eq!(flags, NLM_F_CREATE | NLM_F_REQUEST | NLM_F_ACK);
+        assert_eq!(
+            u32::from_ne_bytes(b[8..12].try_into().unwrap()),
+            7,
+            "sequence"
+        );
+        assert_eq!(&b[16..20], &[1, 2, 3, 4]);
+        let attr = &b[20..28];
+        assert_eq!(
+            u16::from_ne_bytes([attr[0], attr[1]]),
+            8,
+            "attribute length"
+        );
+        assert_eq!(u16::from_ne_bytes([attr[2], attr[3]]), RTA_OIF);
+        let dst = &b[28..36];
+        assert_eq!(
+            u16::from_ne_bytes([dst[0], dst[1]]),
+            7,
+            "length without padding"
+        );
+        assert_eq!(&dst[4..8], &[10, 0, 0, 0], "padded to four bytes");
+    }
+
+    #[test]
+    fn addresses_encode_by_family() {
+        assert_eq!(ip_bytes("10.1.2.3".parse().unwrap()), vec![10, 1, 2, 3]);
+        assert_eq!(ip_bytes("fd00::1".parse().unwrap()).len(), 16);
+        assert_eq!(family("10.1.2.3".parse().unwrap()), libc::AF_INET as u8);
+        assert_eq!(family("fd00::1".parse().unwrap()), libc::AF_INET6 as u8);
+    }
+}

@@ -137,7 +137,7 @@ impl Switch {
         if state.node.as_ref().is_some_and(|n| n.spec == spec) {
             return Ok(status(state.node.as_ref(), &self.config.host_ifname));
         }
-        let uplink = node::find_uplink(&spec)?;
+        let uplink = find_uplink(&spec)?;
         let plan = node::plan(&spec, &uplink)?;
         let uplink_index = crate::io::netns::link_index(&uplink.ifname).unwrap_or(0);
 
@@ -407,4 +407,43 @@ fn status(node: Option<&NodeState>, host_ifname: &str) -> NodeStatus {
             host_ifname: Some(host_ifname.to_string()),
         },
     }
+}
+
+/// Finds the uplink: the interface named in the spec, or the one holding the underlay
+/// address.
+fn find_uplink(spec: &NodeSpec) -> Result<node::UplinkInfo, ApiError> {
+    let system = |e: std::io::Error| ApiError::new(ErrorCode::System, e.to_string());
+    let all = links::addresses().map_err(system)?;
+    let ifname = match &spec.uplink {
+        Some(name) => name.clone(),
+        None => all
+            .iter()
+            .find(|a| a.net.addr() == IpAddr::V4(spec.underlay))
+            .map(|a| a.ifname.clone())
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::NotFound,
+                    format!(
+                        "node {}: no interface holds its address {}; check the Node's InternalIP or name the uplink (--uplink IFACE)",
+                        spec.name, spec.underlay
+                    ),
+                )
+            })?,
+    };
+    let mtu = links::mtu(&ifname).map_err(|e| {
+        ApiError::new(
+            ErrorCode::NotFound,
+            format!("uplink {ifname}: {e}; name an existing interface with --uplink"),
+        )
+    })?;
+    let prefixes = all
+        .into_iter()
+        .filter(|a| a.ifname == ifname)
+        .map(|a| a.net.trunc())
+        .collect();
+    Ok(node::UplinkInfo {
+        ifname,
+        mtu,
+        prefixes,
+    })
 }

@@ -8,6 +8,8 @@
 mod cluster;
 mod egress;
 mod persist;
+#[cfg(test)]
+mod tests;
 
 use crate::io::memory::{self, MemoryPeer};
 use crate::io::tap::{TapConfig, TapDevice, TUN_F_USO};

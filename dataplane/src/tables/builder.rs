@@ -370,3 +370,166 @@ pub fn protocol_number(protocol: &str) -> u8 {
         6
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tables::{PortCounters, PortRole};
+    use switchyard_api::{MacAddr, PortInfo, PortMapping};
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    /// A port with no device (the builder never touches one).
+    fn port(id: u32, ips: &[&str], role: PortRole, mappings: &[(u16, &str)]) -> Arc<Port<()>> {
+        let ips: Vec<IpNet> = ips.iter().map(|s| net(s)).collect();
+        let mac = MacAddr([0x0a, 0x58, 0, 0, 0, id as u8]);
+        Arc::new(Port {
+            id,
+            mac,
+            mtu: 1500,
+            ipv4: ips
+                .iter()
+                .filter_map(|n| match n.addr() {
+                    IpAddr::V4(a) => Some(a),
+                    IpAddr::V6(_) => None,
+                })
+                .collect(),
+            ipv6: Vec::new(),
+            device: (),
+            role,
+            accepts_udp_gso: false,
+            counters: PortCounters::default(),
+            info: PortInfo {
+                id,
+                kind: "none".into(),
+                netns: format!("/run/netns/pod{id}"),
+                ifname: "eth0".into(),
+                ifindex: 0,
+                mac,
+                mtu: 1500,
+                ips,
+                owner: None,
+                queues: 1,
+                port_mappings: mappings
+                    .iter()
+                    .map(|(host_port, protocol)| PortMapping {
+                        host_port: *host_port,
+                        container_port: 80,
+                        protocol: (*protocol).into(),
+                        host_ip: String::new(),
+                    })
+                    .collect(),
+            },
+        })
+    }
+
+    fn builder() -> TableBuilder<()> {
+        let mut b = TableBuilder::new(Gateway::default());
+        b.insert_port(port(1, &["10.244.0.5/24"], PortRole::Pod, &[(8080, "tcp")]));
+        b
+    }
+
+    fn code(r: Result<(), ApiError>) -> ErrorCode {
+        r.unwrap_err().code
+    }
+
+    #[test]
+    fn new_ports_that_take_what_is_taken_are_refused() {
+        let b = builder();
+        let ips = [net("10.244.0.6/24")];
+        assert!(b.check_new_port("/run/netns/x", "eth0", &ips, &[]).is_ok());
+        let same_place = b.check_new_port("/run/netns/pod1", "eth0", &ips, &[]);
+        assert_eq!(code(same_place), ErrorCode::Conflict);
+        let same_address = b.check_new_port("/run/netns/x", "eth0", &[net("10.244.0.5/24")], &[]);
+        assert_eq!(code(same_address), ErrorCode::Conflict);
+        let tcp_8080 = port(9, &[], PortRole::Pod, &[(8080, "tcp")]);
+        let taken = b.check_new_port("/run/netns/x", "eth0", &ips, &tcp_8080.info.port_mappings);
+        assert_eq!(code(taken), ErrorCode::Conflict);
+        let udp_8080 = port(9, &[], PortRole::Pod, &[(8080, "udp")]);
+        let other_protocol =
+            b.check_new_port("/run/netns/x", "eth0", &ips, &udp_8080.info.port_mappings);
+        assert!(other_protocol.is_ok(), "UDP 8080 is free");
+    }
+
+    #[test]
+    fn static_routes_are_checked_and_go_with_their_port() {
+        let mut b = builder();
+        let route = |dst: &str, via| RouteSpec { dst: net(dst), via };
+        let host_bits = b.add_route(&route("10.1.0.1/16", api::NextHop::Blackhole));
+        assert_eq!(code(host_bits), ErrorCode::InvalidRequest);
+        let no_port = b.add_route(&route("10.1.0.0/16", api::NextHop::Port(7)));
+        assert_eq!(code(no_port), ErrorCode::NotFound);
+        let pods_own = b.add_route(&route("10.244.0.5/32", api::NextHop::Blackhole));
+        assert_eq!(code(pods_own), ErrorCode::Conflict);
+        b.add_route(&route("10.1.0.0/16", api::NextHop::Port(1)))
+            .unwrap();
+        let twice = b.add_route(&route("10.1.0.0/16", api::NextHop::Blackhole));
+        assert_eq!(code(twice), ErrorCode::Conflict);
+        // A pod may not take an address a static route covers exactly.
+        b.add_route(&route("10.244.0.9/32", api::NextHop::Blackhole))
+            .unwrap();
+        let covered = b.check_new_port("/run/netns/y", "eth0", &[net("10.244.0.9/24")], &[]);
+        assert_eq!(code(covered), ErrorCode::Conflict);
+        assert!(b.remove_port(1).is_some());
+        let left: Vec<_> = b.routes().into_iter().map(|r| r.dst).collect();
+        assert_eq!(
+            left,
+            [net("10.244.0.9/32")],
+            "the port's routes went with it"
+        );
+        assert_eq!(code(b.del_route(&net("10.1.0.0/16"))), ErrorCode::NotFound);
+    }
+
+    #[test]
+    fn snapshots_route_to_ports_tunnels_and_the_host() {
+        let mut b = builder();
+        let host = port(2, &[], PortRole::Host, &[]);
+        let uplink = port(3, &[], PortRole::Uplink, &[]);
+        b.insert_port(host.clone());
+        b.insert_port(uplink.clone());
+        let peer = std::net::Ipv4Addr::new(192, 168, 1, 11);
+        let mut cluster = BTreeMap::new();
+        cluster.insert(net("10.244.1.0/24"), api::NextHop::Peer(peer));
+        cluster.insert(net("10.244.2.0/24"), api::NextHop::Peer(peer));
+        cluster.insert(net("0.0.0.0/0"), api::NextHop::Host);
+        cluster.insert(net("10.9.0.0/16"), api::NextHop::Host);
+        b.set_cluster(
+            cluster,
+            NodePorts {
+                host: Some(host),
+                tunnel_v4: Some(uplink),
+                tunnel_v6: None,
+            },
+        );
+        // A static route for the same prefix as a cluster route wins.
+        b.add_route(&RouteSpec {
+            dst: net("10.9.0.0/16"),
+            via: api::NextHop::Unreachable,
+        })
+        .unwrap();
+        let t = b.build();
+        let next = |addr: [u8; 4]| t.nexthop(t.routes_v4.lookup(u32::from_be_bytes(addr)));
+        assert!(matches!(next([10, 244, 0, 5]), Some(NextHop::Port(p)) if p.id == 1));
+        let a = match next([10, 244, 1, 7]) {
+            Some(NextHop::Tunnel { port, peer: p }) if port.id == 3 && *p == peer => {
+                t.routes_v4.lookup(u32::from_be_bytes([10, 244, 1, 7]))
+            }
+            _ => panic!("not a tunnel to the peer"),
+        };
+        assert_eq!(
+            a,
+            t.routes_v4.lookup(u32::from_be_bytes([10, 244, 2, 7])),
+            "one tunnel next hop per peer"
+        );
+        assert!(matches!(next([8, 8, 8, 8]), Some(NextHop::Port(p)) if p.id == 2));
+        assert!(matches!(next([10, 9, 1, 1]), Some(NextHop::Unreachable)));
+        assert_eq!(
+            t.host_ports.get(6, 8080),
+            Some((std::net::Ipv4Addr::new(10, 244, 0, 5), 80))
+        );
+        assert_eq!(t.generation, 1);
+        assert_eq!(b.build().generation, 2, "every snapshot is newer");
+    }
+}

@@ -270,3 +270,107 @@ fn run(
         stats.publish(pipeline.counters());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::Gateway;
+    use crate::io::memory;
+    use crate::tables::builder::TableBuilder;
+    use crate::tables::PortRole;
+    use switchyard_api::{MacAddr, PortInfo};
+
+    /// A pod port whose queues hold `depth` frames each way.
+    fn memory_port(
+        id: u32,
+        mac: MacAddr,
+        ip: &str,
+        depth: usize,
+    ) -> (Arc<Port<PortIo>>, memory::MemoryPeer) {
+        let (io, peer) = memory::pair(depth);
+        let net: switchyard_api::IpNet = ip.parse().unwrap();
+        let std::net::IpAddr::V4(v4) = net.addr() else {
+            panic!("an IPv4 address")
+        };
+        let port = Port {
+            id,
+            mac,
+            mtu: 1500,
+            ipv4: vec![v4],
+            ipv6: Vec::new(),
+            device: PortIo::Memory(io),
+            role: PortRole::Pod,
+            accepts_udp_gso: false,
+            counters: PortCounters::default(),
+            info: PortInfo {
+                id,
+                kind: "memory".into(),
+                netns: format!("/test/{id}"),
+                ifname: "eth0".into(),
+                ifindex: 0,
+                mac,
+                mtu: 1500,
+                ips: vec![net],
+                owner: None,
+                queues: 1,
+                port_mappings: Vec::new(),
+            },
+        };
+        (Arc::new(port), peer)
+    }
+
+    /// An IPv4 UDP datagram from `src` to `dst` (checksum none), in an Ethernet frame
+    /// from `mac` to the gateway, behind a zeroed virtio-net header.
+    fn frame(mac: MacAddr, src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&Gateway::default().mac.0);
+        f.extend_from_slice(&mac.0);
+        f.extend_from_slice(&[0x08, 0x00]);
+        let mut ip = vec![0u8; 20];
+        crate::wire::ipv4::emit_header(&mut ip, src.into(), dst.into(), 17, 10, 64);
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, 10, 0, 0, b'h', b'i']);
+        f
+    }
+
+    #[test]
+    fn a_batch_is_forwarded_and_counted_and_a_full_port_counts_a_failed_write() {
+        let a_mac = MacAddr([0x0a, 0x58, 10, 244, 0, 5]);
+        let (a, pa) = memory_port(1, a_mac, "10.244.0.5/24", 4);
+        let (b, pb) = memory_port(2, MacAddr([0x0a, 0x58, 10, 244, 0, 6]), "10.244.0.6/24", 2);
+        let mut builder = TableBuilder::new(Gateway::default());
+        builder.insert_port(a.clone());
+        builder.insert_port(b.clone());
+        let tables = builder.build();
+        // Three frames to B, whose queue toward the pod holds two.
+        for _ in 0..3 {
+            assert!(pa.send(&frame(a_mac, [10, 244, 0, 5], [10, 244, 0, 6])));
+        }
+        let mut pipeline = Pipeline::new();
+        let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
+        let mut verdicts = [Verdict::Drop; BATCH];
+        let n = forward_batch(&mut pipeline, &tables, &a, 0, &mut bufs, &mut verdicts, 1).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(a.counters.rx_frames.load(Ordering::Relaxed), 3);
+        assert_eq!(b.counters.tx_frames.load(Ordering::Relaxed), 2);
+        assert_eq!(b.counters.tx_errors.load(Ordering::Relaxed), 1);
+        assert_eq!(pipeline.counters().dropped(DropReason::TxFailed), 1);
+        assert_eq!(pipeline.counters().count(Event::RxBatches), 1);
+        assert!(pb.recv().is_some() && pb.recv().is_some() && pb.recv().is_none());
+        // Nothing more to read: no batch.
+        let n = forward_batch(&mut pipeline, &tables, &a, 0, &mut bufs, &mut verdicts, 2).unwrap();
+        assert_eq!(n, 0);
+        assert_eq!(pipeline.counters().count(Event::RxBatches), 1);
+        // What the worker publishes is what its pipeline counted.
+        let stats = WorkerStats::default();
+        stats.publish(pipeline.counters());
+        assert_eq!(
+            stats.drops[DropReason::TxFailed as usize].load(Ordering::Relaxed),
+            1
+        );
+        assert_eq!(
+            stats.events[Event::RxFrames as usize].load(Ordering::Relaxed),
+            3
+        );
+    }
+}
