@@ -10,6 +10,7 @@
 mod client;
 mod mac;
 mod node;
+mod service;
 
 pub use client::{Client, ClientError};
 pub use ipnet::IpNet;
@@ -18,13 +19,14 @@ pub use node::{
     Backend, BackendKind, ConntrackEntry, ExtraRoute, Masquerade, NatStatus, NodeSpec, NodeStatus,
     Peer, PortRange,
 };
+pub use service::{Endpoint, ServiceKey, ServicePort, ServiceSpec, ServiceStatus};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// The protocol version this crate speaks. Every change to a message takes a new version;
 /// `tests/schema/v{N}.json` pins what each version's messages look like.
-pub const API_VERSION: u32 = 2;
+pub const API_VERSION: u32 = 3;
 /// The oldest protocol version still accepted: a newer dataplane understands every
 /// request an older client can send (later versions only add requests and fields with
 /// defaults).
@@ -32,7 +34,7 @@ pub const OLDEST_API_VERSION: u32 = 1;
 /// Where the dataplane listens unless told otherwise (`--api PATH`).
 pub const DEFAULT_API_PATH: &str = "/run/switchyard/dataplane.sock";
 /// The largest request or response line accepted, in bytes.
-pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// A request line: the protocol version and what is asked.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,6 +85,25 @@ pub enum Request {
         #[serde(default)]
         protocol: Option<String>,
     },
+    /// Changes the Services served: removes those named in `remove`, then adds or replaces
+    /// those in `upsert`; with `replace`, every Service not in `upsert` goes first. The
+    /// whole change takes effect at once, or none of it.
+    ApplyServices {
+        /// Services to add or replace.
+        #[serde(default)]
+        upsert: Vec<ServiceSpec>,
+        /// Services to remove.
+        #[serde(default)]
+        remove: Vec<ServiceKey>,
+        /// Start from no Service at all.
+        #[serde(default)]
+        replace: bool,
+        /// The largest Maglev table (a prime; default 16381).
+        #[serde(default)]
+        maglev_table_size: Option<u32>,
+    },
+    /// List the Services served.
+    ListServices,
 }
 
 /// Parameters of [`Request::AddPort`].
@@ -295,6 +316,8 @@ pub enum Reply {
     Nat(Option<NatStatus>),
     /// Tracked flows.
     Conntrack(Vec<ConntrackEntry>),
+    /// The Services served.
+    Services(Vec<ServiceStatus>),
     /// The request took effect and has nothing to report.
     Done,
 }

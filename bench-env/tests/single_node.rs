@@ -226,7 +226,7 @@ fn bad_api_requests_are_refused_and_change_nothing() {
     // An oversized line is refused and the connection closed.
     let huge = format!(
         r#"{{"version":1,"request":{{"op":"hello","pad":"{}"}}}}"#,
-        "x".repeat(2 << 20)
+        "x".repeat(switchyard_api::MAX_MESSAGE_BYTES)
     );
     assert_eq!(error_code(&raw_exchange(&bed, &[huge])[0]), "too_large");
     // A client that disconnects halfway through a request harms nothing.

@@ -53,6 +53,10 @@ named_counters! {
         Masqueraded => "masqueraded",
         /// Replies given their pod's address back.
         Unmasqueraded => "unmasqueraded",
+        /// Packets to a Service given their backend as destination.
+        ServiceTranslated => "service_translated",
+        /// Backends' replies given their Service's address back.
+        ServiceReplies => "service_replies",
     }
 }
 
@@ -113,6 +117,16 @@ named_counters! {
         NotMasqueradable => "not_masqueradable",
         /// Writing to the egress port failed.
         TxFailed => "tx_failed",
+        /// To a Service port with no usable endpoint: refused with ICMP port unreachable.
+        ServiceNoEndpoints => "service_no_endpoints",
+        /// To a node port or external IP of an `externalTrafficPolicy: Local` Service
+        /// with no endpoint on this node: dropped, as kube-proxy drops it.
+        ServiceNoLocalEndpoint => "service_no_local_endpoint",
+        /// A new flow to a Service while the Service flow table is full.
+        ServiceFlowsFull => "service_flows_full",
+        /// A new flow to a Service whose replies could not be told from another flow's
+        /// (one client port to two Services sharing a backend).
+        ServiceReplyClash => "service_reply_clash",
     }
 }
 

@@ -20,6 +20,9 @@ pub enum IcmpError {
     TimeExceeded,
     /// Larger than the next hop's MTU (the value carried).
     TooBig(u32),
+    /// Nothing listens behind the destination port (a Service without endpoints): the
+    /// client's connect fails at once with "connection refused".
+    PortUnreachable,
 }
 
 /// Largest IPv4 ICMP error (RFC 1812 4.3.2.3: quote as much as fits in 576 bytes).
@@ -101,6 +104,12 @@ pub fn build(pkt: &mut PacketBuf, gateway: &Gateway, error: IcmpError) -> bool {
         }
         (IpAddr::V6(_), IcmpError::TimeExceeded) => (icmp::V6_TIME_EXCEEDED, 0, 0),
         (IpAddr::V6(_), IcmpError::TooBig(mtu)) => (icmp::V6_PACKET_TOO_BIG, 0, mtu),
+        (IpAddr::V4(_), IcmpError::PortUnreachable) => {
+            (icmp::V4_DEST_UNREACHABLE, icmp::V4_CODE_PORT_UNREACHABLE, 0)
+        }
+        (IpAddr::V6(_), IcmpError::PortUnreachable) => {
+            (icmp::V6_DEST_UNREACHABLE, icmp::V6_CODE_PORT_UNREACHABLE, 0)
+        }
     };
     let (header, body) = l3.split_at_mut(header_len);
     let body = &mut body[..icmp_len];

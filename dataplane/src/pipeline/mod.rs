@@ -28,6 +28,7 @@ pub mod icmp_error;
 pub mod masquerade;
 pub mod nat;
 pub mod neighbor;
+mod services;
 
 use crate::buffer::PacketBuf;
 use crate::tables::{NextHop, Port, PortRole, Tables};
@@ -195,9 +196,39 @@ impl Pipeline {
         if !ip.verify_checksum() {
             return self.drop(DropReason::BadIpv4Checksum);
         }
+        let mut serviced = false;
+        if !tables.services.is_empty() {
+            let bytes = ip.into_inner();
+            let step = services::before_routing(
+                &tables.services,
+                &tables.service_flows,
+                ingress.role,
+                bytes,
+                false,
+                partial,
+                self.now_ns,
+            );
+            // Translation changes addresses and ports, never lengths: still a packet.
+            let Ok(view) = Ipv4Packet::new_checked(bytes) else {
+                return self.drop(DropReason::MalformedIpv4);
+            };
+            ip = view;
+            match self.service_step(step) {
+                Ok(true) => {
+                    dst = ip.dst();
+                    serviced = true;
+                }
+                Ok(false) => {}
+                Err(Some(reason)) => return self.drop(reason),
+                Err(None) => {
+                    let quotable = icmp_error::may_answer_v4(&ip);
+                    return self.refuse(tables, ingress, pkt, quotable);
+                }
+            }
+        }
         let mut answered = false;
         let mut untranslated = None;
-        if let Some(m) = tables.masquerade.as_deref() {
+        if let Some(m) = tables.masquerade.as_deref().filter(|_| !serviced) {
             let host_ports = &tables.host_ports;
             if let Some(step) =
                 masquerade::before_routing(m, host_ports, ingress.role, ip.as_bytes())
@@ -281,9 +312,35 @@ impl Pipeline {
         let Ok(mut ip) = Ipv6Packet::new_checked(&mut *l3) else {
             return self.drop(DropReason::MalformedIpv6);
         };
-        let (src, dst) = (ip.src(), ip.dst());
+        let (src, mut dst) = (ip.src(), ip.dst());
         if !ingress.may_send_from_v6(src) {
             return self.drop(DropReason::SpoofedSource);
+        }
+        if !tables.services.is_empty() {
+            let partial = head[0] & vnet::F_NEEDS_CSUM != 0;
+            let bytes = ip.into_inner();
+            let step = services::before_routing(
+                &tables.services,
+                &tables.service_flows,
+                ingress.role,
+                bytes,
+                true,
+                partial,
+                self.now_ns,
+            );
+            let Ok(view) = Ipv6Packet::new_checked(bytes) else {
+                return self.drop(DropReason::MalformedIpv6);
+            };
+            ip = view;
+            match self.service_step(step) {
+                Ok(true) => dst = ip.dst(),
+                Ok(false) => {}
+                Err(Some(reason)) => return self.drop(reason),
+                Err(None) => {
+                    let quotable = icmp_error::may_answer_v6(&ip);
+                    return self.refuse(tables, ingress, pkt, quotable);
+                }
+            }
         }
         if dst == tables.gateway.ipv6 {
             return self.drop(DropReason::ToGateway);
@@ -368,6 +425,36 @@ impl Pipeline {
         eth[0..6].copy_from_slice(&egress.mac.0);
         eth[6..12].copy_from_slice(&tables.gateway.mac.0);
         self.counters.event(event);
+    }
+
+    /// Counts what the Service stage did: `Ok(true)` when the packet was translated,
+    /// `Ok(false)` when not, `Err(Some)` to drop, `Err(None)` to refuse the client.
+    fn service_step(&mut self, step: services::Step) -> Result<bool, Option<DropReason>> {
+        match step {
+            services::Step::Untouched => Ok(false),
+            services::Step::ToBackend => {
+                self.counters.event(Event::ServiceTranslated);
+                Ok(true)
+            }
+            services::Step::FromFrontend => {
+                self.counters.event(Event::ServiceReplies);
+                Ok(true)
+            }
+            services::Step::Refuse => Err(None),
+            services::Step::Drop(reason) => Err(Some(reason)),
+        }
+    }
+
+    /// Refuses a client of a Service port with no endpoint: ICMP port unreachable.
+    fn refuse<D>(
+        &mut self,
+        tables: &Tables<D>,
+        ingress: &Port<D>,
+        pkt: &mut PacketBuf,
+        quotable: bool,
+    ) -> Verdict {
+        self.counters.drop(DropReason::ServiceNoEndpoints);
+        self.send_icmp_error(tables, ingress, pkt, IcmpError::PortUnreachable, quotable)
     }
 
     fn send_icmp_error<D>(

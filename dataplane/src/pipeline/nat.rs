@@ -1,7 +1,6 @@
-//! Address and port translation of IPv4 packets in place, for masquerade: the source
-//! (outbound) or the destination (replies) address and the TCP/UDP port or ICMP echo
-//! identifier, with checksums updated incrementally (RFC 1624), all through the `wire`
-//! views.
+//! Address and port translation in place, for masquerade and Services: the source or the
+//! destination address and the TCP/UDP port (IPv4 and IPv6) or ICMP echo identifier
+//! (IPv4), with checksums updated incrementally (RFC 1624), all through the `wire` views.
 //!
 //! A packet whose L4 checksum is still partial (`F_NEEDS_CSUM`, as pods' kernels send them
 //! over a TAP, GSO super-frames included) holds only the pseudo-header sum in its checksum
@@ -14,8 +13,8 @@
 //! off, and only the port changes.
 
 use crate::wire::checksum::{update_l4_address, update_l4_word};
-use crate::wire::{icmp::IcmpPacket, ipv4, Ipv4Header, TcpPacket, UdpPacket};
-use std::net::Ipv4Addr;
+use crate::wire::{icmp::IcmpPacket, ipv4, Ipv4Header, Ipv6Packet, TcpPacket, UdpPacket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Which end of the packet is translated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +94,84 @@ pub fn translate(l3: &mut [u8], side: Side, addr: Ipv4Addr, port: u16, partial: 
     };
     let l4_len = ip.rest().len();
     let l4 = &mut ip.split_mut().1[..l4_len];
-    let (old_addr, new_addr) = (old_addr.octets(), addr.octets());
+    if ports.protocol == ipv4::PROTO_ICMP {
+        // ICMP echo: no pseudo-header; only the identifier is covered.
+        if let Ok(mut icmp) = IcmpPacket::new_checked(l4) {
+            let old_id = icmp.echo_ident();
+            icmp.set_echo_ident(port);
+            let check = update_l4_word(icmp.checksum(), old_id, port, false);
+            icmp.set_checksum(check);
+        }
+        return true;
+    }
+    translate_l4(
+        l4,
+        ports.protocol,
+        side,
+        (&old_addr.octets(), &addr.octets()),
+        port,
+        partial,
+    );
+    true
+}
+
+/// The TCP or UDP ports of the IPv6 packet `l3` (no extension header). `None` for anything
+/// else.
+pub fn l4_of_v6(l3: &[u8]) -> Option<L4> {
+    let ip = Ipv6Packet::new_checked(l3).ok()?;
+    let protocol = ip.next_header();
+    if protocol != ipv4::PROTO_TCP && protocol != ipv4::PROTO_UDP {
+        return None;
+    }
+    let ports = UdpPacket::new_checked(ip.payload()).ok()?;
+    Some(L4 {
+        protocol,
+        src_port: ports.src_port(),
+        dst_port: ports.dst_port(),
+    })
+}
+
+/// [`translate`] for a TCP or UDP packet over IPv6.
+pub fn translate_v6(l3: &mut [u8], side: Side, addr: Ipv6Addr, port: u16, partial: bool) -> bool {
+    let Some(ports) = l4_of_v6(l3) else {
+        return false;
+    };
+    let Ok(mut ip) = Ipv6Packet::new_checked(&mut *l3) else {
+        return false;
+    };
+    let old_addr = match side {
+        Side::Source => ip.set_src(addr),
+        Side::Destination => ip.set_dst(addr),
+    };
+    translate_l4(
+        ip.payload_mut(),
+        ports.protocol,
+        side,
+        (&old_addr.octets(), &addr.octets()),
+        port,
+        partial,
+    );
+    true
+}
+
+/// [`translate`] or [`translate_v6`], by the address's family (which must be the packet's).
+pub fn translate_ip(l3: &mut [u8], side: Side, addr: IpAddr, port: u16, partial: bool) -> bool {
+    match addr {
+        IpAddr::V4(a) => translate(l3, side, a, port, partial),
+        IpAddr::V6(a) => translate_v6(l3, side, a, port, partial),
+    }
+}
+
+/// Sets `side`'s port of the TCP or UDP header `l4` and updates its checksum for that and
+/// for the pseudo-header's address change `(old, new)` (4 or 16 bytes each).
+fn translate_l4(
+    l4: &mut [u8],
+    protocol: u8,
+    side: Side,
+    (old_addr, new_addr): (&[u8], &[u8]),
+    port: u16,
+    partial: bool,
+) {
     // A checksum over the pseudo-header sees the address change; a complete one sees the
     // port change too (a partial one covers no data).
     let adjust = |check: u16, old_port: u16| {
@@ -106,8 +182,8 @@ pub fn translate(l3: &mut [u8], side: Side, addr: Ipv4Addr, port: u16, partial: 
             update_l4_word(check, old_port, port, false)
         }
     };
-    match ports.protocol {
-        ipv4::PROTO_TCP => match TcpPacket::new_checked(&mut *l4) {
+    if protocol == ipv4::PROTO_TCP {
+        match TcpPacket::new_checked(&mut *l4) {
             Ok(mut tcp) => {
                 let old_port = set_port(&mut tcp, side, port);
                 let check = adjust(tcp.checksum(), old_port);
@@ -119,29 +195,17 @@ pub fn translate(l3: &mut [u8], side: Side, addr: Ipv4Addr, port: u16, partial: 
                     set_udp_port(&mut ports, side, port);
                 }
             }
-        },
-        ipv4::PROTO_UDP => {
-            let Ok(mut udp) = UdpPacket::new_checked(l4) else {
-                return true;
-            };
-            let old_port = set_udp_port(&mut udp, side, port);
-            if udp.checksum() != 0 {
-                let check = adjust(udp.checksum(), old_port);
-                udp.set_checksum(if check == 0 { 0xffff } else { check });
-            }
         }
-        _ => {
-            // ICMP echo: no pseudo-header; only the identifier is covered.
-            let Ok(mut icmp) = IcmpPacket::new_checked(l4) else {
-                return true;
-            };
-            let old_id = icmp.echo_ident();
-            icmp.set_echo_ident(port);
-            let check = update_l4_word(icmp.checksum(), old_id, port, false);
-            icmp.set_checksum(check);
-        }
+        return;
     }
-    true
+    let Ok(mut udp) = UdpPacket::new_checked(l4) else {
+        return;
+    };
+    let old_port = set_udp_port(&mut udp, side, port);
+    if udp.checksum() != 0 {
+        let check = adjust(udp.checksum(), old_port);
+        udp.set_checksum(if check == 0 { 0xffff } else { check });
+    }
 }
 
 /// Sets `side`'s TCP port; returns the old one.

@@ -3,9 +3,11 @@
 use super::*;
 use crate::io::memory::MemoryPeer;
 use crate::switch::{Switch, SwitchConfig};
+use crate::tables::{Port, PortCounters, PortRole, Tables};
 use crate::wire::{checksum, icmp, ipv4, ipv6};
 use crate::worker::forward_batch;
-use switchyard_api::{AddPort, MacAddr};
+use std::sync::Arc;
+use switchyard_api::{AddPort, MacAddr, PortInfo};
 
 const GW: MacAddr = MacAddr([0xee; 6]);
 const A_MAC: MacAddr = MacAddr([0x0a, 0x58, 10, 244, 0, 5]);
@@ -578,57 +580,77 @@ fn ipv6_udp_runs_are_coalesced() {
     );
 }
 
+/// A port with no device behind it, for pipeline tests over hand-built tables.
+fn bare_port(id: u32, mac: MacAddr, ips: &[&str], role: PortRole) -> Arc<Port<()>> {
+    let ips: Vec<switchyard_api::IpNet> = ips.iter().map(|s| s.parse().unwrap()).collect();
+    Arc::new(Port {
+        id,
+        mac,
+        mtu: 1500,
+        ipv4: ips
+            .iter()
+            .filter_map(|n| match n.addr() {
+                std::net::IpAddr::V4(a) => Some(a),
+                _ => None,
+            })
+            .collect(),
+        ipv6: ips
+            .iter()
+            .filter_map(|n| match n.addr() {
+                std::net::IpAddr::V6(a) => Some(a),
+                _ => None,
+            })
+            .collect(),
+        device: (),
+        role,
+        accepts_udp_gso: false,
+        counters: PortCounters::default(),
+        info: PortInfo {
+            id,
+            kind: "none".into(),
+            netns: String::new(),
+            ifname: format!("p{id}"),
+            ifindex: 0,
+            mac,
+            mtu: 1500,
+            ips,
+            owner: None,
+            queues: 1,
+            port_mappings: Vec::new(),
+        },
+    })
+}
+
+/// Runs one frame (Ethernet) from port `ingress` through the pipeline; returns the verdict
+/// and the frame after it (Ethernet).
+fn run_bare(tables: &Tables<()>, ingress: u32, frame: Vec<u8>) -> (Verdict, Vec<u8>) {
+    let mut pipeline = Pipeline::new();
+    let mut bufs = vec![PacketBuf::new()];
+    bufs[0].load_ethernet(&frame);
+    let mut verdicts = [Verdict::Drop];
+    let port = tables.ports[&ingress].clone();
+    pipeline.process(tables, &port, &mut bufs, &mut verdicts, 1);
+    (verdicts[0], bufs[0].frame()[12..].to_vec())
+}
+
 /// Masquerade through the pipeline, sans-IO: a pod port, a host port (the node's stack),
 /// a default route to the host and a connection-tracking table, built by hand, with no
 /// device behind the ports (the tables take any device type; here `()`).
 mod masquerade_stage {
     use super::*;
+    use super::{bare_port as port, run_bare as run};
     use crate::conntrack::Conntrack;
     use crate::tables::builder::{NodePorts, TableBuilder};
     use crate::tables::masquerade::Masquerading;
-    use crate::tables::{Gateway, Port, PortCounters, PortRole};
+    use crate::tables::{Gateway, PortRole};
     use std::collections::BTreeMap;
     use std::net::Ipv4Addr;
     use std::sync::Arc;
-    use switchyard_api::{NextHop as ApiNextHop, PortInfo};
+    use switchyard_api::NextHop as ApiNextHop;
 
     const HOST_MAC: MacAddr = MacAddr([0x0e, 0xee, 0xee, 0, 0, 1]);
     const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
     const EXT: [u8; 4] = [192, 168, 2, 10];
-
-    fn port(id: u32, mac: MacAddr, ips: &[&str], role: PortRole) -> Arc<Port<()>> {
-        let ips: Vec<switchyard_api::IpNet> = ips.iter().map(|s| s.parse().unwrap()).collect();
-        Arc::new(Port {
-            id,
-            mac,
-            mtu: 1500,
-            ipv4: ips
-                .iter()
-                .filter_map(|n| match n.addr() {
-                    std::net::IpAddr::V4(a) => Some(a),
-                    _ => None,
-                })
-                .collect(),
-            ipv6: Vec::new(),
-            device: (),
-            role,
-            accepts_udp_gso: false,
-            counters: PortCounters::default(),
-            info: PortInfo {
-                id,
-                kind: "none".into(),
-                netns: String::new(),
-                ifname: format!("p{id}"),
-                ifindex: 0,
-                mac,
-                mtu: 1500,
-                ips,
-                owner: None,
-                queues: 1,
-                port_mappings: Vec::new(),
-            },
-        })
-    }
 
     /// Pod A (port 1, 10.244.0.5), the host port (2) and pod B (port 3, 10.244.0.6), which
     /// publishes its UDP port 53 as the node's 5353.
@@ -679,16 +701,6 @@ mod masquerade_stage {
         let sum = checksum::finish(checksum::accumulate(pseudo, &p[20..]));
         p[26..28].copy_from_slice(&sum.to_be_bytes());
         p
-    }
-
-    fn run(tables: &crate::tables::Tables<()>, ingress: u32, frame: Vec<u8>) -> (Verdict, Vec<u8>) {
-        let mut pipeline = Pipeline::new();
-        let mut bufs = vec![PacketBuf::new()];
-        bufs[0].load_ethernet(&frame);
-        let mut verdicts = [Verdict::Drop];
-        let port = tables.ports[&ingress].clone();
-        pipeline.process(tables, &port, &mut bufs, &mut verdicts, 1);
-        (verdicts[0], bufs[0].frame()[12..].to_vec())
     }
 
     fn valid(l3: &[u8]) -> bool {
@@ -822,5 +834,222 @@ mod masquerade_stage {
             "the node, as the client sent it"
         );
         assert_eq!(u16::from_be_bytes([quote[22], quote[23]]), 5353);
+    }
+}
+
+/// Services through the pipeline, sans-IO: pods A and B on device-free ports, Services
+/// compiled as the control process pushes them.
+mod service_stage {
+    use super::*;
+    use crate::tables::builder::TableBuilder;
+    use crate::tables::maglev::DEFAULT_MAX_SIZE;
+    use crate::tables::services::ServiceTable;
+    use crate::tables::Gateway;
+    use std::net::IpAddr;
+    use switchyard_api::{Endpoint, ServicePort, ServiceSpec};
+
+    const A: &str = "10.244.0.5";
+    const B: &str = "10.244.0.6";
+    const A6: &str = "fd00::5";
+    const B6: &str = "fd00::6";
+
+    fn service(
+        name: &str,
+        vips: &[&str],
+        endpoints: &[&str],
+        affinity: Option<u32>,
+    ) -> ServiceSpec {
+        ServiceSpec {
+            namespace: "default".into(),
+            name: name.into(),
+            kind: "ClusterIP".into(),
+            cluster_ips: vips.iter().map(|v| v.parse().unwrap()).collect(),
+            external_ips: Vec::new(),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: "TCP".into(),
+                port: 80,
+                node_port: None,
+                endpoints: endpoints
+                    .iter()
+                    .map(|e| Endpoint {
+                        address: e.parse().unwrap(),
+                        port: 8080,
+                        local: true,
+                    })
+                    .collect(),
+            }],
+            affinity_timeout_s: affinity,
+            external_local: false,
+            internal_local: false,
+        }
+    }
+
+    /// web (10.96.0.10, fd00:96::10) -> B; empty (10.96.0.11) -> nothing; own
+    /// (10.96.0.12) -> A; sticky (10.96.0.13, affinity) -> A, B and two pods elsewhere.
+    fn tables() -> Tables<()> {
+        let mut b = TableBuilder::new(Gateway::default());
+        b.insert_port(bare_port(
+            1,
+            A_MAC,
+            &["10.244.0.5/24", "fd00::5/64"],
+            PortRole::Pod,
+        ));
+        b.insert_port(bare_port(
+            3,
+            B_MAC,
+            &["10.244.0.6/24", "fd00::6/64"],
+            PortRole::Pod,
+        ));
+        let specs = [
+            service("web", &["10.96.0.10", "fd00:96::10"], &[B, B6], None),
+            service("empty", &["10.96.0.11"], &[], None),
+            service("own", &["10.96.0.12"], &[A], None),
+            service(
+                "sticky",
+                &["10.96.0.13"],
+                &[A, B, "10.244.0.7", "10.244.0.8"],
+                Some(60),
+            ),
+        ];
+        b.set_services(Arc::new(ServiceTable::build(&specs, DEFAULT_MAX_SIZE)));
+        b.build()
+    }
+
+    /// A TCP segment (20-byte header, flags, "hi") with a complete checksum.
+    fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Vec<u8> {
+        let mut t = vec![0u8; 20];
+        t[0..2].copy_from_slice(&sport.to_be_bytes());
+        t[2..4].copy_from_slice(&dport.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        t.extend_from_slice(b"hi");
+        let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+        let mut l3 = match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => ipv4_packet(s.octets(), d.octets(), 64, true, 6, &t),
+            _ => ipv6_packet(&src.to_string(), &dst.to_string(), 64, 6, &t),
+        };
+        let at = if src.is_ipv4() { 20 } else { 40 };
+        let sum = checksum::finish(checksum::accumulate(
+            checksum::pseudo_header_of(&l3, 6, t.len() as u32),
+            &l3[at..],
+        ));
+        l3[at + 16..at + 18].copy_from_slice(&sum.to_be_bytes());
+        l3
+    }
+
+    /// Source, source port, destination, destination port of the IP packet after the
+    /// Ethernet header of `frame`, and whether its checksums verify.
+    fn seen(frame: &[u8]) -> (IpAddr, u16, IpAddr, u16, bool) {
+        let l3 = &frame[14..];
+        let (src, dst, at): (IpAddr, IpAddr, usize) = if l3[0] >> 4 == 4 {
+            let ip = Ipv4Packet::new_checked(l3).unwrap();
+            (ip.src().into(), ip.dst().into(), 20)
+        } else {
+            let ip = Ipv6Packet::new_checked(l3).unwrap();
+            (ip.src().into(), ip.dst().into(), 40)
+        };
+        let port = |i: usize| u16::from_be_bytes([l3[at + i], l3[at + i + 1]]);
+        let l4_ok = checksum::finish(checksum::accumulate(
+            checksum::pseudo_header_of(l3, 6, (l3.len() - at) as u32),
+            &l3[at..],
+        )) == 0;
+        let ip_ok = at == 40 || checksum::checksum(&l3[..20]) == 0;
+        (src, port(0), dst, port(2), l4_ok && ip_ok)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn ethertype(l3: &[u8]) -> u16 {
+        if l3[0] >> 4 == 4 {
+            0x0800
+        } else {
+            0x86dd
+        }
+    }
+
+    fn from_a(t: &Tables<()>, l3: Vec<u8>) -> (Verdict, Vec<u8>) {
+        run_bare(t, 1, eth(GW, A_MAC, ethertype(&l3), &l3))
+    }
+
+    fn from_b(t: &Tables<()>, l3: Vec<u8>) -> (Verdict, Vec<u8>) {
+        run_bare(t, 3, eth(GW, B_MAC, ethertype(&l3), &l3))
+    }
+
+    #[test]
+    fn a_pod_reaches_its_backend_through_the_cluster_ip_and_the_reply_comes_from_it() {
+        for (a, b, vip) in [(A, B, "10.96.0.10"), (A6, B6, "fd00:96::10")] {
+            let t = tables();
+            let (v, out) = from_a(&t, tcp(a, 40000, vip, 80, 0x02));
+            assert!(matches!(v, Verdict::Forward(_)), "{v:?} for {vip}");
+            assert_eq!(&out[..6], &B_MAC.0, "to pod B");
+            assert_eq!(seen(&out), (ip(a), 40000, ip(b), 8080, true), "client kept");
+            let (v, out) = from_b(&t, tcp(b, 8080, a, 40000, 0x12));
+            assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+            assert_eq!(&out[..6], &A_MAC.0);
+            assert_eq!(
+                seen(&out),
+                (ip(vip), 80, ip(a), 40000, true),
+                "from the cluster IP"
+            );
+            assert_eq!(t.service_flows.len(), 1);
+        }
+    }
+
+    #[test]
+    fn a_service_without_endpoints_refuses_at_once() {
+        let t = tables();
+        let (v, out) = from_a(&t, tcp(A, 40000, "10.96.0.11", 80, 0x02));
+        assert_eq!(v, Verdict::Reply);
+        let l3 = &out[14..];
+        assert_eq!(l3[9], 1, "ICMP");
+        assert_eq!((l3[20], l3[21]), (3, 3), "port unreachable");
+        assert_eq!(&l3[16..20], &[10, 244, 0, 5], "to the client");
+        assert_eq!(
+            &l3[28 + 16..28 + 20],
+            &[10, 96, 0, 11],
+            "quoting what it sent"
+        );
+        assert!(t.service_flows.is_empty());
+    }
+
+    #[test]
+    fn a_pod_reaching_itself_through_its_service_sees_the_cluster_ip_as_client() {
+        let t = tables();
+        let (v, out) = from_a(&t, tcp(A, 40000, "10.96.0.12", 80, 0x02));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(&out[..6], &A_MAC.0, "back to A");
+        assert_eq!(seen(&out), (ip("10.96.0.12"), 40000, ip(A), 8080, true));
+        let (v, out) = from_a(&t, tcp(A, 8080, "10.96.0.12", 40000, 0x12));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(seen(&out), (ip("10.96.0.12"), 80, ip(A), 40000, true));
+    }
+
+    #[test]
+    fn client_ip_affinity_keeps_one_backend_for_every_connection() {
+        let t = tables();
+        let backends: Vec<IpAddr> = (0..15)
+            .map(|k| {
+                let (v, out) = from_a(&t, tcp(A, 41000 + k, "10.96.0.13", 80, 0x02));
+                assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+                seen(&out).2
+            })
+            .collect();
+        assert!(backends.iter().all(|b| *b == backends[0]), "{backends:?}");
+        assert_eq!(t.service_flows.len(), 15);
+    }
+
+    #[test]
+    fn traffic_to_pods_and_unknown_ports_is_not_translated() {
+        let t = tables();
+        let (v, out) = from_a(&t, tcp(A, 40000, B, 80, 0x02));
+        assert!(matches!(v, Verdict::Forward(_)));
+        assert_eq!(seen(&out), (ip(A), 40000, ip(B), 80, true));
+        // B answering from 8080 to a client that never used a Service: left alone.
+        let (_, out) = from_b(&t, tcp(B, 8080, A, 40001, 0x12));
+        assert_eq!(seen(&out), (ip(B), 8080, ip(A), 40001, true));
+        assert!(t.service_flows.is_empty());
     }
 }

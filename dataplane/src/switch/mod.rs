@@ -8,6 +8,7 @@
 mod cluster;
 mod egress;
 mod persist;
+mod services;
 #[cfg(test)]
 mod tests;
 
@@ -73,6 +74,7 @@ struct State {
     builder: TableBuilder<PortIo>,
     next_port_id: u32,
     node: Option<cluster::NodeState>,
+    services: services::Services,
 }
 
 /// A running switch.
@@ -105,6 +107,7 @@ impl Switch {
                 builder: TableBuilder::new(config.gateway),
                 next_port_id: 1,
                 node: None,
+                services: services::Services::default(),
             }),
             node_mtu: AtomicU32::new(0),
             config,
@@ -169,6 +172,13 @@ impl Switch {
             Request::ListConntrack { pod, protocol } => self
                 .conntrack_entries(pod, protocol.as_deref())
                 .map(Reply::Conntrack),
+            Request::ApplyServices {
+                upsert,
+                remove,
+                replace,
+                maglev_table_size,
+            } => self.apply_services(upsert, &remove, replace, maglev_table_size),
+            Request::ListServices => Ok(self.list_services()),
         }
     }
 
@@ -462,6 +472,11 @@ impl Switch {
         self.unpublish_port(&mut state, &port);
         // Its flows go with it: a pod given the address later must not inherit them (nor
         // replies, nor connections to the published ports it had).
+        let addrs: Vec<IpAddr> = port.info.ips.iter().map(IpNet::addr).collect();
+        state
+            .builder
+            .service_flows()
+            .remove_where(|f| addrs.contains(&f.original.src) || addrs.contains(&f.backend.0));
         if let Some(m) = state.builder.masquerade() {
             for addr in &port.ipv4 {
                 m.conntrack.forget_pod(*addr);
@@ -538,9 +553,16 @@ fn spawn_housekeeping(shared: std::sync::Weak<SharedTables<PortIo>>) -> io::Resu
             let Some(shared) = shared.upgrade() else {
                 return;
             };
-            if let Some(m) = shared.load().masquerade.as_deref() {
-                m.conntrack.sweep(crate::worker::monotonic_ns());
+            let tables = shared.load();
+            let now = crate::worker::monotonic_ns();
+            if let Some(m) = tables.masquerade.as_deref() {
+                m.conntrack.sweep(now);
             }
+            // Affinities are kept as long as the longest timeout a Service asks for; each
+            // Service checks its own when it reads one.
+            tables
+                .service_flows
+                .sweep(now, tables.services.longest_affinity_ns());
         })
         .map(|_| ())
 }

@@ -13,6 +13,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use switchyard_api::{self as api, ApiError, ErrorCode, IpNet, RouteInfo, RouteOrigin, RouteSpec};
 
+/// Flows to Services tracked at most (each about 200 bytes).
+pub const DEFAULT_SERVICE_FLOWS: usize = 1 << 20;
 const NH_BLACKHOLE: u32 = 1;
 const NH_UNREACHABLE: u32 = 2;
 const NH_FIRST_PORT: u32 = 3;
@@ -26,6 +28,8 @@ pub struct TableBuilder<D> {
     cluster_routes: BTreeMap<IpNet, api::NextHop>,
     node_ports: NodePorts<D>,
     masquerade: Option<Arc<super::masquerade::Masquerading>>,
+    services: Arc<super::services::ServiceTable>,
+    service_flows: Arc<crate::conntrack::service::ServiceFlows>,
 }
 
 /// The ports through which [`api::NextHop::Host`] and [`api::NextHop::Peer`] routes leave.
@@ -69,7 +73,26 @@ impl<D> TableBuilder<D> {
             cluster_routes: BTreeMap::new(),
             node_ports: NodePorts::default(),
             masquerade: None,
+            services: Arc::default(),
+            service_flows: Arc::new(crate::conntrack::service::ServiceFlows::new(
+                DEFAULT_SERVICE_FLOWS,
+            )),
         }
+    }
+
+    /// Sets the Services for the next snapshots.
+    pub fn set_services(&mut self, services: Arc<super::services::ServiceTable>) {
+        self.services = services;
+    }
+
+    /// The Services in force.
+    pub fn services(&self) -> &Arc<super::services::ServiceTable> {
+        &self.services
+    }
+
+    /// The flows to Services (one table for the dataplane's life).
+    pub fn service_flows(&self) -> &Arc<crate::conntrack::service::ServiceFlows> {
+        &self.service_flows
     }
 
     /// Replaces the routes computed from the node settings and the ports they use. The
@@ -353,6 +376,8 @@ impl<D> TableBuilder<D> {
             nexthops,
             masquerade: self.masquerade.clone(),
             host_ports: super::host_ports::HostPorts::new(self.host_ports()),
+            services: self.services.clone(),
+            service_flows: self.service_flows.clone(),
         }
     }
 }

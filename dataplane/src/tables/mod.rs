@@ -13,7 +13,9 @@
 pub mod builder;
 pub mod host_ports;
 pub mod lpm;
+pub mod maglev;
 pub mod masquerade;
+pub mod services;
 
 pub use crate::gateway::Gateway;
 use arc_swap::ArcSwap;
@@ -147,6 +149,10 @@ pub struct Tables<D> {
     pub masquerade: Option<Arc<masquerade::Masquerading>>,
     /// The node's ports published to pods (hostPort).
     pub host_ports: host_ports::HostPorts,
+    /// The Services served.
+    pub services: Arc<services::ServiceTable>,
+    /// The flows to Services, shared by every snapshot.
+    pub service_flows: Arc<crate::conntrack::service::ServiceFlows>,
 }
 
 impl<D> Tables<D> {
@@ -161,6 +167,8 @@ impl<D> Tables<D> {
             nexthops: vec![NextHop::Blackhole],
             masquerade: None,
             host_ports: host_ports::HostPorts::default(),
+            services: Arc::default(),
+            service_flows: Arc::new(crate::conntrack::service::ServiceFlows::new(0)),
         }
     }
 

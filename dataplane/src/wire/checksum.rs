@@ -101,21 +101,20 @@ pub fn update_l4_word(check: u16, old: u16, new: u16, partial: bool) -> u16 {
     }
 }
 
-/// [`update_l4_word`] for a 4-byte address in the pseudo-header.
+/// [`update_l4_word`] for an address in the pseudo-header (4 or 16 bytes, both the same
+/// length).
 #[inline]
-pub fn update_l4_address(check: u16, old: [u8; 4], new: [u8; 4], partial: bool) -> u16 {
-    let a = update_l4_word(
-        check,
-        u16::from_be_bytes([old[0], old[1]]),
-        u16::from_be_bytes([new[0], new[1]]),
-        partial,
-    );
-    update_l4_word(
-        a,
-        u16::from_be_bytes([old[2], old[3]]),
-        u16::from_be_bytes([new[2], new[3]]),
-        partial,
-    )
+pub fn update_l4_address(check: u16, old: &[u8], new: &[u8], partial: bool) -> u16 {
+    old.chunks_exact(2)
+        .zip(new.chunks_exact(2))
+        .fold(check, |c, (o, n)| {
+            update_l4_word(
+                c,
+                u16::from_be_bytes([o[0], o[1]]),
+                u16::from_be_bytes([n[0], n[1]]),
+                partial,
+            )
+        })
 }
 
 #[cfg(test)]

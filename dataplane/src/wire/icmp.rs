@@ -20,6 +20,8 @@ pub const V4_ECHO_REPLY: u8 = 0;
 pub const V4_CODE_HOST_UNREACHABLE: u8 = 1;
 /// ICMPv4 unreachable code: fragmentation needed and DF set.
 pub const V4_CODE_FRAG_NEEDED: u8 = 4;
+/// ICMPv4 destination-unreachable code: port unreachable.
+pub const V4_CODE_PORT_UNREACHABLE: u8 = 3;
 
 /// ICMPv6 destination unreachable.
 pub const V6_DEST_UNREACHABLE: u8 = 1;
@@ -29,6 +31,8 @@ pub const V6_PACKET_TOO_BIG: u8 = 2;
 pub const V6_TIME_EXCEEDED: u8 = 3;
 /// ICMPv6 unreachable code: address unreachable.
 pub const V6_CODE_ADDR_UNREACHABLE: u8 = 3;
+/// ICMPv6 destination-unreachable code: port unreachable.
+pub const V6_CODE_PORT_UNREACHABLE: u8 = 4;
 /// ICMPv6 router solicitation.
 pub const V6_ROUTER_SOLICIT: u8 = 133;
 /// ICMPv6 neighbour solicitation.

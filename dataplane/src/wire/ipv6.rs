@@ -33,6 +33,11 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
         Ok(Self { buf })
     }
 
+    /// The buffer back.
+    pub fn into_inner(self) -> T {
+        self.buf
+    }
+
     /// Payload length the header declares.
     pub fn payload_len(&self) -> usize {
         usize::from(read_u16(self.buf.as_ref(), 4))
@@ -74,6 +79,21 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
     pub fn decrement_hop_limit(&mut self) {
         let b = self.buf.as_mut();
         b[7] = b[7].wrapping_sub(1);
+    }
+
+    /// Sets the source address; returns the one it replaced (IPv6 has no header
+    /// checksum; the transport checksum's pseudo-header is the caller's).
+    pub fn set_src(&mut self, addr: Ipv6Addr) -> Ipv6Addr {
+        let old = self.src();
+        self.buf.as_mut()[8..24].copy_from_slice(&addr.octets());
+        old
+    }
+
+    /// Sets the destination address, likewise.
+    pub fn set_dst(&mut self, addr: Ipv6Addr) -> Ipv6Addr {
+        let old = self.dst();
+        self.buf.as_mut()[24..40].copy_from_slice(&addr.octets());
+        old
     }
 
     /// The payload, mutable.

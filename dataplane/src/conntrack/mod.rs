@@ -21,16 +21,22 @@
 //! holds; ports are shared between destinations, as Linux's NAT shares them, so the range
 //! bounds the flows per destination, not in all.
 
+pub mod life;
+pub mod service;
+mod shards;
+
+use life::Liveness;
+pub use life::State;
+pub use shards::FxBuild;
+use shards::{random_seed, Fx, SHARDS};
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-const SHARDS: usize = 1024;
 /// Ports tried for a new flow before it is refused.
 const PORT_TRIES: u64 = 256;
-const NS: u64 = 1_000_000_000;
 
 /// One direction of a flow: protocol, source and destination address and port (ICMP:
 /// the echo identifier as both ports).
@@ -61,53 +67,6 @@ impl Hash for Tuple {
     }
 }
 
-/// Where a flow is in its life, which decides its timeout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum State {
-    /// Outbound packets only so far (TCP SYN sent, UDP or ICMP unanswered).
-    New = 0,
-    /// Replies seen.
-    Established = 1,
-    /// A FIN was seen.
-    Closing = 2,
-    /// A RST was seen.
-    Closed = 3,
-}
-
-impl State {
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => State::Established,
-            2 => State::Closing,
-            3 => State::Closed,
-            _ => State::New,
-        }
-    }
-
-    /// Lower-case name, as listed.
-    pub fn name(self) -> &'static str {
-        match self {
-            State::New => "new",
-            State::Established => "established",
-            State::Closing => "closing",
-            State::Closed => "closed",
-        }
-    }
-}
-
-/// Idle time after which a flow expires, by protocol and state, in seconds.
-fn timeout_s(protocol: u8, state: State) -> u64 {
-    match (protocol, state) {
-        (6, State::New) => 60,
-        (6, State::Established) => 86_400,
-        (6, State::Closing) => 120,
-        (6, State::Closed) => 10,
-        (17, State::Established) => 180,
-        _ => 30,
-    }
-}
-
 /// A tracked flow: what both of its keys point at.
 #[derive(Debug)]
 pub struct Flow {
@@ -117,8 +76,7 @@ pub struct Flow {
     pub node_port: u16,
     /// Opened by a client through a port published to the pod (hostPort), not by the pod.
     pub published: bool,
-    state: AtomicU8,
-    last_seen_ns: AtomicU64,
+    life: Liveness,
 }
 
 impl Flow {
@@ -128,38 +86,23 @@ impl Flow {
             original,
             node_port,
             published,
-            state: AtomicU8::new(State::New as u8),
-            last_seen_ns: AtomicU64::new(now_ns),
+            life: Liveness::new(now_ns),
         })
     }
 
     /// Its state now.
     pub fn state(&self) -> State {
-        State::from_u8(self.state.load(Ordering::Relaxed))
+        self.life.state()
     }
 
     fn touch(&self, now_ns: u64, tcp_flags: Option<u8>, reply: bool) {
-        self.last_seen_ns.store(now_ns, Ordering::Relaxed);
-        let state = self.state();
-        let next = match tcp_flags {
-            Some(f) if f & TCP_RST != 0 => State::Closed,
-            Some(f) if f & TCP_FIN != 0 && state != State::Closed => State::Closing,
-            _ if reply && state == State::New => State::Established,
-            _ => state,
-        };
-        if next != state {
-            self.state.store(next as u8, Ordering::Relaxed);
-        }
+        self.life.touch(now_ns, tcp_flags, reply);
     }
 
     fn expired(&self, now_ns: u64) -> bool {
-        let idle = now_ns.saturating_sub(self.last_seen_ns.load(Ordering::Relaxed));
-        idle > timeout_s(self.original.protocol, self.state()) * NS
+        self.life.expired(self.original.protocol, now_ns)
     }
 }
-
-const TCP_FIN: u8 = 0x01;
-const TCP_RST: u8 = 0x04;
 
 /// Why a new flow was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,34 +113,7 @@ pub enum Refusal {
     NoPort,
 }
 
-/// FxHash: fast, and good enough for tuples an attacker can only partly choose (the shard
-/// index and the port search start are mixed with a per-start random seed).
-#[derive(Default)]
-struct Fx(u64);
-
-impl Hasher for Fx {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-
-    fn write_u64(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-}
-
-type Shard = Mutex<HashMap<Tuple, Arc<Flow>, BuildHasherDefault<Fx>>>;
-
-/// A random number per process (std's per-process hash keys).
-fn random_seed() -> u64 {
-    use std::hash::BuildHasher;
-    std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)
-}
+type Shard = Mutex<HashMap<Tuple, Arc<Flow>, FxBuild>>;
 
 /// The connection-tracking table of a masquerading node.
 pub struct Conntrack {
@@ -259,10 +175,7 @@ impl Conntrack {
         h.finish() ^ (h.finish() >> 29)
     }
 
-    fn shard(
-        &self,
-        t: &Tuple,
-    ) -> std::sync::MutexGuard<'_, HashMap<Tuple, Arc<Flow>, BuildHasherDefault<Fx>>> {
+    fn shard(&self, t: &Tuple) -> std::sync::MutexGuard<'_, HashMap<Tuple, Arc<Flow>, FxBuild>> {
         let i = (self.hash(t) as usize) % SHARDS;
         // A panic while holding a shard lock leaves the map consistent (single inserts or
         // removes), so a poisoned lock is still usable.
@@ -490,7 +403,7 @@ impl Conntrack {
                         node_port: f.node_port,
                         published: f.published,
                         state: f.state(),
-                        idle_s: now_ns.saturating_sub(f.last_seen_ns.load(Ordering::Relaxed)) / NS,
+                        idle_s: f.life.idle_s(now_ns),
                     }),
             );
         }
@@ -501,6 +414,7 @@ impl Conntrack {
 
 #[cfg(test)]
 mod tests {
+    use super::life::NS;
     use super::*;
 
     fn t(src_port: u16) -> Tuple {

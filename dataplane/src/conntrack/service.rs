@@ -1,0 +1,499 @@
+//! Connection tracking for Services: which backend each flow to a Service was given, so
+//! that every later packet goes to the same one and the backend's replies are translated
+//! back. Kept on the client's node, where the first packet is translated; IPv4 and IPv6.
+//!
+//! One flow, two keys: the original tuple (client -> frontend, as the client sends it) and
+//! the reply tuple (backend -> the address the backend sees as the client). Both point at
+//! one shared [`ServiceFlow`]. A new flow is inserted under the reply key's shard lock
+//! first, then the original's: when two workers see the first packets of one flow at once,
+//! the second finds the first's entry and uses its backend (the insert race behind
+//! kube-proxy's "5 second DNS delay" cannot happen). Client-IP affinity is a second map,
+//! (frontend, client address) -> backend, with the Service's timeout.
+
+use super::life::{Liveness, State, NS};
+use super::shards::{random_seed, Fx, FxBuild, SHARDS};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// One direction of a flow: protocol, addresses and ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FlowKey {
+    /// IP protocol.
+    pub protocol: u8,
+    /// Source address.
+    pub src: IpAddr,
+    /// Source port.
+    pub src_port: u16,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// Destination port.
+    pub dst_port: u16,
+}
+
+fn words(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+impl Hash for FlowKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let (s, d) = (words(self.src), words(self.dst));
+        state.write_u64((s as u64) ^ ((s >> 64) as u64).rotate_left(17));
+        state.write_u64((d as u64) ^ ((d >> 64) as u64).rotate_left(17));
+        state.write_u64(
+            (u64::from(self.protocol) << 32)
+                | (u64::from(self.src_port) << 16)
+                | u64::from(self.dst_port),
+        );
+    }
+}
+
+/// Where a Service's traffic goes: the frontend (virtual address and port) a client used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    /// Virtual address (cluster IP, external IP or the node's for a node port).
+    pub addr: IpAddr,
+    /// IP protocol.
+    pub protocol: u8,
+    /// Virtual port.
+    pub port: u16,
+}
+
+/// A flow to a Service.
+#[derive(Debug)]
+pub struct ServiceFlow {
+    /// The packet's tuple as the client sent it.
+    pub original: FlowKey,
+    /// The backend it was given.
+    pub backend: (IpAddr, u16),
+    /// The source the backend sees: the client, or the frontend's address when the client
+    /// is its own backend (hairpin: a packet from itself would be dropped by its kernel).
+    pub seen_as: IpAddr,
+    /// Which Service port (its id in the Service table).
+    pub service_port: u64,
+    life: Liveness,
+}
+
+impl ServiceFlow {
+    /// The tuple of the backend's replies.
+    pub fn reply_key(&self) -> FlowKey {
+        FlowKey {
+            protocol: self.original.protocol,
+            src: self.backend.0,
+            src_port: self.backend.1,
+            dst: self.seen_as,
+            dst_port: self.original.src_port,
+        }
+    }
+
+    /// Its state now.
+    pub fn state(&self) -> State {
+        self.life.state()
+    }
+
+    /// True when the client is its own backend.
+    pub fn hairpin(&self) -> bool {
+        self.seen_as != self.original.src
+    }
+}
+
+/// Why a new flow was not opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The table holds its limit of flows.
+    TableFull,
+    /// Another flow already has the same reply tuple (one client port to two frontends
+    /// that share a backend): its replies could not be told apart.
+    ReplyClash,
+}
+
+/// A flow as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceFlowInfo {
+    /// The client's tuple.
+    pub original: FlowKey,
+    /// The backend.
+    pub backend: (IpAddr, u16),
+    /// Which Service port.
+    pub service_port: u64,
+    /// Its state.
+    pub state: State,
+    /// Seconds since the last packet.
+    pub idle_s: u64,
+}
+
+type FlowShard = Mutex<HashMap<FlowKey, Arc<ServiceFlow>, FxBuild>>;
+type AffinityShard = Mutex<HashMap<(u64, IpAddr), ((IpAddr, u16), u64), FxBuild>>;
+
+/// The Service flows of one dataplane.
+pub struct ServiceFlows {
+    shards: Box<[FlowShard]>,
+    affinity: Box<[AffinityShard]>,
+    limit: usize,
+    flows: AtomicUsize,
+    seed: u64,
+}
+
+impl ServiceFlows {
+    /// A table of at most `limit` flows.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
+            affinity: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
+            limit,
+            flows: AtomicUsize::new(0),
+            seed: random_seed(),
+        }
+    }
+
+    fn index<K: Hash>(&self, key: &K) -> usize {
+        let mut h = Fx(self.seed);
+        key.hash(&mut h);
+        let x = h.finish();
+        ((x ^ (x >> 29)) as usize) % SHARDS
+    }
+
+    fn shard(&self, key: &FlowKey) -> MutexGuard<'_, HashMap<FlowKey, Arc<ServiceFlow>, FxBuild>> {
+        // A panic while holding a shard lock leaves the map consistent (single inserts or
+        // removes), so a poisoned lock is still usable.
+        self.shards[self.index(key)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A packet the client sends: its flow, if it has one.
+    pub fn forward(
+        &self,
+        original: &FlowKey,
+        tcp_flags: Option<u8>,
+        now_ns: u64,
+    ) -> Option<Arc<ServiceFlow>> {
+        let flow = self.shard(original).get(original)?.clone();
+        flow.life.touch(now_ns, tcp_flags, false);
+        Some(flow)
+    }
+
+    /// Opens the flow of `original` to `backend` (or finds the one another worker opened
+    /// meanwhile, with its backend).
+    pub fn open(
+        &self,
+        original: FlowKey,
+        backend: (IpAddr, u16),
+        service_port: u64,
+        tcp_flags: Option<u8>,
+        now_ns: u64,
+    ) -> Result<Arc<ServiceFlow>, Refusal> {
+        if self.flows.load(Ordering::Relaxed) >= self.limit {
+            return Err(Refusal::TableFull);
+        }
+        let seen_as = if backend.0 == original.src {
+            original.dst
+        } else {
+            original.src
+        };
+        let flow = Arc::new(ServiceFlow {
+            original,
+            backend,
+            seen_as,
+            service_port,
+            life: Liveness::new(now_ns),
+        });
+        let reply = flow.reply_key();
+        {
+            let mut replies = self.shard(&reply);
+            if let Some(other) = replies.get(&reply) {
+                if other.original == original {
+                    let other = other.clone();
+                    drop(replies);
+                    other.life.touch(now_ns, tcp_flags, false);
+                    return Ok(other);
+                }
+                return Err(Refusal::ReplyClash);
+            }
+            replies.insert(reply, flow.clone());
+        }
+        let mut originals = self.shard(&original);
+        if let Some(other) = originals.get(&original) {
+            // Another worker opened the same flow with another backend meanwhile: keep
+            // its, undo ours.
+            let other = other.clone();
+            drop(originals);
+            self.shard(&reply).remove(&reply);
+            other.life.touch(now_ns, tcp_flags, false);
+            return Ok(other);
+        }
+        originals.insert(original, flow.clone());
+        drop(originals);
+        self.flows.fetch_add(1, Ordering::Relaxed);
+        flow.life.touch(now_ns, tcp_flags, false);
+        Ok(flow)
+    }
+
+    /// A packet from a backend: the flow it answers, if any.
+    pub fn reply(
+        &self,
+        reply: &FlowKey,
+        tcp_flags: Option<u8>,
+        now_ns: u64,
+    ) -> Option<Arc<ServiceFlow>> {
+        let flow = self.shard(reply).get(reply)?.clone();
+        if flow.reply_key() != *reply {
+            return None;
+        }
+        flow.life.touch(now_ns, tcp_flags, true);
+        Some(flow)
+    }
+
+    /// The backend `client` was given on `service_port` within the last `timeout_ns`
+    /// (ClientIP affinity), if still listed by `valid`.
+    pub fn affinity(
+        &self,
+        service_port: u64,
+        client: IpAddr,
+        timeout_ns: u64,
+        now_ns: u64,
+        valid: impl Fn(&(IpAddr, u16)) -> bool,
+    ) -> Option<(IpAddr, u16)> {
+        let key = (service_port, client);
+        let map = self.affinity[self.index(&key)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.get(&key)
+            .filter(|(backend, seen)| now_ns.saturating_sub(*seen) <= timeout_ns && valid(backend))
+            .map(|(backend, _)| *backend)
+    }
+
+    /// Records that `client` uses `backend` on `service_port` at `now_ns`.
+    pub fn remember(&self, service_port: u64, client: IpAddr, backend: (IpAddr, u16), now_ns: u64) {
+        let key = (service_port, client);
+        self.affinity[self.index(&key)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, (backend, now_ns));
+    }
+
+    /// Removes expired flows (and affinities idle past `affinity_timeout_ns`); returns how
+    /// many flows.
+    pub fn sweep(&self, now_ns: u64, affinity_timeout_ns: u64) -> usize {
+        for shard in self.affinity.iter() {
+            shard
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|_, (_, seen)| now_ns.saturating_sub(*seen) <= affinity_timeout_ns);
+        }
+        self.remove_where(|f| f.life.expired(f.original.protocol, now_ns))
+    }
+
+    /// Removes the flows `doomed` picks, both keys of each (the original key decides, so
+    /// no flow is left half reachable); returns how many.
+    pub fn remove_where(&self, doomed: impl Fn(&ServiceFlow) -> bool) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let gone: Vec<Arc<ServiceFlow>> = {
+                let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+                let mut out = Vec::new();
+                map.retain(|key, flow| {
+                    if *key == flow.original && doomed(flow) {
+                        out.push(flow.clone());
+                        return false;
+                    }
+                    true
+                });
+                out
+            };
+            for flow in gone {
+                let reply = flow.reply_key();
+                self.shard(&reply).remove(&reply);
+                self.flows.fetch_sub(1, Ordering::Relaxed);
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Flows tracked now.
+    pub fn len(&self) -> usize {
+        self.flows.load(Ordering::Relaxed)
+    }
+
+    /// True when no flow is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every flow (a snapshot, shard by shard), sorted.
+    pub fn flows(&self, now_ns: u64) -> Vec<ServiceFlowInfo> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(map.iter().filter(|(k, f)| **k == f.original).map(|(_, f)| {
+                ServiceFlowInfo {
+                    original: f.original,
+                    backend: f.backend,
+                    service_port: f.service_port,
+                    state: f.state(),
+                    idle_s: f.life.idle_s(now_ns),
+                }
+            }));
+        }
+        out.sort_by_key(|f| f.original);
+        out
+    }
+}
+
+/// Seconds to nanoseconds.
+pub fn seconds(s: u64) -> u64 {
+    s.saturating_mul(NS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(src: &str, sport: u16, dst: &str, dport: u16) -> FlowKey {
+        FlowKey {
+            protocol: 6,
+            src: src.parse().unwrap(),
+            src_port: sport,
+            dst: dst.parse().unwrap(),
+            dst_port: dport,
+        }
+    }
+
+    fn backend(s: &str) -> (IpAddr, u16) {
+        (s.parse().unwrap(), 8080)
+    }
+
+    #[test]
+    fn a_flow_keeps_its_backend_and_replies_find_the_client() {
+        let t = ServiceFlows::new(10);
+        let c = key("10.244.0.5", 40000, "10.96.0.10", 80);
+        let f = t.open(c, backend("10.244.1.7"), 1, Some(0x02), 1).unwrap();
+        assert_eq!(f.backend, backend("10.244.1.7"));
+        assert_eq!(t.forward(&c, Some(0x10), 2).unwrap().backend, f.backend);
+        let reply = key("10.244.1.7", 8080, "10.244.0.5", 40000);
+        let r = t.reply(&reply, Some(0x12), 3).unwrap();
+        assert_eq!(r.original, c);
+        assert_eq!(r.state(), State::Established);
+        assert!(t
+            .reply(&key("10.244.1.7", 8080, "10.244.0.5", 40001), None, 3)
+            .is_none());
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn the_second_opener_of_a_flow_gets_the_first_ones_backend() {
+        let t = ServiceFlows::new(10);
+        let c = key("fd00::5", 40000, "fd00:96::10", 53);
+        let first = t.open(c, backend("fd00:1::7"), 1, None, 1).unwrap();
+        let second = t.open(c, backend("fd00:1::8"), 1, None, 1).unwrap();
+        assert_eq!(second.backend, first.backend);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_client_that_is_its_own_backend_is_seen_as_the_frontend() {
+        let t = ServiceFlows::new(10);
+        let c = key("10.244.0.5", 40000, "10.96.0.10", 80);
+        let f = t.open(c, backend("10.244.0.5"), 1, None, 1).unwrap();
+        assert!(f.hairpin());
+        let reply = key("10.244.0.5", 8080, "10.96.0.10", 40000);
+        assert_eq!(t.reply(&reply, None, 2).unwrap().original, c);
+    }
+
+    #[test]
+    fn refusals_full_table_and_reply_clash() {
+        let t = ServiceFlows::new(1);
+        t.open(
+            key("10.244.0.5", 1, "10.96.0.10", 80),
+            backend("10.244.1.7"),
+            1,
+            None,
+            1,
+        )
+        .unwrap();
+        let full = t.open(
+            key("10.244.0.5", 2, "10.96.0.10", 80),
+            backend("10.244.1.7"),
+            1,
+            None,
+            1,
+        );
+        assert_eq!(full.err(), Some(Refusal::TableFull));
+        let t = ServiceFlows::new(10);
+        t.open(
+            key("10.244.0.5", 1, "10.96.0.10", 80),
+            backend("10.244.1.7"),
+            1,
+            None,
+            1,
+        )
+        .unwrap();
+        let clash = t.open(
+            key("10.244.0.5", 1, "10.96.0.11", 80),
+            backend("10.244.1.7"),
+            2,
+            None,
+            1,
+        );
+        assert_eq!(clash.err(), Some(Refusal::ReplyClash));
+    }
+
+    #[test]
+    fn sweeps_and_removals_take_both_keys() {
+        let t = ServiceFlows::new(10);
+        let c = key("10.244.0.5", 1, "10.96.0.10", 80);
+        t.open(c, backend("10.244.1.7"), 1, Some(0x02), 0).unwrap();
+        assert_eq!(
+            t.sweep(seconds(59), seconds(10)),
+            0,
+            "a fresh SYN lives 60 s"
+        );
+        assert_eq!(t.sweep(seconds(61), seconds(10)), 1);
+        assert!(t
+            .reply(&key("10.244.1.7", 8080, "10.244.0.5", 1), None, 0)
+            .is_none());
+        t.open(c, backend("10.244.1.7"), 1, None, 0).unwrap();
+        assert_eq!(
+            t.remove_where(|f| f.backend.0 == backend("10.244.1.7").0),
+            1
+        );
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn affinity_holds_within_its_timeout_and_for_listed_backends() {
+        let t = ServiceFlows::new(10);
+        let client: IpAddr = "10.244.0.5".parse().unwrap();
+        t.remember(1, client, backend("10.244.1.7"), 0);
+        let any = |_: &(IpAddr, u16)| true;
+        assert_eq!(
+            t.affinity(1, client, seconds(10), seconds(10), any),
+            Some(backend("10.244.1.7"))
+        );
+        assert_eq!(
+            t.affinity(1, client, seconds(10), seconds(11), any),
+            None,
+            "timed out"
+        );
+        assert_eq!(
+            t.affinity(2, client, seconds(10), 1, any),
+            None,
+            "another port"
+        );
+        assert_eq!(
+            t.affinity(1, client, seconds(10), 1, |_| false),
+            None,
+            "backend gone"
+        );
+    }
+}

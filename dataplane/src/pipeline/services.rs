@@ -1,0 +1,152 @@
+//! The Service stage (what kube-proxy does in a node's kernel, done here), before routing,
+//! IPv4 and IPv6, TCP and UDP:
+//!
+//! * a packet from a pod or from the node to a Service's frontend (cluster IP or external IP,
+//!   and port) gets a backend as its destination: the flow's, or for a new flow one chosen by
+//!   Maglev over the Service's endpoints (the same choice on every node), or the client's
+//!   previous one under ClientIP affinity. The client's address is kept, so the backend sees
+//!   the pod; a client that is its own backend (hairpin) is shown the frontend's address
+//!   as source, since its kernel drops packets from itself;
+//! * a backend's reply to such a flow gets the frontend as its source again (and, for
+//!   hairpin, the client as destination), on whichever port it arrives: from a local pod, or
+//!   from another node through the overlay;
+//! * a frontend with no usable endpoint refuses the client at once with ICMP port
+//!   unreachable ("connection refused"), as kube-proxy's REJECT does.
+//!
+//! Translation happens on the client's node only: packets from other nodes are already
+//! addressed to their backend. Checksums are updated incrementally, partial ones kept
+//! partial, so super-frames are translated whole.
+
+use super::nat::{l4_of, l4_of_v6, translate_ip, Side};
+use super::DropReason;
+use crate::conntrack::service::{FlowKey, Frontend, Refusal, ServiceFlows};
+use crate::conntrack::FxBuild;
+use crate::tables::services::ServiceTable;
+use crate::tables::PortRole;
+use crate::wire::{ipv4, Ipv4Header, Ipv6Packet, TcpPacket};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::net::IpAddr;
+
+/// What the stage did with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Step {
+    /// Not a Service's packet: unchanged.
+    Untouched,
+    /// Now addressed to its backend (the caller routes it by its new destination).
+    ToBackend,
+    /// A backend's reply, now from its frontend.
+    FromFrontend,
+    /// No usable endpoint: refuse the client (ICMP port unreachable).
+    Refuse,
+    /// Dropped for this reason.
+    Drop(DropReason),
+}
+
+/// The flow's tuple, and the TCP flags, of an IPv4 or IPv6 TCP/UDP packet `l3`.
+fn flow_of(l3: &[u8], v6: bool) -> Option<(FlowKey, Option<u8>)> {
+    let (ports, src, dst, l4): (_, IpAddr, IpAddr, &[u8]) = if v6 {
+        let ip = Ipv6Packet::new_checked(l3).ok()?;
+        (
+            l4_of_v6(l3)?,
+            ip.src().into(),
+            ip.dst().into(),
+            &l3[40..ip.total_len()],
+        )
+    } else {
+        let ip = Ipv4Header::new_checked(l3).ok()?;
+        let ports = l4_of(l3).filter(|p| p.protocol != ipv4::PROTO_ICMP)?;
+        let rest = l3.get(ip.header_len()..).unwrap_or_default();
+        (ports, ip.src().into(), ip.dst().into(), rest)
+    };
+    let flags = (ports.protocol == ipv4::PROTO_TCP)
+        .then(|| TcpPacket::new_checked(l4).ok().map(|t| t.flags()))
+        .flatten();
+    let key = FlowKey {
+        protocol: ports.protocol,
+        src,
+        src_port: ports.src_port,
+        dst,
+        dst_port: ports.dst_port,
+    };
+    Some((key, flags))
+}
+
+/// The hash Maglev picks a new flow's backend with: fixed keys, so the same on every node.
+fn flow_hash(key: &FlowKey) -> u64 {
+    let mut h = FxBuild::default().build_hasher();
+    key.hash(&mut h);
+    let x = h.finish();
+    x ^ (x >> 31)
+}
+
+/// Runs the stage over the IP packet `l3` that arrived on a port of role `from`.
+pub(super) fn before_routing(
+    services: &ServiceTable,
+    flows: &ServiceFlows,
+    from: PortRole,
+    l3: &mut [u8],
+    v6: bool,
+    partial: bool,
+    now_ns: u64,
+) -> Step {
+    let Some((key, flags)) = flow_of(l3, v6) else {
+        return Step::Untouched;
+    };
+    if services.is_backend(key.src, key.protocol, key.src_port) {
+        if let Some(flow) = flows.reply(&key, flags, now_ns) {
+            let front = flow.original;
+            translate_ip(l3, Side::Source, front.dst, front.dst_port, partial);
+            if flow.hairpin() {
+                translate_ip(l3, Side::Destination, front.src, front.src_port, partial);
+            }
+            return Step::FromFrontend;
+        }
+    }
+    if from == PortRole::Uplink {
+        return Step::Untouched;
+    }
+    let frontend = Frontend {
+        addr: key.dst,
+        protocol: key.protocol,
+        port: key.dst_port,
+    };
+    let Some(entry) = services.frontend(&frontend) else {
+        return Step::Untouched;
+    };
+    let flow = match flows.forward(&key, flags, now_ns) {
+        Some(flow) => flow,
+        None => {
+            let external = from == PortRole::Host && services.is_external_ip(key.dst);
+            let backends = entry.backends(external);
+            let remembered = entry.affinity_ns.and_then(|timeout| {
+                flows.affinity(entry.id, key.src, timeout, now_ns, |b| backends.contains(b))
+            });
+            let Some(backend) = remembered.or_else(|| backends.pick(flow_hash(&key))) else {
+                return if external && entry.external_local {
+                    Step::Drop(DropReason::ServiceNoLocalEndpoint)
+                } else {
+                    Step::Refuse
+                };
+            };
+            if entry.affinity_ns.is_some() {
+                flows.remember(entry.id, key.src, backend, now_ns);
+            }
+            match flows.open(key, backend, entry.id, flags, now_ns) {
+                Ok(flow) => flow,
+                Err(Refusal::TableFull) => return Step::Drop(DropReason::ServiceFlowsFull),
+                Err(Refusal::ReplyClash) => return Step::Drop(DropReason::ServiceReplyClash),
+            }
+        }
+    };
+    translate_ip(
+        l3,
+        Side::Destination,
+        flow.backend.0,
+        flow.backend.1,
+        partial,
+    );
+    if flow.hairpin() {
+        translate_ip(l3, Side::Source, flow.seen_as, key.src_port, partial);
+    }
+    Step::ToBackend
+}

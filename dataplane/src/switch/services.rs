@@ -1,0 +1,157 @@
+//! The Services the control process pushes: validated, compiled into the snapshot's
+//! Service table, and the flows an endpoint change must not keep (UDP flows to an endpoint
+//! that went; TCP connections are left alone, as Kubernetes expects).
+
+use super::{invalid, State, Switch};
+use crate::tables::maglev;
+use crate::tables::services::{protocol_number, ServiceTable};
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use switchyard_api::{ApiError, ErrorCode, Reply, ServiceKey, ServiceSpec, ServiceStatus};
+
+/// The Services in force and the largest Maglev table.
+#[derive(Default)]
+pub(super) struct Services {
+    specs: BTreeMap<ServiceKey, ServiceSpec>,
+    max_table: Option<u32>,
+}
+
+/// Refuses a Service that cannot be served, saying why.
+fn validate(s: &ServiceSpec) -> Result<(), ApiError> {
+    let name = s.key();
+    if s.namespace.is_empty() || s.name.is_empty() {
+        return Err(invalid("a Service needs a namespace and a name"));
+    }
+    if s.cluster_ips.is_empty() && s.ports.iter().all(|p| p.node_port.is_none()) {
+        return Err(invalid(format!(
+            "Service {name} has neither a cluster IP nor a node port"
+        )));
+    }
+    for p in &s.ports {
+        if protocol_number(&p.protocol).is_none() && !p.protocol.eq_ignore_ascii_case("sctp") {
+            return Err(invalid(format!(
+                "Service {name} port {}: protocol {:?} is not TCP, UDP or SCTP",
+                p.port, p.protocol
+            )));
+        }
+        if p.port == 0 || p.endpoints.iter().any(|e| e.port == 0) {
+            return Err(invalid(format!("Service {name}: port 0")));
+        }
+    }
+    Ok(())
+}
+
+impl Switch {
+    /// Applies a change to the Services: all of it, or none when a Service is invalid or
+    /// two Services claim one frontend.
+    pub(super) fn apply_services(
+        &self,
+        upsert: Vec<ServiceSpec>,
+        remove: &[ServiceKey],
+        replace: bool,
+        max_table: Option<u32>,
+    ) -> Result<Reply, ApiError> {
+        for s in &upsert {
+            validate(s)?;
+        }
+        if let Some(m) = max_table {
+            if !maglev::is_prime(m) || m < 251 {
+                return Err(invalid(format!(
+                    "Maglev table size {m} must be a prime of at least 251 (16381 is the default)"
+                )));
+            }
+        }
+        let mut state = self.state();
+        let mut specs = if replace {
+            BTreeMap::new()
+        } else {
+            state.services.specs.clone()
+        };
+        for key in remove {
+            specs.remove(key);
+        }
+        for s in upsert {
+            specs.insert(s.key(), s);
+        }
+        check_frontends(&specs)?;
+        let max = max_table
+            .or(state.services.max_table)
+            .unwrap_or(maglev::DEFAULT_MAX_SIZE);
+        let table = Arc::new(ServiceTable::build(specs.values(), max));
+        state.services = Services {
+            specs,
+            max_table: Some(max),
+        };
+        state.builder.set_services(table.clone());
+        self.publish(&mut state);
+        forget_stale_udp_flows(&state, &table);
+        Ok(Reply::Done)
+    }
+
+    /// The Services served, with their Maglev table sizes.
+    pub(super) fn list_services(&self) -> Reply {
+        let state = self.state();
+        let table = state.builder.services();
+        Reply::Services(
+            state
+                .services
+                .specs
+                .values()
+                .map(|spec| ServiceStatus {
+                    maglev_table_sizes: table.table_sizes(&spec.key()),
+                    spec: spec.clone(),
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Refuses two Services with the same frontend (address, protocol, port) or node port.
+fn check_frontends(specs: &BTreeMap<ServiceKey, ServiceSpec>) -> Result<(), ApiError> {
+    let mut seen: HashMap<(Option<IpAddr>, String, u16), &ServiceKey> = HashMap::new();
+    for (key, s) in specs {
+        for p in &s.ports {
+            let protocol = p.protocol.to_ascii_lowercase();
+            let fronts = s
+                .cluster_ips
+                .iter()
+                .chain(&s.external_ips)
+                .map(|a| (Some(*a), protocol.clone(), p.port))
+                .chain(p.node_port.map(|n| (None, protocol.clone(), n)));
+            for front in fronts {
+                if let Some(other) = seen.insert(front.clone(), key) {
+                    if other != key {
+                        let what = match front.0 {
+                            Some(a) => format!("{a} port {}/{}", front.2, front.1),
+                            None => format!("node port {}/{}", front.2, front.1),
+                        };
+                        return Err(ApiError::new(
+                            ErrorCode::Conflict,
+                            format!("{what} belongs to both Service {other} and Service {key}"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// UDP flows whose endpoint left their Service go at once: a one-way sender (DNS,
+/// statsd) would otherwise keep sending to a gone pod until its flow timed out.
+fn forget_stale_udp_flows(state: &State, table: &ServiceTable) {
+    state.builder.service_flows().remove_where(|flow| {
+        if flow.original.protocol != 17 {
+            return false;
+        }
+        let front = crate::conntrack::service::Frontend {
+            addr: flow.original.dst,
+            protocol: 17,
+            port: flow.original.dst_port,
+        };
+        !table
+            .frontend(&front)
+            .is_some_and(|e| e.id == flow.service_port && e.all.contains(&flow.backend))
+    });
+}
