@@ -480,12 +480,12 @@ mod tests {
         let ok: ResponseEnvelope = Ok(Reply::Done).into();
         assert_eq!(
             serde_json::to_string(&ok).unwrap(),
-            r#"{"version":2,"ok":"done"}"#
+            r#"{"version":3,"ok":"done"}"#
         );
         let err: ResponseEnvelope = Err(ApiError::new(ErrorCode::NotFound, "no port 3")).into();
         assert_eq!(
             serde_json::to_string(&err).unwrap(),
-            r#"{"version":2,"error":{"code":"not_found","message":"no port 3"}}"#
+            r#"{"version":3,"error":{"code":"not_found","message":"no port 3"}}"#
         );
     }
 }

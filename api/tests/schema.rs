@@ -69,6 +69,33 @@ fn port_info() -> PortInfo {
     }
 }
 
+fn service() -> ServiceSpec {
+    ServiceSpec {
+        namespace: "default".into(),
+        name: "web".into(),
+        kind: "NodePort".into(),
+        cluster_ips: vec![
+            IpAddr::from([10, 96, 0, 10]),
+            "fd00:96::10".parse().unwrap(),
+        ],
+        external_ips: vec![IpAddr::from([192, 168, 1, 200])],
+        ports: vec![ServicePort {
+            name: "http".into(),
+            protocol: "tcp".into(),
+            port: 80,
+            node_port: Some(30080),
+            endpoints: vec![Endpoint {
+                address: IpAddr::from([10, 244, 1, 5]),
+                port: 8080,
+                local: true,
+            }],
+        }],
+        affinity_timeout_s: Some(10800),
+        external_local: true,
+        internal_local: false,
+    }
+}
+
 /// One of every request. The match makes a new variant a compile error until it has a
 /// sample here.
 fn requests() -> Vec<Request> {
@@ -105,6 +132,16 @@ fn requests() -> Vec<Request> {
             pod: Some(Ipv4Addr::new(10, 244, 0, 5)),
             protocol: Some("tcp".into()),
         },
+        Request::ApplyServices {
+            upsert: vec![service()],
+            remove: vec![ServiceKey {
+                namespace: "default".into(),
+                name: "old".into(),
+            }],
+            replace: false,
+            maglev_table_size: Some(16381),
+        },
+        Request::ListServices,
     ];
     for request in &all {
         match request {
@@ -119,7 +156,9 @@ fn requests() -> Vec<Request> {
             | Request::SetNode(_)
             | Request::GetNode
             | Request::GetNat
-            | Request::ListConntrack { .. } => {}
+            | Request::ListConntrack { .. }
+            | Request::ApplyServices { .. }
+            | Request::ListServices => {}
         }
     }
     all
@@ -185,6 +224,10 @@ fn replies() -> Vec<Reply> {
             state: "established".into(),
             idle_s: 1,
         }]),
+        Reply::Services(vec![ServiceStatus {
+            spec: service(),
+            maglev_table_sizes: vec![251],
+        }]),
         Reply::Done,
     ];
     for reply in &all {
@@ -197,6 +240,7 @@ fn replies() -> Vec<Reply> {
             | Reply::Node(_)
             | Reply::Nat(_)
             | Reply::Conntrack(_)
+            | Reply::Services(_)
             | Reply::Done => {}
         }
     }

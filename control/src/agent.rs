@@ -8,7 +8,10 @@
 //!    node's [`NodeSpec`]. Bad manifests are reported with file and field, and the last
 //!    good spec stays in force;
 //! 2. asks the dataplane for the settings in force and pushes the spec when they differ
-//!    (first start, a manifest change, or a dataplane that restarted with none).
+//!    (first start, a manifest change, or a dataplane that restarted with none);
+//! 3. pushes the Services (from Services and EndpointSlices, cluster IPs and node ports
+//!    allocated where missing and recorded in `DIR/.switchyard-service-allocations.json`):
+//!    only what changed since the last push, or all of them to a dataplane that restarted.
 //!
 //! So a change on disk reaches the dataplane within one tick plus the push, and a
 //! restarted dataplane gets its settings back within one tick of answering.
@@ -16,12 +19,27 @@
 use crate::cluster::allocate::{self, Record};
 use crate::cluster::manifests::{self, ManifestError, Manifests};
 use crate::cluster::plan;
+use crate::cluster::services::{self, ServiceAllocations};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
-use switchyard_api::{Client, NodeSpec};
+use switchyard_api::{Client, NodeSpec, Request, ServiceKey, ServiceSpec};
 
 /// Where allocations of pod CIDRs are recorded inside a manifests directory.
 pub const ALLOCATIONS_FILE: &str = ".switchyard-allocations.json";
+/// Where cluster IPs and node ports given to Services are recorded.
+pub const SERVICE_ALLOCATIONS_FILE: &str = ".switchyard-service-allocations.json";
+
+/// What one node's dataplane should have.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    /// The node settings.
+    pub node: NodeSpec,
+    /// The Services, by key.
+    pub services: BTreeMap<ServiceKey, ServiceSpec>,
+    /// The largest Maglev table.
+    pub maglev_table_size: u32,
+}
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -52,31 +70,48 @@ pub fn load(dir: &Path) -> Result<(Manifests, Record), Vec<ManifestError>> {
 
 /// Writes the allocation record when it changed (atomically: temporary file, rename).
 pub fn record_allocations(dir: &Path, record: &Record) -> std::io::Result<()> {
-    let path = dir.join(ALLOCATIONS_FILE);
+    write_record(dir, ALLOCATIONS_FILE, record)
+}
+
+/// Writes `record` as `dir/name` when it changed (atomically: temporary file, rename).
+fn write_record(dir: &Path, name: &str, record: &impl serde::Serialize) -> std::io::Result<()> {
+    let path = dir.join(name);
     let text = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
     if std::fs::read(&path).ok().as_deref() == Some(&text[..]) {
         return Ok(());
     }
-    let tmp = dir.join(format!("{ALLOCATIONS_FILE}.{}", std::process::id()));
+    let tmp = dir.join(format!("{name}.{}", std::process::id()));
     std::fs::write(&tmp, &text)?;
     std::fs::rename(&tmp, &path)
 }
 
-/// This node's spec from the directory; errors as lines to print.
-pub fn compute(opts: &AgentOptions) -> Result<NodeSpec, Vec<String>> {
+/// This node's settings and Services from the directory; errors as lines to print.
+pub fn compute(opts: &AgentOptions) -> Result<Desired, Vec<String>> {
     let strings = |errors: Vec<ManifestError>| -> Vec<String> {
         errors.iter().map(ToString::to_string).collect()
     };
     let (m, record) = load(&opts.manifests).map_err(strings)?;
-    if let Err(e) = record_allocations(&opts.manifests, &record) {
+    let recorded: ServiceAllocations = std::fs::read(opts.manifests.join(SERVICE_ALLOCATIONS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let (specs, service_record) = services::compile(&m, &opts.node, &recorded).map_err(strings)?;
+    let written = record_allocations(&opts.manifests, &record)
+        .and_then(|()| write_record(&opts.manifests, SERVICE_ALLOCATIONS_FILE, &service_record));
+    if let Err(e) = written {
         return Err(vec![format!(
-            "cannot record pod CIDR allocations in {}: {e}",
+            "cannot record allocations in {}: {e}",
             opts.manifests.display()
         )]);
     }
-    plan::plan(&m, &opts.node)
+    let node = plan::plan(&m, &opts.node)
         .and_then(|p| p.to_spec(&m, opts.uplink.clone()))
-        .map_err(|e| vec![e])
+        .map_err(|e| vec![e])?;
+    Ok(Desired {
+        node,
+        services: specs.into_iter().map(|s| (s.key(), s)).collect(),
+        maglev_table_size: m.config.maglev_table_size,
+    })
 }
 
 /// What the directory looks like: names, sizes and modification times of its files.
@@ -101,7 +136,9 @@ fn fingerprint(dir: &Path) -> Vec<(String, u64, Option<SystemTime>)> {
 /// Runs the reconcile loop until the process is stopped.
 pub fn run(opts: &AgentOptions) -> ! {
     let mut seen = None;
-    let mut desired: Option<NodeSpec> = None;
+    let mut desired: Option<Desired> = None;
+    // The Services the dataplane was last given (none: give it all of them).
+    let mut pushed: Option<BTreeMap<ServiceKey, ServiceSpec>> = None;
     let mut dataplane_down = false;
     let mut last_error: Option<String> = None;
     loop {
@@ -109,16 +146,16 @@ pub fn run(opts: &AgentOptions) -> ! {
         if seen.as_ref() != Some(&now) {
             seen = Some(now);
             match compute(opts) {
-                Ok(spec) => {
-                    if desired.as_ref() != Some(&spec) {
+                Ok(d) => {
+                    if desired.as_ref().map(|o| &o.node) != Some(&d.node) {
                         eprintln!(
                             "switchyard-control: node {}: {} peers, pod CIDRs {}",
-                            spec.name,
-                            spec.peers.len(),
-                            join(&spec.pod_cidrs)
+                            d.node.name,
+                            d.node.peers.len(),
+                            join(&d.node.pod_cidrs)
                         );
                     }
-                    desired = Some(spec);
+                    desired = Some(d);
                 }
                 Err(errors) => {
                     for e in &errors {
@@ -135,13 +172,14 @@ pub fn run(opts: &AgentOptions) -> ! {
                 }
             }
         }
-        if let Some(spec) = &desired {
-            match reconcile(&opts.api, spec) {
-                Ok(pushed) => {
-                    if dataplane_down || pushed {
+        if let Some(d) = &desired {
+            match reconcile(&opts.api, d, &mut pushed) {
+                Ok(pushed_node) => {
+                    if dataplane_down || pushed_node {
                         eprintln!(
-                            "switchyard-control: dataplane at {} has the node settings",
-                            opts.api.display()
+                            "switchyard-control: dataplane at {} has the node settings and {} Services",
+                            opts.api.display(),
+                            d.services.len()
                         );
                     }
                     dataplane_down = false;
@@ -160,18 +198,53 @@ pub fn run(opts: &AgentOptions) -> ! {
     }
 }
 
-/// Pushes `spec` unless the dataplane has it already; returns whether it pushed.
-fn reconcile(api: &Path, spec: &NodeSpec) -> Result<bool, String> {
+/// Pushes the node settings unless the dataplane has them already, then the Services that
+/// changed since `pushed` (all of them after a node push: the dataplane restarted or never
+/// had any); returns whether it pushed the node settings.
+fn reconcile(
+    api: &Path,
+    desired: &Desired,
+    pushed: &mut Option<BTreeMap<ServiceKey, ServiceSpec>>,
+) -> Result<bool, String> {
     let mut client = Client::connect(api)
         .map_err(|e| format!("dataplane at {} unreachable: {e}", api.display()))?;
     let status = client.node().map_err(|e| e.to_string())?;
-    if status.spec.as_ref() == Some(spec) {
-        return Ok(false);
+    let push_node = status.spec.as_ref() != Some(&desired.node);
+    if push_node {
+        client
+            .set_node(desired.node.clone())
+            .map_err(|e| format!("dataplane refused the node settings: {e}"))?;
+        *pushed = None;
     }
+    let request = match pushed.as_ref() {
+        None => Request::ApplyServices {
+            upsert: desired.services.values().cloned().collect(),
+            remove: Vec::new(),
+            replace: true,
+            maglev_table_size: Some(desired.maglev_table_size),
+        },
+        Some(before) if before == &desired.services => return Ok(push_node),
+        Some(before) => Request::ApplyServices {
+            upsert: desired
+                .services
+                .iter()
+                .filter(|(k, s)| before.get(*k) != Some(*s))
+                .map(|(_, s)| s.clone())
+                .collect(),
+            remove: before
+                .keys()
+                .filter(|k| !desired.services.contains_key(*k))
+                .cloned()
+                .collect(),
+            replace: false,
+            maglev_table_size: Some(desired.maglev_table_size),
+        },
+    };
     client
-        .set_node(spec.clone())
-        .map_err(|e| format!("dataplane refused the node settings: {e}"))?;
-    Ok(true)
+        .call(request)
+        .map_err(|e| format!("dataplane refused the Services: {e}"))?;
+    *pushed = Some(desired.services.clone());
+    Ok(push_node)
 }
 
 fn join(nets: &[switchyard_api::IpNet]) -> String {

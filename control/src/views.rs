@@ -10,7 +10,9 @@ use crate::table;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use switchyard_api::{IpNet, NextHop, NodeStatus, PortInfo, Reply, RouteInfo, Stats};
+use switchyard_api::{
+    IpNet, NextHop, NodeStatus, PortInfo, Reply, RouteInfo, ServiceStatus, Stats,
+};
 
 /// A node as `get nodes` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -284,6 +286,59 @@ pub fn render_conntrack(entries: &[switchyard_api::ConntrackEntry], wide: bool) 
     table::render(&header, &rows)
 }
 
+/// `get services`: one line per Service.
+pub fn render_services(services: &[ServiceStatus], wide: bool) -> String {
+    let mut header = vec!["NAME", "TYPE", "CLUSTER-IPS", "PORTS", "ENDPOINTS"];
+    if wide {
+        header.extend(["EXTERNAL-IPS", "AFFINITY", "POLICY", "MAGLEV"]);
+    }
+    let rows = services
+        .iter()
+        .map(|s| {
+            let spec = &s.spec;
+            let ports = spec
+                .ports
+                .iter()
+                .map(|p| match p.node_port {
+                    Some(n) => format!("{}:{n}/{}", p.port, p.protocol),
+                    None => format!("{}/{}", p.port, p.protocol),
+                })
+                .collect::<Vec<_>>();
+            let endpoints = spec
+                .ports
+                .iter()
+                .map(|p| p.endpoints.len().to_string())
+                .collect::<Vec<_>>();
+            let mut row = vec![
+                format!("{}/{}", spec.namespace, spec.name),
+                spec.kind.clone(),
+                join(&spec.cluster_ips),
+                join(&ports),
+                join(&endpoints),
+            ];
+            if wide {
+                let policy = match (spec.internal_local, spec.external_local) {
+                    (false, false) => "Cluster".to_string(),
+                    (i, e) => format!(
+                        "internal {} external {}",
+                        if i { "Local" } else { "Cluster" },
+                        if e { "Local" } else { "Cluster" }
+                    ),
+                };
+                row.extend([
+                    join(&spec.external_ips),
+                    spec.affinity_timeout_s
+                        .map_or_else(|| "None".into(), |t| format!("ClientIP {t}s")),
+                    policy,
+                    join(&s.maglev_table_sizes),
+                ]);
+            }
+            row
+        })
+        .collect::<Vec<_>>();
+    table::render(&header, &rows)
+}
+
 /// `ports`: every port the dataplane has.
 pub fn render_ports(ports: &[PortInfo]) -> String {
     table::render(
@@ -385,6 +440,7 @@ pub fn render_reply(reply: &Reply, all: bool) -> String {
         Reply::Node(status) => render_node(status),
         Reply::Nat(nat) => render_nat(nat.as_ref()),
         Reply::Conntrack(entries) => render_conntrack(entries, false),
+        Reply::Services(list) => render_services(list, false),
         Reply::Done => "done\n".into(),
     }
 }

@@ -212,7 +212,17 @@ pub fn plan(spec: &NodeSpec, uplink: &UplinkInfo) -> Result<NodePlan, ApiError> 
     } else {
         spec.cluster_cidrs.iter().map(IpNet::trunc).collect()
     };
-    for cidr in reach {
+    // The Services' ranges too: the node's own clients (kubelet, hostNetwork pods) reach
+    // cluster IPs through the dataplane, which translates them; in the dataplane an address
+    // of the range that no Service serves is unreachable (not sent on to the node's stack,
+    // which would send it back).
+    for cidr in &spec.service_cidrs {
+        routes.entry(cidr.trunc()).or_insert(NextHop::Unreachable);
+    }
+    for cidr in reach
+        .into_iter()
+        .chain(spec.service_cidrs.iter().map(IpNet::trunc))
+    {
         let src = if cidr.addr().is_ipv4() {
             Some(IpAddr::V4(spec.underlay))
         } else {

@@ -24,7 +24,7 @@ impl Cluster {
             BackendKind::Direct => "direct",
         };
         let mut text = format!(
-            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: switchyard-config\n  namespace: kube-system\ndata:\n  config.yaml: |\n    clusterCIDR: {CLUSTER_CIDR}\n    clusterCIDRv6: {CLUSTER_CIDR_V6}\n    serviceCIDR: 10.96.0.0/12\n    nodeCIDRMaskSizeV6: 64\n    backend:\n      type: {backend}\n"
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: switchyard-config\n  namespace: kube-system\ndata:\n  config.yaml: |\n    clusterCIDR: {CLUSTER_CIDR}\n    clusterCIDRv6: {CLUSTER_CIDR_V6}\n    serviceCIDR: [10.96.0.0/12, \"fd00:96::/112\"]\n    nodeCIDRMaskSizeV6: 64\n    backend:\n      type: {backend}\n"
         );
         if let Some(max) = self.options.conntrack_max {
             text += &format!("    masquerade:\n      conntrackMax: {max}\n");

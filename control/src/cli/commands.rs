@@ -126,6 +126,10 @@ fn get_command(
             }
             other => return Err(format!("unexpected answer: {other:?}")),
         },
+        Resource::Services => match call(Request::ListServices)? {
+            Reply::Services(list) => emit(format, &list, || views::render_services(&list, wide)),
+            other => return Err(format!("unexpected answer: {other:?}")),
+        },
         Resource::Nat => match call(Request::GetNat)? {
             Reply::Nat(nat) => emit(format, &nat, || views::render_nat(nat.as_ref())),
             other => return Err(format!("unexpected answer: {other:?}")),

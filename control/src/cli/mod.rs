@@ -48,6 +48,8 @@ pub enum Resource {
     Conntrack,
     /// Masquerade's port usage and table size on this node.
     Nat,
+    /// The Services this node serves: cluster IPs, ports, node ports, endpoints.
+    Services,
 }
 
 /// What to do.

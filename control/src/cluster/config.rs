@@ -4,7 +4,7 @@
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-pub use switchyard_api::{Backend, BackendKind, ExtraRoute, Masquerade};
+pub use switchyard_api::{Backend, BackendKind, ExtraRoute, Masquerade, PortRange};
 
 /// The cluster-wide settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +38,23 @@ pub struct ClusterConfig {
     /// `--service-cluster-ip-range` (never masqueraded).
     #[serde(rename = "serviceCIDR", default, deserialize_with = "one_or_many")]
     pub service_cidrs: Vec<IpNet>,
+    /// The range node ports are allocated from (`"30000-32767"`).
+    #[serde(rename = "nodePortRange", default = "default_node_ports")]
+    pub node_port_range: PortRange,
+    /// The largest Maglev table a Service port gets (a prime).
+    #[serde(rename = "maglevTableSize", default = "default_maglev")]
+    pub maglev_table_size: u32,
+}
+
+fn default_node_ports() -> PortRange {
+    PortRange {
+        first: 30000,
+        last: 32767,
+    }
+}
+
+fn default_maglev() -> u32 {
+    16381
 }
 
 /// `serviceCIDR: 10.96.0.0/12` or `serviceCIDR: [10.96.0.0/12, fd00:96::/112]`.
@@ -74,6 +91,8 @@ impl Default for ClusterConfig {
             masquerade: Masquerade::default(),
             routes: Vec::new(),
             service_cidrs: Vec::new(),
+            node_port_range: default_node_ports(),
+            maglev_table_size: default_maglev(),
         }
     }
 }
@@ -112,6 +131,15 @@ impl ClusterConfig {
             if mask < cidr.prefix_len() || mask > cidr.max_prefix_len() {
                 return Err(format!("node mask /{mask} does not fit in {field} {cidr}"));
             }
+        }
+        let m = config.maglev_table_size;
+        let prime = (2..)
+            .take_while(|d| d * d <= m)
+            .all(|d| !m.is_multiple_of(d));
+        if !(251..=131_071).contains(&m) || !prime {
+            return Err(format!(
+                "maglevTableSize: {m} must be a prime from 251 to 131071 (16381 by default)"
+            ));
         }
         if let Some(mtu) = config.mtu {
             if !(576..=65_521).contains(&mtu) {

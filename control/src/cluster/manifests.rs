@@ -1,11 +1,13 @@
 //! Reading cluster state from a directory of Kubernetes manifests (YAML or JSON, several
-//! documents per file) in Kubernetes' own shapes: `v1/Node` objects and the
-//! `switchyard-config` ConfigMap. Objects are decoded into `k8s-openapi` types, so the same
+//! documents per file) in Kubernetes' own shapes: `v1/Node`, `v1/Service` and
+//! `discovery.k8s.io/v1/EndpointSlice` objects and the `switchyard-config` ConfigMap. Objects are decoded into `k8s-openapi` types, so the same
 //! code later reads them from the API server. Every problem names the file and the field.
 
 use super::config::ClusterConfig;
+use super::services::{ServiceManifest, SliceManifest};
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 use std::fmt;
 use std::net::IpAddr;
@@ -67,6 +69,10 @@ pub struct Manifests {
     pub config: ClusterConfig,
     /// The file the configuration came from.
     pub config_file: Option<PathBuf>,
+    /// Services, as read.
+    pub services: Vec<ServiceManifest>,
+    /// EndpointSlices, as read (`v1`, or `v1beta1` as older API servers serve them).
+    pub endpoint_slices: Vec<SliceManifest>,
 }
 
 fn error(file: &Path, field: impl Into<String>, message: impl Into<String>) -> ManifestError {
@@ -194,9 +200,51 @@ pub fn load_text(file: &Path, text: &str, out: &mut Manifests, errors: &mut Vec<
                     e.to_string(),
                 )),
             },
-            _ => {} // other kinds (Pods, Services, ...) are read by later stages
+            ("v1", "Service") => match serde_json::from_value::<Service>(value) {
+                Ok(service) => out.services.push(ServiceManifest {
+                    service,
+                    file: file.to_path_buf(),
+                }),
+                Err(e) => errors.push(error(
+                    file,
+                    format!("document {}: Service", index + 1),
+                    e.to_string(),
+                )),
+            },
+            ("discovery.k8s.io/v1" | "discovery.k8s.io/v1beta1", "EndpointSlice") => {
+                match serde_json::from_value::<EndpointSlice>(beta_slice_as_v1(value)) {
+                    Ok(slice) => out.endpoint_slices.push(SliceManifest {
+                        slice,
+                        file: file.to_path_buf(),
+                    }),
+                    Err(e) => errors.push(error(
+                        file,
+                        format!("document {}: EndpointSlice", index + 1),
+                        e.to_string(),
+                    )),
+                }
+            }
+            _ => {} // other kinds (Pods, NetworkPolicies, ...) are read by later stages
         }
     }
+}
+
+/// A `discovery.k8s.io/v1beta1` EndpointSlice in `v1`'s shape: the same fields but for the
+/// endpoints' `topology` map, which `v1` splits into `nodeName` and `zone`.
+fn beta_slice_as_v1(mut value: serde_json::Value) -> serde_json::Value {
+    if let Some(endpoints) = value.get_mut("endpoints").and_then(|e| e.as_array_mut()) {
+        for e in endpoints {
+            let Some(topology) = e.as_object_mut().and_then(|o| o.remove("topology")) else {
+                continue;
+            };
+            if let Some(node) = topology.get("kubernetes.io/hostname") {
+                if e.get("nodeName").is_none() {
+                    e["nodeName"] = node.clone();
+                }
+            }
+        }
+    }
+    value
 }
 
 fn node_record(file: &Path, node: &Node) -> Result<NodeRecord, ManifestError> {

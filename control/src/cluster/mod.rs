@@ -4,6 +4,7 @@ pub mod allocate;
 pub mod config;
 pub mod manifests;
 pub mod plan;
+pub mod services;
 
 #[cfg(test)]
 mod tests;

@@ -24,7 +24,7 @@ use crate::conntrack::FxBuild;
 use crate::tables::services::ServiceTable;
 use crate::tables::PortRole;
 use crate::wire::{ipv4, Ipv4Header, Ipv6Packet, TcpPacket};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 
 /// What the stage did with a packet.
@@ -73,9 +73,7 @@ fn flow_of(l3: &[u8], v6: bool) -> Option<(FlowKey, Option<u8>)> {
 
 /// The hash Maglev picks a new flow's backend with: fixed keys, so the same on every node.
 fn flow_hash(key: &FlowKey) -> u64 {
-    let mut h = FxBuild::default().build_hasher();
-    key.hash(&mut h);
-    let x = h.finish();
+    let x = FxBuild::default().hash_one(key);
     x ^ (x >> 31)
 }
 

@@ -32,7 +32,10 @@ pub fn table_size(backends: usize, max: u32) -> u32 {
 
 /// True when `n` is prime (for sizes given by hand).
 pub fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 /// 64-bit hash of `bytes` with a fixed `key`: FNV-1a, then a splitmix64 finaliser.

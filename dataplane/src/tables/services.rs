@@ -24,10 +24,8 @@ pub fn protocol_number(name: &str) -> Option<u8> {
 
 /// The id of a Service port in one address family: the same in every table built.
 fn port_id(service: &ServiceKey, name: &str, protocol: u8, port: u16, v6: bool) -> u64 {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    let mut h = crate::conntrack::FxBuild::default().build_hasher();
-    (service, name, protocol, port, v6).hash(&mut h);
-    h.finish()
+    use std::hash::BuildHasher;
+    crate::conntrack::FxBuild::default().hash_one((service, name, protocol, port, v6))
 }
 
 /// A set of backends and its Maglev table.
