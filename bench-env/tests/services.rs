@@ -16,11 +16,18 @@ use switchyard_api::{Reply, Request};
 use switchyard_dataplane::io::netns::run_in;
 
 fn cluster() -> Cluster {
+    cluster_with(false)
+}
+
+/// Two nodes with two pods each; `external`: with a host outside the cluster behind the
+/// nodes' router.
+fn cluster_with(external: bool) -> Cluster {
     bench_env::require_root("Services integration test");
     Cluster::build(
         Arm::Switchyard,
         &ClusterOptions {
             pods_per_node: 2,
+            external,
             ..ClusterOptions::default()
         },
     )
@@ -47,11 +54,28 @@ fn ep<'a>(pod: &'a Pod, node: &'a str) -> Ep<'a> {
 /// Writes Service `name` (port 80 to 8080, TCP and UDP) with `extra` spec lines, and its
 /// IPv4 and IPv6 EndpointSlices.
 fn publish(c: &Cluster, name: &str, vips: (&str, &str), extra: &str, endpoints: &[Ep]) {
-    let service = format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: ClusterIP\n  clusterIPs: [\"{}\", \"{}\"]\n  ipFamilies: [IPv4, IPv6]\n  ports:\n  - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}\n  - {{name: udp, port: 80, targetPort: 8080, protocol: UDP}}\n{extra}",
+    let spec = format!(
+        "  type: ClusterIP\n  clusterIPs: [\"{}\", \"{}\"]\n  ipFamilies: [IPv4, IPv6]\n  ports:\n  - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}\n  - {{name: udp, port: 80, targetPort: 8080, protocol: UDP}}\n{extra}",
         vips.0, vips.1
     );
-    let mut text = service;
+    write_service(c, name, &spec, endpoints);
+}
+
+/// Writes NodePort Service `name` (cluster IP allocated, TCP port 80 to 8080 on node port
+/// `node_port`) with `extra` spec lines, and its EndpointSlices.
+fn publish_node_port(c: &Cluster, name: &str, node_port: u16, extra: &str, endpoints: &[Ep]) {
+    let spec = format!(
+        "  type: NodePort\n  ports:\n  - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP, nodePort: {node_port}}}\n  - {{name: udp, port: 80, targetPort: 8080, protocol: UDP}}\n{extra}"
+    );
+    write_service(c, name, &spec, endpoints);
+}
+
+/// Writes a Service of `spec` lines and its IPv4 and IPv6 EndpointSlices (ports `tcp` and
+/// `udp`, 8080) into the manifests directory, at once.
+fn write_service(c: &Cluster, name: &str, spec: &str, endpoints: &[Ep]) {
+    let mut text = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n{spec}"
+    );
     for (family, v6) in [("IPv4", false), ("IPv6", true)] {
         text += &format!(
             "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-{}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: {family}\nports:\n- {{name: tcp, port: 8080, protocol: TCP}}\n- {{name: udp, port: 8080, protocol: UDP}}\nendpoints:\n",
@@ -170,8 +194,13 @@ impl Drop for Servers {
 /// Connects from `ns` (a pod's or a node's namespace) to `vip:80` over TCP; returns the
 /// answer (`<backend> <client seen>`) or the error.
 fn ask(ns: &bench_env::netns::Netns, vip: IpAddr) -> std::io::Result<(String, IpAddr)> {
+    ask_at(ns, (vip, 80).into())
+}
+
+/// [`ask`] at any address and port.
+fn ask_at(ns: &bench_env::netns::Netns, at: SocketAddr) -> std::io::Result<(String, IpAddr)> {
     run_in(&ns.path(), || {
-        let mut s = TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_secs(3))?;
+        let mut s = TcpStream::connect_timeout(&at, Duration::from_secs(2))?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
         let mut text = String::new();
         s.read_to_string(&mut text)?;
@@ -446,4 +475,64 @@ fn a_udp_sender_follows_endpoint_changes_and_terminating_endpoints_serve_when_no
     for _ in 0..5 {
         assert_eq!(ask(&client.ns, vip).unwrap().0, "a");
     }
+}
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
+fn node_ports_answer_outside_clients_pods_and_the_node_on_every_node() {
+    let c = cluster_with(true);
+    let backend = &c.nodes[1].pods[0];
+    let _s = Servers::start(backend, "remote");
+    publish_node_port(&c, "np", 30080, "", &[ep(backend, "node1")]);
+    wait_served(&c, "np", &[backend]);
+    let ext = c.external.as_ref().unwrap();
+    for node in &c.nodes {
+        let at = SocketAddr::from((node.ipv4, 30080));
+        let (name, seen) = ask_at(&ext.ns, at).expect("from outside the cluster");
+        assert_eq!(name, "remote");
+        assert_eq!(
+            seen,
+            IpAddr::from(node.ipv4),
+            "externalTrafficPolicy Cluster: the node"
+        );
+        let pod = &c.nodes[0].pods[0];
+        let (_, seen) = ask_at(&pod.ns, at).expect("from a pod");
+        assert_eq!(seen, IpAddr::from(pod.ipv4), "a pod keeps its address");
+        let (name, _) = ask_at(&node.ns, at).expect("from the node itself");
+        assert_eq!(name, "remote");
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
+fn external_traffic_policy_local_keeps_the_client_and_needs_a_local_endpoint() {
+    let c = cluster_with(true);
+    let backend = &c.nodes[1].pods[0];
+    let _s = Servers::start(backend, "remote");
+    publish_node_port(
+        &c,
+        "np-local",
+        30081,
+        "  externalTrafficPolicy: Local\n",
+        &[ep(backend, "node1")],
+    );
+    wait_served(&c, "np-local", &[backend]);
+    let ext = c.external.as_ref().unwrap();
+    let (name, seen) =
+        ask_at(&ext.ns, SocketAddr::from((c.nodes[1].ipv4, 30081))).expect("the endpoint's node");
+    assert_eq!(name, "remote");
+    assert_eq!(seen, IpAddr::from(ext.ipv4), "the client's own address");
+    let elsewhere = ask_at(&ext.ns, SocketAddr::from((c.nodes[0].ipv4, 30081)));
+    assert!(
+        elsewhere.is_err(),
+        "a node without a local endpoint serves nothing"
+    );
+    let drops = c.nodes[0].client().unwrap().stats().unwrap().drops;
+    assert!(drops["service_no_local_endpoint"] >= 1);
 }

@@ -3,9 +3,9 @@
 #![allow(missing_docs)] // criterion_group! generates an undocumented public function
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
-use switchyard_api::AddPort;
+use switchyard_api::{AddPort, Endpoint, Request, ServicePort, ServiceSpec};
 use switchyard_benches::{ipv4_routes, ipv6_routes, udp6_frame, udp_frame};
 use switchyard_dataplane::buffer::{PacketBuf, BATCH};
 use switchyard_dataplane::pipeline::{Pipeline, Verdict};
@@ -334,9 +334,158 @@ fn masquerade(c: &mut Criterion) {
     g.finish();
 }
 
+/// `n` Services of 10 endpoints each (10.96.x.y:80 -> 10.245.x.y:8080), the first one's
+/// endpoints being pod B.
+fn services_of(n: usize) -> Vec<ServiceSpec> {
+    (0..n)
+        .map(|i| {
+            let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 10)) + i as u32);
+            let endpoints = (0..10u32)
+                .map(|k| Endpoint {
+                    address: if i == 0 {
+                        IpAddr::from([10, 244, 0, 6])
+                    } else {
+                        IpAddr::from(Ipv4Addr::from(
+                            u32::from(Ipv4Addr::new(10, 245, 0, 0)) + (i as u32) * 16 + k,
+                        ))
+                    },
+                    port: 8080 + if i == 0 { k as u16 } else { 0 },
+                    local: true,
+                })
+                .collect();
+            ServiceSpec {
+                namespace: "bench".into(),
+                name: format!("svc-{i}"),
+                kind: "ClusterIP".into(),
+                cluster_ips: vec![IpAddr::V4(vip)],
+                external_ips: Vec::new(),
+                ports: vec![ServicePort {
+                    name: "http".into(),
+                    protocol: "tcp".into(),
+                    port: 80,
+                    node_port: None,
+                    endpoints,
+                }],
+                affinity_timeout_s: None,
+                external_local: false,
+                internal_local: false,
+            }
+        })
+        .collect()
+}
+
+fn apply(switch: &Switch, upsert: Vec<ServiceSpec>, replace: bool) {
+    switch
+        .handle(Request::ApplyServices {
+            upsert,
+            remove: Vec::new(),
+            replace,
+            maglev_table_size: None,
+        })
+        .unwrap();
+}
+
+/// TCP SYNs (or ACKs) from pod A to 10.96.0.10:80 from source ports `first..`.
+fn service_frames(first_port: u16, flags: u8) -> Vec<Vec<u8>> {
+    (0..BATCH as u16)
+        .map(|k| {
+            let mut f = udp_frame(
+                A_MAC,
+                GW,
+                Ipv4Addr::new(10, 244, 0, 5),
+                Ipv4Addr::new(10, 96, 0, 10),
+                20 - 8 + 2,
+            );
+            // Make it TCP: protocol, ports, data offset, flags (checksum left partial).
+            f[14 + 9] = 6;
+            let check = {
+                f[14 + 10..14 + 12].fill(0);
+                switchyard_dataplane::wire::checksum::checksum(&f[14..34])
+            };
+            f[14 + 10..14 + 12].copy_from_slice(&check.to_be_bytes());
+            f[34..36].copy_from_slice(&(first_port.wrapping_add(k)).to_be_bytes());
+            f[36..38].copy_from_slice(&80u16.to_be_bytes());
+            f[34 + 12] = 5 << 4;
+            f[34 + 13] = flags;
+            let mut out = vec![0u8; 12];
+            out.extend_from_slice(&f);
+            out
+        })
+        .collect()
+}
+
+fn services(c: &mut Criterion) {
+    let mut g = c.benchmark_group("services");
+    g.sample_size(10);
+    for n in [1usize, 10_000] {
+        let switch = Switch::start(SwitchConfig {
+            workers: 1,
+            ..SwitchConfig::default()
+        })
+        .unwrap();
+        let (a, _pa) = switch.add_memory_port(&port("10.244.0.5"), false).unwrap();
+        let (_, _pb) = switch.add_memory_port(&port("10.244.0.6"), false).unwrap();
+        let specs = services_of(n);
+        g.bench_function(format!("apply_all_{n}x10"), |b| {
+            b.iter(|| apply(&switch, specs.clone(), true))
+        });
+        apply(&switch, specs.clone(), true);
+        let mut changed = specs[n / 2].clone();
+        g.bench_function(format!("apply_one_change_of_{n}"), |b| {
+            b.iter(|| {
+                changed.ports[0].endpoints.rotate_left(1);
+                apply(&switch, vec![changed.clone()], false)
+            })
+        });
+        let tables = switch.tables();
+        let ingress = tables.ports[&a.id].clone();
+        let mut pipeline = Pipeline::new();
+        let mut verdicts = [Verdict::Drop; BATCH];
+        // Every packet opens a flow: the batch's source ports are new each time, and the
+        // flow table is emptied outside the timed part.
+        g.throughput(Throughput::Elements(BATCH as u64));
+        let mut next_port = 1024u16;
+        g.bench_function(format!("first_packet_64B_{n}_services"), |b| {
+            b.iter_batched_ref(
+                || {
+                    tables.service_flows.remove_where(|_| true);
+                    next_port = next_port.wrapping_add(BATCH as u16).max(1024);
+                    batch_of(&service_frames(next_port, 0x02))
+                },
+                |bufs| {
+                    pipeline.process(&tables, &ingress, bufs, &mut verdicts, 0);
+                    black_box(&verdicts);
+                },
+                BatchSize::LargeInput,
+            )
+        });
+        // One established flow: every packet finds it.
+        let established = service_frames(40_000, 0x10)
+            .into_iter()
+            .map(|mut f| {
+                f[12 + 34..12 + 36].copy_from_slice(&40_000u16.to_be_bytes());
+                f
+            })
+            .collect::<Vec<_>>();
+        g.bench_function(format!("established_64B_{n}_services"), |b| {
+            b.iter_batched_ref(
+                || batch_of(&established),
+                |bufs| {
+                    pipeline.process(&tables, &ingress, bufs, &mut verdicts, 0);
+                    assert!(matches!(verdicts[0], Verdict::Forward(_)));
+                },
+                BatchSize::LargeInput,
+            )
+        });
+        g.throughput(Throughput::Elements(1));
+        switch.shutdown();
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(30);
-    targets = parse_classify, lpm, pipeline, segmentation, masquerade
+    targets = parse_classify, lpm, pipeline, segmentation, masquerade, services
 }
 criterion_main!(benches);

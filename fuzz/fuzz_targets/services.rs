@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
                     assert!(m.config.service_cidrs.iter().any(|c| c.contains(ip)));
                 }
             }
-            let table = ServiceTable::build(&specs, 251);
+            let table = ServiceTable::build(&specs, 251, &Default::default());
             let _ = table.node_port_list();
         }
         Err(errors) => assert!(!errors.is_empty()),

@@ -71,9 +71,15 @@ pub struct ServiceFlow {
     pub original: FlowKey,
     /// The backend it was given.
     pub backend: (IpAddr, u16),
-    /// The source the backend sees: the client, or the frontend's address when the client
-    /// is its own backend (hairpin: a packet from itself would be dropped by its kernel).
+    /// The source the backend sees: the client; the frontend's address when the client is
+    /// its own backend (hairpin: a packet from itself would be dropped by its kernel); the
+    /// node's when a client from outside the cluster came through a node port of an
+    /// `externalTrafficPolicy: Cluster` Service (so that the reply comes back this way).
     pub seen_as: IpAddr,
+    /// The source port the backend sees: the client's, unless another flow from the same
+    /// client address and port already reaches the same backend (one client port to two
+    /// Services that share a backend), whose replies would then be indistinguishable.
+    pub seen_port: u16,
     /// Which Service port (its id in the Service table).
     pub service_port: u64,
     life: Liveness,
@@ -87,7 +93,7 @@ impl ServiceFlow {
             src: self.backend.0,
             src_port: self.backend.1,
             dst: self.seen_as,
-            dst_port: self.original.src_port,
+            dst_port: self.seen_port,
         }
     }
 
@@ -96,9 +102,10 @@ impl ServiceFlow {
         self.life.state()
     }
 
-    /// True when the client is its own backend.
-    pub fn hairpin(&self) -> bool {
-        self.seen_as != self.original.src
+    /// True when the backend sees another source than the client (hairpin, a node port's
+    /// client shown as the node, or another source port).
+    pub fn source_translated(&self) -> bool {
+        self.seen_as != self.original.src || self.seen_port != self.original.src_port
     }
 }
 
@@ -107,8 +114,7 @@ impl ServiceFlow {
 pub enum Refusal {
     /// The table holds its limit of flows.
     TableFull,
-    /// Another flow already has the same reply tuple (one client port to two frontends
-    /// that share a backend): its replies could not be told apart.
+    /// Every source port tried gives a reply tuple another flow holds.
     ReplyClash,
 }
 
@@ -126,6 +132,9 @@ pub struct ServiceFlowInfo {
     /// Seconds since the last packet.
     pub idle_s: u64,
 }
+
+/// Source ports tried for a flow whose own collides.
+const PORT_TRIES: u64 = 64;
 
 type FlowShard = Mutex<HashMap<FlowKey, Arc<ServiceFlow>, FxBuild>>;
 type AffinityShard = Mutex<HashMap<(u64, IpAddr), ((IpAddr, u16), u64), FxBuild>>;
@@ -183,11 +192,13 @@ impl ServiceFlows {
     }
 
     /// Opens the flow of `original` to `backend` (or finds the one another worker opened
-    /// meanwhile, with its backend).
+    /// meanwhile, with its backend). The backend sees the client as `shown_as` when given,
+    /// else as itself, or as the frontend when it is its own backend.
     pub fn open(
         &self,
         original: FlowKey,
         backend: (IpAddr, u16),
+        shown_as: Option<IpAddr>,
         service_port: u64,
         tcp_flags: Option<u8>,
         now_ns: u64,
@@ -195,32 +206,46 @@ impl ServiceFlows {
         if self.flows.load(Ordering::Relaxed) >= self.limit {
             return Err(Refusal::TableFull);
         }
-        let seen_as = if backend.0 == original.src {
-            original.dst
-        } else {
-            original.src
+        let seen_as = match shown_as {
+            Some(addr) => addr,
+            None if backend.0 == original.src => original.dst,
+            None => original.src,
         };
-        let flow = Arc::new(ServiceFlow {
-            original,
-            backend,
-            seen_as,
-            service_port,
-            life: Liveness::new(now_ns),
-        });
-        let reply = flow.reply_key();
-        {
+        // The client's own port first; when another flow's replies already use that
+        // tuple, other ports from a position derived from the flow.
+        let mut tries = std::iter::once(original.src_port).chain((0..PORT_TRIES).map(|k| {
+            let start = self.index(&original) as u64;
+            (1024 + (start * 61 + k) % (65536 - 1024)) as u16
+        }));
+        let flow = loop {
+            let Some(port) = tries.next() else {
+                return Err(Refusal::ReplyClash);
+            };
+            let flow = Arc::new(ServiceFlow {
+                original,
+                backend,
+                seen_as,
+                seen_port: port,
+                service_port,
+                life: Liveness::new(now_ns),
+            });
+            let reply = flow.reply_key();
             let mut replies = self.shard(&reply);
-            if let Some(other) = replies.get(&reply) {
-                if other.original == original {
+            match replies.get(&reply) {
+                Some(other) if other.original == original => {
                     let other = other.clone();
                     drop(replies);
                     other.life.touch(now_ns, tcp_flags, false);
                     return Ok(other);
                 }
-                return Err(Refusal::ReplyClash);
+                Some(_) => continue,
+                None => {
+                    replies.insert(reply, flow.clone());
+                    break flow;
+                }
             }
-            replies.insert(reply, flow.clone());
-        }
+        };
+        let reply = flow.reply_key();
         let mut originals = self.shard(&original);
         if let Some(other) = originals.get(&original) {
             // Another worker opened the same flow with another backend meanwhile: keep
@@ -377,7 +402,9 @@ mod tests {
     fn a_flow_keeps_its_backend_and_replies_find_the_client() {
         let t = ServiceFlows::new(10);
         let c = key("10.244.0.5", 40000, "10.96.0.10", 80);
-        let f = t.open(c, backend("10.244.1.7"), 1, Some(0x02), 1).unwrap();
+        let f = t
+            .open(c, backend("10.244.1.7"), None, 1, Some(0x02), 1)
+            .unwrap();
         assert_eq!(f.backend, backend("10.244.1.7"));
         assert_eq!(t.forward(&c, Some(0x10), 2).unwrap().backend, f.backend);
         let reply = key("10.244.1.7", 8080, "10.244.0.5", 40000);
@@ -394,8 +421,8 @@ mod tests {
     fn the_second_opener_of_a_flow_gets_the_first_ones_backend() {
         let t = ServiceFlows::new(10);
         let c = key("fd00::5", 40000, "fd00:96::10", 53);
-        let first = t.open(c, backend("fd00:1::7"), 1, None, 1).unwrap();
-        let second = t.open(c, backend("fd00:1::8"), 1, None, 1).unwrap();
+        let first = t.open(c, backend("fd00:1::7"), None, 1, None, 1).unwrap();
+        let second = t.open(c, backend("fd00:1::8"), None, 1, None, 1).unwrap();
         assert_eq!(second.backend, first.backend);
         assert_eq!(t.len(), 1);
     }
@@ -404,18 +431,19 @@ mod tests {
     fn a_client_that_is_its_own_backend_is_seen_as_the_frontend() {
         let t = ServiceFlows::new(10);
         let c = key("10.244.0.5", 40000, "10.96.0.10", 80);
-        let f = t.open(c, backend("10.244.0.5"), 1, None, 1).unwrap();
-        assert!(f.hairpin());
+        let f = t.open(c, backend("10.244.0.5"), None, 1, None, 1).unwrap();
+        assert!(f.source_translated());
         let reply = key("10.244.0.5", 8080, "10.96.0.10", 40000);
         assert_eq!(t.reply(&reply, None, 2).unwrap().original, c);
     }
 
     #[test]
-    fn refusals_full_table_and_reply_clash() {
+    fn a_full_table_refuses_and_a_reply_clash_takes_another_source_port() {
         let t = ServiceFlows::new(1);
         t.open(
             key("10.244.0.5", 1, "10.96.0.10", 80),
             backend("10.244.1.7"),
+            None,
             1,
             None,
             1,
@@ -424,6 +452,7 @@ mod tests {
         let full = t.open(
             key("10.244.0.5", 2, "10.96.0.10", 80),
             backend("10.244.1.7"),
+            None,
             1,
             None,
             1,
@@ -433,26 +462,44 @@ mod tests {
         t.open(
             key("10.244.0.5", 1, "10.96.0.10", 80),
             backend("10.244.1.7"),
+            None,
             1,
             None,
             1,
         )
         .unwrap();
-        let clash = t.open(
-            key("10.244.0.5", 1, "10.96.0.11", 80),
-            backend("10.244.1.7"),
-            2,
-            None,
-            1,
+        // The same client port to another Service with the same backend: the backend sees
+        // another source port, and each flow's replies find their own client.
+        let second = t
+            .open(
+                key("10.244.0.5", 1, "10.96.0.11", 80),
+                backend("10.244.1.7"),
+                None,
+                2,
+                None,
+                1,
+            )
+            .unwrap();
+        assert!(second.source_translated());
+        assert_ne!(second.seen_port, 1);
+        let reply = key("10.244.1.7", 8080, "10.244.0.5", second.seen_port);
+        assert_eq!(
+            t.reply(&reply, None, 2).unwrap().original.dst,
+            "10.96.0.11".parse::<IpAddr>().unwrap()
         );
-        assert_eq!(clash.err(), Some(Refusal::ReplyClash));
+        let first = key("10.244.1.7", 8080, "10.244.0.5", 1);
+        assert_eq!(
+            t.reply(&first, None, 2).unwrap().original.dst,
+            "10.96.0.10".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
     fn sweeps_and_removals_take_both_keys() {
         let t = ServiceFlows::new(10);
         let c = key("10.244.0.5", 1, "10.96.0.10", 80);
-        t.open(c, backend("10.244.1.7"), 1, Some(0x02), 0).unwrap();
+        t.open(c, backend("10.244.1.7"), None, 1, Some(0x02), 0)
+            .unwrap();
         assert_eq!(
             t.sweep(seconds(59), seconds(10)),
             0,
@@ -462,7 +509,7 @@ mod tests {
         assert!(t
             .reply(&key("10.244.1.7", 8080, "10.244.0.5", 1), None, 0)
             .is_none());
-        t.open(c, backend("10.244.1.7"), 1, None, 0).unwrap();
+        t.open(c, backend("10.244.1.7"), None, 1, None, 0).unwrap();
         assert_eq!(
             t.remove_where(|f| f.backend.0 == backend("10.244.1.7").0),
             1

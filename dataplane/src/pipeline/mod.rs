@@ -275,7 +275,11 @@ impl Pipeline {
         match self.route(tables, ingress, nh, ip.ttl(), wire_len) {
             Ok(egress) => {
                 ip.decrement_ttl();
-                if ingress.role == PortRole::Pod && egress.role == PortRole::Host && !answered {
+                if ingress.role == PortRole::Pod
+                    && egress.role == PortRole::Host
+                    && !answered
+                    && !serviced
+                {
                     if let Some(m) = tables.masquerade.as_deref().filter(|m| m.applies_to(dst)) {
                         if let Err(reason) = masquerade::outbound(m, l3, partial, self.now_ns) {
                             return self.drop(reason);

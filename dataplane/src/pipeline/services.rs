@@ -10,6 +10,13 @@
 //! * a backend's reply to such a flow gets the frontend as its source again (and, for
 //!   hairpin, the client as destination), on whichever port it arrives: from a local pod, or
 //!   from another node through the overlay;
+//! * a node port is served on every node's address: a pod's or the node's connection to
+//!   any node's address and node port is translated right here, like a cluster IP's; a
+//!   client from outside the cluster (through the node's stack, steered by a policy rule)
+//!   is shown to the backend as this node under `externalTrafficPolicy: Cluster` (the
+//!   backend may run on another node, and its answer must come back this way), and keeps
+//!   its address under `Local`, which serves only this node's endpoints (and drops the
+//!   client when there is none here). External IPs are served the same way;
 //! * a frontend with no usable endpoint refuses the client at once with ICMP port
 //!   unreachable ("connection refused"), as kube-proxy's REJECT does.
 //!
@@ -94,7 +101,7 @@ pub(super) fn before_routing(
         if let Some(flow) = flows.reply(&key, flags, now_ns) {
             let front = flow.original;
             translate_ip(l3, Side::Source, front.dst, front.dst_port, partial);
-            if flow.hairpin() {
+            if flow.source_translated() {
                 translate_ip(l3, Side::Destination, front.src, front.src_port, partial);
             }
             return Step::FromFrontend;
@@ -108,13 +115,24 @@ pub(super) fn before_routing(
         protocol: key.protocol,
         port: key.dst_port,
     };
-    let Some(entry) = services.frontend(&frontend) else {
-        return Step::Untouched;
+    let (entry, node_port) = match services.frontend(&frontend) {
+        Some(entry) => (entry, false),
+        None if services.is_node_address(key.dst) => {
+            match services.node_port(key.dst.is_ipv6(), key.protocol, key.dst_port) {
+                Some(entry) => (entry, true),
+                None => return Step::Untouched,
+            }
+        }
+        None => return Step::Untouched,
     };
     let flow = match flows.forward(&key, flags, now_ns) {
         Some(flow) => flow,
         None => {
-            let external = from == PortRole::Host && services.is_external_ip(key.dst);
+            // A client from outside the cluster: it arrived through the node's stack, from
+            // an address that is no node's, to a node port or an external IP.
+            let external = from == PortRole::Host
+                && !services.is_node_address(key.src)
+                && (node_port || services.is_external_ip(key.dst));
             let backends = entry.backends(external);
             let remembered = entry.affinity_ns.and_then(|timeout| {
                 flows.affinity(entry.id, key.src, timeout, now_ns, |b| backends.contains(b))
@@ -129,7 +147,12 @@ pub(super) fn before_routing(
             if entry.affinity_ns.is_some() {
                 flows.remember(entry.id, key.src, backend, now_ns);
             }
-            match flows.open(key, backend, entry.id, flags, now_ns) {
+            // `externalTrafficPolicy: Cluster`: the backend may be on another node, so it
+            // sees this node as the client and answers through it.
+            let shown_as = (external && !entry.external_local)
+                .then(|| services.own_address(key.dst.is_ipv6()))
+                .flatten();
+            match flows.open(key, backend, shown_as, entry.id, flags, now_ns) {
                 Ok(flow) => flow,
                 Err(Refusal::TableFull) => return Step::Drop(DropReason::ServiceFlowsFull),
                 Err(Refusal::ReplyClash) => return Step::Drop(DropReason::ServiceReplyClash),
@@ -143,8 +166,8 @@ pub(super) fn before_routing(
         flow.backend.1,
         partial,
     );
-    if flow.hairpin() {
-        translate_ip(l3, Side::Source, flow.seen_as, key.src_port, partial);
+    if flow.source_translated() {
+        translate_ip(l3, Side::Source, flow.seen_as, flow.seen_port, partial);
     }
     Step::ToBackend
 }

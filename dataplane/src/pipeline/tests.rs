@@ -912,7 +912,11 @@ mod service_stage {
                 Some(60),
             ),
         ];
-        b.set_services(Arc::new(ServiceTable::build(&specs, DEFAULT_MAX_SIZE)));
+        b.set_services(Arc::new(ServiceTable::build(
+            &specs,
+            DEFAULT_MAX_SIZE,
+            &Default::default(),
+        )));
         b.build()
     }
 
@@ -1051,5 +1055,107 @@ mod service_stage {
         let (_, out) = from_b(&t, tcp(B, 8080, A, 40001, 0x12));
         assert_eq!(seen(&out), (ip(B), 8080, ip(A), 40001, true));
         assert!(t.service_flows.is_empty());
+    }
+
+    const NODE: &str = "192.168.1.10";
+    const PEER: &str = "192.168.1.11";
+    const EXT: &str = "192.168.2.10";
+    const HOST_MAC: MacAddr = MacAddr([0x0e, 0xee, 0xee, 0, 0, 1]);
+
+    /// Pods A and B, the host port (2) with the default route, masquerade, and NodePort
+    /// Services on
+    /// node 192.168.1.10 (peer 192.168.1.11): web (30080, Cluster) -> B; local (30081,
+    /// externalTrafficPolicy Local) -> a pod on the peer only.
+    fn node_port_tables() -> Tables<()> {
+        use crate::tables::builder::NodePorts;
+        use crate::tables::services::NodeAddresses;
+        use switchyard_api::NextHop as ApiNextHop;
+        let mut b = TableBuilder::new(Gateway::default());
+        b.insert_port(bare_port(1, A_MAC, &["10.244.0.5/24"], PortRole::Pod));
+        b.insert_port(bare_port(3, B_MAC, &["10.244.0.6/24"], PortRole::Pod));
+        let host = bare_port(2, HOST_MAC, &[], PortRole::Host);
+        b.insert_port(host.clone());
+        let mut routes = std::collections::BTreeMap::new();
+        routes.insert("0.0.0.0/0".parse().unwrap(), ApiNextHop::Host);
+        b.set_cluster(
+            routes,
+            NodePorts {
+                host: Some(host),
+                ..NodePorts::default()
+            },
+        );
+        let mut web = service("web", &["10.96.0.10"], &[B], None);
+        web.ports[0].node_port = Some(30080);
+        let mut local = service("local", &["10.96.0.11"], &["10.244.1.9"], None);
+        local.ports[0].node_port = Some(30081);
+        local.ports[0].endpoints[0].local = false;
+        local.external_local = true;
+        let nodes = NodeAddresses {
+            all: vec![ip(NODE), ip(PEER)],
+            own_v4: Some(ip(NODE)),
+            own_v6: None,
+        };
+        b.set_services(Arc::new(ServiceTable::build(
+            &[web, local],
+            DEFAULT_MAX_SIZE,
+            &nodes,
+        )));
+        // Masquerade on, as on every node: a Service's packets must not get it too.
+        let ct = Arc::new(crate::conntrack::Conntrack::new(
+            NODE.parse().unwrap(),
+            (40000, 40099),
+            100,
+        ));
+        let exempt: Vec<switchyard_api::IpNet> = vec!["10.244.0.0/16".parse().unwrap()];
+        b.set_masquerade(Some(Arc::new(
+            crate::tables::masquerade::Masquerading::new(ct, &exempt),
+        )));
+        b.build()
+    }
+
+    fn from_host(t: &Tables<()>, l3: Vec<u8>) -> (Verdict, Vec<u8>) {
+        run_bare(t, 2, eth(GW, HOST_MAC, 0x0800, &l3))
+    }
+
+    #[test]
+    fn a_client_outside_reaches_a_node_port_and_the_backend_sees_the_node() {
+        let t = node_port_tables();
+        let (v, out) = from_host(&t, tcp(EXT, 50000, NODE, 30080, 0x02));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(&out[..6], &B_MAC.0);
+        assert_eq!(
+            seen(&out),
+            (ip(NODE), 50000, ip(B), 8080, true),
+            "shown as the node"
+        );
+        let (v, out) = from_b(&t, tcp(B, 8080, NODE, 50000, 0x12));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(&out[..6], &HOST_MAC.0, "back out through the node");
+        assert_eq!(
+            seen(&out),
+            (ip(NODE), 30080, ip(EXT), 50000, true),
+            "from the node port, not masqueraded again"
+        );
+    }
+
+    #[test]
+    fn pods_reach_a_node_port_on_any_node_and_keep_their_address() {
+        let t = node_port_tables();
+        for (sport, node) in [(40000, NODE), (40001, PEER)] {
+            let (v, out) = from_a(&t, tcp(A, sport, node, 30080, 0x02));
+            assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+            assert_eq!(seen(&out), (ip(A), sport, ip(B), 8080, true), "via {node}");
+        }
+    }
+
+    #[test]
+    fn external_traffic_policy_local_drops_where_no_endpoint_runs() {
+        let t = node_port_tables();
+        let (v, _) = from_host(&t, tcp(EXT, 50001, NODE, 30081, 0x02));
+        assert_eq!(v, Verdict::Drop, "no endpoint on this node");
+        // Pods are not external clients: they reach the remote endpoint.
+        let (v, out) = from_a(&t, tcp(A, 40001, NODE, 30081, 0x02));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(seen(&out).2, ip("10.244.1.9"));
     }
 }

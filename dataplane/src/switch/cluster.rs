@@ -54,6 +54,11 @@ impl NodeState {
         &self.uplink.ifname
     }
 
+    /// The node settings in force.
+    pub(super) fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
     /// The node's address: the masquerade source, and where hostPorts are published.
     pub(super) fn address(&self) -> std::net::Ipv4Addr {
         self.spec.underlay
@@ -235,6 +240,9 @@ impl Switch {
             .unwrap_or_default();
         let masquerade = self.masquerading(state.builder.masquerade(), &spec);
         state.builder.set_masquerade(Some(masquerade));
+        // Node ports are served on the node addresses the settings name.
+        let services = state.services.table(Some(&spec));
+        state.builder.set_services(services);
 
         let ports = NodePorts {
             host: Some(host.clone()),

@@ -252,10 +252,11 @@ impl Switch {
 }
 
 impl Switch {
-    /// Keeps two steering rules per port of the node published to a pod (hostPort): one for
-    /// connections arriving on the uplink, one for the node's own connections to its
-    /// address (`iif lo`), so that both reach the dataplane; call after pods or node
-    /// settings change. (Pods reach a hostPort through the dataplane itself.)
+    /// Keeps two steering rules per port of the node published to a pod (hostPort) and per
+    /// Service node port: one for connections arriving on the uplink, one for the node's
+    /// own connections to its address (`iif lo`), so that both reach the dataplane; call
+    /// after pods, Services or node settings change. (Pods reach them through the dataplane
+    /// itself.)
     pub(super) fn sync_host_port_rules(&self) {
         let mut state = self.state();
         let desired: Vec<KernelRule> = match &state.node {
@@ -269,11 +270,13 @@ impl Switch {
                     dst,
                     table: u32::from(STEER_TABLE),
                 };
-                state
-                    .builder
-                    .host_ports()
-                    .keys()
-                    .flat_map(|&(protocol, port)| {
+                let mut ports: Vec<(u8, u16)> = state.builder.host_ports().into_keys().collect();
+                ports.extend(state.builder.services().node_port_list());
+                ports.sort();
+                ports.dedup();
+                ports
+                    .into_iter()
+                    .flat_map(|(protocol, port)| {
                         [
                             rule(protocol, port, node.uplink_ifname(), None),
                             rule(protocol, port, "lo", Some(node.address())),
@@ -294,7 +297,7 @@ impl Switch {
             for rule in desired.iter().filter(|r| !keep.contains(r)) {
                 if let Err(e) = nl.add_rule(rule) {
                     eprintln!(
-                        "switchyard-dataplane: cannot steer hostPort {:?}: {e}",
+                        "switchyard-dataplane: cannot steer port {:?} into the dataplane: {e}",
                         rule.dports
                     );
                 }

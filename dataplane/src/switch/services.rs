@@ -4,17 +4,39 @@
 
 use super::{invalid, State, Switch};
 use crate::tables::maglev;
-use crate::tables::services::{protocol_number, ServiceTable};
+use crate::tables::services::{protocol_number, NodeAddresses, ServiceTable};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
-use switchyard_api::{ApiError, ErrorCode, Reply, ServiceKey, ServiceSpec, ServiceStatus};
+use switchyard_api::{
+    ApiError, ErrorCode, NodeSpec, Reply, ServiceKey, ServiceSpec, ServiceStatus,
+};
 
 /// The Services in force and the largest Maglev table.
 #[derive(Default)]
 pub(super) struct Services {
     specs: BTreeMap<ServiceKey, ServiceSpec>,
     max_table: Option<u32>,
+}
+
+impl Services {
+    /// The Service table for a node with settings `node` (none yet: node ports are served
+    /// on no address).
+    pub(super) fn table(&self, node: Option<&NodeSpec>) -> Arc<ServiceTable> {
+        let mut addresses = NodeAddresses::default();
+        if let Some(spec) = node {
+            addresses.own_v4 = Some(IpAddr::V4(spec.underlay));
+            addresses.own_v6 = spec.addresses.iter().copied().find(IpAddr::is_ipv6);
+            addresses.all.push(IpAddr::V4(spec.underlay));
+            addresses.all.extend(spec.addresses.iter().copied());
+            for peer in &spec.peers {
+                addresses.all.push(IpAddr::V4(peer.underlay));
+                addresses.all.extend(peer.addresses.iter().copied());
+            }
+        }
+        let max = self.max_table.unwrap_or(maglev::DEFAULT_MAX_SIZE);
+        Arc::new(ServiceTable::build(self.specs.values(), max, &addresses))
+    }
 }
 
 /// Refuses a Service that cannot be served, saying why.
@@ -75,17 +97,16 @@ impl Switch {
             specs.insert(s.key(), s);
         }
         check_frontends(&specs)?;
-        let max = max_table
-            .or(state.services.max_table)
-            .unwrap_or(maglev::DEFAULT_MAX_SIZE);
-        let table = Arc::new(ServiceTable::build(specs.values(), max));
         state.services = Services {
             specs,
-            max_table: Some(max),
+            max_table: max_table.or(state.services.max_table),
         };
+        let table = state.services.table(state.node.as_ref().map(|n| n.spec()));
         state.builder.set_services(table.clone());
         self.publish(&mut state);
         forget_stale_udp_flows(&state, &table);
+        drop(state);
+        self.sync_host_port_rules();
         Ok(Reply::Done)
     }
 

@@ -109,13 +109,37 @@ pub struct ServiceTable {
     node_ports: Map<(bool, u8, u16), Arc<ServicePortEntry>>,
     backends: HashSet<(IpAddr, u8, u16), crate::conntrack::FxBuild>,
     entries: Vec<Arc<ServicePortEntry>>,
+    /// Every node's addresses: a node port is served on each of them.
+    nodes: HashSet<IpAddr>,
+    /// This node's own addresses (IPv4, IPv6): the source of node-port clients' packets
+    /// under `externalTrafficPolicy: Cluster`.
+    own: (Option<IpAddr>, Option<IpAddr>),
+}
+
+/// Where the node stands: every node's addresses, and this node's own.
+#[derive(Debug, Clone, Default)]
+pub struct NodeAddresses {
+    /// Every node's addresses (this one's included).
+    pub all: Vec<IpAddr>,
+    /// This node's IPv4 address.
+    pub own_v4: Option<IpAddr>,
+    /// This node's IPv6 address.
+    pub own_v6: Option<IpAddr>,
 }
 
 impl ServiceTable {
     /// Compiles `services` with Maglev tables of at most `max_table` slots. Ports of a
     /// protocol the dataplane does not serve (SCTP) are left out.
-    pub fn build<'a>(services: impl IntoIterator<Item = &'a ServiceSpec>, max_table: u32) -> Self {
-        let mut t = Self::default();
+    pub fn build<'a>(
+        services: impl IntoIterator<Item = &'a ServiceSpec>,
+        max_table: u32,
+        nodes: &NodeAddresses,
+    ) -> Self {
+        let mut t = Self {
+            nodes: nodes.all.iter().copied().collect(),
+            own: (nodes.own_v4, nodes.own_v6),
+            ..Self::default()
+        };
         for s in services {
             let vips: Vec<IpAddr> = s
                 .cluster_ips
@@ -212,6 +236,21 @@ impl ServiceTable {
         self.external_ips.contains(&addr)
     }
 
+    /// True when `addr` is one of the cluster's nodes'.
+    #[inline]
+    pub fn is_node_address(&self, addr: IpAddr) -> bool {
+        !self.nodes.is_empty() && self.nodes.contains(&addr)
+    }
+
+    /// This node's address of `addr`'s family.
+    pub fn own_address(&self, v6: bool) -> Option<IpAddr> {
+        if v6 {
+            self.own.1
+        } else {
+            self.own.0
+        }
+    }
+
     /// The Service port behind a node port (`v6`: reached on an IPv6 address).
     #[inline]
     pub fn node_port(&self, v6: bool, protocol: u8, port: u16) -> Option<&Arc<ServicePortEntry>> {
@@ -300,7 +339,11 @@ mod tests {
 
     #[test]
     fn frontends_map_to_their_family_and_policies_pick_local_backends() {
-        let t = ServiceTable::build([&spec()], maglev::DEFAULT_MAX_SIZE);
+        let t = ServiceTable::build(
+            [&spec()],
+            maglev::DEFAULT_MAX_SIZE,
+            &NodeAddresses::default(),
+        );
         let f = |addr: &str| Frontend {
             addr: addr.parse().unwrap(),
             protocol: 6,
@@ -340,7 +383,11 @@ mod tests {
         let picked = v4.all.pick(12345).unwrap();
         assert!(v4.all.contains(&picked));
         assert_ne!(v4.id, v6.id);
-        let again = ServiceTable::build([&spec()], maglev::DEFAULT_MAX_SIZE);
+        let again = ServiceTable::build(
+            [&spec()],
+            maglev::DEFAULT_MAX_SIZE,
+            &NodeAddresses::default(),
+        );
         assert_eq!(
             again.frontend(&f("10.96.0.10")).unwrap().id,
             v4.id,
@@ -352,7 +399,7 @@ mod tests {
     fn a_port_without_endpoints_has_a_frontend_and_no_backend() {
         let mut s = spec();
         s.ports[0].endpoints.clear();
-        let t = ServiceTable::build([&s], maglev::DEFAULT_MAX_SIZE);
+        let t = ServiceTable::build([&s], maglev::DEFAULT_MAX_SIZE, &NodeAddresses::default());
         let e = t
             .frontend(&Frontend {
                 addr: "10.96.0.10".parse().unwrap(),
