@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: build Switchyard, build simulated clusters out of network namespaces, check
 # connectivity and measure Switchyard against the kernel in the same run: one node (veth +
-# bridge baseline), then two nodes (flannel's VXLAN baseline). Arguments go to both
+# bridge baseline), two nodes (flannel's VXLAN baseline), then Services (kube-proxy's
+# iptables rules on flannel's layout). Arguments go to both
 # scenarios (e.g. --seconds 10 --repeat 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,3 +23,5 @@ cargo build --release --workspace --bins --locked
 target/release/bench-env single-node --json bench-results.json "$@"
 echo
 target/release/bench-env multi-node --external --json bench-results-multinode.json "$@"
+echo
+target/release/bench-env services --json bench-results-services.json "$@"

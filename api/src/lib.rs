@@ -19,7 +19,9 @@ pub use node::{
     Backend, BackendKind, ConntrackEntry, ExtraRoute, Masquerade, NatStatus, NodeSpec, NodeStatus,
     Peer, PortRange,
 };
-pub use service::{Endpoint, ServiceKey, ServicePort, ServiceSpec, ServiceStatus};
+pub use service::{
+    Endpoint, ServiceFlowEntry, ServiceKey, ServicePort, ServiceSpec, ServiceStatus,
+};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -104,6 +106,12 @@ pub enum Request {
     },
     /// List the Services served.
     ListServices,
+    /// List the flows to Services, optionally of one Service.
+    ListServiceFlows {
+        /// Only flows of this Service.
+        #[serde(default)]
+        service: Option<ServiceKey>,
+    },
 }
 
 /// Parameters of [`Request::AddPort`].
@@ -318,6 +326,8 @@ pub enum Reply {
     Conntrack(Vec<ConntrackEntry>),
     /// The Services served.
     Services(Vec<ServiceStatus>),
+    /// Flows to Services.
+    ServiceFlows(Vec<ServiceFlowEntry>),
     /// The request took effect and has nothing to report.
     Done,
 }

@@ -119,3 +119,24 @@ pub struct ServiceStatus {
     /// Slots of each port's Maglev table, in port order (0 for a port with no endpoint).
     pub maglev_table_sizes: Vec<u32>,
 }
+
+/// A flow to a Service, as listed (`get conntrack --service`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceFlowEntry {
+    /// The Service (none when it is gone and the flow lives on).
+    #[serde(default)]
+    pub service: Option<ServiceKey>,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// The client, `address:port`.
+    pub client: String,
+    /// The frontend it used, `address:port`.
+    pub frontend: String,
+    /// The backend it was given, `address:port`.
+    pub backend: String,
+    /// Where the connection is: `new`, `established`, `closing`, `closed`.
+    pub state: String,
+    /// Seconds since its last packet.
+    pub idle_s: u64,
+}

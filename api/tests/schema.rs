@@ -142,6 +142,12 @@ fn requests() -> Vec<Request> {
             maglev_table_size: Some(16381),
         },
         Request::ListServices,
+        Request::ListServiceFlows {
+            service: Some(ServiceKey {
+                namespace: "default".into(),
+                name: "web".into(),
+            }),
+        },
     ];
     for request in &all {
         match request {
@@ -158,7 +164,8 @@ fn requests() -> Vec<Request> {
             | Request::GetNat
             | Request::ListConntrack { .. }
             | Request::ApplyServices { .. }
-            | Request::ListServices => {}
+            | Request::ListServices
+            | Request::ListServiceFlows { .. } => {}
         }
     }
     all
@@ -228,6 +235,15 @@ fn replies() -> Vec<Reply> {
             spec: service(),
             maglev_table_sizes: vec![251],
         }]),
+        Reply::ServiceFlows(vec![ServiceFlowEntry {
+            service: Some(service().key()),
+            protocol: "tcp".into(),
+            client: "10.244.0.5:40000".into(),
+            frontend: "10.96.0.10:80".into(),
+            backend: "10.244.1.5:8080".into(),
+            state: "established".into(),
+            idle_s: 3,
+        }]),
         Reply::Done,
     ];
     for reply in &all {
@@ -241,6 +257,7 @@ fn replies() -> Vec<Reply> {
             | Reply::Nat(_)
             | Reply::Conntrack(_)
             | Reply::Services(_)
+            | Reply::ServiceFlows(_)
             | Reply::Done => {}
         }
     }

@@ -14,6 +14,7 @@ pub mod netns;
 pub mod process;
 pub mod rawsock;
 pub mod report;
+pub mod services;
 pub mod testbed;
 pub mod tools;
 pub mod transfer;

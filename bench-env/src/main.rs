@@ -100,6 +100,22 @@ enum Scenario {
         #[arg(long)]
         external: bool,
     },
+    /// Services on two nodes: Switchyard's own load balancing against kube-proxy's iptables
+    /// rules on flannel's layout, same run. A Service with three backends spread over both
+    /// nodes (new connections per second, 64 clients), and one with ClientIP affinity and
+    /// its backends on the other node, reached through its ClusterIP and its node port
+    /// (iperf3).
+    Services {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Rounds per metric, alternating the arms; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 /// `--backend` values.
@@ -373,6 +389,115 @@ fn multi_node(run: MultiNode) -> Result<bool> {
     Ok(all_connected)
 }
 
+/// The Services scenario: see `Scenario::Services`.
+fn services(seconds: u64, repeat: usize, json: Option<PathBuf>) -> Result<bool> {
+    use bench_env::services::{self as svc, BenchService};
+    if !bench_env::is_root() {
+        return Err(fail!(
+            "bench-env creates network namespaces and TAP devices: run it as root"
+        ));
+    }
+    tools::ensure_installed()?;
+    let options = ClusterOptions {
+        pods_per_node: 2,
+        external: true,
+        ..ClusterOptions::default()
+    };
+    println!("building clusters: 2 nodes, 2 pods each, an external host; Switchyard's Services against kube-proxy's iptables rules on flannel's VXLAN layout");
+    let kernel = Cluster::build(Arm::Kernel, &options)?;
+    let switchyard = Cluster::build(Arm::Switchyard, &options)?;
+    let spread = BenchService {
+        name: "spread".into(),
+        cluster_ip: std::net::Ipv4Addr::new(10, 96, 0, 20),
+        port: 80,
+        target_port: 8080,
+        node_port: None,
+        affinity: false,
+    };
+    let stream = BenchService {
+        name: "stream".into(),
+        cluster_ip: std::net::Ipv4Addr::new(10, 96, 0, 21),
+        port: 5201,
+        target_port: 5201,
+        node_port: Some(30201),
+        affinity: true,
+    };
+    let mut servers = Vec::new();
+    for c in [&kernel, &switchyard] {
+        svc::install(c, &spread, &[(0, 1), (1, 0), (1, 1)])?;
+        svc::install(c, &stream, &[(1, 0), (1, 1)])?;
+        let pods = [
+            &c.nodes[0].pods[1],
+            &c.nodes[1].pods[0],
+            &c.nodes[1].pods[1],
+        ];
+        servers.push(svc::RequestServers::start(&pods, 8080)?);
+    }
+    let mut metrics = Vec::new();
+    let r = rounds(
+        [&switchyard, &kernel],
+        repeat,
+        "service_tcp_1_stream",
+        &|c| {
+            let target = std::net::SocketAddr::from((stream.cluster_ip, stream.port));
+            let backends = [&c.nodes[1].pods[0], &c.nodes[1].pods[1]];
+            Ok(vec![measure::tcp_gbps_via(
+                &c.nodes[0].pods[0].ns,
+                &backends,
+                target,
+                1,
+                seconds,
+            )?])
+        },
+    )?;
+    metrics.push(Metric::new(
+        "service_tcp_1_stream",
+        "Gbit/s",
+        r[0][0],
+        r[0][1],
+    ));
+    let r = rounds([&switchyard, &kernel], repeat, "service_conn_rate", &|c| {
+        let target = std::net::SocketAddr::from((spread.cluster_ip, spread.port));
+        Ok(vec![svc::conn_rate(
+            &c.nodes[0].pods[0].ns,
+            target,
+            64,
+            seconds,
+        )?])
+    })?;
+    metrics.push(Metric::new("service_conn_rate", "conn/s", r[0][0], r[0][1]));
+    let r = rounds(
+        [&switchyard, &kernel],
+        repeat,
+        "nodeport_tcp_1_stream",
+        &|c| {
+            let ext = c
+                .external
+                .as_ref()
+                .ok_or_else(|| fail!("no external host"))?;
+            let target = std::net::SocketAddr::from((c.nodes[0].ipv4, 30201));
+            let backends = [&c.nodes[1].pods[0], &c.nodes[1].pods[1]];
+            Ok(vec![measure::tcp_gbps_via(
+                &ext.ns, &backends, target, 1, seconds,
+            )?])
+        },
+    )?;
+    metrics.push(Metric::new(
+        "nodeport_tcp_1_stream",
+        "Gbit/s",
+        r[0][0],
+        r[0][1],
+    ));
+    drop(servers);
+    println!();
+    print!("{}", report::table(&metrics));
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&metrics)?)?;
+        println!("results written to {}", path.display());
+    }
+    Ok(true)
+}
+
 /// The first pod of node 0 and of node 1.
 fn cross(c: &Cluster) -> Result<(&Pod, &Pod)> {
     Ok((
@@ -453,6 +578,11 @@ fn main() -> ExitCode {
                 routes: Vec::new(),
             },
         }),
+        Scenario::Services {
+            seconds,
+            repeat,
+            json,
+        } => services(seconds, repeat, json),
     };
     bench_env::cleanup::release_all();
     match outcome {

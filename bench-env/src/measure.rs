@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 /// Port the iperf3 servers listen on (inside pod namespaces, so never clashes).
-const IPERF_PORT: &str = "5201";
+const IPERF_PORT: u16 = 5201;
 
 /// Outcome of a connectivity matrix.
 #[derive(Debug, Default)]
@@ -63,15 +63,36 @@ pub fn connectivity(pods: &[Pod]) -> Matrix {
 /// Runs an iperf3 client in pod `client` against a one-shot server in pod `server`;
 /// returns the client's JSON report.
 fn iperf(client: &Pod, srv: &Pod, extra: &[&str]) -> Result<serde_json::Value> {
-    let _server = srv
-        .ns
-        .spawn(&["iperf3", "-s", "-1", "-p", IPERF_PORT], None)?;
-    let target = srv.ipv4.to_string();
-    let mut argv = vec!["iperf3", "-c", target.as_str(), "-p", IPERF_PORT, "-J"];
+    let target = std::net::SocketAddr::from((srv.ipv4, IPERF_PORT));
+    iperf_via(&client.ns, &[srv], target, extra)
+}
+
+/// Runs an iperf3 client in `client` against `target` (a pod, or a Service's address that
+/// leads to one of `servers`, each running a one-off iperf3 server on port 5201).
+fn iperf_via(
+    client: &Netns,
+    servers: &[&Pod],
+    target: std::net::SocketAddr,
+    extra: &[&str],
+) -> Result<serde_json::Value> {
+    let port = IPERF_PORT.to_string();
+    let _servers = servers
+        .iter()
+        .map(|srv| srv.ns.spawn(&["iperf3", "-s", "-1", "-p", &port], None))
+        .collect::<Result<Vec<_>>>()?;
+    let (addr, target_port) = (target.ip().to_string(), target.port().to_string());
+    let mut argv = vec![
+        "iperf3",
+        "-c",
+        addr.as_str(),
+        "-p",
+        target_port.as_str(),
+        "-J",
+    ];
     argv.extend(extra);
     let mut last = None;
     for _ in 0..20 {
-        let outcome = client.ns.exec(&argv).and_then(|out| {
+        let outcome = client.exec(&argv).and_then(|out| {
             let report: serde_json::Value = serde_json::from_str(&out)?;
             match report.get("error").and_then(|e| e.as_str()) {
                 Some(error) => Err(fail!("iperf3: {error}")),
@@ -90,17 +111,30 @@ fn iperf(client: &Pod, srv: &Pod, extra: &[&str]) -> Result<serde_json::Value> {
     Err(last.unwrap_or_else(|| fail!("iperf3 did not run")))
 }
 
+/// iperf3 TCP throughput, Gbit/s, from `client` to `target`, which leads to one of
+/// `servers` (through a Service, say).
+pub fn tcp_gbps_via(
+    client: &Netns,
+    servers: &[&Pod],
+    target: std::net::SocketAddr,
+    streams: usize,
+    seconds: u64,
+) -> Result<f64> {
+    let (p, t) = (streams.to_string(), seconds.to_string());
+    let report = iperf_via(client, servers, target, &["-P", &p, "-t", &t])?;
+    number(&report, &["end", "sum_received", "bits_per_second"])
+        .map(|bps| bps / 1e9)
+        .ok_or_else(|| fail!("iperf3 TCP report without end.sum_received: {report}"))
+}
+
 fn number(v: &serde_json::Value, path: &[&str]) -> Option<f64> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_f64()
 }
 
 /// iperf3 TCP throughput from `client` to `server` with `streams` parallel streams, Gbit/s.
 pub fn tcp_gbps(client: &Pod, server: &Pod, streams: usize, seconds: u64) -> Result<f64> {
-    let (p, t) = (streams.to_string(), seconds.to_string());
-    let report = iperf(client, server, &["-P", &p, "-t", &t])?;
-    number(&report, &["end", "sum_received", "bits_per_second"])
-        .map(|bps| bps / 1e9)
-        .ok_or_else(|| fail!("iperf3 TCP report without end.sum_received: {report}"))
+    let target = std::net::SocketAddr::from((server.ipv4, IPERF_PORT));
+    tcp_gbps_via(&client.ns, &[server], target, streams, seconds)
 }
 
 /// iperf3 UDP with 64-byte payloads at full speed: packets per second the receiver got.

@@ -364,6 +364,27 @@ fn client_ip_affinity_sends_every_connection_to_one_backend() {
             "{vip}: {answers:?}"
         );
     }
+    // The flows, as `get conntrack --service` lists them: one backend for all.
+    let (ok, text) = c.nodes[0]
+        .control(&[
+            "get",
+            "conntrack",
+            "--service",
+            "default/sticky",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+    assert!(ok, "{text}");
+    let flows: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert!(flows.len() >= 15, "{text}");
+    let v4: Vec<&str> = flows
+        .iter()
+        .filter_map(|f| f["backend"].as_str())
+        .filter(|b| !b.starts_with('['))
+        .collect();
+    assert!(v4.iter().all(|b| *b == v4[0]), "{v4:?}");
+    assert!(flows.iter().all(|f| f["service"]["name"] == "sticky"));
 }
 
 #[test]
@@ -535,4 +556,43 @@ fn external_traffic_policy_local_keeps_the_client_and_needs_a_local_endpoint() {
     );
     let drops = c.nodes[0].client().unwrap().stats().unwrap().drops;
     assert!(drops["service_no_local_endpoint"] >= 1);
+}
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
+fn a_backends_icmp_error_reaches_the_client_as_its_services() {
+    let c = cluster();
+    // Nothing listens on this pod: its kernel answers UDP with port unreachable, TCP with
+    // a reset.
+    let quiet = &c.nodes[1].pods[1];
+    publish(
+        &c,
+        "quiet",
+        ("10.96.0.16", "fd00:96::16"),
+        "",
+        &[ep(quiet, "node1")],
+    );
+    wait_served(&c, "quiet", &[quiet]);
+    let client = &c.nodes[0].pods[0];
+    for vip in ips(("10.96.0.16", "fd00:96::16")) {
+        let refused = run_in(&client.ns.path(), || {
+            let s = UdpSocket::bind(if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.connect((vip, 80))?;
+            s.send(b"?")?;
+            let mut buf = [0u8; 16];
+            Ok(s.recv(&mut buf).map(|_| ()))
+        })
+        .unwrap();
+        assert_eq!(
+            refused.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionRefused),
+            "{vip}: the UDP client learns at once that nothing listens"
+        );
+        let tcp = ask(&client.ns, vip).map(|_| ()).map_err(|e| e.kind());
+        assert_eq!(tcp, Err(std::io::ErrorKind::ConnectionRefused), "{vip}");
+    }
 }

@@ -254,6 +254,7 @@ fn segmentation(c: &mut Criterion) {
     );
     eth[14 + 9] = 6; // TCP
     eth[14 + 20 + 12] = 5 << 4; // data offset
+    eth[14 + 20 + 13] = 0x10; // ACK
     frame.extend_from_slice(&eth);
     let mut out = vec![0u8; 80_000];
     let mut g = c.benchmark_group("segment");
@@ -262,6 +263,25 @@ fn segmentation(c: &mut Criterion) {
         b.iter(|| {
             switchyard_dataplane::offload::segment::tcp(black_box(&frame), 8, &mut out).unwrap()
         })
+    });
+    // The other node's receive: the 45 segments as one UDP_GRO read returns them, each
+    // behind its VXLAN header, decapsulated and merged back into one super-frame.
+    let s = switchyard_dataplane::offload::segment::tcp(&frame, 8, &mut out).unwrap();
+    let mut wire = out[..s.total].to_vec();
+    for seg in wire.chunks_mut(s.stride) {
+        seg[..8].copy_from_slice(&[0x08, 0, 0, 0, 0, 0, 1, 0]);
+    }
+    let decap = switchyard_dataplane::offload::tunnel::Decapsulator {
+        encap: switchyard_dataplane::offload::tunnel::Encap::Vxlan { vni: 1, port: 4789 },
+        mac: switchyard_api::MacAddr([0x0e, 0xee, 0xee, 0, 0, 2]),
+        gateway: switchyard_api::MacAddr(GW),
+    };
+    let mut bufs: Vec<PacketBuf> = (0..4).map(|_| PacketBuf::new()).collect();
+    // The run merges into two frames: the first holds what fits in one 64 KiB IP packet.
+    let got = decap.deliver(&wire, s.stride, &mut bufs);
+    assert_eq!(got.frames, 2, "{got:?}");
+    g.bench_function("receive_vxlan_run_45", |b| {
+        b.iter(|| decap.deliver(black_box(&wire), s.stride, &mut bufs))
     });
     g.finish();
 }

@@ -339,6 +339,36 @@ pub fn render_services(services: &[ServiceStatus], wide: bool) -> String {
     table::render(&header, &rows)
 }
 
+/// `get conntrack --service`: the flows to a Service.
+pub fn render_service_flows(flows: &[switchyard_api::ServiceFlowEntry], wide: bool) -> String {
+    let mut header = vec!["PROTO", "CLIENT", "FRONTEND", "BACKEND", "STATE"];
+    if wide {
+        header.extend(["SERVICE", "IDLE"]);
+    }
+    let rows = flows
+        .iter()
+        .map(|f| {
+            let mut r = vec![
+                f.protocol.clone(),
+                f.client.clone(),
+                f.frontend.clone(),
+                f.backend.clone(),
+                f.state.clone(),
+            ];
+            if wide {
+                r.push(
+                    f.service
+                        .as_ref()
+                        .map_or_else(|| "-".into(), ToString::to_string),
+                );
+                r.push(format!("{}s", f.idle_s));
+            }
+            r
+        })
+        .collect::<Vec<_>>();
+    table::render(&header, &rows)
+}
+
 /// `ports`: every port the dataplane has.
 pub fn render_ports(ports: &[PortInfo]) -> String {
     table::render(
@@ -441,6 +471,7 @@ pub fn render_reply(reply: &Reply, all: bool) -> String {
         Reply::Nat(nat) => render_nat(nat.as_ref()),
         Reply::Conntrack(entries) => render_conntrack(entries, false),
         Reply::Services(list) => render_services(list, false),
+        Reply::ServiceFlows(flows) => render_service_flows(flows, false),
         Reply::Done => "done\n".into(),
     }
 }

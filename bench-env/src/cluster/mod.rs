@@ -177,7 +177,8 @@ pub fn pod_cidrs(i: usize) -> (String, String) {
     (format!("10.244.{i}.0/24"), format!("fd00:244:0:{i:x}::/64"))
 }
 
-const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The IPv4 cluster CIDR of the testbeds.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 const CLUSTER_CIDR_V6: &str = "fd00:244::/56";
 
 impl Cluster {

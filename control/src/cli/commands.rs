@@ -16,7 +16,17 @@ pub fn run(cli: Cli) -> ExitCode {
             what,
             pod,
             protocol,
-        } => get_command(&cli.api, *what, (*pod, protocol.clone()), cli.output),
+            service,
+        } => get_command(
+            &cli.api,
+            *what,
+            Filter {
+                pod: *pod,
+                protocol: protocol.clone(),
+                service: service.clone(),
+            },
+            cli.output,
+        ),
         Command::Check { peer_apis } => check_command(&cli.api, peer_apis, cli.output),
         Command::Run {
             node,
@@ -97,10 +107,17 @@ fn plan_command(node: &str, dir: &Path, format: Format) -> Result<ExitCode, Stri
     Ok(emit(format, &p, || views::render_plan(&p)))
 }
 
+/// What `get conntrack` lists.
+struct Filter {
+    pod: Option<std::net::Ipv4Addr>,
+    protocol: Option<String>,
+    service: Option<switchyard_api::ServiceKey>,
+}
+
 fn get_command(
     api: &Path,
     what: Resource,
-    filter: (Option<std::net::Ipv4Addr>, Option<String>),
+    filter: Filter,
     format: Format,
 ) -> Result<ExitCode, String> {
     let mut client = Client::connect(api).map_err(|e| e.to_string())?;
@@ -134,9 +151,17 @@ fn get_command(
             Reply::Nat(nat) => emit(format, &nat, || views::render_nat(nat.as_ref())),
             other => return Err(format!("unexpected answer: {other:?}")),
         },
+        Resource::Conntrack if filter.service.is_some() => match call(Request::ListServiceFlows {
+            service: filter.service,
+        })? {
+            Reply::ServiceFlows(flows) => {
+                emit(format, &flows, || views::render_service_flows(&flows, wide))
+            }
+            other => return Err(format!("unexpected answer: {other:?}")),
+        },
         Resource::Conntrack => match call(Request::ListConntrack {
-            pod: filter.0,
-            protocol: filter.1,
+            pod: filter.pod,
+            protocol: filter.protocol,
         })? {
             Reply::Conntrack(entries) => {
                 emit(format, &entries, || views::render_conntrack(&entries, wide))

@@ -96,6 +96,10 @@ pub enum Command {
         /// `get conntrack`: only this protocol (tcp, udp, icmp).
         #[arg(long)]
         protocol: Option<String>,
+        /// `get conntrack`: the flows to this Service (`NAMESPACE/NAME`) instead of the
+        /// masqueraded ones.
+        #[arg(long, value_parser = parse_service_key)]
+        service: Option<switchyard_api::ServiceKey>,
     },
     /// Run a connectivity matrix from inside this node's pods (to every pod known, this
     /// node and every peer node) and print a pass/fail table; exits non-zero on a failure.
@@ -183,6 +187,19 @@ pub enum RouteCommand {
         /// Destination prefix.
         dst: IpNet,
     },
+}
+
+/// `NAMESPACE/NAME`.
+fn parse_service_key(text: &str) -> Result<switchyard_api::ServiceKey, String> {
+    match text.split_once('/') {
+        Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() => {
+            Ok(switchyard_api::ServiceKey {
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+        }
+        _ => Err(format!("{text:?} is not NAMESPACE/NAME")),
+    }
 }
 
 /// The one request a dataplane command sends; an error says what is missing, or that the

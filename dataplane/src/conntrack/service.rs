@@ -278,6 +278,13 @@ impl ServiceFlows {
         Some(flow)
     }
 
+    /// The flow whose reply tuple is `reply`, without counting it as a packet of the flow
+    /// (for an ICMP error about it).
+    pub fn answering(&self, reply: &FlowKey) -> Option<Arc<ServiceFlow>> {
+        let flow = self.shard(reply).get(reply)?.clone();
+        (flow.reply_key() == *reply).then_some(flow)
+    }
+
     /// The backend `client` was given on `service_port` within the last `timeout_ns`
     /// (ClientIP affinity), if still listed by `valid`.
     pub fn affinity(

@@ -45,11 +45,16 @@ pub fn l4_of(l3: &[u8]) -> Option<L4> {
     if ip.is_later_fragment() {
         return None;
     }
-    let protocol = ip.protocol();
+    ports_in(ip.protocol(), ip.rest())
+}
+
+/// The ports of the transport header `l4` of `protocol`, if it is translatable.
+#[inline]
+fn ports_in(protocol: u8, l4: &[u8]) -> Option<L4> {
     match protocol {
         // TCP and UDP both start with the two ports.
         ipv4::PROTO_TCP | ipv4::PROTO_UDP => {
-            let ports = UdpPacket::new_checked(ip.rest()).ok()?;
+            let ports = UdpPacket::new_checked(l4).ok()?;
             Some(L4 {
                 protocol,
                 src_port: ports.src_port(),
@@ -57,7 +62,7 @@ pub fn l4_of(l3: &[u8]) -> Option<L4> {
             })
         }
         ipv4::PROTO_ICMP => {
-            let icmp = IcmpPacket::new_checked(ip.rest()).ok()?;
+            let icmp = IcmpPacket::new_checked(l4).ok()?;
             icmp.is_v4_echo().then(|| L4 {
                 protocol,
                 src_port: icmp.echo_ident(),
@@ -82,19 +87,22 @@ pub fn translate_address(l3: &mut [u8], side: Side, addr: Ipv4Addr) -> Option<Ip
 /// the IPv4 packet `l3`. `partial`: the L4 checksum is still partial (`F_NEEDS_CSUM`).
 /// Returns false (and changes nothing) when the packet is not translatable.
 pub fn translate(l3: &mut [u8], side: Side, addr: Ipv4Addr, port: u16, partial: bool) -> bool {
-    let Some(ports) = l4_of(l3) else {
-        return false;
-    };
     let Ok(mut ip) = Ipv4Header::new_checked(&mut *l3) else {
         return false;
     };
+    let protocol = ip.protocol();
+    let l4_len = ip.rest().len();
+    if ip.is_later_fragment() || ports_in(protocol, ip.rest()).is_none() {
+        return false;
+    }
     let old_addr = match side {
         Side::Source => ip.set_src(addr),
         Side::Destination => ip.set_dst(addr),
     };
-    let l4_len = ip.rest().len();
-    let l4 = &mut ip.split_mut().1[..l4_len];
-    if ports.protocol == ipv4::PROTO_ICMP {
+    let Some(l4) = ip.split_mut().1.get_mut(..l4_len) else {
+        return false;
+    };
+    if protocol == ipv4::PROTO_ICMP {
         // ICMP echo: no pseudo-header; only the identifier is covered.
         if let Ok(mut icmp) = IcmpPacket::new_checked(l4) {
             let old_id = icmp.echo_ident();
@@ -106,7 +114,7 @@ pub fn translate(l3: &mut [u8], side: Side, addr: Ipv4Addr, port: u16, partial: 
     }
     translate_l4(
         l4,
-        ports.protocol,
+        protocol,
         side,
         (&old_addr.octets(), &addr.octets()),
         port,
@@ -115,10 +123,10 @@ pub fn translate(l3: &mut [u8], side: Side, addr: Ipv4Addr, port: u16, partial: 
     true
 }
 
-/// The TCP or UDP ports of the IPv6 packet `l3` (no extension header). `None` for anything
-/// else.
+/// The TCP or UDP ports of the IPv6 packet `l3` (no extension header; whole or quoted).
+/// `None` for anything else.
 pub fn l4_of_v6(l3: &[u8]) -> Option<L4> {
-    let ip = Ipv6Packet::new_checked(l3).ok()?;
+    let ip = Ipv6Packet::new_quoted(l3).ok()?;
     let protocol = ip.next_header();
     if protocol != ipv4::PROTO_TCP && protocol != ipv4::PROTO_UDP {
         return None;
@@ -136,7 +144,7 @@ pub fn translate_v6(l3: &mut [u8], side: Side, addr: Ipv6Addr, port: u16, partia
     let Some(ports) = l4_of_v6(l3) else {
         return false;
     };
-    let Ok(mut ip) = Ipv6Packet::new_checked(&mut *l3) else {
+    let Ok(mut ip) = Ipv6Packet::new_quoted(&mut *l3) else {
         return false;
     };
     let old_addr = match side {
@@ -164,6 +172,7 @@ pub fn translate_ip(l3: &mut [u8], side: Side, addr: IpAddr, port: u16, partial:
 
 /// Sets `side`'s port of the TCP or UDP header `l4` and updates its checksum for that and
 /// for the pseudo-header's address change `(old, new)` (4 or 16 bytes each).
+#[inline]
 fn translate_l4(
     l4: &mut [u8],
     protocol: u8,
@@ -209,6 +218,7 @@ fn translate_l4(
 }
 
 /// Sets `side`'s TCP port; returns the old one.
+#[inline]
 fn set_port(tcp: &mut TcpPacket<&mut [u8]>, side: Side, port: u16) -> u16 {
     match side {
         Side::Source => {
@@ -225,6 +235,7 @@ fn set_port(tcp: &mut TcpPacket<&mut [u8]>, side: Side, port: u16) -> u16 {
 }
 
 /// Sets `side`'s UDP port (or a quoted TCP header's); returns the old one.
+#[inline]
 fn set_udp_port(udp: &mut UdpPacket<&mut [u8]>, side: Side, port: u16) -> u16 {
     match side {
         Side::Source => {

@@ -18,7 +18,9 @@
 //!   its address under `Local`, which serves only this node's endpoints (and drops the
 //!   client when there is none here). External IPs are served the same way;
 //! * a frontend with no usable endpoint refuses the client at once with ICMP port
-//!   unreachable ("connection refused"), as kube-proxy's REJECT does.
+//!   unreachable ("connection refused"), as kube-proxy's REJECT does;
+//! * an ICMP error about a Service flow (a backend's port unreachable, a router's
+//!   fragmentation needed) reaches the client as if its frontend had sent it.
 //!
 //! Translation happens on the client's node only: packets from other nodes are already
 //! addressed to their backend. Checksums are updated incrementally, partial ones kept
@@ -30,7 +32,8 @@ use crate::conntrack::service::{FlowKey, Frontend, Refusal, ServiceFlows};
 use crate::conntrack::FxBuild;
 use crate::tables::services::ServiceTable;
 use crate::tables::PortRole;
-use crate::wire::{ipv4, Ipv4Header, Ipv6Packet, TcpPacket};
+use crate::wire::icmp::{self, IcmpPacket};
+use crate::wire::{checksum, ipv4, ipv6, Ipv4Header, Ipv6Packet, TcpPacket};
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 
@@ -51,30 +54,19 @@ pub(super) enum Step {
 
 /// The flow's tuple, and the TCP flags, of an IPv4 or IPv6 TCP/UDP packet `l3`.
 fn flow_of(l3: &[u8], v6: bool) -> Option<(FlowKey, Option<u8>)> {
-    let (ports, src, dst, l4): (_, IpAddr, IpAddr, &[u8]) = if v6 {
-        let ip = Ipv6Packet::new_checked(l3).ok()?;
-        (
-            l4_of_v6(l3)?,
-            ip.src().into(),
-            ip.dst().into(),
-            &l3[40..ip.total_len()],
-        )
+    let key = flow_key(l3, v6)?;
+    let l4_at = if v6 {
+        ipv6::HEADER_LEN
     } else {
-        let ip = Ipv4Header::new_checked(l3).ok()?;
-        let ports = l4_of(l3).filter(|p| p.protocol != ipv4::PROTO_ICMP)?;
-        let rest = l3.get(ip.header_len()..).unwrap_or_default();
-        (ports, ip.src().into(), ip.dst().into(), rest)
+        Ipv4Header::new_checked(l3).ok()?.header_len()
     };
-    let flags = (ports.protocol == ipv4::PROTO_TCP)
-        .then(|| TcpPacket::new_checked(l4).ok().map(|t| t.flags()))
+    let flags = (key.protocol == ipv4::PROTO_TCP)
+        .then(|| {
+            TcpPacket::new_checked(l3.get(l4_at..)?)
+                .ok()
+                .map(|t| t.flags())
+        })
         .flatten();
-    let key = FlowKey {
-        protocol: ports.protocol,
-        src,
-        src_port: ports.src_port,
-        dst,
-        dst_port: ports.dst_port,
-    };
     Some((key, flags))
 }
 
@@ -82,6 +74,133 @@ fn flow_of(l3: &[u8], v6: bool) -> Option<(FlowKey, Option<u8>)> {
 fn flow_hash(key: &FlowKey) -> u64 {
     let x = FxBuild::default().hash_one(key);
     x ^ (x >> 31)
+}
+
+/// An ICMP or ICMPv6 error about a packet of a Service flow, as the backend side sent it
+/// (from `seen_as` to the backend): its quote gets the client's view back (the frontend as
+/// destination, the client as source), the error its outer addresses (from the frontend
+/// when the backend sent it, to the client), and its checksum; the client's kernel then
+/// matches it to its socket ("connection refused" for a UDP port nothing listens on,
+/// a smaller path MTU, ...). False when it is about no Service flow.
+fn icmp_error(flows: &ServiceFlows, l3: &mut [u8], v6: bool) -> bool {
+    let (header_len, outer_src) = if v6 {
+        let Ok(ip) = Ipv6Packet::new_checked(&*l3) else {
+            return false;
+        };
+        if ip.next_header() != ipv6::NEXT_ICMPV6 {
+            return false;
+        }
+        (ipv6::HEADER_LEN, IpAddr::V6(ip.src()))
+    } else {
+        let Ok(ip) = Ipv4Header::new_checked(&*l3) else {
+            return false;
+        };
+        if ip.protocol() != ipv4::PROTO_ICMP {
+            return false;
+        }
+        (ip.header_len(), IpAddr::V4(ip.src()))
+    };
+    let Some(kind) = l3.get(header_len).copied() else {
+        return false;
+    };
+    let is_error = if v6 {
+        icmp::is_v6_error(kind)
+    } else {
+        icmp::is_v4_error(kind)
+    };
+    let quote_at = header_len + icmp::HEADER_LEN;
+    if !is_error || l3.len() <= quote_at {
+        return false;
+    }
+    let Some(quoted) = flow_key(&l3[quote_at..], v6) else {
+        return false;
+    };
+    let reply = FlowKey {
+        protocol: quoted.protocol,
+        src: quoted.dst,
+        src_port: quoted.dst_port,
+        dst: quoted.src,
+        dst_port: quoted.src_port,
+    };
+    let Some(flow) = flows.answering(&reply) else {
+        return false;
+    };
+    let front = flow.original;
+    let quote = &mut l3[quote_at..];
+    translate_ip(quote, Side::Destination, front.dst, front.dst_port, false);
+    if flow.source_translated() {
+        translate_ip(quote, Side::Source, front.src, front.src_port, false);
+    }
+    if outer_src == flow.backend.0 {
+        set_address(l3, v6, Side::Source, front.dst);
+    }
+    if flow.source_translated() {
+        set_address(l3, v6, Side::Destination, front.src);
+    }
+    refresh_icmp_checksum(l3, header_len, v6);
+    true
+}
+
+/// The tuple of a TCP or UDP packet, whole or quoted in an ICMP error (which may carry only
+/// its start).
+fn flow_key(quote: &[u8], v6: bool) -> Option<FlowKey> {
+    let (ports, src, dst): (_, IpAddr, IpAddr) = if v6 {
+        let ip = Ipv6Packet::new_quoted(quote).ok()?;
+        (l4_of_v6(quote)?, ip.src().into(), ip.dst().into())
+    } else {
+        let ip = Ipv4Header::new_checked(quote).ok()?;
+        let ports = l4_of(quote).filter(|p| p.protocol != ipv4::PROTO_ICMP)?;
+        (ports, ip.src().into(), ip.dst().into())
+    };
+    Some(FlowKey {
+        protocol: ports.protocol,
+        src,
+        src_port: ports.src_port,
+        dst,
+        dst_port: ports.dst_port,
+    })
+}
+
+/// Sets one of the outer addresses of the IP packet `l3` (IPv4: with its header checksum).
+fn set_address(l3: &mut [u8], v6: bool, side: Side, addr: IpAddr) {
+    match (v6, addr) {
+        (false, IpAddr::V4(a)) => {
+            if let Ok(mut ip) = Ipv4Header::new_checked(l3) {
+                match side {
+                    Side::Source => ip.set_src(a),
+                    Side::Destination => ip.set_dst(a),
+                };
+            }
+        }
+        (true, IpAddr::V6(a)) => {
+            if let Ok(mut ip) = Ipv6Packet::new_checked(l3) {
+                match side {
+                    Side::Source => ip.set_src(a),
+                    Side::Destination => ip.set_dst(a),
+                };
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Recomputes the ICMP (no pseudo-header) or ICMPv6 (with one) checksum of the message
+/// after `header_len` bytes of IP header in `l3`.
+fn refresh_icmp_checksum(l3: &mut [u8], header_len: usize, v6: bool) {
+    let len = l3.len() - header_len;
+    let pseudo = if v6 {
+        checksum::pseudo_header_of(l3, ipv6::NEXT_ICMPV6, len as u32)
+    } else {
+        0
+    };
+    let Ok(mut message) = IcmpPacket::new_checked(&mut l3[header_len..]) else {
+        return;
+    };
+    message.set_checksum(0);
+    let sum = checksum::finish(checksum::accumulate(pseudo, &l3[header_len..]));
+    if let Ok(mut message) = IcmpPacket::new_checked(&mut l3[header_len..]) {
+        message.set_checksum(sum);
+    }
 }
 
 /// Runs the stage over the IP packet `l3` that arrived on a port of role `from`.
@@ -95,7 +214,11 @@ pub(super) fn before_routing(
     now_ns: u64,
 ) -> Step {
     let Some((key, flags)) = flow_of(l3, v6) else {
-        return Step::Untouched;
+        return if icmp_error(flows, l3, v6) {
+            Step::FromFrontend
+        } else {
+            Step::Untouched
+        };
     };
     if services.is_backend(key.src, key.protocol, key.src_port) {
         if let Some(flow) = flows.reply(&key, flags, now_ns) {

@@ -865,20 +865,23 @@ mod service_stage {
             kind: "ClusterIP".into(),
             cluster_ips: vips.iter().map(|v| v.parse().unwrap()).collect(),
             external_ips: Vec::new(),
-            ports: vec![ServicePort {
-                name: "http".into(),
-                protocol: "TCP".into(),
-                port: 80,
-                node_port: None,
-                endpoints: endpoints
-                    .iter()
-                    .map(|e| Endpoint {
-                        address: e.parse().unwrap(),
-                        port: 8080,
-                        local: true,
-                    })
-                    .collect(),
-            }],
+            ports: ["TCP", "UDP"]
+                .into_iter()
+                .map(|protocol| ServicePort {
+                    name: protocol.to_lowercase(),
+                    protocol: protocol.into(),
+                    port: 80,
+                    node_port: None,
+                    endpoints: endpoints
+                        .iter()
+                        .map(|e| Endpoint {
+                            address: e.parse().unwrap(),
+                            port: 8080,
+                            local: true,
+                        })
+                        .collect(),
+                })
+                .collect(),
             affinity_timeout_s: affinity,
             external_local: false,
             internal_local: false,
@@ -1157,5 +1160,39 @@ mod service_stage {
         let (v, out) = from_a(&t, tcp(A, 40001, NODE, 30081, 0x02));
         assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
         assert_eq!(seen(&out).2, ip("10.244.1.9"));
+    }
+
+    #[test]
+    fn a_backends_port_unreachable_reaches_the_client_from_the_cluster_ip() {
+        let t = tables();
+        // A's UDP datagram to web's cluster IP goes to B:8080 ...
+        let mut udp = vec![0x9c, 0x40, 0, 80, 0, 10, 0, 0, b'h', b'i'];
+        let sum = {
+            let p = ipv4_packet([10, 244, 0, 5], [10, 96, 0, 10], 64, true, 17, &udp);
+            checksum::finish(checksum::accumulate(
+                checksum::pseudo_header_of(&p, 17, 10),
+                &p[20..],
+            ))
+        };
+        udp[6..8].copy_from_slice(&sum.to_be_bytes());
+        let sent = ipv4_packet([10, 244, 0, 5], [10, 96, 0, 10], 64, true, 17, &udp);
+        let (v, out) = from_a(&t, sent);
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        // ... where nothing listens: B's kernel quotes what it got.
+        let got = out[14..].to_vec();
+        let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&got);
+        let sum = checksum::checksum(&icmp);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        let error = ipv4_packet([10, 244, 0, 6], [10, 244, 0, 5], 64, false, 1, &icmp);
+        let (v, out) = from_b(&t, error);
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        let l3 = &out[14..];
+        assert_eq!(&l3[12..16], &[10, 96, 0, 10], "from the cluster IP");
+        assert_eq!(checksum::checksum(&l3[20..]), 0, "ICMP checksum");
+        let quote = &l3[28..];
+        assert_eq!(&quote[16..20], &[10, 96, 0, 10], "the quote as A sent it");
+        assert_eq!(&quote[22..24], &80u16.to_be_bytes());
+        assert_eq!(checksum::checksum(&quote[..20]), 0);
     }
 }

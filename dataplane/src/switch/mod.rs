@@ -179,6 +179,7 @@ impl Switch {
                 maglev_table_size,
             } => self.apply_services(upsert, &remove, replace, maglev_table_size),
             Request::ListServices => Ok(self.list_services()),
+            Request::ListServiceFlows { service } => Ok(self.service_flows(service.as_ref())),
         }
     }
 

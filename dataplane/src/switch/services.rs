@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 use switchyard_api::{
-    ApiError, ErrorCode, NodeSpec, Reply, ServiceKey, ServiceSpec, ServiceStatus,
+    ApiError, ErrorCode, NodeSpec, Reply, ServiceFlowEntry, ServiceKey, ServiceSpec, ServiceStatus,
 };
 
 /// The Services in force and the largest Maglev table.
@@ -122,6 +122,37 @@ impl Switch {
                 .map(|spec| ServiceStatus {
                     maglev_table_sizes: table.table_sizes(&spec.key()),
                     spec: spec.clone(),
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Switch {
+    /// The flows to Services (of `service` only, when given).
+    pub(super) fn service_flows(&self, service: Option<&ServiceKey>) -> Reply {
+        let tables = self.tables();
+        let socket = |a: IpAddr, p: u16| std::net::SocketAddr::from((a, p)).to_string();
+        Reply::ServiceFlows(
+            tables
+                .service_flows
+                .flows(crate::worker::monotonic_ns())
+                .into_iter()
+                .map(|f| (tables.services.service_of(f.service_port).cloned(), f))
+                .filter(|(key, _)| service.is_none_or(|s| key.as_ref() == Some(s)))
+                .map(|(key, f)| ServiceFlowEntry {
+                    service: key,
+                    protocol: if f.original.protocol == 6 {
+                        "tcp"
+                    } else {
+                        "udp"
+                    }
+                    .into(),
+                    client: socket(f.original.src, f.original.src_port),
+                    frontend: socket(f.original.dst, f.original.dst_port),
+                    backend: socket(f.backend.0, f.backend.1),
+                    state: f.state.name().into(),
+                    idle_s: f.idle_s,
                 })
                 .collect(),
         )

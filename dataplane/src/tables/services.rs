@@ -274,6 +274,11 @@ impl ServiceTable {
         !self.backends.is_empty() && self.backends.contains(&(src, protocol, port))
     }
 
+    /// The Service a port id belongs to.
+    pub fn service_of(&self, id: u64) -> Option<&ServiceKey> {
+        self.entries.iter().find(|e| e.id == id).map(|e| &e.service)
+    }
+
     /// The Maglev table sizes of a Service's ports, one per (port, family) served.
     pub fn table_sizes(&self, key: &ServiceKey) -> Vec<u32> {
         self.entries

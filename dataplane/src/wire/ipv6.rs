@@ -68,9 +68,24 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
         addr_at(self.buf.as_ref(), 24)
     }
 
-    /// The payload, up to the declared length.
+    /// Wraps `buf` after checking only the version and the fixed header: for a packet
+    /// quoted in an ICMPv6 error, which may carry only the start of the original. The
+    /// payload accessors then stop at the end of the buffer.
+    pub fn new_quoted(buf: T) -> Result<Self, WireError> {
+        let b = buf.as_ref();
+        if b.len() < HEADER_LEN {
+            return Err(WireError::Truncated);
+        }
+        if b[0] >> 4 != 6 {
+            return Err(WireError::Malformed);
+        }
+        Ok(Self { buf })
+    }
+
+    /// The payload, up to the declared length (or the end of a quoted packet's buffer).
     pub fn payload(&self) -> &[u8] {
-        &self.buf.as_ref()[HEADER_LEN..self.total_len()]
+        let b = self.buf.as_ref();
+        &b[HEADER_LEN..self.total_len().min(b.len())]
     }
 }
 
@@ -98,7 +113,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
 
     /// The payload, mutable.
     pub fn payload_mut(&mut self) -> &mut [u8] {
-        let end = self.total_len();
+        let end = self.total_len().min(self.buf.as_ref().len());
         &mut self.buf.as_mut()[HEADER_LEN..end]
     }
 }
