@@ -369,22 +369,27 @@ pub fn conn_rate(
     seconds: u64,
 ) -> Result<f64> {
     let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let path = client.path();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (done, stop, path) = (done.clone(), stop.clone(), path.clone());
+            let (done, failed, stop, path) =
+                (done.clone(), failed.clone(), stop.clone(), path.clone());
             std::thread::spawn(move || {
                 let _ = run_in(&path, || {
                     let mut byte = [b'x'];
                     while !stop.load(Ordering::Relaxed) {
                         let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_secs(1))
                         else {
+                            failed.fetch_add(1, Ordering::Relaxed);
                             continue;
                         };
                         let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
                         if s.write_all(&byte).is_ok() && s.read_exact(&mut byte).is_ok() {
                             done.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            failed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     Ok(())
@@ -402,6 +407,10 @@ pub fn conn_rate(
     }
     if count == 0 {
         return Err(fail!("no connection to {target} completed"));
+    }
+    let failed = failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        eprintln!("({failed} connections to {target} failed or timed out)");
     }
     Ok(count as f64 / elapsed)
 }

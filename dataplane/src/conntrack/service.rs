@@ -64,6 +64,27 @@ pub struct Frontend {
     pub port: u16,
 }
 
+/// What a packet of a flow needs to be translated: a copy, taken under the shard's lock,
+/// so that the fast path touches no reference count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translation {
+    /// The tuple as the client sent it.
+    pub original: FlowKey,
+    /// The backend.
+    pub backend: (IpAddr, u16),
+    /// The source address the backend sees.
+    pub seen_as: IpAddr,
+    /// The source port the backend sees.
+    pub seen_port: u16,
+}
+
+impl Translation {
+    /// True when the backend sees another source than the client.
+    pub fn source_translated(&self) -> bool {
+        self.seen_as != self.original.src || self.seen_port != self.original.src_port
+    }
+}
+
 /// A flow to a Service.
 #[derive(Debug)]
 pub struct ServiceFlow {
@@ -105,7 +126,17 @@ impl ServiceFlow {
     /// True when the backend sees another source than the client (hairpin, a node port's
     /// client shown as the node, or another source port).
     pub fn source_translated(&self) -> bool {
-        self.seen_as != self.original.src || self.seen_port != self.original.src_port
+        self.translation().source_translated()
+    }
+
+    /// What its packets need.
+    pub fn translation(&self) -> Translation {
+        Translation {
+            original: self.original,
+            backend: self.backend,
+            seen_as: self.seen_as,
+            seen_port: self.seen_port,
+        }
     }
 }
 
@@ -185,10 +216,11 @@ impl ServiceFlows {
         original: &FlowKey,
         tcp_flags: Option<u8>,
         now_ns: u64,
-    ) -> Option<Arc<ServiceFlow>> {
-        let flow = self.shard(original).get(original)?.clone();
+    ) -> Option<Translation> {
+        let map = self.shard(original);
+        let flow = map.get(original)?;
         flow.life.touch(now_ns, tcp_flags, false);
-        Some(flow)
+        Some(flow.translation())
     }
 
     /// Opens the flow of `original` to `backend` (or finds the one another worker opened
@@ -202,7 +234,7 @@ impl ServiceFlows {
         service_port: u64,
         tcp_flags: Option<u8>,
         now_ns: u64,
-    ) -> Result<Arc<ServiceFlow>, Refusal> {
+    ) -> Result<Translation, Refusal> {
         if self.flows.load(Ordering::Relaxed) >= self.limit {
             return Err(Refusal::TableFull);
         }
@@ -233,10 +265,8 @@ impl ServiceFlows {
             let mut replies = self.shard(&reply);
             match replies.get(&reply) {
                 Some(other) if other.original == original => {
-                    let other = other.clone();
-                    drop(replies);
                     other.life.touch(now_ns, tcp_flags, false);
-                    return Ok(other);
+                    return Ok(other.translation());
                 }
                 Some(_) => continue,
                 None => {
@@ -250,17 +280,18 @@ impl ServiceFlows {
         if let Some(other) = originals.get(&original) {
             // Another worker opened the same flow with another backend meanwhile: keep
             // its, undo ours.
-            let other = other.clone();
+            other.life.touch(now_ns, tcp_flags, false);
+            let kept = other.translation();
             drop(originals);
             self.shard(&reply).remove(&reply);
-            other.life.touch(now_ns, tcp_flags, false);
-            return Ok(other);
+            return Ok(kept);
         }
-        originals.insert(original, flow.clone());
+        flow.life.touch(now_ns, tcp_flags, false);
+        let opened = flow.translation();
+        originals.insert(original, flow);
         drop(originals);
         self.flows.fetch_add(1, Ordering::Relaxed);
-        flow.life.touch(now_ns, tcp_flags, false);
-        Ok(flow)
+        Ok(opened)
     }
 
     /// A packet from a backend: the flow it answers, if any.
@@ -269,20 +300,22 @@ impl ServiceFlows {
         reply: &FlowKey,
         tcp_flags: Option<u8>,
         now_ns: u64,
-    ) -> Option<Arc<ServiceFlow>> {
-        let flow = self.shard(reply).get(reply)?.clone();
+    ) -> Option<Translation> {
+        let map = self.shard(reply);
+        let flow = map.get(reply)?;
         if flow.reply_key() != *reply {
             return None;
         }
         flow.life.touch(now_ns, tcp_flags, true);
-        Some(flow)
+        Some(flow.translation())
     }
 
     /// The flow whose reply tuple is `reply`, without counting it as a packet of the flow
     /// (for an ICMP error about it).
-    pub fn answering(&self, reply: &FlowKey) -> Option<Arc<ServiceFlow>> {
-        let flow = self.shard(reply).get(reply)?.clone();
-        (flow.reply_key() == *reply).then_some(flow)
+    pub fn answering(&self, reply: &FlowKey) -> Option<Translation> {
+        let map = self.shard(reply);
+        let flow = map.get(reply)?;
+        (flow.reply_key() == *reply).then(|| flow.translation())
     }
 
     /// The backend `client` was given on `service_port` within the last `timeout_ns`
@@ -417,7 +450,7 @@ mod tests {
         let reply = key("10.244.1.7", 8080, "10.244.0.5", 40000);
         let r = t.reply(&reply, Some(0x12), 3).unwrap();
         assert_eq!(r.original, c);
-        assert_eq!(r.state(), State::Established);
+        assert_eq!(t.flows(3)[0].state, State::Established);
         assert!(t
             .reply(&key("10.244.1.7", 8080, "10.244.0.5", 40001), None, 3)
             .is_none());

@@ -241,7 +241,11 @@ impl Switch {
         let masquerade = self.masquerading(state.builder.masquerade(), &spec);
         state.builder.set_masquerade(Some(masquerade));
         // Node ports are served on the node addresses the settings name.
-        let services = state.services.table(Some(&spec));
+        // (Their compiled ports do not depend on the node: all are reused.)
+        let previous = state.builder.services().clone();
+        let services = state
+            .services
+            .table(Some(&spec), Some((&previous, &Default::default())));
         state.builder.set_services(services);
 
         let ports = NodePorts {

@@ -5,7 +5,7 @@
 use super::{invalid, State, Switch};
 use crate::tables::maglev;
 use crate::tables::services::{protocol_number, NodeAddresses, ServiceTable};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use switchyard_api::{
@@ -21,8 +21,13 @@ pub(super) struct Services {
 
 impl Services {
     /// The Service table for a node with settings `node` (none yet: node ports are served
-    /// on no address).
-    pub(super) fn table(&self, node: Option<&NodeSpec>) -> Arc<ServiceTable> {
+    /// on no address), compiling again only the Services in `changed` when `previous`
+    /// (built from the same table size) is given.
+    pub(super) fn table(
+        &self,
+        node: Option<&NodeSpec>,
+        previous: Option<(&ServiceTable, &HashSet<ServiceKey>)>,
+    ) -> Arc<ServiceTable> {
         let mut addresses = NodeAddresses::default();
         if let Some(spec) = node {
             addresses.own_v4 = Some(IpAddr::V4(spec.underlay));
@@ -34,8 +39,17 @@ impl Services {
                 addresses.all.extend(peer.addresses.iter().copied());
             }
         }
-        let max = self.max_table.unwrap_or(maglev::DEFAULT_MAX_SIZE);
-        Arc::new(ServiceTable::build(self.specs.values(), max, &addresses))
+        Arc::new(ServiceTable::rebuild(
+            self.specs.values(),
+            self.max(),
+            &addresses,
+            previous,
+        ))
+    }
+
+    /// The largest Maglev table.
+    fn max(&self) -> u32 {
+        self.max_table.unwrap_or(maglev::DEFAULT_MAX_SIZE)
     }
 }
 
@@ -93,15 +107,25 @@ impl Switch {
         for key in remove {
             specs.remove(key);
         }
+        let upsert_keys: Vec<ServiceKey> = upsert.iter().map(ServiceSpec::key).collect();
         for s in upsert {
             specs.insert(s.key(), s);
         }
         check_frontends(&specs)?;
+        let changed: HashSet<ServiceKey> = upsert_keys
+            .into_iter()
+            .chain(remove.iter().cloned())
+            .collect();
+        let before = state.services.max();
         state.services = Services {
             specs,
             max_table: max_table.or(state.services.max_table),
         };
-        let table = state.services.table(state.node.as_ref().map(|n| n.spec()));
+        let previous = state.builder.services().clone();
+        let reuse = (!replace && state.services.max() == before).then_some((&*previous, &changed));
+        let table = state
+            .services
+            .table(state.node.as_ref().map(|n| n.spec()), reuse);
         state.builder.set_services(table.clone());
         self.publish(&mut state);
         forget_stale_udp_flows(&state, &table);

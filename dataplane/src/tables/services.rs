@@ -81,6 +81,70 @@ pub struct ServicePortEntry {
     pub internal_local: bool,
     /// Node-port and external-IP clients reach only local endpoints.
     pub external_local: bool,
+    /// IP protocol.
+    pub protocol: u8,
+    /// The virtual port.
+    pub port: u16,
+    /// The node port, if any.
+    pub node_port: Option<u16>,
+    /// IPv6 (else IPv4).
+    pub v6: bool,
+    /// The virtual addresses of this family (cluster and external IPs).
+    pub frontends: Vec<IpAddr>,
+}
+
+/// The entries of one Service: one per port and address family served.
+fn entries_of(s: &ServiceSpec, max_table: u32) -> Vec<Arc<ServicePortEntry>> {
+    let key = s.key();
+    let vips: Vec<IpAddr> = s
+        .cluster_ips
+        .iter()
+        .chain(&s.external_ips)
+        .copied()
+        .collect();
+    let mut out = Vec::new();
+    for port in &s.ports {
+        let Some(protocol) = protocol_number(&port.protocol) else {
+            continue;
+        };
+        for v6 in [false, true] {
+            let family: Vec<_> = port
+                .endpoints
+                .iter()
+                .filter(|e| e.address.is_ipv6() == v6)
+                .collect();
+            let frontends: Vec<IpAddr> =
+                vips.iter().copied().filter(|a| a.is_ipv6() == v6).collect();
+            if frontends.is_empty() && (port.node_port.is_none() || family.is_empty()) {
+                continue;
+            }
+            let backends = |local_only: bool| {
+                let list = family
+                    .iter()
+                    .filter(|e| e.local || !local_only)
+                    .map(|e| (e.address, e.port))
+                    .collect();
+                Backends::new(list, max_table)
+            };
+            out.push(Arc::new(ServicePortEntry {
+                id: port_id(&key, &port.name, protocol, port.port, v6),
+                service: key.clone(),
+                all: backends(false),
+                local: backends(true),
+                affinity_ns: s
+                    .affinity_timeout_s
+                    .map(|secs| u64::from(secs) * 1_000_000_000),
+                internal_local: s.internal_local,
+                external_local: s.external_local,
+                protocol,
+                port: port.port,
+                node_port: port.node_port,
+                v6,
+                frontends,
+            }));
+        }
+    }
+    out
 }
 
 impl ServicePortEntry {
@@ -109,6 +173,7 @@ pub struct ServiceTable {
     node_ports: Map<(bool, u8, u16), Arc<ServicePortEntry>>,
     backends: HashSet<(IpAddr, u8, u16), crate::conntrack::FxBuild>,
     entries: Vec<Arc<ServicePortEntry>>,
+    by_service: HashMap<ServiceKey, Vec<Arc<ServicePortEntry>>>,
     /// Every node's addresses: a node port is served on each of them.
     nodes: HashSet<IpAddr>,
     /// This node's own addresses (IPv4, IPv6): the source of node-port clients' packets
@@ -135,74 +200,53 @@ impl ServiceTable {
         max_table: u32,
         nodes: &NodeAddresses,
     ) -> Self {
+        Self::rebuild(services, max_table, nodes, None)
+    }
+
+    /// [`ServiceTable::build`], reusing the compiled ports (Maglev tables included) of
+    /// every Service of `previous` whose key is not in `changed`: a change to one Service
+    /// among thousands compiles that one only. `previous` must have been built with the same
+    /// `max_table`.
+    pub fn rebuild<'a>(
+        services: impl IntoIterator<Item = &'a ServiceSpec>,
+        max_table: u32,
+        nodes: &NodeAddresses,
+        previous: Option<(&ServiceTable, &HashSet<ServiceKey>)>,
+    ) -> Self {
         let mut t = Self {
             nodes: nodes.all.iter().copied().collect(),
             own: (nodes.own_v4, nodes.own_v6),
             ..Self::default()
         };
         for s in services {
-            let vips: Vec<IpAddr> = s
-                .cluster_ips
-                .iter()
-                .chain(&s.external_ips)
-                .copied()
-                .collect();
+            let key = s.key();
+            let reused = previous
+                .filter(|(_, changed)| !changed.contains(&key))
+                .and_then(|(prev, _)| prev.by_service.get(&key));
+            let entries = match reused {
+                Some(entries) => entries.clone(),
+                None => entries_of(s, max_table),
+            };
             t.external_ips.extend(s.external_ips.iter().copied());
-            for port in &s.ports {
-                let Some(protocol) = protocol_number(&port.protocol) else {
-                    continue;
-                };
-                for v6 in [false, true] {
-                    let family: Vec<_> = port
-                        .endpoints
-                        .iter()
-                        .filter(|e| e.address.is_ipv6() == v6)
-                        .collect();
-                    let fronts: Vec<&IpAddr> = vips.iter().filter(|a| a.is_ipv6() == v6).collect();
-                    if fronts.is_empty() && (port.node_port.is_none() || family.is_empty()) {
-                        continue;
-                    }
-                    let entry = Arc::new(ServicePortEntry {
-                        id: port_id(&s.key(), &port.name, protocol, port.port, v6),
-                        service: s.key(),
-                        all: Backends::new(
-                            family.iter().map(|e| (e.address, e.port)).collect(),
-                            max_table,
-                        ),
-                        local: Backends::new(
-                            family
-                                .iter()
-                                .filter(|e| e.local)
-                                .map(|e| (e.address, e.port))
-                                .collect(),
-                            max_table,
-                        ),
-                        affinity_ns: s
-                            .affinity_timeout_s
-                            .map(|secs| u64::from(secs) * 1_000_000_000),
-                        internal_local: s.internal_local,
-                        external_local: s.external_local,
-                    });
-                    for e in &family {
-                        t.backends.insert((e.address, protocol, e.port));
-                    }
-                    for addr in fronts {
-                        t.frontends.insert(
-                            Frontend {
-                                addr: *addr,
-                                protocol,
-                                port: port.port,
-                            },
-                            entry.clone(),
-                        );
-                    }
-                    if let Some(node_port) = port.node_port {
-                        t.node_ports
-                            .insert((v6, protocol, node_port), entry.clone());
-                    }
-                    t.entries.push(entry);
+            for entry in &entries {
+                for (addr, port) in &entry.all.list {
+                    t.backends.insert((*addr, entry.protocol, *port));
                 }
+                for addr in &entry.frontends {
+                    let front = Frontend {
+                        addr: *addr,
+                        protocol: entry.protocol,
+                        port: entry.port,
+                    };
+                    t.frontends.insert(front, entry.clone());
+                }
+                if let Some(node_port) = entry.node_port {
+                    t.node_ports
+                        .insert((entry.v6, entry.protocol, node_port), entry.clone());
+                }
+                t.entries.push(entry.clone());
             }
+            t.by_service.insert(key, entries);
         }
         t
     }
@@ -398,6 +442,42 @@ mod tests {
             v4.id,
             "stable ids"
         );
+    }
+
+    #[test]
+    fn a_rebuild_reuses_the_ports_of_unchanged_services() {
+        let mut other = spec();
+        other.name = "other".into();
+        other.cluster_ips = vec!["10.96.0.20".parse().unwrap()];
+        other.external_ips.clear();
+        other.ports[0].node_port = Some(30081);
+        let nodes = NodeAddresses::default();
+        let first = ServiceTable::build([&spec(), &other], maglev::DEFAULT_MAX_SIZE, &nodes);
+        let changed: HashSet<ServiceKey> = [other.key()].into();
+        let mut other2 = other.clone();
+        other2.ports[0].endpoints.remove(0);
+        let second = ServiceTable::rebuild(
+            [&spec(), &other2],
+            maglev::DEFAULT_MAX_SIZE,
+            &nodes,
+            Some((&first, &changed)),
+        );
+        let f = |addr: &str| Frontend {
+            addr: addr.parse().unwrap(),
+            protocol: 6,
+            port: 80,
+        };
+        assert!(Arc::ptr_eq(
+            first.frontend(&f("10.96.0.10")).unwrap(),
+            second.frontend(&f("10.96.0.10")).unwrap()
+        ));
+        let (a, b) = (
+            first.frontend(&f("10.96.0.20")).unwrap(),
+            second.frontend(&f("10.96.0.20")).unwrap(),
+        );
+        assert!(!Arc::ptr_eq(a, b), "the changed one is compiled again");
+        assert_eq!(b.all.list.len(), a.all.list.len() - 1);
+        assert_eq!(a.id, b.id);
     }
 
     #[test]
