@@ -596,3 +596,63 @@ fn a_backends_icmp_error_reaches_the_client_as_its_services() {
         assert_eq!(tcp, Err(std::io::ErrorKind::ConnectionRefused), "{vip}");
     }
 }
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
+fn an_established_connection_outlives_its_endpoints_removal() {
+    let c = cluster();
+    let (a, b) = (&c.nodes[1].pods[0], &c.nodes[1].pods[1]);
+    let vip: IpAddr = "10.96.0.17".parse().unwrap();
+    // An echo server on a's port 8080, reached through the Service.
+    let listener = run_in(&a.ns.path(), || {
+        TcpListener::bind(SocketAddr::from((a.ipv4, 8080)))
+    })
+    .unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    publish(
+        &c,
+        "moving",
+        ("10.96.0.17", "fd00:96::17"),
+        "",
+        &[ep(a, "node1")],
+    );
+    wait_served(&c, "moving", &[a]);
+    let mut conn = run_in(&c.nodes[0].pods[0].ns.path(), || {
+        let s = TcpStream::connect_timeout(&(vip, 80).into(), Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Ok(s)
+    })
+    .expect("connect through the ClusterIP");
+    let mut roundtrip = |text: &[u8]| {
+        conn.write_all(text).unwrap();
+        let mut back = vec![0u8; text.len()];
+        conn.read_exact(&mut back).map(|()| back)
+    };
+    assert_eq!(roundtrip(b"before").unwrap(), b"before");
+    // a leaves the Service (its pod is going away): the open TCP connection carries on.
+    publish(
+        &c,
+        "moving",
+        ("10.96.0.17", "fd00:96::17"),
+        "",
+        &[ep(b, "node1")],
+    );
+    wait_served(&c, "moving", &[b]);
+    assert_eq!(
+        roundtrip(b"after").expect("the established connection still works"),
+        b"after"
+    );
+    drop(conn);
+    echo.join().unwrap();
+}

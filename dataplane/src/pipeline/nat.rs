@@ -13,7 +13,8 @@
 //! off, and only the port changes.
 
 use crate::wire::checksum::{update_l4_address, update_l4_word};
-use crate::wire::{icmp::IcmpPacket, ipv4, Ipv4Header, Ipv6Packet, TcpPacket, UdpPacket};
+use crate::wire::icmp::{self, IcmpPacket};
+use crate::wire::{ipv4, udp, Ipv4Header, Ipv6Packet, TcpPacket, UdpPacket};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Which end of the packet is translated.
@@ -91,8 +92,18 @@ pub fn translate(l3: &mut [u8], side: Side, addr: Ipv4Addr, port: u16, partial: 
         return false;
     };
     let protocol = ip.protocol();
-    let l4_len = ip.rest().len();
-    if ip.is_later_fragment() || ports_in(protocol, ip.rest()).is_none() {
+    let rest = ip.rest();
+    let l4_len = rest.len();
+    // What `ports_in` accepts, without reading the ports.
+    let translatable = match protocol {
+        ipv4::PROTO_TCP | ipv4::PROTO_UDP => l4_len >= udp::HEADER_LEN,
+        ipv4::PROTO_ICMP => {
+            l4_len >= icmp::HEADER_LEN
+                && matches!(rest[0], icmp::V4_ECHO_REQUEST | icmp::V4_ECHO_REPLY)
+        }
+        _ => false,
+    };
+    if !translatable || ip.is_later_fragment() {
         return false;
     }
     let old_addr = match side {
