@@ -385,6 +385,24 @@ impl ServiceFlows {
         removed
     }
 
+    /// Which of `backends` (address, protocol, port) some flow still uses.
+    pub fn backends_in_use(
+        &self,
+        backends: &std::collections::HashSet<(IpAddr, u8, u16)>,
+    ) -> Vec<(IpAddr, u8, u16)> {
+        let mut out = std::collections::HashSet::new();
+        for shard in self.shards.iter() {
+            let map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for flow in map.values() {
+                let b = (flow.backend.0, flow.original.protocol, flow.backend.1);
+                if backends.contains(&b) {
+                    out.insert(b);
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
     /// Flows tracked now.
     pub fn len(&self) -> usize {
         self.flows.load(Ordering::Relaxed)

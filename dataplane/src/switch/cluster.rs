@@ -243,9 +243,11 @@ impl Switch {
         // Node ports are served on the node addresses the settings name.
         // (Their compiled ports do not depend on the node: all are reused.)
         let previous = state.builder.services().clone();
-        let services = state
-            .services
-            .table(Some(&spec), Some((&previous, &Default::default())));
+        let flows = state.builder.service_flows().clone();
+        let services =
+            state
+                .services
+                .table(Some(&spec), &previous, Some(&Default::default()), &flows);
         state.builder.set_services(services);
 
         let ports = NodePorts {

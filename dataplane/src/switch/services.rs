@@ -3,6 +3,7 @@
 //! that went; TCP connections are left alone, as Kubernetes expects).
 
 use super::{invalid, State, Switch};
+use crate::conntrack::service::ServiceFlows;
 use crate::tables::maglev;
 use crate::tables::services::{protocol_number, NodeAddresses, ServiceTable};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -26,7 +27,9 @@ impl Services {
     pub(super) fn table(
         &self,
         node: Option<&NodeSpec>,
-        previous: Option<(&ServiceTable, &HashSet<ServiceKey>)>,
+        previous: &ServiceTable,
+        changed: Option<&HashSet<ServiceKey>>,
+        flows: &ServiceFlows,
     ) -> Arc<ServiceTable> {
         let mut addresses = NodeAddresses::default();
         if let Some(spec) = node {
@@ -39,12 +42,19 @@ impl Services {
                 addresses.all.extend(peer.addresses.iter().copied());
             }
         }
-        Arc::new(ServiceTable::rebuild(
-            self.specs.values(),
-            self.max(),
-            &addresses,
-            previous,
-        ))
+        let reuse = changed.map(|c| (previous, c));
+        let mut table = ServiceTable::rebuild(self.specs.values(), self.max(), &addresses, reuse);
+        // Endpoints that left while connections still use them: their replies must still
+        // be translated back (an established TCP connection outlives its endpoint).
+        let gone: HashSet<(IpAddr, u8, u16)> = previous
+            .backend_set()
+            .filter(|b| !table.is_backend(b.0, b.1, b.2))
+            .copied()
+            .collect();
+        if !gone.is_empty() {
+            table.keep_backends(flows.backends_in_use(&gone));
+        }
+        Arc::new(table)
     }
 
     /// The largest Maglev table.
@@ -122,10 +132,10 @@ impl Switch {
             max_table: max_table.or(state.services.max_table),
         };
         let previous = state.builder.services().clone();
-        let reuse = (!replace && state.services.max() == before).then_some((&*previous, &changed));
-        let table = state
-            .services
-            .table(state.node.as_ref().map(|n| n.spec()), reuse);
+        let reuse = (!replace && state.services.max() == before).then_some(&changed);
+        let flows = state.builder.service_flows().clone();
+        let node = state.node.as_ref().map(|n| n.spec());
+        let table = state.services.table(node, &previous, reuse, &flows);
         state.builder.set_services(table.clone());
         self.publish(&mut state);
         forget_stale_udp_flows(&state, &table);

@@ -312,6 +312,17 @@ impl ServiceTable {
         out
     }
 
+    /// Every endpoint (address, protocol, port) of every Service.
+    pub fn backend_set(&self) -> impl Iterator<Item = &(IpAddr, u8, u16)> {
+        self.backends.iter()
+    }
+
+    /// Keeps treating `backends` as backends (their packets may be replies): endpoints that
+    /// left their Service while established connections still use them.
+    pub fn keep_backends(&mut self, backends: impl IntoIterator<Item = (IpAddr, u8, u16)>) {
+        self.backends.extend(backends);
+    }
+
     /// True when a packet from `src:port` may be a backend's reply.
     #[inline]
     pub fn is_backend(&self, src: IpAddr, protocol: u8, port: u16) -> bool {
