@@ -6,5 +6,6 @@ pub mod agent;
 pub mod check;
 pub mod cli;
 pub mod cluster;
+pub mod policy;
 pub mod table;
 pub mod views;

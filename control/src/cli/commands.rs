@@ -1,7 +1,7 @@
 //! Runs a parsed command line: one function per kind of command, one dispatch.
 
 use super::{request_for, Cli, Command, Format, Resource};
-use crate::{agent, check, cluster::plan, views};
+use crate::{agent, check, cluster::plan, policy, views};
 use serde::Serialize;
 use std::path::Path;
 use std::process::ExitCode;
@@ -28,6 +28,12 @@ pub fn run(cli: Cli) -> ExitCode {
             cli.output,
         ),
         Command::Check { peer_apis } => check_command(&cli.api, peer_apis, cli.output),
+        Command::Explain {
+            manifests,
+            from,
+            to,
+            port,
+        } => explain_command(manifests, from, to, port, cli.output),
         Command::Run {
             node,
             manifests,
@@ -194,4 +200,45 @@ fn check_command(
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn explain_command(
+    dir: &Path,
+    from: &str,
+    to: &str,
+    port: &str,
+    format: Format,
+) -> Result<ExitCode, String> {
+    let manifests = crate::cluster::manifests::load_dir(dir).map_err(|errors| {
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\nswitchyard-control: ")
+    })?;
+    let (number, protocol) = port.split_once('/').unwrap_or((port, "tcp"));
+    let number: u16 = number
+        .parse()
+        .map_err(|_| format!("--port {port:?} is not PORT/PROTOCOL (80/tcp)"))?;
+    let protocol = protocol.to_ascii_uppercase();
+    if !matches!(protocol.as_str(), "TCP" | "UDP" | "SCTP") {
+        return Err(format!("--port {port:?}: the protocol is tcp, udp or sctp"));
+    }
+    let pods: Vec<_> = manifests.pods.iter().map(policy::pod_view).collect();
+    let find = |name: &str| {
+        let (ns, pod) = name
+            .split_once('/')
+            .ok_or_else(|| format!("{name:?} is not NAMESPACE/NAME"))?;
+        pods.iter()
+            .find(|p| p.namespace == ns && p.name == pod)
+            .ok_or_else(|| format!("no Pod {name} in {}", dir.display()))
+    };
+    let verdict = policy::explain(&manifests, find(from)?, find(to)?, number, &protocol);
+    Ok(emit(format, &verdict, || {
+        format!(
+            "{}: {}\n",
+            if verdict.allowed { "allowed" } else { "denied" },
+            verdict.reason
+        )
+    }))
 }

@@ -108,6 +108,23 @@ pub enum Command {
         #[arg(long = "peer-api")]
         peer_apis: Vec<PathBuf>,
     },
+    /// Whether a connection from one pod to another's port is allowed by the
+    /// NetworkPolicies of a manifests directory, and which policy and rule decided; from the
+    /// manifests alone, before any packet is sent.
+    Explain {
+        /// Directory of YAML / JSON manifests (Namespaces, Pods, NetworkPolicies).
+        #[arg(long)]
+        manifests: PathBuf,
+        /// The client pod, `NAMESPACE/NAME`.
+        #[arg(long)]
+        from: String,
+        /// The server pod, `NAMESPACE/NAME`.
+        #[arg(long)]
+        to: String,
+        /// The server's port, `PORT/PROTOCOL` (`80/tcp`; TCP when the protocol is left out).
+        #[arg(long)]
+        port: String,
+    },
     /// Run the node agent: watch the manifests directory and keep the dataplane's node
     /// settings (pod CIDRs, overlay, peers) in line with it, pushing them again whenever
     /// the dataplane restarts.
@@ -257,7 +274,8 @@ pub fn request_for(command: &Command) -> Result<Request, String> {
         Command::Plan { .. }
         | Command::Run { .. }
         | Command::Get { .. }
-        | Command::Check { .. } => return Err("this command does not send one request".into()),
+        | Command::Check { .. }
+        | Command::Explain { .. } => return Err("this command does not send one request".into()),
     })
 }
 
@@ -318,6 +336,18 @@ mod tests {
             .contains("--port ID, --blackhole or --unreachable"));
         let get = parse(&["get", "pods"]);
         assert!(request_for(&get.command).is_err());
+        let explain = parse(&[
+            "explain",
+            "--manifests",
+            "dir",
+            "--from",
+            "x/a",
+            "--to",
+            "y/b",
+            "--port",
+            "80/tcp",
+        ]);
+        assert!(request_for(&explain.command).is_err(), "answered from manifests");
         assert!(
             Cli::try_parse_from(["switchyard-control", "port", "del", "--netns", "x"]).is_err()
         );

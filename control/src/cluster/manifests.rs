@@ -6,8 +6,9 @@
 use super::config::ClusterConfig;
 use super::services::{ServiceManifest, SliceManifest};
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 use std::fmt;
 use std::net::IpAddr;
@@ -73,6 +74,21 @@ pub struct Manifests {
     pub services: Vec<ServiceManifest>,
     /// EndpointSlices, as read (`v1`, or `v1beta1` as older API servers serve them).
     pub endpoint_slices: Vec<SliceManifest>,
+    /// Namespaces (their labels, for NetworkPolicy's namespace selectors).
+    pub namespaces: Vec<Namespace>,
+    /// Pods (labels, named ports, addresses).
+    pub pods: Vec<Pod>,
+    /// NetworkPolicies, as read.
+    pub policies: Vec<PolicyManifest>,
+}
+
+/// A NetworkPolicy read from a manifest, with the file it came from.
+#[derive(Debug, Clone)]
+pub struct PolicyManifest {
+    /// The object.
+    pub policy: NetworkPolicy,
+    /// Its file.
+    pub file: PathBuf,
 }
 
 fn error(file: &Path, field: impl Into<String>, message: impl Into<String>) -> ManifestError {
@@ -224,7 +240,36 @@ pub fn load_text(file: &Path, text: &str, out: &mut Manifests, errors: &mut Vec<
                     )),
                 }
             }
-            _ => {} // other kinds (Pods, NetworkPolicies, ...) are read by later stages
+            ("v1", "Namespace") => match serde_json::from_value::<Namespace>(value) {
+                Ok(ns) => out.namespaces.push(ns),
+                Err(e) => errors.push(error(
+                    file,
+                    format!("document {}: Namespace", index + 1),
+                    e.to_string(),
+                )),
+            },
+            ("v1", "Pod") => match serde_json::from_value::<Pod>(value) {
+                Ok(pod) => out.pods.push(pod),
+                Err(e) => errors.push(error(
+                    file,
+                    format!("document {}: Pod", index + 1),
+                    e.to_string(),
+                )),
+            },
+            ("networking.k8s.io/v1", "NetworkPolicy") => {
+                match serde_json::from_value::<NetworkPolicy>(value) {
+                    Ok(policy) => out.policies.push(PolicyManifest {
+                        policy,
+                        file: file.to_path_buf(),
+                    }),
+                    Err(e) => errors.push(error(
+                        file,
+                        format!("document {}: NetworkPolicy", index + 1),
+                        e.to_string(),
+                    )),
+                }
+            }
+            _ => {} // other kinds are not Switchyard's business
         }
     }
 }
