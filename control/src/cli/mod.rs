@@ -347,7 +347,10 @@ mod tests {
             "--port",
             "80/tcp",
         ]);
-        assert!(request_for(&explain.command).is_err(), "answered from manifests");
+        assert!(
+            request_for(&explain.command).is_err(),
+            "answered from manifests"
+        );
         assert!(
             Cli::try_parse_from(["switchyard-control", "port", "del", "--netns", "x"]).is_err()
         );
