@@ -120,13 +120,9 @@ pub struct BenchService {
 }
 
 /// The kube-proxy (iptables mode) rules of `svc` with `backends`, for one node, as
-/// `iptables -t nat` argument lists; chains named as kube-proxy names them, with the
+/// `iptables -t nat` arguments; chains named as kube-proxy names them, with the
 /// Service's name in place of its hash.
-pub fn kube_proxy_rules(
-    svc: &BenchService,
-    backends: &[Ipv4Addr],
-    pod_cidr: &str,
-) -> Vec<Vec<String>> {
+pub fn kube_proxy_rules(svc: &BenchService, backends: &[Ipv4Addr], pod_cidr: &str) -> Vec<String> {
     let id = svc.name.to_uppercase().replace('-', "_");
     let (svc_chain, ext_chain) = (format!("KUBE-SVC-{id}"), format!("KUBE-EXT-{id}"));
     let sep = |i: usize| format!("KUBE-SEP-{id}-{i}");
@@ -191,9 +187,6 @@ pub fn kube_proxy_rules(
         rules.push(format!("-A {ext_chain} -j {svc_chain}"));
     }
     rules
-        .into_iter()
-        .map(|r| r.split_whitespace().map(String::from).collect())
-        .collect()
 }
 
 /// The chains and jumps kube-proxy sets up once per node.
@@ -253,59 +246,36 @@ pub fn install(c: &Cluster, svc: &BenchService, backends: &[(usize, usize)]) -> 
         }
         Arm::Kernel => {
             let addrs: Vec<Ipv4Addr> = pods.iter().map(|(p, _)| p.ipv4).collect();
+            let nodeports = "KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS";
             for node in &c.nodes {
                 let ns = &node.ns;
-                let has_base = ns
-                    .exec(&["iptables", "-t", "nat", "-S", "KUBE-SERVICES"])
-                    .is_ok();
-                if !has_base {
+                if nat(ns, "-S KUBE-SERVICES").is_err() {
                     // Replies between pods on one bridge must cross netfilter to be
                     // un-DNATed (kube-proxy requires br_netfilter for this).
                     ns.exec(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"])?;
                     for rule in kube_proxy_base() {
-                        let mut argv = vec!["iptables", "-t", "nat"];
-                        argv.extend(rule.split_whitespace());
-                        ns.exec(&argv)?;
+                        nat(ns, rule)?;
                     }
                 }
                 for rule in kube_proxy_rules(svc, &addrs, crate::cluster::CLUSTER_CIDR) {
-                    let mut argv = vec!["iptables", "-t", "nat"];
-                    argv.extend(rule.iter().map(String::as_str));
-                    ns.exec(&argv)?;
+                    nat(ns, &rule)?;
                 }
                 if svc.node_port.is_some() {
                     // Last in KUBE-SERVICES, as kube-proxy keeps it.
-                    let _ = ns.exec(&[
-                        "iptables",
-                        "-t",
-                        "nat",
-                        "-D",
-                        "KUBE-SERVICES",
-                        "-m",
-                        "addrtype",
-                        "--dst-type",
-                        "LOCAL",
-                        "-j",
-                        "KUBE-NODEPORTS",
-                    ]);
-                    ns.exec(&[
-                        "iptables",
-                        "-t",
-                        "nat",
-                        "-A",
-                        "KUBE-SERVICES",
-                        "-m",
-                        "addrtype",
-                        "--dst-type",
-                        "LOCAL",
-                        "-j",
-                        "KUBE-NODEPORTS",
-                    ])?;
+                    let _ = nat(ns, &format!("-D {nodeports}"));
+                    nat(ns, &format!("-A {nodeports}"))?;
                 }
             }
             Ok(())
         }
     }
+}
+
+/// Runs `iptables -t nat` with the words of `rule` in `ns`.
+fn nat(ns: &Netns, rule: &str) -> Result<String> {
+    let mut argv = vec!["iptables", "-t", "nat"];
+    argv.extend(rule.split_whitespace());
+    ns.exec(&argv)
 }
 
 /// Servers for [`conn_rate`]: on port `port` of each pod, answer one byte with one byte
@@ -434,10 +404,7 @@ mod tests {
             Ipv4Addr::new(10, 244, 1, 2),
             Ipv4Addr::new(10, 244, 1, 3),
         ];
-        let rules: Vec<String> = kube_proxy_rules(&svc, &backends, "10.244.0.0/16")
-            .into_iter()
-            .map(|r| r.join(" "))
-            .collect();
+        let rules = kube_proxy_rules(&svc, &backends, "10.244.0.0/16");
         let has = |text: &str| rules.iter().any(|r| r == text);
         assert!(has(
             "-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-WEB"

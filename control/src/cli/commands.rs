@@ -101,14 +101,19 @@ fn emit(format: Format, value: &impl Serialize, text: impl FnOnce() -> String) -
     ExitCode::SUCCESS
 }
 
+/// Manifest errors as one message, a line each.
+fn one_message(errors: &[crate::cluster::manifests::ManifestError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\nswitchyard-control: ")
+}
+
 fn plan_command(node: &str, dir: &Path, format: Format) -> Result<ExitCode, String> {
-    let manifests = agent::load(dir).map(|(m, _)| m).map_err(|errors| {
-        errors
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\nswitchyard-control: ")
-    })?;
+    let manifests = agent::load(dir)
+        .map(|(m, _)| m)
+        .map_err(|errors| one_message(&errors))?;
     let p = plan::plan(&manifests, node)?;
     Ok(emit(format, &p, || views::render_plan(&p)))
 }
@@ -209,13 +214,8 @@ fn explain_command(
     port: &str,
     format: Format,
 ) -> Result<ExitCode, String> {
-    let manifests = crate::cluster::manifests::load_dir(dir).map_err(|errors| {
-        errors
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\nswitchyard-control: ")
-    })?;
+    let manifests =
+        crate::cluster::manifests::load_dir(dir).map_err(|errors| one_message(&errors))?;
     let (number, protocol) = port.split_once('/').unwrap_or((port, "tcp"));
     let number: u16 = number
         .parse()

@@ -199,15 +199,7 @@ impl Pipeline {
         let mut serviced = false;
         if !tables.services.is_empty() {
             let bytes = ip.into_inner();
-            let step = services::before_routing(
-                &tables.services,
-                &tables.service_flows,
-                ingress.role,
-                bytes,
-                false,
-                partial,
-                self.now_ns,
-            );
+            let step = self.services(tables, ingress, bytes, false, partial);
             // Translation changes addresses and ports, never lengths: still a packet.
             let Ok(view) = Ipv4Packet::new_checked(bytes) else {
                 return self.drop(DropReason::MalformedIpv4);
@@ -323,15 +315,7 @@ impl Pipeline {
         if !tables.services.is_empty() {
             let partial = head[0] & vnet::F_NEEDS_CSUM != 0;
             let bytes = ip.into_inner();
-            let step = services::before_routing(
-                &tables.services,
-                &tables.service_flows,
-                ingress.role,
-                bytes,
-                true,
-                partial,
-                self.now_ns,
-            );
+            let step = self.services(tables, ingress, bytes, true, partial);
             let Ok(view) = Ipv6Packet::new_checked(bytes) else {
                 return self.drop(DropReason::MalformedIpv6);
             };
@@ -429,6 +413,26 @@ impl Pipeline {
         eth[0..6].copy_from_slice(&egress.mac.0);
         eth[6..12].copy_from_slice(&tables.gateway.mac.0);
         self.counters.event(event);
+    }
+
+    /// Runs the Service stage over the IP packet `bytes` (IPv6 when `v6`).
+    fn services<D>(
+        &self,
+        tables: &Tables<D>,
+        ingress: &Port<D>,
+        bytes: &mut [u8],
+        v6: bool,
+        partial: bool,
+    ) -> services::Step {
+        services::before_routing(
+            &tables.services,
+            &tables.service_flows,
+            ingress.role,
+            bytes,
+            v6,
+            partial,
+            self.now_ns,
+        )
     }
 
     /// Counts what the Service stage did: `Ok(true)` when the packet was translated,

@@ -202,52 +202,32 @@ fn translate_l4(
             update_l4_word(check, old_port, port, false)
         }
     };
+    // TCP and UDP both start with the two ports: one view sets them.
+    let Ok(mut ports) = UdpPacket::new_checked(&mut *l4) else {
+        return;
+    };
+    let old_port = set_port(&mut ports, side, port);
     if protocol == ipv4::PROTO_TCP {
-        match TcpPacket::new_checked(&mut *l4) {
-            Ok(mut tcp) => {
-                let old_port = set_port(&mut tcp, side, port);
-                let check = adjust(tcp.checksum(), old_port);
-                tcp.set_checksum(check);
-            }
-            // A quoted header cut before its checksum: the port only.
-            Err(_) => {
-                if let Ok(mut ports) = UdpPacket::new_checked(l4) {
-                    set_udp_port(&mut ports, side, port);
-                }
-            }
+        // A quoted header cut before its checksum keeps only the port change.
+        if let Ok(mut tcp) = TcpPacket::new_checked(l4) {
+            let check = adjust(tcp.checksum(), old_port);
+            tcp.set_checksum(check);
         }
         return;
     }
     let Ok(mut udp) = UdpPacket::new_checked(l4) else {
         return;
     };
-    let old_port = set_udp_port(&mut udp, side, port);
     if udp.checksum() != 0 {
         let check = adjust(udp.checksum(), old_port);
         udp.set_checksum(if check == 0 { 0xffff } else { check });
     }
 }
 
-/// Sets `side`'s TCP port; returns the old one.
+/// Sets `side`'s port of a TCP or UDP header (viewed as its first 8 bytes); returns the
+/// old one.
 #[inline]
-fn set_port(tcp: &mut TcpPacket<&mut [u8]>, side: Side, port: u16) -> u16 {
-    match side {
-        Side::Source => {
-            let old = tcp.src_port();
-            tcp.set_src_port(port);
-            old
-        }
-        Side::Destination => {
-            let old = tcp.dst_port();
-            tcp.set_dst_port(port);
-            old
-        }
-    }
-}
-
-/// Sets `side`'s UDP port (or a quoted TCP header's); returns the old one.
-#[inline]
-fn set_udp_port(udp: &mut UdpPacket<&mut [u8]>, side: Side, port: u16) -> u16 {
+fn set_port(udp: &mut UdpPacket<&mut [u8]>, side: Side, port: u16) -> u16 {
     match side {
         Side::Source => {
             let old = udp.src_port();

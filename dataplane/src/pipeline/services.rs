@@ -26,14 +26,14 @@
 //! addressed to their backend. Checksums are updated incrementally, partial ones kept
 //! partial, so super-frames are translated whole.
 
-use super::nat::{l4_of, l4_of_v6, translate_ip, Side};
+use super::nat::{translate_ip, Side};
 use super::DropReason;
 use crate::conntrack::service::{FlowKey, Frontend, Refusal, ServiceFlows};
 use crate::conntrack::FxBuild;
 use crate::tables::services::ServiceTable;
 use crate::tables::PortRole;
 use crate::wire::icmp::{self, IcmpPacket};
-use crate::wire::{checksum, ipv4, ipv6, Ipv4Header, Ipv6Packet, TcpPacket};
+use crate::wire::{checksum, ipv4, ipv6, Ipv4Header, Ipv6Packet, TcpPacket, UdpPacket};
 use std::hash::BuildHasher;
 use std::net::IpAddr;
 
@@ -54,12 +54,7 @@ pub(super) enum Step {
 
 /// The flow's tuple, and the TCP flags, of an IPv4 or IPv6 TCP/UDP packet `l3`.
 fn flow_of(l3: &[u8], v6: bool) -> Option<(FlowKey, Option<u8>)> {
-    let key = flow_key(l3, v6)?;
-    let l4_at = if v6 {
-        ipv6::HEADER_LEN
-    } else {
-        Ipv4Header::new_checked(l3).ok()?.header_len()
-    };
+    let (key, l4_at) = flow_key(l3, v6)?;
     let flags = (key.protocol == ipv4::PROTO_TCP)
         .then(|| {
             TcpPacket::new_checked(l3.get(l4_at..)?)
@@ -112,7 +107,7 @@ fn icmp_error(flows: &ServiceFlows, l3: &mut [u8], v6: bool) -> bool {
     if !is_error || l3.len() <= quote_at {
         return false;
     }
-    let Some(quoted) = flow_key(&l3[quote_at..], v6) else {
+    let Some((quoted, _)) = flow_key(&l3[quote_at..], v6) else {
         return false;
     };
     let reply = FlowKey {
@@ -142,23 +137,41 @@ fn icmp_error(flows: &ServiceFlows, l3: &mut [u8], v6: bool) -> bool {
 }
 
 /// The tuple of a TCP or UDP packet, whole or quoted in an ICMP error (which may carry only
-/// its start).
-fn flow_key(quote: &[u8], v6: bool) -> Option<FlowKey> {
-    let (ports, src, dst): (_, IpAddr, IpAddr) = if v6 {
-        let ip = Ipv6Packet::new_quoted(quote).ok()?;
-        (l4_of_v6(quote)?, ip.src().into(), ip.dst().into())
+/// its start), and where its transport header starts; the IP header is parsed once.
+fn flow_key(l3: &[u8], v6: bool) -> Option<(FlowKey, usize)> {
+    let (protocol, src, dst, l4_at): (u8, IpAddr, IpAddr, usize) = if v6 {
+        let ip = Ipv6Packet::new_quoted(l3).ok()?;
+        (
+            ip.next_header(),
+            ip.src().into(),
+            ip.dst().into(),
+            ipv6::HEADER_LEN,
+        )
     } else {
-        let ip = Ipv4Header::new_checked(quote).ok()?;
-        let ports = l4_of(quote).filter(|p| p.protocol != ipv4::PROTO_ICMP)?;
-        (ports, ip.src().into(), ip.dst().into())
+        let ip = Ipv4Header::new_checked(l3).ok()?;
+        if ip.is_later_fragment() {
+            return None;
+        }
+        (
+            ip.protocol(),
+            ip.src().into(),
+            ip.dst().into(),
+            ip.header_len(),
+        )
     };
-    Some(FlowKey {
-        protocol: ports.protocol,
+    if protocol != ipv4::PROTO_TCP && protocol != ipv4::PROTO_UDP {
+        return None;
+    }
+    // TCP and UDP both start with the two ports.
+    let ports = UdpPacket::new_checked(l3.get(l4_at..)?).ok()?;
+    let key = FlowKey {
+        protocol,
         src,
-        src_port: ports.src_port,
+        src_port: ports.src_port(),
         dst,
-        dst_port: ports.dst_port,
-    })
+        dst_port: ports.dst_port(),
+    };
+    Some((key, l4_at))
 }
 
 /// Sets one of the outer addresses of the IP packet `l3` (IPv4: with its header checksum).
