@@ -10,6 +10,7 @@
 mod client;
 mod mac;
 mod node;
+mod policy;
 mod service;
 
 pub use client::{Client, ClientError};
@@ -18,6 +19,10 @@ pub use mac::{MacAddr, ParseMacError};
 pub use node::{
     Backend, BackendKind, ConntrackEntry, ExtraRoute, Masquerade, NatStatus, NodeSpec, NodeStatus,
     Peer, PortRange,
+};
+pub use policy::{
+    DeniedFlow, PodPolicy, PodPolicyStatus, PolicyDirection, PolicyPeer, PolicyPort, PolicyRule,
+    PolicySet, PolicyStatus,
 };
 pub use service::{
     Endpoint, ServiceFlowEntry, ServiceKey, ServicePort, ServiceSpec, ServiceStatus,
@@ -28,7 +33,7 @@ use std::collections::BTreeMap;
 
 /// The protocol version this crate speaks. Every change to a message takes a new version;
 /// `tests/schema/v{N}.json` pins what each version's messages look like.
-pub const API_VERSION: u32 = 3;
+pub const API_VERSION: u32 = 4;
 /// The oldest protocol version still accepted: a newer dataplane understands every
 /// request an older client can send (later versions only add requests and fields with
 /// defaults).
@@ -112,6 +117,13 @@ pub enum Request {
         #[serde(default)]
         service: Option<ServiceKey>,
     },
+    /// Replaces every NetworkPolicy rule in force with these. Flows the new rules deny stop
+    /// at their next packet; new flows are checked against the new rules at once.
+    ApplyPolicies(PolicySet),
+    /// List the selected pods of this node and the policies in force.
+    ListPolicies,
+    /// List the flows the policies denied last (newest last).
+    ListDeniedFlows,
 }
 
 /// Parameters of [`Request::AddPort`].
@@ -328,6 +340,10 @@ pub enum Reply {
     Services(Vec<ServiceStatus>),
     /// Flows to Services.
     ServiceFlows(Vec<ServiceFlowEntry>),
+    /// The policies in force.
+    Policies(PolicyStatus),
+    /// Flows the policies denied last.
+    DeniedFlows(Vec<DeniedFlow>),
     /// The request took effect and has nothing to report.
     Done,
 }
@@ -490,12 +506,12 @@ mod tests {
         let ok: ResponseEnvelope = Ok(Reply::Done).into();
         assert_eq!(
             serde_json::to_string(&ok).unwrap(),
-            r#"{"version":3,"ok":"done"}"#
+            r#"{"version":4,"ok":"done"}"#
         );
         let err: ResponseEnvelope = Err(ApiError::new(ErrorCode::NotFound, "no port 3")).into();
         assert_eq!(
             serde_json::to_string(&err).unwrap(),
-            r#"{"version":3,"error":{"code":"not_found","message":"no port 3"}}"#
+            r#"{"version":4,"error":{"code":"not_found","message":"no port 3"}}"#
         );
     }
 }

@@ -98,6 +98,33 @@ fn service() -> ServiceSpec {
 
 /// One of every request. The match makes a new variant a compile error until it has a
 /// sample here.
+fn policy_set() -> PolicySet {
+    PolicySet {
+        rules: vec![PolicyRule {
+            origin: "x/allow-b ingress rule 0".into(),
+            peers: vec![PolicyPeer {
+                cidr: net("10.244.0.0/16"),
+                except: vec![net("10.244.2.0/24")],
+            }],
+            ports: vec![PolicyPort {
+                protocol: 6,
+                port: 80,
+                end_port: Some(81),
+            }],
+        }],
+        pods: vec![PodPolicy {
+            namespace: "x".into(),
+            name: "a".into(),
+            addresses: vec!["10.244.0.5".parse().unwrap()],
+            ingress: Some(PolicyDirection {
+                policies: vec!["x/allow-b".into()],
+                rules: vec![0],
+            }),
+            egress: Some(PolicyDirection::default()),
+        }],
+    }
+}
+
 fn requests() -> Vec<Request> {
     let all = vec![
         Request::Hello,
@@ -148,6 +175,9 @@ fn requests() -> Vec<Request> {
                 name: "web".into(),
             }),
         },
+        Request::ApplyPolicies(policy_set()),
+        Request::ListPolicies,
+        Request::ListDeniedFlows,
     ];
     for request in &all {
         match request {
@@ -165,7 +195,10 @@ fn requests() -> Vec<Request> {
             | Request::ListConntrack { .. }
             | Request::ApplyServices { .. }
             | Request::ListServices
-            | Request::ListServiceFlows { .. } => {}
+            | Request::ListServiceFlows { .. }
+            | Request::ApplyPolicies(_)
+            | Request::ListPolicies
+            | Request::ListDeniedFlows => {}
         }
     }
     all
@@ -244,6 +277,30 @@ fn replies() -> Vec<Reply> {
             state: "established".into(),
             idle_s: 3,
         }]),
+        Reply::Policies(PolicyStatus {
+            generation: 2,
+            flows: 5,
+            pods: vec![PodPolicyStatus {
+                namespace: "x".into(),
+                name: "a".into(),
+                addresses: vec!["10.244.0.5".parse().unwrap()],
+                ingress: Some(vec!["x/allow-b".into()]),
+                egress: None,
+                ingress_rules: vec!["x/allow-b ingress rule 0".into()],
+                egress_rules: vec![],
+            }],
+        }),
+        Reply::DeniedFlows(vec![DeniedFlow {
+            time_ms: 1_790_000_000_000,
+            protocol: "tcp".into(),
+            src: "10.244.1.7".parse().unwrap(),
+            src_port: 40000,
+            dst: "10.244.0.5".parse().unwrap(),
+            dst_port: 80,
+            direction: "ingress".into(),
+            pod: "x/a".into(),
+            policies: vec!["x/allow-b".into()],
+        }]),
         Reply::Done,
     ];
     for reply in &all {
@@ -258,6 +315,8 @@ fn replies() -> Vec<Reply> {
             | Reply::Conntrack(_)
             | Reply::Services(_)
             | Reply::ServiceFlows(_)
+            | Reply::Policies(_)
+            | Reply::DeniedFlows(_)
             | Reply::Done => {}
         }
     }

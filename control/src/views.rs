@@ -369,6 +369,89 @@ pub fn render_service_flows(flows: &[switchyard_api::ServiceFlowEntry], wide: bo
     table::render(&header, &rows)
 }
 
+/// `get policies`: the selected pods of the node and the policies selecting them (`wide`:
+/// the allowing rules too).
+pub fn render_policies(status: &switchyard_api::PolicyStatus, wide: bool) -> String {
+    let mut header = vec!["POD", "ADDRESSES", "INGRESS", "EGRESS"];
+    if wide {
+        header.extend(["INGRESS RULES", "EGRESS RULES"]);
+    }
+    let direction = |d: &Option<Vec<String>>| match d {
+        None => "open".to_string(),
+        Some(p) => p.join(","),
+    };
+    let rows = status
+        .pods
+        .iter()
+        .map(|p| {
+            let mut r = vec![
+                format!("{}/{}", p.namespace, p.name),
+                join(&p.addresses),
+                direction(&p.ingress),
+                direction(&p.egress),
+            ];
+            if wide {
+                let rules = |d: &Option<Vec<String>>, rules: &[String]| match d {
+                    None => "-".to_string(),
+                    Some(_) if rules.is_empty() => "deny all".to_string(),
+                    Some(_) => rules.join(","),
+                };
+                r.push(rules(&p.ingress, &p.ingress_rules));
+                r.push(rules(&p.egress, &p.egress_rules));
+            }
+            r
+        })
+        .collect::<Vec<_>>();
+    format!(
+        "rules generation {}, {} flows with a verdict\n{}",
+        status.generation,
+        status.flows,
+        table::render(&header, &rows)
+    )
+}
+
+/// `get flows --denied`: the flows the policies denied last, oldest first.
+pub fn render_denied_flows(flows: &[switchyard_api::DeniedFlow]) -> String {
+    let rows = flows
+        .iter()
+        .map(|f| {
+            let socket = |a: IpAddr, p: u16| std::net::SocketAddr::from((a, p)).to_string();
+            let secs = f.time_ms / 1000;
+            vec![
+                format!(
+                    "{:02}:{:02}:{:02}.{:03}",
+                    secs / 3600 % 24,
+                    secs / 60 % 60,
+                    secs % 60,
+                    f.time_ms % 1000
+                ),
+                f.protocol.clone(),
+                socket(f.src, f.src_port),
+                socket(f.dst, f.dst_port),
+                f.direction.clone(),
+                f.pod.clone(),
+                if f.policies.is_empty() {
+                    "default deny".to_string()
+                } else {
+                    format!("default deny of {}", f.policies.join(","))
+                },
+            ]
+        })
+        .collect::<Vec<_>>();
+    table::render(
+        &[
+            "TIME (UTC)",
+            "PROTO",
+            "SOURCE",
+            "DESTINATION",
+            "DIRECTION",
+            "POD",
+            "DECIDED BY",
+        ],
+        &rows,
+    )
+}
+
 /// `ports`: every port the dataplane has.
 pub fn render_ports(ports: &[PortInfo]) -> String {
     table::render(
@@ -472,6 +555,8 @@ pub fn render_reply(reply: &Reply, all: bool) -> String {
         Reply::Conntrack(entries) => render_conntrack(entries, false),
         Reply::Services(list) => render_services(list, false),
         Reply::ServiceFlows(flows) => render_service_flows(flows, false),
+        Reply::Policies(status) => render_policies(status, false),
+        Reply::DeniedFlows(flows) => render_denied_flows(flows),
         Reply::Done => "done\n".into(),
     }
 }

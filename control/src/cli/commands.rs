@@ -17,6 +17,7 @@ pub fn run(cli: Cli) -> ExitCode {
             pod,
             protocol,
             service,
+            denied,
         } => get_command(
             &cli.api,
             *what,
@@ -24,6 +25,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 pod: *pod,
                 protocol: protocol.clone(),
                 service: service.clone(),
+                denied: *denied,
             },
             cli.output,
         ),
@@ -123,6 +125,8 @@ struct Filter {
     pod: Option<std::net::Ipv4Addr>,
     protocol: Option<String>,
     service: Option<switchyard_api::ServiceKey>,
+    /// `get flows`: the denied ones.
+    denied: bool,
 }
 
 fn get_command(
@@ -131,6 +135,13 @@ fn get_command(
     filter: Filter,
     format: Format,
 ) -> Result<ExitCode, String> {
+    if what == Resource::Flows && !filter.denied {
+        return Err(
+            "get flows lists the flows NetworkPolicies denied: say `get flows --denied` \
+             (flows to Services: `get conntrack --service NAMESPACE/NAME`)"
+                .into(),
+        );
+    }
     let mut client = Client::connect(api).map_err(|e| e.to_string())?;
     let status = client.node().map_err(|e| e.to_string())?;
     let wide = format == Format::Wide;
@@ -156,6 +167,16 @@ fn get_command(
         },
         Resource::Services => match call(Request::ListServices)? {
             Reply::Services(list) => emit(format, &list, || views::render_services(&list, wide)),
+            other => return Err(format!("unexpected answer: {other:?}")),
+        },
+        Resource::Policies => match call(Request::ListPolicies)? {
+            Reply::Policies(list) => emit(format, &list, || views::render_policies(&list, wide)),
+            other => return Err(format!("unexpected answer: {other:?}")),
+        },
+        Resource::Flows => match call(Request::ListDeniedFlows)? {
+            Reply::DeniedFlows(flows) => {
+                emit(format, &flows, || views::render_denied_flows(&flows))
+            }
             other => return Err(format!("unexpected answer: {other:?}")),
         },
         Resource::Nat => match call(Request::GetNat)? {

@@ -50,6 +50,10 @@ pub enum Resource {
     Nat,
     /// The Services this node serves: cluster IPs, ports, node ports, endpoints.
     Services,
+    /// The pods of this node that NetworkPolicies select, and the policies selecting them.
+    Policies,
+    /// Flows the NetworkPolicies denied last (`--denied`).
+    Flows,
 }
 
 /// What to do.
@@ -100,6 +104,9 @@ pub enum Command {
         /// masqueraded ones.
         #[arg(long, value_parser = parse_service_key)]
         service: Option<switchyard_api::ServiceKey>,
+        /// `get flows`: the flows the NetworkPolicies denied last.
+        #[arg(long)]
+        denied: bool,
     },
     /// Run a connectivity matrix from inside this node's pods (to every pod known, this
     /// node and every peer node) and print a pass/fail table; exits non-zero on a failure.

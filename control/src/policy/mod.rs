@@ -18,18 +18,24 @@
 //!   destination pod's container ports; the protocol defaults to TCP;
 //! * a namespace's labels include `kubernetes.io/metadata.name` as Kubernetes sets it.
 //!
-//! The dataplane's compiled rules will be checked against this evaluation.
+//! [`compile`] turns the same semantics into the rules the dataplane enforces; a property
+//! test holds the two together.
 
+pub mod compile;
 pub mod selector;
 
 use crate::cluster::manifests::Manifests;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use switchyard_api::PolicyPort;
 
 /// The answer to "may this connection happen?".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -51,6 +57,10 @@ pub struct PodView<'a> {
     pub labels: BTreeMap<String, String>,
     /// `status.podIPs` (first).
     pub ip: Option<IpAddr>,
+    /// `status.podIPs` (all).
+    pub ips: Vec<IpAddr>,
+    /// `spec.nodeName`.
+    pub node: Option<&'a str>,
     /// Named container ports: name -> (port, protocol).
     pub ports: BTreeMap<String, (u16, String)>,
 }
@@ -67,21 +77,23 @@ pub fn pod_view(pod: &Pod) -> PodView<'_> {
             }
         }
     }
-    let ip = pod
-        .status
-        .as_ref()
-        .and_then(|s| {
-            s.pod_ips
-                .as_ref()
-                .and_then(|ips| ips.first().map(|p| p.ip.clone()))
-                .or_else(|| s.pod_ip.clone())
-        })
-        .and_then(|t| t.parse().ok());
+    let status = pod.status.as_ref();
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if ips.is_empty() {
+        ips.extend(status.and_then(|s| s.pod_ip.as_ref()?.parse::<IpAddr>().ok()));
+    }
     PodView {
         namespace: meta.namespace.as_deref().unwrap_or("default"),
         name: meta.name.as_deref().unwrap_or_default(),
         labels: meta.labels.clone().unwrap_or_default(),
-        ip,
+        ip: ips.first().copied(),
+        ips,
+        node: pod.spec.as_ref().and_then(|s| s.node_name.as_deref()),
         ports,
     }
 }
@@ -100,13 +112,15 @@ fn namespace_labels(m: &Manifests, namespace: &str) -> BTreeMap<String, String> 
 
 /// The directions a policy applies to: `(ingress, egress)`.
 fn directions(policy: &NetworkPolicy) -> (bool, bool) {
-    let spec = policy.spec.clone().unwrap_or_default();
+    let Some(spec) = &policy.spec else {
+        return (true, false);
+    };
     match &spec.policy_types {
         Some(types) => (
             types.iter().any(|t| t == "Ingress"),
             types.iter().any(|t| t == "Egress"),
         ),
-        None => (true, spec.egress.is_some_and(|e| !e.is_empty())),
+        None => (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty())),
     }
 }
 
@@ -121,25 +135,34 @@ fn policy_name(policy: &NetworkPolicy) -> String {
 /// True when `policy` selects `pod`.
 fn selects(policy: &NetworkPolicy, pod: &PodView) -> bool {
     policy.metadata.namespace.as_deref().unwrap_or("default") == pod.namespace
-        && selector::matches(
-            &policy
-                .spec
-                .as_ref()
-                .and_then(|s| s.pod_selector.clone())
-                .unwrap_or_default(),
-            &pod.labels,
-        )
+        && policy
+            .spec
+            .as_ref()
+            .and_then(|s| s.pod_selector.as_ref())
+            .is_none_or(|sel| selector::matches(sel, &pod.labels))
 }
 
 /// True when `peer` (in a policy of namespace `policy_ns`) matches `pod`.
 fn peer_matches(m: &Manifests, peer: &NetworkPolicyPeer, policy_ns: &str, pod: &PodView) -> bool {
+    peer_admits(peer, policy_ns, pod, |sel| {
+        selector::matches(sel, &namespace_labels(m, pod.namespace))
+    })
+}
+
+/// True when `peer` (in a policy of namespace `policy_ns`) matches `pod`, whose namespace
+/// a namespace selector selects when `namespace_selected` says so.
+fn peer_admits(
+    peer: &NetworkPolicyPeer,
+    policy_ns: &str,
+    pod: &PodView,
+    namespace_selected: impl Fn(&LabelSelector) -> bool,
+) -> bool {
     if let Some(block) = &peer.ip_block {
         let Some(ip) = pod.ip else { return false };
-        let inside = |cidr: &str| cidr.parse::<IpNet>().is_ok_and(|n| n.contains(&ip));
-        return inside(&block.cidr) && !block.except.iter().flatten().any(|e| inside(e));
+        return in_block(block, ip);
     }
     let namespace_ok = match &peer.namespace_selector {
-        Some(sel) => selector::matches(sel, &namespace_labels(m, pod.namespace)),
+        Some(sel) => namespace_selected(sel),
         None => pod.namespace == policy_ns,
     };
     let pod_ok = peer
@@ -149,26 +172,91 @@ fn peer_matches(m: &Manifests, peer: &NetworkPolicyPeer, policy_ns: &str, pod: &
     namespace_ok && pod_ok
 }
 
+/// True when `ip` is inside the block's CIDR and outside every `except`.
+fn in_block(block: &IPBlock, ip: IpAddr) -> bool {
+    let inside = |cidr: &str| cidr.parse::<IpNet>().is_ok_and(|n| n.contains(&ip));
+    inside(&block.cidr) && !block.except.iter().flatten().any(|e| inside(e))
+}
+
+/// The IP protocol number of a NetworkPolicy protocol name (TCP, UDP, SCTP).
+pub fn protocol_number(name: &str) -> Option<u8> {
+    match name.to_ascii_uppercase().as_str() {
+        "TCP" => Some(6),
+        "UDP" => Some(17),
+        "SCTP" => Some(132),
+        _ => None,
+    }
+}
+
+/// A policy port as the dataplane admits it, its name resolved against `server`'s
+/// container ports; `None` when it admits nothing (a name `server` does not have, or has
+/// for another protocol; any name when there is no server).
+pub fn wire_port(p: &NetworkPolicyPort, server: Option<&PodView>) -> Option<PolicyPort> {
+    let protocol = protocol_number(p.protocol.as_deref().unwrap_or("TCP"))?;
+    let (port, end_port) = match &p.port {
+        None => (0, None),
+        Some(IntOrString::Int(n)) => (
+            u16::try_from(*n).ok()?,
+            p.end_port.and_then(|e| u16::try_from(e).ok()),
+        ),
+        Some(IntOrString::String(name)) => {
+            let (n, proto) = server?.ports.get(name)?;
+            if protocol_number(proto) != Some(protocol) {
+                return None;
+            }
+            (*n, None)
+        }
+    };
+    Some(PolicyPort {
+        protocol,
+        port,
+        end_port,
+    })
+}
+
+/// True when the dataplane's `port` admits `protocol`/`number`.
+pub fn admits(port: &PolicyPort, protocol: u8, number: u16) -> bool {
+    port.protocol == protocol
+        && (port.port == 0 || (port.port..=port.end_port.unwrap_or(port.port)).contains(&number))
+}
+
 /// True when `ports` (empty: all) admit `port`/`protocol` on `server`.
 fn port_matches(ports: &[NetworkPolicyPort], port: u16, protocol: &str, server: &PodView) -> bool {
+    let Some(protocol) = protocol_number(protocol) else {
+        return ports.is_empty();
+    };
     ports.is_empty()
-        || ports.iter().any(|p| {
-            let p_protocol = p.protocol.as_deref().unwrap_or("TCP");
-            if !p_protocol.eq_ignore_ascii_case(protocol) {
-                return false;
-            }
-            match &p.port {
-                None => true,
-                Some(IntOrString::Int(n)) => {
-                    let end = p.end_port.unwrap_or(*n);
-                    (*n..=end).contains(&i32::from(port))
-                }
-                Some(IntOrString::String(name)) => server
-                    .ports
-                    .get(name)
-                    .is_some_and(|(n, proto)| *n == port && proto.eq_ignore_ascii_case(protocol)),
-            }
-        })
+        || ports
+            .iter()
+            .filter_map(|p| wire_port(p, Some(server)))
+            .any(|p| admits(&p, protocol, port))
+}
+
+/// The rules of `policy` for one direction: (peers, ports) each.
+fn rules(
+    policy: &NetworkPolicy,
+    ingress: bool,
+) -> Vec<(Vec<NetworkPolicyPeer>, Vec<NetworkPolicyPort>)> {
+    let spec = policy.spec.clone().unwrap_or_default();
+    if ingress {
+        spec.ingress
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| (r.from.unwrap_or_default(), r.ports.unwrap_or_default()))
+            .collect()
+    } else {
+        spec.egress
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| (r.to.unwrap_or_default(), r.ports.unwrap_or_default()))
+            .collect()
+    }
+}
+
+/// True when `policy` selects `pod` for the direction (`ingress`, else egress).
+fn applies(policy: &NetworkPolicy, ingress: bool, pod: &PodView) -> bool {
+    let (does_ingress, does_egress) = directions(policy);
+    (if ingress { does_ingress } else { does_egress }) && selects(policy, pod)
 }
 
 /// One direction's answer: `None` when no policy applies (open), else the allowing rule or
@@ -184,26 +272,12 @@ fn direction(
 ) -> Option<Result<String, Vec<String>>> {
     let mut applying = Vec::new();
     for policy in m.policies.iter().map(|p| &p.policy) {
-        let (does_ingress, does_egress) = directions(policy);
-        if (ingress && !does_ingress) || (!ingress && !does_egress) || !selects(policy, subject) {
+        if !applies(policy, ingress, subject) {
             continue;
         }
         let name = policy_name(policy);
         let ns = policy.metadata.namespace.as_deref().unwrap_or("default");
-        let spec = policy.spec.clone().unwrap_or_default();
-        let rules: Vec<(Vec<NetworkPolicyPeer>, Vec<NetworkPolicyPort>)> = if ingress {
-            spec.ingress
-                .unwrap_or_default()
-                .into_iter()
-                .map(|r| (r.from.unwrap_or_default(), r.ports.unwrap_or_default()))
-                .collect()
-        } else {
-            spec.egress
-                .unwrap_or_default()
-                .into_iter()
-                .map(|r| (r.to.unwrap_or_default(), r.ports.unwrap_or_default()))
-                .collect()
-        };
+        let rules = rules(policy, ingress);
         for (i, (peers, ports)) in rules.iter().enumerate() {
             let peer_ok = peers.is_empty() || peers.iter().any(|p| peer_matches(m, p, ns, other));
             if peer_ok && port_matches(ports, port, protocol, server) {

@@ -52,13 +52,20 @@ fn table(policies: &str, port: u16, protocol: &str, denied: &[&str]) {
                     if from == to {
                         continue; // a pod reaching itself is not part of the matrices
                     }
-                    let v = explain(&m, &pod(&m, &from), &pod(&m, &to), port, protocol);
+                    let (client, server) = (pod(&m, &from), pod(&m, &to));
+                    let v = explain(&m, &client, &server, port, protocol);
                     let pair = format!("{from}->{to}");
                     assert_eq!(
                         v.allowed,
                         !denied.contains(&pair.as_str()),
                         "{pair} {port}/{protocol}: {}",
                         v.reason
+                    );
+                    let (enforced, _) =
+                        super::compile::tests::enforced(&m, &client, &server, port, protocol);
+                    assert_eq!(
+                        enforced, v.allowed,
+                        "{pair} {port}/{protocol}: the dataplane's rules"
                     );
                 }
             }

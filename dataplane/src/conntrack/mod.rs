@@ -21,7 +21,9 @@
 //! holds; ports are shared between destinations, as Linux's NAT shares them, so the range
 //! bounds the flows per destination, not in all.
 
+pub mod key;
 pub mod life;
+pub mod policy;
 pub mod service;
 mod shards;
 

@@ -127,6 +127,10 @@ named_counters! {
         /// A new flow to a Service whose replies could not be told from another flow's
         /// (one client port to two Services sharing a backend).
         ServiceReplyClash => "service_reply_clash",
+        /// Denied by the NetworkPolicy ingress rules of the destination pod.
+        PolicyDeniedIngress => "policy_denied_ingress",
+        /// Denied by the NetworkPolicy egress rules of the source pod.
+        PolicyDeniedEgress => "policy_denied_egress",
     }
 }
 

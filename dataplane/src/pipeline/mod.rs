@@ -28,6 +28,7 @@ pub mod icmp_error;
 pub mod masquerade;
 pub mod nat;
 pub mod neighbor;
+mod policy;
 mod services;
 
 use crate::buffer::PacketBuf;
@@ -37,7 +38,7 @@ use crate::wire::{ipv4::Ipv4Packet, ipv6::Ipv6Packet, vnet, VnetHeader};
 pub use counters::{Counters, DropReason, Event};
 use icmp_error::{IcmpError, RateLimiter};
 use masquerade::Translated;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub use crate::wire::{ETH_OFFSET, L3_OFFSET};
 
@@ -196,6 +197,7 @@ impl Pipeline {
         if !ip.verify_checksum() {
             return self.drop(DropReason::BadIpv4Checksum);
         }
+        let origin = self.origin(tables, ip.as_bytes(), false);
         let mut serviced = false;
         if !tables.services.is_empty() {
             let bytes = ip.into_inner();
@@ -266,6 +268,11 @@ impl Pipeline {
         let nh = tables.routes_v4.lookup(u32::from(dst));
         match self.route(tables, ingress, nh, ip.ttl(), wire_len) {
             Ok(egress) => {
+                if let Err(reason) =
+                    self.police(tables, ingress, egress, ip.as_bytes(), false, origin)
+                {
+                    return self.drop(reason);
+                }
                 ip.decrement_ttl();
                 if ingress.role == PortRole::Pod
                     && egress.role == PortRole::Host
@@ -312,6 +319,7 @@ impl Pipeline {
         if !ingress.may_send_from_v6(src) {
             return self.drop(DropReason::SpoofedSource);
         }
+        let origin = self.origin(tables, ip.as_bytes(), true);
         if !tables.services.is_empty() {
             let partial = head[0] & vnet::F_NEEDS_CSUM != 0;
             let bytes = ip.into_inner();
@@ -341,6 +349,11 @@ impl Pipeline {
         let nh = tables.routes_v6.lookup(u128::from(dst));
         match self.route(tables, ingress, nh, ip.hop_limit(), wire_len) {
             Ok(egress) => {
+                if let Err(reason) =
+                    self.police(tables, ingress, egress, ip.as_bytes(), true, origin)
+                {
+                    return self.drop(reason);
+                }
                 ip.decrement_hop_limit();
                 self.rewrite_ethernet(tables, egress, head, Event::ForwardedIpv6);
                 Verdict::Forward(nh)
@@ -413,6 +426,43 @@ impl Pipeline {
         eth[0..6].copy_from_slice(&egress.mac.0);
         eth[6..12].copy_from_slice(&tables.gateway.mac.0);
         self.counters.event(event);
+    }
+
+    /// The source of the IP packet `l3` (IPv6 when `v6`) before the stages that translate
+    /// before routing, when the policy stage will need it (policies in force, and a stage
+    /// that may translate).
+    #[inline(always)]
+    fn origin<D>(&self, tables: &Tables<D>, l3: &[u8], v6: bool) -> Option<(IpAddr, u16)> {
+        let translating = !tables.services.is_empty() || (!v6 && tables.masquerade.is_some());
+        if tables.policy.is_empty() || !translating {
+            return None;
+        }
+        policy::origin(l3, v6)
+    }
+
+    /// Runs the policy stage over a routed packet `l3` (IPv6 when `v6`) whose source
+    /// before translation was `origin` (none: as it is now).
+    #[inline(always)]
+    fn police<D>(
+        &self,
+        tables: &Tables<D>,
+        ingress: &Port<D>,
+        egress: &Port<D>,
+        l3: &[u8],
+        v6: bool,
+        origin: Option<(IpAddr, u16)>,
+    ) -> Result<(), DropReason> {
+        if tables.policy.is_empty() {
+            return Ok(());
+        }
+        let Some(mut packet) = policy::packet(l3, v6) else {
+            return Ok(());
+        };
+        if let Some((src, src_port)) = origin {
+            packet.key.src = src;
+            packet.key.src_port = src_port;
+        }
+        policy::check(tables, ingress, egress, &packet, self.now_ns)
     }
 
     /// Runs the Service stage over the IP packet `bytes` (IPv6 when `v6`).

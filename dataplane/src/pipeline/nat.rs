@@ -49,6 +49,44 @@ pub fn l4_of(l3: &[u8]) -> Option<L4> {
     ports_in(ip.protocol(), ip.rest())
 }
 
+/// The outer facts of an IPv4 or IPv6 packet `l3`, whole or quoted in an ICMP error.
+#[derive(Debug, Clone, Copy)]
+pub struct IpHead {
+    /// IP protocol (IPv6: the fixed header's next header).
+    pub protocol: u8,
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// Where the transport header starts.
+    pub l4_at: usize,
+    /// An IPv4 fragment other than the first (no transport header).
+    pub later_fragment: bool,
+}
+
+/// Reads the IP header of `l3` (IPv6 when `v6`); `None` when it is cut short.
+pub fn ip_head(l3: &[u8], v6: bool) -> Option<IpHead> {
+    if v6 {
+        let ip = Ipv6Packet::new_quoted(l3).ok()?;
+        Some(IpHead {
+            protocol: ip.next_header(),
+            src: ip.src().into(),
+            dst: ip.dst().into(),
+            l4_at: crate::wire::ipv6::HEADER_LEN,
+            later_fragment: false,
+        })
+    } else {
+        let ip = Ipv4Header::new_checked(l3).ok()?;
+        Some(IpHead {
+            protocol: ip.protocol(),
+            src: ip.src().into(),
+            dst: ip.dst().into(),
+            l4_at: ip.header_len(),
+            later_fragment: ip.is_later_fragment(),
+        })
+    }
+}
+
 /// The ports of the transport header `l4` of `protocol`, if it is translatable.
 #[inline]
 fn ports_in(protocol: u8, l4: &[u8]) -> Option<L4> {

@@ -26,7 +26,7 @@
 //! addressed to their backend. Checksums are updated incrementally, partial ones kept
 //! partial, so super-frames are translated whole.
 
-use super::nat::{translate_ip, Side};
+use super::nat::{ip_head, translate_ip, IpHead, Side};
 use super::DropReason;
 use crate::conntrack::service::{FlowKey, Frontend, Refusal, ServiceFlows};
 use crate::conntrack::FxBuild;
@@ -138,27 +138,17 @@ fn icmp_error(flows: &ServiceFlows, l3: &mut [u8], v6: bool) -> bool {
 
 /// The tuple of a TCP or UDP packet, whole or quoted in an ICMP error (which may carry only
 /// its start), and where its transport header starts; the IP header is parsed once.
-fn flow_key(l3: &[u8], v6: bool) -> Option<(FlowKey, usize)> {
-    let (protocol, src, dst, l4_at): (u8, IpAddr, IpAddr, usize) = if v6 {
-        let ip = Ipv6Packet::new_quoted(l3).ok()?;
-        (
-            ip.next_header(),
-            ip.src().into(),
-            ip.dst().into(),
-            ipv6::HEADER_LEN,
-        )
-    } else {
-        let ip = Ipv4Header::new_checked(l3).ok()?;
-        if ip.is_later_fragment() {
-            return None;
-        }
-        (
-            ip.protocol(),
-            ip.src().into(),
-            ip.dst().into(),
-            ip.header_len(),
-        )
-    };
+pub(super) fn flow_key(l3: &[u8], v6: bool) -> Option<(FlowKey, usize)> {
+    let IpHead {
+        protocol,
+        src,
+        dst,
+        l4_at,
+        later_fragment,
+    } = ip_head(l3, v6)?;
+    if later_fragment {
+        return None;
+    }
     if protocol != ipv4::PROTO_TCP && protocol != ipv4::PROTO_UDP {
         return None;
     }

@@ -890,7 +890,7 @@ mod service_stage {
 
     /// web (10.96.0.10, fd00:96::10) -> B; empty (10.96.0.11) -> nothing; own
     /// (10.96.0.12) -> A; sticky (10.96.0.13, affinity) -> A, B and two pods elsewhere.
-    fn tables() -> Tables<()> {
+    pub(super) fn tables() -> Tables<()> {
         let mut b = TableBuilder::new(Gateway::default());
         b.insert_port(bare_port(
             1,
@@ -924,7 +924,7 @@ mod service_stage {
     }
 
     /// A TCP segment (20-byte header, flags, "hi") with a complete checksum.
-    fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Vec<u8> {
+    pub(super) fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Vec<u8> {
         let mut t = vec![0u8; 20];
         t[0..2].copy_from_slice(&sport.to_be_bytes());
         t[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -1194,5 +1194,282 @@ mod service_stage {
         assert_eq!(&quote[16..20], &[10, 96, 0, 10], "the quote as A sent it");
         assert_eq!(&quote[22..24], &80u16.to_be_bytes());
         assert_eq!(checksum::checksum(&quote[..20]), 0);
+    }
+}
+
+/// NetworkPolicy through the pipeline, sans-IO: pods A (port 1) and B (port 3), the host
+/// port (2), and the Services of the Service stage's tests.
+mod policy_stage {
+    use super::service_stage::tcp;
+    use super::*;
+    use crate::tables::builder::{NodePorts, TableBuilder};
+    use crate::tables::policy::PolicyTable;
+    use crate::tables::Gateway;
+    use crate::wire::tcp::{FLAG_ACK, FLAG_SYN};
+    use std::collections::BTreeMap;
+    use switchyard_api::{
+        NextHop as ApiNextHop, PodPolicy, PolicyDirection, PolicyPeer, PolicyPort, PolicyRule,
+        PolicySet,
+    };
+
+    const HOST_MAC: MacAddr = MacAddr([0x0e, 0xee, 0xee, 0, 0, 1]);
+    const NODE: &str = "192.168.1.10";
+
+    /// A rule from `peer` (any when none) on TCP `port` (any when none).
+    fn rule(origin: &str, peer: Option<&str>, port: Option<u16>) -> PolicyRule {
+        PolicyRule {
+            origin: origin.into(),
+            peers: peer
+                .map(|p| PolicyPeer {
+                    cidr: p.parse().unwrap(),
+                    except: Vec::new(),
+                })
+                .into_iter()
+                .collect(),
+            ports: port
+                .map(|port| PolicyPort {
+                    protocol: 6,
+                    port,
+                    end_port: None,
+                })
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// Pod `name` at `addr` with ingress and egress rules (indexes into `rules`; none:
+    /// open).
+    fn pod(
+        name: &str,
+        addrs: &[&str],
+        ingress: Option<Vec<u32>>,
+        egress: Option<Vec<u32>>,
+    ) -> PodPolicy {
+        let direction = |rules: Option<Vec<u32>>| {
+            rules.map(|rules| PolicyDirection {
+                policies: vec![format!("default/{name}-policy")],
+                rules,
+            })
+        };
+        PodPolicy {
+            namespace: "default".into(),
+            name: name.into(),
+            addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            ingress: direction(ingress),
+            egress: direction(egress),
+        }
+    }
+
+    /// The Service stage's tables (A, B and Services), the host port with a route to the
+    /// node, and `set` compiled as `generation`.
+    fn tables(set: &PolicySet, generation: u64) -> Tables<()> {
+        let mut b = TableBuilder::new(Gateway::default());
+        let base = super::service_stage::tables();
+        for port in base.ports.values() {
+            b.insert_port(port.clone());
+        }
+        let host = bare_port(2, HOST_MAC, &[], PortRole::Host);
+        b.insert_port(host.clone());
+        let mut routes = BTreeMap::new();
+        routes.insert(format!("{NODE}/32").parse().unwrap(), ApiNextHop::Host);
+        b.set_cluster(
+            routes,
+            NodePorts {
+                host: Some(host),
+                ..NodePorts::default()
+            },
+        );
+        b.set_services(base.services.clone());
+        b.set_policy(Arc::new(PolicyTable::compile(
+            set,
+            generation,
+            vec![NODE.parse().unwrap()],
+        )));
+        let mut t = b.build();
+        // One flow table across rule changes, as the dataplane keeps it.
+        t.policy_flows = FLOWS.with(|f| f.clone());
+        t
+    }
+
+    thread_local! {
+        static FLOWS: Arc<crate::conntrack::policy::PolicyFlows> =
+            Arc::new(crate::conntrack::policy::PolicyFlows::new(1000));
+    }
+
+    fn send(t: &Tables<()>, from: u32, l3: &[u8]) -> (Verdict, Vec<u8>) {
+        let (mac, ethertype) = match from {
+            1 => (A_MAC, 0x0800),
+            3 => (B_MAC, 0x0800),
+            _ => (HOST_MAC, 0x0800),
+        };
+        let ethertype = if l3[0] >> 4 == 6 { 0x86dd } else { ethertype };
+        run_bare(t, from, eth(GW, mac, ethertype, l3))
+    }
+
+    fn forwarded(v: Verdict) -> bool {
+        matches!(v, Verdict::Forward(_))
+    }
+
+    #[test]
+    fn ingress_rules_admit_their_peer_and_port_and_replies_pass() {
+        // B admits A on TCP 80 only, and denies all its own egress.
+        let set = PolicySet {
+            rules: vec![rule(
+                "default/b-policy ingress rule 0",
+                Some("10.244.0.5/32"),
+                Some(80),
+            )],
+            pods: vec![pod("b", &["10.244.0.6"], Some(vec![0]), Some(vec![]))],
+        };
+        let t = tables(&set, 1);
+        let (v, _) = send(&t, 1, &tcp("10.244.0.5", 40000, "10.244.0.6", 80, FLAG_SYN));
+        assert!(forwarded(v), "allowed: {v:?}");
+        let (v, _) = send(
+            &t,
+            3,
+            &tcp("10.244.0.6", 80, "10.244.0.5", 40000, FLAG_SYN | FLAG_ACK),
+        );
+        assert!(forwarded(v), "the reply passes B's egress deny: {v:?}");
+        let (v, _) = send(&t, 1, &tcp("10.244.0.5", 40001, "10.244.0.6", 81, FLAG_SYN));
+        assert_eq!(v, Verdict::Drop, "port 81 is not admitted");
+        let (v, _) = send(&t, 3, &tcp("10.244.0.6", 40002, "10.244.0.5", 80, FLAG_SYN));
+        assert_eq!(v, Verdict::Drop, "B opens nothing");
+        let denied = t.policy_flows.denied();
+        let last = &denied[denied.len() - 2..];
+        assert_eq!((last[0].denial.ingress, last[0].flow.dst_port), (true, 81));
+        assert_eq!(
+            (last[1].denial.ingress, &*last[1].denial.pod),
+            (false, "default/b")
+        );
+        assert_eq!(&*last[1].denial.policies, ["default/b-policy".to_string()]);
+        // IPv6 addresses of B are not selected here: open.
+        let (v, _) = send(&t, 1, &tcp("fd00::5", 40000, "fd00::6", 81, FLAG_SYN));
+        assert!(forwarded(v));
+    }
+
+    #[test]
+    fn drops_are_counted_by_direction() {
+        let set = PolicySet {
+            rules: vec![],
+            pods: vec![pod("a", &["10.244.0.5"], None, Some(vec![]))],
+        };
+        let t = tables(&set, 1);
+        let mut pipeline = Pipeline::new();
+        let mut bufs = vec![PacketBuf::new()];
+        bufs[0].load_ethernet(&eth(
+            GW,
+            A_MAC,
+            0x0800,
+            &tcp("10.244.0.5", 1, "10.244.0.6", 80, FLAG_SYN),
+        ));
+        let mut verdicts = [Verdict::Drop];
+        pipeline.process(&t, &t.ports[&1].clone(), &mut bufs, &mut verdicts, 1);
+        assert_eq!(
+            pipeline.counters().dropped(DropReason::PolicyDeniedEgress),
+            1
+        );
+        assert_eq!(
+            pipeline.counters().dropped(DropReason::PolicyDeniedIngress),
+            0
+        );
+    }
+
+    #[test]
+    fn the_node_always_reaches_its_pods_and_they_it() {
+        let set = PolicySet {
+            rules: vec![],
+            pods: vec![pod("a", &["10.244.0.5"], Some(vec![]), Some(vec![]))],
+        };
+        let t = tables(&set, 1);
+        let (v, _) = send(&t, 2, &tcp(NODE, 50000, "10.244.0.5", 80, FLAG_SYN));
+        assert!(forwarded(v), "node to pod: {v:?}");
+        let (v, _) = send(&t, 1, &tcp("10.244.0.5", 80, NODE, 50001, FLAG_SYN));
+        assert!(forwarded(v), "pod to node: {v:?}");
+        let (v, _) = send(&t, 1, &tcp("10.244.0.5", 80, "10.244.0.6", 50001, FLAG_SYN));
+        assert_eq!(v, Verdict::Drop, "but not to another pod");
+    }
+
+    #[test]
+    fn a_rule_change_stops_an_established_flow_in_both_directions() {
+        let open = PolicySet {
+            rules: vec![rule("default/b-policy ingress rule 0", None, Some(80))],
+            pods: vec![pod("b", &["10.244.0.6"], Some(vec![0]), None)],
+        };
+        let t1 = tables(&open, 10);
+        let syn = tcp("10.244.0.5", 41000, "10.244.0.6", 80, FLAG_SYN);
+        assert!(forwarded(send(&t1, 1, &syn).0));
+        let answer = tcp("10.244.0.6", 80, "10.244.0.5", 41000, FLAG_ACK);
+        assert!(forwarded(send(&t1, 3, &answer).0));
+        let closed = PolicySet {
+            rules: vec![],
+            pods: open.pods.clone(),
+        };
+        let t2 = tables(&closed, 11);
+        assert_eq!(
+            send(&t2, 3, &answer).0,
+            Verdict::Drop,
+            "the server's side stops"
+        );
+        let more = tcp("10.244.0.5", 41000, "10.244.0.6", 80, FLAG_ACK);
+        assert_eq!(send(&t2, 1, &more).0, Verdict::Drop, "and the client's");
+        // Back open: the flow goes on.
+        let t3 = tables(&open, 12);
+        assert!(forwarded(send(&t3, 1, &more).0));
+    }
+
+    #[test]
+    fn a_flow_older_than_the_rules_keeps_its_replies() {
+        // B may open nothing, but A's connection to B:80 started before the rules.
+        let set = PolicySet {
+            rules: vec![],
+            pods: vec![pod("b", &["10.244.0.6"], None, Some(vec![]))],
+        };
+        let t = tables(&set, 20);
+        let reply = tcp("10.244.0.6", 80, "10.244.0.5", 42000, FLAG_ACK);
+        assert!(
+            forwarded(send(&t, 3, &reply).0),
+            "a reply in mid-stream passes"
+        );
+        // A new connection from B is still denied.
+        let syn = tcp("10.244.0.6", 42001, "10.244.0.5", 80, FLAG_SYN);
+        assert_eq!(send(&t, 3, &syn).0, Verdict::Drop);
+    }
+
+    #[test]
+    fn policy_sees_the_service_client_and_the_backend() {
+        // web (10.96.0.10:80) -> B:8080. B admits A on 8080 only; A may reach B only.
+        let set = PolicySet {
+            rules: vec![
+                rule(
+                    "default/b-policy ingress rule 0",
+                    Some("10.244.0.5/32"),
+                    Some(8080),
+                ),
+                rule(
+                    "default/a-policy egress rule 0",
+                    Some("10.244.0.6/32"),
+                    None,
+                ),
+            ],
+            pods: vec![
+                pod("b", &["10.244.0.6"], Some(vec![0]), None),
+                pod("a", &["10.244.0.5"], None, Some(vec![1])),
+            ],
+        };
+        let t = tables(&set, 30);
+        let (v, frame) = send(&t, 1, &tcp("10.244.0.5", 43000, "10.96.0.10", 80, FLAG_SYN));
+        assert!(forwarded(v), "{v:?}");
+        assert_eq!(&frame[14 + 16..14 + 20], &[10, 244, 0, 6]);
+        let (v, frame) = send(
+            &t,
+            3,
+            &tcp("10.244.0.6", 8080, "10.244.0.5", 43000, FLAG_SYN | FLAG_ACK),
+        );
+        assert!(forwarded(v), "the backend's reply: {v:?}");
+        assert_eq!(
+            &frame[14 + 12..14 + 16],
+            &[10, 96, 0, 10],
+            "from the frontend"
+        );
     }
 }

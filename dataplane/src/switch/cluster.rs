@@ -35,7 +35,7 @@ const HOST_PORT_MTU: u32 = 65_521;
 
 /// The node settings in force and what was made of them.
 pub(super) struct NodeState {
-    spec: NodeSpec,
+    pub(super) spec: NodeSpec,
     plan: NodePlan,
     uplink: UplinkInfo,
     host: Arc<Port<PortIo>>,
@@ -249,6 +249,9 @@ impl Switch {
                 .services
                 .table(Some(&spec), &previous, Some(&Default::default()), &flows);
         state.builder.set_services(services);
+        // Traffic between a pod and its node passes whatever the policies say.
+        let policy = state.policies.table(&self.config.gateway, Some(&spec));
+        state.builder.set_policy(policy);
 
         let ports = NodePorts {
             host: Some(host.clone()),

@@ -8,6 +8,7 @@
 mod cluster;
 mod egress;
 mod persist;
+mod policy;
 mod services;
 #[cfg(test)]
 mod tests;
@@ -75,6 +76,7 @@ struct State {
     next_port_id: u32,
     node: Option<cluster::NodeState>,
     services: services::Services,
+    policies: policy::Policies,
 }
 
 /// A running switch.
@@ -108,6 +110,7 @@ impl Switch {
                 next_port_id: 1,
                 node: None,
                 services: services::Services::default(),
+                policies: policy::Policies::default(),
             }),
             node_mtu: AtomicU32::new(0),
             config,
@@ -180,6 +183,9 @@ impl Switch {
             } => self.apply_services(upsert, &remove, replace, maglev_table_size),
             Request::ListServices => Ok(self.list_services()),
             Request::ListServiceFlows { service } => Ok(self.service_flows(service.as_ref())),
+            Request::ApplyPolicies(set) => self.apply_policies(set),
+            Request::ListPolicies => Ok(self.list_policies()),
+            Request::ListDeniedFlows => Ok(self.denied_flows()),
         }
     }
 
@@ -564,6 +570,7 @@ fn spawn_housekeeping(shared: std::sync::Weak<SharedTables<PortIo>>) -> io::Resu
             tables
                 .service_flows
                 .sweep(now, tables.services.longest_affinity_ns());
+            tables.policy_flows.sweep(now);
         })
         .map(|_| ())
 }

@@ -15,6 +15,8 @@ use switchyard_api::{self as api, ApiError, ErrorCode, IpNet, RouteInfo, RouteOr
 
 /// Flows to Services tracked at most (each about 200 bytes).
 pub const DEFAULT_SERVICE_FLOWS: usize = 1 << 20;
+/// The most flows whose policy verdict is remembered.
+pub const DEFAULT_POLICY_FLOWS: usize = 1 << 20;
 const NH_BLACKHOLE: u32 = 1;
 const NH_UNREACHABLE: u32 = 2;
 const NH_FIRST_PORT: u32 = 3;
@@ -30,6 +32,8 @@ pub struct TableBuilder<D> {
     masquerade: Option<Arc<super::masquerade::Masquerading>>,
     services: Arc<super::services::ServiceTable>,
     service_flows: Arc<crate::conntrack::service::ServiceFlows>,
+    policy: Arc<super::policy::PolicyTable>,
+    policy_flows: Arc<crate::conntrack::policy::PolicyFlows>,
 }
 
 /// The ports through which [`api::NextHop::Host`] and [`api::NextHop::Peer`] routes leave.
@@ -77,7 +81,26 @@ impl<D> TableBuilder<D> {
             service_flows: Arc::new(crate::conntrack::service::ServiceFlows::new(
                 DEFAULT_SERVICE_FLOWS,
             )),
+            policy: Arc::default(),
+            policy_flows: Arc::new(crate::conntrack::policy::PolicyFlows::new(
+                DEFAULT_POLICY_FLOWS,
+            )),
         }
+    }
+
+    /// Sets the NetworkPolicy rules for the next snapshots.
+    pub fn set_policy(&mut self, policy: Arc<super::policy::PolicyTable>) {
+        self.policy = policy;
+    }
+
+    /// The NetworkPolicy rules in force.
+    pub fn policy(&self) -> &Arc<super::policy::PolicyTable> {
+        &self.policy
+    }
+
+    /// The policy verdicts of flows (one table for the dataplane's life).
+    pub fn policy_flows(&self) -> &Arc<crate::conntrack::policy::PolicyFlows> {
+        &self.policy_flows
     }
 
     /// Sets the Services for the next snapshots.
@@ -378,6 +401,8 @@ impl<D> TableBuilder<D> {
             host_ports: super::host_ports::HostPorts::new(self.host_ports()),
             services: self.services.clone(),
             service_flows: self.service_flows.clone(),
+            policy: self.policy.clone(),
+            policy_flows: self.policy_flows.clone(),
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod host_ports;
 pub mod lpm;
 pub mod maglev;
 pub mod masquerade;
+pub mod policy;
 pub mod services;
 
 pub use crate::gateway::Gateway;
@@ -153,6 +154,10 @@ pub struct Tables<D> {
     pub services: Arc<services::ServiceTable>,
     /// The flows to Services, shared by every snapshot.
     pub service_flows: Arc<crate::conntrack::service::ServiceFlows>,
+    /// The NetworkPolicy rules of the node's selected pods.
+    pub policy: Arc<policy::PolicyTable>,
+    /// The policy verdicts of flows, shared by every snapshot.
+    pub policy_flows: Arc<crate::conntrack::policy::PolicyFlows>,
 }
 
 impl<D> Tables<D> {
@@ -169,6 +174,8 @@ impl<D> Tables<D> {
             host_ports: host_ports::HostPorts::default(),
             services: Arc::default(),
             service_flows: Arc::new(crate::conntrack::service::ServiceFlows::new(0)),
+            policy: Arc::default(),
+            policy_flows: Arc::new(crate::conntrack::policy::PolicyFlows::new(0)),
         }
     }
 

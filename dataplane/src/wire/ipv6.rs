@@ -38,6 +38,11 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
         self.buf
     }
 
+    /// The whole buffer, header first.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.buf.as_ref()
+    }
+
     /// Payload length the header declares.
     pub fn payload_len(&self) -> usize {
         usize::from(read_u16(self.buf.as_ref(), 4))

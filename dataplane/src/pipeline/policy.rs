@@ -1,0 +1,289 @@
+//! The NetworkPolicy stage, after routing (so after Service translation: a backend's
+//! ingress rules see the client, a client's egress rules see the backend), IPv4 and IPv6.
+//!
+//! A packet is checked only when it leaves a pod of this node that a policy selects
+//! (that pod's egress rules) or enters one (its ingress rules); every other packet passes
+//! untouched, without a lookup. A checked packet looks its flow up: a flow decided under
+//! the rules in force passes or drops as decided, in either direction (replies of an
+//! allowed flow pass whatever the replier's rules say). A flow decided under older rules,
+//! or not yet seen, is decided now with its client's egress rules and its server's
+//! ingress rules: both must allow.
+//!
+//! Which end is the client: the source of a packet that opens a flow (TCP SYN, UDP, SCTP,
+//! echo request, anything else); the destination of an echo reply. A TCP segment in the
+//! middle of a flow the table does not know (a flow older than the rules that now select
+//! one of its pods) is allowed when either end could have opened it, so that replies of a
+//! flow that started before enforcement are not dropped. An ICMP error passes when it is
+//! about an allowed flow. Traffic between a pod and its own node, and a pod's traffic to
+//! itself, always passes; so do IPv4 fragments after the first (they carry no port: the
+//! first fragment decides, and a later one without it is never reassembled).
+
+use super::nat::{ip_head, IpHead};
+use super::services::flow_key;
+use super::DropReason;
+use crate::conntrack::key::FlowKey;
+use crate::conntrack::policy::{Denial, Known, Verdict};
+use crate::tables::policy::PodRules;
+use crate::tables::{Port, PortRole, Tables};
+use crate::wire::icmp::{self, IcmpPacket};
+use crate::wire::{ipv4, ipv6, tcp, TcpPacket, UdpPacket};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// SCTP's protocol number (its header starts with the two ports, as UDP's does).
+const PROTO_SCTP: u8 = 132;
+/// ICMPv6 echo request and reply.
+const V6_ECHO_REQUEST: u8 = 128;
+const V6_ECHO_REPLY: u8 = 129;
+
+/// How a packet stands to the start of its flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Opening {
+    /// Its source is the client.
+    Opens,
+    /// Its destination is the client (an echo reply).
+    Answers,
+    /// Either end may be the client (a TCP segment other than the first).
+    Either,
+    /// Not judged (an IPv4 fragment after the first).
+    Unjudged,
+}
+
+/// What the stage reads of a packet.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Packet {
+    /// Its tuple (ICMP echo: the identifier as both ports; other protocols: no ports).
+    pub key: FlowKey,
+    /// TCP flags.
+    pub tcp_flags: Option<u8>,
+    /// How it stands to its flow's start.
+    pub opening: Opening,
+    /// An ICMP error's quoted flow, turned to run the way the error does.
+    pub quoted: Option<FlowKey>,
+}
+
+/// Reads the packet `l3` (IPv6 when `v6`) as the stage needs it.
+pub(super) fn packet(l3: &[u8], v6: bool) -> Option<Packet> {
+    let IpHead {
+        protocol,
+        src,
+        dst,
+        l4_at,
+        later_fragment,
+    } = ip_head(l3, v6)?;
+    let mut p = Packet {
+        key: FlowKey {
+            protocol,
+            src,
+            src_port: 0,
+            dst,
+            dst_port: 0,
+        },
+        tcp_flags: None,
+        opening: Opening::Opens,
+        quoted: None,
+    };
+    if later_fragment {
+        p.opening = Opening::Unjudged;
+        return Some(p);
+    }
+    // A transport header cut short is judged without ports (only rules for every port
+    // of every protocol admit it).
+    let l4 = l3.get(l4_at..).unwrap_or_default();
+    match protocol {
+        ipv4::PROTO_TCP | ipv4::PROTO_UDP | PROTO_SCTP => {
+            if let Ok(ports) = UdpPacket::new_checked(l4) {
+                p.key.src_port = ports.src_port();
+                p.key.dst_port = ports.dst_port();
+            }
+            if protocol == ipv4::PROTO_TCP {
+                if let Ok(segment) = TcpPacket::new_checked(l4) {
+                    let flags = segment.flags();
+                    p.tcp_flags = Some(flags);
+                    if flags & tcp::FLAG_SYN == 0 || flags & tcp::FLAG_ACK != 0 {
+                        p.opening = Opening::Either;
+                    }
+                }
+            }
+        }
+        ipv4::PROTO_ICMP | ipv6::NEXT_ICMPV6 if (protocol == ipv6::NEXT_ICMPV6) == v6 => {
+            let Ok(message) = IcmpPacket::new_checked(l4) else {
+                return Some(p);
+            };
+            let (request, reply, error) = if v6 {
+                (
+                    V6_ECHO_REQUEST,
+                    V6_ECHO_REPLY,
+                    icmp::is_v6_error(message.kind()),
+                )
+            } else {
+                (
+                    icmp::V4_ECHO_REQUEST,
+                    icmp::V4_ECHO_REPLY,
+                    icmp::is_v4_error(message.kind()),
+                )
+            };
+            if message.kind() == request || message.kind() == reply {
+                p.key.src_port = message.echo_ident();
+                p.key.dst_port = message.echo_ident();
+                if message.kind() == reply {
+                    p.opening = Opening::Answers;
+                }
+            } else if error {
+                p.quoted = l4
+                    .get(icmp::HEADER_LEN..)
+                    .and_then(|quote| flow_key(quote, v6))
+                    .map(|(k, _)| k.reversed());
+            }
+        }
+        _ => {}
+    }
+    Some(p)
+}
+
+/// Which way to decide a flow.
+enum Plan {
+    /// The packet's source is the client.
+    Forward,
+    /// Its destination is.
+    Reverse,
+    /// Whichever allows it, the source first.
+    Either,
+}
+
+/// Whether the client's egress rules and the server's ingress rules (each given only
+/// when that pod is here and selected) allow the flow `key` (client to server).
+fn verdict(
+    key: &FlowKey,
+    client: Option<&Arc<PodRules>>,
+    server: Option<&Arc<PodRules>>,
+) -> Result<(), Denial> {
+    if let Some(pod) = client {
+        if let Some(rules) = &pod.egress {
+            if rules.allows(key.dst, key.protocol, key.dst_port).is_none() {
+                return Err(Denial {
+                    ingress: false,
+                    pod: pod.name.clone(),
+                    policies: rules.policies.clone(),
+                });
+            }
+        }
+    }
+    if let Some(pod) = server {
+        if let Some(rules) = &pod.ingress {
+            if rules.allows(key.src, key.protocol, key.dst_port).is_none() {
+                return Err(Denial {
+                    ingress: true,
+                    pod: pod.name.clone(),
+                    policies: rules.policies.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn denied(ingress: bool) -> DropReason {
+    if ingress {
+        DropReason::PolicyDeniedIngress
+    } else {
+        DropReason::PolicyDeniedEgress
+    }
+}
+
+/// Checks a routed packet from `ingress` to `egress` against the policies: `Ok` to go
+/// on, `Err` with the drop reason when denied (the denied flow is remembered).
+pub(super) fn check<D>(
+    tables: &Tables<D>,
+    ingress: &Port<D>,
+    egress: &Port<D>,
+    packet: &Packet,
+    now_ns: u64,
+) -> Result<(), DropReason> {
+    let table = &*tables.policy;
+    let key = &packet.key;
+    let at_src = (ingress.role == PortRole::Pod)
+        .then(|| table.pod(key.src))
+        .flatten();
+    let at_dst = (egress.role == PortRole::Pod)
+        .then(|| table.pod(key.dst))
+        .flatten();
+    if at_src.is_none() && at_dst.is_none() {
+        return Ok(());
+    }
+    if packet.opening == Opening::Unjudged
+        || key.src == key.dst
+        || (ingress.role == PortRole::Host && table.is_node(key.src))
+        || (egress.role == PortRole::Host && table.is_node(key.dst))
+    {
+        return Ok(());
+    }
+    let flows = &*tables.policy_flows;
+    let generation = table.generation;
+    if let Some(quoted) = &packet.quoted {
+        if let Known::Allowed { .. } = flows.lookup(quoted, generation, None, now_ns) {
+            return Ok(());
+        }
+    }
+    let plan = match flows.lookup(key, generation, packet.tcp_flags, now_ns) {
+        // A SYN from a flow's server opens a new flow over the same tuple.
+        Known::Allowed { reply: true }
+            if packet.opening == Opening::Opens && packet.tcp_flags.is_some() =>
+        {
+            Plan::Forward
+        }
+        Known::Allowed { .. } => return Ok(()),
+        Known::Denied { ingress } => return Err(denied(ingress)),
+        Known::Stale { client } if client == (key.src, key.src_port) => Plan::Forward,
+        Known::Stale { .. } => Plan::Reverse,
+        Known::Unknown => match packet.opening {
+            Opening::Answers => Plan::Reverse,
+            Opening::Either => Plan::Either,
+            _ => Plan::Forward,
+        },
+    };
+    let forward = || verdict(key, at_src, at_dst);
+    let reverse = || verdict(&key.reversed(), at_dst, at_src);
+    let (flow, outcome) = match plan {
+        Plan::Forward => (*key, forward()),
+        Plan::Reverse => (key.reversed(), reverse()),
+        Plan::Either => match forward() {
+            Ok(()) => (*key, Ok(())),
+            Err(first) => match reverse() {
+                Ok(()) => (key.reversed(), Ok(())),
+                Err(_) => (*key, Err(first)),
+            },
+        },
+    };
+    match outcome {
+        Ok(()) => {
+            flows.decide(
+                &flow,
+                Verdict::Allowed,
+                generation,
+                packet.tcp_flags,
+                now_ns,
+            );
+            Ok(())
+        }
+        Err(denial) => {
+            let ingress = denial.ingress;
+            flows.decide(
+                &flow,
+                Verdict::Denied { ingress },
+                generation,
+                packet.tcp_flags,
+                now_ns,
+            );
+            flows.remember_denied(&flow, &denial, now_ns);
+            Err(denied(ingress))
+        }
+    }
+}
+
+/// The source address and port of `l3` (IPv6 when `v6`) before any translation, which
+/// the stage uses as the flow's source (a Service reply's source is its backend; a
+/// hairpin's, the pod itself).
+pub(super) fn origin(l3: &[u8], v6: bool) -> Option<(IpAddr, u16)> {
+    packet(l3, v6).map(|p| (p.key.src, p.key.src_port))
+}
