@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod error;
 pub mod measure;
 pub mod netns;
+pub mod policy;
 pub mod process;
 pub mod rawsock;
 pub mod report;

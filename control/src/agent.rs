@@ -11,7 +11,9 @@
 //!    (first start, a manifest change, or a dataplane that restarted with none);
 //! 3. pushes the Services (from Services and EndpointSlices, cluster IPs and node ports
 //!    allocated where missing and recorded in `DIR/.switchyard-service-allocations.json`):
-//!    only what changed since the last push, or all of them to a dataplane that restarted.
+//!    only what changed since the last push, or all of them to a dataplane that restarted;
+//! 4. pushes the NetworkPolicy rules of this node's pods (from Namespaces, Pods and
+//!    NetworkPolicies) when they changed, or to a dataplane that restarted.
 //!
 //! So a change on disk reaches the dataplane within one tick plus the push, and a
 //! restarted dataplane gets its settings back within one tick of answering.
@@ -23,7 +25,7 @@ use crate::cluster::services::{self, ServiceAllocations};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
-use switchyard_api::{Client, NodeSpec, Request, ServiceKey, ServiceSpec};
+use switchyard_api::{Client, NodeSpec, PolicySet, Request, ServiceKey, ServiceSpec};
 
 /// Where allocations of pod CIDRs are recorded inside a manifests directory.
 pub const ALLOCATIONS_FILE: &str = ".switchyard-allocations.json";
@@ -39,6 +41,15 @@ pub struct Desired {
     pub services: BTreeMap<ServiceKey, ServiceSpec>,
     /// The largest Maglev table.
     pub maglev_table_size: u32,
+    /// The NetworkPolicy rules of this node's pods.
+    pub policies: PolicySet,
+}
+
+/// What the dataplane was last given (none: give it everything).
+#[derive(Debug, Default)]
+struct Pushed {
+    services: Option<BTreeMap<ServiceKey, ServiceSpec>>,
+    policies: Option<PolicySet>,
 }
 
 /// How the agent runs.
@@ -111,6 +122,7 @@ pub fn compute(opts: &AgentOptions) -> Result<Desired, Vec<String>> {
         node,
         services: specs.into_iter().map(|s| (s.key(), s)).collect(),
         maglev_table_size: m.config.maglev_table_size,
+        policies: crate::policy::compile::compile(&m, Some(&opts.node)),
     })
 }
 
@@ -137,8 +149,7 @@ fn fingerprint(dir: &Path) -> Vec<(String, u64, Option<SystemTime>)> {
 pub fn run(opts: &AgentOptions) -> ! {
     let mut seen = None;
     let mut desired: Option<Desired> = None;
-    // The Services the dataplane was last given (none: give it all of them).
-    let mut pushed: Option<BTreeMap<ServiceKey, ServiceSpec>> = None;
+    let mut pushed = Pushed::default();
     let mut dataplane_down = false;
     let mut last_error: Option<String> = None;
     loop {
@@ -177,9 +188,11 @@ pub fn run(opts: &AgentOptions) -> ! {
                 Ok(pushed_node) => {
                     if dataplane_down || pushed_node {
                         eprintln!(
-                            "switchyard-control: dataplane at {} has the node settings and {} Services",
+                            "switchyard-control: dataplane at {} has the node settings, {} Services \
+                             and the policies of {} pods",
                             opts.api.display(),
-                            d.services.len()
+                            d.services.len(),
+                            d.policies.pods.len()
                         );
                     }
                     dataplane_down = false;
@@ -198,14 +211,10 @@ pub fn run(opts: &AgentOptions) -> ! {
     }
 }
 
-/// Pushes the node settings unless the dataplane has them already, then the Services that
-/// changed since `pushed` (all of them after a node push: the dataplane restarted or never
-/// had any); returns whether it pushed the node settings.
-fn reconcile(
-    api: &Path,
-    desired: &Desired,
-    pushed: &mut Option<BTreeMap<ServiceKey, ServiceSpec>>,
-) -> Result<bool, String> {
+/// Pushes the node settings unless the dataplane has them already, then the Services and
+/// the policies that changed since `pushed` (all of them after a node push: the dataplane
+/// restarted or never had any); returns whether it pushed the node settings.
+fn reconcile(api: &Path, desired: &Desired, pushed: &mut Pushed) -> Result<bool, String> {
     let mut client = Client::connect(api)
         .map_err(|e| format!("dataplane at {} unreachable: {e}", api.display()))?;
     let status = client.node().map_err(|e| e.to_string())?;
@@ -214,16 +223,37 @@ fn reconcile(
         client
             .set_node(desired.node.clone())
             .map_err(|e| format!("dataplane refused the node settings: {e}"))?;
-        *pushed = None;
+        *pushed = Pushed::default();
     }
-    let request = match pushed.as_ref() {
+    if let Some(request) = services_request(desired, pushed.services.as_ref()) {
+        client
+            .call(request)
+            .map_err(|e| format!("dataplane refused the Services: {e}"))?;
+        pushed.services = Some(desired.services.clone());
+    }
+    if pushed.policies.as_ref() != Some(&desired.policies) {
+        client
+            .call(Request::ApplyPolicies(desired.policies.clone()))
+            .map_err(|e| format!("dataplane refused the NetworkPolicy rules: {e}"))?;
+        pushed.policies = Some(desired.policies.clone());
+    }
+    Ok(push_node)
+}
+
+/// The request that brings the dataplane's Services from `before` (none: unknown) to
+/// `desired`'s; none when they are equal.
+fn services_request(
+    desired: &Desired,
+    before: Option<&BTreeMap<ServiceKey, ServiceSpec>>,
+) -> Option<Request> {
+    Some(match before {
         None => Request::ApplyServices {
             upsert: desired.services.values().cloned().collect(),
             remove: Vec::new(),
             replace: true,
             maglev_table_size: Some(desired.maglev_table_size),
         },
-        Some(before) if before == &desired.services => return Ok(push_node),
+        Some(before) if before == &desired.services => return None,
         Some(before) => Request::ApplyServices {
             upsert: desired
                 .services
@@ -239,12 +269,7 @@ fn reconcile(
             replace: false,
             maglev_table_size: Some(desired.maglev_table_size),
         },
-    };
-    client
-        .call(request)
-        .map_err(|e| format!("dataplane refused the Services: {e}"))?;
-    *pushed = Some(desired.services.clone());
-    Ok(push_node)
+    })
 }
 
 fn join(nets: &[switchyard_api::IpNet]) -> String {

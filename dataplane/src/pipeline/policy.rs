@@ -10,10 +10,12 @@
 //! ingress rules: both must allow.
 //!
 //! Which end is the client: the source of a packet that opens a flow (TCP SYN, UDP, SCTP,
-//! echo request, anything else); the destination of an echo reply. A TCP segment in the
-//! middle of a flow the table does not know (a flow older than the rules that now select
-//! one of its pods) is allowed when either end could have opened it, so that replies of a
-//! flow that started before enforcement are not dropped. An ICMP error passes when it is
+//! echo request, anything else); the destination of an echo reply or a SYN-ACK. A TCP
+//! segment in the middle of a flow the table does not know (a flow older than the rules
+//! that now select one of its pods) is judged with the end on the lower port as the server
+//! (clients take ephemeral ports, 32768 and up on Linux), so that the replies of a flow
+//! that started before enforcement pass and its client's packets are judged as the
+//! client's; on equal ports, either end may be the client. An ICMP error passes when it is
 //! about an allowed flow. Traffic between a pod and its own node, and a pod's traffic to
 //! itself, always passes; so do IPv4 fragments after the first (they carry no port: the
 //! first fragment decides, and a later one without it is never reassembled).
@@ -43,8 +45,9 @@ pub(super) enum Opening {
     Opens,
     /// Its destination is the client (an echo reply).
     Answers,
-    /// Either end may be the client (a TCP segment other than the first).
-    Either,
+    /// A TCP segment in mid-flow: the end on the lower port is the server (either end on
+    /// equal ports).
+    MidFlow,
     /// Not judged (an IPv4 fragment after the first).
     Unjudged,
 }
@@ -100,9 +103,12 @@ pub(super) fn packet(l3: &[u8], v6: bool) -> Option<Packet> {
                 if let Ok(segment) = TcpPacket::new_checked(l4) {
                     let flags = segment.flags();
                     p.tcp_flags = Some(flags);
-                    if flags & tcp::FLAG_SYN == 0 || flags & tcp::FLAG_ACK != 0 {
-                        p.opening = Opening::Either;
-                    }
+                    let (syn, ack) = (flags & tcp::FLAG_SYN != 0, flags & tcp::FLAG_ACK != 0);
+                    p.opening = match (syn, ack) {
+                        (true, false) => Opening::Opens,
+                        (true, true) => Opening::Answers,
+                        _ => Opening::MidFlow,
+                    };
                 }
             }
         }
@@ -238,7 +244,8 @@ pub(super) fn check<D>(
         Known::Stale { .. } => Plan::Reverse,
         Known::Unknown => match packet.opening {
             Opening::Answers => Plan::Reverse,
-            Opening::Either => Plan::Either,
+            Opening::MidFlow if key.src_port < key.dst_port => Plan::Reverse,
+            Opening::MidFlow if key.src_port == key.dst_port => Plan::Either,
             _ => Plan::Forward,
         },
     };

@@ -1433,6 +1433,21 @@ mod policy_stage {
         // A new connection from B is still denied.
         let syn = tcp("10.244.0.6", 42001, "10.244.0.5", 80, FLAG_SYN);
         assert_eq!(send(&t, 3, &syn).0, Verdict::Drop);
+        // Under rules that close B's ingress, the client's side of an older flow stops:
+        // the end on the lower port is taken as the server.
+        let closed = PolicySet {
+            rules: vec![],
+            pods: vec![pod("b", &["10.244.0.6"], Some(vec![]), None)],
+        };
+        let t = tables(&closed, 21);
+        let segment = tcp("10.244.0.5", 42002, "10.244.0.6", 80, FLAG_ACK);
+        assert_eq!(send(&t, 1, &segment).0, Verdict::Drop);
+        let reply = tcp("10.244.0.6", 80, "10.244.0.5", 42002, FLAG_ACK);
+        assert_eq!(
+            send(&t, 3, &reply).0,
+            Verdict::Drop,
+            "nor does its server's"
+        );
     }
 
     #[test]
