@@ -407,15 +407,14 @@ fn apply(switch: &Switch, upsert: Vec<ServiceSpec>, replace: bool) {
 
 /// TCP SYNs (or ACKs) from pod A to 10.96.0.10:80 from source ports `first..`.
 fn service_frames(first_port: u16, flags: u8) -> Vec<Vec<u8>> {
+    tcp_frames(Ipv4Addr::new(10, 96, 0, 10), first_port, flags)
+}
+
+/// TCP segments with `flags` from pod A to `dst`:80 from source ports `first..`.
+fn tcp_frames(dst: Ipv4Addr, first_port: u16, flags: u8) -> Vec<Vec<u8>> {
     (0..BATCH as u16)
         .map(|k| {
-            let mut f = udp_frame(
-                A_MAC,
-                GW,
-                Ipv4Addr::new(10, 244, 0, 5),
-                Ipv4Addr::new(10, 96, 0, 10),
-                20 - 8 + 2,
-            );
+            let mut f = udp_frame(A_MAC, GW, Ipv4Addr::new(10, 244, 0, 5), dst, 20 - 8 + 2);
             // Make it TCP: protocol, ports, data offset, flags (checksum left partial).
             f[14 + 9] = 6;
             let check = {
@@ -503,9 +502,120 @@ fn services(c: &mut Criterion) {
     g.finish();
 }
 
+/// The manifests of a cluster with `n` NetworkPolicies and 10,000 peer pods: every
+/// policy selects the server pods (`role: server`, B = 10.244.0.6 among them, on node
+/// `n1`) and admits TCP port 80 from the pods of its group (`group: gI`, 10,000 / `n` pods
+/// each on node `n2`); client A (10.244.0.5, on `n1`) is in the last group.
+fn policy_world(n: usize) -> switchyard_control::cluster::manifests::Manifests {
+    let mut text = String::new();
+    let pod = |name: &str, node: &str, labels: &str, ip: Ipv4Addr| {
+        format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{{labels}}}}}\nspec: {{nodeName: {node}, containers: [{{name: c}}]}}\nstatus: {{podIPs: [{{ip: \"{ip}\"}}]}}\n")
+    };
+    for k in 0..10_000u32 {
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 0)) + k);
+        text += &pod(
+            &format!("peer-{k}"),
+            "n2",
+            &format!("group: g{}", k as usize % n.max(1)),
+            ip,
+        );
+    }
+    text += &pod("b", "n1", "role: server", Ipv4Addr::new(10, 244, 0, 6));
+    text += &pod(
+        "a",
+        "n1",
+        &format!("group: g{}", n.max(1) - 1),
+        Ipv4Addr::new(10, 244, 0, 5),
+    );
+    for i in 0..n {
+        text += &format!("---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p{i}, namespace: default}}\nspec:\n  podSelector: {{matchLabels: {{role: server}}}}\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{group: g{i}}}}}}}]\n    ports: [{{port: 80}}]\n");
+    }
+    let mut m = switchyard_control::cluster::manifests::Manifests::default();
+    let mut errors = Vec::new();
+    switchyard_control::cluster::manifests::load_text(
+        std::path::Path::new("bench.yaml"),
+        &text,
+        &mut m,
+        &mut errors,
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    m
+}
+
+fn policy(c: &mut Criterion) {
+    let mut g = c.benchmark_group("policy");
+    g.sample_size(10);
+    for n in [0usize, 1, 100, 1000] {
+        let switch = Switch::start(SwitchConfig {
+            workers: 1,
+            ..SwitchConfig::default()
+        })
+        .unwrap();
+        let (a, _pa) = switch.add_memory_port(&port("10.244.0.5"), false).unwrap();
+        let (_, _pb) = switch.add_memory_port(&port("10.244.0.6"), false).unwrap();
+        let m = policy_world(n);
+        // What the agent does on a change: compile the node's rules, send them, and the
+        // dataplane decodes, compiles and publishes them.
+        let push = || {
+            let set = switchyard_control::policy::compile::compile(&m, Some("n1"));
+            let line = serde_json::to_vec(&Request::ApplyPolicies(set)).unwrap();
+            let request: Request = serde_json::from_slice(&line).unwrap();
+            switch.handle(request).unwrap();
+        };
+        if n > 0 {
+            g.bench_function(format!("compile_and_push_{n}_policies"), |b| b.iter(push));
+        }
+        push();
+        let tables = switch.tables();
+        let ingress = tables.ports[&a.id].clone();
+        let mut pipeline = Pipeline::new();
+        let mut verdicts = [Verdict::Drop; BATCH];
+        let b_addr = Ipv4Addr::new(10, 244, 0, 6);
+        g.throughput(Throughput::Elements(BATCH as u64));
+        let mut next_port = 1024u16;
+        // Every packet opens a flow (new source ports; the verdicts are forgotten outside
+        // the timed part).
+        g.bench_function(format!("first_packet_64B_{n}_policies"), |b| {
+            b.iter_batched_ref(
+                || {
+                    tables.policy_flows.sweep(u64::MAX);
+                    next_port = next_port.wrapping_add(BATCH as u16).max(1024);
+                    batch_of(&tcp_frames(b_addr, next_port, 0x02))
+                },
+                |bufs| {
+                    pipeline.process(&tables, &ingress, bufs, &mut verdicts, 0);
+                    assert!(matches!(verdicts[0], Verdict::Forward(_)));
+                },
+                BatchSize::LargeInput,
+            )
+        });
+        // One established flow: every packet finds its verdict.
+        let established: Vec<Vec<u8>> = tcp_frames(b_addr, 40_000, 0x10)
+            .into_iter()
+            .map(|mut f| {
+                f[12 + 34..12 + 36].copy_from_slice(&40_000u16.to_be_bytes());
+                f
+            })
+            .collect();
+        g.bench_function(format!("established_64B_{n}_policies"), |b| {
+            b.iter_batched_ref(
+                || batch_of(&established),
+                |bufs| {
+                    pipeline.process(&tables, &ingress, bufs, &mut verdicts, 0);
+                    assert!(matches!(verdicts[0], Verdict::Forward(_)));
+                },
+                BatchSize::LargeInput,
+            )
+        });
+        g.throughput(Throughput::Elements(1));
+        switch.shutdown();
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(30);
-    targets = parse_classify, lpm, pipeline, segmentation, masquerade, services
+    targets = parse_classify, lpm, pipeline, segmentation, masquerade, services, policy
 }
 criterion_main!(benches);

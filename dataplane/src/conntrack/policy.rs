@@ -103,7 +103,7 @@ pub struct PolicyFlows {
 
 /// The flow's key with the lower end first, and whether `key` was turned around.
 #[inline]
-fn canonical(key: &FlowKey) -> (FlowKey, bool) {
+pub fn canonical(key: &FlowKey) -> (FlowKey, bool) {
     if (key.src, key.src_port) <= (key.dst, key.dst_port) {
         (*key, false)
     } else {

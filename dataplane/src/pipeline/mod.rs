@@ -64,6 +64,8 @@ pub struct Pipeline {
     segment_buf: Vec<u8>,
     /// The clock reading of the batch being processed.
     now_ns: u64,
+    /// The policy verdicts this worker used last.
+    verdicts: policy::VerdictCache,
 }
 
 impl Default for Pipeline {
@@ -86,6 +88,7 @@ impl Pipeline {
             icmp_limit: RateLimiter::default(),
             segment_buf: Vec::new(),
             now_ns: 0,
+            verdicts: policy::VerdictCache::default(),
         }
     }
 
@@ -444,7 +447,7 @@ impl Pipeline {
     /// before translation was `origin` (none: as it is now).
     #[inline(always)]
     fn police<D>(
-        &self,
+        &mut self,
         tables: &Tables<D>,
         ingress: &Port<D>,
         egress: &Port<D>,
@@ -462,7 +465,14 @@ impl Pipeline {
             packet.key.src = src;
             packet.key.src_port = src_port;
         }
-        policy::check(tables, ingress, egress, &packet, self.now_ns)
+        policy::check(
+            tables,
+            ingress,
+            egress,
+            &packet,
+            &mut self.verdicts,
+            self.now_ns,
+        )
     }
 
     /// Runs the Service stage over the IP packet `bytes` (IPv6 when `v6`).

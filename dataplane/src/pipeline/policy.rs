@@ -19,16 +19,24 @@
 //! about an allowed flow. Traffic between a pod and its own node, and a pod's traffic to
 //! itself, always passes; so do IPv4 fragments after the first (they carry no port: the
 //! first fragment decides, and a later one without it is never reassembled).
+//!
+//! Each worker keeps the verdicts it used last in a small direct-mapped cache
+//! ([`VerdictCache`]), so that a packet of an established flow takes no lock: a hit is a
+//! verdict of the same flow under the same rules, refreshed from the shared table at
+//! least once a second (which keeps the flow alive there); TCP SYN, FIN and RST segments
+//! always go to the shared table, which follows the flow's state.
 
 use super::nat::{ip_head, IpHead};
 use super::services::flow_key;
 use super::DropReason;
 use crate::conntrack::key::FlowKey;
-use crate::conntrack::policy::{Denial, Known, Verdict};
+use crate::conntrack::policy::{canonical, Denial, Known, Verdict};
+use crate::conntrack::FxBuild;
 use crate::tables::policy::PodRules;
 use crate::tables::{Port, PortRole, Tables};
 use crate::wire::icmp::{self, IcmpPacket};
 use crate::wire::{ipv4, ipv6, tcp, TcpPacket, UdpPacket};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -147,6 +155,63 @@ pub(super) fn packet(l3: &[u8], v6: bool) -> Option<Packet> {
     Some(p)
 }
 
+/// Slots of a worker's verdict cache.
+const CACHE_SLOTS: usize = 1024;
+/// How long a cached verdict is used before the shared table is asked again.
+const CACHE_REFRESH_NS: u64 = 1_000_000_000;
+
+/// A verdict a worker used, for the flow with key `flow` (lower end first).
+#[derive(Debug, Clone, Copy)]
+struct Cached {
+    flow: FlowKey,
+    generation: u64,
+    verdict: Verdict,
+    refreshed_ns: u64,
+}
+
+/// A worker's last verdicts, direct-mapped by the flow's hash; read and written without a
+/// lock (each worker has its own).
+#[derive(Debug)]
+pub struct VerdictCache {
+    slots: Vec<Option<Cached>>,
+}
+
+impl Default for VerdictCache {
+    fn default() -> Self {
+        Self {
+            slots: vec![None; CACHE_SLOTS],
+        }
+    }
+}
+
+impl VerdictCache {
+    fn slot(&self, flow: &FlowKey) -> usize {
+        FxBuild::default().hash_one(flow) as usize % CACHE_SLOTS
+    }
+
+    /// The verdict on `flow` (lower end first) under rules of `generation`, if this worker
+    /// used it within the last second.
+    #[inline]
+    fn get(&self, flow: &FlowKey, generation: u64, now_ns: u64) -> Option<Verdict> {
+        let c = self.slots[self.slot(flow)].as_ref()?;
+        (c.flow == *flow
+            && c.generation == generation
+            && now_ns.wrapping_sub(c.refreshed_ns) < CACHE_REFRESH_NS)
+            .then_some(c.verdict)
+    }
+
+    #[inline]
+    fn put(&mut self, flow: FlowKey, generation: u64, verdict: Verdict, now_ns: u64) {
+        let i = self.slot(&flow);
+        self.slots[i] = Some(Cached {
+            flow,
+            generation,
+            verdict,
+            refreshed_ns: now_ns,
+        });
+    }
+}
+
 /// Which way to decide a flow.
 enum Plan {
     /// The packet's source is the client.
@@ -204,28 +269,49 @@ pub(super) fn check<D>(
     ingress: &Port<D>,
     egress: &Port<D>,
     packet: &Packet,
+    cache: &mut VerdictCache,
     now_ns: u64,
 ) -> Result<(), DropReason> {
     let table = &*tables.policy;
     let key = &packet.key;
+    if packet.opening == Opening::Unjudged {
+        return Ok(());
+    }
+    // This worker's verdict on the flow under these rules, when it has one: every packet
+    // of an established flow but SYN, FIN and RST segments stops here.
+    let generation = table.generation;
+    let cacheable = packet
+        .tcp_flags
+        .is_none_or(|f| f & (tcp::FLAG_SYN | tcp::FLAG_FIN | tcp::FLAG_RST) == 0)
+        && packet.quoted.is_none();
+    let (flow_key, _) = canonical(key);
+    if cacheable {
+        match cache.get(&flow_key, generation, now_ns) {
+            Some(Verdict::Allowed) => return Ok(()),
+            Some(Verdict::Denied { ingress }) => return Err(denied(ingress)),
+            None => {}
+        }
+    }
+    let remember = |cache: &mut VerdictCache, verdict| {
+        if cacheable {
+            cache.put(flow_key, generation, verdict, now_ns);
+        }
+    };
     let at_src = (ingress.role == PortRole::Pod)
         .then(|| table.pod(key.src))
         .flatten();
     let at_dst = (egress.role == PortRole::Pod)
         .then(|| table.pod(key.dst))
         .flatten();
-    if at_src.is_none() && at_dst.is_none() {
-        return Ok(());
-    }
-    if packet.opening == Opening::Unjudged
+    if (at_src.is_none() && at_dst.is_none())
         || key.src == key.dst
         || (ingress.role == PortRole::Host && table.is_node(key.src))
         || (egress.role == PortRole::Host && table.is_node(key.dst))
     {
+        remember(cache, Verdict::Allowed);
         return Ok(());
     }
     let flows = &*tables.policy_flows;
-    let generation = table.generation;
     if let Some(quoted) = &packet.quoted {
         if let Known::Allowed { .. } = flows.lookup(quoted, generation, None, now_ns) {
             return Ok(());
@@ -238,8 +324,14 @@ pub(super) fn check<D>(
         {
             Plan::Forward
         }
-        Known::Allowed { .. } => return Ok(()),
-        Known::Denied { ingress } => return Err(denied(ingress)),
+        Known::Allowed { .. } => {
+            remember(cache, Verdict::Allowed);
+            return Ok(());
+        }
+        Known::Denied { ingress } => {
+            remember(cache, Verdict::Denied { ingress });
+            return Err(denied(ingress));
+        }
         Known::Stale { client } if client == (key.src, key.src_port) => Plan::Forward,
         Known::Stale { .. } => Plan::Reverse,
         Known::Unknown => match packet.opening {
@@ -283,6 +375,7 @@ pub(super) fn check<D>(
                 now_ns,
             );
             flows.remember_denied(&flow, &denial, now_ns);
+            remember(cache, Verdict::Denied { ingress });
             Err(denied(ingress))
         }
     }

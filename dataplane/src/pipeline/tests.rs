@@ -1418,6 +1418,57 @@ mod policy_stage {
     }
 
     #[test]
+    fn a_workers_cached_verdict_follows_rule_changes_and_takes_no_shared_lookup() {
+        let open = PolicySet {
+            rules: vec![rule("default/b-policy ingress rule 0", None, Some(80))],
+            pods: vec![pod("b", &["10.244.0.6"], Some(vec![0]), None)],
+        };
+        let mut pipeline = Pipeline::new();
+        let mut run = |t: &Tables<()>, from: u32, l3: &[u8], now: u64| {
+            let mac = if from == 1 { A_MAC } else { B_MAC };
+            let mut bufs = vec![PacketBuf::new()];
+            bufs[0].load_ethernet(&eth(GW, mac, 0x0800, l3));
+            let mut verdicts = [Verdict::Drop];
+            pipeline.process(t, &t.ports[&from].clone(), &mut bufs, &mut verdicts, now);
+            verdicts[0]
+        };
+        let t1 = tables(&open, 40);
+        let syn = tcp("10.244.0.5", 44000, "10.244.0.6", 80, FLAG_SYN);
+        assert!(forwarded(run(&t1, 1, &syn, 1)));
+        let data = tcp("10.244.0.5", 44000, "10.244.0.6", 80, FLAG_ACK);
+        assert!(forwarded(run(&t1, 1, &data, 2)));
+        // The shared verdict is gone (swept), but this worker's cache still knows it,
+        // for up to a second.
+        t1.policy_flows.sweep(u64::MAX);
+        assert!(forwarded(run(&t1, 1, &data, 3)));
+        assert!(
+            t1.policy_flows.is_empty(),
+            "answered from the cache, no shared lookup"
+        );
+        // A second later the shared table is asked again: the flow is decided afresh.
+        let reply = tcp("10.244.0.6", 80, "10.244.0.5", 44000, FLAG_ACK);
+        assert!(forwarded(run(&t1, 3, &reply, 2_000_000_000)));
+        assert!(t1
+            .policy_flows
+            .state(&crate::conntrack::key::FlowKey {
+                protocol: 6,
+                src: "10.244.0.5".parse().unwrap(),
+                src_port: 44000,
+                dst: "10.244.0.6".parse().unwrap(),
+                dst_port: 80,
+            })
+            .is_some());
+        // New rules: the cache does not answer for them.
+        let closed = PolicySet {
+            rules: vec![],
+            pods: open.pods.clone(),
+        };
+        let t2 = tables(&closed, 41);
+        assert_eq!(run(&t2, 1, &data, 2_000_000_001), Verdict::Drop);
+        assert_eq!(run(&t2, 3, &reply, 2_000_000_002), Verdict::Drop);
+    }
+
+    #[test]
     fn a_flow_older_than_the_rules_keeps_its_replies() {
         // B may open nothing, but A's connection to B:80 started before the rules.
         let set = PolicySet {

@@ -220,6 +220,18 @@ fn without((lo, hi): (u128, u128), except: &[IpNet]) -> Vec<(u128, u128)> {
     out
 }
 
+/// An address as a hash key: its point, hashed as two words (an `IpAddr` feeds the
+/// hasher its bytes one at a time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Key(u128);
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0 as u64);
+        state.write_u64((self.0 >> 64) as u64);
+    }
+}
+
 /// A selected pod: its name and its compiled directions (`None`: open).
 #[derive(Debug)]
 pub struct PodRules {
@@ -240,7 +252,7 @@ pub struct PolicyTable {
     /// Increases with every change of the rules; a flow decided under an older one is
     /// decided again.
     pub generation: u64,
-    pods: HashMap<IpAddr, Arc<PodRules>, FxBuild>,
+    pods: HashMap<Key, Arc<PodRules>, FxBuild>,
     node: Vec<IpAddr>,
 }
 
@@ -262,7 +274,7 @@ impl PolicyTable {
                     .clone(),
             )
         };
-        let mut pods: HashMap<IpAddr, Arc<PodRules>, FxBuild> = HashMap::default();
+        let mut pods: HashMap<Key, Arc<PodRules>, FxBuild> = HashMap::default();
         for pod in &set.pods {
             let ingress = direction(pod.ingress.as_ref());
             let egress = direction(pod.egress.as_ref());
@@ -276,7 +288,7 @@ impl PolicyTable {
                 egress,
             });
             for addr in &pod.addresses {
-                pods.insert(*addr, rules.clone());
+                pods.insert(Key(point(*addr)), rules.clone());
             }
         }
         Self {
@@ -295,7 +307,7 @@ impl PolicyTable {
     /// The selected pod with this address, if any.
     #[inline]
     pub fn pod(&self, addr: IpAddr) -> Option<&Arc<PodRules>> {
-        self.pods.get(&addr)
+        self.pods.get(&Key(point(addr)))
     }
 
     /// True when `addr` is one of the node's own.
