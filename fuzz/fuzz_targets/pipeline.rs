@@ -1,11 +1,15 @@
 //! Arbitrary frames (virtio-net header included) from a pod, or from the node's stack,
-//! through the whole pipeline, in batches, with masquerade on and a pod publishing ports
-//! (hostPort): no panic, and every verdict is one the worker can carry out.
+//! through the whole pipeline, in batches, with masquerade on, a pod publishing ports
+//! (hostPort) and NetworkPolicies selecting both pods (so the policy stage parses every
+//! packet): no panic, and every verdict is one the worker can carry out.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
-use switchyard_api::{AddPort, PortMapping};
+use switchyard_api::{
+    AddPort, PodPolicy, PolicyDirection, PolicyPeer, PolicyPort, PolicyRule, PolicySet,
+    PortMapping, Request,
+};
 use switchyard_dataplane::buffer::PacketBuf;
 use switchyard_dataplane::pipeline::{Pipeline, Verdict};
 use switchyard_dataplane::{Switch, SwitchConfig};
@@ -36,8 +40,72 @@ fn switch() -> &'static Switch {
         let exempt = ["10.244.0.0/16".parse().unwrap()];
         s.add_memory_node("192.168.1.10".parse().unwrap(), &exempt)
             .unwrap();
+        s.handle(Request::ApplyPolicies(policies())).unwrap();
         s
     })
+}
+
+/// Pod a admits TCP 80-81 from 10.244.0.0/16 but 10.244.0.7, and opens nothing itself
+/// but UDP; pod b admits everything on SCTP and ICMP-less rules from IPv6.
+fn policies() -> PolicySet {
+    let rule = |origin: &str, cidr: &str, except: &[&str], ports: Vec<PolicyPort>| PolicyRule {
+        origin: origin.into(),
+        peers: vec![PolicyPeer {
+            cidr: cidr.parse().unwrap(),
+            except: except.iter().map(|e| e.parse().unwrap()).collect(),
+        }],
+        ports,
+    };
+    let port = |protocol, port, end_port| PolicyPort {
+        protocol,
+        port,
+        end_port,
+    };
+    let direction = |rules: Vec<u32>| {
+        Some(PolicyDirection {
+            policies: vec!["fuzz/p".into()],
+            rules,
+        })
+    };
+    PolicySet {
+        rules: vec![
+            rule(
+                "fuzz/p ingress rule 0",
+                "10.244.0.0/16",
+                &["10.244.0.7/32"],
+                vec![port(6, 80, Some(81))],
+            ),
+            rule(
+                "fuzz/p egress rule 0",
+                "0.0.0.0/0",
+                &[],
+                vec![port(17, 0, None)],
+            ),
+            rule("fuzz/p ingress rule 1", "fd00::/64", &[], vec![]),
+            rule(
+                "fuzz/p ingress rule 2",
+                "10.244.0.0/24",
+                &[],
+                vec![port(132, 0, None)],
+            ),
+        ],
+        pods: vec![
+            PodPolicy {
+                namespace: "fuzz".into(),
+                name: "a".into(),
+                addresses: vec!["10.244.0.5".parse().unwrap(), "fd00::5".parse().unwrap()],
+                ingress: direction(vec![0]),
+                egress: direction(vec![1]),
+            },
+            PodPolicy {
+                namespace: "fuzz".into(),
+                name: "b".into(),
+                addresses: vec!["10.244.0.6".parse().unwrap(), "fd00::6".parse().unwrap()],
+                ingress: direction(vec![2, 3]),
+                egress: None,
+            },
+        ],
+    }
 }
 
 fn published() -> Vec<PortMapping> {
