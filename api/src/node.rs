@@ -143,7 +143,11 @@ pub struct NodeStatus {
     pub host_ifname: Option<String>,
 }
 
-/// Source ports for masquerade, inclusive: `"32768-60999"` in configuration.
+/// Source ports for masquerade, inclusive: `"61000-65534"` in configuration. The default
+/// lies above Linux's ephemeral range (32768-60999), so that no connection the node opened
+/// before the dataplane started has a port whose replies would be steered into it. A range
+/// ends at 65534 at most: the kernel's policy rules, which steer the replies, cannot match
+/// port 65535.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PortRange {
     /// First port.
@@ -155,8 +159,8 @@ pub struct PortRange {
 impl Default for PortRange {
     fn default() -> Self {
         Self {
-            first: 32768,
-            last: 60999,
+            first: 61000,
+            last: 65534,
         }
     }
 }
@@ -171,13 +175,14 @@ impl std::str::FromStr for PortRange {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?} is not a port range like \"32768-60999\"");
+        let bad = || format!("{s:?} is not a port range like \"61000-65534\"");
         let (a, b) = s.split_once('-').ok_or_else(bad)?;
         let first: u16 = a.trim().parse().map_err(|_| bad())?;
         let last: u16 = b.trim().parse().map_err(|_| bad())?;
-        if first < 1024 || last < first {
+        if first < 1024 || last < first || last == u16::MAX {
             return Err(format!(
-                "port range {s:?} must lie within 1024-65535 and start at or before its end"
+                "port range {s:?} must lie within 1024-65534 (the kernel's policy rules cannot \
+                 match 65535) and start at or before its end"
             ));
         }
         Ok(Self { first, last })

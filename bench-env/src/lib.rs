@@ -9,6 +9,7 @@
 pub mod cleanup;
 pub mod cluster;
 pub mod error;
+pub mod kube;
 pub mod measure;
 pub mod netns;
 pub mod policy;

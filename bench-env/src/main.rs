@@ -576,6 +576,7 @@ fn main() -> ExitCode {
                 external,
                 conntrack_max: None,
                 routes: Vec::new(),
+                api_server: false,
             },
         }),
         Scenario::Services {

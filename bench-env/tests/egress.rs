@@ -83,7 +83,7 @@ fn pods_reach_the_external_network_as_their_node() {
     };
     let nat = run(&["get", "nat"]);
     assert!(
-        nat.contains("32768-60999") && nat.contains(&c.nodes[0].ipv4.to_string()),
+        nat.contains("61000-65534") && nat.contains(&c.nodes[0].ipv4.to_string()),
         "{nat}"
     );
     let tcp = run(&[

@@ -1,36 +1,34 @@
 //! The per-node agent (`switchyard-control run`): a reconcile loop that keeps one
-//! dataplane's node settings equal to what the manifests directory says.
+//! dataplane's state equal to what the cluster says, read from a [`Source`]: a manifests
+//! directory or the Kubernetes API server.
 //!
 //! Every tick (200 ms by default) it:
-//! 1. looks at the directory's listing (names, sizes, modification times); when it changed,
-//!    reads every manifest, allocates missing pod CIDRs (recording them in
-//!    `DIR/.switchyard-allocations.json` so every node's agent agrees) and computes this
-//!    node's [`NodeSpec`]. Bad manifests are reported with file and field, and the last
-//!    good spec stays in force;
+//! 1. asks the source whether the cluster changed; when it did, computes this node's
+//!    [`NodeSpec`], its Services and its pods' NetworkPolicy rules. Bad objects are
+//!    reported with their origin and field, and the last good state stays in force;
 //! 2. asks the dataplane for the settings in force and pushes the spec when they differ
-//!    (first start, a manifest change, or a dataplane that restarted with none);
-//! 3. pushes the Services (from Services and EndpointSlices, cluster IPs and node ports
-//!    allocated where missing and recorded in `DIR/.switchyard-service-allocations.json`):
-//!    only what changed since the last push, or all of them to a dataplane that restarted;
+//!    (first start, a change, or a dataplane that restarted with none);
+//! 3. pushes the Services (from Services and EndpointSlices; cluster IPs and node ports
+//!    the source has no allocation for are allocated and recorded by it): only what changed
+//!    since the last push, or all of them to a dataplane that restarted;
 //! 4. pushes the NetworkPolicy rules of this node's pods (from Namespaces, Pods and
-//!    NetworkPolicies) when they changed, or to a dataplane that restarted.
+//!    NetworkPolicies) when they changed, or to a dataplane that restarted;
+//! 5. tells the source once the dataplane forwards (the API source then sets the Node's
+//!    `NetworkUnavailable` condition to `False`).
 //!
-//! So a change on disk reaches the dataplane within one tick plus the push, and a
-//! restarted dataplane gets its settings back within one tick of answering.
+//! So a change reaches the dataplane within one tick plus the push, and a restarted
+//! dataplane gets its state back within one tick of answering.
 
-use crate::cluster::allocate::{self, Record};
-use crate::cluster::manifests::{self, ManifestError, Manifests};
+use crate::cluster::manifests::Manifests;
 use crate::cluster::plan;
-use crate::cluster::services::{self, ServiceAllocations};
+use crate::cluster::services;
+use crate::source::Source;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use switchyard_api::{Client, NodeSpec, PolicySet, Request, ServiceKey, ServiceSpec};
 
-/// Where allocations of pod CIDRs are recorded inside a manifests directory.
-pub const ALLOCATIONS_FILE: &str = ".switchyard-allocations.json";
-/// Where cluster IPs and node ports given to Services are recorded.
-pub const SERVICE_ALLOCATIONS_FILE: &str = ".switchyard-service-allocations.json";
+pub use crate::source::dir::{load, ALLOCATIONS_FILE, SERVICE_ALLOCATIONS_FILE};
 
 /// What one node's dataplane should have.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,8 +55,6 @@ struct Pushed {
 pub struct AgentOptions {
     /// This node's name (its Node's `metadata.name`).
     pub node: String,
-    /// The manifests directory.
-    pub manifests: PathBuf,
     /// The dataplane's API socket.
     pub api: PathBuf,
     /// Uplink interface override.
@@ -67,96 +63,46 @@ pub struct AgentOptions {
     pub interval: Duration,
 }
 
-/// Reads the directory and fills in pod CIDRs, with the recorded allocations kept first;
-/// returns the manifests and the allocations to record.
-pub fn load(dir: &Path) -> Result<(Manifests, Record), Vec<ManifestError>> {
-    let mut m = manifests::load_dir(dir)?;
-    let recorded: Record = std::fs::read(dir.join(ALLOCATIONS_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    let record = allocate::allocate(&mut m, &recorded)?;
-    Ok((m, record))
-}
-
-/// Writes the allocation record when it changed (atomically: temporary file, rename).
-pub fn record_allocations(dir: &Path, record: &Record) -> std::io::Result<()> {
-    write_record(dir, ALLOCATIONS_FILE, record)
-}
-
-/// Writes `record` as `dir/name` when it changed (atomically: temporary file, rename).
-fn write_record(dir: &Path, name: &str, record: &impl serde::Serialize) -> std::io::Result<()> {
-    let path = dir.join(name);
-    let text = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
-    if std::fs::read(&path).ok().as_deref() == Some(&text[..]) {
-        return Ok(());
-    }
-    let tmp = dir.join(format!("{name}.{}", std::process::id()));
-    std::fs::write(&tmp, &text)?;
-    std::fs::rename(&tmp, &path)
-}
-
-/// This node's settings and Services from the directory; errors as lines to print.
-pub fn compute(opts: &AgentOptions) -> Result<Desired, Vec<String>> {
-    let strings = |errors: Vec<ManifestError>| -> Vec<String> {
+/// This node's settings, Services and policies from the cluster state `m`; errors as
+/// lines to print.
+pub fn compute(
+    m: &Manifests,
+    source: &dyn Source,
+    opts: &AgentOptions,
+) -> Result<Desired, Vec<String>> {
+    let strings = |errors: Vec<crate::cluster::manifests::ManifestError>| -> Vec<String> {
         errors.iter().map(ToString::to_string).collect()
     };
-    let (m, record) = load(&opts.manifests).map_err(strings)?;
-    let recorded: ServiceAllocations = std::fs::read(opts.manifests.join(SERVICE_ALLOCATIONS_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    let (specs, service_record) = services::compile(&m, &opts.node, &recorded).map_err(strings)?;
-    let written = record_allocations(&opts.manifests, &record)
-        .and_then(|()| write_record(&opts.manifests, SERVICE_ALLOCATIONS_FILE, &service_record));
-    if let Err(e) = written {
-        return Err(vec![format!(
-            "cannot record allocations in {}: {e}",
-            opts.manifests.display()
-        )]);
-    }
-    let node = plan::plan(&m, &opts.node)
-        .and_then(|p| p.to_spec(&m, opts.uplink.clone()))
+    let recorded = source.service_allocations();
+    let (specs, record) = services::compile(m, &opts.node, &recorded).map_err(strings)?;
+    source
+        .record_service_allocations(&record)
+        .map_err(|e| vec![e])?;
+    let node = plan::plan(m, &opts.node)
+        .and_then(|p| p.to_spec(m, opts.uplink.clone()))
         .map_err(|e| vec![e])?;
     Ok(Desired {
         node,
         services: specs.into_iter().map(|s| (s.key(), s)).collect(),
         maglev_table_size: m.config.maglev_table_size,
-        policies: crate::policy::compile::compile(&m, Some(&opts.node)),
+        policies: crate::policy::compile::compile(m, Some(&opts.node)),
     })
 }
 
-/// What the directory looks like: names, sizes and modification times of its files.
-fn fingerprint(dir: &Path) -> Vec<(String, u64, Option<SystemTime>)> {
-    let mut out: Vec<_> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let meta = e.metadata().ok()?;
-            Some((
-                e.file_name().to_string_lossy().into_owned(),
-                meta.len(),
-                meta.modified().ok(),
-            ))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 /// Runs the reconcile loop until the process is stopped.
-pub fn run(opts: &AgentOptions) -> ! {
-    let mut seen = None;
+pub fn run(source: &mut dyn Source, opts: &AgentOptions) -> ! {
+    eprintln!(
+        "switchyard-control: node {} reads {}",
+        opts.node,
+        source.describe()
+    );
     let mut desired: Option<Desired> = None;
     let mut pushed = Pushed::default();
     let mut dataplane_down = false;
     let mut last_error: Option<String> = None;
     loop {
-        let now = fingerprint(&opts.manifests);
-        if seen.as_ref() != Some(&now) {
-            seen = Some(now);
-            match compute(opts) {
+        if let Some(state) = source.changed() {
+            match state.and_then(|m| compute(&m, source, opts)) {
                 Ok(d) => {
                     if desired.as_ref().map(|o| &o.node) != Some(&d.node) {
                         eprintln!(
@@ -197,6 +143,12 @@ pub fn run(opts: &AgentOptions) -> ! {
                     }
                     dataplane_down = false;
                     last_error = None;
+                    if let Err(e) = source.network_ready(&opts.node) {
+                        if last_error.as_ref() != Some(&e) {
+                            eprintln!("switchyard-control: {e}");
+                            last_error = Some(e);
+                        }
+                    }
                 }
                 Err(e) => {
                     if last_error.as_ref() != Some(&e) {

@@ -7,5 +7,6 @@ pub mod check;
 pub mod cli;
 pub mod cluster;
 pub mod policy;
+pub mod source;
 pub mod table;
 pub mod views;

@@ -62,6 +62,10 @@ pub struct ClusterOptions {
     pub conntrack_max: Option<usize>,
     /// `routes` in the cluster configuration: (destination, next hop).
     pub routes: Vec<(String, String)>,
+    /// Keep the cluster's state in a real kube-apiserver (in the hub namespace, on the
+    /// underlay) instead of a manifests directory: the agents watch it, the test writes
+    /// to it with kubectl, and Nodes carry their pod CIDRs in `spec.podCIDRs`.
+    pub api_server: bool,
 }
 
 impl Default for ClusterOptions {
@@ -77,6 +81,7 @@ impl Default for ClusterOptions {
             external: false,
             conntrack_max: None,
             routes: Vec::new(),
+            api_server: false,
         }
     }
 }
@@ -158,6 +163,10 @@ pub struct Cluster {
     pub prefix: String,
     /// The external host (with `ClusterOptions::external`).
     pub external: Option<Pod>,
+    /// The API server (with `ClusterOptions::api_server`).
+    pub api: Option<crate::kube::ApiServer>,
+    /// The kubeconfig agents started from now on use (default: the administrator's).
+    agent_kubeconfig: Option<PathBuf>,
     options: ClusterOptions,
     keys: Vec<u64>,
 }
@@ -166,6 +175,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.nodes.clear();
         self.external.take();
+        self.api.take();
         for key in self.keys.drain(..) {
             cleanup::release(key);
         }
@@ -204,10 +214,24 @@ impl Cluster {
             hub,
             keys: vec![cleanup::register(Resource::Dir(manifests.clone()))],
             manifests,
-            prefix,
             external: None,
+            api: None,
+            agent_kubeconfig: None,
             options: options.clone(),
+            prefix,
         };
+        if options.api_server {
+            if options.underlay != Underlay::Flat {
+                return Err(fail!("the API server testbed needs the flat underlay"));
+            }
+            cluster
+                .hub
+                .add_address("br0", &format!("{}/24", crate::kube::ADDRESS))?;
+            cluster.api = Some(crate::kube::ApiServer::start(
+                &cluster.hub,
+                &cluster.prefix,
+            )?);
+        }
         cluster.write_config()?;
         if options.external {
             cluster.add_external()?;
@@ -221,7 +245,16 @@ impl Cluster {
                     cluster.write_node_manifest(i)?;
                 }
                 for i in 0..options.nodes {
-                    cluster.wait_for_peers(i, options.nodes - 1, Duration::from_secs(10))?;
+                    let waited =
+                        cluster.wait_for_peers(i, options.nodes - 1, Duration::from_secs(10));
+                    if let (Err(e), Some(api)) = (&waited, &cluster.api) {
+                        let nodes = api.kubectl(&cluster.hub, &["get", "nodes", "-o", "wide"]);
+                        return Err(fail!(
+                            "{e}\nthe API server's Nodes: {nodes:?}\n{}",
+                            cluster.logs()
+                        ));
+                    }
+                    waited?;
                 }
             }
             Arm::Kernel => cluster.flannel_routes()?,

@@ -35,17 +35,36 @@ impl Cluster {
                 text += &format!("    - {{dst: {dst}, via: {via}}}\n");
             }
         }
-        std::fs::write(self.manifests.join("switchyard-config.yaml"), text)?;
+        match &self.api {
+            Some(api) => {
+                api.apply(&self.hub, &text)?;
+            }
+            None => std::fs::write(self.manifests.join("switchyard-config.yaml"), text)?,
+        }
         Ok(())
     }
 
     /// Writes node `i`'s Node manifest (name and InternalIPs; no podCIDR, so the control
-    /// processes allocate one).
+    /// processes allocate one), or with the API server creates the Node with its pod CIDRs
+    /// in `spec.podCIDRs`, as kube-controller-manager allocates them.
     pub fn write_node_manifest(&self, i: usize) -> Result<()> {
         let node = &self.nodes[self.at(i)?];
+        let addresses = format!(
+            "status:\n  addresses:\n  - type: InternalIP\n    address: {}\n  - type: InternalIP\n    address: \"{}\"\n  - type: Hostname\n    address: {}\n",
+            node.ipv4, node.ipv6, node.name
+        );
+        if let Some(api) = &self.api {
+            let (v4, v6) = pod_cidrs(i);
+            let text = format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nspec:\n  podCIDR: {v4}\n  podCIDRs: [\"{v4}\", \"{v6}\"]\n{addresses}",
+                node.name
+            );
+            api.apply(&self.hub, &text)?;
+            return Ok(());
+        }
         let text = format!(
-            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n  - type: InternalIP\n    address: \"{}\"\n  - type: Hostname\n    address: {}\n",
-            node.name, node.ipv4, node.ipv6, node.name
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n{addresses}",
+            node.name
         );
         let tmp = self.manifests.join(format!(".{}.tmp", node.name));
         std::fs::write(&tmp, text)?;
@@ -71,7 +90,17 @@ impl Cluster {
         let binary = find_binary("switchyard-control")?
             .to_string_lossy()
             .into_owned();
-        let manifests = self.manifests.to_string_lossy().into_owned();
+        let (source, path) = match &self.api {
+            Some(api) => (
+                "--kubeconfig",
+                self.agent_kubeconfig
+                    .as_ref()
+                    .unwrap_or(&api.kubeconfig)
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            None => ("--manifests", self.manifests.to_string_lossy().into_owned()),
+        };
         let api = node.api.to_string_lossy().into_owned();
         node.ns.spawn(
             &[
@@ -79,8 +108,8 @@ impl Cluster {
                 "run",
                 "--node",
                 &node.name,
-                "--manifests",
-                &manifests,
+                source,
+                &path,
                 "--dataplane-api",
                 &api,
             ],
@@ -94,6 +123,11 @@ impl Cluster {
             .iter()
             .position(|n| n.index == i)
             .ok_or_else(|| fail!("no node {i}"))
+    }
+
+    /// Makes the agents started from now on use `kubeconfig` (with the API server).
+    pub fn set_agent_kubeconfig(&mut self, kubeconfig: PathBuf) {
+        self.agent_kubeconfig = Some(kubeconfig);
     }
 
     /// Kills node `i`'s dataplane and starts a new one.

@@ -1,6 +1,9 @@
 //! Runs a parsed command line: one function per kind of command, one dispatch.
 
 use super::{request_for, Cli, Command, Format, Resource};
+use crate::source::api::{ApiOptions, ApiSource};
+use crate::source::dir::DirSource;
+use crate::source::Source;
 use crate::{agent, check, cluster::plan, policy, views};
 use serde::Serialize;
 use std::path::Path;
@@ -32,23 +35,37 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Check { peer_apis } => check_command(&cli.api, peer_apis, cli.output),
         Command::Explain {
             manifests,
+            kubeconfig,
             from,
             to,
             port,
-        } => explain_command(manifests, from, to, port, cli.output),
+        } => explain_command(
+            manifests.as_deref(),
+            kubeconfig.as_deref(),
+            from,
+            to,
+            port,
+            cli.output,
+        ),
         Command::Run {
             node,
             manifests,
+            kubeconfig,
+            config_namespace,
             dataplane_api,
             uplink,
             interval_ms,
-        } => agent::run(&agent::AgentOptions {
-            node: node.clone(),
-            manifests: manifests.clone(),
-            api: dataplane_api.clone().unwrap_or_else(|| cli.api.clone()),
-            uplink: uplink.clone(),
-            interval: std::time::Duration::from_millis((*interval_ms).max(10)),
-        }),
+        } => run_command(
+            manifests.as_deref(),
+            kubeconfig.clone(),
+            config_namespace,
+            &agent::AgentOptions {
+                node: node.clone(),
+                api: dataplane_api.clone().unwrap_or_else(|| cli.api.clone()),
+                uplink: uplink.clone(),
+                interval: std::time::Duration::from_millis((*interval_ms).max(10)),
+            },
+        ),
         _ => match request_for(&cli.command) {
             Ok(request) => dataplane_command(&cli, request),
             Err(message) => {
@@ -228,15 +245,48 @@ fn check_command(
     })
 }
 
+/// Runs the agent on the manifests directory, or else on the API server.
+fn run_command(
+    dir: Option<&Path>,
+    kubeconfig: Option<std::path::PathBuf>,
+    config_namespace: &str,
+    opts: &agent::AgentOptions,
+) -> Result<ExitCode, String> {
+    let mut source: Box<dyn Source> = match dir {
+        Some(dir) => Box::new(DirSource::new(dir)),
+        None => Box::new(ApiSource::connect(&ApiOptions {
+            kubeconfig,
+            config_namespace: config_namespace.into(),
+        })?),
+    };
+    agent::run(source.as_mut(), opts)
+}
+
 fn explain_command(
-    dir: &Path,
+    dir: Option<&Path>,
+    kubeconfig: Option<&Path>,
     from: &str,
     to: &str,
     port: &str,
     format: Format,
 ) -> Result<ExitCode, String> {
-    let manifests =
-        crate::cluster::manifests::load_dir(dir).map_err(|errors| one_message(&errors))?;
+    let (manifests, origin) = match (dir, kubeconfig) {
+        (Some(dir), _) => (
+            crate::cluster::manifests::load_dir(dir).map_err(|errors| one_message(&errors))?,
+            dir.display().to_string(),
+        ),
+        (None, kubeconfig) => {
+            let mut api = ApiSource::connect(&ApiOptions {
+                kubeconfig: kubeconfig.map(Path::to_path_buf),
+                config_namespace: "kube-system".into(),
+            })?;
+            let describe = api.describe();
+            let m = api
+                .snapshot(std::time::Duration::from_secs(10))
+                .map_err(|e| e.join("\nswitchyard-control: "))?;
+            (m, describe)
+        }
+    };
     let (number, protocol) = port.split_once('/').unwrap_or((port, "tcp"));
     let number: u16 = number
         .parse()
@@ -252,7 +302,7 @@ fn explain_command(
             .ok_or_else(|| format!("{name:?} is not NAMESPACE/NAME"))?;
         pods.iter()
             .find(|p| p.namespace == ns && p.name == pod)
-            .ok_or_else(|| format!("no Pod {name} in {}", dir.display()))
+            .ok_or_else(|| format!("no Pod {name} in {origin}"))
     };
     let verdict = policy::explain(&manifests, find(from)?, find(to)?, number, &protocol);
     Ok(emit(format, &verdict, || {

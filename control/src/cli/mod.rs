@@ -120,8 +120,15 @@ pub enum Command {
     /// manifests alone, before any packet is sent.
     Explain {
         /// Directory of YAML / JSON manifests (Namespaces, Pods, NetworkPolicies).
+        #[arg(
+            long,
+            required_unless_present = "kubeconfig",
+            conflicts_with = "kubeconfig"
+        )]
+        manifests: Option<PathBuf>,
+        /// Read them from the API server of this kubeconfig instead.
         #[arg(long)]
-        manifests: PathBuf,
+        kubeconfig: Option<PathBuf>,
         /// The client pod, `NAMESPACE/NAME`.
         #[arg(long)]
         from: String,
@@ -132,16 +139,25 @@ pub enum Command {
         #[arg(long)]
         port: String,
     },
-    /// Run the node agent: watch the manifests directory and keep the dataplane's node
-    /// settings (pod CIDRs, overlay, peers) in line with it, pushing them again whenever
-    /// the dataplane restarts.
+    /// Run the node agent: watch the cluster (the Kubernetes API server, or a manifests
+    /// directory) and keep the dataplane's node settings (pod CIDRs, overlay, peers),
+    /// Services and NetworkPolicy rules in line with it, pushing them again whenever the
+    /// dataplane restarts.
     Run {
-        /// The node's name (metadata.name of its Node object).
-        #[arg(long)]
+        /// The node's name (metadata.name of its Node object; default: $NODE_NAME, as the
+        /// downward API sets it).
+        #[arg(long, env = "NODE_NAME")]
         node: String,
-        /// Directory of YAML / JSON manifests (Nodes, the switchyard-config ConfigMap).
+        /// Read the cluster from a directory of YAML / JSON manifests instead of the API
+        /// server.
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// The API server's kubeconfig (default: the in-cluster configuration).
         #[arg(long)]
-        manifests: PathBuf,
+        kubeconfig: Option<PathBuf>,
+        /// Namespace of the switchyard-config ConfigMap (API server only).
+        #[arg(long, default_value = "kube-system")]
+        config_namespace: String,
         /// The dataplane's API socket (default: --api).
         #[arg(long)]
         dataplane_api: Option<PathBuf>,

@@ -176,7 +176,7 @@ mod tests {
                 .masquerade
                 .port_range
                 .first,
-            32768
+            61000
         );
         let bad = ClusterConfig::parse("masquerade: {portRange: \"70-20\"}\n").unwrap_err();
         assert!(bad.contains("port range"), "{bad}");

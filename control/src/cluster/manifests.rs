@@ -163,120 +163,106 @@ pub fn load_text(file: &Path, text: &str, out: &mut Manifests, errors: &mut Vec<
         if value.is_null() {
             continue;
         }
-        let kind = value
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let api_version = value
-            .get("apiVersion")
-            .and_then(|k| k.as_str())
-            .unwrap_or_default();
-        match (api_version, kind.as_str()) {
-            ("v1", "Node") => match serde_json::from_value::<Node>(value) {
-                Ok(node) => match node_record(file, &node) {
-                    Ok(record) => out.nodes.push(record),
-                    Err(e) => errors.push(e),
-                },
-                Err(e) => errors.push(error(
-                    file,
-                    format!("document {}: Node", index + 1),
-                    e.to_string(),
-                )),
+        load_value(file, &format!("document {}", index + 1), value, out, errors);
+    }
+}
+
+/// Reads one object (`what` names it in errors: `document 2`, `Node node-a`) into `out`.
+pub fn load_value(
+    file: &Path,
+    what: &str,
+    value: serde_json::Value,
+    out: &mut Manifests,
+    errors: &mut Vec<ManifestError>,
+) {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let api_version = value
+        .get("apiVersion")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default();
+    match (api_version, kind.as_str()) {
+        ("v1", "Node") => match serde_json::from_value::<Node>(value) {
+            Ok(node) => match node_record(file, &node) {
+                Ok(record) => out.nodes.push(record),
+                Err(e) => errors.push(e),
             },
-            ("v1", "ConfigMap") => match serde_json::from_value::<ConfigMap>(value) {
-                Ok(map) if map.metadata.name.as_deref() == Some(CONFIG_MAP) => {
-                    let field = format!("ConfigMap {CONFIG_MAP}: data.{CONFIG_KEY}");
-                    let Some(text) = map.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) else {
-                        errors.push(error(file, field, "missing"));
-                        continue;
-                    };
-                    match ClusterConfig::parse(text) {
-                        Ok(config) => {
-                            if let Some(previous) = &out.config_file {
-                                errors.push(error(
-                                    file,
-                                    field,
-                                    format!(
-                                        "a second {CONFIG_MAP} (the first is in {})",
-                                        previous.display()
-                                    ),
-                                ));
-                            }
-                            out.config = config;
-                            out.config_file = Some(file.to_path_buf());
+            Err(e) => errors.push(error(file, format!("{what}: Node"), e.to_string())),
+        },
+        ("v1", "ConfigMap") => match serde_json::from_value::<ConfigMap>(value) {
+            Ok(map) if map.metadata.name.as_deref() == Some(CONFIG_MAP) => {
+                let field = format!("ConfigMap {CONFIG_MAP}: data.{CONFIG_KEY}");
+                let Some(text) = map.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) else {
+                    errors.push(error(file, field, "missing"));
+                    return;
+                };
+                match ClusterConfig::parse(text) {
+                    Ok(config) => {
+                        if let Some(previous) = &out.config_file {
+                            errors.push(error(
+                                file,
+                                field,
+                                format!(
+                                    "a second {CONFIG_MAP} (the first is in {})",
+                                    previous.display()
+                                ),
+                            ));
                         }
-                        Err(e) => errors.push(error(file, field, e)),
+                        out.config = config;
+                        out.config_file = Some(file.to_path_buf());
                     }
+                    Err(e) => errors.push(error(file, field, e)),
                 }
-                Ok(_) => {} // other ConfigMaps are not ours
-                Err(e) => errors.push(error(
-                    file,
-                    format!("document {}: ConfigMap", index + 1),
-                    e.to_string(),
-                )),
-            },
-            ("v1", "Service") => match serde_json::from_value::<Service>(value) {
-                Ok(service) => out.services.push(ServiceManifest {
-                    service,
+            }
+            Ok(_) => {} // other ConfigMaps are not ours
+            Err(e) => errors.push(error(file, format!("{what}: ConfigMap"), e.to_string())),
+        },
+        ("v1", "Service") => match serde_json::from_value::<Service>(value) {
+            Ok(service) => out.services.push(ServiceManifest {
+                service,
+                file: file.to_path_buf(),
+            }),
+            Err(e) => errors.push(error(file, format!("{what}: Service"), e.to_string())),
+        },
+        ("discovery.k8s.io/v1" | "discovery.k8s.io/v1beta1", "EndpointSlice") => {
+            match serde_json::from_value::<EndpointSlice>(beta_slice_as_v1(value)) {
+                Ok(slice) => out.endpoint_slices.push(SliceManifest {
+                    slice,
                     file: file.to_path_buf(),
                 }),
-                Err(e) => errors.push(error(
-                    file,
-                    format!("document {}: Service", index + 1),
-                    e.to_string(),
-                )),
-            },
-            ("discovery.k8s.io/v1" | "discovery.k8s.io/v1beta1", "EndpointSlice") => {
-                match serde_json::from_value::<EndpointSlice>(beta_slice_as_v1(value)) {
-                    Ok(slice) => out.endpoint_slices.push(SliceManifest {
-                        slice,
-                        file: file.to_path_buf(),
-                    }),
-                    Err(e) => errors.push(error(
-                        file,
-                        format!("document {}: EndpointSlice", index + 1),
-                        e.to_string(),
-                    )),
-                }
+                Err(e) => errors.push(error(file, format!("{what}: EndpointSlice"), e.to_string())),
             }
-            ("v1", "Namespace") => match serde_json::from_value::<Namespace>(value) {
-                Ok(ns) => out.namespaces.push(ns),
-                Err(e) => errors.push(error(
-                    file,
-                    format!("document {}: Namespace", index + 1),
-                    e.to_string(),
-                )),
-            },
-            ("v1", "Pod") => match serde_json::from_value::<Pod>(value) {
-                Ok(pod) => out.pods.push(pod),
-                Err(e) => errors.push(error(
-                    file,
-                    format!("document {}: Pod", index + 1),
-                    e.to_string(),
-                )),
-            },
-            ("networking.k8s.io/v1", "NetworkPolicy") => {
-                match serde_json::from_value::<NetworkPolicy>(value) {
-                    Ok(policy) => out.policies.push(PolicyManifest {
-                        policy,
-                        file: file.to_path_buf(),
-                    }),
-                    Err(e) => errors.push(error(
-                        file,
-                        format!("document {}: NetworkPolicy", index + 1),
-                        e.to_string(),
-                    )),
-                }
-            }
-            _ => {} // other kinds are not Switchyard's business
         }
+        ("v1", "Namespace") => match serde_json::from_value::<Namespace>(value) {
+            Ok(ns) => out.namespaces.push(ns),
+            Err(e) => errors.push(error(file, format!("{what}: Namespace"), e.to_string())),
+        },
+        ("v1", "Pod") => match serde_json::from_value::<Pod>(value) {
+            Ok(pod) => out.pods.push(pod),
+            Err(e) => errors.push(error(file, format!("{what}: Pod"), e.to_string())),
+        },
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            match serde_json::from_value::<NetworkPolicy>(value) {
+                Ok(policy) => out.policies.push(PolicyManifest {
+                    policy,
+                    file: file.to_path_buf(),
+                }),
+                Err(e) => errors.push(error(file, format!("{what}: NetworkPolicy"), e.to_string())),
+            }
+        }
+        _ => {} // other kinds are not Switchyard's business
     }
 }
 
 /// A `discovery.k8s.io/v1beta1` EndpointSlice in `v1`'s shape: the same fields but for the
 /// endpoints' `topology` map, which `v1` splits into `nodeName` and `zone`.
 fn beta_slice_as_v1(mut value: serde_json::Value) -> serde_json::Value {
+    if let Some(map) = value.as_object_mut() {
+        map.insert("apiVersion".into(), "discovery.k8s.io/v1".into());
+    }
     if let Some(endpoints) = value.get_mut("endpoints").and_then(|e| e.as_array_mut()) {
         for e in endpoints {
             let Some(topology) = e.as_object_mut().and_then(|o| o.remove("topology")) else {

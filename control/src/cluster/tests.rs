@@ -223,3 +223,20 @@ fn json_manifests_and_exhaustion() {
         "{text:?}"
     );
 }
+
+#[test]
+fn a_v1beta1_endpoint_slice_reads_as_v1_with_its_node_from_topology() {
+    let text = "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n- addresses: [10.244.1.5]\n  conditions: {ready: true}\n  topology: {kubernetes.io/hostname: node-b}\n";
+    let mut m = super::manifests::Manifests::default();
+    let mut errors = Vec::new();
+    super::manifests::load_text(
+        std::path::Path::new("slice.yaml"),
+        text,
+        &mut m,
+        &mut errors,
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    let slice = &m.endpoint_slices[0].slice;
+    let endpoints = slice.endpoints.as_deref().unwrap_or_default();
+    assert_eq!(endpoints[0].node_name.as_deref(), Some("node-b"));
+}
