@@ -136,12 +136,38 @@ impl Switch {
         status(self.state().node.as_ref(), &self.config.host_ifname)
     }
 
-    /// Joins the cluster as `spec` says, or moves to it from the settings in force.
+    /// Joins the cluster as `spec` says, or moves to it from the settings in force. A first
+    /// join that fails part-way takes back the ports it opened (the host port, the
+    /// uplinks), so that a later attempt starts from nothing.
     pub fn set_node(&self, spec: NodeSpec) -> Result<NodeStatus, ApiError> {
         let mut state = self.state();
         if state.node.as_ref().is_some_and(|n| n.spec == spec) {
             return Ok(status(state.node.as_ref(), &self.config.host_ifname));
         }
+        let first = state.node.is_none();
+        let before: std::collections::HashSet<u32> = state.builder.ports().map(|p| p.id).collect();
+        let result = self.join(&mut state, spec);
+        if result.is_err() && first {
+            let opened: Vec<Arc<Port<PortIo>>> = state
+                .builder
+                .ports()
+                .filter(|p| !before.contains(&p.id) && p.role != PortRole::Pod)
+                .cloned()
+                .collect();
+            for port in &opened {
+                self.unpublish_port(&mut state, port);
+            }
+        }
+        drop(state);
+        if result.is_ok() {
+            self.sync_host_port_rules();
+        }
+        result
+    }
+
+    /// [`Switch::set_node`]'s work, under the state's lock.
+    fn join(&self, state: &mut State, spec: NodeSpec) -> Result<NodeStatus, ApiError> {
+        let mut state = state;
         let uplink = find_uplink(&spec)?;
         let plan = node::plan(&spec, &uplink)?;
         let uplink_index = crate::io::netns::link_index(&uplink.ifname).unwrap_or(0);
@@ -277,10 +303,7 @@ impl Switch {
             rules,
             host_rules: old_host_rules,
         });
-        let status = status(state.node.as_ref(), &self.config.host_ifname);
-        drop(state);
-        self.sync_host_port_rules();
-        Ok(status)
+        Ok(status(state.node.as_ref(), &self.config.host_ifname))
     }
 
     /// For tests, benchmarks and fuzzing, a node without kernel devices: an in-memory host
