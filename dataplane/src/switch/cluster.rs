@@ -167,14 +167,13 @@ impl Switch {
 
     /// [`Switch::set_node`]'s work, under the state's lock.
     fn join(&self, state: &mut State, spec: NodeSpec) -> Result<NodeStatus, ApiError> {
-        let mut state = state;
         let uplink = find_uplink(&spec)?;
         let plan = node::plan(&spec, &uplink)?;
         let uplink_index = crate::io::netns::link_index(&uplink.ifname).unwrap_or(0);
 
         let (host, host_ifindex) = match &state.node {
             Some(n) => (n.host.clone(), n.host_ifindex),
-            None => self.create_host_port(&mut state, plan.pod_mtu)?,
+            None => self.create_host_port(state, plan.pod_mtu)?,
         };
         Netlink::open()
             .and_then(|mut nl| nl.set_link(host_ifindex, None, Some(plan.pod_mtu)))
@@ -192,7 +191,7 @@ impl Switch {
         let tunnels = if same_uplink {
             old_tunnels.clone()
         } else {
-            self.open_tunnels(&mut state, &spec, plan.pod_mtu)?
+            self.open_tunnels(state, &spec, plan.pod_mtu)?
         };
         for port in &tunnels {
             if let PortIo::Uplink(up) = &port.device {
@@ -285,10 +284,10 @@ impl Switch {
             tunnel_v6: tunnels.last().cloned(),
         };
         state.builder.set_cluster(plan.routes.clone(), ports);
-        self.publish(&mut state);
+        self.publish(state);
         if !same_uplink {
             for port in &old_tunnels {
-                self.unpublish_port(&mut state, port);
+                self.unpublish_port(state, port);
             }
         }
         self.node_mtu.store(plan.pod_mtu, Ordering::Relaxed);
