@@ -29,6 +29,13 @@ fn kubectl(c: &Cluster, args: &[&str]) -> String {
         .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}\n{}", api.logs()))
 }
 
+/// A field of `node`'s `NetworkUnavailable` condition (`reason`, `lastHeartbeatTime`).
+fn network_unavailable(c: &Cluster, node: &str, field: &str) -> String {
+    let path =
+        format!("jsonpath={{.status.conditions[?(@.type==\"NetworkUnavailable\")].{field}}}");
+    kubectl(c, &["get", "node", node, "-o", &path])
+}
+
 /// The policy generation of node `i`'s dataplane (bumped by every push of rules or node
 /// settings).
 fn generation(c: &Cluster, i: usize) -> u64 {
@@ -99,16 +106,7 @@ fn nodes_join_from_the_api_server_and_a_new_node_reaches_both_within_a_second() 
     assert_matrix(&c, "two nodes from the API server");
     for node in ["node0", "node1"] {
         wait(Duration::from_secs(5), "NetworkUnavailable=False", || {
-            kubectl(
-                &c,
-                &[
-                    "get",
-                    "node",
-                    node,
-                    "-o",
-                    "jsonpath={.status.conditions[?(@.type==\"NetworkUnavailable\")].reason}",
-                ],
-            ) == "SwitchyardIsUp"
+            network_unavailable(&c, node, "reason") == "SwitchyardIsUp"
         });
     }
     // A third node: its agent starts, then its Node object is created.
@@ -244,16 +242,7 @@ fn the_deploy_manifest_applies_and_grants_exactly_what_the_agent_uses() {
         .kubeconfig_for("switchyard.kubeconfig", &token)
         .unwrap();
     c.set_agent_kubeconfig(kubeconfig);
-    let before_heartbeat = kubectl(
-        &c,
-        &[
-            "get",
-            "node",
-            "node1",
-            "-o",
-            "jsonpath={.status.conditions[?(@.type==\"NetworkUnavailable\")].lastHeartbeatTime}",
-        ],
-    );
+    let before_heartbeat = network_unavailable(&c, "node1", "lastHeartbeatTime");
     // Heartbeats have a resolution of one second.
     std::thread::sleep(Duration::from_millis(1100));
     // The node settings the admin's agents pushed are cleared by a dataplane restart, so
@@ -278,18 +267,7 @@ fn the_deploy_manifest_applies_and_grants_exactly_what_the_agent_uses() {
     wait(
         Duration::from_secs(5),
         "NetworkUnavailable set with the ServiceAccount",
-        || {
-            kubectl(
-            &c,
-            &[
-                "get",
-                "node",
-                "node1",
-                "-o",
-                "jsonpath={.status.conditions[?(@.type==\"NetworkUnavailable\")].lastHeartbeatTime}",
-            ],
-        ) != before_heartbeat
-        },
+        || network_unavailable(&c, "node1", "lastHeartbeatTime") != before_heartbeat,
     );
     let logs = c.logs();
     assert!(

@@ -479,27 +479,52 @@ fn services(c: &mut Criterion) {
             )
         });
         // One established flow: every packet finds it.
-        let established = service_frames(40_000, 0x10)
-            .into_iter()
-            .map(|mut f| {
-                f[12 + 34..12 + 36].copy_from_slice(&40_000u16.to_be_bytes());
-                f
-            })
-            .collect::<Vec<_>>();
-        g.bench_function(format!("established_64B_{n}_services"), |b| {
-            b.iter_batched_ref(
-                || batch_of(&established),
-                |bufs| {
-                    pipeline.process(&tables, &ingress, bufs, &mut verdicts, 0);
-                    assert!(matches!(verdicts[0], Verdict::Forward(_)));
-                },
-                BatchSize::LargeInput,
-            )
-        });
+        let established = one_flow(Ipv4Addr::new(10, 96, 0, 10));
+        forwarded_batches(
+            &mut g,
+            &format!("established_64B_{n}_services"),
+            &tables,
+            &ingress,
+            &established,
+        );
         g.throughput(Throughput::Elements(1));
         switch.shutdown();
     }
     g.finish();
+}
+
+/// 32 ACK segments of one flow from pod A (port 40000) to `dst`:80.
+fn one_flow(dst: Ipv4Addr) -> Vec<Vec<u8>> {
+    tcp_frames(dst, 40_000, 0x10)
+        .into_iter()
+        .map(|mut f| {
+            f[12 + 34..12 + 36].copy_from_slice(&40_000u16.to_be_bytes());
+            f
+        })
+        .collect()
+}
+
+/// Benchmarks `name`: batches of `frames` from `ingress` through a pipeline, each
+/// forwarded.
+fn forwarded_batches(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    tables: &switchyard_dataplane::tables::Tables<switchyard_dataplane::io::PortIo>,
+    ingress: &switchyard_dataplane::tables::Port<switchyard_dataplane::io::PortIo>,
+    frames: &[Vec<u8>],
+) {
+    let mut pipeline = Pipeline::new();
+    let mut verdicts = [Verdict::Drop; BATCH];
+    g.bench_function(name, |b| {
+        b.iter_batched_ref(
+            || batch_of(frames),
+            |bufs| {
+                pipeline.process(tables, ingress, bufs, &mut verdicts, 0);
+                assert!(matches!(verdicts[0], Verdict::Forward(_)));
+            },
+            BatchSize::LargeInput,
+        )
+    });
 }
 
 /// The manifests of a cluster with `n` NetworkPolicies and 10,000 peer pods: every
@@ -590,23 +615,14 @@ fn policy(c: &mut Criterion) {
             )
         });
         // One established flow: every packet finds its verdict.
-        let established: Vec<Vec<u8>> = tcp_frames(b_addr, 40_000, 0x10)
-            .into_iter()
-            .map(|mut f| {
-                f[12 + 34..12 + 36].copy_from_slice(&40_000u16.to_be_bytes());
-                f
-            })
-            .collect();
-        g.bench_function(format!("established_64B_{n}_policies"), |b| {
-            b.iter_batched_ref(
-                || batch_of(&established),
-                |bufs| {
-                    pipeline.process(&tables, &ingress, bufs, &mut verdicts, 0);
-                    assert!(matches!(verdicts[0], Verdict::Forward(_)));
-                },
-                BatchSize::LargeInput,
-            )
-        });
+        let established = one_flow(b_addr);
+        forwarded_batches(
+            &mut g,
+            &format!("established_64B_{n}_policies"),
+            &tables,
+            &ingress,
+            &established,
+        );
         g.throughput(Throughput::Elements(1));
         switch.shutdown();
     }
