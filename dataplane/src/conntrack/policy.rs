@@ -13,9 +13,8 @@
 
 use super::key::FlowKey;
 use super::life::{Liveness, State};
-use super::shards::{random_seed, Fx, FxBuild, SHARDS};
+use super::shards::{random_seed, shard_of, FxBuild, SHARDS};
 use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -126,12 +125,9 @@ impl PolicyFlows {
     }
 
     fn shard(&self, key: &FlowKey) -> MutexGuard<'_, HashMap<FlowKey, Decided, FxBuild>> {
-        let mut h = Fx(self.seed);
-        key.hash(&mut h);
-        let x = h.finish();
         // A panic while holding a shard lock leaves the map consistent (single inserts
         // or removes), so a poisoned lock is still usable.
-        self.shards[((x ^ (x >> 29)) as usize) % SHARDS]
+        self.shards[shard_of(self.seed, key)]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }

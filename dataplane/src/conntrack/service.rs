@@ -12,9 +12,9 @@
 
 pub use super::key::FlowKey;
 use super::life::{Liveness, State, NS};
-use super::shards::{random_seed, Fx, FxBuild, SHARDS};
+use super::shards::{random_seed, shard_of, FxBuild, SHARDS};
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -162,10 +162,7 @@ impl ServiceFlows {
     }
 
     fn index<K: Hash>(&self, key: &K) -> usize {
-        let mut h = Fx(self.seed);
-        key.hash(&mut h);
-        let x = h.finish();
-        ((x ^ (x >> 29)) as usize) % SHARDS
+        shard_of(self.seed, key)
     }
 
     fn shard(&self, key: &FlowKey) -> MutexGuard<'_, HashMap<FlowKey, Arc<ServiceFlow>, FxBuild>> {

@@ -30,6 +30,15 @@ impl Hasher for Fx {
 /// Hash maps keyed with [`Fx`].
 pub type FxBuild = BuildHasherDefault<Fx>;
 
+/// The shard of `key` in a table whose hashes are seeded with `seed`.
+#[inline]
+pub fn shard_of<K: std::hash::Hash>(seed: u64, key: &K) -> usize {
+    let mut h = Fx(seed);
+    key.hash(&mut h);
+    let x = h.finish();
+    ((x ^ (x >> 29)) as usize) % SHARDS
+}
+
 /// A random number per process (std's per-process hash keys).
 pub fn random_seed() -> u64 {
     use std::hash::BuildHasher;

@@ -40,12 +40,6 @@ use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-/// SCTP's protocol number (its header starts with the two ports, as UDP's does).
-const PROTO_SCTP: u8 = 132;
-/// ICMPv6 echo request and reply.
-const V6_ECHO_REQUEST: u8 = 128;
-const V6_ECHO_REPLY: u8 = 129;
-
 /// How a packet stands to the start of its flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Opening {
@@ -102,7 +96,7 @@ pub(super) fn packet(l3: &[u8], v6: bool) -> Option<Packet> {
     // of every protocol admit it).
     let l4 = l3.get(l4_at..).unwrap_or_default();
     match protocol {
-        ipv4::PROTO_TCP | ipv4::PROTO_UDP | PROTO_SCTP => {
+        ipv4::PROTO_TCP | ipv4::PROTO_UDP | ipv4::PROTO_SCTP => {
             if let Ok(ports) = UdpPacket::new_checked(l4) {
                 p.key.src_port = ports.src_port();
                 p.key.dst_port = ports.dst_port();
@@ -126,8 +120,8 @@ pub(super) fn packet(l3: &[u8], v6: bool) -> Option<Packet> {
             };
             let (request, reply, error) = if v6 {
                 (
-                    V6_ECHO_REQUEST,
-                    V6_ECHO_REPLY,
+                    icmp::V6_ECHO_REQUEST,
+                    icmp::V6_ECHO_REPLY,
                     icmp::is_v6_error(message.kind()),
                 )
             } else {

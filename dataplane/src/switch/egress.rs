@@ -227,12 +227,7 @@ impl Switch {
             .filter(|f| pod.is_none_or(|p| f.original.src == p))
             .filter(|f| wanted.is_none_or(|w| f.original.protocol == w))
             .map(|f| ConntrackEntry {
-                protocol: match f.original.protocol {
-                    6 => "tcp",
-                    17 => "udp",
-                    _ => "icmp",
-                }
-                .into(),
+                protocol: super::protocol_name(f.original.protocol),
                 kind: if f.published {
                     "hostPort"
                 } else {

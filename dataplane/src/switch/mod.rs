@@ -89,6 +89,18 @@ pub struct Switch {
     node_mtu: AtomicU32,
 }
 
+/// A flow's protocol as listings name it: `tcp`, `udp`, `sctp`, `icmp` (ICMP and ICMPv6),
+/// else its number.
+fn protocol_name(protocol: u8) -> String {
+    match protocol {
+        1 | 58 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        132 => "sctp".into(),
+        n => n.to_string(),
+    }
+}
+
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::InvalidRequest, message)
 }

@@ -2,8 +2,9 @@
 //! snapshot's policy table with this node's own addresses (traffic between a pod and its
 //! node always passes), and listed with the flows they denied last.
 
-use super::{invalid, State, Switch};
+use super::{invalid, protocol_name, State, Switch};
 use crate::tables::policy::PolicyTable;
+use crate::wire::ipv4;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -39,7 +40,7 @@ impl Policies {
 fn validate(set: &PolicySet) -> Result<(), ApiError> {
     for rule in &set.rules {
         for port in &rule.ports {
-            if ![6, 17, 132].contains(&port.protocol) {
+            if ![ipv4::PROTO_TCP, ipv4::PROTO_UDP, ipv4::PROTO_SCTP].contains(&port.protocol) {
                 return Err(invalid(format!(
                     "{}: protocol {} is not TCP (6), UDP (17) or SCTP (132)",
                     rule.origin, port.protocol
@@ -78,16 +79,6 @@ fn validate(set: &PolicySet) -> Result<(), ApiError> {
         }
     }
     Ok(())
-}
-
-fn protocol_name(protocol: u8) -> String {
-    match protocol {
-        1 | 58 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        132 => "sctp".into(),
-        n => n.to_string(),
-    }
 }
 
 impl Switch {

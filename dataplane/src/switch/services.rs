@@ -176,12 +176,7 @@ impl Switch {
                 .filter(|(key, _)| service.is_none_or(|s| key.as_ref() == Some(s)))
                 .map(|(key, f)| ServiceFlowEntry {
                     service: key,
-                    protocol: if f.original.protocol == 6 {
-                        "tcp"
-                    } else {
-                        "udp"
-                    }
-                    .into(),
+                    protocol: super::protocol_name(f.original.protocol),
                     client: socket(f.original.src, f.original.src_port),
                     frontend: socket(f.original.dst, f.original.dst_port),
                     backend: socket(f.backend.0, f.backend.1),

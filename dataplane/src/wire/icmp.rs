@@ -33,6 +33,10 @@ pub const V6_TIME_EXCEEDED: u8 = 3;
 pub const V6_CODE_ADDR_UNREACHABLE: u8 = 3;
 /// ICMPv6 destination-unreachable code: port unreachable.
 pub const V6_CODE_PORT_UNREACHABLE: u8 = 4;
+/// ICMPv6 echo request.
+pub const V6_ECHO_REQUEST: u8 = 128;
+/// ICMPv6 echo reply.
+pub const V6_ECHO_REPLY: u8 = 129;
 /// ICMPv6 router solicitation.
 pub const V6_ROUTER_SOLICIT: u8 = 133;
 /// ICMPv6 neighbour solicitation.

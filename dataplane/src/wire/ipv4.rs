@@ -12,6 +12,8 @@ pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 /// Protocol number of UDP.
 pub const PROTO_UDP: u8 = 17;
+/// Protocol number of SCTP (its header starts with the two ports, as UDP's does).
+pub const PROTO_SCTP: u8 = 132;
 
 /// A view of an IPv4 header. `new_checked` guarantees that the header, with its options,
 /// fits in the buffer, but not the total length it declares: the view for a packet quoted
