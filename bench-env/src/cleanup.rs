@@ -18,6 +18,11 @@ pub enum Resource {
     File(PathBuf),
     /// A directory to remove with its contents.
     Dir(PathBuf),
+    /// An empty directory the harness created as a mountpoint: removed only while empty.
+    EmptyDir(PathBuf),
+    /// A control group (one name under every cgroup v1 hierarchy): every process in it and
+    /// its children is killed, then the groups are removed.
+    Cgroup(String),
 }
 
 static REGISTRY: Mutex<BTreeMap<u64, Resource>> = Mutex::new(BTreeMap::new());
@@ -36,6 +41,22 @@ pub fn register(resource: Resource) -> u64 {
     key
 }
 
+/// A registered resource, removed when the guard drops.
+pub struct Guard(u64);
+
+impl Guard {
+    /// Registers `resource`; it is removed when the guard drops.
+    pub fn new(resource: Resource) -> Self {
+        Self(register(resource))
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        release(self.0);
+    }
+}
+
 /// Removes a resource now and forgets it.
 pub fn release(key: u64) {
     let resource = registry().remove(&key);
@@ -49,16 +70,21 @@ pub fn forget(key: u64) {
     registry().remove(&key);
 }
 
-/// Removes everything still registered: processes first, then namespaces, then files.
+/// Removes everything still registered: processes and control groups first, then
+/// namespaces, then files, then mountpoints (newest first).
 pub fn release_all() {
-    let all: Vec<Resource> = std::mem::take(&mut *registry()).into_values().collect();
-    for pass in 0..3 {
+    let all: Vec<Resource> = std::mem::take(&mut *registry())
+        .into_values()
+        .rev()
+        .collect();
+    for pass in 0..4 {
         for r in &all {
             let matches = matches!(
                 (pass, r),
-                (0, Resource::Process(_))
+                (0, Resource::Process(_) | Resource::Cgroup(_))
                     | (1, Resource::Netns(_))
                     | (2, Resource::File(_) | Resource::Dir(_))
+                    | (3, Resource::EmptyDir(_))
             );
             if matches {
                 remove(r);
@@ -79,6 +105,10 @@ fn remove(resource: &Resource) {
         Resource::Dir(path) => {
             let _ = std::fs::remove_dir_all(path);
         }
+        Resource::EmptyDir(path) => {
+            let _ = std::fs::remove_dir(path);
+        }
+        Resource::Cgroup(name) => crate::cgroup::destroy(name),
     }
 }
 

@@ -21,8 +21,18 @@ pub const ADMIN_TOKEN: &str = "switchyard-test-admin";
 /// The directory of kube-apiserver and kubectl, built when missing (about 12 minutes, once
 /// per machine).
 pub fn binaries() -> Result<PathBuf> {
+    build(&[])
+}
+
+/// The same directory with everything a cluster runs besides: kubelet,
+/// kube-controller-manager, kube-scheduler (and Debian's containerd and runc installed).
+pub fn cluster_binaries() -> Result<PathBuf> {
+    build(&["--cluster"])
+}
+
+fn build(args: &[&str]) -> Result<PathBuf> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kube-apiserver");
-    let out = std::process::Command::new(&script).output()?;
+    let out = std::process::Command::new(&script).args(args).output()?;
     if !out.status.success() {
         return Err(fail!(
             "{} failed: {}",
@@ -35,7 +45,8 @@ pub fn binaries() -> Result<PathBuf> {
 
 /// etcd and kube-apiserver in a namespace; stopped on drop.
 pub struct ApiServer {
-    // Field order is drop order: the API server before its store.
+    // Field order is drop order: the controllers, the API server, its store.
+    controllers: Vec<Process>,
     apiserver: Option<Process>,
     etcd: Process,
     /// The kubeconfig of the administrator.
@@ -50,6 +61,7 @@ pub struct ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
+        self.controllers.clear();
         self.apiserver.take();
         for key in self.keys.drain(..) {
             cleanup::release(key);
@@ -66,15 +78,8 @@ impl ApiServer {
         std::fs::create_dir_all(dir.join("certs"))?;
         let keys = vec![cleanup::register(Resource::Dir(dir.clone()))];
         let sa_key = dir.join("sa.key");
-        let status = std::process::Command::new("openssl")
-            .args(["genrsa", "-out"])
-            .arg(&sa_key)
-            .arg("2048")
-            .stderr(std::process::Stdio::null())
-            .status()?;
-        if !status.success() {
-            return Err(fail!("openssl genrsa failed"));
-        }
+        openssl(&dir, &["genrsa", "-out", "sa.key", "2048"])?;
+        certificates(&dir)?;
         std::fs::write(
             dir.join("tokens.csv"),
             format!("{ADMIN_TOKEN},admin,admin-uid,\"system:masters\"\n"),
@@ -107,6 +112,8 @@ impl ApiServer {
             format!("--advertise-address={ADDRESS}"),
             format!("--secure-port={PORT}"),
             format!("--cert-dir={}", s(&dir.join("certs"))),
+            format!("--tls-cert-file={}", s(&dir.join("apiserver.crt"))),
+            format!("--tls-private-key-file={}", s(&dir.join("apiserver.key"))),
             format!("--token-auth-file={}", s(&dir.join("tokens.csv"))),
             "--authorization-mode=RBAC".into(),
             "--service-cluster-ip-range=10.96.0.0/12".into(),
@@ -119,6 +126,8 @@ impl ApiServer {
             // Dual-stack (alpha in 1.20) keeps both of a Node's spec.podCIDRs.
             "--feature-gates=IPv6DualStack=true".into(),
             "--allow-privileged=true".into(),
+            // Kubelets are reached at their InternalIP (no DNS for node names here).
+            "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
             "--profiling=false".into(),
             "--v=1".into(),
         ]
@@ -126,6 +135,7 @@ impl ApiServer {
         let kubeconfig = dir.join("admin.kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_text(ADMIN_TOKEN))?;
         let mut server = Self {
+            controllers: Vec::new(),
             apiserver: None,
             etcd,
             kubeconfig,
@@ -164,6 +174,57 @@ impl ApiServer {
         }
     }
 
+    /// Starts kube-controller-manager (allocating Nodes' pod CIDRs from `cluster_cidrs`,
+    /// issuing service account tokens) and kube-scheduler beside the API server, as a
+    /// cluster with kubelets needs them.
+    pub fn start_controllers(&mut self, ns: &Netns, cluster_cidrs: &str) -> Result<()> {
+        let s = |p: &Path| p.to_string_lossy().into_owned();
+        let kubeconfig = format!("--kubeconfig={}", s(&self.kubeconfig));
+        let binary = |name: &str| s(&self.bin.join(name));
+        let manager = [
+            binary("kube-controller-manager"),
+            kubeconfig.clone(),
+            "--allocate-node-cidrs=true".into(),
+            format!("--cluster-cidr={cluster_cidrs}"),
+            "--node-cidr-mask-size-ipv4=24".into(),
+            "--node-cidr-mask-size-ipv6=64".into(),
+            "--service-cluster-ip-range=10.96.0.0/12".into(),
+            "--feature-gates=IPv6DualStack=true".into(),
+            format!(
+                "--service-account-private-key-file={}",
+                s(&self.dir.join("sa.key"))
+            ),
+            format!("--root-ca-file={}", s(&self.dir.join("ca.crt"))),
+            "--leader-elect=false".into(),
+            "--port=0".into(),
+            "--secure-port=0".into(),
+            "--v=1".into(),
+        ];
+        let scheduler = [
+            binary("kube-scheduler"),
+            kubeconfig,
+            "--leader-elect=false".into(),
+            "--port=0".into(),
+            "--secure-port=0".into(),
+            "--v=1".into(),
+        ];
+        for (argv, log) in [
+            (&manager[..], "controller-manager.log"),
+            (&scheduler[..], "scheduler.log"),
+        ] {
+            let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+            self.controllers
+                .push(ns.spawn(&refs, Some(&self.dir.join(log)))?);
+        }
+        Ok(())
+    }
+
+    /// The certificate authority that signed the API server's certificate (what service
+    /// account tokens carry as `ca.crt`).
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
     /// Stops the API server (etcd keeps running).
     pub fn stop_apiserver(&mut self) {
         self.apiserver.take();
@@ -177,11 +238,24 @@ impl ApiServer {
     /// Runs `kubectl ARGS` with `kubeconfig` in `ns`; returns its stdout.
     pub fn kubectl_with(&self, ns: &Netns, kubeconfig: &Path, args: &[&str]) -> Result<String> {
         debug_assert_eq!(ns.name(), self.ns_name);
-        let kubectl = self.bin.join("kubectl").to_string_lossy().into_owned();
-        let config = format!("--kubeconfig={}", kubeconfig.display());
-        let mut argv = vec![kubectl.as_str(), config.as_str()];
-        argv.extend(args);
-        ns.exec(&argv)
+        let argv = self.kubectl_argv_with(kubeconfig, args);
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        ns.exec(&refs)
+    }
+
+    /// The command line of `kubectl ARGS` as the administrator (to run in the server's
+    /// namespace).
+    pub fn kubectl_argv(&self, args: &[&str]) -> Vec<String> {
+        self.kubectl_argv_with(&self.kubeconfig, args)
+    }
+
+    fn kubectl_argv_with(&self, kubeconfig: &Path, args: &[&str]) -> Vec<String> {
+        let mut argv = vec![
+            self.bin.join("kubectl").to_string_lossy().into_owned(),
+            format!("--kubeconfig={}", kubeconfig.display()),
+        ];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        argv
     }
 
     /// Applies `yaml` (kubectl apply -f) as the administrator.
@@ -208,17 +282,95 @@ impl ApiServer {
             let lines: Vec<&str> = t.lines().collect();
             lines[lines.len().saturating_sub(40)..].join("\n")
         };
-        format!(
-            "--- etcd ---\n{}\n--- kube-apiserver ---\n{}\n",
-            tail(read("etcd.log")),
-            tail(read("apiserver.log"))
-        )
+        ["etcd", "apiserver", "controller-manager", "scheduler"]
+            .iter()
+            .map(|name| format!("--- {name} ---\n{}\n", tail(read(&format!("{name}.log")))))
+            .collect()
     }
 
     /// etcd's process, for compaction and the like.
     pub fn etcd_pid(&self) -> u32 {
         self.etcd.id()
     }
+}
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    if !out.status.success() {
+        return Err(fail!(
+            "openssl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// A certificate authority (`ca.crt`) and the API server's certificate signed by it
+/// (`apiserver.crt`), valid for its address and for the `kubernetes` Service's names and
+/// cluster IP, so that clients in pods can verify it.
+fn certificates(dir: &Path) -> Result<()> {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=switchyard-test-ca",
+        ],
+    )?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "apiserver.key",
+            "-out",
+            "apiserver.csr",
+            "-subj",
+            "/CN=kube-apiserver",
+        ],
+    )?;
+    std::fs::write(
+        dir.join("san.ext"),
+        format!("subjectAltName=IP:{ADDRESS},IP:10.96.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"),
+    )?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "apiserver.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "apiserver.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    )
 }
 
 fn kubeconfig_text(token: &str) -> String {

@@ -6,10 +6,12 @@
 //! removed when its guard drops, when the program panics, or on Ctrl-C / SIGTERM. Nothing
 //! is created in the root namespace.
 
+pub mod cgroup;
 pub mod cleanup;
 pub mod cluster;
 pub mod error;
 pub mod kube;
+pub mod kube_e2e;
 pub mod measure;
 pub mod netns;
 pub mod policy;

@@ -141,8 +141,11 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         self.dataplane.take();
         self.pods.clear();
-        if let Some((_, key)) = self.api.take() {
+        if let Some((api, key)) = self.api.take() {
             cleanup::release(key);
+            for kept in ["ports.json", "sysctls.json"] {
+                let _ = std::fs::remove_file(api.with_extension(kept));
+            }
         }
         if let Some(log) = self.log.take() {
             let _ = std::fs::remove_file(log);
@@ -179,6 +182,7 @@ impl Testbed {
         let api_key = cleanup::register(Resource::File(api.clone()));
         // The dataplane records its ports beside the socket.
         cleanup::register(Resource::File(api.with_extension("ports.json")));
+        cleanup::register(Resource::File(api.with_extension("sysctls.json")));
         let log = std::env::temp_dir().join(format!("{prefix}-dataplane.log"));
         // Registered so that Ctrl-C removes it too; the guard's drop removes it otherwise.
         cleanup::register(Resource::File(log.clone()));

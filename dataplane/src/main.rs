@@ -40,6 +40,18 @@ struct Args {
     /// (default: beside the API socket, `<api stem>.ports.json`).
     #[arg(long)]
     state_file: Option<PathBuf>,
+    /// Uninstall: put the node's kernel back as it was before any dataplane ran (steering
+    /// rules, the local table's rule, the sysctls recorded beside the API socket), remove
+    /// the recorded ports and the CNI plugin's files (`--cni-conf-dir`, `--cni-bin-dir`),
+    /// and exit. Run it on each node once the DaemonSet is deleted.
+    #[arg(long)]
+    cleanup: bool,
+    /// The CNI configuration directory the cleanup removes `10-switchyard.conflist` from.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// The CNI plugin directory the cleanup removes `switchyard` from.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
 }
 
 /// `--steering` values.
@@ -53,6 +65,14 @@ enum Steering {
 
 fn main() {
     let args = Args::parse();
+    let state_file = args
+        .state_file
+        .clone()
+        .unwrap_or_else(|| args.api.with_extension("ports.json"));
+    let sysctl_file = args.api.with_extension("sysctls.json");
+    if args.cleanup {
+        std::process::exit(cleanup(&args, &state_file, &sysctl_file));
+    }
     let mut config = SwitchConfig::default();
     if let Some(workers) = args.workers {
         config.workers = workers.max(1);
@@ -62,10 +82,8 @@ fn main() {
     config.pod_cidrs = args.pod_cidrs;
     config.cpu_steering = args.steering == Steering::Cpu;
     config.host_ifname = args.host_ifname;
-    config.state_file = Some(
-        args.state_file
-            .unwrap_or_else(|| args.api.with_extension("ports.json")),
-    );
+    config.state_file = Some(state_file);
+    config.sysctl_file = Some(sysctl_file);
     let listener = match server::bind(&args.api) {
         Ok(l) => l,
         Err(err) => {
@@ -104,4 +122,45 @@ fn main() {
         args.api.display()
     );
     server::serve(listener, switch);
+}
+
+/// `--cleanup`: the uninstall step on one node; returns the exit status.
+fn cleanup(args: &Args, state_file: &std::path::Path, sysctl_file: &std::path::Path) -> i32 {
+    if switchyard_api::Client::connect(&args.api).is_ok() {
+        eprintln!(
+            "switchyard-dataplane: a dataplane still answers on {}: stop it (delete the DaemonSet) before the cleanup",
+            args.api.display()
+        );
+        return 1;
+    }
+    let mut status = 0;
+    match switchyard_dataplane::switch::restore::cleanup(sysctl_file) {
+        Ok(done) => {
+            for line in done {
+                println!("restored {line}");
+            }
+        }
+        Err(e) => {
+            eprintln!("switchyard-dataplane: cannot restore the node's kernel settings: {e}");
+            status = 1;
+        }
+    }
+    for file in [
+        state_file.to_path_buf(),
+        args.cni_conf_dir.join("10-switchyard.conflist"),
+        args.cni_bin_dir.join("switchyard"),
+    ] {
+        match std::fs::remove_file(&file) {
+            Ok(()) => println!("removed {}", file.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                eprintln!(
+                    "switchyard-dataplane: cannot remove {}: {e}",
+                    file.display()
+                );
+                status = 1;
+            }
+        }
+    }
+    status
 }

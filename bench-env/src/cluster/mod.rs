@@ -10,6 +10,7 @@
 //! `clusterCIDR` in node-name order; the kernel arm uses the same).
 
 mod kernel;
+mod kubelet;
 mod pods;
 mod switchyard;
 mod underlay;
@@ -20,6 +21,7 @@ use crate::process::Process;
 use crate::testbed::{cni_call, result_addresses, unique_prefix, Arm, Pod, CNI_BIN_DIR};
 use crate::tools::find_binary;
 use crate::{fail, Result};
+pub use kubelet::{KubeNode, NODE_IMAGES};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -155,6 +157,9 @@ pub struct Cluster {
     pub arm: Arm,
     /// The nodes.
     pub nodes: Vec<SimNode>,
+    /// The nodes of a real cluster: containerd and a kubelet each, Switchyard installed
+    /// by its DaemonSet ([`Cluster::start_kube_node`]).
+    pub kube_nodes: Vec<KubeNode>,
     /// The hub (switch or router) namespace.
     pub hub: Netns,
     /// The manifests directory every control process reads.
@@ -173,10 +178,12 @@ pub struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        self.kube_nodes.clear();
         self.nodes.clear();
         self.external.take();
         self.api.take();
-        for key in self.keys.drain(..) {
+        // Newest first: a mountpoint's parent after the mountpoint.
+        for key in self.keys.drain(..).rev() {
             cleanup::release(key);
         }
     }
@@ -211,6 +218,7 @@ impl Cluster {
         let mut cluster = Self {
             arm,
             nodes: Vec::new(),
+            kube_nodes: Vec::new(),
             hub,
             keys: vec![cleanup::register(Resource::Dir(manifests.clone()))],
             manifests,
@@ -310,7 +318,8 @@ impl Cluster {
         let (api, dataplane_log, control_log) =
             (file("sock"), file("dataplane.log"), file("control.log"));
         let state = api.with_extension("ports.json");
-        for f in [&api, &state, &dataplane_log, &control_log] {
+        let sysctls = api.with_extension("sysctls.json");
+        for f in [&api, &state, &sysctls, &dataplane_log, &control_log] {
             self.keys.push(cleanup::register(Resource::File(f.clone())));
         }
         self.keys

@@ -252,6 +252,11 @@ fn run_command(
     config_namespace: &str,
     opts: &agent::AgentOptions,
 ) -> Result<ExitCode, String> {
+    // The agent holds nothing the next one cannot rebuild from the cluster: on SIGTERM
+    // (a pod's stop, where it runs as PID 1 and the default action would be ignored) or
+    // Ctrl-C it leaves at once.
+    ctrlc::set_handler(|| std::process::exit(0))
+        .map_err(|e| format!("cannot install the signal handler: {e}"))?;
     let mut source: Box<dyn Source> = match dir {
         Some(dir) => Box::new(DirSource::new(dir)),
         None => Box::new(ApiSource::connect(&ApiOptions {

@@ -227,9 +227,12 @@ impl Switch {
                 table: MAIN_TABLE,
             });
         }
-        links::set_sysctl("net.ipv4.ip_forward", "1").map_err(|e| system("forwarding", e))?;
+        self.originals
+            .set("net.ipv4.ip_forward", "1")
+            .map_err(|e| system("forwarding", e))?;
         if kernel_routes.iter().any(|r| r.dst.addr().is_ipv6()) {
-            links::set_sysctl("net.ipv6.conf.all.forwarding", "1")
+            self.originals
+                .set("net.ipv6.conf.all.forwarding", "1")
                 .map_err(|e| system("forwarding", e))?;
         }
         let mut nl = Netlink::open().map_err(|e| system("netlink", e))?;
@@ -424,6 +427,10 @@ impl Switch {
             super::egress::remove_rules(&node.host_rules);
             for route in &node.kernel_routes {
                 let _ = nl.delete_route(route);
+            }
+            // The steering rules are gone: the local table's rule goes back to first.
+            if let Err(e) = super::restore::restore_local_rule(&mut nl) {
+                eprintln!("switchyard-dataplane: cannot move the local table's rule back: {e}");
             }
         }
     }

@@ -18,7 +18,6 @@
 
 use super::Switch;
 use crate::conntrack::Conntrack;
-use crate::io::links;
 use crate::io::netlink::{KernelRoute, KernelRule, Netlink, RT_TABLE_LOCAL};
 use crate::tables::masquerade::Masquerading;
 use std::io;
@@ -31,7 +30,7 @@ pub(super) const STEER_TABLE: u8 = 200;
 /// Priority of the steering rules.
 const STEER_PRIORITY: u32 = 50;
 /// Where the local table's rule moves to, so that the steering rules come first.
-const LOCAL_PRIORITY: u32 = 100;
+pub(super) const LOCAL_PRIORITY: u32 = 100;
 
 fn system(context: &str, err: io::Error) -> ApiError {
     ApiError::new(ErrorCode::System, format!("{context}: {err}"))
@@ -120,7 +119,9 @@ impl Switch {
                 format!("{}-{}", range.0, range.1),
             ),
         ] {
-            links::set_sysctl(&key, &value).map_err(|e| system("masquerade", e))?;
+            self.originals
+                .set(&key, &value)
+                .map_err(|e| system("masquerade", e))?;
         }
         let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
             .ok()
@@ -131,7 +132,8 @@ impl Switch {
         if let Some((lo, hi)) = ephemeral {
             if lo >= range.0 && hi <= range.1 {
                 let (a, b) = ephemeral_outside(range);
-                links::set_sysctl("net.ipv4.ip_local_port_range", &format!("{a} {b}"))
+                self.originals
+                    .set("net.ipv4.ip_local_port_range", &format!("{a} {b}"))
                     .map_err(|e| system("masquerade", e))?;
                 eprintln!(
                     "switchyard-dataplane: the node's ephemeral ports {lo}-{hi} lay inside the masquerade range {}-{}; they are now {a}-{b}",

@@ -9,6 +9,7 @@ mod cluster;
 mod egress;
 mod persist;
 mod policy;
+pub mod restore;
 mod services;
 #[cfg(test)]
 mod tests;
@@ -54,6 +55,9 @@ pub struct SwitchConfig {
     /// Where the pod ports are recorded, so that a restarted dataplane re-attaches them
     /// (none: not recorded).
     pub state_file: Option<std::path::PathBuf>,
+    /// Where the node's sysctls are recorded before their first change, for the uninstall
+    /// (none: not recorded).
+    pub sysctl_file: Option<std::path::PathBuf>,
 }
 
 impl Default for SwitchConfig {
@@ -67,6 +71,7 @@ impl Default for SwitchConfig {
             cpu_steering: false,
             host_ifname: "sy0".into(),
             state_file: None,
+            sysctl_file: None,
         }
     }
 }
@@ -87,6 +92,8 @@ pub struct Switch {
     state: Mutex<State>,
     /// MTU for new pods once the node settings fixed it (0: not yet).
     node_mtu: AtomicU32,
+    /// The node's sysctls as they were before the first change.
+    originals: restore::Originals,
 }
 
 /// A flow's protocol as listings name it: `tcp`, `udp`, `sctp`, `icmp` (ICMP and ICMPv6),
@@ -125,6 +132,7 @@ impl Switch {
                 policies: policy::Policies::default(),
             }),
             node_mtu: AtomicU32::new(0),
+            originals: restore::Originals::new(config.sysctl_file.clone()),
             config,
             shared,
             workers,
