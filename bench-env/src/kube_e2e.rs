@@ -300,6 +300,41 @@ pub fn run() -> Result<bool> {
     Ok(ok)
 }
 
+/// `bench-env kube-cluster`: starts the cluster (with Switchyard installed unless
+/// `bare`), prints how to reach it, and keeps it until Ctrl-C or SIGTERM, which tear
+/// everything down.
+pub fn serve(bare: bool) -> Result<bool> {
+    let mut s = Scenario::start()?;
+    s.step(
+        "two nodes with containerd and a kubelet join the cluster",
+        Scenario::start_nodes,
+    )?;
+    if !bare {
+        s.step(
+            "kubectl apply -f deploy/switchyard.yaml: the DaemonSet is Ready on both nodes, Nodes Ready, NetworkUnavailable=False",
+            Scenario::install,
+        )?;
+    }
+    let api = s.api()?;
+    println!(
+        "\nThe cluster runs. kubectl, as the administrator:\n  ip netns exec {} {} --kubeconfig={} get nodes -o wide\n\
+         Each node's files (logs, containerd, kubelet): {}\n\
+         A node's own view (its mounts and network): nsenter -t <kubelet pid> -m -n\n\
+         Ctrl-C tears everything down.",
+        s.cluster.hub.name(),
+        crate::kube::cluster_binaries()?.join("kubectl").display(),
+        api.kubeconfig.display(),
+        s.nodes()
+            .iter()
+            .map(|n| n.dir.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    loop {
+        std::thread::park();
+    }
+}
+
 fn steps(s: &mut Scenario) -> Result<()> {
     s.step(
         "two nodes with containerd and a kubelet join the cluster",

@@ -34,6 +34,13 @@ enum Scenario {
     /// scheduler, two nodes with containerd and kubelet, Switchyard as a DaemonSet,
     /// busybox pods; exits 0 only when every step held.
     KubeE2e,
+    /// A real Kubernetes cluster to use by hand: the control plane, two nodes with
+    /// containerd and kubelet, Switchyard installed; kept until Ctrl-C, which removes it.
+    KubeCluster {
+        /// Leave Switchyard out (nodes stay NotReady until a network plugin is applied).
+        #[arg(long)]
+        bare: bool,
+    },
     /// One node, N pods: Switchyard (TAP ports) against veth + Linux bridge.
     SingleNode {
         /// Number of pods.
@@ -520,9 +527,13 @@ fn main() -> ExitCode {
     bench_env::cleanup::install_signal_handler();
     let cli = Cli::parse();
     // The Kubernetes scenario's own last line says what failed.
-    let quiet_failure = matches!(cli.scenario, Scenario::KubeE2e);
+    let quiet_failure = matches!(
+        cli.scenario,
+        Scenario::KubeE2e | Scenario::KubeCluster { .. }
+    );
     let outcome = match cli.scenario {
         Scenario::KubeE2e => bench_env::kube_e2e::run(),
+        Scenario::KubeCluster { bare } => bench_env::kube_e2e::serve(bare),
         Scenario::SingleNode {
             pods,
             seconds,

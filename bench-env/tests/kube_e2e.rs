@@ -11,5 +11,8 @@
 fn the_network_model_holds_in_a_real_cluster() {
     bench_env::require_root("real-cluster scenario");
     let passed = bench_env::kube_e2e::run().expect("the scenario's testbed");
-    assert!(passed, "a step of the real-cluster scenario failed (its line says which)");
+    assert!(
+        passed,
+        "a step of the real-cluster scenario failed (its line says which)"
+    );
 }
