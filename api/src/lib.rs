@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 
 /// The protocol version this crate speaks. Every change to a message takes a new version;
 /// `tests/schema/v{N}.json` pins what each version's messages look like.
-pub const API_VERSION: u32 = 4;
+pub const API_VERSION: u32 = 5;
 /// The oldest protocol version still accepted: a newer dataplane understands every
 /// request an older client can send (later versions only add requests and fields with
 /// defaults).
@@ -144,6 +144,10 @@ pub struct AddPort {
     /// Free-form owner key (the CNI container ID), kept for listing and garbage collection.
     #[serde(default)]
     pub owner: Option<String>,
+    /// The Kubernetes pod it belongs to, `namespace/name` (CNI_ARGS `K8S_POD_NAMESPACE`,
+    /// `K8S_POD_NAME`), for listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     /// Ports of the node published to the pod (hostPort, CNI's `portMappings`).
     #[serde(default)]
     pub port_mappings: Vec<PortMapping>,
@@ -257,6 +261,9 @@ pub struct PortInfo {
     pub ips: Vec<IpNet>,
     /// Owner key given at creation.
     pub owner: Option<String>,
+    /// The Kubernetes pod (`namespace/name`) given at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     /// Number of device queues; worker `i` serves queue `i`.
     pub queues: usize,
     /// Ports of the node published to this pod (hostPort).
@@ -506,12 +513,12 @@ mod tests {
         let ok: ResponseEnvelope = Ok(Reply::Done).into();
         assert_eq!(
             serde_json::to_string(&ok).unwrap(),
-            r#"{"version":4,"ok":"done"}"#
+            r#"{"version":5,"ok":"done"}"#
         );
         let err: ResponseEnvelope = Err(ApiError::new(ErrorCode::NotFound, "no port 3")).into();
         assert_eq!(
             serde_json::to_string(&err).unwrap(),
-            r#"{"version":4,"error":{"code":"not_found","message":"no port 3"}}"#
+            r#"{"version":5,"error":{"code":"not_found","message":"no port 3"}}"#
         );
     }
 }

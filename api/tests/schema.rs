@@ -59,6 +59,7 @@ fn port_info() -> PortInfo {
         mtu: 1450,
         ips: vec![net("10.244.0.5/24")],
         owner: Some("container-id".into()),
+        pod: Some("default/busybox-1".into()),
         queues: 2,
         port_mappings: vec![PortMapping {
             host_port: 8080,
@@ -135,6 +136,7 @@ fn requests() -> Vec<Request> {
             mtu: Some(1450),
             mac: Some(MacAddr([0x0a, 0x58, 10, 244, 0, 5])),
             owner: Some("container-id".into()),
+            pod: Some("default/busybox-1".into()),
             port_mappings: port_info().port_mappings,
         }),
         Request::DelPort(PortSelector::Id { id: 3 }),

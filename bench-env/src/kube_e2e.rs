@@ -629,19 +629,28 @@ impl Scenario {
             let listed: Value = serde_json::from_str(
                 &self.switchyard_control(node, &["get", "pods", "-o", "json"])?,
             )?;
+            // Each pod by its name and IPv4 address, as kubectl and the dataplane list it.
             let mut theirs: Vec<String> = listed
                 .as_array()
                 .cloned()
                 .unwrap_or_default()
                 .iter()
-                .flat_map(|row| row["ips"].as_array().cloned().unwrap_or_default())
-                .map(|ip| text(&ip))
-                .filter(|ip| !ip.contains(':'))
+                .map(|row| {
+                    let ipv4 = row["ips"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(text)
+                        .find(|ip| !ip.contains(':'))
+                        .unwrap_or_default();
+                    format!("{} {ipv4}", text(&row["name"]))
+                })
                 .collect();
             let mut ours: Vec<String> = pods
                 .iter()
                 .filter(|p| &p.node == node)
-                .map(|p| p.ipv4.to_string())
+                .map(|p| format!("default/{} {}", p.name, p.ipv4))
                 .collect();
             theirs.sort();
             ours.sort();

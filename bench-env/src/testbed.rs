@@ -240,6 +240,7 @@ impl Testbed {
             mtu: Some(mtu),
             mac: None,
             owner: Some(format!("bench-env/{prefix}/pod{i}")),
+            pod: None,
             port_mappings: Vec::new(),
         }))?;
         let Reply::Port(port) = reply else {

@@ -109,6 +109,7 @@ fn port(ip: &str) -> AddPort {
         mtu: Some(65_000),
         mac: None,
         owner: None,
+        pod: None,
         port_mappings: Vec::new(),
     }
 }

@@ -114,6 +114,23 @@ fn fill_pod_cidr(
     Ok(())
 }
 
+/// The Kubernetes pod a runtime names in CNI_ARGS (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`),
+/// as `namespace/name`.
+fn kubernetes_pod(env: &Env) -> Option<String> {
+    let arg = |key: &str| {
+        env.args
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    };
+    Some(format!(
+        "{}/{}",
+        arg("K8S_POD_NAMESPACE")?,
+        arg("K8S_POD_NAME")?
+    ))
+}
+
 /// ADD: allocate addresses, create the port, print the result. Rolls back on failure.
 pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     let mut client = connect(conf)?;
@@ -129,6 +146,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
         mtu: conf.mtu,
         mac: None,
         owner: Some(owner(&conf.name, &env.container_id)),
+        pod: kubernetes_pod(env),
         port_mappings: conf.port_mappings.clone(),
     };
     let port = match client.call(Request::AddPort(spec)) {
@@ -483,6 +501,29 @@ mod tests {
         assert_eq!(
             fill_pod_cidr(&mut unknown, &[], false).unwrap_err().code,
             code::TRY_AGAIN_LATER
+        );
+    }
+
+    #[test]
+    fn the_kubernetes_pod_comes_from_cni_args_when_both_names_are_there() {
+        let env_with = |args: &str| {
+            let vars: std::collections::HashMap<String, String> = [
+                ("CNI_CONTAINERID", "c1"),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", "/opt/cni/bin"),
+                ("CNI_ARGS", args),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            crate::input::env(&vars, crate::input::Command::Del).unwrap()
+        };
+        let both = env_with("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=busybox-1");
+        assert_eq!(kubernetes_pod(&both).as_deref(), Some("default/busybox-1"));
+        assert_eq!(kubernetes_pod(&env_with("K8S_POD_NAME=busybox-1")), None);
+        assert_eq!(
+            kubernetes_pod(&env_with("K8S_POD_NAMESPACE=;K8S_POD_NAME=b")),
+            None
         );
     }
 

@@ -83,6 +83,7 @@ mod tests {
                 "fd00::5/64".parse().unwrap(),
             ],
             owner: None,
+            pod: None,
             queues: 2,
             port_mappings: Vec::new(),
         }

@@ -139,6 +139,7 @@ mod tests {
             mtu: 1450,
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             owner: owner.map(String::from),
+            pod: None,
             queues: 1,
             port_mappings: Vec::new(),
         }

@@ -32,7 +32,8 @@ pub struct NodeRow {
 /// A pod as `get pods` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PodRow {
-    /// Pod name: the network namespace's name (a runtime's sandbox), or its path.
+    /// Pod name: the Kubernetes pod (`namespace/name`) when the runtime named it, else the
+    /// network namespace's name (a runtime's sandbox) or its path.
     pub name: String,
     /// Pod addresses.
     pub ips: Vec<IpAddr>,
@@ -91,12 +92,13 @@ pub fn pods(status: &NodeStatus, ports: &[PortInfo]) -> Vec<PodRow> {
         .iter()
         .filter(|p| p.owner.as_deref() != Some("node"))
         .map(|p| PodRow {
-            name: p
-                .netns
-                .strip_prefix("/run/netns/")
-                .or_else(|| p.netns.strip_prefix("/var/run/netns/"))
-                .unwrap_or(&p.netns)
-                .to_string(),
+            name: p.pod.clone().unwrap_or_else(|| {
+                p.netns
+                    .strip_prefix("/run/netns/")
+                    .or_else(|| p.netns.strip_prefix("/var/run/netns/"))
+                    .unwrap_or(&p.netns)
+                    .to_string()
+            }),
             ips: p.ips.iter().map(IpNet::addr).collect(),
             node: node.clone(),
             port: p.id,
@@ -635,6 +637,7 @@ mod tests {
             mtu: 1450,
             ips: vec![net(&format!("10.244.0.{id}/24"))],
             owner: Some(owner.into()),
+            pod: None,
             queues: 2,
             port_mappings: vec![PortMapping {
                 host_port: 8080,

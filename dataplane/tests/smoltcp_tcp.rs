@@ -77,6 +77,7 @@ fn pod(switch: &Switch, name: &str, v4: [u8; 4], v6_last: u16) -> Pod {
         mtu: Some(1500),
         mac: None,
         owner: None,
+        pod: None,
         port_mappings: Vec::new(),
     };
     let (info, peer) = switch.add_memory_port(&spec, false).unwrap();

@@ -33,6 +33,7 @@ fn switch() -> &'static Switch {
                 mtu: Some(1500),
                 mac: None,
                 owner: None,
+                pod: None,
                 port_mappings: if uso { published() } else { Vec::new() },
             };
             s.add_memory_port(&spec, uso).unwrap();

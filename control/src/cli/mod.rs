@@ -263,6 +263,7 @@ pub fn request_for(command: &Command) -> Result<Request, String> {
             mtu: *mtu,
             mac: *mac,
             owner: None,
+            pod: None,
             port_mappings: Vec::new(),
         }),
         Command::Port(PortCommand::Del { id, netns, ifname }) => {

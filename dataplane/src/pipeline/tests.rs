@@ -28,6 +28,7 @@ fn port(name: &str, ips: &[&str], mtu: u32) -> AddPort {
         mtu: Some(mtu),
         mac: None,
         owner: None,
+        pod: None,
         port_mappings: Vec::new(),
     }
 }
@@ -615,6 +616,7 @@ fn bare_port(id: u32, mac: MacAddr, ips: &[&str], role: PortRole) -> Arc<Port<()
             mtu: 1500,
             ips,
             owner: None,
+            pod: None,
             queues: 1,
             port_mappings: Vec::new(),
         },

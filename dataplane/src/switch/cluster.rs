@@ -93,6 +93,7 @@ fn node_port(
         mtu,
         ips: Vec::new(),
         owner: Some("node".into()),
+        pod: None,
         queues: 1,
         port_mappings: Vec::new(),
     };

@@ -409,6 +409,7 @@ impl Switch {
             mtu,
             ips: spec.ips.clone(),
             owner: spec.owner.clone(),
+            pod: spec.pod.clone(),
             queues,
             port_mappings: spec.port_mappings.clone(),
         };

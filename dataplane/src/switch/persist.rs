@@ -77,6 +77,7 @@ impl Switch {
             mtu: Some(info.mtu),
             mac: Some(info.mac),
             owner: info.owner.clone(),
+            pod: info.pod.clone(),
             port_mappings: info.port_mappings.clone(),
         };
         self.validate(&spec).map_err(|e| e.message)?;

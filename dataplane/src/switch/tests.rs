@@ -21,6 +21,7 @@ fn pod(name: &str, ip: &str) -> AddPort {
         mtu: None,
         mac: None,
         owner: Some(format!("owner-{name}")),
+        pod: None,
         port_mappings: Vec::new(),
     }
 }

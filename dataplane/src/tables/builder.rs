@@ -461,6 +461,7 @@ mod tests {
                 mtu: 1500,
                 ips,
                 owner: None,
+                pod: None,
                 queues: 1,
                 port_mappings: mappings
                     .iter()

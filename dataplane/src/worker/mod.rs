@@ -312,6 +312,7 @@ mod tests {
                 mtu: 1500,
                 ips: vec![net],
                 owner: None,
+                pod: None,
                 queues: 1,
                 port_mappings: Vec::new(),
             },
