@@ -443,6 +443,17 @@ pub struct BusyboxPod {
     pub ipv4: Ipv4Addr,
 }
 
+/// Two pods on different nodes.
+fn across_nodes(pods: &[BusyboxPod]) -> Result<(BusyboxPod, BusyboxPod)> {
+    pods.iter()
+        .find_map(|a| {
+            pods.iter()
+                .find(|b| b.node != a.node)
+                .map(|b| (a.clone(), b.clone()))
+        })
+        .ok_or_else(|| fail!("no two busybox pods on different nodes"))
+}
+
 fn text(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_string()
 }
@@ -810,14 +821,7 @@ impl Scenario {
 
     fn default_deny(&mut self) -> Result<String> {
         let pods = self.busybox_pods()?;
-        let (a, b) = pods
-            .iter()
-            .find_map(|a| {
-                pods.iter()
-                    .find(|b| b.node != a.node)
-                    .map(|b| (a.clone(), b.clone()))
-            })
-            .ok_or_else(|| fail!("no two busybox pods on different nodes"))?;
+        let (a, b) = across_nodes(&pods)?;
         let to = b.ipv4.to_string();
         if !self.ping(&a.name, &to) {
             return Err(fail!("{} cannot ping {to} before the policy", a.name));
@@ -897,14 +901,7 @@ impl Scenario {
     fn restart_in_place(&mut self) -> Result<String> {
         let pods = self.busybox_pods()?;
         let before = self.eth0_ifindexes(&pods)?;
-        let (a, b) = pods
-            .iter()
-            .find_map(|a| {
-                pods.iter()
-                    .find(|b| b.node != a.node)
-                    .map(|b| (a.clone(), b.clone()))
-            })
-            .ok_or_else(|| fail!("no two busybox pods on different nodes"))?;
+        let (a, b) = across_nodes(&pods)?;
         // A timestamped ping every 100 ms across the nodes, from inside a's namespace, for
         // the whole rollout.
         let pid = self.pod_pid(&a)?.to_string();
@@ -1035,20 +1032,27 @@ impl Scenario {
         out
     }
 
+    /// Waits (a minute at most) until no pod of `namespace` matches `selector`.
+    fn wait_no_pods(&self, namespace: &str, selector: &str) -> Result<()> {
+        self.wait(
+            &format!("the pods {selector} gone"),
+            Duration::from_secs(60),
+            |s| {
+                let pods = s
+                    .kubectl_json(&["-n", namespace, "get", "pods", "-l", selector])
+                    .map_err(|e| e.to_string())?;
+                match pods["items"].as_array().map_or(0, Vec::len) {
+                    0 => Ok(()),
+                    n => Err(format!("{n} left")),
+                }
+            },
+        )
+    }
+
     fn delete_pods(&mut self) -> Result<String> {
         self.kubectl(&["delete", "service", "busybox"])?;
         self.kubectl(&["delete", "deployment", "busybox", "--wait=true"])?;
-        self.wait("busybox pods gone", Duration::from_secs(60), |s| {
-            let pods = s
-                .kubectl_json(&["get", "pods", "-l", "app=busybox"])
-                .map_err(|e| e.to_string())?;
-            let n = pods["items"].as_array().map_or(0, Vec::len);
-            if n == 0 {
-                Ok(())
-            } else {
-                Err(format!("{n} left"))
-            }
-        })?;
+        self.wait_no_pods("default", "app=busybox")?;
         let mut detail = Vec::new();
         for node in self.nodes() {
             let ports: Value = serde_json::from_str(
@@ -1087,24 +1091,7 @@ impl Scenario {
             "configmap",
             "kubernetes-services-endpoint",
         ])?;
-        self.wait("the DaemonSet's pods gone", Duration::from_secs(60), |s| {
-            let pods = s
-                .kubectl_json(&[
-                    "-n",
-                    "kube-system",
-                    "get",
-                    "pods",
-                    "-l",
-                    "app.kubernetes.io/name=switchyard",
-                ])
-                .map_err(|e| e.to_string())?;
-            let n = pods["items"].as_array().map_or(0, Vec::len);
-            if n == 0 {
-                Ok(())
-            } else {
-                Err(format!("{n} left"))
-            }
-        })?;
+        self.wait_no_pods("kube-system", "app.kubernetes.io/name=switchyard")?;
         let mut detail = Vec::new();
         let image = format!("localhost/switchyard:{}", env!("CARGO_PKG_VERSION"));
         for node in self.nodes() {

@@ -152,15 +152,7 @@ impl Cluster {
             .exec(&["ip", "link", "set", &port, "master", "br0", "up"])?;
         let (ipv4, _) = address_on_subnet(&ns, 1, 10 + i as u8)?;
         if self.options.external {
-            let x = self.external_subnet();
-            ns.exec(&[
-                "ip",
-                "route",
-                "add",
-                &format!("192.168.{x}.0/24"),
-                "via",
-                "192.168.1.1",
-            ])?;
+            self.route_to_external(&ns)?;
         }
         let dir = std::env::temp_dir().join(format!("{}-{name}", self.prefix));
         let dir_guard = Guard::new(Resource::Dir(dir.clone()));

@@ -292,15 +292,7 @@ impl Cluster {
         let (ipv4, ipv6) = address_on_subnet(&ns, s, 10 + i as u8)?;
         if self.options.external && self.options.underlay == Underlay::Flat {
             // The node reaches the external subnet by a static route.
-            let x = self.external_subnet();
-            ns.exec(&[
-                "ip",
-                "route",
-                "add",
-                &format!("192.168.{x}.0/24"),
-                "via",
-                "192.168.1.1",
-            ])?;
+            self.route_to_external(&ns)?;
         }
         if self.options.underlay == Underlay::Routed {
             default_via_hub(&ns, s)?;

@@ -55,6 +55,21 @@ impl Cluster {
         Ok(())
     }
 
+    /// The static route by which a node (`ns`) on the flat underlay reaches the external
+    /// subnet, through the hub.
+    pub(super) fn route_to_external(&self, ns: &Netns) -> Result<()> {
+        let x = self.external_subnet();
+        ns.exec(&[
+            "ip",
+            "route",
+            "add",
+            &format!("192.168.{x}.0/24"),
+            "via",
+            "192.168.1.1",
+        ])
+        .map(|_| ())
+    }
+
     pub(super) fn subnet(&self, i: usize) -> u8 {
         match self.options.underlay {
             Underlay::Flat => 1,

@@ -18,7 +18,7 @@
 
 use super::Switch;
 use crate::conntrack::Conntrack;
-use crate::io::netlink::{KernelRoute, KernelRule, Netlink, RT_TABLE_LOCAL};
+use crate::io::netlink::{KernelRoute, KernelRule, Netlink};
 use crate::tables::masquerade::Masquerading;
 use std::io;
 use std::net::IpAddr;
@@ -151,14 +151,7 @@ impl Switch {
         let mut nl = Netlink::open().map_err(|e| system("netlink", e))?;
         nl.replace_route(&route)
             .map_err(|e| system("cannot add the masquerade steering route", e))?;
-        let local = |priority| KernelRule {
-            priority,
-            iif: None,
-            protocol: None,
-            dports: None,
-            dst: None,
-            table: RT_TABLE_LOCAL,
-        };
+        let local = super::restore::local_rule;
         nl.add_rule(&local(LOCAL_PRIORITY))
             .and_then(|()| nl.delete_rule(&local(0)))
             .map_err(|e| system("cannot move the local table's rule", e))?;

@@ -55,7 +55,8 @@ fn write(path: &Path, values: &BTreeMap<String, String>) -> io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-fn local_rule(priority: u32) -> KernelRule {
+/// The rule that sends every packet to the local table, at `priority`.
+pub(super) fn local_rule(priority: u32) -> KernelRule {
     KernelRule {
         priority,
         iif: None,
