@@ -371,3 +371,71 @@ fn cpu_steering_mode_forwards_everything() {
         bench_env::transfer::udp_burst(&bed.pods[1], &bed.pods[0], false, 5_000, 200).unwrap();
     assert_eq!(burst.damaged, 0, "{burst:?}");
 }
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
+fn the_metrics_endpoint_serves_prometheus_text_with_the_pods_traffic() {
+    bench_env::require_root("metrics integration test");
+    let options = Options {
+        pods: 2,
+        dataplane_args: vec!["--metrics".into(), "127.0.0.1:9964".into()],
+        ..Options::default()
+    };
+    let bed = Testbed::build(Arm::Switchyard, &options).expect("testbed");
+    let to = std::net::IpAddr::V4(bed.pods[1].ipv4);
+    assert!(
+        measure::ping(&bed.pods[0].ns, to),
+        "{}",
+        bed.dataplane_log()
+    );
+    let scrape = |request: &'static str| {
+        switchyard_dataplane::io::netns::run_in(&bed.node.path(), move || {
+            use std::io::Read;
+            let mut stream = std::net::TcpStream::connect("127.0.0.1:9964")?;
+            stream.write_all(request.as_bytes())?;
+            let mut text = String::new();
+            stream.read_to_string(&mut text)?;
+            Ok(text)
+        })
+        .expect("a scrape")
+    };
+    let answer = scrape("GET /metrics HTTP/1.1\r\nHost: node\r\n\r\n");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    // Every line a comment or a sample with a numeric value; the pods' ports counted.
+    let mut samples = std::collections::BTreeMap::new();
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').expect("name and value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {line}"));
+        samples.insert(series.to_string(), value);
+    }
+    let received: f64 = samples
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("switchyard_port_receive_packets_total{") && k.contains("ifname=\"eth0\"")
+        })
+        .map(|(_, v)| v)
+        .sum();
+    assert!(received >= 2.0, "the pods' pings are counted:\n{body}");
+    assert_eq!(
+        samples.get("switchyard_workers").copied(),
+        Some(bed.client().unwrap().stats().unwrap().workers as f64)
+    );
+    assert!(
+        samples
+            .keys()
+            .any(|k| k.starts_with("switchyard_batch_duration_seconds_count{worker=")),
+        "{body}"
+    );
+    assert!(samples
+        .keys()
+        .any(|k| k.starts_with("switchyard_drops_total{reason=")));
+    let missing = scrape("GET /nothing HTTP/1.1\r\n\r\n");
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+}

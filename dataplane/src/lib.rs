@@ -18,6 +18,7 @@ pub mod buffer;
 pub mod conntrack;
 pub mod gateway;
 pub mod io;
+pub mod metrics;
 pub mod node;
 pub mod offload;
 pub mod pipeline;

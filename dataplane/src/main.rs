@@ -49,6 +49,11 @@ struct Args {
     /// The CNI configuration directory the cleanup removes `10-switchyard.conflist` from.
     #[arg(long, default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
+    /// Serve Prometheus metrics on this address (`127.0.0.1:9964`, `[::]:9964`): per-port
+    /// packets and bytes, drops by reason, connection tracking, worker busy time, batch
+    /// sizes and times. Off unless given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
     /// The CNI plugin directory the cleanup removes `switchyard` from.
     #[arg(long, default_value = "/opt/cni/bin")]
     cni_bin_dir: PathBuf,
@@ -104,6 +109,15 @@ fn main() {
     let restored = switch.restore_ports();
     if restored > 0 {
         eprintln!("switchyard-dataplane: re-attached {restored} pod ports");
+    }
+    if let Some(addr) = args.metrics {
+        match switchyard_dataplane::metrics::serve(addr, switch.clone()) {
+            Ok(local) => eprintln!("switchyard-dataplane: metrics on http://{local}/metrics"),
+            Err(err) => {
+                eprintln!("switchyard-dataplane: cannot serve metrics on {addr}: {err}");
+                std::process::exit(1);
+            }
+        }
     }
     let socket = args.api.clone();
     let leaving = switch.clone();

@@ -562,6 +562,47 @@ impl Switch {
         }
     }
 
+    /// What a metrics scrape shows ([`crate::metrics`]).
+    pub fn metrics(&self) -> crate::metrics::Snapshot {
+        let stats = self.stats();
+        let tables = self.tables();
+        let ports = stats
+            .ports
+            .iter()
+            .map(|p| {
+                let info = tables.ports.get(&p.id).map(|port| &port.info);
+                crate::metrics::PortSample {
+                    id: p.id,
+                    ifname: p.ifname.clone(),
+                    pod: info
+                        .and_then(|i| i.pod.clone().or_else(|| i.owner.clone()))
+                        .unwrap_or_default(),
+                    rx_frames: p.rx_frames,
+                    rx_bytes: p.rx_bytes,
+                    tx_frames: p.tx_frames,
+                    tx_bytes: p.tx_bytes,
+                    tx_errors: p.tx_errors,
+                }
+            })
+            .collect();
+        let rx_frames = Event::ALL.iter().position(|e| *e == Event::RxFrames);
+        let workers = self
+            .workers
+            .iter()
+            .map(|w| crate::metrics::WorkerSample {
+                rx_frames: rx_frames.map_or(0, |i| w.stats.events[i].load(Ordering::Relaxed)),
+                times: w.stats.work_times(),
+            })
+            .collect();
+        crate::metrics::Snapshot {
+            events: stats.counters.into_iter().collect(),
+            drops: stats.drops.into_iter().collect(),
+            ports,
+            workers,
+            conntrack: self.nat_status().map(|n| (n.flows as u64, n.limit as u64)),
+        }
+    }
+
     /// Stops the workers and closes every port (their interfaces disappear), and removes
     /// the routes the node settings added to the node's stack.
     pub fn shutdown(mut self) {

@@ -87,6 +87,31 @@ fn count_tx(counters: &mut Counters, egress: &Port<PortIo>, len: usize, sent: io
     }
 }
 
+/// Buckets of the per-batch histograms: batch sizes 1, 2, 3-4, ... 17-32 frames (bucket
+/// `i` holds sizes up to 2^i), and batch times up to 2^(i+10) ns (1 µs ... 8.4 ms, the
+/// last bucket holding everything longer).
+pub const HISTOGRAM_BUCKETS: usize = 14;
+
+/// The bucket of `value` among upper bounds `2^(shift)`, `2^(shift+1)`, ...
+#[inline]
+pub fn log2_bucket(value: u64, shift: u32) -> usize {
+    let v = value.saturating_sub(1) >> shift;
+    ((u64::BITS - v.leading_zeros()) as usize).min(HISTOGRAM_BUCKETS - 1)
+}
+
+/// What a worker measures of its own work, kept locally and published after every round.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkTimes {
+    /// Nanoseconds spent forwarding (from a round's first read to its last write).
+    pub busy_ns: u64,
+    /// Batches by size bucket ([`HISTOGRAM_BUCKETS`]).
+    pub batch_sizes: [u64; HISTOGRAM_BUCKETS],
+    /// Batches by the time from read to the last write ([`HISTOGRAM_BUCKETS`]).
+    pub batch_ns: [u64; HISTOGRAM_BUCKETS],
+    /// Sum of the batches' times, in nanoseconds.
+    pub batch_ns_sum: u64,
+}
+
 /// Counters a worker publishes after every round.
 pub struct WorkerStats {
     /// Event counts by [`Event`] index.
@@ -95,6 +120,14 @@ pub struct WorkerStats {
     pub drops: Vec<AtomicU64>,
     /// Ports whose read failed.
     pub rx_errors: AtomicU64,
+    /// [`WorkTimes::busy_ns`].
+    pub busy_ns: AtomicU64,
+    /// [`WorkTimes::batch_sizes`].
+    pub batch_sizes: [AtomicU64; HISTOGRAM_BUCKETS],
+    /// [`WorkTimes::batch_ns`].
+    pub batch_ns: [AtomicU64; HISTOGRAM_BUCKETS],
+    /// [`WorkTimes::batch_ns_sum`].
+    pub batch_ns_sum: AtomicU64,
 }
 
 impl Default for WorkerStats {
@@ -103,17 +136,40 @@ impl Default for WorkerStats {
             events: (0..Event::COUNT).map(|_| AtomicU64::new(0)).collect(),
             drops: (0..DropReason::COUNT).map(|_| AtomicU64::new(0)).collect(),
             rx_errors: AtomicU64::new(0),
+            busy_ns: AtomicU64::new(0),
+            batch_sizes: std::array::from_fn(|_| AtomicU64::new(0)),
+            batch_ns: std::array::from_fn(|_| AtomicU64::new(0)),
+            batch_ns_sum: AtomicU64::new(0),
         }
     }
 }
 
 impl WorkerStats {
-    fn publish(&self, counters: &Counters) {
+    fn publish(&self, counters: &Counters, times: &WorkTimes) {
         for (slot, value) in self.events.iter().zip(counters.events) {
             slot.store(value, Ordering::Relaxed);
         }
         for (slot, value) in self.drops.iter().zip(counters.drops) {
             slot.store(value, Ordering::Relaxed);
+        }
+        self.busy_ns.store(times.busy_ns, Ordering::Relaxed);
+        for (slot, value) in self.batch_sizes.iter().zip(times.batch_sizes) {
+            slot.store(value, Ordering::Relaxed);
+        }
+        for (slot, value) in self.batch_ns.iter().zip(times.batch_ns) {
+            slot.store(value, Ordering::Relaxed);
+        }
+        self.batch_ns_sum
+            .store(times.batch_ns_sum, Ordering::Relaxed);
+    }
+
+    /// What the worker measured so far.
+    pub fn work_times(&self) -> WorkTimes {
+        WorkTimes {
+            busy_ns: self.busy_ns.load(Ordering::Relaxed),
+            batch_sizes: std::array::from_fn(|i| self.batch_sizes[i].load(Ordering::Relaxed)),
+            batch_ns: std::array::from_fn(|i| self.batch_ns[i].load(Ordering::Relaxed)),
+            batch_ns_sum: self.batch_ns_sum.load(Ordering::Relaxed),
         }
     }
 }
@@ -220,6 +276,7 @@ fn run(
     let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
     let mut verdicts = [Verdict::Drop; BATCH];
     let mut pipeline = Pipeline::new();
+    let mut times = WorkTimes::default();
     let mut last_work = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let timeout = if pending.is_empty() && last_work.elapsed() >= spin {
@@ -246,12 +303,13 @@ fn run(
         let tables = shared.load();
         last_work = Instant::now();
         let now_ns = monotonic_ns();
+        let mut batch_start = now_ns;
         for _ in 0..pending.len() {
             let Some(id) = pending.pop_front() else { break };
             let Some(port) = tables.ports.get(&id) else {
                 continue;
             };
-            match forward_batch(
+            let read = forward_batch(
                 &mut pipeline,
                 &tables,
                 port,
@@ -259,21 +317,47 @@ fn run(
                 &mut bufs,
                 &mut verdicts,
                 now_ns,
-            ) {
-                Ok(n) if n == BATCH => pending.push_back(id),
-                Ok(_) => {}
+            );
+            let batch_end = monotonic_ns();
+            match read {
+                Ok(0) => {}
+                Ok(n) => {
+                    let took = batch_end - batch_start;
+                    times.batch_sizes[log2_bucket(n as u64, 0)] += 1;
+                    times.batch_ns[log2_bucket(took, 10)] += 1;
+                    times.batch_ns_sum += took;
+                    if n == BATCH {
+                        pending.push_back(id);
+                    }
+                }
                 Err(_) => {
                     stats.rx_errors.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            batch_start = batch_end;
         }
-        stats.publish(pipeline.counters());
+        times.busy_ns += batch_start - now_ns;
+        stats.publish(pipeline.counters(), &times);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_buckets_are_powers_of_two_with_a_last_catch_all() {
+        let sizes: Vec<usize> = [1, 2, 3, 4, 5, 8, 9, 16, 17, 32]
+            .iter()
+            .map(|&n| log2_bucket(n, 0))
+            .collect();
+        assert_eq!(sizes, [0, 1, 2, 2, 3, 3, 4, 4, 5, 5]);
+        assert_eq!(log2_bucket(1_000, 10), 0); // up to 1,024 ns
+        assert_eq!(log2_bucket(1_025, 10), 1);
+        assert_eq!(log2_bucket(2_048, 10), 1);
+        assert_eq!(log2_bucket(u64::MAX, 10), HISTOGRAM_BUCKETS - 1);
+        assert_eq!(log2_bucket(0, 0), 0);
+    }
     use crate::gateway::Gateway;
     use crate::io::memory;
     use crate::tables::builder::TableBuilder;
@@ -364,7 +448,7 @@ mod tests {
         assert_eq!(pipeline.counters().count(Event::RxBatches), 1);
         // What the worker publishes is what its pipeline counted.
         let stats = WorkerStats::default();
-        stats.publish(pipeline.counters());
+        stats.publish(pipeline.counters(), &WorkTimes::default());
         assert_eq!(
             stats.drops[DropReason::TxFailed as usize].load(Ordering::Relaxed),
             1
