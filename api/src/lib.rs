@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 mod client;
+pub mod logging;
 mod mac;
 mod node;
 mod policy;

@@ -91,11 +91,7 @@ pub fn compute(
 
 /// Runs the reconcile loop until the process is stopped.
 pub fn run(source: &mut dyn Source, opts: &AgentOptions) -> ! {
-    eprintln!(
-        "switchyard-control: node {} reads {}",
-        opts.node,
-        source.describe()
-    );
+    tracing::info!("node {} reads {}", opts.node, source.describe());
     let mut desired: Option<Desired> = None;
     let mut pushed = Pushed::default();
     let mut dataplane_down = false;
@@ -105,8 +101,8 @@ pub fn run(source: &mut dyn Source, opts: &AgentOptions) -> ! {
             match state.and_then(|m| compute(&m, source, opts)) {
                 Ok(d) => {
                     if desired.as_ref().map(|o| &o.node) != Some(&d.node) {
-                        eprintln!(
-                            "switchyard-control: node {}: {} peers, pod CIDRs {}",
+                        tracing::info!(
+                            "node {}: {} peers, pod CIDRs {}",
                             d.node.name,
                             d.node.peers.len(),
                             join(&d.node.pod_cidrs)
@@ -116,10 +112,10 @@ pub fn run(source: &mut dyn Source, opts: &AgentOptions) -> ! {
                 }
                 Err(errors) => {
                     for e in &errors {
-                        eprintln!("switchyard-control: {e}");
+                        tracing::warn!("{e}");
                     }
-                    eprintln!(
-                        "switchyard-control: keeping the last good settings ({})",
+                    tracing::warn!(
+                        "keeping the last good settings ({})",
                         if desired.is_some() {
                             "in force"
                         } else {
@@ -133,8 +129,8 @@ pub fn run(source: &mut dyn Source, opts: &AgentOptions) -> ! {
             match reconcile(&opts.api, d, &mut pushed) {
                 Ok(pushed_node) => {
                     if dataplane_down || pushed_node {
-                        eprintln!(
-                            "switchyard-control: dataplane at {} has the node settings, {} Services \
+                        tracing::info!(
+                            "dataplane at {} has the node settings, {} Services \
                              and the policies of {} pods",
                             opts.api.display(),
                             d.services.len(),
@@ -145,14 +141,14 @@ pub fn run(source: &mut dyn Source, opts: &AgentOptions) -> ! {
                     last_error = None;
                     if let Err(e) = source.network_ready(&opts.node) {
                         if last_error.as_ref() != Some(&e) {
-                            eprintln!("switchyard-control: {e}");
+                            tracing::warn!("{e}");
                             last_error = Some(e);
                         }
                     }
                 }
                 Err(e) => {
                     if last_error.as_ref() != Some(&e) {
-                        eprintln!("switchyard-control: {e}");
+                        tracing::warn!("{e}");
                         last_error = Some(e);
                     }
                     dataplane_down = true;

@@ -78,6 +78,7 @@ fn main() {
     if args.cleanup {
         std::process::exit(cleanup(&args, &state_file, &sysctl_file));
     }
+    switchyard_api::logging::init();
     let mut config = SwitchConfig::default();
     if let Some(workers) = args.workers {
         config.workers = workers.max(1);
@@ -92,29 +93,26 @@ fn main() {
     let listener = match server::bind(&args.api) {
         Ok(l) => l,
         Err(err) => {
-            eprintln!(
-                "switchyard-dataplane: cannot listen on {}: {err}",
-                args.api.display()
-            );
+            tracing::error!("cannot listen on {}: {err}", args.api.display());
             std::process::exit(1);
         }
     };
     let switch = match Switch::start(config) {
         Ok(s) => Arc::new(s),
         Err(err) => {
-            eprintln!("switchyard-dataplane: cannot start workers: {err}");
+            tracing::error!("cannot start workers: {err}");
             std::process::exit(1);
         }
     };
     let restored = switch.restore_ports();
     if restored > 0 {
-        eprintln!("switchyard-dataplane: re-attached {restored} pod ports");
+        tracing::info!("re-attached {restored} pod ports");
     }
     if let Some(addr) = args.metrics {
         match switchyard_dataplane::metrics::serve(addr, switch.clone()) {
-            Ok(local) => eprintln!("switchyard-dataplane: metrics on http://{local}/metrics"),
+            Ok(local) => tracing::info!("metrics on http://{local}/metrics"),
             Err(err) => {
-                eprintln!("switchyard-dataplane: cannot serve metrics on {addr}: {err}");
+                tracing::error!("cannot serve metrics on {addr}: {err}");
                 std::process::exit(1);
             }
         }
@@ -128,10 +126,10 @@ fn main() {
         // them from the state file.
         std::process::exit(0);
     }) {
-        eprintln!("switchyard-dataplane: cannot install signal handler: {err}");
+        tracing::warn!("cannot install signal handler: {err}");
     }
-    eprintln!(
-        "switchyard-dataplane: {} workers, API on {}",
+    tracing::info!(
+        "{} workers, API on {}",
         switch.stats().workers,
         args.api.display()
     );

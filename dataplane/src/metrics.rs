@@ -244,7 +244,7 @@ pub fn serve(addr: SocketAddr, switch: Arc<Switch>) -> io::Result<SocketAddr> {
         .spawn(move || {
             for stream in listener.incoming().flatten() {
                 if let Err(e) = answer(stream, &switch) {
-                    eprintln!("switchyard-dataplane: a metrics scrape failed: {e}");
+                    tracing::warn!("a metrics scrape failed: {e}");
                 }
             }
         })?;

@@ -255,6 +255,7 @@ fn run_command(
     // The agent holds nothing the next one cannot rebuild from the cluster: on SIGTERM
     // (a pod's stop, where it runs as PID 1 and the default action would be ignored) or
     // Ctrl-C it leaves at once.
+    switchyard_api::logging::init();
     ctrlc::set_handler(|| std::process::exit(0))
         .map_err(|e| format!("cannot install the signal handler: {e}"))?;
     let mut source: Box<dyn Source> = match dir {

@@ -226,7 +226,7 @@ impl ApiSource {
         // A node waiting for its CIDR is not an error that should hold back the others.
         if errors.is_empty() {
             for line in report.iter().filter(|l| l.starts_with("Node ")) {
-                eprintln!("switchyard-control: {line}");
+                tracing::warn!("{line}");
             }
             Ok(m)
         } else {
@@ -366,10 +366,7 @@ async fn watch(client: kube::Client, kind: Kind, shared: Arc<Shared>) {
             Err(e) => {
                 let text = e.to_string();
                 if text != last_error {
-                    eprintln!(
-                        "switchyard-control: watching {}s: {text} (retrying)",
-                        kind.name
-                    );
+                    tracing::warn!("watching {}s: {text} (retrying)", kind.name);
                     last_error = text;
                 }
                 continue;
@@ -384,7 +381,7 @@ async fn watch(client: kube::Client, kind: Kind, shared: Arc<Shared>) {
                 watcher::Event::InitApply(o) => format!("init-apply {:?}", o.metadata.name),
                 watcher::Event::InitDone => "init-done".into(),
             };
-            eprintln!("switchyard-control: watch {}: {what}", kind.name);
+            tracing::info!("watch {}: {what}", kind.name);
         }
         match event {
             watcher::Event::Init => relist = Some(BTreeMap::new()),

@@ -431,7 +431,7 @@ impl Switch {
             }
             // The steering rules are gone: the local table's rule goes back to first.
             if let Err(e) = super::restore::restore_local_rule(&mut nl) {
-                eprintln!("switchyard-dataplane: cannot move the local table's rule back: {e}");
+                tracing::warn!("cannot move the local table's rule back: {e}");
             }
         }
     }

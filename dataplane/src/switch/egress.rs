@@ -135,8 +135,8 @@ impl Switch {
                 self.originals
                     .set("net.ipv4.ip_local_port_range", &format!("{a} {b}"))
                     .map_err(|e| system("masquerade", e))?;
-                eprintln!(
-                    "switchyard-dataplane: the node's ephemeral ports {lo}-{hi} lay inside the masquerade range {}-{}; they are now {a}-{b}",
+                tracing::info!(
+                    "the node's ephemeral ports {lo}-{hi} lay inside the masquerade range {}-{}; they are now {a}-{b}",
                     range.0, range.1
                 );
             }
@@ -286,8 +286,8 @@ impl Switch {
         if let Ok(mut nl) = Netlink::open() {
             for rule in desired.iter().filter(|r| !keep.contains(r)) {
                 if let Err(e) = nl.add_rule(rule) {
-                    eprintln!(
-                        "switchyard-dataplane: cannot steer port {:?} into the dataplane: {e}",
+                    tracing::warn!(
+                        "cannot steer port {:?} into the dataplane: {e}",
                         rule.dports
                     );
                 }
@@ -306,9 +306,9 @@ pub(super) fn remove_leftover_rules() {
     match removed {
         Ok(0) => {}
         Ok(n) => {
-            eprintln!("switchyard-dataplane: removed {n} steering rules left by an earlier process")
+            tracing::info!("removed {n} steering rules left by an earlier process")
         }
-        Err(e) => eprintln!("switchyard-dataplane: cannot look for leftover steering rules: {e}"),
+        Err(e) => tracing::warn!("cannot look for leftover steering rules: {e}"),
     }
 }
 

@@ -29,10 +29,7 @@ impl Switch {
             .map_err(std::io::Error::other)
             .and_then(|text| write_atomically(path, &text));
         if let Err(e) = written {
-            eprintln!(
-                "switchyard-dataplane: cannot record the ports in {}: {e}",
-                path.display()
-            );
+            tracing::warn!("cannot record the ports in {}: {e}", path.display());
         }
     }
 
@@ -48,10 +45,7 @@ impl Switch {
         let saved: Vec<PortInfo> = match serde_json::from_slice(&text) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!(
-                    "switchyard-dataplane: ignoring unreadable state file {}: {e}",
-                    path.display()
-                );
+                tracing::warn!("ignoring unreadable state file {}: {e}", path.display());
                 return 0;
             }
         };
@@ -59,10 +53,9 @@ impl Switch {
         for info in saved {
             match self.reattach(&info) {
                 Ok(()) => restored += 1,
-                Err(e) => eprintln!(
-                    "switchyard-dataplane: not restoring port {} in {}: {e}",
-                    info.ifname, info.netns
-                ),
+                Err(e) => {
+                    tracing::warn!("not restoring port {} in {}: {e}", info.ifname, info.netns)
+                }
             }
         }
         self.save_ports();

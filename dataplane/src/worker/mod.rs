@@ -211,7 +211,7 @@ impl Worker {
                 move || {
                     if let Some(workers) = pin_among {
                         if let Err(err) = crate::io::steering::pin_current_thread(index, workers) {
-                            eprintln!("switchyard worker {index}: cannot pin to its CPUs: {err}");
+                            tracing::warn!("worker {index}: cannot pin to its CPUs: {err}");
                         }
                     }
                     run(index, spin, poll, &tables, &stop, &stats)
@@ -288,7 +288,7 @@ fn run(
             if err.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            eprintln!("switchyard worker: poll failed: {err}");
+            tracing::error!("worker: poll failed: {err}");
             return;
         }
         for event in events.iter() {
