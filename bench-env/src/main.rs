@@ -43,8 +43,9 @@ enum Scenario {
     },
     /// One node, N pods: Switchyard (TAP ports) against veth + Linux bridge.
     SingleNode {
-        /// Number of pods.
-        #[arg(long, default_value_t = 2)]
+        /// Number of pods (4 or more adds `rtt_p99_us_under_load`: pods 0 and 1 ping while
+        /// pods 2 and 3 run a 4-stream iperf3).
+        #[arg(long, default_value_t = 4)]
         pods: usize,
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 5)]
@@ -231,6 +232,16 @@ fn single_node(run: SingleNode) -> Result<bool> {
             }),
         ),
     ];
+    let mut runs = runs;
+    if pods >= 4 {
+        runs.push((
+            &[("rtt_p99_us_under_load", "µs")],
+            Box::new(|b| {
+                let (_, p99) = measure::rtt_us_under_load(&b.pods, pings)?;
+                Ok(vec![p99])
+            }),
+        ));
+    }
     for (metric_names, run) in &runs {
         let label = metric_names
             .iter()

@@ -174,3 +174,21 @@ pub fn rtt_us(client: &Pod, server: &Pod, count: usize) -> Result<(f64, f64)> {
         hist.value_at_quantile(0.99) as f64,
     ))
 }
+
+/// [`rtt_us`] from `pods[0]` to `pods[1]` while `pods[2]` sends a 4-stream iperf3 to
+/// `pods[3]` on the same node for the whole time: (p50, p99) in µs.
+pub fn rtt_us_under_load(pods: &[Pod], count: usize) -> Result<(f64, f64)> {
+    let [a, b, c, d, ..] = pods else {
+        return Err(fail!("the RTT under load needs four pods"));
+    };
+    // The pings take count × 5 ms; the load starts a second before and outlasts them.
+    let seconds = (count as u64 * 5).div_ceil(1000) + 3;
+    std::thread::scope(|scope| {
+        let load = scope.spawn(|| tcp_gbps(c, d, 4, seconds));
+        std::thread::sleep(Duration::from_secs(1));
+        let rtt = rtt_us(a, b, count);
+        let load = load.join().map_err(|_| fail!("the iperf3 load panicked"))?;
+        load?;
+        rtt
+    })
+}
