@@ -57,6 +57,18 @@ pub fn attach(queue_fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets the calling thread's nice value (its share of a busy CPU against the node's
+/// other processes).
+pub fn set_current_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid and setpriority take plain integers and change only this thread's
+    // scheduling weight.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Pins the calling thread (worker `index` of `workers`) to the CPUs whose frames its
 /// queue receives: every CPU `c` with `c % workers == index`.
 pub fn pin_current_thread(index: usize, workers: usize) -> io::Result<()> {

@@ -58,6 +58,8 @@ pub struct SwitchConfig {
     /// Where the node's sysctls are recorded before their first change, for the uninstall
     /// (none: not recorded).
     pub sysctl_file: Option<std::path::PathBuf>,
+    /// Nice value of the worker threads (0: left as inherited).
+    pub worker_nice: i32,
 }
 
 impl Default for SwitchConfig {
@@ -72,6 +74,7 @@ impl Default for SwitchConfig {
             host_ifname: "sy0".into(),
             state_file: None,
             sysctl_file: None,
+            worker_nice: 0,
         }
     }
 }
@@ -119,7 +122,7 @@ impl Switch {
         let workers = (0..config.workers.max(1))
             .map(|i| {
                 let pin = (config.cpu_steering && config.workers > 1).then_some(config.workers);
-                Worker::spawn(i, shared.clone(), config.spin, pin)
+                Worker::spawn(i, shared.clone(), config.spin, pin, config.worker_nice)
             })
             .collect::<io::Result<Vec<_>>>()?;
         spawn_housekeeping(Arc::downgrade(&shared))?;

@@ -191,12 +191,14 @@ impl Worker {
     /// epoll again: a frame that arrives meanwhile costs no thread wake-up (tens of
     /// microseconds on a VM).
     /// With `pin_among = Some(n)`, the thread is pinned to the CPUs whose frames CPU
-    /// steering puts on queue `index` of `n`.
+    /// steering puts on queue `index` of `n`. A `nice` other than 0 sets the thread's
+    /// nice value.
     pub fn spawn(
         index: usize,
         tables: Arc<SharedTables<PortIo>>,
         spin: Duration,
         pin_among: Option<usize>,
+        nice: i32,
     ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let registry = poll.registry().try_clone()?;
@@ -209,6 +211,13 @@ impl Worker {
                 let stop = stop.clone();
                 let stats = stats.clone();
                 move || {
+                    if nice != 0 {
+                        if let Err(err) = crate::io::steering::set_current_thread_nice(nice) {
+                            tracing::warn!(
+                                "worker {index}: cannot set its nice value {nice}: {err}"
+                            );
+                        }
+                    }
                     if let Some(workers) = pin_among {
                         if let Err(err) = crate::io::steering::pin_current_thread(index, workers) {
                             tracing::warn!("worker {index}: cannot pin to its CPUs: {err}");
