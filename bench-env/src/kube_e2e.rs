@@ -280,7 +280,14 @@ pub fn node_network_state(node: &KubeNode) -> Result<String> {
 /// line that sums up.
 pub fn run() -> Result<bool> {
     let start = Instant::now();
-    let mut s = Scenario::start()?;
+    let mut s = match Scenario::start() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            println!("kube-e2e: FAILED (the testbed did not start: building or starting the API server, images or underlay failed)");
+            return Ok(false);
+        }
+    };
     let outcome = steps(&mut s);
     let passed = s.steps().iter().filter(|st| st.ok).count();
     if let Err(e) = &outcome {
