@@ -324,13 +324,12 @@ pub fn serve(bare: bool) -> Result<bool> {
     }
     let api = s.api()?;
     println!(
-        "\nThe cluster runs. kubectl, as the administrator:\n  ip netns exec {} {} --kubeconfig={} get nodes -o wide\n\
+        "\nThe cluster runs. kubectl, as the administrator:\n  ip netns exec {} {}\n\
          Each node's files (logs, containerd, kubelet): {}\n\
          A node's own view (its mounts and network): nsenter -t <kubelet pid> -m -n\n\
          Ctrl-C tears everything down.",
         s.cluster.hub.name(),
-        crate::kube::cluster_binaries()?.join("kubectl").display(),
-        api.kubeconfig.display(),
+        api.kubectl_argv(&["get", "nodes", "-o", "wide"]).join(" "),
         s.nodes()
             .iter()
             .map(|n| n.dir.display().to_string())
@@ -466,14 +465,8 @@ fn text(v: &Value) -> String {
 }
 
 fn in_cidr(ip: Ipv4Addr, cidr: &str) -> bool {
-    let Some((net, len)) = cidr.split_once('/') else {
-        return false;
-    };
-    let (Ok(net), Ok(len)) = (net.parse::<Ipv4Addr>(), len.parse::<u32>()) else {
-        return false;
-    };
-    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
-    u32::from(ip) & mask == u32::from(net) & mask
+    cidr.parse::<switchyard_api::IpNet>()
+        .is_ok_and(|net| net.contains(&std::net::IpAddr::V4(ip)))
 }
 
 impl Scenario {

@@ -70,6 +70,20 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
+/// A counter with one sample per `(label value, count)`.
+fn labelled_counters(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(String, u64)],
+) {
+    header(out, name, "counter", help);
+    for (value, n) in values {
+        let _ = writeln!(out, "{name}{{{label}=\"{}\"}} {n}", escape(value));
+    }
+}
+
 /// A histogram with buckets `bounds` (the last is `+Inf`), from bucket counts.
 fn histogram(
     out: &mut String,
@@ -134,32 +148,20 @@ pub fn render(s: &Snapshot) -> String {
             );
         }
     }
-    header(
+    labelled_counters(
         &mut out,
         "switchyard_drops_total",
-        "counter",
         "Frames dropped, by reason.",
+        "reason",
+        &s.drops,
     );
-    for (reason, n) in &s.drops {
-        let _ = writeln!(
-            out,
-            "switchyard_drops_total{{reason=\"{}\"}} {n}",
-            escape(reason)
-        );
-    }
-    header(
+    labelled_counters(
         &mut out,
         "switchyard_events_total",
-        "counter",
         "Pipeline events, by name.",
+        "event",
+        &s.events,
     );
-    for (event, n) in &s.events {
-        let _ = writeln!(
-            out,
-            "switchyard_events_total{{event=\"{}\"}} {n}",
-            escape(event)
-        );
-    }
     if let Some((entries, capacity)) = s.conntrack {
         header(
             &mut out,
