@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 
 /// The protocol version this crate speaks. Every change to a message takes a new version;
 /// `tests/schema/v{N}.json` pins what each version's messages look like.
-pub const API_VERSION: u32 = 5;
+pub const API_VERSION: u32 = 6;
 /// The oldest protocol version still accepted: a newer dataplane understands every
 /// request an older client can send (later versions only add requests and fields with
 /// defaults).
@@ -514,12 +514,14 @@ mod tests {
         let ok: ResponseEnvelope = Ok(Reply::Done).into();
         assert_eq!(
             serde_json::to_string(&ok).unwrap(),
-            r#"{"version":5,"ok":"done"}"#
+            format!(r#"{{"version":{API_VERSION},"ok":"done"}}"#)
         );
         let err: ResponseEnvelope = Err(ApiError::new(ErrorCode::NotFound, "no port 3")).into();
         assert_eq!(
             serde_json::to_string(&err).unwrap(),
-            r#"{"version":5,"error":{"code":"not_found","message":"no port 3"}}"#
+            format!(
+                r#"{{"version":{API_VERSION},"error":{{"code":"not_found","message":"no port 3"}}}}"#
+            )
         );
     }
 }

@@ -249,6 +249,10 @@ pub struct NatStatus {
     pub udp: usize,
     /// ICMP echo flows.
     pub icmp: usize,
+    /// Flows not established dropped to make room for new ones while the table was full (since
+    /// v6).
+    #[serde(default)]
+    pub early_drops: u64,
 }
 
 /// One tracked flow (`switchyard-control get conntrack`).

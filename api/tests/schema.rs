@@ -254,6 +254,7 @@ fn replies() -> Vec<Reply> {
             tcp: 1,
             udp: 0,
             icmp: 0,
+            early_drops: 3,
         })),
         Reply::Conntrack(vec![ConntrackEntry {
             protocol: "tcp".into(),

@@ -38,10 +38,15 @@ pub struct Step {
     pub ok: bool,
 }
 
-/// Builds the images' archives (`scripts/kube-images`); returns their directory.
+/// Builds the images' archives (`scripts/kube-images`); returns their directory. The
+/// Switchyard image holds the binaries this program runs beside, so a test run does not build
+/// a second profile.
 pub fn images() -> Result<PathBuf> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kube-images");
+    let dataplane = crate::tools::find_binary("switchyard-dataplane")?;
+    let bin_dir = dataplane.parent().unwrap_or(Path::new("."));
     let out = std::process::Command::new(&script)
+        .env("SWITCHYARD_BIN_DIR", bin_dir)
         .stderr(std::process::Stdio::inherit())
         .output()?;
     if !out.status.success() {

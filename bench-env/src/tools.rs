@@ -38,14 +38,15 @@ fn ensure(needs: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
-/// Installs whatever of iperf3, ping, ip and iptables (the kernel arm's masquerade) is
-/// missing.
+/// Installs whatever of iperf3, ping, ip, iptables (the kernel arm's masquerade) and
+/// hping3 (floods) is missing.
 pub fn ensure_installed() -> Result<()> {
     ensure(&[
         ("iperf3", "iperf3"),
         ("ping", "iputils-ping"),
         ("ip", "iproute2"),
         ("iptables", "iptables"),
+        ("hping3", "hping3"),
     ])
 }
 

@@ -29,6 +29,19 @@ fn stat(c: &Cluster, node: usize, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Masquerade's state on node `node`.
+fn nat(c: &Cluster, node: usize) -> switchyard_api::NatStatus {
+    match c.nodes[node]
+        .client()
+        .unwrap()
+        .call(switchyard_api::Request::GetNat)
+        .unwrap()
+    {
+        switchyard_api::Reply::Nat(Some(n)) => n,
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 #[cfg_attr(
     not(privileged),
@@ -180,6 +193,86 @@ fn the_node_never_resets_a_masqueraded_flow() {
     );
 }
 
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
+fn a_syn_flood_toward_the_external_network_leaves_room_for_other_pods() {
+    const LIMIT: usize = 4096;
+    let c = cluster_with(ClusterOptions {
+        external: true,
+        pods_per_node: 3,
+        conntrack_max: Some(LIMIT),
+        ..ClusterOptions::default()
+    });
+    let ext = c.external.as_ref().unwrap();
+    let node = &c.nodes[0];
+    let (flooder, steady, newcomer) = (&node.pods[0], &node.pods[1], &node.pods[2]);
+    let pid = node.dataplane_pid().unwrap();
+    let nat = || nat(&c, 0);
+    let mut known = EchoFlow::open(steady, ext).expect("a TCP connection to the external host");
+    assert!(known.echo(b"before the flood"));
+    let before = rss_kib(pid);
+    // hping3's flood mode: SYNs as fast as the pod can send them, each from the next
+    // source port, to a port the external host answers with a reset.
+    let ext_ip = ext.ipv4.to_string();
+    let flood = flooder
+        .ns
+        .spawn(
+            &[
+                "timeout", "8", "hping3", "--flood", "--syn", "-p", "9", &ext_ip,
+            ],
+            None,
+        )
+        .expect("hping3");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    while nat().early_drops == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let during = nat();
+    assert!(
+        during.early_drops > 0,
+        "the flood never filled the table: {during:?}\n{}",
+        c.logs()
+    );
+    assert!(
+        known.echo(b"during the flood"),
+        "another pod's established connection stopped under the flood"
+    );
+    let t = tcp_transfer(newcomer, ext, 1 << 20)
+        .unwrap_or_else(|e| panic!("a new connection from a third pod under the flood: {e}"));
+    assert_eq!(t.sent_hash, t.received_hash);
+    drop(flood);
+    let after = nat();
+    assert!(running(pid), "the dataplane stayed up");
+    assert!(
+        after.flows <= LIMIT + 64,
+        "the table stays bounded: {after:?}"
+    );
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(
+        grown < 16 << 10,
+        "the dataplane grew by {grown} KiB under the flood"
+    );
+    assert!(known.echo(b"after the flood"));
+    eprintln!(
+        "SYN flood: {} early drops, {} refused as full, {} flows held (limit {LIMIT}), RSS +{grown} KiB",
+        after.early_drops,
+        stat(&c, 0, "conntrack_full"),
+        after.flows
+    );
+}
+
+/// Whether process `pid` runs (exists and is not a zombie).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
@@ -220,7 +313,7 @@ fn open_flows(
     not(privileged),
     ignore = "needs root: network namespaces and TAP devices"
 )]
-fn two_hundred_thousand_flows_then_a_full_table_drops_only_new_ones() {
+fn two_hundred_thousand_flows_then_a_full_table_makes_room_from_unanswered_ones() {
     let c = cluster_with(ClusterOptions {
         external: true,
         conntrack_max: Some(210_000),
@@ -230,15 +323,7 @@ fn two_hundred_thousand_flows_then_a_full_table_drops_only_new_ones() {
     let pod = &c.nodes[0].pods[0];
     let pid = c.nodes[0].dataplane_pid().unwrap();
     let before = rss_kib(pid);
-    let nat = |c: &Cluster| match c.nodes[0]
-        .client()
-        .unwrap()
-        .call(switchyard_api::Request::GetNat)
-        .unwrap()
-    {
-        switchyard_api::Reply::Nat(Some(n)) => n,
-        other => panic!("{other:?}"),
-    };
+    let nat = |c: &Cluster| nat(c, 0);
     // A datagram the pod's kernel could not queue opens no flow: send again what is
     // missing (a known flow is only refreshed).
     for _ in 0..8 {
@@ -255,27 +340,27 @@ fn two_hundred_thousand_flows_then_a_full_table_drops_only_new_ones() {
         stat(&c, 0, "conntrack_full") + stat(&c, 0, "nat_no_port_left"),
         0
     );
-    // An established flow, then more flows than the table holds.
+    // An established flow, then more flows than the table holds: the unanswered UDP
+    // flows make room for the new ones (early drop), the established one stays.
     let t = tcp_transfer(pod, ext, 1 << 20).unwrap();
     assert_eq!(t.sent_hash, t.received_hash);
     let mut known = EchoFlow::open(pod, ext).expect("a TCP connection to the external host");
     assert!(known.echo(b"before the table fills"));
     open_flows(pod, ext.ipv4, 20_000, 60_000);
+    let n = nat(&c);
     assert!(
-        stat(&c, 0, "conntrack_full") > 5_000,
-        "new flows past the limit are dropped"
+        n.early_drops > 5_000,
+        "new flows past the limit take unanswered ones' places: {n:?}"
     );
-    assert!(nat(&c).flows <= 210_000 + 64);
-    // A known flow carries on while the table is full.
-    let refused = stat(&c, 0, "conntrack_full");
+    assert!(n.flows <= 210_000 + 64, "{n:?}");
     assert!(
         known.echo(b"while the table is full"),
         "an established connection stopped when the table filled"
     );
     assert_eq!(
         stat(&c, 0, "conntrack_full"),
-        refused,
-        "the established connection's packets were refused as new flows"
+        0,
+        "a new flow was refused although unanswered ones could make room"
     );
     let grown = rss_kib(pid).saturating_sub(before);
     eprintln!(

@@ -249,7 +249,16 @@ pub fn render_nat(nat: Option<&switchyard_api::NatStatus>) -> String {
         return "masquerade is not set up (no node settings yet)\n".into();
     };
     table::render(
-        &["NODE", "PORT-RANGE", "FLOWS", "LIMIT", "TCP", "UDP", "ICMP"],
+        &[
+            "NODE",
+            "PORT-RANGE",
+            "FLOWS",
+            "LIMIT",
+            "TCP",
+            "UDP",
+            "ICMP",
+            "EARLY-DROPS",
+        ],
         &[vec![
             n.node.to_string(),
             n.port_range.to_string(),
@@ -258,6 +267,7 @@ pub fn render_nat(nat: Option<&switchyard_api::NatStatus>) -> String {
             n.tcp.to_string(),
             n.udp.to_string(),
             n.icmp.to_string(),
+            n.early_drops.to_string(),
         ]],
     )
 }

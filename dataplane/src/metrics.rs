@@ -43,6 +43,17 @@ pub struct WorkerSample {
     pub times: WorkTimes,
 }
 
+/// A connection-tracking table's fill.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TableSample {
+    /// Flows held.
+    pub entries: u64,
+    /// The most it holds.
+    pub capacity: u64,
+    /// Flows not established, dropped to make room for new ones while full.
+    pub early_drops: u64,
+}
+
 /// Everything a scrape shows, read from the switch at once.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -54,9 +65,10 @@ pub struct Snapshot {
     pub ports: Vec<PortSample>,
     /// Per worker, by index.
     pub workers: Vec<WorkerSample>,
-    /// Masquerade's connection-tracking entries and capacity, once the node settings
-    /// enabled it.
-    pub conntrack: Option<(u64, u64)>,
+    /// Masquerade's connection-tracking table, once the node settings enabled it.
+    pub conntrack: Option<TableSample>,
+    /// The Service flow table.
+    pub service_flows: TableSample,
 }
 
 fn escape(value: &str) -> String {
@@ -64,6 +76,30 @@ fn escape(value: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// A flow table's entries, capacity and early drops, named `PREFIX_entries`, ...
+fn render_table(out: &mut String, prefix: &str, what: &str, table: &TableSample) {
+    let rows = [
+        ("entries", "gauge", "tracked", table.entries),
+        (
+            "capacity",
+            "gauge",
+            "the table holds at most",
+            table.capacity,
+        ),
+        (
+            "early_drops_total",
+            "counter",
+            "not established, dropped to make room for new ones",
+            table.early_drops,
+        ),
+    ];
+    for (suffix, kind, help, value) in rows {
+        let name = format!("{prefix}_{suffix}");
+        header(out, &name, kind, &format!("{what} {help}."));
+        let _ = writeln!(out, "{name} {value}");
+    }
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -162,22 +198,20 @@ pub fn render(s: &Snapshot) -> String {
         "event",
         &s.events,
     );
-    if let Some((entries, capacity)) = s.conntrack {
-        header(
+    if let Some(table) = s.conntrack {
+        render_table(
             &mut out,
-            "switchyard_conntrack_entries",
-            "gauge",
-            "Masqueraded flows tracked.",
+            "switchyard_conntrack",
+            "Masqueraded flows",
+            &table,
         );
-        let _ = writeln!(out, "switchyard_conntrack_entries {entries}");
-        header(
-            &mut out,
-            "switchyard_conntrack_capacity",
-            "gauge",
-            "Masqueraded flows the table holds at most.",
-        );
-        let _ = writeln!(out, "switchyard_conntrack_capacity {capacity}");
     }
+    render_table(
+        &mut out,
+        "switchyard_service_flows",
+        "Flows to Services",
+        &s.service_flows,
+    );
     header(&mut out, "switchyard_workers", "gauge", "Worker threads.");
     let _ = writeln!(out, "switchyard_workers {}", s.workers.len());
     header(
@@ -323,13 +357,20 @@ mod tests {
                 rx_frames: 67,
                 times,
             }],
-            conntrack: Some((4, 65536)),
+            conntrack: Some(TableSample {
+                entries: 4,
+                capacity: 65536,
+                early_drops: 9,
+            }),
+            service_flows: TableSample::default(),
         };
         let text = render(&s);
         assert!(well_formed(&text), "{text}");
         assert!(text.contains("switchyard_port_receive_packets_total{port=\"3\",ifname=\"eth0\",pod=\"default/a\\\"b\"} 10"));
         assert!(text.contains("switchyard_drops_total{reason=\"no_route\"} 2"));
         assert!(text.contains("switchyard_conntrack_capacity 65536"));
+        assert!(text.contains("switchyard_conntrack_early_drops_total 9"));
+        assert!(text.contains("# TYPE switchyard_service_flows_entries gauge"));
         assert!(text.contains("switchyard_worker_busy_seconds_total{worker=\"0\"} 1.5"));
         assert!(text.contains("switchyard_batch_frames_bucket{worker=\"0\",le=\"1\"} 3"));
         assert!(text.contains("switchyard_batch_frames_bucket{worker=\"0\",le=\"16\"} 3"));

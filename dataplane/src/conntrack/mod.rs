@@ -3,16 +3,16 @@
 //!
 //! One table for the whole dataplane, because a flow's two directions are read by
 //! different workers (the pod's TAP queue and the host port's queue are chosen by
-//! different hashes). It is split into 1,024 shards, each a hash map behind its own lock:
-//! a packet takes one shard's lock for a lookup (uncontended unless two workers touch the
-//! same shard at once), never a global one. Each flow is stored under two keys, the
-//! outbound tuple (pod -> destination) and the reply tuple (destination -> node:port),
-//! pointing at one shared [`Flow`] whose state and last-seen time are atomics.
+//! different hashes): a [`FlowTable`], whose shards each have their own lock. Each flow is
+//! stored under two keys, the outbound tuple (pod -> destination) and the reply tuple
+//! (destination -> node:port), pointing at one shared [`Flow`] whose state and last-seen
+//! time are atomics.
 //!
-//! Bounded: at most `limit` flows (default 1M). When full, new flows are refused (and the
-//! caller counts them) while established ones carry on; expired flows are removed by
+//! Bounded: at most `limit` flows (default 1M). When full, a new flow takes the place of an
+//! unassured one (early drop, as Linux does), or is refused (and the caller counts it)
+//! when none is found nearby; established flows carry on. Expired flows are removed by
 //! [`Conntrack::sweep`], which the dataplane runs every second. Memory per flow: two map
-//! slots of 24 bytes plus a control byte each (at most 7/8 full), and one 40-byte shared
+//! slots of 24 bytes plus a control byte each (at most 7/8 full), and one 48-byte shared
 //! [`Flow`] (Arc counts included): about 125 bytes with the allocator's overhead, 127
 //! measured at 210,000 flows (`bench-env/tests/egress.rs`); 1M flows take about 125 MiB.
 //!
@@ -26,16 +26,16 @@ pub mod life;
 pub mod policy;
 pub mod service;
 mod shards;
+pub mod table;
 
 use life::Liveness;
 pub use life::State;
 pub use shards::FxBuild;
-use shards::{random_seed, Fx, SHARDS};
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use table::{FlowTable, Tracked};
 
 /// Ports tried for a new flow before it is refused.
 const PORT_TRIES: u64 = 256;
@@ -74,6 +74,8 @@ impl Hash for Tuple {
 pub struct Flow {
     /// The outbound tuple as the pod sent it.
     pub original: Tuple,
+    /// The node's address its replies come to.
+    pub node: Ipv4Addr,
     /// The node's source port (or echo identifier) it was given.
     pub node_port: u16,
     /// Opened by a client through a port published to the pod (hostPort), not by the pod.
@@ -82,10 +84,17 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// A new flow of `original` given `node_port`, seen at `now_ns`.
-    fn new(original: Tuple, node_port: u16, published: bool, now_ns: u64) -> Arc<Self> {
+    /// A new flow of `original` given `node:node_port`, seen at `now_ns`.
+    fn new(
+        original: Tuple,
+        node: Ipv4Addr,
+        node_port: u16,
+        published: bool,
+        now_ns: u64,
+    ) -> Arc<Self> {
         Arc::new(Self {
             original,
+            node,
             node_port,
             published,
             life: Liveness::new(now_ns),
@@ -106,25 +115,57 @@ impl Flow {
     }
 }
 
+impl Tracked for Flow {
+    type Key = Tuple;
+
+    fn original_key(&self) -> Tuple {
+        self.original
+    }
+
+    fn reply_key(&self) -> Tuple {
+        reply_tuple(&self.original, self.node, self.node_port)
+    }
+
+    fn life(&self) -> &Liveness {
+        &self.life
+    }
+}
+
+/// The tuple of the replies to `original` once masqueraded to `node:node_port`.
+fn reply_tuple(original: &Tuple, node: Ipv4Addr, node_port: u16) -> Tuple {
+    if original.protocol == 1 {
+        Tuple {
+            protocol: 1,
+            src: original.dst,
+            src_port: node_port,
+            dst: node,
+            dst_port: node_port,
+        }
+    } else {
+        Tuple {
+            protocol: original.protocol,
+            src: original.dst,
+            src_port: original.dst_port,
+            dst: node,
+            dst_port: node_port,
+        }
+    }
+}
+
 /// Why a new flow was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// The table holds its limit of flows.
+    /// The table holds its limit of flows, none of them an unassured one near the new flow.
     TableFull,
     /// Every source port of the range is in use for this protocol.
     NoPort,
 }
 
-type Shard = Mutex<HashMap<Tuple, Arc<Flow>, FxBuild>>;
-
 /// The connection-tracking table of a masquerading node.
 pub struct Conntrack {
     node: Ipv4Addr,
-    shards: Box<[Shard]>,
-    limit: usize,
-    flows: AtomicUsize,
+    table: FlowTable<Flow>,
     by_protocol: [AtomicUsize; 3],
-    seed: u64,
     ports: (u16, u16),
 }
 
@@ -150,13 +191,8 @@ impl Conntrack {
         let (first, last) = (ports.0.min(ports.1).max(1), ports.0.max(ports.1));
         Self {
             node,
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::default()))
-                .collect(),
-            limit,
-            flows: AtomicUsize::new(0),
+            table: FlowTable::new(limit),
             by_protocol: Default::default(),
-            seed: random_seed(),
             ports: (first, last),
         }
     }
@@ -171,24 +207,6 @@ impl Conntrack {
         self.ports
     }
 
-    fn hash(&self, t: &Tuple) -> u64 {
-        let mut h = Fx(self.seed);
-        t.hash(&mut h);
-        h.finish() ^ (h.finish() >> 29)
-    }
-
-    fn shard(&self, t: &Tuple) -> std::sync::MutexGuard<'_, HashMap<Tuple, Arc<Flow>, FxBuild>> {
-        let i = (self.hash(t) as usize) % SHARDS;
-        // A panic while holding a shard lock leaves the map consistent (single inserts or
-        // removes), so a poisoned lock is still usable.
-        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn count_new(&self, protocol: u8) {
-        self.flows.fetch_add(1, Ordering::Relaxed);
-        self.counter(protocol).fetch_add(1, Ordering::Relaxed);
-    }
-
     fn counter(&self, protocol: u8) -> &AtomicUsize {
         match protocol {
             6 => &self.by_protocol[0],
@@ -197,23 +215,24 @@ impl Conntrack {
         }
     }
 
-    fn reply_tuple(original: &Tuple, node: Ipv4Addr, node_port: u16) -> Tuple {
-        if original.protocol == 1 {
-            Tuple {
-                protocol: 1,
-                src: original.dst,
-                src_port: node_port,
-                dst: node,
-                dst_port: node_port,
-            }
+    /// Counts a flow just inserted under both keys.
+    fn added(&self, protocol: u8) {
+        self.table.added();
+        self.counter(protocol).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Uncounts a flow the table removed.
+    fn gone(&self, flow: &Flow) {
+        self.counter(flow.original.protocol)
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Whether a new flow of `original` may be added (see [`FlowTable::make_room`]).
+    fn make_room(&self, original: &Tuple) -> Result<(), Refusal> {
+        if self.table.make_room(original, |flow| self.gone(flow)) {
+            Ok(())
         } else {
-            Tuple {
-                protocol: original.protocol,
-                src: original.dst,
-                src_port: original.dst_port,
-                dst: node,
-                dst_port: node_port,
-            }
+            Err(Refusal::TableFull)
         }
     }
 
@@ -231,39 +250,37 @@ impl Conntrack {
         tcp_flags: Option<u8>,
         now_ns: u64,
     ) -> Result<u16, Refusal> {
-        if let Some(flow) = self.shard(&original).get(&original) {
+        if let Some(flow) = self.table.shard(&original).get(&original) {
             flow.touch(now_ns, tcp_flags, false);
             return Ok(flow.node_port);
         }
-        if self.flows.load(Ordering::Relaxed) >= self.limit {
-            return Err(Refusal::TableFull);
-        }
+        self.make_room(&original)?;
         let (first, last) = self.ports;
         let count = u64::from(last - first) + 1;
-        let start = self.hash(&original) % count;
+        let start = self.table.hash(&original) % count;
         let tries = count.min(PORT_TRIES);
         for k in 0..tries {
             let port = first + ((start + k) % count) as u16;
-            let reply = Self::reply_tuple(&original, self.node, port);
-            let flow = Flow::new(original, port, false, now_ns);
+            let reply = reply_tuple(&original, self.node, port);
+            let flow = Flow::new(original, self.node, port, false, now_ns);
             {
-                let mut replies = self.shard(&reply);
+                let mut replies = self.table.shard(&reply);
                 if replies.contains_key(&reply) {
                     continue;
                 }
                 replies.insert(reply, flow.clone());
             }
             flow.touch(now_ns, tcp_flags, false);
-            let mut out = self.shard(&original);
+            let mut out = self.table.shard(&original);
             if let Some(other) = out.get(&original) {
                 // Another worker created the same flow meanwhile: use its port, undo ours.
                 let kept = other.node_port;
                 drop(out);
-                self.shard(&reply).remove(&reply);
+                self.table.shard(&reply).remove(&reply);
                 return Ok(kept);
             }
             out.insert(original, flow);
-            self.count_new(original.protocol);
+            self.added(original.protocol);
             return Ok(port);
         }
         Err(Refusal::NoPort)
@@ -277,7 +294,7 @@ impl Conntrack {
         tcp_flags: Option<u8>,
         now_ns: u64,
     ) -> Option<(Ipv4Addr, u16)> {
-        let shard = self.shard(reply);
+        let shard = self.table.shard(reply);
         let flow = shard.get(reply)?;
         flow.touch(now_ns, tcp_flags, true);
         Some((flow.original.src, flow.original.src_port))
@@ -288,7 +305,7 @@ impl Conntrack {
     /// For the answers of a published port (hostPort) to clients inside the cluster, which
     /// are not masqueraded and so never reach [`Conntrack::outbound`].
     pub fn answer(&self, original: &Tuple, tcp_flags: Option<u8>, now_ns: u64) -> Option<u16> {
-        let shard = self.shard(original);
+        let shard = self.table.shard(original);
         let flow = shard.get(original).filter(|f| f.original == *original)?;
         flow.touch(now_ns, tcp_flags, false);
         Some(flow.node_port)
@@ -306,9 +323,6 @@ impl Conntrack {
         tcp_flags: Option<u8>,
         now_ns: u64,
     ) -> Result<(Ipv4Addr, u16), Refusal> {
-        if self.flows.load(Ordering::Relaxed) >= self.limit {
-            return Err(Refusal::TableFull);
-        }
         let original = Tuple {
             protocol: reply.protocol,
             src: pod.0,
@@ -316,9 +330,10 @@ impl Conntrack {
             dst: reply.src,
             dst_port: reply.src_port,
         };
-        let flow = Flow::new(original, reply.dst_port, true, now_ns);
+        self.make_room(&original)?;
+        let flow = Flow::new(original, reply.dst, reply.dst_port, true, now_ns);
         {
-            let mut replies = self.shard(reply);
+            let mut replies = self.table.shard(reply);
             if let Some(existing) = replies.get(reply) {
                 // Another worker published it meanwhile.
                 return Ok((existing.original.src, existing.original.src_port));
@@ -326,65 +341,43 @@ impl Conntrack {
             replies.insert(*reply, flow.clone());
         }
         flow.touch(now_ns, tcp_flags, true);
-        self.shard(&original).insert(original, flow);
-        self.count_new(original.protocol);
+        self.table.shard(&original).insert(original, flow);
+        self.added(original.protocol);
         Ok(pod)
     }
 
     /// Removes the flows idle past their timeout and frees their ports; returns how many.
     pub fn sweep(&self, now_ns: u64) -> usize {
-        self.remove_where(|flow| flow.expired(now_ns))
+        self.table
+            .remove_where(|flow| flow.expired(now_ns), |flow| self.gone(flow))
     }
 
     /// Removes every flow of the pod at `pod` (masqueraded or through a published port),
     /// when its port goes: a later pod given the same address must not inherit them.
     /// Returns how many.
     pub fn forget_pod(&self, pod: Ipv4Addr) -> usize {
-        self.remove_where(|flow| flow.original.src == pod)
-    }
-
-    /// Removes the flows `doomed` picks, both keys of each: the original key decides (a
-    /// reply key goes with its flow's original, so a flow is never left half reachable).
-    fn remove_where(&self, doomed: impl Fn(&Flow) -> bool) -> usize {
-        let mut removed = 0;
-        for shard in self.shards.iter() {
-            let gone: Vec<Arc<Flow>> = {
-                let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
-                let mut out = Vec::new();
-                map.retain(|key, flow| {
-                    if *key == flow.original && doomed(flow) {
-                        out.push(flow.clone());
-                        return false;
-                    }
-                    true
-                });
-                out
-            };
-            for flow in gone {
-                let reply = Self::reply_tuple(&flow.original, self.node, flow.node_port);
-                self.shard(&reply).remove(&reply);
-                self.counter(flow.original.protocol)
-                    .fetch_sub(1, Ordering::Relaxed);
-                self.flows.fetch_sub(1, Ordering::Relaxed);
-                removed += 1;
-            }
-        }
-        removed
+        self.table
+            .remove_where(|flow| flow.original.src == pod, |flow| self.gone(flow))
     }
 
     /// Flows tracked now.
     pub fn len(&self) -> usize {
-        self.flows.load(Ordering::Relaxed)
+        self.table.len()
     }
 
     /// True when no flow is tracked.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.table.is_empty()
     }
 
     /// The most flows it holds.
     pub fn limit(&self) -> usize {
-        self.limit
+        self.table.limit()
+    }
+
+    /// Flows not established (unanswered, handshake not done, or reset) dropped so far to make room for new ones when full.
+    pub fn early_drops(&self) -> u64 {
+        self.table.early_drops()
     }
 
     /// Flows per protocol (TCP, UDP, ICMP).
@@ -395,20 +388,15 @@ impl Conntrack {
     /// Every flow (a snapshot, shard by shard).
     pub fn flows(&self, now_ns: u64) -> Vec<FlowInfo> {
         let mut out = Vec::new();
-        for shard in self.shards.iter() {
-            let map = shard.lock().unwrap_or_else(|e| e.into_inner());
-            out.extend(
-                map.iter()
-                    .filter(|(k, f)| **k == f.original)
-                    .map(|(_, f)| FlowInfo {
-                        original: f.original,
-                        node_port: f.node_port,
-                        published: f.published,
-                        state: f.state(),
-                        idle_s: f.life.idle_s(now_ns),
-                    }),
-            );
-        }
+        self.table.for_each(|f| {
+            out.push(FlowInfo {
+                original: f.original,
+                node_port: f.node_port,
+                published: f.published,
+                state: f.state(),
+                idle_s: f.life.idle_s(now_ns),
+            })
+        });
         out.sort_by_key(|f| f.original);
         out
     }
@@ -452,6 +440,12 @@ mod tests {
             ct.inbound(&reply, Some(0x12), 2),
             Some((Ipv4Addr::new(10, 244, 0, 5), 1234))
         );
+        assert_eq!(
+            ct.flows(2)[0].state,
+            State::New,
+            "the handshake is not done"
+        );
+        ct.outbound(t(1234), Some(0x10), 2).unwrap();
         assert_eq!(ct.flows(2)[0].state, State::Established);
         let stranger = Tuple {
             dst_port: p.wrapping_add(1),
@@ -482,13 +476,49 @@ mod tests {
         assert_eq!(ct.flows_by_protocol(), [11, 0, 0]);
         let small = Conntrack::new(NODE, (1024, 65535), 3);
         for i in 0..3 {
-            small.outbound(t(i), None, 0).unwrap();
+            let port = small.outbound(t(i), None, 0).unwrap();
+            small.inbound(&answer_to(t(i), port), None, 0).unwrap();
         }
-        assert_eq!(small.outbound(t(7), None, 0), Err(Refusal::TableFull));
+        assert_eq!(
+            small.outbound(t(7), None, 0),
+            Err(Refusal::TableFull),
+            "answered flows are never dropped for a new one"
+        );
         assert!(
             small.outbound(t(1), None, 0).is_ok(),
             "known flows carry on when full"
         );
+        assert_eq!(small.early_drops(), 0);
+    }
+
+    /// The reply to `original` masqueraded to `NODE:port`.
+    fn answer_to(original: Tuple, port: u16) -> Tuple {
+        reply_tuple(&original, NODE, port)
+    }
+
+    #[test]
+    fn a_full_table_takes_a_new_flow_in_the_place_of_an_unassured_one() {
+        let ct = Conntrack::new(NODE, (1024, 65535), 2);
+        let answered = ct.outbound(t(1), Some(0x02), 0).unwrap();
+        ct.inbound(&answer_to(t(1), answered), Some(0x12), 1)
+            .unwrap();
+        // A flood's SYN, then a new flow whose key lies in the flood flow's shard (the
+        // search for an unassured flow is bounded to a few shards near the new one).
+        let flood = t(2);
+        let flood_port = ct.outbound(flood, Some(0x02), 2).unwrap();
+        let near = (3..u16::MAX)
+            .map(t)
+            .find(|k| ct.table.index(k) == ct.table.index(&flood))
+            .unwrap();
+        assert!(ct.outbound(near, Some(0x02), 3).is_ok(), "room was made");
+        assert_eq!((ct.len(), ct.early_drops()), (2, 1));
+        assert_eq!(ct.flows_by_protocol(), [2, 0, 0]);
+        assert_eq!(
+            ct.inbound(&answer_to(flood, flood_port), None, 4),
+            None,
+            "the dropped flow's replies no longer find it"
+        );
+        assert!(ct.inbound(&answer_to(t(1), answered), None, 4).is_some());
     }
 
     #[test]

@@ -13,7 +13,7 @@
 
 use super::key::FlowKey;
 use super::life::{Liveness, State};
-use super::shards::{random_seed, shard_of, FxBuild, SHARDS};
+use super::shards::{lock, new_shards, random_seed, shard_of, FxBuild};
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -114,9 +114,7 @@ impl PolicyFlows {
     /// A table of at most `limit` flows.
     pub fn new(limit: usize) -> Self {
         Self {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::default()))
-                .collect(),
+            shards: new_shards(),
             limit,
             flows: AtomicUsize::new(0),
             seed: random_seed(),
@@ -125,11 +123,7 @@ impl PolicyFlows {
     }
 
     fn shard(&self, key: &FlowKey) -> MutexGuard<'_, HashMap<FlowKey, Decided, FxBuild>> {
-        // A panic while holding a shard lock leaves the map consistent (single inserts
-        // or removes), so a poisoned lock is still usable.
-        self.shards[shard_of(self.seed, key)]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        lock(&self.shards[shard_of(self.seed, key)])
     }
 
     /// What the table knows of a packet with tuple `key` (and TCP flags), under rules of
@@ -213,7 +207,7 @@ impl PolicyFlows {
 
     /// The denied flows remembered, oldest first.
     pub fn denied(&self) -> Vec<DeniedEntry> {
-        let ring = self.denied.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = lock(&self.denied);
         ring.iter().cloned().collect()
     }
 
@@ -221,7 +215,7 @@ impl PolicyFlows {
     pub fn sweep(&self, now_ns: u64) -> usize {
         let mut removed = 0;
         for shard in self.shards.iter() {
-            let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let mut map = lock(shard);
             let before = map.len();
             map.retain(|key, flow| !flow.life.expired(key.protocol, now_ns));
             removed += before - map.len();
@@ -272,6 +266,10 @@ mod tests {
         assert_eq!(
             t.lookup(&k.reversed(), 1, Some(0x12), 2),
             Known::Allowed { reply: true }
+        );
+        assert_eq!(
+            t.lookup(&k, 1, Some(0x10), 2),
+            Known::Allowed { reply: false }
         );
         assert_eq!(t.state(&k), Some((Verdict::Allowed, State::Established)));
         assert_eq!(

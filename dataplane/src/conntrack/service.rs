@@ -12,12 +12,12 @@
 
 pub use super::key::FlowKey;
 use super::life::{Liveness, State, NS};
-use super::shards::{random_seed, shard_of, FxBuild, SHARDS};
+use super::shards::{lock, new_shards, FxBuild};
+use super::table::{FlowTable, Tracked};
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 /// Where a Service's traffic goes: the frontend (virtual address and port) a client used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -106,10 +106,26 @@ impl ServiceFlow {
     }
 }
 
+impl Tracked for ServiceFlow {
+    type Key = FlowKey;
+
+    fn original_key(&self) -> FlowKey {
+        self.original
+    }
+
+    fn reply_key(&self) -> FlowKey {
+        ServiceFlow::reply_key(self)
+    }
+
+    fn life(&self) -> &Liveness {
+        &self.life
+    }
+}
+
 /// Why a new flow was not opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// The table holds its limit of flows.
+    /// The table holds its limit of flows, none of them an unassured one near the new flow.
     TableFull,
     /// Every source port tried gives a reply tuple another flow holds.
     ReplyClash,
@@ -133,44 +149,31 @@ pub struct ServiceFlowInfo {
 /// Source ports tried for a flow whose own collides.
 const PORT_TRIES: u64 = 64;
 
-type FlowShard = Mutex<HashMap<FlowKey, Arc<ServiceFlow>, FxBuild>>;
-type AffinityShard = Mutex<HashMap<(u64, IpAddr), ((IpAddr, u16), u64), FxBuild>>;
+/// (Service port, client address) -> (backend, last used).
+type Affinities = HashMap<(u64, IpAddr), ((IpAddr, u16), u64), FxBuild>;
+type AffinityShard = Mutex<Affinities>;
 
 /// The Service flows of one dataplane.
 pub struct ServiceFlows {
-    shards: Box<[FlowShard]>,
+    table: FlowTable<ServiceFlow>,
     affinity: Box<[AffinityShard]>,
-    limit: usize,
-    flows: AtomicUsize,
-    seed: u64,
 }
 
 impl ServiceFlows {
     /// A table of at most `limit` flows.
     pub fn new(limit: usize) -> Self {
         Self {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::default()))
-                .collect(),
-            affinity: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::default()))
-                .collect(),
-            limit,
-            flows: AtomicUsize::new(0),
-            seed: random_seed(),
+            table: FlowTable::new(limit),
+            affinity: new_shards(),
         }
     }
 
     fn index<K: Hash>(&self, key: &K) -> usize {
-        shard_of(self.seed, key)
+        self.table.index(key)
     }
 
-    fn shard(&self, key: &FlowKey) -> MutexGuard<'_, HashMap<FlowKey, Arc<ServiceFlow>, FxBuild>> {
-        // A panic while holding a shard lock leaves the map consistent (single inserts or
-        // removes), so a poisoned lock is still usable.
-        self.shards[self.index(key)]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    fn affinity_shard(&self, key: &(u64, IpAddr)) -> std::sync::MutexGuard<'_, Affinities> {
+        lock(&self.affinity[self.index(key)])
     }
 
     /// A packet the client sends: its flow, if it has one.
@@ -180,7 +183,7 @@ impl ServiceFlows {
         tcp_flags: Option<u8>,
         now_ns: u64,
     ) -> Option<Translation> {
-        let map = self.shard(original);
+        let map = self.table.shard(original);
         let flow = map.get(original)?;
         flow.life.touch(now_ns, tcp_flags, false);
         Some(flow.translation())
@@ -198,7 +201,7 @@ impl ServiceFlows {
         tcp_flags: Option<u8>,
         now_ns: u64,
     ) -> Result<Translation, Refusal> {
-        if self.flows.load(Ordering::Relaxed) >= self.limit {
+        if !self.table.make_room(&original, |_| ()) {
             return Err(Refusal::TableFull);
         }
         let seen_as = match shown_as {
@@ -209,8 +212,8 @@ impl ServiceFlows {
         // The client's own port first; when another flow's replies already use that
         // tuple, other ports from a position derived from the flow.
         let mut tries = std::iter::once(original.src_port).chain((0..PORT_TRIES).map(|k| {
-            let start = self.index(&original) as u64;
-            (1024 + (start * 61 + k) % (65536 - 1024)) as u16
+            let start = self.table.hash(&original);
+            (1024 + start.wrapping_add(k) % (65536 - 1024)) as u16
         }));
         let flow = loop {
             let Some(port) = tries.next() else {
@@ -225,7 +228,7 @@ impl ServiceFlows {
                 life: Liveness::new(now_ns),
             });
             let reply = flow.reply_key();
-            let mut replies = self.shard(&reply);
+            let mut replies = self.table.shard(&reply);
             match replies.get(&reply) {
                 Some(other) if other.original == original => {
                     other.life.touch(now_ns, tcp_flags, false);
@@ -239,21 +242,21 @@ impl ServiceFlows {
             }
         };
         let reply = flow.reply_key();
-        let mut originals = self.shard(&original);
+        let mut originals = self.table.shard(&original);
         if let Some(other) = originals.get(&original) {
             // Another worker opened the same flow with another backend meanwhile: keep
             // its, undo ours.
             other.life.touch(now_ns, tcp_flags, false);
             let kept = other.translation();
             drop(originals);
-            self.shard(&reply).remove(&reply);
+            self.table.shard(&reply).remove(&reply);
             return Ok(kept);
         }
         flow.life.touch(now_ns, tcp_flags, false);
         let opened = flow.translation();
         originals.insert(original, flow);
         drop(originals);
-        self.flows.fetch_add(1, Ordering::Relaxed);
+        self.table.added();
         Ok(opened)
     }
 
@@ -264,7 +267,7 @@ impl ServiceFlows {
         tcp_flags: Option<u8>,
         now_ns: u64,
     ) -> Option<Translation> {
-        let map = self.shard(reply);
+        let map = self.table.shard(reply);
         let flow = map.get(reply)?;
         if flow.reply_key() != *reply {
             return None;
@@ -276,7 +279,7 @@ impl ServiceFlows {
     /// The flow whose reply tuple is `reply`, without counting it as a packet of the flow
     /// (for an ICMP error about it).
     pub fn answering(&self, reply: &FlowKey) -> Option<Translation> {
-        let map = self.shard(reply);
+        let map = self.table.shard(reply);
         let flow = map.get(reply)?;
         (flow.reply_key() == *reply).then(|| flow.translation())
     }
@@ -292,10 +295,8 @@ impl ServiceFlows {
         valid: impl Fn(&(IpAddr, u16)) -> bool,
     ) -> Option<(IpAddr, u16)> {
         let key = (service_port, client);
-        let map = self.affinity[self.index(&key)]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        map.get(&key)
+        self.affinity_shard(&key)
+            .get(&key)
             .filter(|(backend, seen)| now_ns.saturating_sub(*seen) <= timeout_ns && valid(backend))
             .map(|(backend, _)| *backend)
     }
@@ -303,49 +304,21 @@ impl ServiceFlows {
     /// Records that `client` uses `backend` on `service_port` at `now_ns`.
     pub fn remember(&self, service_port: u64, client: IpAddr, backend: (IpAddr, u16), now_ns: u64) {
         let key = (service_port, client);
-        self.affinity[self.index(&key)]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, (backend, now_ns));
+        self.affinity_shard(&key).insert(key, (backend, now_ns));
     }
 
     /// Removes expired flows (and affinities idle past `affinity_timeout_ns`); returns how
     /// many flows.
     pub fn sweep(&self, now_ns: u64, affinity_timeout_ns: u64) -> usize {
         for shard in self.affinity.iter() {
-            shard
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|_, (_, seen)| now_ns.saturating_sub(*seen) <= affinity_timeout_ns);
+            lock(shard).retain(|_, (_, seen)| now_ns.saturating_sub(*seen) <= affinity_timeout_ns);
         }
         self.remove_where(|f| f.life.expired(f.original.protocol, now_ns))
     }
 
-    /// Removes the flows `doomed` picks, both keys of each (the original key decides, so
-    /// no flow is left half reachable); returns how many.
+    /// Removes the flows `doomed` picks, both keys of each; returns how many.
     pub fn remove_where(&self, doomed: impl Fn(&ServiceFlow) -> bool) -> usize {
-        let mut removed = 0;
-        for shard in self.shards.iter() {
-            let gone: Vec<Arc<ServiceFlow>> = {
-                let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
-                let mut out = Vec::new();
-                map.retain(|key, flow| {
-                    if *key == flow.original && doomed(flow) {
-                        out.push(flow.clone());
-                        return false;
-                    }
-                    true
-                });
-                out
-            };
-            for flow in gone {
-                let reply = flow.reply_key();
-                self.shard(&reply).remove(&reply);
-                self.flows.fetch_sub(1, Ordering::Relaxed);
-                removed += 1;
-            }
-        }
-        removed
+        self.table.remove_where(doomed, |_| ())
     }
 
     /// Which of `backends` (address, protocol, port) some flow still uses.
@@ -354,43 +327,47 @@ impl ServiceFlows {
         backends: &std::collections::HashSet<(IpAddr, u8, u16)>,
     ) -> Vec<(IpAddr, u8, u16)> {
         let mut out = std::collections::HashSet::new();
-        for shard in self.shards.iter() {
-            let map = shard.lock().unwrap_or_else(|e| e.into_inner());
-            for flow in map.values() {
-                let b = (flow.backend.0, flow.original.protocol, flow.backend.1);
-                if backends.contains(&b) {
-                    out.insert(b);
-                }
+        self.table.for_each(|flow| {
+            let b = (flow.backend.0, flow.original.protocol, flow.backend.1);
+            if backends.contains(&b) {
+                out.insert(b);
             }
-        }
+        });
         out.into_iter().collect()
     }
 
     /// Flows tracked now.
     pub fn len(&self) -> usize {
-        self.flows.load(Ordering::Relaxed)
+        self.table.len()
     }
 
     /// True when no flow is tracked.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.table.is_empty()
+    }
+
+    /// The most flows it holds.
+    pub fn limit(&self) -> usize {
+        self.table.limit()
+    }
+
+    /// Flows not established (unanswered, handshake not done, or reset) dropped so far to make room for new ones when full.
+    pub fn early_drops(&self) -> u64 {
+        self.table.early_drops()
     }
 
     /// Every flow (a snapshot, shard by shard), sorted.
     pub fn flows(&self, now_ns: u64) -> Vec<ServiceFlowInfo> {
         let mut out = Vec::new();
-        for shard in self.shards.iter() {
-            let map = shard.lock().unwrap_or_else(|e| e.into_inner());
-            out.extend(map.iter().filter(|(k, f)| **k == f.original).map(|(_, f)| {
-                ServiceFlowInfo {
-                    original: f.original,
-                    backend: f.backend,
-                    service_port: f.service_port,
-                    state: f.state(),
-                    idle_s: f.life.idle_s(now_ns),
-                }
-            }));
-        }
+        self.table.for_each(|f| {
+            out.push(ServiceFlowInfo {
+                original: f.original,
+                backend: f.backend,
+                service_port: f.service_port,
+                state: f.state(),
+                idle_s: f.life.idle_s(now_ns),
+            })
+        });
         out.sort_by_key(|f| f.original);
         out
     }
@@ -431,6 +408,7 @@ mod tests {
         let reply = key("10.244.1.7", 8080, "10.244.0.5", 40000);
         let r = t.reply(&reply, Some(0x12), 3).unwrap();
         assert_eq!(r.original, c);
+        t.forward(&c, Some(0x10), 3).unwrap();
         assert_eq!(t.flows(3)[0].state, State::Established);
         assert!(t
             .reply(&key("10.244.1.7", 8080, "10.244.0.5", 40001), None, 3)
@@ -470,6 +448,8 @@ mod tests {
             1,
         )
         .unwrap();
+        t.reply(&key("10.244.1.7", 8080, "10.244.0.5", 1), None, 1)
+            .unwrap();
         let full = t.open(
             key("10.244.0.5", 2, "10.96.0.10", 80),
             backend("10.244.1.7"),

@@ -30,13 +30,31 @@ impl Hasher for Fx {
 /// Hash maps keyed with [`Fx`].
 pub type FxBuild = BuildHasherDefault<Fx>;
 
-/// The shard of `key` in a table whose hashes are seeded with `seed`.
+/// The hash of `key` in a table whose hashes are seeded with `seed`.
 #[inline]
-pub fn shard_of<K: std::hash::Hash>(seed: u64, key: &K) -> usize {
+pub fn hash_of<K: std::hash::Hash>(seed: u64, key: &K) -> u64 {
     let mut h = Fx(seed);
     key.hash(&mut h);
     let x = h.finish();
-    ((x ^ (x >> 29)) as usize) % SHARDS
+    x ^ (x >> 29)
+}
+
+/// The shard of `key` in a table whose hashes are seeded with `seed`.
+#[inline]
+pub fn shard_of<K: std::hash::Hash>(seed: u64, key: &K) -> usize {
+    (hash_of(seed, key) as usize) % SHARDS
+}
+
+/// `SHARDS` empty shards, each behind its own lock.
+pub fn new_shards<T: Default>() -> Box<[std::sync::Mutex<T>]> {
+    (0..SHARDS).map(|_| std::sync::Mutex::default()).collect()
+}
+
+/// Locks a shard. A panic while holding a shard lock leaves the map consistent (single
+/// inserts or removes), so a poisoned lock is still usable.
+#[inline]
+pub fn lock<T>(shard: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    shard.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A random number per process (std's per-process hash keys).

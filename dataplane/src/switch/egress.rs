@@ -191,6 +191,7 @@ impl Switch {
             tcp,
             udp,
             icmp,
+            early_drops: ct.early_drops(),
         })
     }
 

@@ -602,7 +602,19 @@ impl Switch {
             drops: stats.drops.into_iter().collect(),
             ports,
             workers,
-            conntrack: self.nat_status().map(|n| (n.flows as u64, n.limit as u64)),
+            conntrack: self.nat_status().map(|n| crate::metrics::TableSample {
+                entries: n.flows as u64,
+                capacity: n.limit as u64,
+                early_drops: n.early_drops,
+            }),
+            service_flows: {
+                let flows = &tables.service_flows;
+                crate::metrics::TableSample {
+                    entries: flows.len() as u64,
+                    capacity: flows.limit() as u64,
+                    early_drops: flows.early_drops(),
+                }
+            },
         }
     }
 
