@@ -13,6 +13,7 @@ mod mac;
 mod node;
 mod policy;
 mod service;
+mod trace;
 
 pub use client::{Client, ClientError};
 pub use ipnet::IpNet;
@@ -28,6 +29,7 @@ pub use policy::{
 pub use service::{
     Endpoint, ServiceFlowEntry, ServiceKey, ServicePort, ServiceSpec, ServiceStatus,
 };
+pub use trace::{TraceReport, TraceRequest, TraceStep};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -125,6 +127,9 @@ pub enum Request {
     ListPolicies,
     /// List the flows the policies denied last (newest last).
     ListDeniedFlows,
+    /// Run a synthetic packet from a pod through the pipeline against the live tables,
+    /// without sending it or opening any flow, and report each stage's decision (since v6).
+    Trace(TraceRequest),
 }
 
 /// Parameters of [`Request::AddPort`].
@@ -352,6 +357,8 @@ pub enum Reply {
     Policies(PolicyStatus),
     /// Flows the policies denied last.
     DeniedFlows(Vec<DeniedFlow>),
+    /// What each stage decided for a traced packet.
+    Trace(TraceReport),
     /// The request took effect and has nothing to report.
     Done,
 }

@@ -180,6 +180,12 @@ fn requests() -> Vec<Request> {
         Request::ApplyPolicies(policy_set()),
         Request::ListPolicies,
         Request::ListDeniedFlows,
+        Request::Trace(TraceRequest {
+            from: "default/web-0".into(),
+            to: "10.96.0.10".parse().unwrap(),
+            protocol: "tcp".into(),
+            port: Some(80),
+        }),
     ];
     for request in &all {
         match request {
@@ -200,7 +206,8 @@ fn requests() -> Vec<Request> {
             | Request::ListServiceFlows { .. }
             | Request::ApplyPolicies(_)
             | Request::ListPolicies
-            | Request::ListDeniedFlows => {}
+            | Request::ListDeniedFlows
+            | Request::Trace(_) => {}
         }
     }
     all
@@ -304,6 +311,14 @@ fn replies() -> Vec<Reply> {
             pod: "x/a".into(),
             policies: vec!["x/allow-b".into()],
         }]),
+        Reply::Trace(TraceReport {
+            packet: "tcp 10.244.0.5:40000 -> 10.96.0.10:80".into(),
+            steps: vec![TraceStep {
+                stage: "service".into(),
+                decision: "default/web port 80 -> backend 10.244.1.7:8080".into(),
+            }],
+            verdict: "forwarded".into(),
+        }),
         Reply::Done,
     ];
     for reply in &all {
@@ -320,6 +335,7 @@ fn replies() -> Vec<Reply> {
             | Reply::ServiceFlows(_)
             | Reply::Policies(_)
             | Reply::DeniedFlows(_)
+            | Reply::Trace(_)
             | Reply::Done => {}
         }
     }

@@ -264,6 +264,61 @@ fn a_syn_flood_toward_the_external_network_leaves_room_for_other_pods() {
     );
 }
 
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
+fn trace_shows_a_routed_a_masqueraded_and_a_dropped_packet_without_opening_a_flow() {
+    let c = cluster();
+    let ext = c.external.as_ref().unwrap();
+    let node = &c.nodes[0];
+    let from = node.pods[0].ipv4.to_string();
+    let trace = |to: String| {
+        let (ok, out) = node
+            .control(&["trace", "--from", &from, "--to", &to])
+            .unwrap();
+        assert!(ok, "trace --to {to}: {out}");
+        out
+    };
+    let flows = nat(&c, 0).flows;
+    let routed = trace(format!("{}:80/tcp", c.nodes[1].pods[0].ipv4));
+    assert!(
+        routed.contains(&format!("overlay to node {}", c.nodes[1].ipv4))
+            && routed.trim_end().ends_with("forwarded"),
+        "{routed}"
+    );
+    let masqueraded = trace(format!("{}:5201/tcp", ext.ipv4));
+    assert!(
+        masqueraded.contains(&format!("becomes {}:", node.ipv4)),
+        "{masqueraded}"
+    );
+    let dropped = trace("127.0.0.1:80/tcp".into());
+    assert!(
+        dropped.contains("dropped: martian_destination"),
+        "{dropped}"
+    );
+    let (ok, json) = node
+        .control(&[
+            "-o",
+            "json",
+            "trace",
+            "--from",
+            &from,
+            "--to",
+            &format!("{}/icmp", ext.ipv4),
+        ])
+        .unwrap();
+    assert!(ok, "{json}");
+    let report: switchyard_api::TraceReport = serde_json::from_str(&json).unwrap();
+    assert_eq!(report.verdict, "forwarded", "{report:?}");
+    assert_eq!(nat(&c, 0).flows, flows, "a trace opens no flow");
+    let (ok, out) = node
+        .control(&["trace", "--from", "default/nobody", "--to", "10.0.0.1"])
+        .unwrap();
+    assert!(!ok && out.contains("get pods"), "{out}");
+}
+
 /// Whether process `pid` runs (exists and is not a zombie).
 fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {

@@ -569,8 +569,24 @@ pub fn render_reply(reply: &Reply, all: bool) -> String {
         Reply::ServiceFlows(flows) => render_service_flows(flows, false),
         Reply::Policies(status) => render_policies(status, false),
         Reply::DeniedFlows(flows) => render_denied_flows(flows),
+        Reply::Trace(report) => render_trace(report),
         Reply::Done => "done\n".into(),
     }
+}
+
+/// `trace`: the packet, then one line per stage.
+pub fn render_trace(report: &switchyard_api::TraceReport) -> String {
+    let width = report
+        .steps
+        .iter()
+        .map(|s| s.stage.len())
+        .max()
+        .unwrap_or(0);
+    let mut out = format!("{}\n", report.packet);
+    for step in &report.steps {
+        out.push_str(&format!("  {:width$}  {}\n", step.stage, step.decision));
+    }
+    out
 }
 
 /// `plan`: a node's address, pod CIDRs, backend and peers as the manifests give them.

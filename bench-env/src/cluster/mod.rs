@@ -125,17 +125,18 @@ impl SimNode {
     }
 
     /// Runs `switchyard-control --api <this node's socket> ARGS`; returns whether it
-    /// succeeded and its stdout (stderr in the error when it could not start).
+    /// succeeded and its stdout, followed by its stderr when it failed.
     pub fn control(&self, args: &[&str]) -> Result<(bool, String)> {
         let out = std::process::Command::new(find_binary("switchyard-control")?)
             .arg("--api")
             .arg(&self.api)
             .args(args)
             .output()?;
-        Ok((
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        ))
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+        }
+        Ok((out.status.success(), text))
     }
 
     /// The dataplane's and the control process's logs.

@@ -5,7 +5,9 @@ pub mod commands;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
-use switchyard_api::{AddPort, IpNet, MacAddr, NextHop, PortSelector, Request, RouteSpec};
+use switchyard_api::{
+    AddPort, IpNet, MacAddr, NextHop, PortSelector, Request, RouteSpec, TraceRequest,
+};
 
 /// Inspect and drive a Switchyard dataplane.
 #[derive(Parser)]
@@ -138,6 +140,20 @@ pub enum Command {
         /// The server's port, `PORT/PROTOCOL` (`80/tcp`; TCP when the protocol is left out).
         #[arg(long)]
         port: String,
+    },
+    /// Trace a packet from one of this node's pods through the dataplane against its live
+    /// tables, without sending it or opening any flow: what each stage decides (neighbour,
+    /// Service, route, policy, masquerade, next hop, MTU) and the verdict.
+    Trace {
+        /// The sending pod: `NAMESPACE/NAME` (as `get pods` lists it) or one of its
+        /// addresses.
+        #[arg(long)]
+        from: String,
+        /// The destination: `IP:PORT/PROTOCOL` (`10.96.0.10:80/tcp`, `[fd00::1]:53/udp`,
+        /// `192.168.2.10/icmp`); TCP when a port is given without a protocol, ICMP echo when
+        /// no port is.
+        #[arg(long)]
+        to: String,
     },
     /// Run the node agent: watch the cluster (the Kubernetes API server, or a manifests
     /// directory) and keep the dataplane's node settings (pod CIDRs, overlay, peers),
@@ -295,6 +311,15 @@ pub fn request_for(command: &Command) -> Result<Request, String> {
             Request::AddRoute(RouteSpec { dst: *dst, via })
         }
         Command::Route(RouteCommand::Del { dst }) => Request::DelRoute { dst: *dst },
+        Command::Trace { from, to } => {
+            let (to, port, protocol) = parse_target(to)?;
+            Request::Trace(TraceRequest {
+                from: from.clone(),
+                to,
+                protocol,
+                port,
+            })
+        }
         Command::Plan { .. }
         | Command::Run { .. }
         | Command::Get { .. }
@@ -303,9 +328,73 @@ pub fn request_for(command: &Command) -> Result<Request, String> {
     })
 }
 
+/// `IP[:PORT][/PROTOCOL]` as `trace --to` takes it: the address, the port, the protocol.
+fn parse_target(text: &str) -> Result<(std::net::IpAddr, Option<u16>, String), String> {
+    let bad = || {
+        format!(
+            "--to {text:?}: give IP:PORT/PROTOCOL (10.96.0.10:80/tcp, [fd00::1]:53/udp) or IP/icmp"
+        )
+    };
+    let (target, protocol) = match text.rsplit_once('/') {
+        Some((target, protocol)) if protocol.chars().all(|c| c.is_ascii_alphabetic()) => {
+            (target, Some(protocol.to_ascii_lowercase()))
+        }
+        _ => (text, None),
+    };
+    let (addr, port) = if let Ok(socket) = target.parse::<std::net::SocketAddr>() {
+        (socket.ip(), Some(socket.port()))
+    } else {
+        let bare = target.trim_start_matches('[').trim_end_matches(']');
+        (bare.parse().map_err(|_| bad())?, None)
+    };
+    let protocol = protocol.unwrap_or_else(|| if port.is_some() { "tcp" } else { "icmp" }.into());
+    match (protocol.as_str(), port) {
+        ("icmp", _) => Ok((addr, None, protocol)),
+        ("tcp" | "udp" | "sctp", Some(_)) => Ok((addr, port, protocol)),
+        ("tcp" | "udp" | "sctp", None) => Err(format!(
+            "--to {text:?}: {protocol} needs a port (IP:PORT/{protocol})"
+        )),
+        _ => Err(format!(
+            "--to {text:?}: the protocol is tcp, udp, sctp or icmp"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_targets_parse_in_both_families() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(
+            parse_target("10.96.0.10:80/tcp").unwrap(),
+            (ip("10.96.0.10"), Some(80), "tcp".into())
+        );
+        assert_eq!(
+            parse_target("[fd00::1]:53/UDP").unwrap(),
+            (ip("fd00::1"), Some(53), "udp".into())
+        );
+        assert_eq!(
+            parse_target("10.96.0.10:443").unwrap(),
+            (ip("10.96.0.10"), Some(443), "tcp".into())
+        );
+        assert_eq!(
+            parse_target("192.168.2.10").unwrap(),
+            (ip("192.168.2.10"), None, "icmp".into())
+        );
+        assert_eq!(
+            parse_target("[fd00::1]/icmp").unwrap(),
+            (ip("fd00::1"), None, "icmp".into())
+        );
+        assert!(parse_target("10.0.0.1/udp")
+            .unwrap_err()
+            .contains("needs a port"));
+        assert!(parse_target("10.0.0.1:80/gre")
+            .unwrap_err()
+            .contains("tcp, udp"));
+        assert!(parse_target("pod-b:80").unwrap_err().contains("IP:PORT"));
+    }
 
     fn parse(args: &[&str]) -> Cli {
         Cli::try_parse_from(std::iter::once("switchyard-control").chain(args.iter().copied()))

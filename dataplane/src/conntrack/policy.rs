@@ -224,6 +224,11 @@ impl PolicyFlows {
         removed
     }
 
+    /// The most flows it holds.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Flows with a verdict now.
     pub fn len(&self) -> usize {
         self.flows.load(Ordering::Relaxed)

@@ -30,6 +30,7 @@ pub mod nat;
 pub mod neighbor;
 mod policy;
 mod services;
+pub mod trace;
 
 use crate::buffer::PacketBuf;
 use crate::tables::{NextHop, Port, PortRole, Tables};

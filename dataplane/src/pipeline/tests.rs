@@ -638,6 +638,35 @@ fn run_bare(tables: &Tables<()>, ingress: u32, frame: Vec<u8>) -> (Verdict, Vec<
 /// Masquerade through the pipeline, sans-IO: a pod port, a host port (the node's stack),
 /// a default route to the host and a connection-tracking table, built by hand, with no
 /// device behind the ports (the tables take any device type; here `()`).
+/// Traces `protocol` to `dst:port` from the pod on port `ingress` (address `src`) over a
+/// detached copy of `tables`.
+fn trace_from(
+    tables: &Tables<()>,
+    ingress: u32,
+    src: &str,
+    dst: &str,
+    protocol: u8,
+    port: u16,
+) -> switchyard_api::TraceReport {
+    let probe = trace::Probe {
+        src: src.parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        protocol,
+        dst_port: port,
+    };
+    trace::trace(&tables.detached(), &tables.ports[&ingress], &probe, 0)
+}
+
+/// What `stage` decided in `report` (empty when the stage is not listed).
+fn decision(report: &switchyard_api::TraceReport, stage: &str) -> String {
+    report
+        .steps
+        .iter()
+        .find(|s| s.stage == stage)
+        .map(|s| s.decision.clone())
+        .unwrap_or_default()
+}
+
 mod masquerade_stage {
     use super::*;
     use super::{bare_port as port, run_bare as run};
@@ -735,6 +764,56 @@ mod masquerade_stage {
         assert_eq!(u16::from_be_bytes([l3[22], l3[23]]), 5353);
         assert!(valid(l3), "checksums after the reverse translation");
         assert_eq!(&frame[..6], &A_MAC.0);
+    }
+
+    #[test]
+    fn a_trace_shows_routed_masqueraded_and_dropped_packets_and_opens_no_flow() {
+        let t = tables();
+        let out = trace_from(&t, 1, "10.244.0.5", "192.168.2.10", 6, 80);
+        assert_eq!(out.verdict, "forwarded", "{out:#?}");
+        assert_eq!(out.packet, "tcp 10.244.0.5:40000 -> 192.168.2.10:80");
+        assert!(
+            decision(&out, "route").contains("via the node's host port"),
+            "{out:#?}"
+        );
+        assert!(
+            decision(&out, "masquerade").contains("becomes 192.168.1.10:4"),
+            "{out:#?}"
+        );
+        assert!(
+            decision(&out, "egress").contains("TTL 64 -> 63"),
+            "{out:#?}"
+        );
+        let ping = trace_from(&t, 1, "10.244.0.5", "192.168.2.10", 1, 0);
+        assert!(
+            decision(&ping, "masquerade").contains("becomes"),
+            "{ping:#?}"
+        );
+        assert!(
+            t.masquerade.as_ref().unwrap().conntrack.is_empty(),
+            "the live table opened no flow"
+        );
+        let inside = trace_from(&t, 1, "10.244.0.5", "10.244.0.6", 17, 53);
+        assert_eq!(inside.verdict, "forwarded", "{inside:#?}");
+        assert!(
+            decision(&inside, "route").contains("10.244.0.6 via port 3"),
+            "{inside:#?}"
+        );
+        assert_eq!(
+            decision(&inside, "masquerade"),
+            "",
+            "a pod's packet to a pod"
+        );
+        assert!(
+            decision(&inside, "egress").contains("MTU 1500"),
+            "{inside:#?}"
+        );
+        let dropped = trace_from(&t, 1, "10.244.0.5", "127.0.0.1", 6, 80);
+        assert_eq!(dropped.verdict, "dropped");
+        assert!(
+            decision(&dropped, "verdict").contains("martian_destination"),
+            "{dropped:#?}"
+        );
     }
 
     #[test]
@@ -1005,6 +1084,26 @@ mod service_stage {
             );
             assert_eq!(t.service_flows.len(), 1);
         }
+    }
+
+    #[test]
+    fn a_trace_shows_the_backend_a_service_gives_and_the_refusal_of_an_empty_one() {
+        let t = tables();
+        let to_web = trace_from(&t, 1, A, "10.96.0.10", 6, 80);
+        assert_eq!(to_web.verdict, "forwarded", "{to_web:#?}");
+        assert!(
+            decision(&to_web, "service")
+                .contains("10.96.0.10:80 is a Service frontend: backend 10.244.0.6:8080"),
+            "{to_web:#?}"
+        );
+        assert!(t.service_flows.is_empty(), "the live table opened no flow");
+        let empty = trace_from(&t, 1, A, "10.96.0.11", 6, 80);
+        assert_eq!(empty.verdict, "answered", "{empty:#?}");
+        assert!(
+            decision(&empty, "reply").contains("type 3 code 3 (port unreachable)"),
+            "{empty:#?}"
+        );
+        assert!(decision(&empty, "verdict").contains("service_no_endpoints"));
     }
 
     #[test]
@@ -1312,18 +1411,42 @@ mod policy_stage {
         matches!(v, Verdict::Forward(_))
     }
 
-    #[test]
-    fn ingress_rules_admit_their_peer_and_port_and_replies_pass() {
-        // B admits A on TCP 80 only, and denies all its own egress.
-        let set = PolicySet {
+    /// B admits A on TCP 80 only, and denies all its own egress.
+    fn b_admits_a_on_80() -> PolicySet {
+        PolicySet {
             rules: vec![rule(
                 "default/b-policy ingress rule 0",
                 Some("10.244.0.5/32"),
                 Some(80),
             )],
             pods: vec![pod("b", &["10.244.0.6"], Some(vec![0]), Some(vec![]))],
-        };
-        let t = tables(&set, 1);
+        }
+    }
+
+    #[test]
+    fn a_trace_names_the_policy_that_stops_a_packet() {
+        let t = tables(&b_admits_a_on_80(), 1);
+        let admitted = trace_from(&t, 1, "10.244.0.5", "10.244.0.6", 6, 80);
+        assert_eq!(admitted.verdict, "forwarded", "{admitted:#?}");
+        assert_eq!(decision(&admitted, "policy"), "allowed");
+        let denied = trace_from(&t, 1, "10.244.0.5", "10.244.0.6", 6, 81);
+        assert_eq!(denied.verdict, "dropped", "{denied:#?}");
+        assert_eq!(
+            decision(&denied, "policy"),
+            "denied by the destination pod's ingress rules"
+        );
+        let outbound = trace_from(&t, 3, "10.244.0.6", "10.244.0.5", 6, 80);
+        assert_eq!(
+            decision(&outbound, "policy"),
+            "denied by the sending pod's egress rules",
+            "{outbound:#?}"
+        );
+        assert!(t.policy_flows.denied().is_empty(), "nothing recorded live");
+    }
+
+    #[test]
+    fn ingress_rules_admit_their_peer_and_port_and_replies_pass() {
+        let t = tables(&b_admits_a_on_80(), 1);
         let (v, _) = send(&t, 1, &tcp("10.244.0.5", 40000, "10.244.0.6", 80, FLAG_SYN));
         assert!(forwarded(v), "allowed: {v:?}");
         let (v, _) = send(

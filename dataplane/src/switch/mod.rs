@@ -13,6 +13,7 @@ pub mod restore;
 mod services;
 #[cfg(test)]
 mod tests;
+mod trace;
 
 use crate::io::memory::{self, MemoryPeer};
 use crate::io::tap::{TapConfig, TapDevice, TUN_F_USO};
@@ -99,17 +100,7 @@ pub struct Switch {
     originals: restore::Originals,
 }
 
-/// A flow's protocol as listings name it: `tcp`, `udp`, `sctp`, `icmp` (ICMP and ICMPv6),
-/// else its number.
-fn protocol_name(protocol: u8) -> String {
-    match protocol {
-        1 | 58 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        132 => "sctp".into(),
-        n => n.to_string(),
-    }
-}
+use crate::wire::protocol_name;
 
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::InvalidRequest, message)
@@ -208,6 +199,7 @@ impl Switch {
             Request::ListServiceFlows { service } => Ok(self.service_flows(service.as_ref())),
             Request::ApplyPolicies(set) => self.apply_policies(set),
             Request::ListPolicies => Ok(self.list_policies()),
+            Request::Trace(request) => self.trace(&request).map(Reply::Trace),
             Request::ListDeniedFlows => Ok(self.denied_flows()),
         }
     }

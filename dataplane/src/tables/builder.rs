@@ -412,12 +412,11 @@ pub fn host_net(addr: IpAddr) -> IpNet {
     IpNet::new(addr, if addr.is_ipv4() { 32 } else { 128 }).unwrap_or_else(|_| IpNet::from(addr))
 }
 
-/// The IP protocol number of a port mapping's protocol (`tcp`, `udp`).
+/// The IP protocol number of a port mapping's protocol (`udp`; anything else is TCP).
 pub fn protocol_number(protocol: &str) -> u8 {
-    if protocol.eq_ignore_ascii_case("udp") {
-        17
-    } else {
-        6
+    match crate::wire::protocol_number(protocol) {
+        Some(17) => 17,
+        _ => 6,
     }
 }
 

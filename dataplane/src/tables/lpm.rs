@@ -118,6 +118,7 @@ pub enum LpmError {
 }
 
 /// An immutable longest-prefix-match table from keys of type `K` to `u32` values.
+#[derive(Clone)]
 pub struct Lpm<K> {
     root: Box<[u32]>,
     nodes: Vec<Node<K>>,

@@ -29,6 +29,16 @@ impl Masquerading {
         Self { conntrack, exempt }
     }
 
+    /// The same masquerade over an empty table of its own with the same address, ports
+    /// and bound: what a trace runs against, so that it opens no flow in the live table.
+    pub fn detached(&self) -> Self {
+        let ct = &self.conntrack;
+        Self {
+            conntrack: Arc::new(Conntrack::new(ct.node(), ct.port_range(), ct.limit())),
+            exempt: self.exempt.clone(),
+        }
+    }
+
     /// The node's address, the masqueraded source.
     #[inline]
     pub fn node(&self) -> Ipv4Addr {

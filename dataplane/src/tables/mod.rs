@@ -179,6 +179,30 @@ impl<D> Tables<D> {
         }
     }
 
+    /// A copy of this snapshot whose flow tables (masquerade, Services, policy verdicts)
+    /// are empty and its own: running the pipeline over it decides as the live tables
+    /// would for a new flow, and changes nothing they hold.
+    pub fn detached(&self) -> Self {
+        Self {
+            generation: self.generation,
+            gateway: self.gateway,
+            ports: self.ports.clone(),
+            routes_v4: self.routes_v4.clone(),
+            routes_v6: self.routes_v6.clone(),
+            nexthops: self.nexthops.clone(),
+            masquerade: self.masquerade.as_ref().map(|m| Arc::new(m.detached())),
+            host_ports: self.host_ports.clone(),
+            services: self.services.clone(),
+            service_flows: Arc::new(crate::conntrack::service::ServiceFlows::new(
+                self.service_flows.limit(),
+            )),
+            policy: self.policy.clone(),
+            policy_flows: Arc::new(crate::conntrack::policy::PolicyFlows::new(
+                self.policy_flows.limit(),
+            )),
+        }
+    }
+
     /// The next hop stored at `index`, if any.
     #[inline]
     pub fn nexthop(&self, index: u32) -> Option<&NextHop<D>> {

@@ -15,11 +15,7 @@ type Map<K, V> = HashMap<K, V, crate::conntrack::FxBuild>;
 
 /// The IP protocol number of a Service port's protocol name, if the dataplane serves it.
 pub fn protocol_number(name: &str) -> Option<u8> {
-    match name.to_ascii_lowercase().as_str() {
-        "tcp" => Some(6),
-        "udp" => Some(17),
-        _ => None,
-    }
+    crate::wire::protocol_number(name).filter(|p| matches!(*p, 6 | 17))
 }
 
 /// The id of a Service port in one address family: the same in every table built.

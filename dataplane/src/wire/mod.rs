@@ -31,6 +31,30 @@ pub const ETH_OFFSET: usize = vnet::HEADER_LEN;
 /// Where the IP header starts in such a frame.
 pub const L3_OFFSET: usize = vnet::HEADER_LEN + ethernet::HEADER_LEN;
 
+/// A flow's protocol as listings name it: `tcp`, `udp`, `sctp`, `icmp` (ICMP and ICMPv6),
+/// else its number.
+pub fn protocol_name(protocol: u8) -> String {
+    match protocol {
+        ipv4::PROTO_ICMP | ipv6::NEXT_ICMPV6 => "icmp".into(),
+        ipv4::PROTO_TCP => "tcp".into(),
+        ipv4::PROTO_UDP => "udp".into(),
+        ipv4::PROTO_SCTP => "sctp".into(),
+        n => n.to_string(),
+    }
+}
+
+/// The protocol a listing's name stands for (`tcp`, `udp`, `sctp`, `icmp`; `icmp` is
+/// ICMP's number in both families).
+pub fn protocol_number(name: &str) -> Option<u8> {
+    match name.to_ascii_lowercase().as_str() {
+        "tcp" => Some(ipv4::PROTO_TCP),
+        "udp" => Some(ipv4::PROTO_UDP),
+        "sctp" => Some(ipv4::PROTO_SCTP),
+        "icmp" | "icmpv6" => Some(ipv4::PROTO_ICMP),
+        _ => None,
+    }
+}
+
 /// Why bytes could not be viewed as a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireError {
