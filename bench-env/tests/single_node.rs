@@ -70,8 +70,8 @@ fn spoofed_frames_are_dropped_and_counted() {
         a.ns.exec(&["ping", "-c", "2", "-W", "1", "-I", "10.244.0.99", &target]);
     assert!(spoofed.is_err(), "a spoofed source must not get through");
     assert!(drops(&bed, "spoofed_source") >= 2);
-    // The pod's real address still works.
-    a.ns.exec(&["ping", "-c", "1", "-W", "2", &target])
+    // The pod's real address still works (any of three echoes: a busy machine may lose one).
+    a.ns.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", &target])
         .expect("genuine traffic passes");
     // A changed MAC address is spoofing too.
     a.ns.exec(&["ip", "link", "set", "eth0", "address", "0a:58:00:00:00:99"])
