@@ -93,8 +93,8 @@ impl Liveness {
     }
 
     /// A packet of the flow at `now_ns`, with its TCP flags (`None`: not TCP); `reply`: in
-    /// the answering direction.
-    pub fn touch(&self, now_ns: u64, tcp_flags: Option<u8>, reply: bool) {
+    /// the answering direction. Returns whether the state byte changed.
+    pub fn touch(&self, now_ns: u64, tcp_flags: Option<u8>, reply: bool) -> bool {
         self.last_seen_ns.store(now_ns, Ordering::Relaxed);
         let old = self.state.load(Ordering::Relaxed);
         let this = if reply { SEEN_REPLY } else { SEEN_ORIGINAL };
@@ -125,12 +125,34 @@ impl Liveness {
         if new != old {
             self.state.store(new, Ordering::Relaxed);
         }
+        new != old
     }
 
     /// True while the flow may be dropped to make room for a new one: never answered, its
     /// handshake not completed, or reset.
     pub fn unassured(&self) -> bool {
         matches!(self.state(), State::New | State::Closed)
+    }
+
+    /// A flow read back from a journal: its state byte as [`Liveness::bits`] gave it,
+    /// seen at `now_ns` (its idle time starts again).
+    pub fn restored(bits: u8, now_ns: u64) -> Self {
+        Self {
+            state: AtomicU8::new(bits),
+            last_seen_ns: AtomicU64::new(now_ns),
+        }
+    }
+
+    /// The state byte (state and directions seen), to be written where it outlives the
+    /// process.
+    pub fn bits(&self) -> u8 {
+        self.state.load(Ordering::Relaxed)
+    }
+
+    /// Whether `bits` could be a state byte.
+    pub fn valid_bits(bits: u8) -> bool {
+        bits & STATE_BITS <= State::Closed as u8
+            && bits & !(STATE_BITS | SEEN_ORIGINAL | SEEN_REPLY | OPENED_BY_REPLY) == 0
     }
 
     /// When the last packet was seen.

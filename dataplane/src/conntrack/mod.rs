@@ -21,6 +21,7 @@
 //! holds; ports are shared between destinations, as Linux's NAT shares them, so the range
 //! bounds the flows per destination, not in all.
 
+pub mod journal;
 pub mod key;
 pub mod life;
 pub mod policy;
@@ -28,14 +29,18 @@ pub mod service;
 mod shards;
 pub mod table;
 
+use journal::{Backing, Journal, Recorded};
 use life::Liveness;
 pub use life::State;
 pub use shards::FxBuild;
 use std::hash::{Hash, Hasher};
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use table::{FlowTable, Tracked};
+
+/// A flow's journal slot when it has none.
+const NO_SLOT: u32 = u32::MAX;
 
 /// Ports tried for a new flow before it is refused.
 const PORT_TRIES: u64 = 256;
@@ -81,6 +86,8 @@ pub struct Flow {
     /// Opened by a client through a port published to the pod (hostPort), not by the pod.
     pub published: bool,
     life: Liveness,
+    /// Its record in the journal ([`NO_SLOT`]: none).
+    slot: AtomicU32,
 }
 
 impl Flow {
@@ -98,6 +105,7 @@ impl Flow {
             node_port,
             published,
             life: Liveness::new(now_ns),
+            slot: AtomicU32::new(NO_SLOT),
         })
     }
 
@@ -106,8 +114,15 @@ impl Flow {
         self.life.state()
     }
 
-    fn touch(&self, now_ns: u64, tcp_flags: Option<u8>, reply: bool) {
-        self.life.touch(now_ns, tcp_flags, reply);
+    /// As the journal holds it.
+    fn recorded(&self) -> Recorded {
+        Recorded {
+            original: self.original,
+            node: self.node,
+            node_port: self.node_port,
+            published: self.published,
+            life: self.life.bits(),
+        }
     }
 
     fn expired(&self, now_ns: u64) -> bool {
@@ -167,6 +182,17 @@ pub struct Conntrack {
     table: FlowTable<Flow>,
     by_protocol: [AtomicUsize; 3],
     ports: (u16, u16),
+    /// Where its flows outlive the process, if anywhere.
+    journal: Option<Journal>,
+}
+
+/// What [`Conntrack::with_journal`] found in the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// Flows taken back.
+    pub flows: usize,
+    /// Why the journal's content was discarded, if it was.
+    pub discarded: Option<String>,
 }
 
 /// A flow as listed.
@@ -194,6 +220,68 @@ impl Conntrack {
             table: FlowTable::new(limit),
             by_protocol: Default::default(),
             ports: (first, last),
+            journal: None,
+        }
+    }
+
+    /// A table as [`Conntrack::new`] makes it, whose flows are also written to `backing`
+    /// (see [`journal`]); the flows an earlier process wrote there for the same address,
+    /// ports and size are taken back, seen at `now_ns`.
+    pub fn with_journal(
+        node: Ipv4Addr,
+        ports: (u16, u16),
+        limit: usize,
+        backing: Box<dyn Backing>,
+        now_ns: u64,
+    ) -> (Self, Restored) {
+        let mut ct = Self::new(node, ports, limit);
+        let (journal, recorded, discarded) = Journal::attach(backing, limit, ct.node, ct.ports);
+        let mut flows = 0;
+        for (slot, r) in recorded {
+            let flow = Arc::new(Flow {
+                original: r.original,
+                node: r.node,
+                node_port: r.node_port,
+                published: r.published,
+                life: Liveness::restored(r.life, now_ns),
+                slot: AtomicU32::new(slot),
+            });
+            let reply = flow.reply_key();
+            let free = !ct.table.shard(&reply).contains_key(&reply)
+                && !ct.table.shard(&r.original).contains_key(&r.original);
+            if !free || flows >= limit {
+                journal.forget(slot);
+                continue;
+            }
+            ct.table.shard(&reply).insert(reply, flow.clone());
+            ct.table.shard(&r.original).insert(r.original, flow);
+            ct.added(r.original.protocol);
+            flows += 1;
+        }
+        ct.journal = Some(journal);
+        (ct, Restored { flows, discarded })
+    }
+
+    /// A packet of `flow`; writes its new state to the journal when it changed.
+    fn touch(&self, flow: &Flow, now_ns: u64, tcp_flags: Option<u8>, reply: bool) {
+        if flow.life.touch(now_ns, tcp_flags, reply) {
+            if let Some(journal) = &self.journal {
+                let slot = flow.slot.load(Ordering::Relaxed);
+                if slot != NO_SLOT {
+                    journal.update_life(slot, &flow.recorded());
+                }
+            }
+        }
+    }
+
+    /// Writes a flow just inserted to the journal.
+    fn journal(&self, flow: &Flow) {
+        if let Some(slot) = self
+            .journal
+            .as_ref()
+            .and_then(|j| j.record(&flow.recorded()))
+        {
+            flow.slot.store(slot, Ordering::Relaxed);
         }
     }
 
@@ -221,10 +309,16 @@ impl Conntrack {
         self.counter(protocol).fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Uncounts a flow the table removed.
+    /// Uncounts a flow the table removed, and forgets its record.
     fn gone(&self, flow: &Flow) {
         self.counter(flow.original.protocol)
             .fetch_sub(1, Ordering::Relaxed);
+        if let Some(journal) = &self.journal {
+            let slot = flow.slot.swap(NO_SLOT, Ordering::Relaxed);
+            if slot != NO_SLOT {
+                journal.forget(slot);
+            }
+        }
     }
 
     /// Whether a new flow of `original` may be added (see [`FlowTable::make_room`]).
@@ -251,7 +345,7 @@ impl Conntrack {
         now_ns: u64,
     ) -> Result<u16, Refusal> {
         if let Some(flow) = self.table.shard(&original).get(&original) {
-            flow.touch(now_ns, tcp_flags, false);
+            self.touch(flow, now_ns, tcp_flags, false);
             return Ok(flow.node_port);
         }
         self.make_room(&original)?;
@@ -270,7 +364,7 @@ impl Conntrack {
                 }
                 replies.insert(reply, flow.clone());
             }
-            flow.touch(now_ns, tcp_flags, false);
+            flow.life.touch(now_ns, tcp_flags, false);
             let mut out = self.table.shard(&original);
             if let Some(other) = out.get(&original) {
                 // Another worker created the same flow meanwhile: use its port, undo ours.
@@ -279,8 +373,10 @@ impl Conntrack {
                 self.table.shard(&reply).remove(&reply);
                 return Ok(kept);
             }
-            out.insert(original, flow);
+            out.insert(original, flow.clone());
+            drop(out);
             self.added(original.protocol);
+            self.journal(&flow);
             return Ok(port);
         }
         Err(Refusal::NoPort)
@@ -296,7 +392,7 @@ impl Conntrack {
     ) -> Option<(Ipv4Addr, u16)> {
         let shard = self.table.shard(reply);
         let flow = shard.get(reply)?;
-        flow.touch(now_ns, tcp_flags, true);
+        self.touch(flow, now_ns, tcp_flags, true);
         Some((flow.original.src, flow.original.src_port))
     }
 
@@ -307,7 +403,7 @@ impl Conntrack {
     pub fn answer(&self, original: &Tuple, tcp_flags: Option<u8>, now_ns: u64) -> Option<u16> {
         let shard = self.table.shard(original);
         let flow = shard.get(original).filter(|f| f.original == *original)?;
-        flow.touch(now_ns, tcp_flags, false);
+        self.touch(flow, now_ns, tcp_flags, false);
         Some(flow.node_port)
     }
 
@@ -340,9 +436,10 @@ impl Conntrack {
             }
             replies.insert(*reply, flow.clone());
         }
-        flow.touch(now_ns, tcp_flags, true);
-        self.table.shard(&original).insert(original, flow);
+        flow.life.touch(now_ns, tcp_flags, true);
+        self.table.shard(&original).insert(original, flow.clone());
         self.added(original.protocol);
+        self.journal(&flow);
         Ok(pod)
     }
 
@@ -519,6 +616,66 @@ mod tests {
             "the dropped flow's replies no longer find it"
         );
         assert!(ct.inbound(&answer_to(t(1), answered), None, 4).is_some());
+    }
+
+    #[test]
+    fn a_new_process_takes_back_the_journaled_flows_with_their_ports_and_states() {
+        let shared = journal::SharedMemory::new(16);
+        let (first, restored) =
+            Conntrack::with_journal(NODE, (40000, 40009), 16, Box::new(shared.clone()), 0);
+        assert_eq!(
+            restored,
+            Restored {
+                flows: 0,
+                discarded: None
+            }
+        );
+        let p = first.outbound(t(1), Some(0x02), 0).unwrap();
+        first.inbound(&answer_to(t(1), p), Some(0x12), 1).unwrap();
+        first.outbound(t(1), Some(0x10), 2).unwrap();
+        let other_pod = Tuple {
+            src: Ipv4Addr::new(10, 244, 0, 6),
+            ..t(2)
+        };
+        first.outbound(other_pod, Some(0x02), 0).unwrap();
+        let client = Tuple {
+            protocol: 6,
+            src: Ipv4Addr::new(192, 168, 2, 10),
+            src_port: 5555,
+            dst: NODE,
+            dst_port: 8080,
+        };
+        first
+            .expose(&client, (Ipv4Addr::new(10, 244, 0, 7), 80), Some(0x02), 0)
+            .unwrap();
+        first.forget_pod(other_pod.src);
+        assert_eq!(first.len(), 2);
+        drop(first); // the process dies: nothing more is written
+        let (second, restored) =
+            Conntrack::with_journal(NODE, (40000, 40009), 16, Box::new(shared.clone()), 50 * NS);
+        assert_eq!(restored.flows, 2, "{restored:?}");
+        assert_eq!(
+            second.inbound(&answer_to(t(1), p), None, 51 * NS),
+            Some((t(1).src, 1)),
+            "replies find the pod"
+        );
+        assert_eq!(
+            second.inbound(&client, None, 51 * NS),
+            Some((Ipv4Addr::new(10, 244, 0, 7), 80)),
+            "the published connection too"
+        );
+        let states: Vec<(bool, State)> = second
+            .flows(51 * NS)
+            .iter()
+            .map(|f| (f.published, f.state))
+            .collect();
+        assert!(states.contains(&(false, State::Established)), "{states:?}");
+        assert_eq!(second.outbound(t(1), None, 52 * NS), Ok(p), "the same port");
+        assert_eq!(second.flows_by_protocol(), [2, 0, 0]);
+        // Another port range: another table; the journal starts afresh.
+        let (_, restored) = Conntrack::with_journal(NODE, (50000, 50009), 16, Box::new(shared), 0);
+        assert_eq!(restored.flows, 0);
+        assert!(restored.discarded.is_some());
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod links;
 pub mod memory;
 pub mod netlink;
 pub mod netns;
+pub mod shared;
 pub mod steering;
 pub mod tap;
 pub mod uplink;
