@@ -143,8 +143,8 @@ impl Drop for Testbed {
         self.pods.clear();
         if let Some((api, key)) = self.api.take() {
             cleanup::release(key);
-            for kept in ["ports.json", "sysctls.json"] {
-                let _ = std::fs::remove_file(api.with_extension(kept));
+            for kept in switchyard_dataplane::StateFiles::beside(&api).all() {
+                let _ = std::fs::remove_file(kept);
             }
         }
         if let Some(log) = self.log.take() {
@@ -180,9 +180,10 @@ impl Testbed {
         let node = Netns::create(&format!("{prefix}-node"))?;
         let api = std::env::temp_dir().join(format!("{prefix}.sock"));
         let api_key = cleanup::register(Resource::File(api.clone()));
-        // The dataplane records its ports beside the socket.
-        cleanup::register(Resource::File(api.with_extension("ports.json")));
-        cleanup::register(Resource::File(api.with_extension("sysctls.json")));
+        // The dataplane records its state beside the socket.
+        for kept in switchyard_dataplane::StateFiles::beside(&api).all() {
+            cleanup::register(Resource::File(kept.to_path_buf()));
+        }
         let log = std::env::temp_dir().join(format!("{prefix}-dataplane.log"));
         // Registered so that Ctrl-C removes it too; the guard's drop removes it otherwise.
         cleanup::register(Resource::File(log.clone()));

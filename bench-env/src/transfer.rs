@@ -290,3 +290,107 @@ impl Drop for EchoFlow {
         }
     }
 }
+
+/// A TCP stream written continuously from one namespace and read, timed, in another: to
+/// see whether a connection carries on across a disruption (a dataplane killed and
+/// started again) and how long its bytes stopped.
+pub struct TimedStream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writer: std::thread::JoinHandle<std::io::Result<u64>>,
+    reader: std::thread::JoinHandle<std::io::Result<(u64, Duration)>>,
+}
+
+/// What a [`TimedStream`] saw.
+#[derive(Debug, Clone)]
+pub struct StreamReport {
+    /// Bytes the client wrote.
+    pub written: u64,
+    /// Bytes the server read.
+    pub read: u64,
+    /// The longest time between two reads.
+    pub longest_gap: Duration,
+}
+
+impl TimedStream {
+    /// A server listening on `listen` in the namespace at `server`, and a client in the
+    /// namespace at `client` connected to `connect` (the same address, or one translated
+    /// to it on the way, such as a node's published port), writing until stopped.
+    pub fn open(
+        client: &std::path::Path,
+        server: &std::path::Path,
+        listen: SocketAddr,
+        connect: SocketAddr,
+    ) -> Result<Self> {
+        let listener = run_in(server, || TcpListener::bind(listen))
+            .map_err(|e| fail!("stream server on {listen}: {e}"))?;
+        let stream = run_in(client, || {
+            let s = TcpStream::connect_timeout(&connect, Duration::from_secs(10))?;
+            s.set_write_timeout(Some(Duration::from_secs(20)))?;
+            Ok(s)
+        })
+        .map_err(|e| fail!("connecting to {connect}: {e}"))?;
+        let (mut accepted, _) = listener
+            .accept()
+            .map_err(|e| fail!("accepting on {listen}: {e}"))?;
+        accepted
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| fail!("{e}"))?;
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            let (mut total, mut longest) = (0u64, Duration::ZERO);
+            let mut last = Instant::now();
+            loop {
+                let n = accepted.read(&mut buf)?;
+                longest = longest.max(last.elapsed());
+                last = Instant::now();
+                if n == 0 {
+                    return Ok((total, longest));
+                }
+                total += n as u64;
+            }
+        });
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = std::thread::spawn({
+            let stop = stop.clone();
+            let mut stream = stream;
+            move || {
+                let chunk = vec![0x5au8; 16 << 10];
+                let mut total = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    stream.write_all(&chunk)?;
+                    total += chunk.len() as u64;
+                    // A steady stream, not a flood: the gap measured is the disruption's.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                stream.shutdown(std::net::Shutdown::Write)?;
+                Ok(total)
+            }
+        });
+        Ok(Self {
+            stop,
+            writer,
+            reader,
+        })
+    }
+
+    /// Stops writing, waits for the server to read the rest; what both ends saw, or the
+    /// error either met (a reset connection, a timeout).
+    pub fn finish(self) -> Result<StreamReport> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let written = self
+            .writer
+            .join()
+            .map_err(|_| fail!("the stream's writer panicked"))?
+            .map_err(|e| fail!("writing the stream: {e}"))?;
+        let (read, longest_gap) = self
+            .reader
+            .join()
+            .map_err(|_| fail!("the stream's reader panicked"))?
+            .map_err(|e| fail!("reading the stream: {e}"))?;
+        Ok(StreamReport {
+            written,
+            read,
+            longest_gap,
+        })
+    }
+}

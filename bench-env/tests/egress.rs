@@ -319,6 +319,90 @@ fn trace_shows_a_routed_a_masqueraded_and_a_dropped_packet_without_opening_a_flo
     assert!(!ok && out.contains("get pods"), "{out}");
 }
 
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
+fn a_masqueraded_stream_and_a_host_port_connection_survive_kill_9_of_the_dataplane() {
+    use bench_env::transfer::TimedStream;
+    let mut c = cluster();
+    let mappings = serde_json::json!({"portMappings": [
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}
+    ]});
+    c.add_pod_with(0, 1, Some(mappings)).unwrap();
+    let ext = c.external.as_ref().unwrap();
+    let (ext_ns, ext_ip) = (ext.ns.path(), ext.ipv4);
+    let node = &c.nodes[0];
+    let outbound = std::net::SocketAddr::from((ext_ip, 7010));
+    let masqueraded = TimedStream::open(&node.pods[0].ns.path(), &ext_ns, outbound, outbound)
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let published = TimedStream::open(
+        &ext_ns,
+        &node.pods[1].ns.path(),
+        std::net::SocketAddr::from((node.pods[1].ipv4, 80)),
+        std::net::SocketAddr::from((node.ipv4, 8080)),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let flows = nat(&c, 0).flows;
+    assert!(flows >= 2, "both connections are tracked: {flows}");
+    c.crash_dataplane(0, |_| ()).unwrap();
+    c.wait_for_peers(0, 1, std::time::Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let back = nat(&c, 0);
+    assert!(
+        back.flows >= 2,
+        "the new process took the flows back: {back:?}\n{}",
+        c.logs()
+    );
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    for (what, stream) in [("masqueraded", masqueraded), ("hostPort", published)] {
+        let report = stream
+            .finish()
+            .unwrap_or_else(|e| panic!("the {what} connection broke: {e}\n{}", c.logs()));
+        eprintln!("{what}: {report:?}");
+        assert_eq!(report.read, report.written, "{what}: bytes lost");
+        assert!(
+            report.longest_gap < std::time::Duration::from_secs(2),
+            "{what}: the bytes stopped for {:?}",
+            report.longest_gap
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
+fn a_corrupt_conntrack_journal_is_discarded_with_a_log_line() {
+    let mut c = cluster();
+    let ext = c.external.as_ref().unwrap().ipv4;
+    assert!(measure::ping(&c.nodes[0].pods[0].ns, IpAddr::V4(ext)));
+    c.crash_dataplane(0, |api| {
+        let journal = switchyard_dataplane::StateFiles::beside(api).conntrack;
+        let garbage: Vec<u8> = (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
+        std::fs::write(journal, garbage).unwrap();
+    })
+    .unwrap();
+    c.wait_for_peers(0, 1, std::time::Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let log = std::fs::read_to_string(&c.nodes[0].dataplane_log).unwrap();
+    assert!(
+        log.contains("discarded the conntrack journal")
+            && log.contains("not a Switchyard conntrack journal"),
+        "{log}"
+    );
+    assert_eq!(nat(&c, 0).flows, 0, "nothing taken from garbage");
+    assert!(
+        measure::ping(&c.nodes[0].pods[0].ns, IpAddr::V4(ext)),
+        "egress works with a fresh journal"
+    );
+}
+
 /// Whether process `pid` runs (exists and is not a zombie).
 fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {

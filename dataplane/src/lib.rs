@@ -28,4 +28,4 @@ pub mod tables;
 pub mod wire;
 pub mod worker;
 
-pub use switch::{Switch, SwitchConfig};
+pub use switch::{StateFiles, Switch, SwitchConfig};

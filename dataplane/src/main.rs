@@ -75,13 +75,12 @@ enum Steering {
 
 fn main() {
     let args = Args::parse();
-    let state_file = args
-        .state_file
-        .clone()
-        .unwrap_or_else(|| args.api.with_extension("ports.json"));
-    let sysctl_file = args.api.with_extension("sysctls.json");
+    let mut files = switchyard_dataplane::StateFiles::beside(&args.api);
+    if let Some(ports) = &args.state_file {
+        files.ports = ports.clone();
+    }
     if args.cleanup {
-        std::process::exit(cleanup(&args, &state_file, &sysctl_file));
+        std::process::exit(cleanup(&args, &files));
     }
     switchyard_api::logging::init();
     let mut config = SwitchConfig::default();
@@ -94,8 +93,9 @@ fn main() {
     config.cpu_steering = args.steering == Steering::Cpu;
     config.host_ifname = args.host_ifname;
     config.worker_nice = args.worker_nice;
-    config.state_file = Some(state_file);
-    config.sysctl_file = Some(sysctl_file);
+    config.state_file = Some(files.ports);
+    config.sysctl_file = Some(files.sysctls);
+    config.conntrack_file = Some(files.conntrack);
     let listener = match server::bind(&args.api) {
         Ok(l) => l,
         Err(err) => {
@@ -143,7 +143,7 @@ fn main() {
 }
 
 /// `--cleanup`: the uninstall step on one node; returns the exit status.
-fn cleanup(args: &Args, state_file: &std::path::Path, sysctl_file: &std::path::Path) -> i32 {
+fn cleanup(args: &Args, files: &switchyard_dataplane::StateFiles) -> i32 {
     if switchyard_api::Client::connect(&args.api).is_ok() {
         eprintln!(
             "switchyard-dataplane: a dataplane still answers on {}: stop it (delete the DaemonSet) before the cleanup",
@@ -152,7 +152,7 @@ fn cleanup(args: &Args, state_file: &std::path::Path, sysctl_file: &std::path::P
         return 1;
     }
     let mut status = 0;
-    match switchyard_dataplane::switch::restore::cleanup(sysctl_file) {
+    match switchyard_dataplane::switch::restore::cleanup(&files.sysctls, &args.host_ifname) {
         Ok(done) => {
             for line in done {
                 println!("restored {line}");
@@ -163,11 +163,12 @@ fn cleanup(args: &Args, state_file: &std::path::Path, sysctl_file: &std::path::P
             status = 1;
         }
     }
-    for file in [
-        state_file.to_path_buf(),
+    let others = [
         args.cni_conf_dir.join("10-switchyard.conflist"),
         args.cni_bin_dir.join("switchyard"),
-    ] {
+    ];
+    let state = [&files.ports, &files.conntrack].map(|f| f.to_path_buf());
+    for file in state.into_iter().chain(others) {
         match std::fs::remove_file(&file) {
             Ok(()) => println!("removed {}", file.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -310,10 +310,14 @@ impl Cluster {
         let file = |what: &str| std::env::temp_dir().join(format!("{}-{name}.{what}", self.prefix));
         let (api, dataplane_log, control_log) =
             (file("sock"), file("dataplane.log"), file("control.log"));
-        let state = api.with_extension("ports.json");
-        let sysctls = api.with_extension("sysctls.json");
-        for f in [&api, &state, &sysctls, &dataplane_log, &control_log] {
-            self.keys.push(cleanup::register(Resource::File(f.clone())));
+        let state = switchyard_dataplane::StateFiles::beside(&api);
+        for f in [&api, &dataplane_log, &control_log]
+            .map(|f| f.as_path())
+            .into_iter()
+            .chain(state.all())
+        {
+            self.keys
+                .push(cleanup::register(Resource::File(f.to_path_buf())));
         }
         self.keys
             .push(cleanup::register(Resource::Dir(self.ipam_dir(&name))));

@@ -139,6 +139,26 @@ impl Cluster {
         Ok(())
     }
 
+    /// Kills node `i`'s dataplane with SIGKILL (a crash: it cleans nothing up), runs
+    /// `meanwhile` with the dead dataplane's API socket path, and starts a new one.
+    pub fn crash_dataplane(
+        &mut self,
+        i: usize,
+        meanwhile: impl FnOnce(&std::path::Path),
+    ) -> Result<()> {
+        let at = self.at(i)?;
+        if let Some(mut old) = self.nodes[at].dataplane.take() {
+            let pid = nix::unistd::Pid::from_raw(old.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
+                .map_err(|e| fail!("kill -9 {pid}: {e}"))?;
+            old.wait_exit(Duration::from_secs(5))?;
+        }
+        meanwhile(&self.nodes[at].api);
+        let process = self.spawn_dataplane(&self.nodes[at])?;
+        self.nodes[at].dataplane = Some(process);
+        Ok(())
+    }
+
     /// Kills node `i`'s control process and starts a new one.
     pub fn restart_control(&mut self, i: usize) -> Result<()> {
         let at = self.at(i)?;

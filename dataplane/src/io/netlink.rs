@@ -13,6 +13,9 @@ const RTM_NEWROUTE: u16 = libc::RTM_NEWROUTE;
 const RTM_DELROUTE: u16 = libc::RTM_DELROUTE;
 const RTM_NEWRULE: u16 = libc::RTM_NEWRULE;
 const RTM_DELRULE: u16 = libc::RTM_DELRULE;
+const RTM_GETRULE: u16 = libc::RTM_GETRULE;
+const NLM_F_DUMP: u16 = libc::NLM_F_DUMP as u16;
+const NLMSG_DONE: u16 = libc::NLMSG_DONE as u16;
 // Rule attributes (linux/fib_rules.h), which libc does not define.
 const FRA_DST: u16 = 1;
 const FRA_IIFNAME: u16 = 3;
@@ -153,7 +156,13 @@ impl Netlink {
         Ok(Self { fd, seq: 1 })
     }
 
-    fn transact(&mut self, mut msg: Message) -> io::Result<()> {
+    fn transact(&mut self, msg: Message) -> io::Result<()> {
+        self.exchange(msg, |_, _| {})
+    }
+
+    /// Sends `msg` and reads the answers until its acknowledgement (or, for a dump, its
+    /// end), handing each other message of the answer (type, payload) to `each`.
+    fn exchange(&mut self, mut msg: Message, mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
         let bytes = msg.finish();
         // SAFETY: `bytes` is a valid buffer of `bytes.len()` bytes; the kernel's netlink
         // address is the zeroed sockaddr_nl that a null destination implies for a
@@ -165,7 +174,7 @@ impl Netlink {
         }
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(1);
-        let mut buf = [0u8; 8192];
+        let mut buf = vec![0u8; 32768];
         loop {
             // SAFETY: `buf` is a writable buffer of the given length.
             let n =
@@ -181,17 +190,38 @@ impl Netlink {
                 if len < 16 || len > rest.len() {
                     return Err(io::Error::other("truncated netlink answer"));
                 }
-                if kind == NLMSG_ERROR && msg_seq == seq && len >= 20 {
-                    let code = i32::from_ne_bytes(rest[16..20].try_into().unwrap_or_default());
-                    return if code == 0 {
-                        Ok(())
-                    } else {
-                        Err(io::Error::from_raw_os_error(-code))
-                    };
+                if msg_seq == seq {
+                    match kind {
+                        NLMSG_ERROR if len >= 20 => {
+                            let code =
+                                i32::from_ne_bytes(rest[16..20].try_into().unwrap_or_default());
+                            return if code == 0 {
+                                Ok(())
+                            } else {
+                                Err(io::Error::from_raw_os_error(-code))
+                            };
+                        }
+                        NLMSG_DONE => return Ok(()),
+                        _ => each(kind, &rest[16..len]),
+                    }
                 }
                 rest = &rest[len.next_multiple_of(4).min(rest.len())..];
             }
         }
+    }
+
+    /// Every IPv4 policy routing rule that looks up a table (`ip rule`).
+    pub fn rules(&mut self) -> io::Result<Vec<KernelRule>> {
+        let mut msg = Message::new(RTM_GETRULE, NLM_F_DUMP, self.seq);
+        msg.bytes(&[libc::AF_INET as u8, 0, 0, 0, 0, 0, 0, 0])
+            .bytes(&0u32.to_ne_bytes());
+        let mut out = Vec::new();
+        self.exchange(msg, |kind, payload| {
+            if kind == RTM_NEWRULE {
+                out.extend(parse_rule(payload));
+            }
+        })?;
+        Ok(out)
     }
 
     /// Caps the size of the GSO super-frames the link's stack builds.
@@ -335,36 +365,120 @@ impl Netlink {
 
     fn rule_message(&mut self, kind: u16, flags: u16, rule: &KernelRule) -> io::Result<()> {
         let mut msg = Message::new(kind, flags, self.seq);
-        // struct fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action,
-        // flags.
-        let dst_len = if rule.dst.is_some() { 32 } else { 0 };
-        msg.bytes(&[libc::AF_INET as u8, dst_len, 0, 0, 0, 0, 0, FR_ACT_TO_TBL])
-            .bytes(&0u32.to_ne_bytes());
-        if let Some(dst) = rule.dst {
-            msg.attr(FRA_DST, &dst.octets());
-        }
-        msg.attr(FRA_PRIORITY, &rule.priority.to_ne_bytes());
-        msg.attr(FRA_TABLE, &rule.table.to_ne_bytes());
-        if let Some(iif) = &rule.iif {
-            let mut name = iif.as_bytes().to_vec();
-            name.push(0);
-            msg.attr(FRA_IIFNAME, &name);
-        }
-        if let Some(protocol) = rule.protocol {
-            msg.attr(FRA_IP_PROTO, &[protocol]);
-        }
-        if let Some((first, last)) = rule.dports {
-            let mut range = first.to_ne_bytes().to_vec();
-            range.extend_from_slice(&last.to_ne_bytes());
-            msg.attr(FRA_DPORT_RANGE, &range);
-        }
+        rule_body(&mut msg, rule);
         self.transact(msg)
     }
+}
+
+/// Writes `rule` as a rule message's payload.
+fn rule_body(msg: &mut Message, rule: &KernelRule) {
+    // struct fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action,
+    // flags.
+    let dst_len = if rule.dst.is_some() { 32 } else { 0 };
+    msg.bytes(&[libc::AF_INET as u8, dst_len, 0, 0, 0, 0, 0, FR_ACT_TO_TBL])
+        .bytes(&0u32.to_ne_bytes());
+    if let Some(dst) = rule.dst {
+        msg.attr(FRA_DST, &dst.octets());
+    }
+    msg.attr(FRA_PRIORITY, &rule.priority.to_ne_bytes());
+    msg.attr(FRA_TABLE, &rule.table.to_ne_bytes());
+    if let Some(iif) = &rule.iif {
+        let mut name = iif.as_bytes().to_vec();
+        name.push(0);
+        msg.attr(FRA_IIFNAME, &name);
+    }
+    if let Some(protocol) = rule.protocol {
+        msg.attr(FRA_IP_PROTO, &[protocol]);
+    }
+    if let Some((first, last)) = rule.dports {
+        let mut range = first.to_ne_bytes().to_vec();
+        range.extend_from_slice(&last.to_ne_bytes());
+        msg.attr(FRA_DPORT_RANGE, &range);
+    }
+}
+
+/// The rule in a `RTM_NEWRULE` payload (`struct fib_rule_hdr` and its attributes), if it
+/// is an IPv4 rule that looks up a table.
+fn parse_rule(payload: &[u8]) -> Option<KernelRule> {
+    let header = payload.get(..12)?;
+    if header[0] != libc::AF_INET as u8 || header[7] != FR_ACT_TO_TBL {
+        return None;
+    }
+    let mut rule = KernelRule {
+        priority: 0,
+        iif: None,
+        protocol: None,
+        dports: None,
+        dst: None,
+        table: u32::from(header[4]),
+    };
+    let mut rest = &payload[12..];
+    while rest.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([rest[0], rest[1]]));
+        let kind = u16::from_ne_bytes([rest[2], rest[3]]);
+        let data = rest.get(4..len)?;
+        let u32_of = |d: &[u8]| {
+            d.get(..4)
+                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        match kind {
+            FRA_PRIORITY => rule.priority = u32_of(data)?,
+            FRA_TABLE => rule.table = u32_of(data)?,
+            FRA_IIFNAME => {
+                let name = data.split(|b| *b == 0).next().unwrap_or_default();
+                rule.iif = Some(String::from_utf8_lossy(name).into_owned());
+            }
+            FRA_IP_PROTO => rule.protocol = data.first().copied(),
+            FRA_DPORT_RANGE if data.len() >= 4 => {
+                rule.dports = Some((
+                    u16::from_ne_bytes([data[0], data[1]]),
+                    u16::from_ne_bytes([data[2], data[3]]),
+                ))
+            }
+            FRA_DST if data.len() >= 4 => {
+                rule.dst = Some(Ipv4Addr::new(data[0], data[1], data[2], data[3]))
+            }
+            _ => {}
+        }
+        rest = rest
+            .get(len.next_multiple_of(4).max(4)..)
+            .unwrap_or_default();
+    }
+    Some(rule)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rule_reads_back_as_it_was_written() {
+        let rule = KernelRule {
+            priority: 50,
+            iif: Some("eth0".into()),
+            protocol: Some(6),
+            dports: Some((61000, 65534)),
+            dst: Some(Ipv4Addr::new(192, 168, 1, 10)),
+            table: 200,
+        };
+        let mut m = Message::new(RTM_NEWRULE, 0, 1);
+        rule_body(&mut m, &rule);
+        let bytes = m.finish().to_vec();
+        assert_eq!(parse_rule(&bytes[16..]), Some(rule));
+        let plain = KernelRule {
+            priority: 100,
+            iif: None,
+            protocol: None,
+            dports: None,
+            dst: None,
+            table: RT_TABLE_LOCAL,
+        };
+        let mut m = Message::new(RTM_NEWRULE, 0, 1);
+        rule_body(&mut m, &plain);
+        let bytes = m.finish().to_vec();
+        assert_eq!(parse_rule(&bytes[16..]), Some(plain));
+        assert_eq!(parse_rule(&bytes[16..20]), None, "cut short");
+    }
 
     #[test]
     fn messages_carry_their_length_flags_and_padded_attributes() {

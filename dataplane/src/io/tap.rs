@@ -136,21 +136,39 @@ impl TapDevice {
     }
 
     /// Creates the node-side interface `ifname` in the caller's own namespace (the host
-    /// port), with `queues` queues, brought up with `mac` and `mtu`; returns the device
-    /// and its interface index. Routes through it are the caller's business.
+    /// port), with `queues` queues, brought up with `mac` and `mtu`; returns the device,
+    /// its interface index and whether it re-attached to the host port an earlier
+    /// dataplane process left (the device is persistent: it outlives a crash, with the
+    /// node's routes through it, until [`TapDevice::remove_persistent`] or a clean exit
+    /// takes it away). Routes through it are the caller's business.
     pub fn create_host(
         ifname: &str,
         mac: MacAddr,
         mtu: u32,
         queues: usize,
-    ) -> io::Result<(Self, u32)> {
+    ) -> io::Result<(Self, u32, bool)> {
+        let mut reattached = false;
         if netns::link_index(ifname).is_some() {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("an interface named {ifname} already exists on the node; remove it or choose another --host-ifname"),
-            ));
+            if !is_tap(ifname) {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("an interface named {ifname} already exists on the node; remove it or choose another --host-ifname"),
+                ));
+            }
+            reattached = true;
         }
-        let device = Self::open(ifname, queues.max(1))?;
+        let device = match Self::open(ifname, queues.max(1)) {
+            Ok(device) => device,
+            Err(e) if reattached => {
+                // Left with other queue flags (another worker count): start afresh.
+                tracing::info!("cannot re-attach the host port {ifname} ({e}); recreating it");
+                Self::remove_persistent(ifname)?;
+                reattached = false;
+                Self::open(ifname, queues.max(1))?
+            }
+            Err(e) => return Err(e),
+        };
+        device.set_persist(true)?;
         let index = netns::link_index(ifname)
             .ok_or_else(|| io::Error::other("TAP device vanished after creation"))?;
         // The dataplane answers neighbour solicitations for every address but the port's
@@ -158,7 +176,23 @@ impl TapDevice {
         // the node's stack needs to reach the gateway. Absent when IPv6 is off.
         let _ = super::links::set_sysctl(&format!("net.ipv6.conf.{ifname}.accept_dad"), "0");
         Netlink::open()?.set_link(index, Some(mac), Some(mtu))?;
-        Ok((device, index))
+        Ok((device, index, reattached))
+    }
+
+    /// Removes the persistent TAP device `ifname` of the caller's namespace, if there is
+    /// one (an interface of another kind is left alone); returns whether it did.
+    pub fn remove_persistent(ifname: &str) -> io::Result<bool> {
+        let Some(flags) = tun_flags(ifname) else {
+            return Ok(false);
+        };
+        let fd = open_queue(ifname.as_bytes(), flags as libc::c_short)?;
+        // SAFETY: TUNSETPERSIST takes its flag by value.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETPERSIST, 0 as libc::c_ulong) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // The device goes with this last descriptor.
+        drop(fd);
+        Ok(true)
     }
 
     fn open(ifname: &str, queues: usize) -> io::Result<Self> {
@@ -237,6 +271,18 @@ impl TapDevice {
         }
         Ok(())
     }
+}
+
+/// The `IFF_*` flags of the TUN/TAP device `ifname` in the caller's namespace (from
+/// sysfs), or none when it is not one.
+fn tun_flags(ifname: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{ifname}/tun_flags")).ok()?;
+    u32::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()
+}
+
+/// Whether `ifname` in the caller's namespace is a TAP device.
+fn is_tap(ifname: &str) -> bool {
+    tun_flags(ifname).is_some_and(|f| f & libc::IFF_TAP as u32 != 0)
 }
 
 /// Opens one queue of the TAP device `name` with `flags`, with a virtio-net header.

@@ -156,12 +156,27 @@ impl Switch {
                 .cloned()
                 .collect();
             for port in &opened {
+                if let PortIo::Tap(tap) = &port.device {
+                    // The host port is persistent: it goes with its last descriptor only
+                    // when told.
+                    let _ = tap.set_persist(false);
+                }
                 self.unpublish_port(&mut state, port);
             }
         }
         drop(state);
         if result.is_ok() {
             self.sync_host_port_rules();
+            if first {
+                // Only now, with this process's rules in place, go the rules an earlier
+                // process left that nothing wants any more: a rule still wanted is never
+                // missing, so no connection it steers meets the node's stack meanwhile.
+                let state = self.state();
+                if let Some(node) = &state.node {
+                    let wanted: Vec<_> = node.rules.iter().chain(&node.host_rules).collect();
+                    super::egress::remove_leftover_rules_except(&wanted);
+                }
+            }
         }
         result
     }
@@ -240,9 +255,6 @@ impl Switch {
         for route in &kernel_routes {
             nl.replace_route(route)
                 .map_err(|e| system(&format!("cannot route {} on the node", route.dst), e))?;
-        }
-        if state.node.is_none() {
-            super::egress::remove_leftover_rules();
         }
         let (rules, steer_route) = self.steer_replies(&spec, &uplink.ifname, host_ifindex)?;
         kernel_routes.push(steer_route);
@@ -349,8 +361,12 @@ impl Switch {
         mtu: u32,
     ) -> Result<(Arc<Port<PortIo>>, u32), ApiError> {
         let name = &self.config.host_ifname;
-        let (tap, ifindex) = TapDevice::create_host(name, HOST_MAC, mtu, self.workers.len())
-            .map_err(|e| system(&format!("cannot create the host port {name}"), e))?;
+        let (tap, ifindex, reattached) =
+            TapDevice::create_host(name, HOST_MAC, mtu, self.workers.len())
+                .map_err(|e| system(&format!("cannot create the host port {name}"), e))?;
+        if reattached {
+            tracing::info!("re-attached the host port {name} an earlier process left");
+        }
         let port = self.publish_host_port(state, PortIo::Tap(tap), ifindex)?;
         Ok((port, ifindex))
     }
@@ -420,9 +436,13 @@ impl Switch {
     }
 
     /// Removes the node's kernel routes (shutdown). The host port and its routes go away
-    /// with the process; routes through the uplink (`direct`) would not.
+    /// with the process; routes through the uplink (`direct`) would not. (A process that
+    /// dies without this leaves them all, and its successor takes them over.)
     pub fn leave_cluster(&self) {
         let state = self.state();
+        if let Some(PortIo::Tap(tap)) = state.node.as_ref().map(|n| &n.host.device) {
+            let _ = tap.set_persist(false);
+        }
         if let (Some(node), Ok(mut nl)) = (&state.node, Netlink::open()) {
             super::egress::remove_rules(&node.rules);
             super::egress::remove_rules(&node.host_rules);

@@ -17,13 +17,21 @@
 //!   from remote sources).
 
 use super::Switch;
+use crate::conntrack::journal::Backing;
 use crate::conntrack::Conntrack;
 use crate::io::netlink::{KernelRoute, KernelRule, Netlink};
+use crate::io::shared::SharedBytes;
 use crate::tables::masquerade::Masquerading;
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
 use switchyard_api::{ApiError, ConntrackEntry, ErrorCode, IpNet, NatStatus, NodeSpec, PortRange};
+
+impl Backing for SharedBytes {
+    fn bytes(&self) -> &[std::sync::atomic::AtomicU8] {
+        SharedBytes::bytes(self)
+    }
+}
 
 /// The node's table that steers replies into the host port.
 pub(super) const STEER_TABLE: u8 = 200;
@@ -91,8 +99,62 @@ impl Switch {
             .filter(|c| {
                 c.node() == spec.underlay && c.port_range() == range && c.limit() == m.conntrack_max
             })
-            .unwrap_or_else(|| Arc::new(Conntrack::new(spec.underlay, range, m.conntrack_max)));
+            .unwrap_or_else(|| {
+                Arc::new(self.new_conntrack(
+                    spec.underlay,
+                    range,
+                    m.conntrack_max,
+                    current.is_none(),
+                ))
+            });
         Arc::new(Masquerading::new(conntrack, &exempt(spec)))
+    }
+
+    /// A masquerade table journaled to the conntrack file, if there is one: the first of
+    /// this process takes back what an earlier process wrote there; a later one (the
+    /// settings changed) starts a new file, which the table it replaces, still in use
+    /// until the new one is published, never writes to.
+    fn new_conntrack(
+        &self,
+        node: std::net::Ipv4Addr,
+        range: (u16, u16),
+        limit: usize,
+        first: bool,
+    ) -> Conntrack {
+        let Some(path) = &self.config.conntrack_file else {
+            return Conntrack::new(node, range, limit);
+        };
+        let len = crate::conntrack::journal::journal_len(limit);
+        let mapped = if first {
+            SharedBytes::open(path, len)
+        } else {
+            SharedBytes::create(path, len)
+        };
+        match mapped {
+            Ok(bytes) => {
+                let now = crate::worker::monotonic_ns();
+                let (ct, restored) =
+                    Conntrack::with_journal(node, range, limit, Box::new(bytes), now);
+                if let Some(why) = restored.discarded {
+                    tracing::warn!("discarded the conntrack journal {}: {why}", path.display());
+                }
+                if restored.flows > 0 {
+                    tracing::info!(
+                        "took back {} masqueraded and published flows from {}",
+                        restored.flows,
+                        path.display()
+                    );
+                }
+                ct
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot map the conntrack journal {}: {e}; flows will not survive a restart",
+                    path.display()
+                );
+                Conntrack::new(node, range, limit)
+            }
+        }
     }
 
     /// Sets the node's kernel up to send masquerade replies into the host port; returns
@@ -309,6 +371,28 @@ pub(super) fn remove_leftover_rules() {
         Ok(n) => {
             tracing::info!("removed {n} steering rules left by an earlier process")
         }
+        Err(e) => tracing::warn!("cannot look for leftover steering rules: {e}"),
+    }
+}
+
+/// Removes the steering rules an earlier process left that are not in `wanted` (those
+/// still wanted stay in place all along).
+pub(super) fn remove_leftover_rules_except(wanted: &[&KernelRule]) {
+    let removed = Netlink::open().and_then(|mut nl| {
+        let leftovers: Vec<KernelRule> = nl
+            .rules()?
+            .into_iter()
+            .filter(|r| r.priority == STEER_PRIORITY && r.table == u32::from(STEER_TABLE))
+            .filter(|r| !wanted.contains(&r))
+            .collect();
+        for rule in &leftovers {
+            nl.delete_rule(rule)?;
+        }
+        Ok(leftovers.len())
+    });
+    match removed {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("removed {n} steering rules left by an earlier process"),
         Err(e) => tracing::warn!("cannot look for leftover steering rules: {e}"),
     }
 }

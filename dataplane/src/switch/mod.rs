@@ -33,6 +33,34 @@ use switchyard_api::{
     Reply, Request, Stats,
 };
 
+/// The files a dataplane keeps beside its API socket `api` so that its successor finds
+/// its state: the pod ports, the node's first sysctl values, the conntrack journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateFiles {
+    /// The pod ports (`<api>.ports.json`).
+    pub ports: std::path::PathBuf,
+    /// The node's sysctls before their first change (`<api>.sysctls.json`).
+    pub sysctls: std::path::PathBuf,
+    /// Masquerade's flows (`<api>.conntrack`).
+    pub conntrack: std::path::PathBuf,
+}
+
+impl StateFiles {
+    /// The files beside `api`.
+    pub fn beside(api: &std::path::Path) -> Self {
+        Self {
+            ports: api.with_extension("ports.json"),
+            sysctls: api.with_extension("sysctls.json"),
+            conntrack: api.with_extension("conntrack"),
+        }
+    }
+
+    /// All of them.
+    pub fn all(&self) -> [&std::path::Path; 3] {
+        [&self.ports, &self.sysctls, &self.conntrack]
+    }
+}
+
 /// How to run the switch.
 #[derive(Debug, Clone)]
 pub struct SwitchConfig {
@@ -61,6 +89,9 @@ pub struct SwitchConfig {
     pub sysctl_file: Option<std::path::PathBuf>,
     /// Nice value of the worker threads (0: left as inherited).
     pub worker_nice: i32,
+    /// Where masquerade's flows are journaled so that a restarted or crashed dataplane's
+    /// successor takes them back (none: they live in memory only).
+    pub conntrack_file: Option<std::path::PathBuf>,
 }
 
 impl Default for SwitchConfig {
@@ -73,6 +104,7 @@ impl Default for SwitchConfig {
             pod_cidrs: Vec::new(),
             cpu_steering: false,
             host_ifname: "sy0".into(),
+            conntrack_file: None,
             state_file: None,
             sysctl_file: None,
             worker_nice: 0,

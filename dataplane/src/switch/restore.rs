@@ -81,11 +81,15 @@ pub fn restore_local_rule(nl: &mut Netlink) -> io::Result<()> {
     }
 }
 
-/// Puts the node's kernel back as it was before any dataplane ran: steering rules left
-/// by a killed process removed, the local rule at priority 0, every recorded sysctl at
-/// its first value; then forgets the record. Returns what it did, a line each.
-pub fn cleanup(originals: &Path) -> io::Result<Vec<String>> {
+/// Puts the node's kernel back as it was before any dataplane ran: the host port
+/// `host_ifname` a killed process left (with the routes through it) and its steering
+/// rules removed, the local rule at priority 0, every recorded sysctl at its first value;
+/// then forgets the record. Returns what it did, a line each.
+pub fn cleanup(originals: &Path, host_ifname: &str) -> io::Result<Vec<String>> {
     let mut done = Vec::new();
+    if crate::io::tap::TapDevice::remove_persistent(host_ifname)? {
+        done.push(format!("the host port {host_ifname} removed"));
+    }
     remove_leftover_rules();
     let mut nl = Netlink::open()?;
     restore_local_rule(&mut nl)?;
