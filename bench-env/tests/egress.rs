@@ -325,6 +325,22 @@ fn trace_shows_a_routed_a_masqueraded_and_a_dropped_packet_without_opening_a_flo
     ignore = "needs root: network namespaces and TAP devices"
 )]
 fn a_masqueraded_stream_and_a_host_port_connection_survive_kill_9_of_the_dataplane() {
+    streams_survive(nix::sys::signal::Signal::SIGKILL);
+}
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
+fn a_masqueraded_stream_and_a_host_port_connection_survive_a_planned_restart() {
+    streams_survive(nix::sys::signal::Signal::SIGTERM);
+}
+
+/// A masqueraded TCP stream and one through a published port (hostPort) run while node
+/// 0's dataplane is stopped with `signal` and started again: both carry on, every byte
+/// arrives, and the bytes never stop for 2 s.
+fn streams_survive(signal: nix::sys::signal::Signal) {
     use bench_env::transfer::TimedStream;
     let mut c = cluster();
     let mappings = serde_json::json!({"portMappings": [
@@ -347,7 +363,7 @@ fn a_masqueraded_stream_and_a_host_port_connection_survive_kill_9_of_the_datapla
     std::thread::sleep(std::time::Duration::from_millis(800));
     let flows = nat(&c, 0).flows;
     assert!(flows >= 2, "both connections are tracked: {flows}");
-    c.crash_dataplane(0, |_| ()).unwrap();
+    c.stop_and_start_dataplane(0, signal, |_| ()).unwrap();
     c.wait_for_peers(0, 1, std::time::Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     let back = nat(&c, 0);
@@ -361,7 +377,7 @@ fn a_masqueraded_stream_and_a_host_port_connection_survive_kill_9_of_the_datapla
         let report = stream
             .finish()
             .unwrap_or_else(|e| panic!("the {what} connection broke: {e}\n{}", c.logs()));
-        eprintln!("{what}: {report:?}");
+        eprintln!("{signal}, {what}: {report:?}");
         assert_eq!(report.read, report.written, "{what}: bytes lost");
         assert!(
             report.longest_gap < std::time::Duration::from_secs(2),
@@ -380,7 +396,7 @@ fn a_corrupt_conntrack_journal_is_discarded_with_a_log_line() {
     let mut c = cluster();
     let ext = c.external.as_ref().unwrap().ipv4;
     assert!(measure::ping(&c.nodes[0].pods[0].ns, IpAddr::V4(ext)));
-    c.crash_dataplane(0, |api| {
+    c.stop_and_start_dataplane(0, nix::sys::signal::Signal::SIGKILL, |api| {
         let journal = switchyard_dataplane::StateFiles::beside(api).conntrack;
         let garbage: Vec<u8> = (0..100_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
@@ -401,6 +417,70 @@ fn a_corrupt_conntrack_journal_is_discarded_with_a_log_line() {
         measure::ping(&c.nodes[0].pods[0].ns, IpAddr::V4(ext)),
         "egress works with a fresh journal"
     );
+}
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
+fn a_stopped_dataplane_leaves_the_node_to_its_successor_and_the_uninstall_removes_it_all() {
+    let mut c = cluster();
+    let proto_83 = ["ip", "route", "show", "table", "all", "proto", "83"];
+    let before = c.nodes[0].ns.exec(&proto_83).unwrap();
+    assert!(
+        !before.is_empty(),
+        "Switchyard's node routes carry proto 83"
+    );
+    c.stop_dataplane(0, nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    let ns = &c.nodes[0].ns;
+    let routes = || ns.exec(&proto_83).unwrap();
+    let rules = || ns.exec(&["ip", "rule"]).unwrap();
+    assert_eq!(routes(), before, "the routes stay");
+    assert!(
+        ns.exec(&["ip", "link", "show", "sy0"]).is_ok(),
+        "the host port stays"
+    );
+    assert!(
+        rules().contains("lookup 200"),
+        "the steering stays: {}",
+        rules()
+    );
+    let api = c.nodes[0].api.clone();
+    let journal = switchyard_dataplane::StateFiles::beside(&api).conntrack;
+    assert!(journal.exists(), "the flows' journal stays");
+    let cni = std::env::temp_dir().join(format!("sy-uninstall-{}", std::process::id()));
+    std::fs::create_dir_all(&cni).unwrap();
+    let binary = bench_env::tools::find_binary("switchyard-dataplane").unwrap();
+    let out = ns
+        .exec(&[
+            binary.to_str().unwrap(),
+            "--cleanup",
+            "--api",
+            api.to_str().unwrap(),
+            "--cni-conf-dir",
+            cni.to_str().unwrap(),
+            "--cni-bin-dir",
+            cni.to_str().unwrap(),
+        ])
+        .unwrap_or_else(|e| panic!("--cleanup: {e}"));
+    std::fs::remove_dir_all(&cni).unwrap();
+    assert!(out.contains("the host port sy0 removed"), "{out}");
+    assert!(
+        ns.exec(&["ip", "link", "show", "sy0"]).is_err(),
+        "sy0 is gone"
+    );
+    assert_eq!(routes(), "", "no route of Switchyard's is left");
+    let after = rules();
+    assert!(!after.contains("lookup 200"), "{after}");
+    assert!(
+        after
+            .lines()
+            .any(|l| l.starts_with("0:") && l.contains("lookup local")),
+        "{after}"
+    );
+    assert!(!journal.exists(), "the journal is removed");
 }
 
 /// Whether process `pid` runs (exists and is not a zombie).

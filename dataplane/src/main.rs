@@ -124,12 +124,13 @@ fn main() {
         }
     }
     let socket = args.api.clone();
-    let leaving = switch.clone();
     if let Err(err) = ctrlc::set_handler(move || {
+        // A stop is a pause, as a crash is: the pod interfaces and the host port are
+        // persistent, the node's routes and steering rules stay, the flows are in the
+        // journal, and the next dataplane takes all of it over, so established
+        // connections carry on across a restart or an upgrade. `--cleanup` is the
+        // uninstall.
         let _ = std::fs::remove_file(&socket);
-        leaving.leave_cluster();
-        // Pod interfaces are persistent: they stay, and the next dataplane re-attaches
-        // them from the state file.
         std::process::exit(0);
     }) {
         tracing::warn!("cannot install signal handler: {err}");

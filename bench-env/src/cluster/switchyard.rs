@@ -139,20 +139,28 @@ impl Cluster {
         Ok(())
     }
 
-    /// Kills node `i`'s dataplane with SIGKILL (a crash: it cleans nothing up), runs
-    /// `meanwhile` with the dead dataplane's API socket path, and starts a new one.
-    pub fn crash_dataplane(
-        &mut self,
-        i: usize,
-        meanwhile: impl FnOnce(&std::path::Path),
-    ) -> Result<()> {
+    /// Stops node `i`'s dataplane with `signal` (SIGKILL: a crash, SIGTERM: a planned
+    /// stop) and waits for it to exit.
+    pub fn stop_dataplane(&mut self, i: usize, signal: nix::sys::signal::Signal) -> Result<()> {
         let at = self.at(i)?;
         if let Some(mut old) = self.nodes[at].dataplane.take() {
             let pid = nix::unistd::Pid::from_raw(old.id() as i32);
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
-                .map_err(|e| fail!("kill -9 {pid}: {e}"))?;
+            nix::sys::signal::kill(pid, signal).map_err(|e| fail!("kill -{signal} {pid}: {e}"))?;
             old.wait_exit(Duration::from_secs(5))?;
         }
+        Ok(())
+    }
+
+    /// Stops node `i`'s dataplane with `signal`, runs `meanwhile` with the stopped
+    /// dataplane's API socket path, and starts a new one.
+    pub fn stop_and_start_dataplane(
+        &mut self,
+        i: usize,
+        signal: nix::sys::signal::Signal,
+        meanwhile: impl FnOnce(&std::path::Path),
+    ) -> Result<()> {
+        self.stop_dataplane(i, signal)?;
+        let at = self.at(i)?;
         meanwhile(&self.nodes[at].api);
         let process = self.spawn_dataplane(&self.nodes[at])?;
         self.nodes[at].dataplane = Some(process);

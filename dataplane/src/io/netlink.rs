@@ -44,6 +44,11 @@ const RTA_GATEWAY: u16 = libc::RTA_GATEWAY;
 const RTA_PREFSRC: u16 = libc::RTA_PREFSRC;
 const RT_TABLE_MAIN: u8 = libc::RT_TABLE_MAIN;
 const RTPROT_STATIC: u8 = libc::RTPROT_STATIC;
+const RTM_GETROUTE: u16 = libc::RTM_GETROUTE;
+const RTA_TABLE: u16 = libc::RTA_TABLE;
+/// The routing protocol number that marks the node routes Switchyard installs
+/// (`ip route show proto 83`), so that an uninstall finds every one of them.
+pub const RTPROT_SWITCHYARD: u8 = 83;
 const RT_SCOPE_UNIVERSE: u8 = libc::RT_SCOPE_UNIVERSE;
 const RT_SCOPE_LINK: u8 = libc::RT_SCOPE_LINK;
 const RTN_UNICAST: u8 = libc::RTN_UNICAST;
@@ -271,7 +276,8 @@ impl Netlink {
         self.transact(msg)
     }
 
-    /// Adds a route out of `index`: through `gateway` when given, else on-link.
+    /// Adds a route out of `index`: through `gateway` when given, else on-link (a pod's
+    /// own routes, inside its namespace).
     pub fn add_route(&mut self, index: u32, dst: IpNet, gateway: Option<IpAddr>) -> io::Result<()> {
         let route = KernelRoute {
             dst,
@@ -280,47 +286,54 @@ impl Netlink {
             src: None,
             table: RT_TABLE_MAIN,
         };
-        self.route_message(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, &route)
-    }
-
-    /// Installs `route`, replacing any route for the same destination.
-    pub fn replace_route(&mut self, route: &KernelRoute) -> io::Result<()> {
-        self.route_message(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, route)
-    }
-
-    /// Removes `route`.
-    pub fn delete_route(&mut self, route: &KernelRoute) -> io::Result<()> {
-        self.route_message(RTM_DELROUTE, 0, route)
-    }
-
-    fn route_message(&mut self, kind: u16, flags: u16, route: &KernelRoute) -> io::Result<()> {
-        let scope = if route.gateway.is_some() {
-            RT_SCOPE_UNIVERSE
-        } else {
-            RT_SCOPE_LINK
-        };
-        let mut msg = Message::new(kind, flags, self.seq);
-        msg.bytes(&[
-            family(route.dst.addr()),
-            route.dst.prefix_len(),
-            0,
-            0,
-            route.table,
+        self.route_message(
+            RTM_NEWROUTE,
+            NLM_F_CREATE | NLM_F_EXCL,
+            &route,
             RTPROT_STATIC,
-            scope,
-            RTN_UNICAST,
-        ])
-        .bytes(&0u32.to_ne_bytes());
-        if route.dst.prefix_len() > 0 {
-            msg.attr(RTA_DST, &ip_bytes(route.dst.addr()));
-        }
-        if let Some(gw) = route.gateway {
-            msg.attr(RTA_GATEWAY, &ip_bytes(gw));
-        }
-        if let Some(src) = route.src {
-            msg.attr(RTA_PREFSRC, &ip_bytes(src));
-        }
-        msg.attr(RTA_OIF, &route.oif.to_ne_bytes());
+        )
+    }
+
+    /// Installs the node route `route` (marked [`RTPROT_SWITCHYARD`]), replacing any route
+    /// for the same destination.
+    pub fn replace_route(&mut self, route: &KernelRoute) -> io::Result<()> {
+        self.route_message(
+            RTM_NEWROUTE,
+            NLM_F_CREATE | NLM_F_REPLACE,
+            route,
+            RTPROT_SWITCHYARD,
+        )
+    }
+
+    /// Removes `route` (whoever installed it).
+    pub fn delete_route(&mut self, route: &KernelRoute) -> io::Result<()> {
+        self.route_message(RTM_DELROUTE, 0, route, 0)
+    }
+
+    /// Every route of the namespace, both families and every table, installed with
+    /// routing protocol `protocol`.
+    pub fn routes_of(&mut self, protocol: u8) -> io::Result<Vec<KernelRoute>> {
+        let mut msg = Message::new(RTM_GETROUTE, NLM_F_DUMP, self.seq);
+        msg.bytes(&[libc::AF_UNSPEC as u8, 0, 0, 0, 0, 0, 0, 0])
+            .bytes(&0u32.to_ne_bytes());
+        let mut out = Vec::new();
+        self.exchange(msg, |kind, payload| {
+            if kind == RTM_NEWROUTE && payload.get(5) == Some(&protocol) {
+                out.extend(parse_route(payload));
+            }
+        })?;
+        Ok(out)
+    }
+
+    fn route_message(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        route: &KernelRoute,
+        protocol: u8,
+    ) -> io::Result<()> {
+        let mut msg = Message::new(kind, flags, self.seq);
+        route_body(&mut msg, route, protocol);
         self.transact(msg)
     }
 
@@ -370,6 +383,36 @@ impl Netlink {
     }
 }
 
+/// Writes `route` as a route message's payload, marked as installed by `protocol`.
+fn route_body(msg: &mut Message, route: &KernelRoute, protocol: u8) {
+    let scope = if route.gateway.is_some() {
+        RT_SCOPE_UNIVERSE
+    } else {
+        RT_SCOPE_LINK
+    };
+    msg.bytes(&[
+        family(route.dst.addr()),
+        route.dst.prefix_len(),
+        0,
+        0,
+        route.table,
+        protocol,
+        scope,
+        RTN_UNICAST,
+    ])
+    .bytes(&0u32.to_ne_bytes());
+    if route.dst.prefix_len() > 0 {
+        msg.attr(RTA_DST, &ip_bytes(route.dst.addr()));
+    }
+    if let Some(gw) = route.gateway {
+        msg.attr(RTA_GATEWAY, &ip_bytes(gw));
+    }
+    if let Some(src) = route.src {
+        msg.attr(RTA_PREFSRC, &ip_bytes(src));
+    }
+    msg.attr(RTA_OIF, &route.oif.to_ne_bytes());
+}
+
 /// Writes `rule` as a rule message's payload.
 fn rule_body(msg: &mut Message, rule: &KernelRule) {
     // struct fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action,
@@ -395,6 +438,56 @@ fn rule_body(msg: &mut Message, rule: &KernelRule) {
         range.extend_from_slice(&last.to_ne_bytes());
         msg.attr(FRA_DPORT_RANGE, &range);
     }
+}
+
+/// The route in a `RTM_NEWROUTE` payload (`struct rtmsg` and its attributes), if it is
+/// a unicast route of a table [`KernelRoute`] can name.
+fn parse_route(payload: &[u8]) -> Option<KernelRoute> {
+    let header = payload.get(..12)?;
+    let (family, dst_len, mut table) = (header[0], header[1], u32::from(header[4]));
+    let v6 = family == libc::AF_INET6 as u8;
+    if header[7] != RTN_UNICAST || !(v6 || family == libc::AF_INET as u8) {
+        return None;
+    }
+    let addr = |d: &[u8]| -> Option<IpAddr> {
+        if v6 {
+            let octets: [u8; 16] = d.get(..16)?.try_into().ok()?;
+            Some(IpAddr::from(octets))
+        } else {
+            let octets: [u8; 4] = d.get(..4)?.try_into().ok()?;
+            Some(IpAddr::from(octets))
+        }
+    };
+    let unspecified = if v6 {
+        IpAddr::from([0u8; 16])
+    } else {
+        IpAddr::from([0u8; 4])
+    };
+    let (mut dst, mut gateway, mut src, mut oif) = (unspecified, None, None, 0);
+    let mut rest = &payload[12..];
+    while rest.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([rest[0], rest[1]]));
+        let kind = u16::from_ne_bytes([rest[2], rest[3]]);
+        let data = rest.get(4..len)?;
+        match kind {
+            RTA_DST => dst = addr(data)?,
+            RTA_GATEWAY => gateway = addr(data),
+            RTA_PREFSRC => src = addr(data),
+            RTA_OIF => oif = u32::from_ne_bytes(data.get(..4)?.try_into().ok()?),
+            RTA_TABLE => table = u32::from_ne_bytes(data.get(..4)?.try_into().ok()?),
+            _ => {}
+        }
+        rest = rest
+            .get(len.next_multiple_of(4).max(4)..)
+            .unwrap_or_default();
+    }
+    Some(KernelRoute {
+        dst: IpNet::new(dst, dst_len).ok()?,
+        oif,
+        gateway,
+        src,
+        table: u8::try_from(table).ok()?,
+    })
 }
 
 /// The rule in a `RTM_NEWRULE` payload (`struct fib_rule_hdr` and its attributes), if it
@@ -450,6 +543,33 @@ fn parse_rule(payload: &[u8]) -> Option<KernelRule> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_route_reads_back_as_it_was_written() {
+        let route = KernelRoute {
+            dst: "10.244.1.0/24".parse().unwrap(),
+            oif: 7,
+            gateway: Some("192.168.1.11".parse().unwrap()),
+            src: Some("192.168.1.10".parse().unwrap()),
+            table: 200,
+        };
+        let mut nl_msg = Message::new(RTM_NEWROUTE, 0, 1);
+        route_body(&mut nl_msg, &route, RTPROT_SWITCHYARD);
+        let bytes = nl_msg.finish().to_vec();
+        assert_eq!(bytes[16 + 5], RTPROT_SWITCHYARD);
+        assert_eq!(parse_route(&bytes[16..]), Some(route));
+        let default_v6 = KernelRoute {
+            dst: "::/0".parse().unwrap(),
+            oif: 3,
+            gateway: None,
+            src: None,
+            table: 254,
+        };
+        let mut nl_msg = Message::new(RTM_NEWROUTE, 0, 1);
+        route_body(&mut nl_msg, &default_v6, RTPROT_SWITCHYARD);
+        let bytes = nl_msg.finish().to_vec();
+        assert_eq!(parse_route(&bytes[16..]), Some(default_v6));
+    }
 
     #[test]
     fn a_rule_reads_back_as_it_was_written() {

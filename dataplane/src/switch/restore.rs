@@ -82,9 +82,10 @@ pub fn restore_local_rule(nl: &mut Netlink) -> io::Result<()> {
 }
 
 /// Puts the node's kernel back as it was before any dataplane ran: the host port
-/// `host_ifname` a killed process left (with the routes through it) and its steering
-/// rules removed, the local rule at priority 0, every recorded sysctl at its first value;
-/// then forgets the record. Returns what it did, a line each.
+/// `host_ifname` a stopped process left (with the routes through it), its steering rules
+/// and every other route it installed (marked `proto 83`) removed, the local rule at
+/// priority 0, every recorded sysctl at its first value; then forgets the record. Returns
+/// what it did, a line each.
 pub fn cleanup(originals: &Path, host_ifname: &str) -> io::Result<Vec<String>> {
     let mut done = Vec::new();
     if crate::io::tap::TapDevice::remove_persistent(host_ifname)? {
@@ -92,6 +93,10 @@ pub fn cleanup(originals: &Path, host_ifname: &str) -> io::Result<Vec<String>> {
     }
     remove_leftover_rules();
     let mut nl = Netlink::open()?;
+    for route in nl.routes_of(crate::io::netlink::RTPROT_SWITCHYARD)? {
+        nl.delete_route(&route)?;
+        done.push(format!("the route to {} removed", route.dst));
+    }
     restore_local_rule(&mut nl)?;
     done.push("the local table's rule at priority 0".to_string());
     for (key, value) in read(originals) {
