@@ -39,7 +39,7 @@ use crate::wire::{ipv4::Ipv4Packet, ipv6::Ipv6Packet, vnet, VnetHeader};
 pub use counters::{Counters, DropReason, Event};
 use icmp_error::{IcmpError, RateLimiter};
 use masquerade::Translated;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub use crate::wire::{ETH_OFFSET, L3_OFFSET};
 
@@ -432,20 +432,19 @@ impl Pipeline {
         self.counters.event(event);
     }
 
-    /// The source of the IP packet `l3` (IPv6 when `v6`) before the stages that translate
-    /// before routing, when the policy stage will need it (policies in force, and a stage
-    /// that may translate).
+    /// What the policy stage needs of the IP packet `l3` (IPv6 when `v6`) as it arrived,
+    /// before the stages that translate: nothing when no policy is in force.
     #[inline(always)]
-    fn origin<D>(&self, tables: &Tables<D>, l3: &[u8], v6: bool) -> Option<(IpAddr, u16)> {
-        let translating = !tables.services.is_empty() || (!v6 && tables.masquerade.is_some());
-        if tables.policy.is_empty() || !translating {
-            return None;
+    fn origin<D>(&self, tables: &Tables<D>, l3: &[u8], v6: bool) -> policy::Origin {
+        if tables.policy.is_empty() {
+            return policy::Origin::default();
         }
-        policy::origin(l3, v6)
+        let translating = !tables.services.is_empty() || (!v6 && tables.masquerade.is_some());
+        policy::Origin::of(l3, v6, translating)
     }
 
-    /// Runs the policy stage over a routed packet `l3` (IPv6 when `v6`) whose source
-    /// before translation was `origin` (none: as it is now).
+    /// Runs the policy stage over a routed packet `l3` (IPv6 when `v6`) that arrived as
+    /// `origin` says.
     #[inline(always)]
     fn police<D>(
         &mut self,
@@ -454,26 +453,25 @@ impl Pipeline {
         egress: &Port<D>,
         l3: &[u8],
         v6: bool,
-        origin: Option<(IpAddr, u16)>,
+        origin: policy::Origin,
     ) -> Result<(), DropReason> {
         if tables.policy.is_empty() {
             return Ok(());
         }
+        let generation = tables.policy.generation;
+        if let Some(verdict) = self.verdicts.get(&origin, generation, self.now_ns) {
+            return verdict;
+        }
         let Some(mut packet) = policy::packet(l3, v6) else {
             return Ok(());
         };
-        if let Some((src, src_port)) = origin {
+        if let Some((src, src_port)) = origin.source {
             packet.key.src = src;
             packet.key.src_port = src_port;
         }
-        policy::check(
-            tables,
-            ingress,
-            egress,
-            &packet,
-            &mut self.verdicts,
-            self.now_ns,
-        )
+        let verdict = policy::check(tables, ingress, egress, &packet, self.now_ns);
+        self.verdicts.put(&origin, generation, verdict, self.now_ns);
+        verdict
     }
 
     /// Runs the Service stage over the IP packet `bytes` (IPv6 when `v6`).

@@ -24,19 +24,21 @@
 //! ([`VerdictCache`]), so that a packet of an established flow takes no lock: a hit is a
 //! verdict of the same flow under the same rules, refreshed from the shared table at
 //! least once a second (which keeps the flow alive there); TCP SYN, FIN and RST segments
-//! always go to the shared table, which follows the flow's state.
+//! always go to the shared table, which follows the flow's state. In front of the cache,
+//! the verdict on the previous packet is kept with that packet's tuple as raw bytes, as it
+//! arrived ([`Origin`]): the next packet of the same flow, the common case in a batch of
+//! a bulk transfer, is decided by comparing bytes, without parsing the packet into a flow
+//! key or hashing it.
 
 use super::nat::{ip_head, IpHead};
 use super::services::flow_key;
 use super::DropReason;
 use crate::conntrack::key::FlowKey;
-use crate::conntrack::policy::{canonical, Denial, Known, Verdict};
-use crate::conntrack::FxBuild;
+use crate::conntrack::policy::{Denial, Known, Verdict};
 use crate::tables::policy::PodRules;
 use crate::tables::{Port, PortRole, Tables};
 use crate::wire::icmp::{self, IcmpPacket};
 use crate::wire::{ipv4, ipv6, tcp, TcpPacket, UdpPacket};
-use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -149,60 +151,201 @@ pub(super) fn packet(l3: &[u8], v6: bool) -> Option<Packet> {
     Some(p)
 }
 
+/// A packet's TCP or UDP tuple as three words read straight from its bytes, as the memo
+/// of the last verdict compares it: IPv4, both addresses in the first word; IPv6, one
+/// address per word; ports, protocol and family in the last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RawTuple {
+    first: u128,
+    second: u128,
+    rest: u64,
+}
+
+/// What the stage reads of a packet as it arrived, before any translation.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Origin {
+    /// Its tuple, when a cached verdict may decide it (see [`raw_tuple`]).
+    pub raw: Option<RawTuple>,
+    /// Its source address and port, when a stage may translate it before the policy
+    /// stage runs.
+    pub source: Option<(IpAddr, u16)>,
+}
+
+impl Origin {
+    /// Reads `l3` (IPv6 when `v6`); `translating`: a stage may change its source before
+    /// the policy stage.
+    #[inline]
+    pub fn of(l3: &[u8], v6: bool, translating: bool) -> Self {
+        let raw = raw_tuple(l3, v6);
+        let source = match &raw {
+            _ if !translating => None,
+            Some(raw) => Some(raw.source(v6)),
+            None => packet(l3, v6).map(|p| (p.key.src, p.key.src_port)),
+        };
+        Self { raw, source }
+    }
+}
+
+impl RawTuple {
+    fn source(&self, v6: bool) -> (IpAddr, u16) {
+        let port = (self.rest >> 32) as u16;
+        let addr = if v6 {
+            IpAddr::from(self.first.to_be_bytes())
+        } else {
+            IpAddr::from(((self.first >> 32) as u32).to_be_bytes())
+        };
+        (addr, port)
+    }
+}
+
+/// The raw tuple of `l3` (IPv6 when `v6`), if it is a TCP segment without SYN, FIN or RST,
+/// a UDP or SCTP packet or an ICMP echo request or reply, whole (not a fragment, no IPv6
+/// extension header): a packet a cached verdict may decide.
+#[inline]
+fn raw_tuple(l3: &[u8], v6: bool) -> Option<RawTuple> {
+    let word = |at: usize| -> Option<u128> {
+        Some(u128::from_be_bytes(l3.get(at..at + 16)?.try_into().ok()?))
+    };
+    let (protocol, first, second, l4_at) = if v6 {
+        (*l3.get(6)?, word(8)?, word(24)?, ipv6::HEADER_LEN)
+    } else {
+        let fragment = u16::from_be_bytes([*l3.get(6)?, *l3.get(7)?]);
+        if fragment & 0x3fff != 0 {
+            return None;
+        }
+        let ihl = usize::from(l3.first()? & 0x0f) * 4;
+        let addrs = u64::from_be_bytes(l3.get(12..20)?.try_into().ok()?);
+        (*l3.get(9)?, u128::from(addrs), 0, ihl)
+    };
+    match protocol {
+        ipv4::PROTO_TCP => {
+            let flags = *l3.get(l4_at + 13)?;
+            if flags & (tcp::FLAG_SYN | tcp::FLAG_FIN | tcp::FLAG_RST) != 0 {
+                return None;
+            }
+        }
+        ipv4::PROTO_UDP | ipv4::PROTO_SCTP => {
+            l3.get(l4_at + 7)?;
+        }
+        ipv4::PROTO_ICMP | ipv6::NEXT_ICMPV6 if (protocol == ipv6::NEXT_ICMPV6) == v6 => {
+            // Echo requests and replies only (their identifier in place of ports).
+            let kind = *l3.get(l4_at)?;
+            let echo = if v6 {
+                kind == icmp::V6_ECHO_REQUEST || kind == icmp::V6_ECHO_REPLY
+            } else {
+                kind == icmp::V4_ECHO_REQUEST || kind == icmp::V4_ECHO_REPLY
+            };
+            if !echo {
+                return None;
+            }
+            let ident = u32::from(u16::from_be_bytes([
+                *l3.get(l4_at + 4)?,
+                *l3.get(l4_at + 5)?,
+            ]));
+            return Some(RawTuple {
+                first,
+                second,
+                rest: (u64::from(kind) << 48)
+                    | (u64::from(ident) << 32)
+                    | (u64::from(protocol) << 8)
+                    | u64::from(v6),
+            });
+        }
+        _ => return None,
+    }
+    let ports = u32::from_be_bytes(l3.get(l4_at..l4_at + 4)?.try_into().ok()?);
+    Some(RawTuple {
+        first,
+        second,
+        rest: (u64::from(ports) << 16) | (u64::from(protocol) << 8) | u64::from(v6),
+    })
+}
+
 /// Slots of a worker's verdict cache.
 const CACHE_SLOTS: usize = 1024;
 /// How long a cached verdict is used before the shared table is asked again.
 const CACHE_REFRESH_NS: u64 = 1_000_000_000;
 
-/// A verdict a worker used, for the flow with key `flow` (lower end first).
+/// A verdict a worker used, on packets with tuple `tuple` (one direction of a flow).
 #[derive(Debug, Clone, Copy)]
 struct Cached {
-    flow: FlowKey,
+    tuple: RawTuple,
     generation: u64,
-    verdict: Verdict,
+    verdict: Result<(), DropReason>,
     refreshed_ns: u64,
 }
 
-/// A worker's last verdicts, direct-mapped by the flow's hash; read and written without a
-/// lock (each worker has its own).
+/// A worker's last verdicts, direct-mapped by the packet's raw tuple; read and written
+/// without a lock (each worker has its own). A hit costs three word comparisons after one
+/// multiplication: the packet is not parsed into a flow key.
 #[derive(Debug)]
 pub struct VerdictCache {
     slots: Vec<Option<Cached>>,
+    /// The entry used last, looked at first: a batch of a bulk transfer is mostly one
+    /// flow, whose packets then cost three comparisons and no hashing.
+    last: Option<Cached>,
 }
 
 impl Default for VerdictCache {
     fn default() -> Self {
         Self {
             slots: vec![None; CACHE_SLOTS],
+            last: None,
         }
     }
 }
 
 impl VerdictCache {
-    fn slot(&self, flow: &FlowKey) -> usize {
-        FxBuild::default().hash_one(flow) as usize % CACHE_SLOTS
+    #[inline]
+    fn slot(tuple: &RawTuple) -> usize {
+        let mixed = (tuple.first ^ (tuple.first >> 64) ^ tuple.second ^ (tuple.second >> 64))
+            as u64
+            ^ tuple.rest.rotate_left(29);
+        (mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % CACHE_SLOTS
     }
 
-    /// The verdict on `flow` (lower end first) under rules of `generation`, if this worker
-    /// used it within the last second.
+    /// The verdict this worker used on packets like `origin`'s under rules of
+    /// `generation` within the last second, if any.
     #[inline]
-    fn get(&self, flow: &FlowKey, generation: u64, now_ns: u64) -> Option<Verdict> {
-        let c = self.slots[self.slot(flow)].as_ref()?;
-        (c.flow == *flow
-            && c.generation == generation
-            && now_ns.wrapping_sub(c.refreshed_ns) < CACHE_REFRESH_NS)
-            .then_some(c.verdict)
+    pub(super) fn get(
+        &mut self,
+        origin: &Origin,
+        generation: u64,
+        now_ns: u64,
+    ) -> Option<Result<(), DropReason>> {
+        let tuple = origin.raw.as_ref()?;
+        let fresh = |c: &Cached| {
+            c.tuple == *tuple
+                && c.generation == generation
+                && now_ns.wrapping_sub(c.refreshed_ns) < CACHE_REFRESH_NS
+        };
+        if let Some(last) = self.last.as_ref().filter(|c| fresh(c)) {
+            return Some(last.verdict);
+        }
+        let c = self.slots[Self::slot(tuple)].filter(fresh)?;
+        self.last = Some(c);
+        Some(c.verdict)
     }
 
+    /// Keeps `verdict` on packets like `origin`'s, when a cached verdict may decide them.
     #[inline]
-    fn put(&mut self, flow: FlowKey, generation: u64, verdict: Verdict, now_ns: u64) {
-        let i = self.slot(&flow);
-        self.slots[i] = Some(Cached {
-            flow,
-            generation,
-            verdict,
-            refreshed_ns: now_ns,
-        });
+    pub(super) fn put(
+        &mut self,
+        origin: &Origin,
+        generation: u64,
+        verdict: Result<(), DropReason>,
+        now_ns: u64,
+    ) {
+        if let Some(tuple) = origin.raw {
+            let entry = Some(Cached {
+                tuple,
+                generation,
+                verdict,
+                refreshed_ns: now_ns,
+            });
+            self.slots[Self::slot(&tuple)] = entry;
+            self.last = entry;
+        }
     }
 }
 
@@ -263,7 +406,6 @@ pub(super) fn check<D>(
     ingress: &Port<D>,
     egress: &Port<D>,
     packet: &Packet,
-    cache: &mut VerdictCache,
     now_ns: u64,
 ) -> Result<(), DropReason> {
     let table = &*tables.policy;
@@ -271,26 +413,7 @@ pub(super) fn check<D>(
     if packet.opening == Opening::Unjudged {
         return Ok(());
     }
-    // This worker's verdict on the flow under these rules, when it has one: every packet
-    // of an established flow but SYN, FIN and RST segments stops here.
     let generation = table.generation;
-    let cacheable = packet
-        .tcp_flags
-        .is_none_or(|f| f & (tcp::FLAG_SYN | tcp::FLAG_FIN | tcp::FLAG_RST) == 0)
-        && packet.quoted.is_none();
-    let (flow_key, _) = canonical(key);
-    if cacheable {
-        match cache.get(&flow_key, generation, now_ns) {
-            Some(Verdict::Allowed) => return Ok(()),
-            Some(Verdict::Denied { ingress }) => return Err(denied(ingress)),
-            None => {}
-        }
-    }
-    let remember = |cache: &mut VerdictCache, verdict| {
-        if cacheable {
-            cache.put(flow_key, generation, verdict, now_ns);
-        }
-    };
     let at_src = (ingress.role == PortRole::Pod)
         .then(|| table.pod(key.src))
         .flatten();
@@ -302,7 +425,6 @@ pub(super) fn check<D>(
         || (ingress.role == PortRole::Host && table.is_node(key.src))
         || (egress.role == PortRole::Host && table.is_node(key.dst))
     {
-        remember(cache, Verdict::Allowed);
         return Ok(());
     }
     let flows = &*tables.policy_flows;
@@ -318,14 +440,8 @@ pub(super) fn check<D>(
         {
             Plan::Forward
         }
-        Known::Allowed { .. } => {
-            remember(cache, Verdict::Allowed);
-            return Ok(());
-        }
-        Known::Denied { ingress } => {
-            remember(cache, Verdict::Denied { ingress });
-            return Err(denied(ingress));
-        }
+        Known::Allowed { .. } => return Ok(()),
+        Known::Denied { ingress } => return Err(denied(ingress)),
         Known::Stale { client } if client == (key.src, key.src_port) => Plan::Forward,
         Known::Stale { .. } => Plan::Reverse,
         Known::Unknown => match packet.opening {
@@ -369,15 +485,100 @@ pub(super) fn check<D>(
                 now_ns,
             );
             flows.remember_denied(&flow, &denial, now_ns);
-            remember(cache, Verdict::Denied { ingress });
             Err(denied(ingress))
         }
     }
 }
 
-/// The source address and port of `l3` (IPv6 when `v6`) before any translation, which
-/// the stage uses as the flow's source (a Service reply's source is its backend; a
-/// hairpin's, the pod itself).
-pub(super) fn origin(l3: &[u8], v6: bool) -> Option<(IpAddr, u16)> {
-    packet(l3, v6).map(|p| (p.key.src, p.key.src_port))
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::ipv4::emit_header;
+
+    /// An IPv4 packet 10.244.0.5:40000 -> 10.244.0.6:80 of `protocol` with TCP `flags`.
+    fn v4(protocol: u8, flags: u8, fragment: u16) -> Vec<u8> {
+        let mut p = vec![0u8; 20 + 20];
+        emit_header(
+            &mut p,
+            "10.244.0.5".parse().unwrap(),
+            "10.244.0.6".parse().unwrap(),
+            protocol,
+            20,
+            64,
+        );
+        p[6..8].copy_from_slice(&fragment.to_be_bytes());
+        p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&80u16.to_be_bytes());
+        p[33] = flags;
+        p
+    }
+
+    #[test]
+    fn only_whole_tcp_segments_without_syn_fin_rst_and_udp_datagrams_are_memoised() {
+        let ack = raw_tuple(&v4(6, tcp::FLAG_ACK, 0), false).unwrap();
+        assert_eq!(ack.source(false), ("10.244.0.5".parse().unwrap(), 40000));
+        assert!(raw_tuple(&v4(17, 0, 0), false).is_some());
+        for flags in [tcp::FLAG_SYN, tcp::FLAG_FIN | tcp::FLAG_ACK, tcp::FLAG_RST] {
+            assert!(raw_tuple(&v4(6, flags, 0), false).is_none(), "{flags:#x}");
+        }
+        assert!(
+            raw_tuple(&v4(17, 0, 0x2000), false).is_none(),
+            "a first fragment"
+        );
+        assert!(
+            raw_tuple(&v4(17, 0, 0x0010), false).is_none(),
+            "a later fragment"
+        );
+        assert!(raw_tuple(&v4(1, 0, 0), false).is_none(), "ICMP");
+        assert!(
+            raw_tuple(&v4(6, tcp::FLAG_ACK, 0)[..30], false).is_none(),
+            "cut short"
+        );
+        let mut v6 = vec![0u8; 40 + 8];
+        crate::wire::ipv6::emit_header(
+            &mut v6,
+            "fd00::5".parse().unwrap(),
+            "fd00::6".parse().unwrap(),
+            17,
+            8,
+            64,
+        );
+        v6[40..42].copy_from_slice(&5353u16.to_be_bytes());
+        let raw = raw_tuple(&v6, true).unwrap();
+        assert_eq!(raw.source(true), ("fd00::5".parse().unwrap(), 5353));
+    }
+
+    #[test]
+    fn a_cached_verdict_decides_only_the_same_direction_of_a_flow_under_the_same_rules_within_a_second(
+    ) {
+        let mut cache = VerdictCache::default();
+        let packet = v4(6, tcp::FLAG_ACK, 0);
+        let origin = Origin::of(&packet, false, false);
+        assert_eq!(cache.get(&origin, 1, 0), None);
+        cache.put(&origin, 1, Err(DropReason::PolicyDeniedIngress), 0);
+        assert_eq!(
+            cache.get(&origin, 1, 10),
+            Some(Err(DropReason::PolicyDeniedIngress))
+        );
+        assert_eq!(cache.get(&origin, 2, 10), None, "the rules changed");
+        assert_eq!(cache.get(&origin, 1, CACHE_REFRESH_NS), None, "refresh");
+        let mut other = packet.clone();
+        other[22..24].copy_from_slice(&81u16.to_be_bytes());
+        assert_eq!(cache.get(&Origin::of(&other, false, false), 1, 10), None);
+        let mut reply = packet.clone();
+        reply.copy_within(12..16, 16);
+        reply[12..16].copy_from_slice(&[10, 244, 0, 6]);
+        assert_eq!(
+            cache.get(&Origin::of(&reply, false, false), 1, 10),
+            None,
+            "the other direction is its own"
+        );
+        let syn = Origin::of(&v4(6, tcp::FLAG_SYN, 0), false, true);
+        assert_eq!(cache.get(&syn, 1, 10), None, "a SYN always goes on");
+        assert_eq!(
+            syn.source,
+            Some(("10.244.0.5".parse().unwrap(), 40000)),
+            "its source is read all the same"
+        );
+    }
 }
