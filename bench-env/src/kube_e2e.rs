@@ -1037,6 +1037,24 @@ impl Scenario {
         out
     }
 
+    /// The ids of the containers of `image` that run on `node`.
+    fn switchyard_tasks(&self, node: &KubeNode, image: &str) -> Result<Vec<String>> {
+        let containers = node.exec(&["ctr", "-n", "k8s.io", "containers", "ls"])?;
+        let ours: Vec<&str> = containers
+            .lines()
+            .filter(|l| l.contains(image))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let tasks = node.exec(&["ctr", "-n", "k8s.io", "tasks", "ls"])?;
+        Ok(tasks
+            .lines()
+            .filter(|l| l.contains("RUNNING"))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|id| ours.contains(id))
+            .map(str::to_string)
+            .collect())
+    }
+
     /// Waits (a minute at most) until no pod of `namespace` matches `selector`.
     fn wait_no_pods(&self, namespace: &str, selector: &str) -> Result<()> {
         self.wait(
@@ -1096,9 +1114,34 @@ impl Scenario {
             "configmap",
             "kubernetes-services-endpoint",
         ])?;
-        self.wait_no_pods("kube-system", "app.kubernetes.io/name=switchyard")?;
-        let mut detail = Vec::new();
         let image = format!("localhost/switchyard:{}", env!("CARGO_PKG_VERSION"));
+        let mut detail = Vec::new();
+        if let Err(stuck) = self.wait_no_pods("kube-system", "app.kubernetes.io/name=switchyard") {
+            // Kubelet 1.20 sometimes loses a pod whose containers exit at once on SIGTERM:
+            // a housekeeping kill of the already removed containers fails, and the pod
+            // object stays Terminating though nothing of it runs. Only that case is let
+            // through, by deleting the object as an operator would.
+            for node in self.nodes() {
+                let running = self.switchyard_tasks(node, &image)?;
+                if !running.is_empty() {
+                    return Err(fail!("{stuck}; {} still runs {running:?}", node.name));
+                }
+            }
+            self.kubectl(&[
+                "-n",
+                "kube-system",
+                "delete",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=switchyard",
+                "--force",
+                "--grace-period=0",
+            ])?;
+            self.wait_no_pods("kube-system", "app.kubernetes.io/name=switchyard")?;
+            detail.push(format!(
+                "the kubelet left a pod Terminating whose containers had all exited ({stuck}): deleted with --force"
+            ));
+        }
         for node in self.nodes() {
             // The uninstall step, from the image, as an operator runs it on each node.
             let cleanup = node.exec(&[

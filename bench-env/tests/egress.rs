@@ -466,7 +466,7 @@ fn a_stopped_dataplane_leaves_the_node_to_its_successor_and_the_uninstall_remove
         ])
         .unwrap_or_else(|e| panic!("--cleanup: {e}"));
     std::fs::remove_dir_all(&cni).unwrap();
-    assert!(out.contains("the host port sy0 removed"), "{out}");
+    assert!(out.contains("removed the host port sy0"), "{out}");
     assert!(
         ns.exec(&["ip", "link", "show", "sy0"]).is_err(),
         "sy0 is gone"

@@ -156,7 +156,7 @@ fn cleanup(args: &Args, files: &switchyard_dataplane::StateFiles) -> i32 {
     match switchyard_dataplane::switch::restore::cleanup(&files.sysctls, &args.host_ifname) {
         Ok(done) => {
             for line in done {
-                println!("restored {line}");
+                println!("{line}");
             }
         }
         Err(e) => {

@@ -275,7 +275,7 @@ impl Conntrack {
     }
 
     /// Writes a flow just inserted to the journal.
-    fn journal(&self, flow: &Flow) {
+    fn record(&self, flow: &Flow) {
         if let Some(slot) = self
             .journal
             .as_ref()
@@ -376,7 +376,7 @@ impl Conntrack {
             out.insert(original, flow.clone());
             drop(out);
             self.added(original.protocol);
-            self.journal(&flow);
+            self.record(&flow);
             return Ok(port);
         }
         Err(Refusal::NoPort)
@@ -439,7 +439,7 @@ impl Conntrack {
         flow.life.touch(now_ns, tcp_flags, true);
         self.table.shard(&original).insert(original, flow.clone());
         self.added(original.protocol);
-        self.journal(&flow);
+        self.record(&flow);
         Ok(pod)
     }
 

@@ -89,16 +89,16 @@ pub fn restore_local_rule(nl: &mut Netlink) -> io::Result<()> {
 pub fn cleanup(originals: &Path, host_ifname: &str) -> io::Result<Vec<String>> {
     let mut done = Vec::new();
     if crate::io::tap::TapDevice::remove_persistent(host_ifname)? {
-        done.push(format!("the host port {host_ifname} removed"));
+        done.push(format!("removed the host port {host_ifname}"));
     }
     remove_leftover_rules();
     let mut nl = Netlink::open()?;
     for route in nl.routes_of(crate::io::netlink::RTPROT_SWITCHYARD)? {
         nl.delete_route(&route)?;
-        done.push(format!("the route to {} removed", route.dst));
+        done.push(format!("removed the route to {}", route.dst));
     }
     restore_local_rule(&mut nl)?;
-    done.push("the local table's rule at priority 0".to_string());
+    done.push("restored the local table's rule at priority 0".to_string());
     for (key, value) in read(originals) {
         // A device's own settings went with the device.
         if !proc_path(&key).exists() {
@@ -106,7 +106,7 @@ pub fn cleanup(originals: &Path, host_ifname: &str) -> io::Result<Vec<String>> {
         }
         // With its newline: an empty value (no reserved ports) must still be written.
         links::set_sysctl(&key, &format!("{value}\n"))?;
-        done.push(format!("{key} = {value}"));
+        done.push(format!("restored {key} = {value}"));
     }
     match std::fs::remove_file(originals) {
         Ok(()) => {}
