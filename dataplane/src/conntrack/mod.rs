@@ -588,6 +588,17 @@ mod tests {
         assert_eq!(small.early_drops(), 0);
     }
 
+    /// A client of the node's port 8080, published to a pod.
+    fn published_client() -> Tuple {
+        Tuple {
+            protocol: 6,
+            src: Ipv4Addr::new(192, 168, 2, 10),
+            src_port: 5555,
+            dst: NODE,
+            dst_port: 8080,
+        }
+    }
+
     /// The reply to `original` masqueraded to `NODE:port`.
     fn answer_to(original: Tuple, port: u16) -> Tuple {
         reply_tuple(&original, NODE, port)
@@ -638,13 +649,7 @@ mod tests {
             ..t(2)
         };
         first.outbound(other_pod, Some(0x02), 0).unwrap();
-        let client = Tuple {
-            protocol: 6,
-            src: Ipv4Addr::new(192, 168, 2, 10),
-            src_port: 5555,
-            dst: NODE,
-            dst_port: 8080,
-        };
+        let client = published_client();
         first
             .expose(&client, (Ipv4Addr::new(10, 244, 0, 7), 80), Some(0x02), 0)
             .unwrap();
@@ -705,13 +710,7 @@ mod tests {
             ..t(1)
         };
         ct.outbound(other, Some(0x02), 0).unwrap();
-        let client = Tuple {
-            protocol: 6,
-            src: Ipv4Addr::new(192, 168, 2, 10),
-            src_port: 5555,
-            dst: NODE,
-            dst_port: 8080,
-        };
+        let client = published_client();
         ct.expose(&client, (Ipv4Addr::new(10, 244, 0, 5), 80), Some(0x02), 0)
             .unwrap();
         let published: Vec<bool> = ct.flows(0).iter().map(|f| f.published).collect();
