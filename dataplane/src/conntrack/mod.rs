@@ -249,7 +249,7 @@ impl Conntrack {
             let reply = flow.reply_key();
             let free = !ct.table.shard(&reply).contains_key(&reply)
                 && !ct.table.shard(&r.original).contains_key(&r.original);
-            if !free || flows >= limit {
+            if !free {
                 journal.forget(slot);
                 continue;
             }
@@ -373,10 +373,12 @@ impl Conntrack {
                 self.table.shard(&reply).remove(&reply);
                 return Ok(kept);
             }
-            out.insert(original, flow.clone());
+            // Journaled before it can be found by its original key, through which alone
+            // a flow is removed: its slot is known to whoever removes it.
+            self.record(&flow);
+            out.insert(original, flow);
             drop(out);
             self.added(original.protocol);
-            self.record(&flow);
             return Ok(port);
         }
         Err(Refusal::NoPort)
@@ -437,9 +439,9 @@ impl Conntrack {
             replies.insert(*reply, flow.clone());
         }
         flow.life.touch(now_ns, tcp_flags, true);
-        self.table.shard(&original).insert(original, flow.clone());
-        self.added(original.protocol);
         self.record(&flow);
+        self.table.shard(&original).insert(original, flow);
+        self.added(original.protocol);
         Ok(pod)
     }
 

@@ -211,10 +211,9 @@ impl ServiceFlows {
         };
         // The client's own port first; when another flow's replies already use that
         // tuple, other ports from a position derived from the flow.
-        let mut tries = std::iter::once(original.src_port).chain((0..PORT_TRIES).map(|k| {
-            let start = self.table.hash(&original);
-            (1024 + start.wrapping_add(k) % (65536 - 1024)) as u16
-        }));
+        let start = self.table.hash(&original);
+        let mut tries = std::iter::once(original.src_port)
+            .chain((0..PORT_TRIES).map(|k| (1024 + start.wrapping_add(k) % (65536 - 1024)) as u16));
         let flow = loop {
             let Some(port) = tries.next() else {
                 return Err(Refusal::ReplyClash);

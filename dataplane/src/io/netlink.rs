@@ -353,29 +353,6 @@ impl Netlink {
         }
     }
 
-    /// Removes every IPv4 rule of `priority` that looks up `table`, whatever else it
-    /// matches (the kernel matches a deletion on the attributes given); returns how many.
-    pub fn delete_rules_to(&mut self, priority: u32, table: u32) -> io::Result<usize> {
-        let any = KernelRule {
-            priority,
-            iif: None,
-            protocol: None,
-            dports: None,
-            dst: None,
-            table,
-        };
-        let mut removed = 0;
-        // Bounded: rules are finite, but never loop on a kernel that kept answering yes.
-        while removed < 1 << 16 {
-            match self.rule_message(RTM_DELRULE, 0, &any) {
-                Ok(()) => removed += 1,
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(removed)
-    }
-
     fn rule_message(&mut self, kind: u16, flags: u16, rule: &KernelRule) -> io::Result<()> {
         let mut msg = Message::new(kind, flags, self.seq);
         rule_body(&mut msg, rule);

@@ -360,23 +360,9 @@ impl Switch {
     }
 }
 
-/// Removes the steering rules a previous dataplane process left behind when it did not
-/// exit cleanly (a crash, SIGKILL): rules for ports no pod publishes any more would
-/// otherwise stay for good. Called before this process installs its own.
-pub(super) fn remove_leftover_rules() {
-    let removed = Netlink::open()
-        .and_then(|mut nl| nl.delete_rules_to(STEER_PRIORITY, u32::from(STEER_TABLE)));
-    match removed {
-        Ok(0) => {}
-        Ok(n) => {
-            tracing::info!("removed {n} steering rules left by an earlier process")
-        }
-        Err(e) => tracing::warn!("cannot look for leftover steering rules: {e}"),
-    }
-}
-
 /// Removes the steering rules an earlier process left that are not in `wanted` (those
-/// still wanted stay in place all along).
+/// still wanted stay in place all along; the uninstall wants none): rules for ports no
+/// pod publishes any more would otherwise stay for good.
 pub(super) fn remove_leftover_rules_except(wanted: &[&KernelRule]) {
     let removed = Netlink::open().and_then(|mut nl| {
         let leftovers: Vec<KernelRule> = nl

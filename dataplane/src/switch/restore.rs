@@ -4,7 +4,7 @@
 //! socket, written before the change, so that restarts do not record their own values;
 //! and the local table's rule, which the steering rules move from priority 0 to 100.
 
-use super::egress::{remove_leftover_rules, LOCAL_PRIORITY};
+use super::egress::{remove_leftover_rules_except, LOCAL_PRIORITY};
 use crate::io::links;
 use crate::io::netlink::{KernelRule, Netlink, RT_TABLE_LOCAL};
 use std::collections::BTreeMap;
@@ -91,7 +91,7 @@ pub fn cleanup(originals: &Path, host_ifname: &str) -> io::Result<Vec<String>> {
     if crate::io::tap::TapDevice::remove_persistent(host_ifname)? {
         done.push(format!("removed the host port {host_ifname}"));
     }
-    remove_leftover_rules();
+    remove_leftover_rules_except(&[]);
     let mut nl = Netlink::open()?;
     for route in nl.routes_of(crate::io::netlink::RTPROT_SWITCHYARD)? {
         nl.delete_route(&route)?;
