@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 use switchyard_control::cluster::manifests;
-use switchyard_control::policy::{explain, pod_view};
+use switchyard_control::policy::{explain, PodView};
 use switchyard_dataplane::io::netns::run_in;
 
 fn world() -> PolicyWorld {
@@ -59,11 +59,11 @@ fn policy(name: &str, ns: &str, spec: &str) -> String {
 /// the pairs it denies.
 fn explained(w: &PolicyWorld, port: u16, protocol: &str) -> BTreeSet<String> {
     let m = manifests::load_dir(&w.cluster.manifests).expect("manifests");
-    let pods: Vec<_> = m.pods.iter().map(pod_view).collect();
+    let pods: &[PodView] = &m.pods;
     let mut denied = BTreeSet::new();
-    for c in &pods {
-        for s in &pods {
-            if (c.namespace, c.name) == (s.namespace, s.name) {
+    for c in pods {
+        for s in pods {
+            if (&c.namespace, &c.name) == (&s.namespace, &s.name) {
                 continue;
             }
             if !explain(&m, c, s, port, protocol).allowed {

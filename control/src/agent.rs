@@ -2,10 +2,12 @@
 //! dataplane's state equal to what the cluster says, read from a [`Source`]: a manifests
 //! directory or the Kubernetes API server.
 //!
-//! Every tick (200 ms by default) it:
-//! 1. asks the source whether the cluster changed; when it did, computes this node's
-//!    [`NodeSpec`], its Services and its pods' NetworkPolicy rules. Bad objects are
-//!    reported with their origin and field, and the last good state stays in force;
+//! Every tick (200 ms by default, or at once when the source has a change) it:
+//! 1. asks the source what changed; recomputes what the changed kinds feed: this node's
+//!    [`NodeSpec`] (Nodes, the configuration), its Services (Services, EndpointSlices,
+//!    the configuration) and its pods' NetworkPolicy rules (Namespaces, Pods,
+//!    NetworkPolicies). Bad objects are reported with their origin and field, and the last
+//!    good state stays in force;
 //! 2. asks the dataplane for the settings in force and pushes the spec when they differ
 //!    (first start, a change, or a dataplane that restarted with none);
 //! 3. pushes the Services (from Services and EndpointSlices; cluster IPs and node ports
@@ -19,7 +21,7 @@
 //! So a change reaches the dataplane within one tick plus the push, and a restarted
 //! dataplane gets its state back within one tick of answering.
 
-use crate::cluster::manifests::Manifests;
+use crate::cluster::manifests::{Kind, Kinds, Manifests};
 use crate::cluster::plan;
 use crate::cluster::services;
 use crate::source::Source;
@@ -63,6 +65,10 @@ pub struct AgentOptions {
     pub interval: Duration,
 }
 
+fn strings(errors: Vec<crate::cluster::manifests::ManifestError>) -> Vec<String> {
+    errors.iter().map(ToString::to_string).collect()
+}
+
 /// This node's settings, Services and policies from the cluster state `m`; errors as
 /// lines to print.
 pub fn compute(
@@ -70,37 +76,123 @@ pub fn compute(
     source: &dyn Source,
     opts: &AgentOptions,
 ) -> Result<Desired, Vec<String>> {
-    let strings = |errors: Vec<crate::cluster::manifests::ManifestError>| -> Vec<String> {
-        errors.iter().map(ToString::to_string).collect()
+    let (services, maglev_table_size) = services_of(m, source, opts)?;
+    Ok(Desired {
+        node: node_of(m, opts)?,
+        services,
+        maglev_table_size,
+        policies: crate::policy::compile::compile(m, Some(&opts.node)),
+    })
+}
+
+/// Brings `desired` (none yet: computes it all) up to date with `m` after a change of
+/// `kinds`: only the parts those kinds feed are computed again. On error `desired` is left
+/// as it was.
+pub fn refresh(
+    desired: &mut Option<Desired>,
+    kinds: Kinds,
+    m: &Manifests,
+    source: &dyn Source,
+    opts: &AgentOptions,
+) -> Result<(), Vec<String>> {
+    let Some(d) = desired else {
+        *desired = Some(compute(m, source, opts)?);
+        return Ok(());
     };
+    let node = if kinds.any(&[Kind::Node, Kind::Config]) {
+        Some(node_of(m, opts)?)
+    } else {
+        None
+    };
+    let services = if kinds.any(&[Kind::Service, Kind::EndpointSlice, Kind::Config]) {
+        Some(services_of(m, source, opts)?)
+    } else {
+        None
+    };
+    if kinds.any(&[Kind::Namespace, Kind::Pod, Kind::NetworkPolicy]) {
+        d.policies = crate::policy::compile::compile(m, Some(&opts.node));
+    }
+    if let Some(node) = node {
+        d.node = node;
+    }
+    if let Some((services, size)) = services {
+        d.services = services;
+        d.maglev_table_size = size;
+    }
+    Ok(())
+}
+
+/// This node's settings.
+fn node_of(m: &Manifests, opts: &AgentOptions) -> Result<NodeSpec, Vec<String>> {
+    plan::plan(m, &opts.node)
+        .and_then(|p| p.to_spec(m, opts.uplink.clone()))
+        .map_err(|e| vec![e])
+}
+
+/// This node's Services, with allocations recorded, and the largest Maglev table.
+fn services_of(
+    m: &Manifests,
+    source: &dyn Source,
+    opts: &AgentOptions,
+) -> Result<(BTreeMap<ServiceKey, ServiceSpec>, u32), Vec<String>> {
     let recorded = source.service_allocations();
     let (specs, record) = services::compile(m, &opts.node, &recorded).map_err(strings)?;
     source
         .record_service_allocations(&record)
         .map_err(|e| vec![e])?;
-    let node = plan::plan(m, &opts.node)
-        .and_then(|p| p.to_spec(m, opts.uplink.clone()))
-        .map_err(|e| vec![e])?;
-    Ok(Desired {
-        node,
-        services: specs.into_iter().map(|s| (s.key(), s)).collect(),
-        maglev_table_size: m.config.maglev_table_size,
-        policies: crate::policy::compile::compile(m, Some(&opts.node)),
-    })
+    Ok((
+        specs.into_iter().map(|s| (s.key(), s)).collect(),
+        m.config.maglev_table_size,
+    ))
 }
 
 /// Runs the reconcile loop until the process is stopped.
 pub fn run(source: &mut dyn Source, opts: &AgentOptions) -> ! {
     tracing::info!("node {} reads {}", opts.node, source.describe());
-    let mut desired: Option<Desired> = None;
-    let mut pushed = Pushed::default();
-    let mut dataplane_down = false;
-    let mut last_error: Option<String> = None;
+    let mut agent = Agent::default();
     loop {
-        if let Some(state) = source.changed() {
-            match state.and_then(|m| compute(&m, source, opts)) {
-                Ok(d) => {
-                    if desired.as_ref().map(|o| &o.node) != Some(&d.node) {
+        agent.tick(source, opts);
+        source.wait(opts.interval);
+    }
+}
+
+/// The reconcile loop's state between two ticks.
+#[derive(Debug, Default)]
+pub struct Agent {
+    desired: Option<Desired>,
+    pushed: Pushed,
+    dataplane_down: bool,
+    last_error: Option<String>,
+    /// Kinds changed since the desired state was last computed without error.
+    dirty: Kinds,
+}
+
+impl Agent {
+    /// What the dataplane should have, once computed.
+    pub fn desired(&self) -> Option<&Desired> {
+        self.desired.as_ref()
+    }
+
+    /// One reconciliation: takes the source's changes, recomputes what they feed, and
+    /// brings the dataplane in line (steps 1-5 above).
+    pub fn tick(&mut self, source: &mut dyn Source, opts: &AgentOptions) {
+        if let Some(change) = source.changed() {
+            self.dirty = self.dirty.union(change.kinds);
+            let before = self.desired.as_ref().map(|d| d.node.clone());
+            let result = if change.errors.is_empty() {
+                let m = source.state();
+                refresh(&mut self.desired, self.dirty, &m, &*source, opts)
+            } else {
+                Err(change.errors)
+            };
+            match result {
+                Ok(()) => {
+                    self.dirty = Kinds::default();
+                    if let Some(d) = self
+                        .desired
+                        .as_ref()
+                        .filter(|d| before.as_ref() != Some(&d.node))
+                    {
                         tracing::info!(
                             "node {}: {} peers, pod CIDRs {}",
                             d.node.name,
@@ -108,7 +200,6 @@ pub fn run(source: &mut dyn Source, opts: &AgentOptions) -> ! {
                             join(&d.node.pod_cidrs)
                         );
                     }
-                    desired = Some(d);
                 }
                 Err(errors) => {
                     for e in &errors {
@@ -116,7 +207,7 @@ pub fn run(source: &mut dyn Source, opts: &AgentOptions) -> ! {
                     }
                     tracing::warn!(
                         "keeping the last good settings ({})",
-                        if desired.is_some() {
+                        if self.desired.is_some() {
                             "in force"
                         } else {
                             "none yet"
@@ -125,37 +216,36 @@ pub fn run(source: &mut dyn Source, opts: &AgentOptions) -> ! {
                 }
             }
         }
-        if let Some(d) = &desired {
-            match reconcile(&opts.api, d, &mut pushed) {
-                Ok(pushed_node) => {
-                    if dataplane_down || pushed_node {
-                        tracing::info!(
-                            "dataplane at {} has the node settings, {} Services \
-                             and the policies of {} pods",
-                            opts.api.display(),
-                            d.services.len(),
-                            d.policies.pods.len()
-                        );
-                    }
-                    dataplane_down = false;
-                    last_error = None;
-                    if let Err(e) = source.network_ready(&opts.node) {
-                        if last_error.as_ref() != Some(&e) {
-                            tracing::warn!("{e}");
-                            last_error = Some(e);
-                        }
-                    }
+        let Some(d) = &self.desired else { return };
+        match reconcile(&opts.api, d, &mut self.pushed) {
+            Ok(pushed_node) => {
+                if self.dataplane_down || pushed_node {
+                    tracing::info!(
+                        "dataplane at {} has the node settings, {} Services \
+                         and the policies of {} pods",
+                        opts.api.display(),
+                        d.services.len(),
+                        d.policies.pods.len()
+                    );
                 }
-                Err(e) => {
-                    if last_error.as_ref() != Some(&e) {
-                        tracing::warn!("{e}");
-                        last_error = Some(e);
-                    }
-                    dataplane_down = true;
+                self.dataplane_down = false;
+                self.last_error = None;
+                if let Err(e) = source.network_ready(&opts.node) {
+                    self.warn_once(e);
                 }
             }
+            Err(e) => {
+                self.warn_once(e);
+                self.dataplane_down = true;
+            }
         }
-        std::thread::sleep(opts.interval);
+    }
+
+    fn warn_once(&mut self, e: String) {
+        if self.last_error.as_ref() != Some(&e) {
+            tracing::warn!("{e}");
+            self.last_error = Some(e);
+        }
     }
 }
 

@@ -301,13 +301,13 @@ fn explain_command(
     if !matches!(protocol.as_str(), "TCP" | "UDP" | "SCTP") {
         return Err(format!("--port {port:?}: the protocol is tcp, udp or sctp"));
     }
-    let pods: Vec<_> = manifests.pods.iter().map(policy::pod_view).collect();
     let find = |name: &str| {
         let (ns, pod) = name
             .split_once('/')
             .ok_or_else(|| format!("{name:?} is not NAMESPACE/NAME"))?;
-        pods.iter()
-            .find(|p| p.namespace == ns && p.name == pod)
+        manifests
+            .pods
+            .get(&(ns.to_string(), pod.to_string()))
             .ok_or_else(|| format!("no Pod {name} in {origin}"))
     };
     let verdict = policy::explain(&manifests, find(from)?, find(to)?, number, &protocol);

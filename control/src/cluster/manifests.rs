@@ -4,6 +4,8 @@
 //! code later reads them from the API server. Every problem names the file and the field.
 
 use super::config::ClusterConfig;
+use super::keyed::{Keyed, ObjectKey};
+use super::pods::{pod_view, PodView, Pods};
 use super::services::{ServiceManifest, SliceManifest};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
@@ -61,34 +63,241 @@ pub struct NodeRecord {
     pub file: PathBuf,
 }
 
-/// Everything read from a manifests directory.
+/// The cluster state: everything read from a manifests directory or watched on the API
+/// server, each kind kept by key so that one object changes in place.
 #[derive(Debug, Clone, Default)]
 pub struct Manifests {
-    /// Nodes, sorted by name.
-    pub nodes: Vec<NodeRecord>,
+    /// Nodes (sorted by name when read from a directory).
+    pub nodes: Keyed<NodeRecord>,
     /// The cluster configuration (defaults when no ConfigMap is present).
     pub config: ClusterConfig,
     /// The file the configuration came from.
     pub config_file: Option<PathBuf>,
     /// Services, as read.
-    pub services: Vec<ServiceManifest>,
+    pub services: Keyed<ServiceManifest>,
     /// EndpointSlices, as read (`v1`, or `v1beta1` as older API servers serve them).
-    pub endpoint_slices: Vec<SliceManifest>,
+    pub endpoint_slices: Keyed<SliceManifest>,
     /// Namespaces (their labels, for NetworkPolicy's namespace selectors).
-    pub namespaces: Vec<Namespace>,
-    /// Pods (labels, named ports, addresses).
-    pub pods: Vec<Pod>,
+    pub namespaces: Keyed<Namespace>,
+    /// Pods (labels, named ports, addresses), indexed by label and node.
+    pub pods: Pods,
     /// NetworkPolicies, as read.
-    pub policies: Vec<PolicyManifest>,
+    pub policies: Keyed<PolicyManifest>,
+    /// The key of the ConfigMap the configuration came from.
+    config_key: Option<ObjectKey>,
 }
 
 /// A NetworkPolicy read from a manifest, with the file it came from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PolicyManifest {
     /// The object.
     pub policy: NetworkPolicy,
     /// Its file.
     pub file: PathBuf,
+}
+
+/// The kinds of object the cluster state holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// `v1/Node`.
+    Node,
+    /// The `switchyard-config` ConfigMap.
+    Config,
+    /// `v1/Service`.
+    Service,
+    /// `discovery.k8s.io/v1/EndpointSlice`.
+    EndpointSlice,
+    /// `v1/Namespace`.
+    Namespace,
+    /// `v1/Pod`.
+    Pod,
+    /// `networking.k8s.io/v1/NetworkPolicy`.
+    NetworkPolicy,
+}
+
+/// A set of kinds (what changed since the state was last read).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Kinds(u8);
+
+impl Kinds {
+    /// Every kind.
+    pub const ALL: Kinds = Kinds(0x7f);
+
+    /// Adds `kind`.
+    pub fn add(&mut self, kind: Kind) {
+        self.0 |= 1 << kind as u8;
+    }
+
+    /// True when `kind` is in the set.
+    pub fn has(self, kind: Kind) -> bool {
+        self.0 & (1 << kind as u8) != 0
+    }
+
+    /// True when any of `kinds` is in the set.
+    pub fn any(self, kinds: &[Kind]) -> bool {
+        kinds.iter().any(|k| self.has(*k))
+    }
+
+    /// True when the set is empty.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Both sets.
+    pub fn union(self, other: Kinds) -> Kinds {
+        Kinds(self.0 | other.0)
+    }
+}
+
+/// One decoded object, as the cluster state keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    /// A Node.
+    Node(NodeRecord),
+    /// The `switchyard-config` ConfigMap's configuration, and where it came from.
+    Config(Box<ClusterConfig>, PathBuf),
+    /// A Service.
+    Service(Box<ServiceManifest>),
+    /// An EndpointSlice.
+    EndpointSlice(Box<SliceManifest>),
+    /// A Namespace.
+    Namespace(Box<Namespace>),
+    /// A Pod.
+    Pod(Box<PodView>),
+    /// A NetworkPolicy.
+    NetworkPolicy(Box<PolicyManifest>),
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Node => "Node",
+            Kind::Config => "ConfigMap",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::NetworkPolicy => "NetworkPolicy",
+        })
+    }
+}
+
+impl Object {
+    /// Its kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Node(_) => Kind::Node,
+            Object::Config(..) => Kind::Config,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Pod(_) => Kind::Pod,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
+        }
+    }
+
+    /// The file it came from, where it keeps one.
+    fn file(&self) -> Option<&Path> {
+        match self {
+            Object::Node(n) => Some(&n.file),
+            Object::Config(_, f) => Some(f),
+            Object::Service(s) => Some(&s.file),
+            Object::EndpointSlice(s) => Some(&s.file),
+            Object::NetworkPolicy(p) => Some(&p.file),
+            Object::Namespace(_) | Object::Pod(_) => None,
+        }
+    }
+}
+
+impl Manifests {
+    /// Puts `object` under `key`; returns the object it replaced.
+    pub fn put(&mut self, key: ObjectKey, object: Object) -> Option<Object> {
+        match object {
+            Object::Node(n) => self.nodes.insert(key, n).1.map(Object::Node),
+            Object::Config(config, file) => {
+                self.config_key = Some(key);
+                let old_file = self.config_file.replace(file);
+                let old = std::mem::replace(&mut self.config, *config);
+                old_file.map(|f| Object::Config(Box::new(old), f))
+            }
+            Object::Service(s) => self
+                .services
+                .insert(key, *s)
+                .1
+                .map(|s| Object::Service(Box::new(s))),
+            Object::EndpointSlice(s) => self
+                .endpoint_slices
+                .insert(key, *s)
+                .1
+                .map(|s| Object::EndpointSlice(Box::new(s))),
+            Object::Namespace(n) => self
+                .namespaces
+                .insert(key, *n)
+                .1
+                .map(|n| Object::Namespace(Box::new(n))),
+            Object::Pod(p) => self.pods.insert(*p).map(|p| Object::Pod(Box::new(p))),
+            Object::NetworkPolicy(p) => self
+                .policies
+                .insert(key, *p)
+                .1
+                .map(|p| Object::NetworkPolicy(Box::new(p))),
+        }
+    }
+
+    /// True when the state holds `object` under `key` already.
+    pub fn holds(&self, key: &ObjectKey, object: &Object) -> bool {
+        match object {
+            Object::Node(n) => self.nodes.get(key) == Some(n),
+            Object::Config(config, file) => {
+                self.config_key.as_ref() == Some(key)
+                    && self.config_file.as_ref() == Some(file)
+                    && &self.config == config.as_ref()
+            }
+            Object::Service(s) => self.services.get(key) == Some(s.as_ref()),
+            Object::EndpointSlice(s) => self.endpoint_slices.get(key) == Some(s.as_ref()),
+            Object::Namespace(n) => self.namespaces.get(key) == Some(n.as_ref()),
+            Object::Pod(p) => self.pods.get(key) == Some(p.as_ref()),
+            Object::NetworkPolicy(p) => self.policies.get(key) == Some(p.as_ref()),
+        }
+    }
+
+    /// The keys of every object of `kind`.
+    pub fn keys(&self, kind: Kind) -> Vec<ObjectKey> {
+        fn of<T>(list: &Keyed<T>) -> Vec<ObjectKey> {
+            (0..list.len()).map(|i| list.key_at(i).clone()).collect()
+        }
+        match kind {
+            Kind::Node => of(&self.nodes),
+            Kind::Config => self.config_key.iter().cloned().collect(),
+            Kind::Service => of(&self.services),
+            Kind::EndpointSlice => of(&self.endpoint_slices),
+            Kind::Namespace => of(&self.namespaces),
+            Kind::Pod => self
+                .pods
+                .iter()
+                .map(|p| (p.namespace.clone(), p.name.clone()))
+                .collect(),
+            Kind::NetworkPolicy => of(&self.policies),
+        }
+    }
+
+    /// Takes the object of `kind` under `key` out; returns whether there was one.
+    pub fn remove(&mut self, kind: Kind, key: &ObjectKey) -> bool {
+        match kind {
+            Kind::Node => self.nodes.remove(key).is_some(),
+            Kind::Config if self.config_key.as_ref() == Some(key) => {
+                self.config_key = None;
+                self.config = ClusterConfig::default();
+                self.config_file.take().is_some()
+            }
+            Kind::Config => false,
+            Kind::Service => self.services.remove(key).is_some(),
+            Kind::EndpointSlice => self.endpoint_slices.remove(key).is_some(),
+            Kind::Namespace => self.namespaces.remove(key).is_some(),
+            Kind::Pod => self.pods.remove(key).is_some(),
+            Kind::NetworkPolicy => self.policies.remove(key).is_some(),
+        }
+    }
 }
 
 fn error(file: &Path, field: impl Into<String>, message: impl Into<String>) -> ManifestError {
@@ -129,16 +338,7 @@ pub fn load_dir(dir: &Path) -> Result<Manifests, Vec<ManifestError>> {
             Err(e) => errors.push(error(file, "", format!("cannot read: {e}"))),
         }
     }
-    out.nodes.sort_by(|a, b| a.name.cmp(&b.name));
-    for pair in out.nodes.windows(2) {
-        if pair[0].name == pair[1].name {
-            errors.push(error(
-                &pair[1].file,
-                format!("Node {}", pair[1].name),
-                format!("defined twice (also in {})", pair[0].file.display()),
-            ));
-        }
-    }
+    out.nodes.sort_by_key(|n| n.name.clone());
     if errors.is_empty() {
         Ok(out)
     } else {
@@ -167,7 +367,8 @@ pub fn load_text(file: &Path, text: &str, out: &mut Manifests, errors: &mut Vec<
     }
 }
 
-/// Reads one object (`what` names it in errors: `document 2`, `Node node-a`) into `out`.
+/// Reads one object (`what` names it in errors: `document 2`, `Node node-a`) into `out`;
+/// an object defined twice is an error.
 pub fn load_value(
     file: &Path,
     what: &str,
@@ -175,6 +376,37 @@ pub fn load_value(
     out: &mut Manifests,
     errors: &mut Vec<ManifestError>,
 ) {
+    let Some((key, object)) = decode_value(file, what, value).unwrap_or_else(|e| {
+        errors.push(e);
+        None
+    }) else {
+        return;
+    };
+    let kind = object.kind();
+    let name = match &key {
+        (ns, name) if ns.is_empty() => name.clone(),
+        (ns, name) => format!("{ns}/{name}"),
+    };
+    if let Some(previous) = out.put(key, object) {
+        let also = previous
+            .file()
+            .map(|f| format!(" (also in {})", f.display()))
+            .unwrap_or_default();
+        errors.push(error(
+            file,
+            format!("{kind} {name}"),
+            format!("defined twice{also}"),
+        ));
+    }
+}
+
+/// Decodes one object (`what` names it in errors): its key and what the cluster state
+/// keeps of it; `None` for the kinds and ConfigMaps that are not Switchyard's.
+pub fn decode_value(
+    file: &Path,
+    what: &str,
+    value: serde_json::Value,
+) -> Result<Option<(ObjectKey, Object)>, ManifestError> {
     let kind = value
         .get("kind")
         .and_then(|k| k.as_str())
@@ -184,77 +416,94 @@ pub fn load_value(
         .get("apiVersion")
         .and_then(|k| k.as_str())
         .unwrap_or_default();
-    match (api_version, kind.as_str()) {
-        ("v1", "Node") => match serde_json::from_value::<Node>(value) {
-            Ok(node) => match node_record(file, &node) {
-                Ok(record) => out.nodes.push(record),
-                Err(e) => errors.push(e),
-            },
-            Err(e) => errors.push(error(file, format!("{what}: Node"), e.to_string())),
-        },
-        ("v1", "ConfigMap") => match serde_json::from_value::<ConfigMap>(value) {
-            Ok(map) if map.metadata.name.as_deref() == Some(CONFIG_MAP) => {
-                let field = format!("ConfigMap {CONFIG_MAP}: data.{CONFIG_KEY}");
-                let Some(text) = map.data.as_ref().and_then(|d| d.get(CONFIG_KEY)) else {
-                    errors.push(error(file, field, "missing"));
-                    return;
-                };
-                match ClusterConfig::parse(text) {
-                    Ok(config) => {
-                        if let Some(previous) = &out.config_file {
-                            errors.push(error(
-                                file,
-                                field,
-                                format!(
-                                    "a second {CONFIG_MAP} (the first is in {})",
-                                    previous.display()
-                                ),
-                            ));
-                        }
-                        out.config = config;
-                        out.config_file = Some(file.to_path_buf());
-                    }
-                    Err(e) => errors.push(error(file, field, e)),
-                }
+    let decode_error =
+        |kind: &str, e: serde_json::Error| error(file, format!("{what}: {kind}"), e.to_string());
+    let key = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+               namespaced: bool| {
+        let namespace = if namespaced {
+            meta.namespace.clone().unwrap_or_else(|| "default".into())
+        } else {
+            String::new()
+        };
+        (namespace, meta.name.clone().unwrap_or_default())
+    };
+    let file_buf = || file.to_path_buf();
+    Ok(Some(match (api_version, kind.as_str()) {
+        ("v1", "Node") => {
+            let node =
+                serde_json::from_value::<Node>(value).map_err(|e| decode_error("Node", e))?;
+            let record = node_record(file, &node)?;
+            ((String::new(), record.name.clone()), Object::Node(record))
+        }
+        ("v1", "ConfigMap") => {
+            let map = serde_json::from_value::<ConfigMap>(value)
+                .map_err(|e| decode_error("ConfigMap", e))?;
+            if map.metadata.name.as_deref() != Some(CONFIG_MAP) {
+                return Ok(None); // other ConfigMaps are not ours
             }
-            Ok(_) => {} // other ConfigMaps are not ours
-            Err(e) => errors.push(error(file, format!("{what}: ConfigMap"), e.to_string())),
-        },
-        ("v1", "Service") => match serde_json::from_value::<Service>(value) {
-            Ok(service) => out.services.push(ServiceManifest {
-                service,
-                file: file.to_path_buf(),
-            }),
-            Err(e) => errors.push(error(file, format!("{what}: Service"), e.to_string())),
-        },
+            let field = format!("ConfigMap {CONFIG_MAP}: data.{CONFIG_KEY}");
+            let text = map
+                .data
+                .as_ref()
+                .and_then(|d| d.get(CONFIG_KEY))
+                .ok_or_else(|| error(file, &field, "missing"))?;
+            let config = ClusterConfig::parse(text).map_err(|e| error(file, &field, e))?;
+            (
+                key(&map.metadata, true),
+                Object::Config(Box::new(config), file_buf()),
+            )
+        }
+        ("v1", "Service") => {
+            let service =
+                serde_json::from_value::<Service>(value).map_err(|e| decode_error("Service", e))?;
+            let k = key(&service.metadata, true);
+            (
+                k,
+                Object::Service(Box::new(ServiceManifest {
+                    service,
+                    file: file_buf(),
+                })),
+            )
+        }
         ("discovery.k8s.io/v1" | "discovery.k8s.io/v1beta1", "EndpointSlice") => {
-            match serde_json::from_value::<EndpointSlice>(beta_slice_as_v1(value)) {
-                Ok(slice) => out.endpoint_slices.push(SliceManifest {
+            let slice = serde_json::from_value::<EndpointSlice>(beta_slice_as_v1(value))
+                .map_err(|e| decode_error("EndpointSlice", e))?;
+            let k = key(&slice.metadata, true);
+            (
+                k,
+                Object::EndpointSlice(Box::new(SliceManifest {
                     slice,
-                    file: file.to_path_buf(),
-                }),
-                Err(e) => errors.push(error(file, format!("{what}: EndpointSlice"), e.to_string())),
-            }
+                    file: file_buf(),
+                })),
+            )
         }
-        ("v1", "Namespace") => match serde_json::from_value::<Namespace>(value) {
-            Ok(ns) => out.namespaces.push(ns),
-            Err(e) => errors.push(error(file, format!("{what}: Namespace"), e.to_string())),
-        },
-        ("v1", "Pod") => match serde_json::from_value::<Pod>(value) {
-            Ok(pod) => out.pods.push(pod),
-            Err(e) => errors.push(error(file, format!("{what}: Pod"), e.to_string())),
-        },
+        ("v1", "Namespace") => {
+            let ns = serde_json::from_value::<Namespace>(value)
+                .map_err(|e| decode_error("Namespace", e))?;
+            (key(&ns.metadata, false), Object::Namespace(Box::new(ns)))
+        }
+        ("v1", "Pod") => {
+            let pod = serde_json::from_value::<Pod>(value).map_err(|e| decode_error("Pod", e))?;
+            let view = pod_view(&pod);
+            (
+                (view.namespace.clone(), view.name.clone()),
+                Object::Pod(Box::new(view)),
+            )
+        }
         ("networking.k8s.io/v1", "NetworkPolicy") => {
-            match serde_json::from_value::<NetworkPolicy>(value) {
-                Ok(policy) => out.policies.push(PolicyManifest {
+            let policy = serde_json::from_value::<NetworkPolicy>(value)
+                .map_err(|e| decode_error("NetworkPolicy", e))?;
+            let k = key(&policy.metadata, true);
+            (
+                k,
+                Object::NetworkPolicy(Box::new(PolicyManifest {
                     policy,
-                    file: file.to_path_buf(),
-                }),
-                Err(e) => errors.push(error(file, format!("{what}: NetworkPolicy"), e.to_string())),
-            }
+                    file: file_buf(),
+                })),
+            )
         }
-        _ => {} // other kinds are not Switchyard's business
-    }
+        _ => return Ok(None), // other kinds are not Switchyard's business
+    }))
 }
 
 /// A `discovery.k8s.io/v1beta1` EndpointSlice in `v1`'s shape: the same fields but for the

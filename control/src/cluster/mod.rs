@@ -2,8 +2,10 @@
 
 pub mod allocate;
 pub mod config;
+pub mod keyed;
 pub mod manifests;
 pub mod plan;
+pub mod pods;
 pub mod services;
 
 #[cfg(test)]

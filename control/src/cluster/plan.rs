@@ -36,21 +36,32 @@ pub struct NodePlan {
     pub peers: Vec<Peer>,
 }
 
+/// A Node's key in the cluster state (Nodes have no namespace).
+fn node_key(name: &str) -> (String, String) {
+    (String::new(), name.to_string())
+}
+
 /// The plan of node `name`; an error says what is missing.
 pub fn plan(m: &Manifests, name: &str) -> Result<NodePlan, String> {
-    let me = m.nodes.iter().find(|n| n.name == name).ok_or_else(|| {
+    let me = m.nodes.get(&node_key(name)).ok_or_else(|| {
         format!(
             "no Node named {name} in the manifests ({} nodes read)",
             m.nodes.len()
         )
     })?;
+    if me.pod_cidrs.is_empty() {
+        return Err(format!(
+            "Node {name} has no spec.podCIDRs yet (kube-controller-manager allocates them \
+             with --allocate-node-cidrs); waiting for them"
+        ));
+    }
     let address = me.internal_ip.ok_or_else(|| {
         format!(
             "Node {name} ({}) has no InternalIP in status.addresses",
             me.file.display()
         )
     })?;
-    let peers = m
+    let mut peers: Vec<Peer> = m
         .nodes
         .iter()
         .filter(|n| n.name != name && !n.pod_cidrs.is_empty())
@@ -62,6 +73,8 @@ pub fn plan(m: &Manifests, name: &str) -> Result<NodePlan, String> {
             })
         })
         .collect();
+    // The same plan whatever order the nodes were stored in.
+    peers.sort_by(|a, b| a.node.cmp(&b.node));
     Ok(NodePlan {
         node: name.to_string(),
         address,
@@ -87,8 +100,7 @@ impl NodePlan {
         };
         let addresses_of = |name: &str| {
             m.nodes
-                .iter()
-                .find(|n| n.name == name)
+                .get(&node_key(name))
                 .map(|n| n.internal_ips.clone())
                 .unwrap_or_default()
         };

@@ -24,7 +24,7 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 /// A Service read from a manifest, with the file it came from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceManifest {
     /// The object.
     pub service: Service,
@@ -33,7 +33,7 @@ pub struct ServiceManifest {
 }
 
 /// An EndpointSlice read from a manifest, with the file it came from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SliceManifest {
     /// The object.
     pub slice: EndpointSlice,
@@ -242,16 +242,8 @@ pub fn compile(
             Err(e) => errors.push(e),
         }
     }
+    // One per key: the state keeps Services by namespace and name.
     parsed.sort_by(|a, b| a.key.cmp(&b.key));
-    for pair in parsed.windows(2) {
-        if pair[0].key == pair[1].key {
-            errors.push(error(
-                pair[1].file,
-                format!("Service {}", pair[1].key),
-                format!("defined twice (also in {})", pair[0].file.display()),
-            ));
-        }
-    }
     let mut record = ServiceAllocations::default();
     allocate_cluster_ips(&mut parsed, cidrs, recorded, &mut record, &mut errors);
     let node_ports = allocate_node_ports(&parsed, &m.config, recorded, &mut record, &mut errors);
@@ -604,7 +596,9 @@ endpoints:
         let other = WEB
             .replace("name: web, namespace: shop", "name: aaa, namespace: shop")
             .replace("clusterIP: 10.96.0.10", "clusterIP: 10.96.0.20")
-            .replace("nodePort: 30053", "nodePort: 30054");
+            .replace("nodePort: 30053", "nodePort: 30054")
+            .replace("name: web-1", "name: aaa-1")
+            .replace("service-name: web}", "service-name: aaa}");
         let m = manifests(&format!("{WEB}\n---\n{other}"));
         let (specs, _) = compile(&m, "node0", &record).unwrap();
         let web = specs.iter().find(|s| s.name == "web").unwrap();

@@ -13,7 +13,9 @@
 //! A rule is resolved once, whatever the number of pods it applies to, and shared between
 //! them; pods are found through an index of their labels.
 
-use super::{applies, in_block, peer_admits, policy_name, rules, selector, wire_port, PodView};
+use super::{
+    applies, in_block, peer_admits, policy_name, rules, selector, wire_port, PodView, NAME_LABEL,
+};
 use crate::cluster::manifests::Manifests;
 use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort};
@@ -27,10 +29,13 @@ use switchyard_api::{PodPolicy, PolicyDirection, PolicyPeer, PolicyPort, PolicyR
 pub fn compile(m: &Manifests, node: Option<&str>) -> PolicySet {
     let mut c = Compiler::new(m);
     let mut set = PolicySet::default();
-    for i in 0..c.pods.len() {
-        let pod = &c.pods[i];
-        let elsewhere = matches!((node, pod.node), (Some(n), Some(p)) if n != p);
-        if pod.ips.is_empty() || elsewhere {
+    let subjects: Vec<usize> = match node {
+        Some(node) => m.pods.on_node(node),
+        None => (0..m.pods.len()).collect(),
+    };
+    for i in subjects {
+        let pod = &m.pods[i];
+        if pod.ips.is_empty() {
             continue;
         }
         let ingress = c.direction(i, true);
@@ -38,15 +43,17 @@ pub fn compile(m: &Manifests, node: Option<&str>) -> PolicySet {
         if ingress.is_none() && egress.is_none() {
             continue;
         }
-        let pod = &c.pods[i];
         set.pods.push(PodPolicy {
-            namespace: pod.namespace.into(),
-            name: pod.name.into(),
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
             addresses: pod.ips.clone(),
             ingress,
             egress,
         });
     }
+    // The same set whatever order the pods were stored in.
+    set.pods
+        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     set.rules = c.rules;
     set
 }
@@ -56,9 +63,7 @@ type Rules = Vec<(Vec<NetworkPolicyPeer>, Vec<NetworkPolicyPort>)>;
 
 struct Compiler<'m> {
     m: &'m Manifests,
-    pods: Vec<PodView<'m>>,
-    /// Pods by label (`key`, `value`).
-    by_label: HashMap<(String, String), Vec<usize>>,
+    pods: &'m [PodView],
     /// Namespaces' labels, `kubernetes.io/metadata.name` included.
     namespaces: HashMap<String, BTreeMap<String, String>>,
     /// Each policy's rules, ingress and egress.
@@ -72,17 +77,12 @@ struct Compiler<'m> {
 
 impl<'m> Compiler<'m> {
     fn new(m: &'m Manifests) -> Self {
-        let pods: Vec<PodView> = m.pods.iter().map(super::pod_view).collect();
-        let mut by_label: HashMap<(String, String), Vec<usize>> = HashMap::new();
-        let mut namespaces = HashMap::new();
-        for (i, pod) in pods.iter().enumerate() {
-            for (k, v) in &pod.labels {
-                by_label.entry((k.clone(), v.clone())).or_default().push(i);
-            }
-            namespaces
-                .entry(pod.namespace.to_string())
-                .or_insert_with(|| super::namespace_labels(m, pod.namespace));
-        }
+        let namespaces = m
+            .namespaces
+            .iter()
+            .filter_map(|n| n.metadata.name.as_deref())
+            .map(|name| (name.to_string(), super::namespace_labels(m, name)))
+            .collect();
         let policy_rules = m
             .policies
             .iter()
@@ -90,8 +90,7 @@ impl<'m> Compiler<'m> {
             .collect();
         Self {
             m,
-            pods,
-            by_label,
+            pods: &m.pods,
             namespaces,
             policy_rules,
             rules: Vec::new(),
@@ -195,13 +194,13 @@ impl<'m> Compiler<'m> {
             }));
         }
         let mut groups: BTreeMap<Vec<PolicyPort>, Vec<PolicyPeer>> = BTreeMap::new();
-        for pod in &self.pods {
+        for pod in self.pods {
             let admitted: Vec<IpAddr> = if peers.is_empty() {
                 pod.ips.clone()
             } else {
                 let by_selector = peers.iter().any(|peer| {
                     peer.ip_block.is_none()
-                        && peer_admits(peer, ns, pod, |s| self.ns_selects(s, pod.namespace))
+                        && peer_admits(peer, ns, pod, |s| self.ns_selects(s, &pod.namespace))
                 });
                 if by_selector {
                     pod.ips.clone()
@@ -265,7 +264,7 @@ impl<'m> Compiler<'m> {
             }
             for i in self.candidates(peer) {
                 let pod = &self.pods[i];
-                if peer_admits(peer, ns, pod, |s| self.ns_selects(s, pod.namespace)) {
+                if peer_admits(peer, ns, pod, |s| self.ns_selects(s, &pod.namespace)) {
                     out.extend(pod.ips.iter().copied().map(host));
                 }
             }
@@ -283,11 +282,7 @@ impl<'m> Compiler<'m> {
             .and_then(|s| s.match_labels.as_ref())
             .and_then(|l| l.iter().next());
         match first {
-            Some((k, v)) => self
-                .by_label
-                .get(&(k.clone(), v.clone()))
-                .cloned()
-                .unwrap_or_default(),
+            Some((k, v)) => self.m.pods.with_label(k, v),
             None => (0..self.pods.len()).collect(),
         }
     }
@@ -297,9 +292,14 @@ impl<'m> Compiler<'m> {
         sel: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
         namespace: &str,
     ) -> bool {
-        self.namespaces
-            .get(namespace)
-            .is_some_and(|labels| selector::matches(sel, labels))
+        match self.namespaces.get(namespace) {
+            Some(labels) => selector::matches(sel, labels),
+            // A namespace with no object read: only the label Kubernetes sets.
+            None => selector::matches(
+                sel,
+                &BTreeMap::from([(NAME_LABEL.to_string(), namespace.to_string())]),
+            ),
+        }
     }
 
     fn intern(&mut self, rule: PolicyRule) -> u32 {

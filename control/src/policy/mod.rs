@@ -24,9 +24,10 @@
 pub mod compile;
 pub mod selector;
 
+pub use crate::cluster::pods::{pod_view, PodView};
+
 use crate::cluster::manifests::Manifests;
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort,
 };
@@ -46,67 +47,17 @@ pub struct Verdict {
     pub reason: String,
 }
 
-/// A pod as policies see it: namespace, name, labels, address, container ports.
-#[derive(Debug, Clone)]
-pub struct PodView<'a> {
-    /// `metadata.namespace`.
-    pub namespace: &'a str,
-    /// `metadata.name`.
-    pub name: &'a str,
-    /// `metadata.labels`.
-    pub labels: BTreeMap<String, String>,
-    /// `status.podIPs` (first).
-    pub ip: Option<IpAddr>,
-    /// `status.podIPs` (all).
-    pub ips: Vec<IpAddr>,
-    /// `spec.nodeName`.
-    pub node: Option<&'a str>,
-    /// Named container ports: name -> (port, protocol).
-    pub ports: BTreeMap<String, (u16, String)>,
-}
-
-/// Builds the policy view of a pod.
-pub fn pod_view(pod: &Pod) -> PodView<'_> {
-    let meta = &pod.metadata;
-    let mut ports = BTreeMap::new();
-    for c in pod.spec.iter().flat_map(|s| &s.containers) {
-        for p in c.ports.iter().flatten() {
-            if let Some(name) = &p.name {
-                let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into());
-                ports.insert(name.clone(), (p.container_port as u16, protocol));
-            }
-        }
-    }
-    let status = pod.status.as_ref();
-    let mut ips: Vec<IpAddr> = status
-        .and_then(|s| s.pod_ips.as_ref())
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.ip.parse().ok())
-        .collect();
-    if ips.is_empty() {
-        ips.extend(status.and_then(|s| s.pod_ip.as_ref()?.parse::<IpAddr>().ok()));
-    }
-    PodView {
-        namespace: meta.namespace.as_deref().unwrap_or("default"),
-        name: meta.name.as_deref().unwrap_or_default(),
-        labels: meta.labels.clone().unwrap_or_default(),
-        ip: ips.first().copied(),
-        ips,
-        node: pod.spec.as_ref().and_then(|s| s.node_name.as_deref()),
-        ports,
-    }
-}
+/// The label Kubernetes sets on every namespace: its name.
+pub const NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// A namespace's labels, with `kubernetes.io/metadata.name` as Kubernetes sets it.
 fn namespace_labels(m: &Manifests, namespace: &str) -> BTreeMap<String, String> {
     let mut labels = m
         .namespaces
-        .iter()
-        .find(|n| n.metadata.name.as_deref() == Some(namespace))
+        .get(&(String::new(), namespace.to_string()))
         .and_then(|n| n.metadata.labels.clone())
         .unwrap_or_default();
-    labels.insert("kubernetes.io/metadata.name".into(), namespace.into());
+    labels.insert(NAME_LABEL.into(), namespace.into());
     labels
 }
 
@@ -134,7 +85,7 @@ fn policy_name(policy: &NetworkPolicy) -> String {
 
 /// True when `policy` selects `pod`.
 fn selects(policy: &NetworkPolicy, pod: &PodView) -> bool {
-    policy.metadata.namespace.as_deref().unwrap_or("default") == pod.namespace
+    policy.metadata.namespace.as_deref().unwrap_or("default") == pod.namespace.as_str()
         && policy
             .spec
             .as_ref()
@@ -145,7 +96,7 @@ fn selects(policy: &NetworkPolicy, pod: &PodView) -> bool {
 /// True when `peer` (in a policy of namespace `policy_ns`) matches `pod`.
 fn peer_matches(m: &Manifests, peer: &NetworkPolicyPeer, policy_ns: &str, pod: &PodView) -> bool {
     peer_admits(peer, policy_ns, pod, |sel| {
-        selector::matches(sel, &namespace_labels(m, pod.namespace))
+        selector::matches(sel, &namespace_labels(m, &pod.namespace))
     })
 }
 

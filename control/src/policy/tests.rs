@@ -31,13 +31,9 @@ fn world(policies: &str) -> Manifests {
     m
 }
 
-fn pod<'a>(m: &'a Manifests, name: &str) -> PodView<'a> {
+fn pod<'a>(m: &'a Manifests, name: &str) -> &'a PodView {
     let (ns, pod) = name.split_once('/').unwrap();
-    m.pods
-        .iter()
-        .map(pod_view)
-        .find(|p| p.namespace == ns && p.name == pod)
-        .unwrap()
+    m.pods.get(&(ns.into(), pod.into())).unwrap()
 }
 
 /// Checks every (client, server) pair on `port`/`protocol`: allowed unless listed in

@@ -4,26 +4,30 @@
 //! (`discovery.k8s.io/v1` where served, else `v1beta1`) and NetworkPolicies. Each object
 //! goes through the same decoding and validation as a manifest file's.
 //!
-//! The watches run on a small tokio runtime of their own; the agent's loop reads the
-//! objects they keep. Nothing is reported before every kind has been listed once (a
-//! partial list could, say, deny traffic to pods not yet seen). While the API server is
+//! The watches run on a small tokio runtime of their own and decode each object once, as
+//! its event arrives, into a [`Store`] that the agent's loop reads (and is woken by).
+//! Nothing is reported before every kind has been listed once (a partial list could, say,
+//! deny traffic to pods not yet seen). While the API server is
 //! unreachable the watches retry with backoff and the agent keeps the last state, so the
 //! dataplane keeps forwarding.
 //!
 //! Pod CIDRs come from `Node.spec.podCIDRs`, as kube-controller-manager allocates them
 //! (`--allocate-node-cidrs`); a node without one is reported and left out until it has one.
 
-use super::Source;
-use crate::cluster::manifests::{self, Manifests, CONFIG_MAP};
+use super::store::Store;
+use super::{Change, Source};
+use crate::cluster::keyed::ObjectKey;
+use crate::cluster::manifests::{Kind, Manifests, CONFIG_MAP};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{watcher, WatchStreamExt};
-use std::collections::BTreeMap;
+use std::ops::Deref;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// How to reach the API server.
 #[derive(Debug, Clone)]
@@ -36,24 +40,27 @@ pub struct ApiOptions {
 }
 
 /// One watched kind.
-struct Kind {
-    name: &'static str,
+struct Watched {
+    kind: Kind,
     resource: ApiResource,
     namespace: Option<String>,
     fields: Option<String>,
 }
 
-/// The objects of every kind, by (namespace, name), as JSON.
-type Objects = BTreeMap<&'static str, BTreeMap<(String, String), serde_json::Value>>;
-
 /// Shared between the watches and the agent.
 #[derive(Default)]
 struct Shared {
-    objects: Mutex<Objects>,
-    /// Bumped by every change.
-    changes: AtomicU64,
+    store: Mutex<Store>,
+    /// Notified after every change to the store.
+    wake: Condvar,
     /// Kinds listed at least once.
     listed: AtomicUsize,
+}
+
+impl Shared {
+    fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// The API server, watched.
@@ -62,9 +69,19 @@ pub struct ApiSource {
     client: kube::Client,
     shared: Arc<Shared>,
     kinds: usize,
-    seen: u64,
     url: String,
     ready: Arc<Mutex<Ready>>,
+}
+
+/// The store's state, locked while the agent reads it.
+struct StateGuard<'a>(MutexGuard<'a, Store>);
+
+impl Deref for StateGuard<'_> {
+    type Target = Manifests;
+
+    fn deref(&self) -> &Manifests {
+        self.0.state()
+    }
 }
 
 fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
@@ -104,38 +121,38 @@ impl ApiSource {
         };
         let slices = runtime.block_on(endpoint_slice_version(&client));
         let kinds = vec![
-            Kind {
-                name: "Node",
+            Watched {
+                kind: Kind::Node,
                 resource: resource("", "v1", "Node", "nodes"),
                 namespace: None,
                 fields: None,
             },
-            Kind {
-                name: "ConfigMap",
+            Watched {
+                kind: Kind::Config,
                 resource: resource("", "v1", "ConfigMap", "configmaps"),
                 namespace: Some(opts.config_namespace.clone()),
                 fields: Some(format!("metadata.name={CONFIG_MAP}")),
             },
-            Kind {
-                name: "Namespace",
+            Watched {
+                kind: Kind::Namespace,
                 resource: resource("", "v1", "Namespace", "namespaces"),
                 namespace: None,
                 fields: None,
             },
-            Kind {
-                name: "Pod",
+            Watched {
+                kind: Kind::Pod,
                 resource: resource("", "v1", "Pod", "pods"),
                 namespace: None,
                 fields: None,
             },
-            Kind {
-                name: "Service",
+            Watched {
+                kind: Kind::Service,
                 resource: resource("", "v1", "Service", "services"),
                 namespace: None,
                 fields: None,
             },
-            Kind {
-                name: "EndpointSlice",
+            Watched {
+                kind: Kind::EndpointSlice,
                 resource: resource(
                     "discovery.k8s.io",
                     slices,
@@ -145,8 +162,8 @@ impl ApiSource {
                 namespace: None,
                 fields: None,
             },
-            Kind {
-                name: "NetworkPolicy",
+            Watched {
+                kind: Kind::NetworkPolicy,
                 resource: resource(
                     "networking.k8s.io",
                     "v1",
@@ -167,7 +184,6 @@ impl ApiSource {
             client,
             shared,
             kinds: count,
-            seen: u64::MAX,
             url,
             ready: Arc::new(Mutex::new(Ready::NotYet)),
         })
@@ -175,7 +191,7 @@ impl ApiSource {
 
     /// The cluster state now (for `explain --kubeconfig`): waits until every kind has been
     /// listed, up to `timeout`.
-    pub fn snapshot(&mut self, timeout: std::time::Duration) -> Result<Manifests, Vec<String>> {
+    pub fn snapshot(&mut self, timeout: Duration) -> Result<Manifests, Vec<String>> {
         let deadline = std::time::Instant::now() + timeout;
         while self.shared.listed.load(Ordering::Acquire) < self.kinds {
             if std::time::Instant::now() > deadline {
@@ -184,68 +200,37 @@ impl ApiSource {
                     self.url
                 )]);
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20));
         }
-        self.build()
-    }
-
-    /// The objects as manifests, nodes without pod CIDRs left out.
-    fn build(&self) -> Result<Manifests, Vec<String>> {
-        let mut m = Manifests::default();
-        let mut errors = Vec::new();
-        {
-            let objects = self
-                .shared
-                .objects
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            for (kind, items) in objects.iter() {
-                let origin = PathBuf::from(format!("kube-apiserver {kind}"));
-                for ((namespace, name), value) in items {
-                    let what = if namespace.is_empty() {
-                        format!("{kind} {name}")
-                    } else {
-                        format!("{kind} {namespace}/{name}")
-                    };
-                    manifests::load_value(&origin, &what, value.clone(), &mut m, &mut errors);
-                }
-            }
-        }
-        let mut report: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        m.nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        m.nodes.retain(|n| {
-            if n.pod_cidrs.is_empty() {
-                report.push(format!(
-                    "Node {}: no spec.podCIDRs yet (kube-controller-manager allocates them with \
-                     --allocate-node-cidrs); left out until it has one",
-                    n.name
-                ));
-            }
-            !n.pod_cidrs.is_empty()
-        });
-        // A node waiting for its CIDR is not an error that should hold back the others.
+        let store = self.shared.store();
+        let errors = store.errors();
         if errors.is_empty() {
-            for line in report.iter().filter(|l| l.starts_with("Node ")) {
-                tracing::warn!("{line}");
-            }
-            Ok(m)
+            Ok(store.state().clone())
         } else {
-            Err(report)
+            Err(errors)
         }
     }
 }
 
 impl Source for ApiSource {
-    fn changed(&mut self) -> Option<Result<Manifests, Vec<String>>> {
+    fn changed(&mut self) -> Option<Change> {
         if self.shared.listed.load(Ordering::Acquire) < self.kinds {
             return None;
         }
-        let now = self.shared.changes.load(Ordering::Acquire);
-        if now == self.seen {
-            return None;
+        self.shared.store().take_changes()
+    }
+
+    fn state(&self) -> Box<dyn Deref<Target = Manifests> + '_> {
+        Box::new(StateGuard(self.shared.store()))
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let store = self.shared.store();
+        let listed = self.shared.listed.load(Ordering::Acquire) >= self.kinds;
+        if listed && store.pending() {
+            return;
         }
-        self.seen = now;
-        Some(self.build())
+        let _ = self.shared.wake.wait_timeout(store, timeout);
     }
 
     fn network_ready(&mut self, node: &str) -> Result<(), String> {
@@ -347,7 +332,7 @@ async fn endpoint_slice_version(client: &kube::Client) -> &'static str {
 }
 
 /// Keeps `shared`'s objects of one kind in line with the server until the process ends.
-async fn watch(client: kube::Client, kind: Kind, shared: Arc<Shared>) {
+async fn watch(client: kube::Client, kind: Watched, shared: Arc<Shared>) {
     let api: Api<DynamicObject> = match &kind.namespace {
         Some(ns) => Api::namespaced_with(client, ns, &kind.resource),
         None => Api::all_with(client, &kind.resource),
@@ -357,7 +342,7 @@ async fn watch(client: kube::Client, kind: Kind, shared: Arc<Shared>) {
         config = config.fields(fields);
     }
     let mut events = watcher(api, config).backoff(Retry::default()).boxed();
-    let mut relist: Option<BTreeMap<(String, String), serde_json::Value>> = None;
+    let mut relist: Option<Vec<(ObjectKey, serde_json::Value)>> = None;
     let mut listed_once = false;
     let mut last_error = String::new();
     while let Some(event) = events.next().await {
@@ -366,7 +351,7 @@ async fn watch(client: kube::Client, kind: Kind, shared: Arc<Shared>) {
             Err(e) => {
                 let text = e.to_string();
                 if text != last_error {
-                    tracing::warn!("watching {}s: {text} (retrying)", kind.name);
+                    tracing::warn!("watching {}s: {text} (retrying)", kind.kind);
                     last_error = text;
                 }
                 continue;
@@ -381,54 +366,38 @@ async fn watch(client: kube::Client, kind: Kind, shared: Arc<Shared>) {
                 watcher::Event::InitApply(o) => format!("init-apply {:?}", o.metadata.name),
                 watcher::Event::InitDone => "init-done".into(),
             };
-            tracing::info!("watch {}: {what}", kind.name);
+            tracing::info!("watch {}: {what}", kind.kind);
         }
         match event {
-            watcher::Event::Init => relist = Some(BTreeMap::new()),
+            watcher::Event::Init => relist = Some(Vec::new()),
             watcher::Event::InitApply(o) => {
                 if let Some(buffer) = relist.as_mut() {
-                    let (key, value) = entry(&kind, o);
-                    buffer.insert(key, value);
+                    buffer.push(entry(&kind, o));
                 }
             }
             watcher::Event::InitDone => {
                 let fresh = relist.take().unwrap_or_default();
-                let mut objects = shared.objects.lock().unwrap_or_else(|e| e.into_inner());
-                let unchanged = objects.get(kind.name) == Some(&fresh);
-                objects.insert(kind.name, fresh);
-                drop(objects);
-                if !unchanged {
-                    shared.changes.fetch_add(1, Ordering::AcqRel);
-                }
+                shared.store().relist(kind.kind, fresh);
                 if !listed_once {
                     listed_once = true;
                     shared.listed.fetch_add(1, Ordering::AcqRel);
-                    shared.changes.fetch_add(1, Ordering::AcqRel);
                 }
             }
             watcher::Event::Apply(o) => {
                 let (key, value) = entry(&kind, o);
-                let mut objects = shared.objects.lock().unwrap_or_else(|e| e.into_inner());
-                let items = objects.entry(kind.name).or_default();
-                if items.get(&key) != Some(&value) {
-                    items.insert(key, value);
-                    shared.changes.fetch_add(1, Ordering::AcqRel);
-                }
+                shared.store().apply(kind.kind, key, value);
             }
             watcher::Event::Delete(o) => {
                 let (key, _) = entry(&kind, o);
-                let mut objects = shared.objects.lock().unwrap_or_else(|e| e.into_inner());
-                if objects.entry(kind.name).or_default().remove(&key).is_some() {
-                    shared.changes.fetch_add(1, Ordering::AcqRel);
-                }
+                shared.store().delete(kind.kind, &key);
             }
         }
+        shared.wake.notify_all();
     }
 }
 
-/// An object's key and its JSON, with `apiVersion` and `kind` set (list items lack them),
-/// and without the fields that change on every write but mean nothing here.
-fn entry(kind: &Kind, o: DynamicObject) -> ((String, String), serde_json::Value) {
+/// An object's key and its JSON, with `apiVersion` and `kind` set (list items lack them).
+fn entry(kind: &Watched, o: DynamicObject) -> (ObjectKey, serde_json::Value) {
     let key = (
         o.metadata.namespace.clone().unwrap_or_default(),
         o.metadata.name.clone().unwrap_or_default(),
@@ -439,18 +408,7 @@ fn entry(kind: &Kind, o: DynamicObject) -> ((String, String), serde_json::Value)
             "apiVersion".into(),
             kind.resource.api_version.clone().into(),
         );
-        map.insert("kind".into(), kind.name.into());
-        if let Some(meta) = map.get_mut("metadata").and_then(|m| m.as_object_mut()) {
-            for noise in ["resourceVersion", "managedFields", "generation"] {
-                meta.remove(noise);
-            }
-        }
-        if kind.name == "Node" {
-            // Heartbeats rewrite a Node's conditions every few seconds.
-            if let Some(status) = map.get_mut("status").and_then(|s| s.as_object_mut()) {
-                status.remove("conditions");
-            }
-        }
+        map.insert("kind".into(), kind.resource.kind.clone().into());
     }
     (key, value)
 }

@@ -3,10 +3,11 @@
 //! recorded in `DIR/.switchyard-allocations.json` (so every node's agent agrees), cluster
 //! IPs and node ports of Services in `DIR/.switchyard-service-allocations.json`.
 
-use super::Source;
+use super::{Change, Source};
 use crate::cluster::allocate::{self, Record};
-use crate::cluster::manifests::{self, ManifestError, Manifests};
+use crate::cluster::manifests::{self, Kinds, ManifestError, Manifests};
 use crate::cluster::services::ServiceAllocations;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -19,6 +20,7 @@ pub const SERVICE_ALLOCATIONS_FILE: &str = ".switchyard-service-allocations.json
 pub struct DirSource {
     dir: PathBuf,
     seen: Option<Vec<(String, u64, Option<SystemTime>)>>,
+    state: Manifests,
 }
 
 impl DirSource {
@@ -27,12 +29,14 @@ impl DirSource {
         Self {
             dir: dir.to_path_buf(),
             seen: None,
+            state: Manifests::default(),
         }
     }
 }
 
 impl Source for DirSource {
-    fn changed(&mut self) -> Option<Result<Manifests, Vec<String>>> {
+    /// Reads the whole directory again when its listing changed: every kind may have.
+    fn changed(&mut self) -> Option<Change> {
         let now = fingerprint(&self.dir);
         if self.seen.as_ref() == Some(&now) {
             return None;
@@ -51,7 +55,21 @@ impl Source for DirSource {
                     )]
                 })
         });
-        Some(loaded)
+        let errors = match loaded {
+            Ok(m) => {
+                self.state = m;
+                Vec::new()
+            }
+            Err(errors) => errors,
+        };
+        Some(Change {
+            kinds: Kinds::ALL,
+            errors,
+        })
+    }
+
+    fn state(&self) -> Box<dyn Deref<Target = Manifests> + '_> {
+        Box::new(&self.state)
     }
 
     fn service_allocations(&self) -> ServiceAllocations {

@@ -1,18 +1,34 @@
 //! Where the agent reads the cluster from: a directory of manifests ([`dir`]) or the
-//! Kubernetes API server ([`api`]). Both give the same [`Manifests`], which the same
-//! validation and reconcile code turn into the dataplane's state.
+//! Kubernetes API server ([`api`], which keeps its objects in a [`store::Store`]). Both
+//! give the same [`Manifests`], which the same validation and reconcile code turn into the
+//! dataplane's state.
 
 pub mod api;
 pub mod dir;
+pub mod memory;
+pub mod store;
+pub mod synthetic;
 
 use crate::cluster::manifests::Manifests;
 use crate::cluster::services::ServiceAllocations;
+use std::ops::Deref;
+use std::time::Duration;
+
+pub use store::Change;
 
 /// A source of cluster state.
 pub trait Source {
-    /// The cluster state, when it changed since the last call (`None`: unchanged), with
-    /// every node's pod CIDRs as this source gives them; errors as lines to print.
-    fn changed(&mut self) -> Option<Result<Manifests, Vec<String>>>;
+    /// What changed since the last call (`None`: nothing), with every node's pod CIDRs as
+    /// this source gives them; the state is usable when the change has no errors.
+    fn changed(&mut self) -> Option<Change>;
+
+    /// The cluster state (as of the last [`Source::changed`] or later).
+    fn state(&self) -> Box<dyn Deref<Target = Manifests> + '_>;
+
+    /// Waits up to `timeout`, less when a change arrives sooner.
+    fn wait(&self, timeout: Duration) {
+        std::thread::sleep(timeout);
+    }
 
     /// Cluster IPs and node ports this source recorded for Services that have none.
     fn service_allocations(&self) -> ServiceAllocations {

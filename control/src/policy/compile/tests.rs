@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::cluster::manifests::load_text;
-use crate::policy::{explain, pod_view};
+use crate::policy::explain;
 use std::path::Path;
 use std::sync::Arc;
 use switchyard_dataplane::tables::policy::{CompiledRules, PolicyTable};
@@ -205,9 +205,9 @@ fn explain_agrees_with_the_compiled_rules_on_random_policies() {
     let (mut allowed_cells, mut denied_cells, mut by_rule) = (0, 0, 0);
     for round in 0..400 {
         let m = world(&mut rng);
-        let pods: Vec<PodView> = m.pods.iter().map(pod_view).collect();
-        for client in &pods {
-            for server in &pods {
+        let pods: &[PodView] = &m.pods;
+        for client in pods {
+            for server in pods {
                 if client.namespace == server.namespace && client.name == server.name {
                     continue;
                 }

@@ -1,0 +1,224 @@
+//! The cluster's pods as the agent needs them (namespace, name, labels, addresses, node,
+//! named ports), indexed by label and by node so that NetworkPolicy's selectors and one
+//! node's pods are found without a pass over every pod of the cluster. The indexes follow
+//! each change in place.
+
+use super::keyed::{Keyed, Moved, ObjectKey};
+use k8s_openapi::api::core::v1::Pod;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::ops::Deref;
+
+/// A pod as policies see it: namespace, name, labels, address, container ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodView {
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+    /// `status.podIPs` (first).
+    pub ip: Option<IpAddr>,
+    /// `status.podIPs` (all).
+    pub ips: Vec<IpAddr>,
+    /// `spec.nodeName`.
+    pub node: Option<String>,
+    /// Named container ports: name -> (port, protocol).
+    pub ports: BTreeMap<String, (u16, String)>,
+}
+
+/// Builds the view of a pod.
+pub fn pod_view(pod: &Pod) -> PodView {
+    let meta = &pod.metadata;
+    let mut ports = BTreeMap::new();
+    for c in pod.spec.iter().flat_map(|s| &s.containers) {
+        for p in c.ports.iter().flatten() {
+            if let Some(name) = &p.name {
+                let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+                ports.insert(name.clone(), (p.container_port as u16, protocol));
+            }
+        }
+    }
+    let status = pod.status.as_ref();
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if ips.is_empty() {
+        ips.extend(status.and_then(|s| s.pod_ip.as_ref()?.parse::<IpAddr>().ok()));
+    }
+    PodView {
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: meta.name.clone().unwrap_or_default(),
+        labels: meta.labels.clone().unwrap_or_default(),
+        ip: ips.first().copied(),
+        ips,
+        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        ports,
+    }
+}
+
+/// The pods, read as a slice, with their label and node indexes.
+#[derive(Debug, Clone, Default)]
+pub struct Pods {
+    list: Keyed<PodView>,
+    by_label: HashMap<(String, String), HashSet<u32>>,
+    by_node: HashMap<String, HashSet<u32>>,
+}
+
+impl Pods {
+    /// Puts `pod` in (replacing the pod of the same namespace and name); returns the pod it
+    /// replaced.
+    pub fn insert(&mut self, pod: PodView) -> Option<PodView> {
+        let key = (pod.namespace.clone(), pod.name.clone());
+        let (at, old) = self.list.insert(key, pod);
+        if let Some(old) = &old {
+            self.unindex(at, old);
+        }
+        let new = &self.list[at];
+        Self::index(&mut self.by_label, &mut self.by_node, at, new);
+        old
+    }
+
+    /// Takes out the pod `key` (namespace, name).
+    pub fn remove(&mut self, key: &ObjectKey) -> Option<PodView> {
+        let (at, old, moved) = self.list.remove(key)?;
+        self.unindex(at, &old);
+        if let Moved::Object { from, to } = moved {
+            let pod = self.list[to].clone();
+            self.unindex(from, &pod);
+            Self::index(&mut self.by_label, &mut self.by_node, to, &pod);
+        }
+        Some(old)
+    }
+
+    /// The pod `key` (namespace, name).
+    pub fn get(&self, key: &ObjectKey) -> Option<&PodView> {
+        self.list.get(key)
+    }
+
+    /// The positions of the pods labelled `key`=`value`.
+    pub fn with_label(&self, key: &str, value: &str) -> Vec<usize> {
+        // A lookup by borrowed pair would need a custom key type; labels are short.
+        self.by_label
+            .get(&(key.to_string(), value.to_string()))
+            .map(|s| s.iter().map(|&i| i as usize).collect())
+            .unwrap_or_default()
+    }
+
+    /// The positions of the pods that name `node`, and of those that name no node.
+    pub fn on_node(&self, node: &str) -> Vec<usize> {
+        let mut out: Vec<usize> = [node, ""]
+            .iter()
+            .filter_map(|n| self.by_node.get(*n))
+            .flatten()
+            .map(|&i| i as usize)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    fn index(
+        by_label: &mut HashMap<(String, String), HashSet<u32>>,
+        by_node: &mut HashMap<String, HashSet<u32>>,
+        at: usize,
+        pod: &PodView,
+    ) {
+        for (k, v) in &pod.labels {
+            by_label
+                .entry((k.clone(), v.clone()))
+                .or_default()
+                .insert(at as u32);
+        }
+        by_node
+            .entry(pod.node.clone().unwrap_or_default())
+            .or_default()
+            .insert(at as u32);
+    }
+
+    fn unindex(&mut self, at: usize, pod: &PodView) {
+        for (k, v) in &pod.labels {
+            let key = (k.clone(), v.clone());
+            if let Some(set) = self.by_label.get_mut(&key) {
+                set.remove(&(at as u32));
+                if set.is_empty() {
+                    self.by_label.remove(&key);
+                }
+            }
+        }
+        let node = pod.node.clone().unwrap_or_default();
+        if let Some(set) = self.by_node.get_mut(&node) {
+            set.remove(&(at as u32));
+            if set.is_empty() {
+                self.by_node.remove(&node);
+            }
+        }
+    }
+}
+
+impl Deref for Pods {
+    type Target = [PodView];
+
+    fn deref(&self) -> &[PodView] {
+        &self.list
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(ns: &str, name: &str, app: &str, node: Option<&str>) -> PodView {
+        PodView {
+            namespace: ns.into(),
+            name: name.into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+            ip: None,
+            ips: Vec::new(),
+            node: node.map(Into::into),
+            ports: BTreeMap::new(),
+        }
+    }
+
+    fn names(pods: &Pods, at: Vec<usize>) -> Vec<String> {
+        let mut out: Vec<String> = at.into_iter().map(|i| pods[i].name.clone()).collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn the_indexes_follow_inserts_replacements_and_removals() {
+        let mut pods = Pods::default();
+        pods.insert(pod("x", "a", "web", Some("n1")));
+        pods.insert(pod("x", "b", "web", Some("n2")));
+        pods.insert(pod("x", "c", "db", Some("n1")));
+        pods.insert(pod("x", "d", "db", None));
+        assert_eq!(names(&pods, pods.with_label("app", "web")), ["a", "b"]);
+        assert_eq!(names(&pods, pods.on_node("n1")), ["a", "c", "d"]);
+
+        // A relabel moves the pod between label sets.
+        let old = pods.insert(pod("x", "b", "db", Some("n1")));
+        assert_eq!(old.map(|p| p.labels["app"].clone()).as_deref(), Some("web"));
+        assert_eq!(names(&pods, pods.with_label("app", "web")), ["a"]);
+        assert_eq!(names(&pods, pods.with_label("app", "db")), ["b", "c", "d"]);
+        // A pod that names no node is every node's.
+        assert_eq!(names(&pods, pods.on_node("n2")), ["d"]);
+
+        // Removing the first pod moves the last one into its place; the indexes follow.
+        assert!(pods.remove(&("x".into(), "a".into())).is_some());
+        assert_eq!(pods.len(), 3);
+        assert_eq!(
+            names(&pods, pods.with_label("app", "web")),
+            Vec::<String>::new()
+        );
+        assert_eq!(names(&pods, pods.with_label("app", "db")), ["b", "c", "d"]);
+        assert_eq!(names(&pods, pods.on_node("n1")), ["b", "c", "d"]);
+        assert!(pods.remove(&("x".into(), "a".into())).is_none());
+        for (i, p) in pods.iter().enumerate() {
+            assert!(pods.with_label("app", &p.labels["app"]).contains(&i));
+        }
+    }
+}
