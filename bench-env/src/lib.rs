@@ -6,6 +6,7 @@
 //! removed when its guard drops, when the program panics, or on Ctrl-C / SIGTERM. Nothing
 //! is created in the root namespace.
 
+pub mod agent_scale;
 pub mod cgroup;
 pub mod cleanup;
 pub mod cluster;

@@ -128,6 +128,18 @@ enum Scenario {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The node agent at cluster scale: 5,000 Nodes and 150,000 Pods fed to it as watch
+    /// events, pushing to a live dataplane on a one-node testbed. The initial sync, single
+    /// changes (a Node, a Pod on this node, a pod elsewhere that a local pod's policy
+    /// admits) from the event to the dataplane's answer, and the agent's state's memory.
+    AgentScale {
+        /// Single changes timed per kind.
+        #[arg(long, default_value_t = 50)]
+        changes: usize,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 /// `--backend` values.
@@ -411,6 +423,34 @@ fn multi_node(run: MultiNode) -> Result<bool> {
     Ok(all_connected)
 }
 
+/// The agent-at-scale scenario: see `Scenario::AgentScale`.
+fn agent_scale(changes: usize, json: Option<PathBuf>) -> Result<bool> {
+    if !bench_env::is_root() {
+        return Err(fail!(
+            "bench-env creates network namespaces and TAP devices: run it as root"
+        ));
+    }
+    tools::ensure_installed()?;
+    let size = bench_env::agent_scale::SIZE;
+    println!(
+        "agent at scale: {} nodes, {} pods, {} namespaces with a NetworkPolicy each, \
+         fed as watch events; a live dataplane on a one-node testbed",
+        size.nodes,
+        size.nodes * size.pods_per_node,
+        size.namespaces
+    );
+    let rows = bench_env::agent_scale::run(changes)?;
+    println!("{:<46} {:>10} {:>10}  unit", "metric", "p50", "p99");
+    for r in &rows {
+        println!("{:<46} {:>10.2} {:>10.2}  {}", r.name, r.p50, r.p99, r.unit);
+    }
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&rows).map_err(|e| fail!("JSON: {e}"))?;
+        std::fs::write(&path, text).map_err(|e| fail!("{}: {e}", path.display()))?;
+    }
+    Ok(true)
+}
+
 /// The Services scenario: see `Scenario::Services`.
 fn services(seconds: u64, repeat: usize, json: Option<PathBuf>) -> Result<bool> {
     use bench_env::services::{self as svc, BenchService};
@@ -613,6 +653,7 @@ fn main() -> ExitCode {
             repeat,
             json,
         } => services(seconds, repeat, json),
+        Scenario::AgentScale { changes, json } => agent_scale(changes, json),
     };
     bench_env::cleanup::release_all();
     match outcome {

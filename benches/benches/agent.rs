@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use switchyard_control::agent::{refresh, AgentOptions, Desired};
 use switchyard_control::cluster::manifests::Kind;
 use switchyard_control::source::memory::MemorySource;
+use switchyard_control::source::store::Decoded;
 use switchyard_control::source::synthetic::{self, Size};
 use switchyard_control::source::Source;
 
@@ -48,7 +49,11 @@ fn listed() -> Listed {
 fn synced(listed: &Listed) -> (MemorySource, Option<Desired>) {
     let mut source = MemorySource::default();
     for (kind, objects) in listed {
-        source.store.relist(*kind, objects.clone());
+        let decoded = objects
+            .iter()
+            .map(|(key, value)| Decoded::new(*kind, key.clone(), value.clone()))
+            .collect();
+        source.store.relist(*kind, decoded);
     }
     let mut desired = None;
     let change = source.changed().expect("a first change");

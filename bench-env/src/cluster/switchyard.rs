@@ -167,6 +167,13 @@ impl Cluster {
         Ok(())
     }
 
+    /// Kills node `i`'s control process (its dataplane keeps what it was given).
+    pub fn stop_control(&mut self, i: usize) -> Result<()> {
+        let at = self.at(i)?;
+        self.nodes[at].control.take();
+        Ok(())
+    }
+
     /// Kills node `i`'s control process and starts a new one.
     pub fn restart_control(&mut self, i: usize) -> Result<()> {
         let at = self.at(i)?;

@@ -2,26 +2,25 @@
 //! slice, and changed one object at a time without rebuilding the list, as watch events
 //! arrive.
 
-use std::collections::HashMap;
+use indexmap::IndexSet;
 use std::ops::Deref;
 
 /// An object's key: its namespace (empty for cluster-scoped kinds) and name.
 pub type ObjectKey = (String, String);
 
 /// Objects by key, in a dense list (order: insertion, with removals filled from the end).
+/// Each key is stored once: the set's position of a key is its object's position.
 #[derive(Debug, Clone)]
 pub struct Keyed<T> {
     items: Vec<T>,
-    keys: Vec<ObjectKey>,
-    index: HashMap<ObjectKey, usize>,
+    keys: IndexSet<ObjectKey>,
 }
 
 impl<T> Default for Keyed<T> {
     fn default() -> Self {
         Self {
             items: Vec::new(),
-            keys: Vec::new(),
-            index: HashMap::new(),
+            keys: IndexSet::new(),
         }
     }
 }
@@ -43,13 +42,12 @@ pub enum Moved {
 impl<T> Keyed<T> {
     /// Puts `value` under `key`; returns its position and the value it replaced.
     pub fn insert(&mut self, key: ObjectKey, value: T) -> (usize, Option<T>) {
-        match self.index.get(&key) {
-            Some(&at) => (at, Some(std::mem::replace(&mut self.items[at], value))),
+        match self.keys.get_index_of(&key) {
+            Some(at) => (at, Some(std::mem::replace(&mut self.items[at], value))),
             None => {
                 let at = self.items.len();
-                self.index.insert(key.clone(), at);
+                self.keys.insert(key);
                 self.items.push(value);
-                self.keys.push(key);
                 (at, None)
             }
         }
@@ -58,14 +56,12 @@ impl<T> Keyed<T> {
     /// Takes the object under `key` out: its old position, the value, and the object moved
     /// into that position to keep the list dense.
     pub fn remove(&mut self, key: &ObjectKey) -> Option<(usize, T, Moved)> {
-        let at = self.index.remove(key)?;
+        let (at, _) = self.keys.swap_remove_full(key)?;
         let last = self.items.len() - 1;
         let value = self.items.swap_remove(at);
-        self.keys.swap_remove(at);
         let moved = if at == last {
             Moved::Nothing
         } else {
-            self.index.insert(self.keys[at].clone(), at);
             Moved::Object { from: last, to: at }
         };
         Some((at, value, moved))
@@ -73,12 +69,12 @@ impl<T> Keyed<T> {
 
     /// The object under `key`.
     pub fn get(&self, key: &ObjectKey) -> Option<&T> {
-        self.index.get(key).map(|&at| &self.items[at])
+        self.position(key).map(|at| &self.items[at])
     }
 
     /// The position of the object under `key`.
     pub fn position(&self, key: &ObjectKey) -> Option<usize> {
-        self.index.get(key).copied()
+        self.keys.get_index_of(key)
     }
 
     /// The key of the object at `at`.
@@ -98,11 +94,7 @@ impl<T> Keyed<T> {
             .zip(std::mem::take(&mut self.keys))
             .collect();
         pairs.sort_by_key(|(item, _)| key(item));
-        for (at, (item, k)) in pairs.into_iter().enumerate() {
-            self.index.insert(k.clone(), at);
-            self.items.push(item);
-            self.keys.push(k);
-        }
+        (self.items, self.keys) = pairs.into_iter().unzip();
     }
 }
 

@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::ops::Deref;
 
-/// A pod as policies see it: namespace, name, labels, address, container ports.
+/// A pod as policies see it: namespace, name, labels, address, container ports. Kept small:
+/// a cluster has hundreds of thousands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodView {
     /// `metadata.namespace`.
@@ -17,26 +18,109 @@ pub struct PodView {
     /// `metadata.name`.
     pub name: String,
     /// `metadata.labels`.
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// `status.podIPs` (first).
     pub ip: Option<IpAddr>,
     /// `status.podIPs` (all).
     pub ips: Vec<IpAddr>,
     /// `spec.nodeName`.
     pub node: Option<String>,
-    /// Named container ports: name -> (port, protocol).
-    pub ports: BTreeMap<String, (u16, String)>,
+    /// Named container ports.
+    pub ports: Box<[NamedPort]>,
+}
+
+/// A named container port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedPort {
+    /// Its name.
+    pub name: Box<str>,
+    /// Its number.
+    pub port: u16,
+    /// Its protocol's number (`None`: a protocol NetworkPolicy does not know).
+    pub protocol: Option<u8>,
+}
+
+impl PodView {
+    /// The container port named `name`: number and protocol.
+    pub fn port(&self, name: &str) -> Option<&NamedPort> {
+        self.ports.iter().find(|p| &*p.name == name)
+    }
+}
+
+/// A set of labels, sorted by key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels(Box<[(Box<str>, Box<str>)]>);
+
+impl Labels {
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|at| &*self.0[at].1)
+    }
+
+    /// Every (key, value).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+}
+
+impl From<&BTreeMap<String, String>> for Labels {
+    fn from(map: &BTreeMap<String, String>) -> Self {
+        Self(
+            map.iter()
+                .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+                .collect(),
+        )
+    }
+}
+
+/// Something with labels a selector reads.
+pub trait LabelSet {
+    /// The value of `key`.
+    fn label(&self, key: &str) -> Option<&str>;
+}
+
+impl LabelSet for Labels {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key)
+    }
+}
+
+impl LabelSet for BTreeMap<String, String> {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
+/// The IP protocol number of a Kubernetes protocol name (TCP, UDP, SCTP).
+pub fn protocol_number(name: &str) -> Option<u8> {
+    match name.to_ascii_uppercase().as_str() {
+        "TCP" => Some(6),
+        "UDP" => Some(17),
+        "SCTP" => Some(132),
+        _ => None,
+    }
 }
 
 /// Builds the view of a pod.
 pub fn pod_view(pod: &Pod) -> PodView {
     let meta = &pod.metadata;
-    let mut ports = BTreeMap::new();
+    let mut ports: Vec<NamedPort> = Vec::new();
     for c in pod.spec.iter().flat_map(|s| &s.containers) {
         for p in c.ports.iter().flatten() {
             if let Some(name) = &p.name {
-                let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into());
-                ports.insert(name.clone(), (p.container_port as u16, protocol));
+                let port = NamedPort {
+                    name: name.as_str().into(),
+                    port: p.container_port as u16,
+                    protocol: protocol_number(p.protocol.as_deref().unwrap_or("TCP")),
+                };
+                // A later container's port of the same name wins, as a map's insert would.
+                match ports.iter_mut().find(|q| q.name == port.name) {
+                    Some(q) => *q = port,
+                    None => ports.push(port),
+                }
             }
         }
     }
@@ -50,14 +134,15 @@ pub fn pod_view(pod: &Pod) -> PodView {
     if ips.is_empty() {
         ips.extend(status.and_then(|s| s.pod_ip.as_ref()?.parse::<IpAddr>().ok()));
     }
+    ips.shrink_to_fit();
     PodView {
         namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
         name: meta.name.clone().unwrap_or_default(),
-        labels: meta.labels.clone().unwrap_or_default(),
+        labels: meta.labels.as_ref().map(Labels::from).unwrap_or_default(),
         ip: ips.first().copied(),
         ips,
         node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-        ports,
+        ports: ports.into(),
     }
 }
 
@@ -127,9 +212,9 @@ impl Pods {
         at: usize,
         pod: &PodView,
     ) {
-        for (k, v) in &pod.labels {
+        for (k, v) in pod.labels.iter() {
             by_label
-                .entry((k.clone(), v.clone()))
+                .entry((k.to_string(), v.to_string()))
                 .or_default()
                 .insert(at as u32);
         }
@@ -140,8 +225,8 @@ impl Pods {
     }
 
     fn unindex(&mut self, at: usize, pod: &PodView) {
-        for (k, v) in &pod.labels {
-            let key = (k.clone(), v.clone());
+        for (k, v) in pod.labels.iter() {
+            let key = (k.to_string(), v.to_string());
             if let Some(set) = self.by_label.get_mut(&key) {
                 set.remove(&(at as u32));
                 if set.is_empty() {
@@ -175,11 +260,11 @@ mod tests {
         PodView {
             namespace: ns.into(),
             name: name.into(),
-            labels: [("app".to_string(), app.to_string())].into(),
+            labels: Labels::from(&BTreeMap::from([("app".to_string(), app.to_string())])),
             ip: None,
             ips: Vec::new(),
             node: node.map(Into::into),
-            ports: BTreeMap::new(),
+            ports: Box::default(),
         }
     }
 
@@ -201,7 +286,7 @@ mod tests {
 
         // A relabel moves the pod between label sets.
         let old = pods.insert(pod("x", "b", "db", Some("n1")));
-        assert_eq!(old.map(|p| p.labels["app"].clone()).as_deref(), Some("web"));
+        assert_eq!(old.as_ref().and_then(|p| p.labels.get("app")), Some("web"));
         assert_eq!(names(&pods, pods.with_label("app", "web")), ["a"]);
         assert_eq!(names(&pods, pods.with_label("app", "db")), ["b", "c", "d"]);
         // A pod that names no node is every node's.
@@ -218,7 +303,9 @@ mod tests {
         assert_eq!(names(&pods, pods.on_node("n1")), ["b", "c", "d"]);
         assert!(pods.remove(&("x".into(), "a".into())).is_none());
         for (i, p) in pods.iter().enumerate() {
-            assert!(pods.with_label("app", &p.labels["app"]).contains(&i));
+            assert!(pods
+                .with_label("app", p.labels.get("app").unwrap())
+                .contains(&i));
         }
     }
 }

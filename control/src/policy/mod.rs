@@ -24,7 +24,7 @@
 pub mod compile;
 pub mod selector;
 
-pub use crate::cluster::pods::{pod_view, PodView};
+pub use crate::cluster::pods::{pod_view, protocol_number, PodView};
 
 use crate::cluster::manifests::Manifests;
 use ipnet::IpNet;
@@ -129,16 +129,6 @@ fn in_block(block: &IPBlock, ip: IpAddr) -> bool {
     inside(&block.cidr) && !block.except.iter().flatten().any(|e| inside(e))
 }
 
-/// The IP protocol number of a NetworkPolicy protocol name (TCP, UDP, SCTP).
-pub fn protocol_number(name: &str) -> Option<u8> {
-    match name.to_ascii_uppercase().as_str() {
-        "TCP" => Some(6),
-        "UDP" => Some(17),
-        "SCTP" => Some(132),
-        _ => None,
-    }
-}
-
 /// A policy port as the dataplane admits it, its name resolved against `server`'s
 /// container ports; `None` when it admits nothing (a name `server` does not have, or has
 /// for another protocol; any name when there is no server).
@@ -151,11 +141,11 @@ pub fn wire_port(p: &NetworkPolicyPort, server: Option<&PodView>) -> Option<Poli
             p.end_port.and_then(|e| u16::try_from(e).ok()),
         ),
         Some(IntOrString::String(name)) => {
-            let (n, proto) = server?.ports.get(name)?;
-            if protocol_number(proto) != Some(protocol) {
+            let named = server?.port(name)?;
+            if named.protocol != Some(protocol) {
                 return None;
             }
-            (*n, None)
+            (named.port, None)
         }
     };
     Some(PolicyPort {

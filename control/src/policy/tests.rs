@@ -49,7 +49,7 @@ fn table(policies: &str, port: u16, protocol: &str, denied: &[&str]) {
                         continue; // a pod reaching itself is not part of the matrices
                     }
                     let (client, server) = (pod(&m, &from), pod(&m, &to));
-                    let v = explain(&m, &client, &server, port, protocol);
+                    let v = explain(&m, client, server, port, protocol);
                     let pair = format!("{from}->{to}");
                     assert_eq!(
                         v.allowed,
@@ -58,7 +58,7 @@ fn table(policies: &str, port: u16, protocol: &str, denied: &[&str]) {
                         v.reason
                     );
                     let (enforced, _) =
-                        super::compile::tests::enforced(&m, &client, &server, port, protocol);
+                        super::compile::tests::enforced(&m, client, server, port, protocol);
                     assert_eq!(
                         enforced, v.allowed,
                         "{pair} {port}/{protocol}: the dataplane's rules"
@@ -193,14 +193,14 @@ fn an_ip_block_except_narrows_its_own_peer_only() {
 #[test]
 fn explain_names_the_deciding_rule() {
     let m = world(DENY_INGRESS_X);
-    let v = explain(&m, &pod(&m, "y/a"), &pod(&m, "x/b"), 80, "TCP");
+    let v = explain(&m, pod(&m, "y/a"), pod(&m, "x/b"), 80, "TCP");
     assert!(!v.allowed);
     assert!(
         v.reason.contains("denied: no rule of x/deny allows it"),
         "{}",
         v.reason
     );
-    let v = explain(&m, &pod(&m, "x/a"), &pod(&m, "y/b"), 80, "TCP");
+    let v = explain(&m, pod(&m, "x/a"), pod(&m, "y/b"), 80, "TCP");
     assert!(v.allowed);
     assert!(v.reason.contains("no policy selects"), "{}", v.reason);
 }

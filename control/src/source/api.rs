@@ -14,7 +14,7 @@
 //! Pod CIDRs come from `Node.spec.podCIDRs`, as kube-controller-manager allocates them
 //! (`--allocate-node-cidrs`); a node without one is reported and left out until it has one.
 
-use super::store::Store;
+use super::store::{Decoded, Store};
 use super::{Change, Source};
 use crate::cluster::keyed::ObjectKey;
 use crate::cluster::manifests::{Kind, Manifests, CONFIG_MAP};
@@ -342,7 +342,7 @@ async fn watch(client: kube::Client, kind: Watched, shared: Arc<Shared>) {
         config = config.fields(fields);
     }
     let mut events = watcher(api, config).backoff(Retry::default()).boxed();
-    let mut relist: Option<Vec<(ObjectKey, serde_json::Value)>> = None;
+    let mut relist: Option<Vec<Decoded>> = None;
     let mut listed_once = false;
     let mut last_error = String::new();
     while let Some(event) = events.next().await {
@@ -372,7 +372,8 @@ async fn watch(client: kube::Client, kind: Watched, shared: Arc<Shared>) {
             watcher::Event::Init => relist = Some(Vec::new()),
             watcher::Event::InitApply(o) => {
                 if let Some(buffer) = relist.as_mut() {
-                    buffer.push(entry(&kind, o));
+                    let (key, value) = entry(&kind, o);
+                    buffer.push(Decoded::new(kind.kind, key, value));
                 }
             }
             watcher::Event::InitDone => {
@@ -385,7 +386,8 @@ async fn watch(client: kube::Client, kind: Watched, shared: Arc<Shared>) {
             }
             watcher::Event::Apply(o) => {
                 let (key, value) = entry(&kind, o);
-                shared.store().apply(kind.kind, key, value);
+                let decoded = Decoded::new(kind.kind, key, value);
+                shared.store().apply_decoded(decoded);
             }
             watcher::Event::Delete(o) => {
                 let (key, _) = entry(&kind, o);

@@ -38,10 +38,14 @@ impl Store {
     /// An object of `kind` was added or modified: `value` is its JSON (with `apiVersion`
     /// and `kind`), `key` its namespace and name.
     pub fn apply(&mut self, kind: Kind, key: ObjectKey, value: serde_json::Value) {
-        let origin = PathBuf::from(format!("kube-apiserver {kind}"));
-        let what = describe(kind, &key);
-        match manifests::decode_value(&origin, &what, value) {
-            Ok(Some((_, object))) => {
+        self.apply_decoded(Decoded::new(kind, key, value));
+    }
+
+    /// [`Store::apply`] of an object decoded beforehand.
+    pub fn apply_decoded(&mut self, decoded: Decoded) {
+        let Decoded { kind, key, object } = decoded;
+        match object {
+            Ok(Some(object)) => {
                 let fixed = self.errors.remove(&(kind, key.clone())).is_some();
                 if fixed || !self.state.holds(&key, &object) {
                     warn_without_cidrs(&object, &self.state, &key);
@@ -65,10 +69,11 @@ impl Store {
         }
     }
 
-    /// Every object of `kind`, as a full list gives them (after a start or a 410 Gone):
-    /// objects not in it go, the others are applied (an unchanged object changes nothing).
-    pub fn relist(&mut self, kind: Kind, objects: Vec<(ObjectKey, serde_json::Value)>) {
-        let fresh: HashSet<&ObjectKey> = objects.iter().map(|(k, _)| k).collect();
+    /// Every object of `kind`, decoded, as a full list gives them (after a start or a 410
+    /// Gone): objects not in it go, the others are applied (an unchanged object changes
+    /// nothing).
+    pub fn relist(&mut self, kind: Kind, objects: Vec<Decoded>) {
+        let fresh: HashSet<&ObjectKey> = objects.iter().map(|d| &d.key).collect();
         let gone: Vec<ObjectKey> = self
             .state
             .keys(kind)
@@ -84,8 +89,8 @@ impl Store {
         for key in gone {
             self.delete(kind, &key);
         }
-        for (key, value) in objects {
-            self.apply(kind, key, value);
+        for decoded in objects {
+            self.apply_decoded(decoded);
         }
     }
 
@@ -113,6 +118,26 @@ impl Store {
             kinds,
             errors: self.errors(),
         })
+    }
+}
+
+/// One object as its event gave it, decoded (a list's objects are decoded as they arrive,
+/// so that no list is held as JSON).
+#[derive(Debug)]
+pub struct Decoded {
+    kind: Kind,
+    key: ObjectKey,
+    /// What the state keeps of it; `None` when it is not Switchyard's.
+    object: Result<Option<Object>, ManifestError>,
+}
+
+impl Decoded {
+    /// Decodes `value`, the JSON of the object of `kind` under `key`.
+    pub fn new(kind: Kind, key: ObjectKey, value: serde_json::Value) -> Self {
+        let origin = PathBuf::from(format!("kube-apiserver {kind}"));
+        let what = describe(kind, &key);
+        let object = manifests::decode_value(&origin, &what, value).map(|o| o.map(|(_, o)| o));
+        Self { kind, key, object }
     }
 }
 
@@ -225,17 +250,23 @@ mod tests {
     fn a_relist_removes_what_is_gone_and_keeps_what_is_unchanged() {
         let mut s = Store::default();
         s.take_changes();
+        let list = |nodes: Vec<(ObjectKey, serde_json::Value)>| -> Vec<Decoded> {
+            nodes
+                .into_iter()
+                .map(|(k, v)| Decoded::new(Kind::Node, k, v))
+                .collect()
+        };
         s.relist(
             Kind::Node,
-            vec![node("n1", "10.0.1.0/24"), node("n2", "10.0.2.0/24")],
+            list(vec![node("n1", "10.0.1.0/24"), node("n2", "10.0.2.0/24")]),
         );
         assert!(s.take_changes().is_some());
         s.relist(
             Kind::Node,
-            vec![node("n1", "10.0.1.0/24"), node("n2", "10.0.2.0/24")],
+            list(vec![node("n1", "10.0.1.0/24"), node("n2", "10.0.2.0/24")]),
         );
         assert_eq!(s.take_changes(), None, "an identical list changes nothing");
-        s.relist(Kind::Node, vec![node("n2", "10.0.2.0/24")]);
+        s.relist(Kind::Node, list(vec![node("n2", "10.0.2.0/24")]));
         assert!(s.take_changes().unwrap().kinds.has(Kind::Node));
         let names: Vec<&str> = s.state().nodes.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names, ["n2"]);
