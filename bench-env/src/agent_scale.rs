@@ -213,11 +213,321 @@ fn percentiles(name: &str, mut values: Vec<f64>) -> Row {
 
 /// This process's resident memory.
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    status_kib(std::process::id(), "VmRSS")
+}
+
+/// The same cluster in a real kube-apiserver (the testbed's, in the hub namespace): the
+/// objects are created through the API (a pod's addresses by a status update, as the
+/// kubelet does), then a fresh agent process (`switchyard-control run --kubeconfig`) syncs
+/// and single changes are made through the API. Times run from the API server's answer
+/// to the write until the dataplane shows the change, so they include the watch's
+/// delivery; the memory is the agent process's.
+pub fn run_api(changes: usize) -> Result<Vec<Row>> {
+    let options = ClusterOptions {
+        nodes: 1,
+        pods_per_node: 0,
+        api_server: true,
+        ..ClusterOptions::default()
+    };
+    let mut cluster = Cluster::build(Arm::Switchyard, &options)?;
+    cluster.stop_control(0)?;
+    let api = cluster
+        .api
+        .as_ref()
+        .ok_or_else(|| fail!("the testbed has no API server"))?;
+    // A cluster CIDR that holds the synthetic nodes' pod CIDRs and the testbed's.
+    api.apply(
+        &cluster.hub,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: switchyard-config\n  namespace: kube-system\ndata:\n  config.yaml: |\n    clusterCIDR: 10.0.0.0/8\n    clusterCIDRv6: fd00:244::/56\n    nodeCIDRMaskSizeV6: 64\n    backend:\n      type: vxlan\n",
+    )?;
+    let kubeconfig = api.kubeconfig.clone();
+    let hub = cluster.hub.path();
+    let start = Instant::now();
+    in_netns(&hub, {
+        let kubeconfig = kubeconfig.clone();
+        move || load(&kubeconfig)
+    })?;
+    let mut rows = vec![single(
+        "api_load_objects_s",
+        "s",
+        start.elapsed().as_secs_f64(),
+    )];
+    println!(
+        "loaded {} objects into the API server in {:.0} s",
+        SIZE.nodes * (1 + SIZE.pods_per_node),
+        start.elapsed().as_secs_f64()
+    );
+
+    let start = Instant::now();
+    cluster.restart_control(0)?;
+    let node = &cluster.nodes[0];
+    wait_for_peers(node, SIZE.nodes, Duration::from_secs(120))?;
+    rows.push(single(
+        "api_initial_sync_to_dataplane_ms",
+        "ms",
+        start.elapsed().as_secs_f64() * 1e3,
+    ));
+    let pid = node
+        .control_pid()
+        .ok_or_else(|| fail!("no agent process"))?;
+    // Settle, then read the agent's memory: now and at its peak.
+    std::thread::sleep(Duration::from_secs(2));
+    rows.push(single(
+        "api_agent_rss_mib",
+        "MiB",
+        status_kib(pid, "VmRSS") as f64 / 1024.0,
+    ));
+    rows.push(single(
+        "api_agent_peak_rss_mib",
+        "MiB",
+        status_kib(pid, "VmHWM") as f64 / 1024.0,
+    ));
+
+    let api_socket = node.api.clone();
+    let node_name = node.name.clone();
+    let timed_rows = in_netns(&hub, move || {
+        changes_through_api(&kubeconfig, &api_socket, &node_name, changes)
+    })?;
+    rows.extend(timed_rows);
+    drop(cluster);
+    Ok(rows)
+}
+
+/// Runs `f` on a thread in the network namespace at `ns` (where the API server listens).
+fn in_netns<T: Send + 'static>(
+    ns: &std::path::Path,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let file = std::fs::File::open(ns)?;
+    std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| fail!("setns: {e}"))?;
+        f()
+    })
+    .join()
+    .map_err(|_| fail!("the API client's thread panicked"))?
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail!("tokio: {e}"))
+}
+
+async fn client(kubeconfig: &std::path::Path) -> Result<kube::Client> {
+    let file = kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| fail!("{e}"))?;
+    let config =
+        kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+            .await
+            .map_err(|e| fail!("{e}"))?;
+    kube::Client::try_from(config).map_err(|e| fail!("{e}"))
+}
+
+fn resource(kind: Kind) -> kube::api::ApiResource {
+    let (group, version, kind, plural) = match kind {
+        Kind::Node => ("", "v1", "Node", "nodes"),
+        Kind::Config => ("", "v1", "ConfigMap", "configmaps"),
+        Kind::Namespace => ("", "v1", "Namespace", "namespaces"),
+        Kind::Pod => ("", "v1", "Pod", "pods"),
+        Kind::Service => ("", "v1", "Service", "services"),
+        Kind::EndpointSlice => (
+            "discovery.k8s.io",
+            "v1beta1",
+            "EndpointSlice",
+            "endpointslices",
+        ),
+        Kind::NetworkPolicy => (
+            "networking.k8s.io",
+            "v1",
+            "NetworkPolicy",
+            "networkpolicies",
+        ),
+    };
+    kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk(group, version, kind),
+        plural,
+    )
+}
+
+/// Creates one object (a pod, then its status: its addresses).
+async fn create(
+    client: &kube::Client,
+    kind: Kind,
+    (namespace, name): &ObjectKeyRef<'_>,
+    value: &serde_json::Value,
+) -> Result<()> {
+    use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+    let ar = resource(kind);
+    let api: Api<DynamicObject> = if namespace.is_empty() {
+        Api::all_with(client.clone(), &ar)
+    } else {
+        Api::namespaced_with(client.clone(), namespace, &ar)
+    };
+    let object: DynamicObject =
+        serde_json::from_value(value.clone()).map_err(|e| fail!("{kind} {name}: {e}"))?;
+    api.create(&PostParams::default(), &object)
+        .await
+        .map_err(|e| fail!("creating {kind} {namespace}/{name}: {e}"))?;
+    if kind == Kind::Pod {
+        let status = serde_json::json!({"status": value["status"].clone()});
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+            .await
+            .map_err(|e| fail!("status of Pod {namespace}/{name}: {e}"))?;
+    }
+    Ok(())
+}
+
+type ObjectKeyRef<'a> = (&'a str, &'a str);
+
+/// Creates the synthetic cluster (but its ConfigMap) through the API, 64 writes at a time.
+fn load(kubeconfig: &std::path::Path) -> Result<()> {
+    use futures::StreamExt;
+    runtime()?.block_on(async {
+        let client = client(kubeconfig).await?;
+        // Namespaces (with the ServiceAccount pods are admitted with) and policies first.
+        let (first, rest): (Vec<_>, Vec<_>) = synthetic::objects(SIZE)
+            .filter(|(kind, _, _)| *kind != Kind::Config)
+            .partition(|(kind, _, _)| matches!(kind, Kind::Namespace | Kind::NetworkPolicy));
+        for (kind, (ns, name), value) in &first {
+            create(&client, *kind, &(ns, name), value).await?;
+            if *kind == Kind::Namespace {
+                let account = serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                    "metadata": {"name": "default", "namespace": name}});
+                let ar = kube::api::ApiResource::from_gvk_with_plural(
+                    &kube::api::GroupVersionKind::gvk("", "v1", "ServiceAccount"),
+                    "serviceaccounts",
+                );
+                let api: kube::api::Api<kube::api::DynamicObject> =
+                    kube::api::Api::namespaced_with(client.clone(), name, &ar);
+                let object = serde_json::from_value(account).map_err(|e| fail!("{e}"))?;
+                let _ = api.create(&Default::default(), &object).await;
+            }
+        }
+        let mut writes = futures::stream::iter(rest.iter().map(|(kind, (ns, name), value)| {
+            let client = client.clone();
+            async move { create(&client, *kind, &(ns, name), value).await }
+        }))
+        .buffer_unordered(64);
+        let mut done = 0usize;
+        while let Some(result) = writes.next().await {
+            result?;
+            done += 1;
+            if done.is_multiple_of(20_000) {
+                println!("  {done} of {} objects", rest.len());
+            }
+        }
+        Ok(())
+    })
+}
+
+/// A Node added, and a pod on this node that a policy selects, each through the API:
+/// the time from the API server's answer until the dataplane has it.
+fn changes_through_api(
+    kubeconfig: &std::path::Path,
+    api_socket: &std::path::Path,
+    node_name: &str,
+    changes: usize,
+) -> Result<Vec<Row>> {
+    use kube::api::{Api, DeleteParams, DynamicObject};
+    runtime()?.block_on(async {
+        let client = client(kubeconfig).await?;
+        let mut dataplane = switchyard_api::Client::connect(api_socket)?;
+        let mut node_times = Vec::new();
+        let nodes: Api<DynamicObject> = Api::all_with(client.clone(), &resource(Kind::Node));
+        for i in 0..changes {
+            let (kind, (ns, name), value) = synthetic::node(SIZE.nodes + 1 + i);
+            create(&client, kind, &(&ns, &name), &value).await?;
+            let start = Instant::now();
+            wait_until(&mut dataplane, start, |d| {
+                Ok(d.node()?.spec.map(|s| s.peers.len()) == Some(SIZE.nodes + 1))
+            })?;
+            node_times.push(start.elapsed().as_secs_f64() * 1e3);
+            nodes
+                .delete(&name, &DeleteParams::default())
+                .await
+                .map_err(|e| fail!("{e}"))?;
+            wait_until(&mut dataplane, Instant::now(), |d| {
+                Ok(d.node()?.spec.map(|s| s.peers.len()) == Some(SIZE.nodes))
+            })?;
+        }
+        let mut pod_times = Vec::new();
+        let pods: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), "ns-0", &resource(Kind::Pod));
+        for i in 0..changes {
+            let name = format!("local-{i}");
+            let value = json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "ns-0", "labels": {"app": "app-0"}},
+                "spec": {"nodeName": node_name, "automountServiceAccountToken": false,
+                         "containers": [{"name": "c", "image": "busybox",
+                                         "ports": [{"name": "http", "containerPort": 8080}]}]},
+                "status": {"podIPs": [{"ip": format!("10.244.0.{}", 10 + i % 200)}]}});
+            create(&client, Kind::Pod, &("ns-0", &name), &value).await?;
+            let start = Instant::now();
+            let selected = |d: &mut switchyard_api::Client| -> Result<bool> {
+                Ok(match d.call(switchyard_api::Request::ListPolicies)? {
+                    switchyard_api::Reply::Policies(p) => p.pods.iter().any(|p| p.name == name),
+                    _ => false,
+                })
+            };
+            wait_until(&mut dataplane, start, |d| selected(d))?;
+            pod_times.push(start.elapsed().as_secs_f64() * 1e3);
+            pods.delete(&name, &DeleteParams::default().grace_period(0))
+                .await
+                .map_err(|e| fail!("{e}"))?;
+            wait_until(&mut dataplane, Instant::now(), |d| Ok(!selected(d)?))?;
+        }
+        Ok(vec![
+            percentiles("api_one_node_added_to_dataplane_ms", node_times),
+            percentiles("api_one_pod_added_on_this_node_to_dataplane_ms", pod_times),
+        ])
+    })
+}
+
+/// Polls the dataplane every millisecond until `done` holds (10 s at most).
+fn wait_until(
+    dataplane: &mut switchyard_api::Client,
+    start: Instant,
+    mut done: impl FnMut(&mut switchyard_api::Client) -> Result<bool>,
+) -> Result<()> {
+    while !done(dataplane)? {
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(fail!("the dataplane did not show the change within 10 s"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+fn wait_for_peers(node: &crate::cluster::SimNode, want: usize, within: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let peers = node
+            .client()
+            .ok()
+            .and_then(|mut c| c.node().ok())
+            .and_then(|n| n.spec)
+            .map(|s| s.peers.len());
+        if peers == Some(want) {
+            return Ok(());
+        }
+        if start.elapsed() > within {
+            return Err(fail!(
+                "the dataplane has {peers:?} peers after {within:?}, not {want}:\n{}",
+                node.logs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A field of `/proc/PID/status`, in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)

@@ -136,6 +136,10 @@ enum Scenario {
         /// Single changes timed per kind.
         #[arg(long, default_value_t = 50)]
         changes: usize,
+        /// Load the cluster into the testbed's real kube-apiserver instead (its objects
+        /// created through the API, which takes minutes) and run the agent as a process.
+        #[arg(long)]
+        api_server: bool,
         /// Write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -424,7 +428,7 @@ fn multi_node(run: MultiNode) -> Result<bool> {
 }
 
 /// The agent-at-scale scenario: see `Scenario::AgentScale`.
-fn agent_scale(changes: usize, json: Option<PathBuf>) -> Result<bool> {
+fn agent_scale(changes: usize, api_server: bool, json: Option<PathBuf>) -> Result<bool> {
     if !bench_env::is_root() {
         return Err(fail!(
             "bench-env creates network namespaces and TAP devices: run it as root"
@@ -439,7 +443,11 @@ fn agent_scale(changes: usize, json: Option<PathBuf>) -> Result<bool> {
         size.nodes * size.pods_per_node,
         size.namespaces
     );
-    let rows = bench_env::agent_scale::run(changes)?;
+    let rows = if api_server {
+        bench_env::agent_scale::run_api(changes)?
+    } else {
+        bench_env::agent_scale::run(changes)?
+    };
     println!("{:<46} {:>10} {:>10}  unit", "metric", "p50", "p99");
     for r in &rows {
         println!("{:<46} {:>10.2} {:>10.2}  {}", r.name, r.p50, r.p99, r.unit);
@@ -653,7 +661,11 @@ fn main() -> ExitCode {
             repeat,
             json,
         } => services(seconds, repeat, json),
-        Scenario::AgentScale { changes, json } => agent_scale(changes, json),
+        Scenario::AgentScale {
+            changes,
+            api_server,
+            json,
+        } => agent_scale(changes, api_server, json),
     };
     bench_env::cleanup::release_all();
     match outcome {

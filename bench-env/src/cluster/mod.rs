@@ -119,6 +119,11 @@ impl SimNode {
         self.dataplane.as_ref().map(Process::id)
     }
 
+    /// The control process's id.
+    pub fn control_pid(&self) -> Option<u32> {
+        self.control.as_ref().map(Process::id)
+    }
+
     /// A client of this node's dataplane.
     pub fn client(&self) -> Result<Client> {
         Ok(Client::connect(&self.api)?)

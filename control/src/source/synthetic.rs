@@ -90,8 +90,9 @@ pub fn pod(size: Size, n: usize, p: usize) -> (Kind, ObjectKey, Value) {
         (ns.clone(), name.clone()),
         json!({"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": name, "namespace": ns, "labels": {"app": format!("app-{}", p % 10)}},
-               "spec": {"nodeName": format!("node-{n}"),
-                        "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}]},
+               "spec": {"nodeName": format!("node-{n}"), "automountServiceAccountToken": false,
+                        "containers": [{"name": "c", "image": "busybox",
+                                        "ports": [{"name": "http", "containerPort": 8080}]}]},
                "status": {"phase": "Running", "podIPs": [{"ip": format!("10.{hi}.{lo}.{}", p + 2)}]}}),
     )
 }
