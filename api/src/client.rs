@@ -119,6 +119,14 @@ impl Client {
         }
     }
 
+    /// The digest of the node settings in force.
+    pub fn node_digest(&mut self) -> Result<Option<u64>, ClientError> {
+        match self.call(Request::GetNodeDigest)? {
+            Reply::NodeDigest(d) => Ok(d),
+            other => Err(unexpected("get_node_digest", other)),
+        }
+    }
+
     /// Pushes node settings; returns what the dataplane made of them.
     pub fn set_node(&mut self, spec: NodeSpec) -> Result<NodeStatus, ClientError> {
         match self.call(Request::SetNode(spec))? {

@@ -36,7 +36,7 @@ use std::collections::BTreeMap;
 
 /// The protocol version this crate speaks. Every change to a message takes a new version;
 /// `tests/schema/v{N}.json` pins what each version's messages look like.
-pub const API_VERSION: u32 = 6;
+pub const API_VERSION: u32 = 7;
 /// The oldest protocol version still accepted: a newer dataplane understands every
 /// request an older client can send (later versions only add requests and fields with
 /// defaults).
@@ -83,6 +83,10 @@ pub enum Request {
     SetNode(NodeSpec),
     /// Read the node settings in force.
     GetNode,
+    /// Read the digest of the node settings in force ([`NodeSpec::digest`]): how an agent
+    /// checks, every tick and cheaply at any cluster size, that the dataplane still has
+    /// what it pushed (since v7).
+    GetNodeDigest,
     /// Read masquerade's state: flows tracked, port range, limit.
     GetNat,
     /// List tracked flows, optionally of one pod address and one protocol
@@ -345,6 +349,8 @@ pub enum Reply {
     Stats(Stats),
     /// Node settings in force.
     Node(Box<NodeStatus>),
+    /// The digest of the node settings in force (none before the first).
+    NodeDigest(Option<u64>),
     /// Masquerade's state (none before the node settings).
     Nat(Option<NatStatus>),
     /// Tracked flows.
@@ -501,9 +507,15 @@ mod tests {
             ErrorCode::InvalidRequest
         );
         assert_eq!(
-            parse_request(br#"{"version":7,"request":{"op":"hello"}}"#)
-                .unwrap_err()
-                .code,
+            parse_request(
+                format!(
+                    r#"{{"version":{},"request":{{"op":"hello"}}}}"#,
+                    API_VERSION + 1
+                )
+                .as_bytes()
+            )
+            .unwrap_err()
+            .code,
             ErrorCode::UnsupportedVersion
         );
         let bad_cidr =

@@ -124,6 +124,17 @@ pub struct NodeSpec {
     pub service_cidrs: Vec<IpNet>,
 }
 
+impl NodeSpec {
+    /// A digest of these settings that every version of the agent and the dataplane
+    /// computes alike: FNV-1a (64 bits) over their JSON encoding.
+    pub fn digest(&self) -> u64 {
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+            (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+}
+
 /// What the dataplane made of a [`NodeSpec`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
@@ -282,4 +293,46 @@ pub struct ConntrackEntry {
 
 fn masquerade_kind() -> String {
     "masquerade".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(peers: usize) -> NodeSpec {
+        NodeSpec {
+            name: "node-a".into(),
+            underlay: Ipv4Addr::new(192, 0, 2, 1),
+            addresses: Vec::new(),
+            uplink: None,
+            pod_cidrs: vec!["10.244.0.0/24".parse().unwrap()],
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            backend: Backend::default(),
+            mtu: None,
+            peers: (0..peers)
+                .map(|i| Peer {
+                    name: format!("node-{i}"),
+                    underlay: Ipv4Addr::new(192, 0, 2, 10 + i as u8),
+                    addresses: Vec::new(),
+                    pod_cidrs: vec![format!("10.244.{}.0/24", i + 1).parse().unwrap()],
+                })
+                .collect(),
+            masquerade: Masquerade::default(),
+            routes: Vec::new(),
+            service_cidrs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_digest_follows_the_settings() {
+        assert_eq!(spec(3).digest(), spec(3).digest());
+        assert_ne!(spec(3).digest(), spec(4).digest());
+        let mut moved = spec(3);
+        moved.peers[1].underlay = Ipv4Addr::new(192, 0, 2, 99);
+        assert_ne!(moved.digest(), spec(3).digest());
+        // What goes over the socket comes back with the same digest.
+        let text = serde_json::to_string(&spec(3)).unwrap();
+        let back: NodeSpec = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.digest(), spec(3).digest());
+    }
 }

@@ -156,6 +156,7 @@ fn requests() -> Vec<Request> {
         Request::Stats,
         Request::SetNode(node_spec()),
         Request::GetNode,
+        Request::GetNodeDigest,
         Request::GetNat,
         Request::ListConntrack {
             pod: Some(Ipv4Addr::new(10, 244, 0, 5)),
@@ -199,6 +200,7 @@ fn requests() -> Vec<Request> {
             | Request::Stats
             | Request::SetNode(_)
             | Request::GetNode
+            | Request::GetNodeDigest
             | Request::GetNat
             | Request::ListConntrack { .. }
             | Request::ApplyServices { .. }
@@ -319,6 +321,8 @@ fn replies() -> Vec<Reply> {
             }],
             verdict: "forwarded".into(),
         }),
+        Reply::NodeDigest(Some(0x0123_4567_89ab_cdef)),
+        Reply::NodeDigest(None),
         Reply::Done,
     ];
     for reply in &all {
@@ -329,6 +333,7 @@ fn replies() -> Vec<Reply> {
             | Reply::Routes(_)
             | Reply::Stats(_)
             | Reply::Node(_)
+            | Reply::NodeDigest(_)
             | Reply::Nat(_)
             | Reply::Conntrack(_)
             | Reply::Services(_)

@@ -96,6 +96,12 @@ pub fn run(changes: usize) -> Result<Vec<Row>> {
         single("agent_state_mib", "MiB", state_kib as f64 / 1024.0),
     ];
 
+    // A tick with nothing changed: the check that the dataplane still has the settings.
+    let idle = (0..changes)
+        .map(|_| timed(&mut agent, &mut source, &opts, |_| ()))
+        .collect();
+    rows.push(percentiles("idle_tick_ms", idle));
+
     // A Node joins (and leaves, untimed).
     let mut times = Vec::new();
     for i in 0..changes {

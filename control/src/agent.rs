@@ -37,6 +37,8 @@ pub use crate::source::dir::{load, ALLOCATIONS_FILE, SERVICE_ALLOCATIONS_FILE};
 pub struct Desired {
     /// The node settings.
     pub node: NodeSpec,
+    /// Their digest ([`NodeSpec::digest`]).
+    pub node_digest: u64,
     /// The Services, by key.
     pub services: BTreeMap<ServiceKey, ServiceSpec>,
     /// The largest Maglev table.
@@ -77,8 +79,10 @@ pub fn compute(
     opts: &AgentOptions,
 ) -> Result<Desired, Vec<String>> {
     let (services, maglev_table_size) = services_of(m, source, opts)?;
+    let node = node_of(m, opts)?;
     Ok(Desired {
-        node: node_of(m, opts)?,
+        node_digest: node.digest(),
+        node,
         services,
         maglev_table_size,
         policies: crate::policy::compile::compile(m, Some(&opts.node)),
@@ -113,6 +117,7 @@ pub fn refresh(
         d.policies = crate::policy::compile::compile(m, Some(&opts.node));
     }
     if let Some(node) = node {
+        d.node_digest = node.digest();
         d.node = node;
     }
     if let Some((services, size)) = services {
@@ -255,8 +260,10 @@ impl Agent {
 fn reconcile(api: &Path, desired: &Desired, pushed: &mut Pushed) -> Result<bool, String> {
     let mut client = Client::connect(api)
         .map_err(|e| format!("dataplane at {} unreachable: {e}", api.display()))?;
-    let status = client.node().map_err(|e| e.to_string())?;
-    let push_node = status.spec.as_ref() != Some(&desired.node);
+    // The digest, not the settings: at thousands of peers, fetching and comparing them
+    // every tick would cost milliseconds on both sides.
+    let digest = client.node_digest().map_err(|e| e.to_string())?;
+    let push_node = digest != Some(desired.node_digest);
     if push_node {
         client
             .set_node(desired.node.clone())

@@ -563,6 +563,8 @@ pub fn render_reply(reply: &Reply, all: bool) -> String {
         Reply::Routes(routes) => render_routes(routes, None, true),
         Reply::Stats(stats) => render_stats(stats, all),
         Reply::Node(status) => render_node(status),
+        Reply::NodeDigest(Some(digest)) => format!("{digest:016x}\n"),
+        Reply::NodeDigest(None) => "no node settings\n".into(),
         Reply::Nat(nat) => render_nat(nat.as_ref()),
         Reply::Conntrack(entries) => render_conntrack(entries, false),
         Reply::Services(list) => render_services(list, false),

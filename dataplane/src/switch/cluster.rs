@@ -36,6 +36,8 @@ const HOST_PORT_MTU: u32 = 65_521;
 /// The node settings in force and what was made of them.
 pub(super) struct NodeState {
     pub(super) spec: NodeSpec,
+    /// `spec`'s digest, computed once.
+    digest: u64,
     plan: NodePlan,
     uplink: UplinkInfo,
     host: Arc<Port<PortIo>>,
@@ -130,6 +132,11 @@ impl Switch {
             Some(node) => node.spec.pod_cidrs.clone(),
             None => self.config.pod_cidrs.clone(),
         }
+    }
+
+    /// The digest of the node settings in force.
+    pub fn node_digest(&self) -> Option<u64> {
+        self.state().node.as_ref().map(|n| n.digest)
     }
 
     /// The node settings in force.
@@ -308,6 +315,7 @@ impl Switch {
         }
         self.node_mtu.store(plan.pod_mtu, Ordering::Relaxed);
         state.node = Some(NodeState {
+            digest: spec.digest(),
             spec,
             plan,
             uplink,

@@ -217,6 +217,7 @@ impl Switch {
             Request::Stats => Ok(Reply::Stats(self.stats())),
             Request::SetNode(spec) => self.set_node(spec).map(|n| Reply::Node(Box::new(n))),
             Request::GetNode => Ok(Reply::Node(Box::new(self.node_status()))),
+            Request::GetNodeDigest => Ok(Reply::NodeDigest(self.node_digest())),
             Request::GetNat => Ok(Reply::Nat(self.nat_status())),
             Request::ListConntrack { pod, protocol } => self
                 .conntrack_entries(pod, protocol.as_deref())
