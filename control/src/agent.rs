@@ -8,7 +8,7 @@
 //!    the configuration) and its pods' NetworkPolicy rules (Namespaces, Pods,
 //!    NetworkPolicies). Bad objects are reported with their origin and field, and the last
 //!    good state stays in force;
-//! 2. asks the dataplane for the settings in force and pushes the spec when they differ
+//! 2. asks the dataplane for the digest of its settings and pushes the spec when it differs
 //!    (first start, a change, or a dataplane that restarted with none);
 //! 3. pushes the Services (from Services and EndpointSlices; cluster IPs and node ports
 //!    the source has no allocation for are allocated and recorded by it): only what changed
@@ -322,4 +322,117 @@ fn join(nets: &[switchyard_api::IpNet]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::memory::MemorySource;
+    use crate::source::synthetic::{self, Size};
+    use serde_json::json;
+
+    const SIZE: Size = Size {
+        nodes: 6,
+        pods_per_node: 4,
+        namespaces: 2,
+    };
+
+    fn options() -> AgentOptions {
+        AgentOptions {
+            node: "node-1".into(),
+            api: "/nonexistent".into(),
+            uplink: Some("eth0".into()),
+            interval: Duration::from_millis(200),
+        }
+    }
+
+    /// After each event, what the changed kinds recompute equals a computation from
+    /// scratch: no kind feeds a part it is not declared to feed.
+    #[test]
+    fn a_refresh_after_each_change_equals_a_full_computation() {
+        let mut source = MemorySource::default();
+        for (kind, key, value) in synthetic::objects(SIZE) {
+            source.store.apply(kind, key, value);
+        }
+        let service = json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "ns-0"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80, "targetPort": 8080}]}});
+        let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-1", "namespace": "ns-0",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.0.0.2"], "nodeName": "node-0"}]});
+        let config = |cidr: &str| {
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "switchyard-config", "namespace": "kube-system"},
+                "data": {"config.yaml": format!("clusterCIDR: {cidr}\nbackend:\n  type: vxlan\n")}})
+        };
+        let ns_key = |ns: &str, name: &str| (ns.to_string(), name.to_string());
+        let events: Vec<Box<dyn Fn(&mut MemorySource)>> = vec![
+            Box::new(|s| {
+                let (k, key, v) = synthetic::node(SIZE.nodes);
+                s.store.apply(k, key, v)
+            }),
+            Box::new(|s| s.store.delete(Kind::Node, &ns_key("", "node-3"))),
+            Box::new(|s| {
+                let (k, key, v) = synthetic::pod(SIZE, 1, SIZE.pods_per_node);
+                s.store.apply(k, key, v)
+            }),
+            Box::new(|s| {
+                // A relabelled pod elsewhere: the peers of the node's policy rules change.
+                let (k, key, mut v) = synthetic::pod(SIZE, 3, 0);
+                v["metadata"]["labels"]["app"] = json!("app-1");
+                s.store.apply(k, key, v)
+            }),
+            Box::new(|s| s.store.delete(Kind::Pod, &ns_key("ns-1", "app-1-1"))),
+            Box::new(move |s| {
+                s.store
+                    .apply(Kind::Service, ns_key("ns-0", "web"), service.clone())
+            }),
+            Box::new(move |s| {
+                s.store
+                    .apply(Kind::EndpointSlice, ns_key("ns-0", "web-1"), slice.clone())
+            }),
+            Box::new(|s| {
+                s.store
+                    .delete(Kind::NetworkPolicy, &ns_key("ns-1", "app-0-from-app-1"))
+            }),
+            Box::new(move |s| {
+                s.store.apply(
+                    Kind::Config,
+                    ns_key("kube-system", "switchyard-config"),
+                    config("10.0.0.0/9"),
+                )
+            }),
+            Box::new(|s| {
+                s.store.apply(
+                    Kind::Namespace,
+                    ns_key("", "ns-0"),
+                    json!({"apiVersion": "v1", "kind": "Namespace",
+                           "metadata": {"name": "ns-0", "labels": {"team": "other"}}}),
+                )
+            }),
+        ];
+        let opts = options();
+        let mut desired = None;
+        let change = source.changed().unwrap();
+        refresh(&mut desired, change.kinds, &source.state(), &source, &opts).unwrap();
+        let mut policies_seen = 0;
+        let mut rules_changed = 0;
+        for (i, event) in events.iter().enumerate() {
+            let before = desired.clone();
+            event(&mut source);
+            let change = source.changed().expect("every event changes something");
+            assert!(change.errors.is_empty(), "{:?}", change.errors);
+            let m = source.state();
+            refresh(&mut desired, change.kinds, &m, &source, &opts).unwrap();
+            let full = compute(&m, &source, &opts).unwrap();
+            assert_eq!(desired.as_ref(), Some(&full), "after event {i}");
+            policies_seen += full.policies.pods.len();
+        }
+        assert!(
+            policies_seen > 0,
+            "the node's pods are selected by a policy"
+        );
+    }
 }
