@@ -429,10 +429,15 @@ mod tests {
             let full = compute(&m, &source, &opts).unwrap();
             assert_eq!(desired.as_ref(), Some(&full), "after event {i}");
             policies_seen += full.policies.pods.len();
+            rules_changed += usize::from(before.map(|b| b.policies) != Some(full.policies));
         }
         assert!(
             policies_seen > 0,
             "the node's pods are selected by a policy"
+        );
+        assert!(
+            rules_changed >= 3,
+            "events changed the node's rules: {rules_changed}"
         );
     }
 }
