@@ -331,6 +331,9 @@ mod tests {
     use crate::source::synthetic::{self, Size};
     use serde_json::json;
 
+    /// One change to the cluster.
+    type Event = Box<dyn Fn(&mut MemorySource)>;
+
     const SIZE: Size = Size {
         nodes: 6,
         pods_per_node: 4,
@@ -368,7 +371,7 @@ mod tests {
                 "data": {"config.yaml": format!("clusterCIDR: {cidr}\nbackend:\n  type: vxlan\n")}})
         };
         let ns_key = |ns: &str, name: &str| (ns.to_string(), name.to_string());
-        let events: Vec<Box<dyn Fn(&mut MemorySource)>> = vec![
+        let events: Vec<Event> = vec![
             Box::new(|s| {
                 let (k, key, v) = synthetic::node(SIZE.nodes);
                 s.store.apply(k, key, v)
