@@ -332,7 +332,7 @@ mod tests {
     use serde_json::json;
 
     /// One change to the cluster.
-    type Event = Box<dyn Fn(&mut MemorySource)>;
+    type Event<'a> = Box<dyn Fn(&mut MemorySource) + 'a>;
 
     const SIZE: Size = Size {
         nodes: 6,
@@ -371,7 +371,7 @@ mod tests {
                 "data": {"config.yaml": format!("clusterCIDR: {cidr}\nbackend:\n  type: vxlan\n")}})
         };
         let ns_key = |ns: &str, name: &str| (ns.to_string(), name.to_string());
-        let events: Vec<Event> = vec![
+        let events: Vec<Event<'_>> = vec![
             Box::new(|s| {
                 let (k, key, v) = synthetic::node(SIZE.nodes);
                 s.store.apply(k, key, v)
