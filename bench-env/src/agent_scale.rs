@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use switchyard_control::agent::{Agent, AgentOptions};
 use switchyard_control::cluster::manifests::Kind;
 use switchyard_control::source::memory::MemorySource;
-use switchyard_control::source::synthetic::{self, Size};
+use switchyard_control::source::synthetic;
+pub use switchyard_control::source::synthetic::Size;
 
-/// The cluster's size.
+/// The cluster's size by default.
 pub const SIZE: Size = Size {
     nodes: 5_000,
     pods_per_node: 30,
@@ -38,7 +39,7 @@ pub struct Row {
 }
 
 /// Runs the scenario; `changes` single changes of each kind are timed.
-pub fn run(changes: usize) -> Result<Vec<Row>> {
+pub fn run(size: Size, changes: usize) -> Result<Vec<Row>> {
     let options = ClusterOptions {
         nodes: 1,
         pods_per_node: 0,
@@ -58,7 +59,7 @@ pub fn run(changes: usize) -> Result<Vec<Row>> {
     let mut agent = Agent::default();
     let before = rss_kib();
     let start = Instant::now();
-    for (kind, key, value) in synthetic::objects(SIZE) {
+    for (kind, key, value) in synthetic::objects(size) {
         source.store.apply(kind, key, value);
     }
     // This node, as the synthetic cluster's 5,001st: its real address, its testbed CIDR.
@@ -80,10 +81,10 @@ pub fn run(changes: usize) -> Result<Vec<Row>> {
         .spec
         .map(|s| s.peers.len())
         .unwrap_or(0);
-    if peers != SIZE.nodes {
+    if peers != size.nodes {
         return Err(fail!(
             "the dataplane has {peers} peers after the initial sync, not {}",
-            SIZE.nodes
+            size.nodes
         ));
     }
     let mut rows = vec![
@@ -105,11 +106,11 @@ pub fn run(changes: usize) -> Result<Vec<Row>> {
     // A Node joins (and leaves, untimed).
     let mut times = Vec::new();
     for i in 0..changes {
-        let (kind, key, value) = synthetic::node(SIZE.nodes + 1 + i);
+        let (kind, key, value) = synthetic::node(size.nodes + 1 + i);
         times.push(timed(&mut agent, &mut source, &opts, |s| {
             s.store.apply(kind, key.clone(), value)
         }));
-        expect_peers(node, SIZE.nodes + 1)?;
+        expect_peers(node, size.nodes + 1)?;
         timed(&mut agent, &mut source, &opts, |s| {
             s.store.delete(kind, &key)
         });
@@ -119,12 +120,10 @@ pub fn run(changes: usize) -> Result<Vec<Row>> {
     // A pod on this node that a policy selects: its rules are pushed.
     let local = |i: usize| {
         let name = format!("local-{i}");
+        let ip = format!("10.244.0.{}", 10 + i % 200);
         (
             ("ns-0".to_string(), name.clone()),
-            json!({"apiVersion": "v1", "kind": "Pod",
-                   "metadata": {"name": name, "namespace": "ns-0", "labels": {"app": "app-0"}},
-                   "spec": {"nodeName": node.name, "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}]},
-                   "status": {"podIPs": [{"ip": format!("10.244.0.{}", 10 + i % 200)}]}}),
+            pod_in_ns0(&name, &node.name, "app-0", &ip),
         )
     };
     let mut times = Vec::new();
@@ -149,7 +148,17 @@ pub fn run(changes: usize) -> Result<Vec<Row>> {
     agent.tick(&mut source, &opts);
     let mut times = Vec::new();
     for i in 0..changes {
-        let (kind, key, value) = synthetic::pod(SIZE, 50 * (1 + i), 31);
+        let name = format!("peer-{i}");
+        let (kind, key, value) = (
+            Kind::Pod,
+            ("ns-0".to_string(), name.clone()),
+            pod_in_ns0(
+                &name,
+                "node-0",
+                "app-1",
+                &format!("10.0.0.{}", 200 + i % 50),
+            ),
+        );
         times.push(timed(&mut agent, &mut source, &opts, |s| {
             s.store.apply(kind, key.clone(), value)
         }));
@@ -163,6 +172,17 @@ pub fn run(changes: usize) -> Result<Vec<Row>> {
     ));
     drop(cluster);
     Ok(rows)
+}
+
+/// A pod of namespace `ns-0` (where a policy selects `app-0` and admits `app-1` to its
+/// named port `http`).
+fn pod_in_ns0(name: &str, node: &str, app: &str, ip: &str) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "ns-0", "labels": {"app": app}},
+        "spec": {"nodeName": node, "automountServiceAccountToken": false,
+                 "containers": [{"name": "c", "image": "busybox",
+                                 "ports": [{"name": "http", "containerPort": 8080}]}]},
+        "status": {"podIPs": [{"ip": ip}]}})
 }
 
 /// The time from an event to the dataplane's answer to what it changed.
@@ -228,7 +248,7 @@ fn rss_kib() -> u64 {
 /// and single changes are made through the API. Times run from the API server's answer
 /// to the write until the dataplane shows the change, so they include the watch's
 /// delivery; the memory is the agent process's.
-pub fn run_api(changes: usize) -> Result<Vec<Row>> {
+pub fn run_api(size: Size, changes: usize) -> Result<Vec<Row>> {
     let options = ClusterOptions {
         nodes: 1,
         pods_per_node: 0,
@@ -251,7 +271,7 @@ pub fn run_api(changes: usize) -> Result<Vec<Row>> {
     let start = Instant::now();
     in_netns(&hub, {
         let kubeconfig = kubeconfig.clone();
-        move || load(&kubeconfig)
+        move || load(&kubeconfig, size)
     })?;
     let mut rows = vec![single(
         "api_load_objects_s",
@@ -260,14 +280,14 @@ pub fn run_api(changes: usize) -> Result<Vec<Row>> {
     )];
     println!(
         "loaded {} objects into the API server in {:.0} s",
-        SIZE.nodes * (1 + SIZE.pods_per_node),
+        size.nodes * (1 + size.pods_per_node),
         start.elapsed().as_secs_f64()
     );
 
     let start = Instant::now();
     cluster.restart_control(0)?;
     let node = &cluster.nodes[0];
-    wait_for_peers(node, SIZE.nodes, Duration::from_secs(120))?;
+    wait_for_peers(node, size.nodes, Duration::from_secs(120))?;
     rows.push(single(
         "api_initial_sync_to_dataplane_ms",
         "ms",
@@ -292,7 +312,7 @@ pub fn run_api(changes: usize) -> Result<Vec<Row>> {
     let api_socket = node.api.clone();
     let node_name = node.name.clone();
     let timed_rows = in_netns(&hub, move || {
-        changes_through_api(&kubeconfig, &api_socket, &node_name, changes)
+        changes_through_api(&kubeconfig, &api_socket, &node_name, size, changes)
     })?;
     rows.extend(timed_rows);
     drop(cluster);
@@ -387,12 +407,12 @@ async fn create(
 type ObjectKeyRef<'a> = (&'a str, &'a str);
 
 /// Creates the synthetic cluster (but its ConfigMap) through the API, 64 writes at a time.
-fn load(kubeconfig: &std::path::Path) -> Result<()> {
+fn load(kubeconfig: &std::path::Path, size: Size) -> Result<()> {
     use futures::StreamExt;
     runtime()?.block_on(async {
         let client = client(kubeconfig).await?;
         // Namespaces (with the ServiceAccount pods are admitted with) and policies first.
-        let (first, rest): (Vec<_>, Vec<_>) = synthetic::objects(SIZE)
+        let (first, rest): (Vec<_>, Vec<_>) = synthetic::objects(size)
             .filter(|(kind, _, _)| *kind != Kind::Config)
             .partition(|(kind, _, _)| matches!(kind, Kind::Namespace | Kind::NetworkPolicy));
         for (kind, (ns, name), value) in &first {
@@ -433,6 +453,7 @@ fn changes_through_api(
     kubeconfig: &std::path::Path,
     api_socket: &std::path::Path,
     node_name: &str,
+    size: Size,
     changes: usize,
 ) -> Result<Vec<Row>> {
     use kube::api::{Api, DeleteParams, DynamicObject};
@@ -442,11 +463,11 @@ fn changes_through_api(
         let mut node_times = Vec::new();
         let nodes: Api<DynamicObject> = Api::all_with(client.clone(), &resource(Kind::Node));
         for i in 0..changes {
-            let (kind, (ns, name), value) = synthetic::node(SIZE.nodes + 1 + i);
+            let (kind, (ns, name), value) = synthetic::node(size.nodes + 1 + i);
             create(&client, kind, &(&ns, &name), &value).await?;
             let start = Instant::now();
             wait_until(&mut dataplane, start, |d| {
-                Ok(d.node()?.spec.map(|s| s.peers.len()) == Some(SIZE.nodes + 1))
+                Ok(d.node()?.spec.map(|s| s.peers.len()) == Some(size.nodes + 1))
             })?;
             node_times.push(start.elapsed().as_secs_f64() * 1e3);
             nodes
@@ -454,7 +475,7 @@ fn changes_through_api(
                 .await
                 .map_err(|e| fail!("{e}"))?;
             wait_until(&mut dataplane, Instant::now(), |d| {
-                Ok(d.node()?.spec.map(|s| s.peers.len()) == Some(SIZE.nodes))
+                Ok(d.node()?.spec.map(|s| s.peers.len()) == Some(size.nodes))
             })?;
         }
         let mut pod_times = Vec::new();
@@ -462,12 +483,12 @@ fn changes_through_api(
             Api::namespaced_with(client.clone(), "ns-0", &resource(Kind::Pod));
         for i in 0..changes {
             let name = format!("local-{i}");
-            let value = json!({"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": "ns-0", "labels": {"app": "app-0"}},
-                "spec": {"nodeName": node_name, "automountServiceAccountToken": false,
-                         "containers": [{"name": "c", "image": "busybox",
-                                         "ports": [{"name": "http", "containerPort": 8080}]}]},
-                "status": {"podIPs": [{"ip": format!("10.244.0.{}", 10 + i % 200)}]}});
+            let value = pod_in_ns0(
+                &name,
+                node_name,
+                "app-0",
+                &format!("10.244.0.{}", 10 + i % 200),
+            );
             create(&client, Kind::Pod, &("ns-0", &name), &value).await?;
             let start = Instant::now();
             let selected = |d: &mut switchyard_api::Client| -> Result<bool> {

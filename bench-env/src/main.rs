@@ -136,6 +136,12 @@ enum Scenario {
         /// Single changes timed per kind.
         #[arg(long, default_value_t = 50)]
         changes: usize,
+        /// Nodes in the cluster.
+        #[arg(long, default_value_t = bench_env::agent_scale::SIZE.nodes)]
+        nodes: usize,
+        /// Pods per node.
+        #[arg(long, default_value_t = bench_env::agent_scale::SIZE.pods_per_node)]
+        pods_per_node: usize,
         /// Load the cluster into the testbed's real kube-apiserver instead (its objects
         /// created through the API, which takes minutes) and run the agent as a process.
         #[arg(long)]
@@ -428,14 +434,18 @@ fn multi_node(run: MultiNode) -> Result<bool> {
 }
 
 /// The agent-at-scale scenario: see `Scenario::AgentScale`.
-fn agent_scale(changes: usize, api_server: bool, json: Option<PathBuf>) -> Result<bool> {
+fn agent_scale(
+    size: bench_env::agent_scale::Size,
+    changes: usize,
+    api_server: bool,
+    json: Option<PathBuf>,
+) -> Result<bool> {
     if !bench_env::is_root() {
         return Err(fail!(
             "bench-env creates network namespaces and TAP devices: run it as root"
         ));
     }
     tools::ensure_installed()?;
-    let size = bench_env::agent_scale::SIZE;
     println!(
         "agent at scale: {} nodes, {} pods, {} namespaces with a NetworkPolicy each, \
          fed as watch events; a live dataplane on a one-node testbed",
@@ -444,9 +454,9 @@ fn agent_scale(changes: usize, api_server: bool, json: Option<PathBuf>) -> Resul
         size.namespaces
     );
     let rows = if api_server {
-        bench_env::agent_scale::run_api(changes)?
+        bench_env::agent_scale::run_api(size, changes)?
     } else {
-        bench_env::agent_scale::run(changes)?
+        bench_env::agent_scale::run(size, changes)?
     };
     println!("{:<46} {:>10} {:>10}  unit", "metric", "p50", "p99");
     for r in &rows {
@@ -663,9 +673,20 @@ fn main() -> ExitCode {
         } => services(seconds, repeat, json),
         Scenario::AgentScale {
             changes,
+            nodes,
+            pods_per_node,
             api_server,
             json,
-        } => agent_scale(changes, api_server, json),
+        } => agent_scale(
+            bench_env::agent_scale::Size {
+                nodes,
+                pods_per_node,
+                namespaces: bench_env::agent_scale::SIZE.namespaces.min(nodes.max(1)),
+            },
+            changes,
+            api_server,
+            json,
+        ),
     };
     bench_env::cleanup::release_all();
     match outcome {
