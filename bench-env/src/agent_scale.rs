@@ -42,7 +42,8 @@ pub struct Row {
 pub fn run(size: Size, changes: usize) -> Result<Vec<Row>> {
     let options = ClusterOptions {
         nodes: 1,
-        pods_per_node: 0,
+        // One pod with a port: the dataplane lists the policies of its own pods only.
+        pods_per_node: 1,
         ..ClusterOptions::default()
     };
     let mut cluster = Cluster::build(Arm::Switchyard, &options)?;
@@ -118,20 +119,25 @@ pub fn run(size: Size, changes: usize) -> Result<Vec<Row>> {
     rows.push(percentiles("one_node_added_to_dataplane_ms", times));
 
     // A pod on this node that a policy selects: its rules are pushed.
+    // It is the testbed's pod, under a new name each time.
+    let address = node.pods[0].ipv4.to_string();
     let local = |i: usize| {
         let name = format!("local-{i}");
-        let ip = format!("10.244.0.{}", 10 + i % 200);
         (
             ("ns-0".to_string(), name.clone()),
-            pod_in_ns0(&name, &node.name, "app-0", &ip),
+            pod_in_ns0(&name, &node.name, "app-0", &address),
         )
     };
+    let mut dataplane = node.client()?;
     let mut times = Vec::new();
     for i in 0..changes {
         let (key, value) = local(i);
         times.push(timed(&mut agent, &mut source, &opts, |s| {
             s.store.apply(Kind::Pod, key.clone(), value)
         }));
+        if !selected(&mut dataplane, &key.1)? {
+            return Err(fail!("the dataplane does not list {} as selected", key.1));
+        }
         timed(&mut agent, &mut source, &opts, |s| {
             s.store.delete(Kind::Pod, &key)
         });
@@ -159,9 +165,22 @@ pub fn run(size: Size, changes: usize) -> Result<Vec<Row>> {
                 &format!("10.0.0.{}", 200 + i % 50),
             ),
         );
+        let peer: std::net::IpAddr = value["status"]["podIPs"][0]["ip"]
+            .as_str()
+            .and_then(|ip| ip.parse().ok())
+            .ok_or_else(|| fail!("the peer pod has no address"))?;
         times.push(timed(&mut agent, &mut source, &opts, |s| {
             s.store.apply(kind, key.clone(), value)
         }));
+        let admitted = agent.desired().is_some_and(|d| {
+            d.policies
+                .rules
+                .iter()
+                .any(|r| r.peers.iter().any(|p| p.cidr.contains(&peer)))
+        });
+        if !admitted {
+            return Err(fail!("no rule pushed admits the new peer {peer}"));
+        }
         timed(&mut agent, &mut source, &opts, |s| {
             s.store.delete(kind, &key)
         });
@@ -251,7 +270,8 @@ fn rss_kib() -> u64 {
 pub fn run_api(size: Size, changes: usize) -> Result<Vec<Row>> {
     let options = ClusterOptions {
         nodes: 1,
-        pods_per_node: 0,
+        // One pod with a port: the dataplane lists the policies of its own pods only.
+        pods_per_node: 1,
         api_server: true,
         ..ClusterOptions::default()
     };
@@ -311,9 +331,17 @@ pub fn run_api(size: Size, changes: usize) -> Result<Vec<Row>> {
 
     let api_socket = node.api.clone();
     let node_name = node.name.clone();
+    let address = node.pods[0].ipv4.to_string();
     let timed_rows = in_netns(&hub, move || {
-        changes_through_api(&kubeconfig, &api_socket, &node_name, size, changes)
-    })?;
+        changes_through_api(
+            &kubeconfig,
+            &api_socket,
+            (&node_name, &address),
+            size,
+            changes,
+        )
+    })
+    .map_err(|e| fail!("{e}\n{}", cluster.nodes[0].logs()))?;
     rows.extend(timed_rows);
     drop(cluster);
     Ok(rows)
@@ -452,7 +480,7 @@ fn load(kubeconfig: &std::path::Path, size: Size) -> Result<()> {
 fn changes_through_api(
     kubeconfig: &std::path::Path,
     api_socket: &std::path::Path,
-    node_name: &str,
+    (node_name, address): (&str, &str),
     size: Size,
     changes: usize,
 ) -> Result<Vec<Row>> {
@@ -468,7 +496,8 @@ fn changes_through_api(
             let start = Instant::now();
             wait_until(&mut dataplane, start, |d| {
                 Ok(d.node()?.spec.map(|s| s.peers.len()) == Some(size.nodes + 1))
-            })?;
+            })
+            .map_err(|e| fail!("Node {name} added: {e}"))?;
             node_times.push(start.elapsed().as_secs_f64() * 1e3);
             nodes
                 .delete(&name, &DeleteParams::default())
@@ -483,32 +512,32 @@ fn changes_through_api(
             Api::namespaced_with(client.clone(), "ns-0", &resource(Kind::Pod));
         for i in 0..changes {
             let name = format!("local-{i}");
-            let value = pod_in_ns0(
-                &name,
-                node_name,
-                "app-0",
-                &format!("10.244.0.{}", 10 + i % 200),
-            );
+            let value = pod_in_ns0(&name, node_name, "app-0", address);
             create(&client, Kind::Pod, &("ns-0", &name), &value).await?;
             let start = Instant::now();
-            let selected = |d: &mut switchyard_api::Client| -> Result<bool> {
-                Ok(match d.call(switchyard_api::Request::ListPolicies)? {
-                    switchyard_api::Reply::Policies(p) => p.pods.iter().any(|p| p.name == name),
-                    _ => false,
-                })
-            };
-            wait_until(&mut dataplane, start, |d| selected(d))?;
+            wait_until(&mut dataplane, start, |d| selected(d, &name))
+                .map_err(|e| fail!("Pod ns-0/{name} added: {e}"))?;
             pod_times.push(start.elapsed().as_secs_f64() * 1e3);
             pods.delete(&name, &DeleteParams::default().grace_period(0))
                 .await
                 .map_err(|e| fail!("{e}"))?;
-            wait_until(&mut dataplane, Instant::now(), |d| Ok(!selected(d)?))?;
+            wait_until(&mut dataplane, Instant::now(), |d| Ok(!selected(d, &name)?))?;
         }
         Ok(vec![
             percentiles("api_one_node_added_to_dataplane_ms", node_times),
             percentiles("api_one_pod_added_on_this_node_to_dataplane_ms", pod_times),
         ])
     })
+}
+
+/// True when the dataplane lists its pod `name` as selected by a policy.
+fn selected(dataplane: &mut switchyard_api::Client, name: &str) -> Result<bool> {
+    Ok(
+        match dataplane.call(switchyard_api::Request::ListPolicies)? {
+            switchyard_api::Reply::Policies(p) => p.pods.iter().any(|p| p.name == name),
+            _ => false,
+        },
+    )
 }
 
 /// Polls the dataplane every millisecond until `done` holds (10 s at most).
