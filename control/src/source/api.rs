@@ -342,7 +342,7 @@ async fn watch(client: kube::Client, kind: Watched, shared: Arc<Shared>) {
         config = config.fields(fields);
     }
     let mut events = watcher(api, config).backoff(Retry::default()).boxed();
-    let mut relist: Option<Vec<Decoded>> = None;
+    let mut relist: Option<Relist> = None;
     let mut listed_once = false;
     let mut last_error = String::new();
     while let Some(event) = events.next().await {
@@ -369,15 +369,17 @@ async fn watch(client: kube::Client, kind: Watched, shared: Arc<Shared>) {
             tracing::info!("watch {}: {what}", kind.kind);
         }
         match event {
-            watcher::Event::Init => relist = Some(Vec::new()),
+            watcher::Event::Init => relist = Some(Relist::default()),
             watcher::Event::InitApply(o) => {
-                if let Some(buffer) = relist.as_mut() {
-                    let (key, value) = entry(&kind, o);
-                    buffer.push(Decoded::new(kind.kind, key, value));
+                if let Some(list) = relist.as_mut() {
+                    list.push(&kind, o);
                 }
             }
             watcher::Event::InitDone => {
-                let fresh = relist.take().unwrap_or_default();
+                let fresh = match relist.take() {
+                    Some(list) => list.finish(&kind).await,
+                    None => Vec::new(),
+                };
                 shared.store().relist(kind.kind, fresh);
                 if !listed_once {
                     listed_once = true;
@@ -385,12 +387,12 @@ async fn watch(client: kube::Client, kind: Watched, shared: Arc<Shared>) {
                 }
             }
             watcher::Event::Apply(o) => {
-                let (key, value) = entry(&kind, o);
+                let (key, value) = entry(&kind.resource, o);
                 let decoded = Decoded::new(kind.kind, key, value);
                 shared.store().apply_decoded(decoded);
             }
             watcher::Event::Delete(o) => {
-                let (key, _) = entry(&kind, o);
+                let (key, _) = entry(&kind.resource, o);
                 shared.store().delete(kind.kind, &key);
             }
         }
@@ -398,19 +400,63 @@ async fn watch(client: kube::Client, kind: Watched, shared: Arc<Shared>) {
     }
 }
 
+/// A list in progress: its objects are decoded in chunks on the runtime's blocking
+/// threads, so that the next page is fetched (and the API server prepares it) meanwhile.
+#[derive(Default)]
+struct Relist {
+    pending: Vec<DynamicObject>,
+    chunks: Vec<tokio::task::JoinHandle<Vec<Decoded>>>,
+}
+
+/// Objects decoded per chunk of a list.
+const CHUNK: usize = 500;
+
+impl Relist {
+    fn push(&mut self, kind: &Watched, o: DynamicObject) {
+        self.pending.push(o);
+        if self.pending.len() >= CHUNK {
+            self.flush(kind);
+        }
+    }
+
+    fn flush(&mut self, kind: &Watched) {
+        let objects = std::mem::take(&mut self.pending);
+        let (what, resource) = (kind.kind, kind.resource.clone());
+        self.chunks.push(tokio::task::spawn_blocking(move || {
+            objects
+                .into_iter()
+                .map(|o| {
+                    let (key, value) = entry(&resource, o);
+                    Decoded::new(what, key, value)
+                })
+                .collect()
+        }));
+    }
+
+    /// Every object of the list, decoded.
+    async fn finish(mut self, kind: &Watched) -> Vec<Decoded> {
+        self.flush(kind);
+        let mut out = Vec::new();
+        for chunk in self.chunks {
+            match chunk.await {
+                Ok(decoded) => out.extend(decoded),
+                Err(e) => tracing::error!("decoding a list of {}s failed: {e}", kind.kind),
+            }
+        }
+        out
+    }
+}
+
 /// An object's key and its JSON, with `apiVersion` and `kind` set (list items lack them).
-fn entry(kind: &Watched, o: DynamicObject) -> (ObjectKey, serde_json::Value) {
+fn entry(resource: &ApiResource, o: DynamicObject) -> (ObjectKey, serde_json::Value) {
     let key = (
         o.metadata.namespace.clone().unwrap_or_default(),
         o.metadata.name.clone().unwrap_or_default(),
     );
     let mut value = serde_json::to_value(&o).unwrap_or_default();
     if let Some(map) = value.as_object_mut() {
-        map.insert(
-            "apiVersion".into(),
-            kind.resource.api_version.clone().into(),
-        );
-        map.insert("kind".into(), kind.resource.kind.clone().into());
+        map.insert("apiVersion".into(), resource.api_version.clone().into());
+        map.insert("kind".into(), resource.kind.clone().into());
     }
     (key, value)
 }
