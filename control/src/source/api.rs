@@ -448,15 +448,57 @@ impl Relist {
 }
 
 /// An object's key and its JSON, with `apiVersion` and `kind` set (list items lack them).
+/// The object's fields are moved, not copied, and its `managedFields` (often the larger
+/// part of an object, and nothing Switchyard reads) are left out.
 fn entry(resource: &ApiResource, o: DynamicObject) -> (ObjectKey, serde_json::Value) {
+    let DynamicObject {
+        mut metadata, data, ..
+    } = o;
     let key = (
-        o.metadata.namespace.clone().unwrap_or_default(),
-        o.metadata.name.clone().unwrap_or_default(),
+        metadata.namespace.clone().unwrap_or_default(),
+        metadata.name.clone().unwrap_or_default(),
     );
-    let mut value = serde_json::to_value(&o).unwrap_or_default();
-    if let Some(map) = value.as_object_mut() {
-        map.insert("apiVersion".into(), resource.api_version.clone().into());
-        map.insert("kind".into(), resource.kind.clone().into());
+    metadata.managed_fields = None;
+    let mut map = match data {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    };
+    map.insert(
+        "metadata".into(),
+        serde_json::to_value(&metadata).unwrap_or_default(),
+    );
+    map.insert("apiVersion".into(), resource.api_version.clone().into());
+    map.insert("kind".into(), resource.kind.clone().into());
+    (key, serde_json::Value::Object(map))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_is_the_object_as_a_manifest_without_managed_fields() {
+        let listed: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "x", "labels": {"app": "web"},
+                         "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}]},
+            "status": {"podIPs": [{"ip": "10.244.0.5"}]}
+        }))
+        .unwrap();
+        let (key, value) = entry(&resource("", "v1", "Pod", "pods"), listed);
+        assert_eq!(key, ("x".to_string(), "a".to_string()));
+        assert_eq!(value["apiVersion"], "v1");
+        assert_eq!(value["kind"], "Pod");
+        assert!(value["metadata"].get("managedFields").is_none());
+        assert_eq!(value["metadata"]["labels"]["app"], "web");
+        let decoded = Decoded::new(Kind::Pod, key, value);
+        let mut store = Store::default();
+        store.apply_decoded(decoded);
+        let pod = &store.state().pods[0];
+        assert_eq!(pod.node.as_deref(), Some("n1"));
+        assert_eq!(
+            pod.ips,
+            vec!["10.244.0.5".parse::<std::net::IpAddr>().unwrap()]
+        );
     }
-    (key, value)
 }
