@@ -447,11 +447,16 @@ fn agent_scale(
     }
     tools::ensure_installed()?;
     println!(
-        "agent at scale: {} nodes, {} pods, {} namespaces with a NetworkPolicy each, \
-         fed as watch events; a live dataplane on a one-node testbed",
+        "agent at scale: {} nodes, {} pods, {} namespaces with a NetworkPolicy each, {}; \
+         a live dataplane on a one-node testbed",
         size.nodes,
         size.nodes * size.pods_per_node,
-        size.namespaces
+        size.namespaces,
+        if api_server {
+            "created in the testbed's kube-apiserver, read by an agent process"
+        } else {
+            "fed to the agent as watch events"
+        }
     );
     let rows = if api_server {
         bench_env::agent_scale::run_api(size, changes)?
