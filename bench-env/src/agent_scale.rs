@@ -76,18 +76,7 @@ pub fn run(size: Size, changes: usize) -> Result<Vec<Row>> {
     agent.tick(&mut source, &opts);
     let synced = start.elapsed();
     let state_kib = rss_kib().saturating_sub(before);
-    let peers = node
-        .client()?
-        .node()?
-        .spec
-        .map(|s| s.peers.len())
-        .unwrap_or(0);
-    if peers != size.nodes {
-        return Err(fail!(
-            "the dataplane has {peers} peers after the initial sync, not {}",
-            size.nodes
-        ));
-    }
+    expect_peers(node, size.nodes).map_err(|e| fail!("after the initial sync: {e}"))?;
     let mut rows = vec![
         single("initial_sync_decode_ms", "ms", decoded.as_secs_f64() * 1e3),
         single(
