@@ -76,7 +76,8 @@ pub fn run(size: Size, changes: usize) -> Result<Vec<Row>> {
     agent.tick(&mut source, &opts);
     let synced = start.elapsed();
     let state_kib = rss_kib().saturating_sub(before);
-    expect_peers(node, size.nodes).map_err(|e| fail!("after the initial sync: {e}"))?;
+    // The push is done when the tick returns: the dataplane has the peers at once.
+    cluster.wait_for_peers(0, size.nodes, Duration::ZERO)?;
     let mut rows = vec![
         single("initial_sync_decode_ms", "ms", decoded.as_secs_f64() * 1e3),
         single(
@@ -100,7 +101,7 @@ pub fn run(size: Size, changes: usize) -> Result<Vec<Row>> {
         times.push(timed(&mut agent, &mut source, &opts, |s| {
             s.store.apply(kind, key.clone(), value)
         }));
-        expect_peers(node, size.nodes + 1)?;
+        cluster.wait_for_peers(0, size.nodes + 1, Duration::ZERO)?;
         timed(&mut agent, &mut source, &opts, |s| {
             s.store.delete(kind, &key)
         });
@@ -206,20 +207,6 @@ fn timed(
     start.elapsed().as_secs_f64() * 1e3
 }
 
-fn expect_peers(node: &crate::cluster::SimNode, want: usize) -> Result<()> {
-    let peers = node
-        .client()?
-        .node()?
-        .spec
-        .map(|s| s.peers.len())
-        .unwrap_or(0);
-    if peers == want {
-        Ok(())
-    } else {
-        Err(fail!("the dataplane has {peers} peers, not {want}"))
-    }
-}
-
 fn single(name: &str, unit: &str, value: f64) -> Row {
     Row {
         name: name.into(),
@@ -308,7 +295,7 @@ pub fn run_api(size: Size, changes: usize) -> Result<Vec<Row>> {
         let servers = cpu_seconds_of(&["kube-apiserver", "etcd"]);
         let start = Instant::now();
         cluster.restart_control(0)?;
-        wait_for_peers(&cluster.nodes[0], size.nodes, Duration::from_secs(120))?;
+        cluster.wait_for_peers(0, size.nodes, Duration::from_secs(120))?;
         syncs.push(start.elapsed().as_secs_f64() * 1e3);
         let after = cpu_seconds_of(&["kube-apiserver", "etcd"]);
         let agent = cluster.nodes[0]
@@ -565,28 +552,6 @@ fn wait_until(
         std::thread::sleep(Duration::from_millis(1));
     }
     Ok(())
-}
-
-fn wait_for_peers(node: &crate::cluster::SimNode, want: usize, within: Duration) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        let peers = node
-            .client()
-            .ok()
-            .and_then(|mut c| c.node().ok())
-            .and_then(|n| n.spec)
-            .map(|s| s.peers.len());
-        if peers == Some(want) {
-            return Ok(());
-        }
-        if start.elapsed() > within {
-            return Err(fail!(
-                "the dataplane has {peers:?} peers after {within:?}, not {want}:\n{}",
-                node.logs()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The CPU time (user and system) of the process whose `stat` file is at `path`.

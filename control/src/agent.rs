@@ -183,7 +183,7 @@ impl Agent {
     pub fn tick(&mut self, source: &mut dyn Source, opts: &AgentOptions) {
         if let Some(change) = source.changed() {
             self.dirty = self.dirty.union(change.kinds);
-            let before = self.desired.as_ref().map(|d| d.node.clone());
+            let before = self.desired.as_ref().map(|d| d.node_digest);
             let result = if change.errors.is_empty() {
                 let m = source.state();
                 refresh(&mut self.desired, self.dirty, &m, &*source, opts)
@@ -196,7 +196,7 @@ impl Agent {
                     if let Some(d) = self
                         .desired
                         .as_ref()
-                        .filter(|d| before.as_ref() != Some(&d.node))
+                        .filter(|d| before != Some(d.node_digest))
                     {
                         tracing::info!(
                             "node {}: {} peers, pod CIDRs {}",

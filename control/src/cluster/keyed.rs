@@ -82,18 +82,23 @@ impl<T> Keyed<T> {
         &self.keys[at]
     }
 
+    /// Every key, in the list's order.
+    pub fn keys(&self) -> impl Iterator<Item = &ObjectKey> {
+        self.keys.iter()
+    }
+
     /// The objects, to change in place (never in what their key is made of).
     pub fn iter_mut(&mut self) -> std::slice::IterMut<'_, T> {
         self.items.iter_mut()
     }
 
-    /// Orders the list by `key` (for a stable reading order).
-    pub fn sort_by_key<K: Ord>(&mut self, mut key: impl FnMut(&T) -> K) {
+    /// Orders the list by `compare` (for a stable reading order).
+    pub fn sort_by(&mut self, mut compare: impl FnMut(&T, &T) -> std::cmp::Ordering) {
         let mut pairs: Vec<(T, ObjectKey)> = std::mem::take(&mut self.items)
             .into_iter()
             .zip(std::mem::take(&mut self.keys))
             .collect();
-        pairs.sort_by_key(|(item, _)| key(item));
+        pairs.sort_by(|(a, _), (b, _)| compare(a, b));
         (self.items, self.keys) = pairs.into_iter().unzip();
     }
 }
@@ -157,7 +162,7 @@ mod tests {
         for (name, v) in [("x", 3), ("y", 1), ("z", 2)] {
             k.insert(key(name), v);
         }
-        k.sort_by_key(|v| *v);
+        k.sort_by(|a, b| a.cmp(b));
         assert_eq!(&k[..], &[1, 2, 3]);
         assert_eq!(k.get(&key("x")), Some(&3));
         assert_eq!(k.position(&key("y")), Some(0));

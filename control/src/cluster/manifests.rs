@@ -264,7 +264,7 @@ impl Manifests {
     /// The keys of every object of `kind`.
     pub fn keys(&self, kind: Kind) -> Vec<ObjectKey> {
         fn of<T>(list: &Keyed<T>) -> Vec<ObjectKey> {
-            (0..list.len()).map(|i| list.key_at(i).clone()).collect()
+            list.keys().cloned().collect()
         }
         match kind {
             Kind::Node => of(&self.nodes),
@@ -272,11 +272,7 @@ impl Manifests {
             Kind::Service => of(&self.services),
             Kind::EndpointSlice => of(&self.endpoint_slices),
             Kind::Namespace => of(&self.namespaces),
-            Kind::Pod => self
-                .pods
-                .iter()
-                .map(|p| (p.namespace.clone(), p.name.clone()))
-                .collect(),
+            Kind::Pod => self.pods.keys().cloned().collect(),
             Kind::NetworkPolicy => of(&self.policies),
         }
     }
@@ -338,7 +334,7 @@ pub fn load_dir(dir: &Path) -> Result<Manifests, Vec<ManifestError>> {
             Err(e) => errors.push(error(file, "", format!("cannot read: {e}"))),
         }
     }
-    out.nodes.sort_by_key(|n| n.name.clone());
+    out.nodes.sort_by(|a, b| a.name.cmp(&b.name));
     if errors.is_empty() {
         Ok(out)
     } else {
@@ -382,21 +378,22 @@ pub fn load_value(
     }) else {
         return;
     };
-    let kind = object.kind();
-    let name = match &key {
-        (ns, name) if ns.is_empty() => name.clone(),
-        (ns, name) => format!("{ns}/{name}"),
-    };
+    let what = describe(object.kind(), &key);
     if let Some(previous) = out.put(key, object) {
         let also = previous
             .file()
             .map(|f| format!(" (also in {})", f.display()))
             .unwrap_or_default();
-        errors.push(error(
-            file,
-            format!("{kind} {name}"),
-            format!("defined twice{also}"),
-        ));
+        errors.push(error(file, what, format!("defined twice{also}")));
+    }
+}
+
+/// An object as messages name it: `Node node-a`, `Pod x/a`.
+pub fn describe(kind: Kind, (namespace, name): &ObjectKey) -> String {
+    if namespace.is_empty() {
+        format!("{kind} {name}")
+    } else {
+        format!("{kind} {namespace}/{name}")
     }
 }
 

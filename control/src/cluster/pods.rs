@@ -150,6 +150,12 @@ pub fn pod_view(pod: &Pod) -> PodView {
 #[derive(Debug, Clone, Default)]
 pub struct Pods {
     list: Keyed<PodView>,
+    index: PodIndex,
+}
+
+/// Pods' positions by label (`key`, `value`) and by node (empty: no node).
+#[derive(Debug, Clone, Default)]
+struct PodIndex {
     by_label: HashMap<(String, String), HashSet<u32>>,
     by_node: HashMap<String, HashSet<u32>>,
 }
@@ -161,21 +167,19 @@ impl Pods {
         let key = (pod.namespace.clone(), pod.name.clone());
         let (at, old) = self.list.insert(key, pod);
         if let Some(old) = &old {
-            self.unindex(at, old);
+            self.index.remove(at, old);
         }
-        let new = &self.list[at];
-        Self::index(&mut self.by_label, &mut self.by_node, at, new);
+        self.index.add(at, &self.list[at]);
         old
     }
 
     /// Takes out the pod `key` (namespace, name).
     pub fn remove(&mut self, key: &ObjectKey) -> Option<PodView> {
         let (at, old, moved) = self.list.remove(key)?;
-        self.unindex(at, &old);
+        self.index.remove(at, &old);
         if let Moved::Object { from, to } = moved {
-            let pod = self.list[to].clone();
-            self.unindex(from, &pod);
-            Self::index(&mut self.by_label, &mut self.by_node, to, &pod);
+            self.index.remove(from, &self.list[to]);
+            self.index.add(to, &self.list[to]);
         }
         Some(old)
     }
@@ -185,10 +189,16 @@ impl Pods {
         self.list.get(key)
     }
 
+    /// Every pod's key, in the list's order.
+    pub fn keys(&self) -> impl Iterator<Item = &ObjectKey> {
+        self.list.keys()
+    }
+
     /// The positions of the pods labelled `key`=`value`.
     pub fn with_label(&self, key: &str, value: &str) -> Vec<usize> {
         // A lookup by borrowed pair would need a custom key type; labels are short.
-        self.by_label
+        self.index
+            .by_label
             .get(&(key.to_string(), value.to_string()))
             .map(|s| s.iter().map(|&i| i as usize).collect())
             .unwrap_or_default()
@@ -198,48 +208,45 @@ impl Pods {
     pub fn on_node(&self, node: &str) -> Vec<usize> {
         let mut out: Vec<usize> = [node, ""]
             .iter()
-            .filter_map(|n| self.by_node.get(*n))
+            .filter_map(|n| self.index.by_node.get(*n))
             .flatten()
             .map(|&i| i as usize)
             .collect();
         out.sort_unstable();
         out
     }
+}
 
-    fn index(
-        by_label: &mut HashMap<(String, String), HashSet<u32>>,
-        by_node: &mut HashMap<String, HashSet<u32>>,
-        at: usize,
-        pod: &PodView,
-    ) {
+impl PodIndex {
+    /// Indexes `pod` at position `at`.
+    fn add(&mut self, at: usize, pod: &PodView) {
         for (k, v) in pod.labels.iter() {
-            by_label
+            self.by_label
                 .entry((k.to_string(), v.to_string()))
                 .or_default()
                 .insert(at as u32);
         }
-        by_node
+        self.by_node
             .entry(pod.node.clone().unwrap_or_default())
             .or_default()
             .insert(at as u32);
     }
 
-    fn unindex(&mut self, at: usize, pod: &PodView) {
+    /// Forgets `pod` at position `at`.
+    fn remove(&mut self, at: usize, pod: &PodView) {
         for (k, v) in pod.labels.iter() {
-            let key = (k.to_string(), v.to_string());
-            if let Some(set) = self.by_label.get_mut(&key) {
-                set.remove(&(at as u32));
-                if set.is_empty() {
-                    self.by_label.remove(&key);
-                }
-            }
+            forget(&mut self.by_label, (k.to_string(), v.to_string()), at);
         }
-        let node = pod.node.clone().unwrap_or_default();
-        if let Some(set) = self.by_node.get_mut(&node) {
-            set.remove(&(at as u32));
-            if set.is_empty() {
-                self.by_node.remove(&node);
-            }
+        forget(&mut self.by_node, pod.node.clone().unwrap_or_default(), at);
+    }
+}
+
+/// Takes `at` out of `map[key]`, and the set when it empties.
+fn forget<K: std::hash::Hash + Eq>(map: &mut HashMap<K, HashSet<u32>>, key: K, at: usize) {
+    if let Some(set) = map.get_mut(&key) {
+        set.remove(&(at as u32));
+        if set.is_empty() {
+            map.remove(&key);
         }
     }
 }

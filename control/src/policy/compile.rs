@@ -13,10 +13,9 @@
 //! A rule is resolved once, whatever the number of pods it applies to, and shared between
 //! them; pods are found through an index of their labels.
 
-use super::{
-    applies, in_block, peer_admits, policy_name, rules, selector, wire_port, PodView, NAME_LABEL,
-};
+use super::{applies, in_block, peer_admits, policy_name, rules, selector, wire_port, NAME_LABEL};
 use crate::cluster::manifests::Manifests;
+use crate::cluster::pods::LabelSet;
 use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -63,7 +62,6 @@ type Rules = Vec<(Vec<NetworkPolicyPeer>, Vec<NetworkPolicyPort>)>;
 
 struct Compiler<'m> {
     m: &'m Manifests,
-    pods: &'m [PodView],
     /// Namespaces' labels, `kubernetes.io/metadata.name` included.
     namespaces: HashMap<String, BTreeMap<String, String>>,
     /// Each policy's rules, ingress and egress.
@@ -90,7 +88,6 @@ impl<'m> Compiler<'m> {
             .collect();
         Self {
             m,
-            pods: &m.pods,
             namespaces,
             policy_rules,
             rules: Vec::new(),
@@ -105,7 +102,7 @@ impl<'m> Compiler<'m> {
         let mut out: Option<PolicyDirection> = None;
         for (p, manifest) in self.m.policies.iter().enumerate() {
             let policy = &manifest.policy;
-            if !applies(policy, ingress, &self.pods[i]) {
+            if !applies(policy, ingress, &self.m.pods[i]) {
                 continue;
             }
             let d = out.get_or_insert_with(PolicyDirection::default);
@@ -126,7 +123,7 @@ impl<'m> Compiler<'m> {
         let server_ports: Vec<PolicyPort> = if ingress {
             ports
                 .iter()
-                .filter_map(|port| wire_port(port, Some(&self.pods[subject])))
+                .filter_map(|port| wire_port(port, Some(&self.m.pods[subject])))
                 .collect()
         } else {
             Vec::new()
@@ -194,7 +191,7 @@ impl<'m> Compiler<'m> {
             }));
         }
         let mut groups: BTreeMap<Vec<PolicyPort>, Vec<PolicyPeer>> = BTreeMap::new();
-        for pod in self.pods {
+        for pod in self.m.pods.iter() {
             let admitted: Vec<IpAddr> = if peers.is_empty() {
                 pod.ips.clone()
             } else {
@@ -263,7 +260,7 @@ impl<'m> Compiler<'m> {
                 continue;
             }
             for i in self.candidates(peer) {
-                let pod = &self.pods[i];
+                let pod = &self.m.pods[i];
                 if peer_admits(peer, ns, pod, |s| self.ns_selects(s, &pod.namespace)) {
                     out.extend(pod.ips.iter().copied().map(host));
                 }
@@ -283,7 +280,7 @@ impl<'m> Compiler<'m> {
             .and_then(|l| l.iter().next());
         match first {
             Some((k, v)) => self.m.pods.with_label(k, v),
-            None => (0..self.pods.len()).collect(),
+            None => (0..self.m.pods.len()).collect(),
         }
     }
 
@@ -295,10 +292,7 @@ impl<'m> Compiler<'m> {
         match self.namespaces.get(namespace) {
             Some(labels) => selector::matches(sel, labels),
             // A namespace with no object read: only the label Kubernetes sets.
-            None => selector::matches(
-                sel,
-                &BTreeMap::from([(NAME_LABEL.to_string(), namespace.to_string())]),
-            ),
+            None => selector::matches(sel, &NameOnly(namespace)),
         }
     }
 
@@ -310,6 +304,15 @@ impl<'m> Compiler<'m> {
         self.interned.insert(rule.clone(), i);
         self.rules.push(rule);
         i
+    }
+}
+
+/// The labels of a namespace with no object read: only its name, as Kubernetes sets it.
+struct NameOnly<'a>(&'a str);
+
+impl LabelSet for NameOnly<'_> {
+    fn label(&self, key: &str) -> Option<&str> {
+        (key == NAME_LABEL).then_some(self.0)
     }
 }
 

@@ -374,6 +374,8 @@ async fn watch(client: kube::Client, kind: Watched, shared: Arc<Shared>) {
                 if let Some(list) = relist.as_mut() {
                     list.push(&kind, o);
                 }
+                // Nothing for the agent yet: the store changes at the list's end.
+                continue;
             }
             watcher::Event::InitDone => {
                 let fresh = match relist.take() {
@@ -387,8 +389,7 @@ async fn watch(client: kube::Client, kind: Watched, shared: Arc<Shared>) {
                 }
             }
             watcher::Event::Apply(o) => {
-                let (key, value) = entry(&kind.resource, o);
-                let decoded = Decoded::new(kind.kind, key, value);
+                let decoded = decode(kind.kind, &kind.resource, o);
                 shared.store().apply_decoded(decoded);
             }
             watcher::Event::Delete(o) => {
@@ -425,10 +426,7 @@ impl Relist {
         self.chunks.push(tokio::task::spawn_blocking(move || {
             objects
                 .into_iter()
-                .map(|o| {
-                    let (key, value) = entry(&resource, o);
-                    Decoded::new(what, key, value)
-                })
+                .map(|o| decode(what, &resource, o))
                 .collect()
         }));
     }
@@ -445,6 +443,12 @@ impl Relist {
         }
         out
     }
+}
+
+/// One object of `kind`, decoded.
+fn decode(kind: Kind, resource: &ApiResource, o: DynamicObject) -> Decoded {
+    let (key, value) = entry(resource, o);
+    Decoded::new(kind, key, value)
 }
 
 /// An object's key and its JSON, with `apiVersion` and `kind` set (list items lack them).

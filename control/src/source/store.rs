@@ -135,17 +135,9 @@ impl Decoded {
     /// Decodes `value`, the JSON of the object of `kind` under `key`.
     pub fn new(kind: Kind, key: ObjectKey, value: serde_json::Value) -> Self {
         let origin = PathBuf::from(format!("kube-apiserver {kind}"));
-        let what = describe(kind, &key);
+        let what = manifests::describe(kind, &key);
         let object = manifests::decode_value(&origin, &what, value).map(|o| o.map(|(_, o)| o));
         Self { kind, key, object }
-    }
-}
-
-fn describe(kind: Kind, (namespace, name): &ObjectKey) -> String {
-    if namespace.is_empty() {
-        format!("{kind} {name}")
-    } else {
-        format!("{kind} {namespace}/{name}")
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::cluster::manifests::load_text;
-use crate::policy::explain;
+use crate::policy::{explain, PodView};
 use std::path::Path;
 use std::sync::Arc;
 use switchyard_dataplane::tables::policy::{CompiledRules, PolicyTable};
