@@ -5,10 +5,10 @@
 
 use super::config::ClusterConfig;
 use super::keyed::{Keyed, ObjectKey};
-use super::pods::{pod_view, PodView, Pods};
+use super::pods::{pod_view, PodFields, PodView, Pods};
 use super::services::{ServiceManifest, SliceManifest};
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
@@ -480,7 +480,8 @@ pub fn decode_value(
             (key(&ns.metadata, false), Object::Namespace(Box::new(ns)))
         }
         ("v1", "Pod") => {
-            let pod = serde_json::from_value::<Pod>(value).map_err(|e| decode_error("Pod", e))?;
+            let pod =
+                serde_json::from_value::<PodFields>(value).map_err(|e| decode_error("Pod", e))?;
             let view = pod_view(&pod);
             (
                 (view.namespace.clone(), view.name.clone()),

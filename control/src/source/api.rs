@@ -18,11 +18,17 @@ use super::store::{Decoded, Store};
 use super::{Change, Source};
 use crate::cluster::keyed::ObjectKey;
 use crate::cluster::manifests::{Kind, Manifests, CONFIG_MAP};
+use crate::cluster::pods::PodFields;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{watcher, WatchStreamExt};
+use serde::de::DeserializeOwned;
+use std::borrow::Cow;
+use std::fmt::Debug;
 use std::ops::Deref;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -177,7 +183,7 @@ impl ApiSource {
         let shared = Arc::new(Shared::default());
         let count = kinds.len();
         for kind in kinds {
-            runtime.spawn(watch(client.clone(), kind, shared.clone()));
+            spawn_watch(&runtime, client.clone(), kind, shared.clone());
         }
         Ok(Self {
             runtime,
@@ -331,18 +337,89 @@ async fn endpoint_slice_version(client: &kube::Client) -> &'static str {
     }
 }
 
-/// Keeps `shared`'s objects of one kind in line with the server until the process ends.
-async fn watch(client: kube::Client, kind: Watched, shared: Arc<Shared>) {
+/// An object type a watch decodes into the store.
+trait Watchable: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static {
+    /// The object, decoded for the store.
+    fn decode(self, watched: &Watched) -> Decoded;
+}
+
+impl Watchable for DynamicObject {
+    fn decode(self, watched: &Watched) -> Decoded {
+        let (key, value) = entry(&watched.resource, self);
+        Decoded::new(watched.kind, key, value)
+    }
+}
+
+impl Watchable for PodFields {
+    fn decode(self, _: &Watched) -> Decoded {
+        Decoded::pod(&self)
+    }
+}
+
+/// A pod's fields are what the API serves at `/api/v1/pods`.
+impl kube::Resource for PodFields {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind((): &()) -> Cow<'_, str> {
+        Pod::kind(&())
+    }
+
+    fn group((): &()) -> Cow<'_, str> {
+        Pod::group(&())
+    }
+
+    fn version((): &()) -> Cow<'_, str> {
+        Pod::version(&())
+    }
+
+    fn plural((): &()) -> Cow<'_, str> {
+        Pod::plural(&())
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// Starts the watch of one kind: Pods straight into their fields (a cluster's largest
+/// list by far), every other kind as JSON decoded as a manifest's.
+fn spawn_watch(
+    runtime: &tokio::runtime::Runtime,
+    client: kube::Client,
+    kind: Watched,
+    shared: Arc<Shared>,
+) {
+    if kind.kind == Kind::Pod {
+        runtime.spawn(watch(Api::<PodFields>::all(client), kind, shared));
+        return;
+    }
     let api: Api<DynamicObject> = match &kind.namespace {
         Some(ns) => Api::namespaced_with(client, ns, &kind.resource),
         None => Api::all_with(client, &kind.resource),
     };
-    let mut config = watcher::Config::default();
+    runtime.spawn(watch(api, kind, shared));
+}
+
+/// Objects per page of a list. Each page is one range read in etcd, and etcd 3.4 walks the
+/// index of every key after the page to count them, so a list costs etcd about pages times
+/// objects: at 150,000 pods, client-go's 500 per page cost etcd 8-9 CPU-seconds and 5,000
+/// cost 1.7-1.9 (docs/benchmarks.md). A page of 5,000 pods' fields is a few MiB here.
+const LIST_PAGE: u32 = 5_000;
+
+/// Keeps `shared`'s objects of one kind in line with the server until the process ends.
+async fn watch<K: Watchable>(api: Api<K>, kind: Watched, shared: Arc<Shared>) {
+    let kind = Arc::new(kind);
+    let mut config = watcher::Config::default().page_size(LIST_PAGE);
     if let Some(fields) = &kind.fields {
         config = config.fields(fields);
     }
     let mut events = watcher(api, config).backoff(Retry::default()).boxed();
-    let mut relist: Option<Relist> = None;
+    let mut relist: Option<Relist<K>> = None;
     let mut listed_once = false;
     let mut last_error = String::new();
     while let Some(event) = events.next().await {
@@ -359,11 +436,12 @@ async fn watch(client: kube::Client, kind: Watched, shared: Arc<Shared>) {
         };
         last_error.clear();
         if std::env::var_os("SWITCHYARD_DEBUG_WATCH").is_some() {
+            let name = |o: &K| o.meta().name.clone();
             let what = match &event {
-                watcher::Event::Apply(o) => format!("apply {:?}", o.metadata.name),
-                watcher::Event::Delete(o) => format!("delete {:?}", o.metadata.name),
+                watcher::Event::Apply(o) => format!("apply {:?}", name(o)),
+                watcher::Event::Delete(o) => format!("delete {:?}", name(o)),
                 watcher::Event::Init => "init".into(),
-                watcher::Event::InitApply(o) => format!("init-apply {:?}", o.metadata.name),
+                watcher::Event::InitApply(o) => format!("init-apply {:?}", name(o)),
                 watcher::Event::InitDone => "init-done".into(),
             };
             tracing::info!("watch {}: {what}", kind.kind);
@@ -389,11 +467,15 @@ async fn watch(client: kube::Client, kind: Watched, shared: Arc<Shared>) {
                 }
             }
             watcher::Event::Apply(o) => {
-                let decoded = decode(kind.kind, &kind.resource, o);
+                let decoded = o.decode(&kind);
                 shared.store().apply_decoded(decoded);
             }
             watcher::Event::Delete(o) => {
-                let (key, _) = entry(&kind.resource, o);
+                let meta = o.meta();
+                let key = (
+                    meta.namespace.clone().unwrap_or_default(),
+                    meta.name.clone().unwrap_or_default(),
+                );
                 shared.store().delete(kind.kind, &key);
             }
         }
@@ -403,36 +485,41 @@ async fn watch(client: kube::Client, kind: Watched, shared: Arc<Shared>) {
 
 /// A list in progress: its objects are decoded in chunks on the runtime's blocking
 /// threads, so that the next page is fetched (and the API server prepares it) meanwhile.
-#[derive(Default)]
-struct Relist {
-    pending: Vec<DynamicObject>,
+struct Relist<K> {
+    pending: Vec<K>,
     chunks: Vec<tokio::task::JoinHandle<Vec<Decoded>>>,
+}
+
+impl<K> Default for Relist<K> {
+    fn default() -> Self {
+        Self {
+            pending: Vec::new(),
+            chunks: Vec::new(),
+        }
+    }
 }
 
 /// Objects decoded per chunk of a list.
 const CHUNK: usize = 500;
 
-impl Relist {
-    fn push(&mut self, kind: &Watched, o: DynamicObject) {
+impl<K: Watchable> Relist<K> {
+    fn push(&mut self, kind: &Arc<Watched>, o: K) {
         self.pending.push(o);
         if self.pending.len() >= CHUNK {
             self.flush(kind);
         }
     }
 
-    fn flush(&mut self, kind: &Watched) {
+    fn flush(&mut self, kind: &Arc<Watched>) {
         let objects = std::mem::take(&mut self.pending);
-        let (what, resource) = (kind.kind, kind.resource.clone());
+        let kind = kind.clone();
         self.chunks.push(tokio::task::spawn_blocking(move || {
-            objects
-                .into_iter()
-                .map(|o| decode(what, &resource, o))
-                .collect()
+            objects.into_iter().map(|o| o.decode(&kind)).collect()
         }));
     }
 
     /// Every object of the list, decoded.
-    async fn finish(mut self, kind: &Watched) -> Vec<Decoded> {
+    async fn finish(mut self, kind: &Arc<Watched>) -> Vec<Decoded> {
         self.flush(kind);
         let mut out = Vec::new();
         for chunk in self.chunks {
@@ -443,12 +530,6 @@ impl Relist {
         }
         out
     }
-}
-
-/// One object of `kind`, decoded.
-fn decode(kind: Kind, resource: &ApiResource, o: DynamicObject) -> Decoded {
-    let (key, value) = entry(resource, o);
-    Decoded::new(kind, key, value)
 }
 
 /// An object's key and its JSON, with `apiVersion` and `kind` set (list items lack them).

@@ -5,6 +5,7 @@
 
 use crate::cluster::keyed::ObjectKey;
 use crate::cluster::manifests::{self, Kind, Kinds, ManifestError, Manifests, Object};
+use crate::cluster::pods::{pod_view, PodFields};
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 
@@ -138,6 +139,16 @@ impl Decoded {
         let what = manifests::describe(kind, &key);
         let object = manifests::decode_value(&origin, &what, value).map(|o| o.map(|(_, o)| o));
         Self { kind, key, object }
+    }
+
+    /// A pod decoded straight from its JSON into its fields.
+    pub fn pod(pod: &PodFields) -> Self {
+        let view = pod_view(pod);
+        Self {
+            kind: Kind::Pod,
+            key: (view.namespace.clone(), view.name.clone()),
+            object: Ok(Some(Object::Pod(Box::new(view)))),
+        }
     }
 }
 
