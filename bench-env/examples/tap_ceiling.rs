@@ -58,7 +58,7 @@ impl NullBed {
                         .map_err(|e| fail!("{e}"))?,
                 ],
                 gateway: Gateway::default(),
-                cpu_steering: false,
+                steering: Default::default(),
                 gso_max_size: None,
             };
             let (device, _) = TapDevice::create(&ns.path(), &config, QUEUES)?;

@@ -4,6 +4,7 @@
 use clap::Parser;
 use std::path::PathBuf;
 use std::sync::Arc;
+use switchyard_dataplane::switch::Steering;
 use switchyard_dataplane::{server, Switch, SwitchConfig};
 
 /// Switchyard's userspace dataplane.
@@ -27,11 +28,13 @@ struct Args {
     /// `"subnet": "usePodCidr"` allocate from it.
     #[arg(long = "pod-cidr")]
     pod_cidrs: Vec<switchyard_api::IpNet>,
-    /// How a pod's TAP spreads frames over the workers' queues: `hash` spreads flows by
-    /// hash (best throughput); `cpu` forwards each frame on the CPU that sent it (eBPF
-    /// steering, pinned workers: lowest latency, less throughput on busy CPUs).
-    #[arg(long, value_enum, default_value_t = Steering::Hash)]
-    steering: Steering,
+    /// How a pod's TAP spreads frames over the workers' queues: `adaptive` forwards a
+    /// small frame after a quiet spell (a ping, a request) on the CPU that sent it and
+    /// spreads the rest by flow hash (eBPF steering, pinned workers); `hash` spreads every
+    /// flow by hash (workers float: the most 4-stream bulk throughput on busy CPUs); `cpu`
+    /// forwards every frame on the CPU that sent it (pinned workers).
+    #[arg(long, value_enum, default_value_t = SteeringArg::Adaptive)]
+    steering: SteeringArg,
     /// Name of the node-side interface through which the node's own stack reaches pods
     /// (created when the control process pushes the node settings).
     #[arg(long, default_value = "sy0")]
@@ -66,11 +69,14 @@ struct Args {
 
 /// `--steering` values.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Steering {
+enum SteeringArg {
     /// Queue of the sending CPU; workers pinned.
     Cpu,
     /// Kernel's flow hash; workers float.
     Hash,
+    /// Small frames after a quiet spell on the sending CPU, the rest by hash; workers
+    /// pinned.
+    Adaptive,
 }
 
 fn main() {
@@ -90,7 +96,11 @@ fn main() {
     config.default_mtu = args.mtu;
     config.spin = std::time::Duration::from_micros(args.spin_us);
     config.pod_cidrs = args.pod_cidrs;
-    config.cpu_steering = args.steering == Steering::Cpu;
+    config.steering = match args.steering {
+        SteeringArg::Cpu => Steering::Cpu,
+        SteeringArg::Hash => Steering::Hash,
+        SteeringArg::Adaptive => Steering::Adaptive,
+    };
     config.host_ifname = args.host_ifname;
     config.worker_nice = args.worker_nice;
     config.state_file = Some(files.ports);

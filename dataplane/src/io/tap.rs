@@ -42,9 +42,8 @@ pub struct TapConfig {
     pub ips: Vec<IpNet>,
     /// The gateway the default routes point to.
     pub gateway: Gateway,
-    /// Steer each frame to the queue of the CPU that sends it (see `steering`); otherwise
-    /// the kernel spreads flows over the queues by hash.
-    pub cpu_steering: bool,
+    /// How the pod's frames are spread over the queues (see `steering`).
+    pub steering: super::steering::Steering,
     /// Cap on the pod's GSO super-frames (see [`gso_max_for_overlay`]), if any.
     pub gso_max_size: Option<u32>,
 }
@@ -92,8 +91,8 @@ impl TapDevice {
                 ));
             }
             let device = Self::open(&config.ifname, queues.max(1))?;
-            if config.cpu_steering && device.queues() > 1 {
-                super::steering::attach(device.raw_fd(0))?;
+            if device.queues() > 1 {
+                super::steering::attach(device.raw_fd(0), config.steering);
             }
             let index = netns::link_index(&config.ifname)
                 .ok_or_else(|| io::Error::other("TAP device vanished after creation"))?;

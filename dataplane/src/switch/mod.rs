@@ -16,6 +16,7 @@ mod tests;
 mod trace;
 
 use crate::io::memory::{self, MemoryPeer};
+pub use crate::io::steering::Steering;
 use crate::io::tap::{TapConfig, TapDevice, TUN_F_USO};
 use crate::io::PortIo;
 use crate::pipeline::{DropReason, Event};
@@ -74,11 +75,9 @@ pub struct SwitchConfig {
     pub spin: std::time::Duration,
     /// This node's pod CIDRs, reported to clients (the CNI plugin's `usePodCidr`).
     pub pod_cidrs: Vec<IpNet>,
-    /// Forward each frame on the CPU that sent it: CPU steering on every TAP and workers
-    /// pinned to their CPUs (see `io::steering`). Lower latency at low rates (no
-    /// cross-CPU wake-up); less throughput when the CPUs are busy (measured in
-    /// docs/benchmarks.md), so off by default.
-    pub cpu_steering: bool,
+    /// How pods' frames are spread over their TAPs' queues, and so over the workers
+    /// (see `io::steering`; measured in docs/benchmarks.md).
+    pub steering: Steering,
     /// Name of the node-side interface through which the node's stack reaches pods.
     pub host_ifname: String,
     /// Where the pod ports are recorded, so that a restarted dataplane re-attaches them
@@ -102,7 +101,7 @@ impl Default for SwitchConfig {
             gateway: Gateway::default(),
             spin: std::time::Duration::ZERO,
             pod_cidrs: Vec::new(),
-            cpu_steering: false,
+            steering: Steering::default(),
             host_ifname: "sy0".into(),
             conntrack_file: None,
             state_file: None,
@@ -144,7 +143,8 @@ impl Switch {
         let shared = Arc::new(SharedTables::new(Tables::empty(config.gateway)));
         let workers = (0..config.workers.max(1))
             .map(|i| {
-                let pin = (config.cpu_steering && config.workers > 1).then_some(config.workers);
+                let pin = (config.steering.pins_workers() && config.workers > 1)
+                    .then_some(config.workers);
                 Worker::spawn(i, shared.clone(), config.spin, pin, config.worker_nice)
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -364,7 +364,7 @@ impl Switch {
             mtu,
             ips: spec.ips.clone(),
             gateway: self.config.gateway,
-            cpu_steering: self.config.cpu_steering,
+            steering: self.config.steering,
             gso_max_size: state
                 .node
                 .as_ref()

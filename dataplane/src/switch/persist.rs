@@ -81,8 +81,8 @@ impl Switch {
             .map_err(|e| e.message)?;
         let (tap, ifindex) = TapDevice::attach(Path::new(&info.netns), &info.ifname, info.queues)
             .map_err(|e| e.to_string())?;
-        if self.config.cpu_steering && tap.queues() > 1 {
-            crate::io::steering::attach(tap.raw_fd(0)).map_err(|e| e.to_string())?;
+        if tap.queues() > 1 {
+            crate::io::steering::attach(tap.raw_fd(0), self.config.steering);
         }
         let uso = tap.offloads() & TUN_F_USO == TUN_F_USO;
         self.insert_port(
