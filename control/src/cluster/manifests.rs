@@ -482,11 +482,7 @@ pub fn decode_value(
         ("v1", "Pod") => {
             let pod =
                 serde_json::from_value::<PodFields>(value).map_err(|e| decode_error("Pod", e))?;
-            let view = pod_view(&pod);
-            (
-                (view.namespace.clone(), view.name.clone()),
-                Object::Pod(Box::new(view)),
-            )
+            pod_object(&pod)
         }
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             let policy = serde_json::from_value::<NetworkPolicy>(value)
@@ -502,6 +498,15 @@ pub fn decode_value(
         }
         _ => return Ok(None), // other kinds are not Switchyard's business
     }))
+}
+
+/// A pod's key and what the state keeps of it.
+pub fn pod_object(pod: &PodFields) -> (ObjectKey, Object) {
+    let view = pod_view(pod);
+    (
+        (view.namespace.clone(), view.name.clone()),
+        Object::Pod(Box::new(view)),
+    )
 }
 
 /// A `discovery.k8s.io/v1beta1` EndpointSlice in `v1`'s shape: the same fields but for the

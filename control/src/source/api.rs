@@ -471,12 +471,7 @@ async fn watch<K: Watchable>(api: Api<K>, kind: Watched, shared: Arc<Shared>) {
                 shared.store().apply_decoded(decoded);
             }
             watcher::Event::Delete(o) => {
-                let meta = o.meta();
-                let key = (
-                    meta.namespace.clone().unwrap_or_default(),
-                    meta.name.clone().unwrap_or_default(),
-                );
-                shared.store().delete(kind.kind, &key);
+                shared.store().delete(kind.kind, &key_of(o.meta()));
             }
         }
         shared.wake.notify_all();
@@ -532,6 +527,14 @@ impl<K: Watchable> Relist<K> {
     }
 }
 
+/// An object's key: its namespace (empty for cluster-wide kinds) and name.
+fn key_of(meta: &ObjectMeta) -> ObjectKey {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
 /// An object's key and its JSON, with `apiVersion` and `kind` set (list items lack them).
 /// The object's fields are moved, not copied, and its `managedFields` (often the larger
 /// part of an object, and nothing Switchyard reads) are left out.
@@ -539,10 +542,7 @@ fn entry(resource: &ApiResource, o: DynamicObject) -> (ObjectKey, serde_json::Va
     let DynamicObject {
         mut metadata, data, ..
     } = o;
-    let key = (
-        metadata.namespace.clone().unwrap_or_default(),
-        metadata.name.clone().unwrap_or_default(),
-    );
+    let key = key_of(&metadata);
     metadata.managed_fields = None;
     let mut map = match data {
         serde_json::Value::Object(map) => map,

@@ -5,7 +5,7 @@
 
 use crate::cluster::keyed::ObjectKey;
 use crate::cluster::manifests::{self, Kind, Kinds, ManifestError, Manifests, Object};
-use crate::cluster::pods::{pod_view, PodFields};
+use crate::cluster::pods::PodFields;
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 
@@ -143,11 +143,11 @@ impl Decoded {
 
     /// A pod decoded straight from its JSON into its fields.
     pub fn pod(pod: &PodFields) -> Self {
-        let view = pod_view(pod);
+        let (key, object) = manifests::pod_object(pod);
         Self {
             kind: Kind::Pod,
-            key: (view.namespace.clone(), view.name.clone()),
-            object: Ok(Some(Object::Pod(Box::new(view)))),
+            key,
+            object: Ok(Some(object)),
         }
     }
 }

@@ -195,44 +195,22 @@ pub fn attach(queue_fd: RawFd, steering: Steering) {
 }
 
 fn try_attach(queue_fd: RawFd, steering: Steering) -> io::Result<()> {
-    let Some(program) = program(steering)? else {
-        return Ok(());
+    // An adaptive program of its own: the TAP keeps it alive once this fd is closed.
+    let own;
+    let prog: libc::c_int = match steering {
+        Steering::Hash => return Ok(()),
+        Steering::Cpu => cpu_program_fd()?,
+        Steering::Adaptive => {
+            let map = create_time_map()?;
+            own = load_program(&adaptive_program(map.as_raw_fd()), b"sy_adapt_steer")?;
+            own.as_raw_fd()
+        }
     };
-    let prog: libc::c_int = program.fd();
     // SAFETY: TUNSETSTEERINGEBPF reads one int (the program fd) from the pointer.
     if unsafe { libc::ioctl(queue_fd, libc::TUNSETSTEERINGEBPF, &prog) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// A loaded steering program: the shared CPU one, or an adaptive one of its own (which the
-/// device or socket it is attached to keeps alive once this is dropped).
-enum Program {
-    Shared(RawFd),
-    Own(OwnedFd),
-}
-
-impl Program {
-    fn fd(&self) -> RawFd {
-        match self {
-            Program::Shared(fd) => *fd,
-            Program::Own(fd) => fd.as_raw_fd(),
-        }
-    }
-}
-
-/// The program for `steering` (`None`: no program).
-fn program(steering: Steering) -> io::Result<Option<Program>> {
-    Ok(match steering {
-        Steering::Hash => None,
-        Steering::Cpu => Some(Program::Shared(cpu_program_fd()?)),
-        Steering::Adaptive => {
-            let map = create_time_map()?;
-            let prog = load_program(&adaptive_program(map.as_raw_fd()), b"sy_adapt_steer")?;
-            Some(Program::Own(prog))
-        }
-    })
 }
 
 /// Sets the calling thread's nice value (its share of a busy CPU against the node's
