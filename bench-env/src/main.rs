@@ -127,6 +127,9 @@ enum Scenario {
         /// Write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Extra arguments for switchyard-dataplane.
+        #[arg(long = "dataplane-arg", allow_hyphen_values = true)]
+        dataplane_args: Vec<String>,
     },
     /// The node agent at cluster scale: 5,000 Nodes and 150,000 Pods fed to it as watch
     /// events, pushing to a live dataplane on a one-node testbed. The initial sync, single
@@ -324,8 +327,25 @@ fn rounds<T>(
         print!(".");
         let _ = std::io::stdout().flush();
     }
-    println!(" done");
     let width = s_rounds.first().map_or(0, Vec::len);
+    // Every round's figures, so that the spread behind a median shows.
+    let each = |rounds: &[Vec<f64>], i: usize| {
+        rounds
+            .iter()
+            .map(|r| format!("{:.2}", r[i]))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let spread: Vec<String> = (0..width)
+        .map(|i| {
+            format!(
+                "switchyard {}, kernel {}",
+                each(&s_rounds, i),
+                each(&k_rounds, i)
+            )
+        })
+        .collect();
+    println!(" done ({})", spread.join("; "));
     Ok((0..width)
         .map(|i| {
             [
@@ -475,7 +495,12 @@ fn agent_scale(
 }
 
 /// The Services scenario: see `Scenario::Services`.
-fn services(seconds: u64, repeat: usize, json: Option<PathBuf>) -> Result<bool> {
+fn services(
+    seconds: u64,
+    repeat: usize,
+    json: Option<PathBuf>,
+    dataplane_args: Vec<String>,
+) -> Result<bool> {
     use bench_env::services::{self as svc, BenchService};
     if !bench_env::is_root() {
         return Err(fail!(
@@ -486,6 +511,7 @@ fn services(seconds: u64, repeat: usize, json: Option<PathBuf>) -> Result<bool> 
     let options = ClusterOptions {
         pods_per_node: 2,
         external: true,
+        dataplane_args,
         ..ClusterOptions::default()
     };
     println!("building clusters: 2 nodes, 2 pods each, an external host; Switchyard's Services against kube-proxy's iptables rules on flannel's VXLAN layout");
@@ -675,7 +701,8 @@ fn main() -> ExitCode {
             seconds,
             repeat,
             json,
-        } => services(seconds, repeat, json),
+            dataplane_args,
+        } => services(seconds, repeat, json, dataplane_args),
         Scenario::AgentScale {
             changes,
             nodes,
