@@ -23,6 +23,9 @@ pub enum Resource {
     /// A control group (one name under every cgroup v1 hierarchy): every process in it and
     /// its children is killed, then the groups are removed.
     Cgroup(String),
+    /// Where a stopped dataplane's descriptor holder may wait for a successor: dismissed
+    /// (its descriptors taken and closed, so it exits and the devices can go).
+    Holder(PathBuf),
 }
 
 static REGISTRY: Mutex<BTreeMap<u64, Resource>> = Mutex::new(BTreeMap::new());
@@ -81,8 +84,10 @@ pub fn release_all() {
         for r in &all {
             let matches = matches!(
                 (pass, r),
-                (0, Resource::Process(_) | Resource::Cgroup(_))
-                    | (1, Resource::Netns(_))
+                (
+                    0,
+                    Resource::Process(_) | Resource::Cgroup(_) | Resource::Holder(_)
+                ) | (1, Resource::Netns(_))
                     | (2, Resource::File(_) | Resource::Dir(_))
                     | (3, Resource::EmptyDir(_))
             );
@@ -102,6 +107,7 @@ fn remove(resource: &Resource) {
         Resource::File(path) => {
             let _ = std::fs::remove_file(path);
         }
+        Resource::Holder(path) => drop(switchyard_dataplane::io::handover::take(path)),
         Resource::Dir(path) => {
             let _ = std::fs::remove_dir_all(path);
         }

@@ -143,7 +143,9 @@ impl Drop for Testbed {
         self.pods.clear();
         if let Some((api, key)) = self.api.take() {
             cleanup::release(key);
-            for kept in switchyard_dataplane::StateFiles::beside(&api).all() {
+            let files = switchyard_dataplane::StateFiles::beside(&api);
+            drop(switchyard_dataplane::io::handover::take(&files.handover));
+            for kept in files.all() {
                 let _ = std::fs::remove_file(kept);
             }
         }
@@ -181,9 +183,11 @@ impl Testbed {
         let api = std::env::temp_dir().join(format!("{prefix}.sock"));
         let api_key = cleanup::register(Resource::File(api.clone()));
         // The dataplane records its state beside the socket.
-        for kept in switchyard_dataplane::StateFiles::beside(&api).all() {
+        let files = switchyard_dataplane::StateFiles::beside(&api);
+        for kept in files.all() {
             cleanup::register(Resource::File(kept.to_path_buf()));
         }
+        cleanup::register(Resource::Holder(files.handover.clone()));
         let log = std::env::temp_dir().join(format!("{prefix}-dataplane.log"));
         // Registered so that Ctrl-C removes it too; the guard's drop removes it otherwise.
         cleanup::register(Resource::File(log.clone()));

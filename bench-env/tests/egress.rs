@@ -337,6 +337,57 @@ fn a_masqueraded_stream_and_a_host_port_connection_survive_a_planned_restart() {
     streams_survive(nix::sys::signal::Signal::SIGTERM);
 }
 
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
+fn a_planned_restart_loses_no_ping() {
+    let mut c = cluster();
+    let ext = c.external.as_ref().unwrap().ipv4;
+    let pod = &c.nodes[0].pods[0];
+    let remote = c.nodes[1].pods[0].ipv4;
+    for target in [ext, remote] {
+        assert!(measure::ping(&pod.ns, IpAddr::V4(target)), "{target}");
+    }
+    // 300 pings 10 ms apart to the external host (masqueraded) and to a pod on the other
+    // node (the overlay), while node 0's dataplane stops and a new one starts.
+    let netns = pod.ns.path().file_name().unwrap().to_owned();
+    let pings: Vec<_> = [ext, remote]
+        .into_iter()
+        .map(|target| {
+            let netns = netns.clone();
+            std::thread::spawn(move || {
+                let out = std::process::Command::new("ip")
+                    .arg("netns")
+                    .arg("exec")
+                    .arg(&netns)
+                    .args(["ping", "-c", "300", "-i", "0.01", "-W", "2", "-q"])
+                    .arg(target.to_string())
+                    .output()
+                    .unwrap();
+                (target, String::from_utf8_lossy(&out.stdout).into_owned())
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    c.stop_and_start_dataplane(0, nix::sys::signal::Signal::SIGTERM, |_| ())
+        .unwrap();
+    for ping in pings {
+        let (target, out) = ping.join().unwrap();
+        assert!(
+            out.contains("300 packets transmitted, 300 received"),
+            "pings to {target} were lost across the restart:\n{out}\n{}",
+            c.logs()
+        );
+    }
+    let log = std::fs::read_to_string(&c.nodes[0].dataplane_log).unwrap();
+    assert!(
+        log.contains("took over") && log.contains("applied the recorded node settings"),
+        "the new process took the queues and the node settings over:\n{log}"
+    );
+}
+
 /// A masqueraded TCP stream and one through a published port (hostPort) run while node
 /// 0's dataplane is stopped with `signal` and started again: both carry on, every byte
 /// arrives, and the bytes never stop for 2 s.

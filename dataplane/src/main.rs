@@ -65,6 +65,10 @@ struct Args {
     /// The CNI plugin directory the cleanup removes `switchyard` from.
     #[arg(long, default_value = "/opt/cni/bin")]
     cni_bin_dir: PathBuf,
+    /// Internal: be the holder of a stopping dataplane's descriptors, waiting at this
+    /// socket for its successor (spawned by the dataplane itself on a planned stop).
+    #[arg(long, hide = true, value_name = "PATH")]
+    hold_descriptors: Option<PathBuf>,
 }
 
 /// `--steering` values.
@@ -89,6 +93,18 @@ fn main() {
         std::process::exit(cleanup(&args, &files));
     }
     switchyard_api::logging::init();
+    if let Some(path) = &args.hold_descriptors {
+        use switchyard_dataplane::io::handover;
+        match handover::serve_held(path, handover::HOLD_FOR) {
+            Ok(true) => tracing::info!("handed the kept descriptors to the new dataplane"),
+            Ok(false) => tracing::warn!(
+                "no dataplane came for the kept descriptors within {:?}; closing them",
+                handover::HOLD_FOR
+            ),
+            Err(e) => tracing::error!("cannot keep the descriptors at {}: {e}", path.display()),
+        }
+        return;
+    }
     let mut config = SwitchConfig::default();
     if let Some(workers) = args.workers {
         config.workers = workers.max(1);
@@ -103,9 +119,10 @@ fn main() {
     };
     config.host_ifname = args.host_ifname;
     config.worker_nice = args.worker_nice;
-    config.state_file = Some(files.ports);
-    config.sysctl_file = Some(files.sysctls);
-    config.conntrack_file = Some(files.conntrack);
+    config.state_file = Some(files.ports.clone());
+    config.node_file = Some(files.node.clone());
+    config.sysctl_file = Some(files.sysctls.clone());
+    config.conntrack_file = Some(files.conntrack.clone());
     let listener = match server::bind(&args.api) {
         Ok(l) => l,
         Err(err) => {
@@ -120,7 +137,17 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let restored = switch.restore_ports();
+    let kept = switchyard_dataplane::io::handover::take(&files.handover);
+    if !kept.is_empty() {
+        tracing::info!(
+            "took over {} ports' descriptors from the previous dataplane",
+            kept.len()
+        );
+    }
+    let (node, restored) = switch.restore(kept);
+    if node {
+        tracing::info!("applied the recorded node settings");
+    }
     if restored > 0 {
         tracing::info!("re-attached {restored} pod ports");
     }
@@ -134,13 +161,21 @@ fn main() {
         }
     }
     let socket = args.api.clone();
+    let stopping = switch.clone();
     if let Err(err) = ctrlc::set_handler(move || {
         // A stop is a pause, as a crash is: the pod interfaces and the host port are
         // persistent, the node's routes and steering rules stay, the flows are in the
         // journal, and the next dataplane takes all of it over, so established
         // connections carry on across a restart or an upgrade. `--cleanup` is the
-        // uninstall.
+        // uninstall. Unlike a crash, the ports' queues and sockets are kept open for the
+        // next dataplane, so nothing sent meanwhile is lost.
         let _ = std::fs::remove_file(&socket);
+        match stopping.hand_over(&files.handover) {
+            Ok(n) => tracing::info!("kept {n} ports' descriptors for the next dataplane"),
+            Err(e) => tracing::warn!(
+                "cannot keep the ports' descriptors for the next dataplane ({e}): frames sent until it starts are lost"
+            ),
+        }
         std::process::exit(0);
     }) {
         tracing::warn!("cannot install signal handler: {err}");
@@ -162,6 +197,15 @@ fn cleanup(args: &Args, files: &switchyard_dataplane::StateFiles) -> i32 {
         );
         return 1;
     }
+    // A holder keeping a stopped dataplane's queues open would keep its devices alive.
+    let kept = switchyard_dataplane::io::handover::take(&files.handover);
+    if !kept.is_empty() {
+        println!(
+            "closed the descriptors of {} ports a stopped dataplane kept",
+            kept.len()
+        );
+    }
+    drop(kept);
     let mut status = 0;
     match switchyard_dataplane::switch::restore::cleanup(&files.sysctls, &args.host_ifname) {
         Ok(done) => {
@@ -178,7 +222,7 @@ fn cleanup(args: &Args, files: &switchyard_dataplane::StateFiles) -> i32 {
         args.cni_conf_dir.join("10-switchyard.conflist"),
         args.cni_bin_dir.join("switchyard"),
     ];
-    let state = [&files.ports, &files.conntrack].map(|f| f.to_path_buf());
+    let state = [&files.ports, &files.conntrack, &files.node].map(|f| f.to_path_buf());
     for file in state.into_iter().chain(others) {
         match std::fs::remove_file(&file) {
             Ok(()) => println!("removed {}", file.display()),

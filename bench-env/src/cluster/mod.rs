@@ -325,6 +325,8 @@ impl Cluster {
                 .push(cleanup::register(Resource::File(f.to_path_buf())));
         }
         self.keys
+            .push(cleanup::register(Resource::Holder(state.handover.clone())));
+        self.keys
             .push(cleanup::register(Resource::Dir(self.ipam_dir(&name))));
         let mut node = SimNode {
             control: None,

@@ -16,6 +16,7 @@
 //! on veth copies anyway) and its send posts to the TX ring, with the fd polled the same
 //! way.
 
+pub mod handover;
 pub mod links;
 pub mod memory;
 pub mod netlink;

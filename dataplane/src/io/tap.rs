@@ -106,7 +106,14 @@ impl TapDevice {
     /// (left by an earlier dataplane process) with `queues` queues, as it was created;
     /// returns the device and its interface index. Refuses when no such interface exists
     /// (opening would create a new, unconfigured one).
-    pub fn attach(netns_path: &Path, ifname: &str, queues: usize) -> io::Result<(Self, u32)> {
+    /// An earlier process's open queues (`kept`, see [`super::handover`]) are taken over
+    /// when they are this device's, as many as asked for.
+    pub fn attach(
+        netns_path: &Path,
+        ifname: &str,
+        queues: usize,
+        kept: Option<Vec<OwnedFd>>,
+    ) -> io::Result<(Self, u32)> {
         netns::run_in(netns_path, || {
             let index = netns::link_index(ifname).ok_or_else(|| {
                 io::Error::new(
@@ -114,8 +121,24 @@ impl TapDevice {
                     format!("no interface {ifname} to re-attach"),
                 )
             })?;
-            Ok((Self::open(ifname, queues.max(1))?, index))
+            Ok((Self::kept_or_open(ifname, queues.max(1), kept)?, index))
         })
+    }
+
+    /// The kept queues of `ifname` when they fit, else newly opened ones.
+    fn kept_or_open(ifname: &str, queues: usize, kept: Option<Vec<OwnedFd>>) -> io::Result<Self> {
+        match kept {
+            Some(fds) if fds.len() == queues => match Self::adopt(ifname, fds) {
+                Ok(device) => return Ok(device),
+                Err(e) => tracing::warn!("not taking over the kept queues of {ifname}: {e}"),
+            },
+            Some(fds) => tracing::warn!(
+                "not taking over {} kept queues of {ifname}: {queues} wanted",
+                fds.len()
+            ),
+            None => {}
+        }
+        Self::open(ifname, queues)
     }
 
     /// Keeps the device after its last descriptor closes (`true`), or not.
@@ -145,6 +168,7 @@ impl TapDevice {
         mac: MacAddr,
         mtu: u32,
         queues: usize,
+        kept: Option<Vec<OwnedFd>>,
     ) -> io::Result<(Self, u32, bool)> {
         let mut reattached = false;
         if netns::link_index(ifname).is_some() {
@@ -156,7 +180,8 @@ impl TapDevice {
             }
             reattached = true;
         }
-        let device = match Self::open(ifname, queues.max(1)) {
+        let kept = kept.filter(|_| reattached);
+        let device = match Self::kept_or_open(ifname, queues.max(1), kept) {
             Ok(device) => device,
             Err(e) if reattached => {
                 // Left with other queue flags (another worker count): start afresh.
@@ -210,6 +235,44 @@ impl TapDevice {
         for _ in 0..queues {
             fds.push(open_queue(name, flags)?);
         }
+        Self::with_offloads(fds)
+    }
+
+    /// Takes over the open queues `fds` of the TAP device `ifname`, which an earlier
+    /// process held (kept across its restart: what the pod sent meanwhile is still queued
+    /// on them). Refuses descriptors of another device.
+    pub fn adopt(ifname: &str, fds: Vec<OwnedFd>) -> io::Result<Self> {
+        if fds.is_empty() {
+            return Err(io::Error::other("no queue to adopt"));
+        }
+        for fd in &fds {
+            let mut req = IfReq {
+                name: [0; libc::IFNAMSIZ],
+                flags: 0,
+                _pad: [0; 22],
+            };
+            // SAFETY: `req` is a properly sized `struct ifreq` that lives across the call.
+            if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut req) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let len = req
+                .name
+                .iter()
+                .position(|b| *b == 0)
+                .unwrap_or(req.name.len());
+            if &req.name[..len] != ifname.as_bytes()
+                || req.flags & libc::IFF_TAP as libc::c_short == 0
+            {
+                return Err(io::Error::other(format!(
+                    "a kept descriptor is not a queue of the TAP device {ifname}"
+                )));
+            }
+        }
+        Self::with_offloads(fds)
+    }
+
+    /// The queues `fds`, with TSO and, where the kernel has it, USO switched on.
+    fn with_offloads(fds: Vec<OwnedFd>) -> io::Result<Self> {
         let fd = fds[0].as_raw_fd();
         let mut offloads = TUN_F_TSO | TUN_F_USO;
         // SAFETY: TUNSETOFFLOAD takes its flags by value.
@@ -234,6 +297,11 @@ impl TapDevice {
     /// The `TUN_F_*` offload flags the kernel accepted.
     pub fn offloads(&self) -> u32 {
         self.offloads
+    }
+
+    /// The file descriptors of every queue.
+    pub fn raw_fds(&self) -> Vec<RawFd> {
+        self.queues.iter().map(AsRawFd::as_raw_fd).collect()
     }
 
     /// The file descriptor of queue `queue` (modulo the number of queues).

@@ -58,19 +58,26 @@ pub struct Uplink {
 impl Uplink {
     /// Opens the sockets for `encap` on the node's underlay address `local`, with `queues`
     /// receive queues (VXLAN). Frames delivered get `mac` as source and `gateway` as
-    /// destination.
+    /// destination. An earlier process's receive sockets (`kept`, see
+    /// [`super::handover`]) are taken over when they are bound where these would be: the
+    /// datagrams that arrived meanwhile wait in them.
     pub fn open(
         encap: Encap,
         local: Ipv4Addr,
         queues: usize,
         mac: MacAddr,
         gateway: MacAddr,
+        kept: Option<Vec<OwnedFd>>,
     ) -> io::Result<Self> {
         let (rx, tx) = match encap {
             Encap::Vxlan { port, .. } => {
-                let rx = (0..queues.max(1))
-                    .map(|_| udp_socket(SocketAddrV4::new(local, port), true))
-                    .collect::<io::Result<Vec<_>>>()?;
+                let at = SocketAddrV4::new(local, port);
+                let rx = match kept.filter(|k| k.len() == queues.max(1) && bound_at(k, at)) {
+                    Some(kept) => kept,
+                    None => (0..queues.max(1))
+                        .map(|_| udp_socket(at, true))
+                        .collect::<io::Result<Vec<_>>>()?,
+                };
                 let tx = (0..TX_POOL)
                     .map(|_| udp_socket(SocketAddrV4::new(local, 0), false))
                     .collect::<io::Result<Vec<_>>>()?;
@@ -105,6 +112,11 @@ impl Uplink {
     /// Replaces the set of underlay addresses accepted as senders.
     pub fn set_peers(&self, peers: Vec<Ipv4Addr>) {
         self.peers.store(Arc::new(peers));
+    }
+
+    /// The receive sockets (to keep across a restart).
+    pub fn receive_fds(&self) -> Vec<RawFd> {
+        self.rx.iter().map(AsRawFd::as_raw_fd).collect()
     }
 
     /// Number of receive queues.
@@ -478,4 +490,15 @@ fn raw_socket(local: Ipv4Addr, protocol: u8) -> io::Result<OwnedFd> {
     set_buffers(&fd)?;
     bind(&fd, SocketAddrV4::new(local, 0))?;
     Ok(fd)
+}
+
+/// Whether every socket of `fds` is a UDP socket bound to `at`.
+fn bound_at(fds: &[OwnedFd], at: SocketAddrV4) -> bool {
+    fds.iter().all(|fd| {
+        let udp = nix::sys::socket::getsockopt(fd, sockopt::SockType)
+            .is_ok_and(|t| t == SockType::Datagram);
+        let bound = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrIn>(fd.as_raw_fd())
+            .is_ok_and(|a| a.ip() == *at.ip() && a.port() == at.port());
+        udp && bound
+    })
 }

@@ -154,6 +154,7 @@ impl Switch {
         }
         let first = state.node.is_none();
         let before: std::collections::HashSet<u32> = state.builder.ports().map(|p| p.id).collect();
+        let spec_applied = spec.clone();
         let result = self.join(&mut state, spec);
         if result.is_err() && first {
             let opened: Vec<Arc<Port<PortIo>>> = state
@@ -173,6 +174,7 @@ impl Switch {
         }
         drop(state);
         if result.is_ok() {
+            self.save_node(&spec_applied);
             self.sync_host_port_rules();
             if first {
                 // Only now, with this process's rules in place, go the rules an earlier
@@ -369,9 +371,14 @@ impl Switch {
         mtu: u32,
     ) -> Result<(Arc<Port<PortIo>>, u32), ApiError> {
         let name = &self.config.host_ifname;
-        let (tap, ifindex, reattached) =
-            TapDevice::create_host(name, HOST_MAC, mtu, self.workers.len())
-                .map_err(|e| system(&format!("cannot create the host port {name}"), e))?;
+        let (tap, ifindex, reattached) = TapDevice::create_host(
+            name,
+            HOST_MAC,
+            mtu,
+            self.workers.len(),
+            self.kept(&crate::io::handover::host_key(name)),
+        )
+        .map_err(|e| system(&format!("cannot create the host port {name}"), e))?;
         if reattached {
             tracing::info!("re-attached the host port {name} an earlier process left");
         }
@@ -408,20 +415,21 @@ impl Switch {
     ) -> Result<Vec<Arc<Port<PortIo>>>, ApiError> {
         let mut out: Vec<Arc<Port<PortIo>>> = Vec::new();
         for encap in encaps(spec) {
+            let name = match encap {
+                Encap::Vxlan { .. } => "vxlan",
+                Encap::Ipip { protocol: 4 } => "ipip4",
+                Encap::Ipip { .. } => "ipip6",
+            };
             let uplink = Uplink::open(
                 encap,
                 spec.underlay,
                 self.workers.len(),
                 UPLINK_MAC,
                 self.config.gateway.mac,
+                self.kept(&crate::io::handover::uplink_key(name, spec.underlay)),
             )
             .map_err(|e| system("cannot open the uplink sockets", e))?;
             let id = state.next_port_id;
-            let name = match encap {
-                Encap::Vxlan { .. } => "vxlan",
-                Encap::Ipip { protocol: 4 } => "ipip4",
-                Encap::Ipip { .. } => "ipip6",
-            };
             let port = Arc::new(node_port(
                 id,
                 name,

@@ -44,6 +44,11 @@ pub struct StateFiles {
     pub sysctls: std::path::PathBuf,
     /// Masquerade's flows (`<api>.conntrack`).
     pub conntrack: std::path::PathBuf,
+    /// The node settings last applied (`<api>.node.json`).
+    pub node: std::path::PathBuf,
+    /// Where a stopped process's descriptors wait for its successor (`<api>.handover`,
+    /// a socket; see `io::handover`).
+    pub handover: std::path::PathBuf,
 }
 
 impl StateFiles {
@@ -53,12 +58,20 @@ impl StateFiles {
             ports: api.with_extension("ports.json"),
             sysctls: api.with_extension("sysctls.json"),
             conntrack: api.with_extension("conntrack"),
+            node: api.with_extension("node.json"),
+            handover: api.with_extension("handover"),
         }
     }
 
     /// All of them.
-    pub fn all(&self) -> [&std::path::Path; 3] {
-        [&self.ports, &self.sysctls, &self.conntrack]
+    pub fn all(&self) -> [&std::path::Path; 5] {
+        [
+            &self.ports,
+            &self.sysctls,
+            &self.conntrack,
+            &self.node,
+            &self.handover,
+        ]
     }
 }
 
@@ -83,6 +96,9 @@ pub struct SwitchConfig {
     /// Where the pod ports are recorded, so that a restarted dataplane re-attaches them
     /// (none: not recorded).
     pub state_file: Option<std::path::PathBuf>,
+    /// Where the node settings are recorded so that a restarted dataplane applies them at
+    /// once, before the control process pushes them again (none: not recorded).
+    pub node_file: Option<std::path::PathBuf>,
     /// Where the node's sysctls are recorded before their first change, for the uninstall
     /// (none: not recorded).
     pub sysctl_file: Option<std::path::PathBuf>,
@@ -105,6 +121,7 @@ impl Default for SwitchConfig {
             host_ifname: "sy0".into(),
             conntrack_file: None,
             state_file: None,
+            node_file: None,
             sysctl_file: None,
             worker_nice: 0,
         }
@@ -129,6 +146,8 @@ pub struct Switch {
     node_mtu: AtomicU32,
     /// The node's sysctls as they were before the first change.
     originals: restore::Originals,
+    /// Descriptors an earlier process kept for this one, until their ports take them.
+    kept: Mutex<crate::io::handover::Kept>,
 }
 
 use crate::wire::protocol_name;
@@ -162,6 +181,7 @@ impl Switch {
             config,
             shared,
             workers,
+            kept: Mutex::default(),
         })
     }
 

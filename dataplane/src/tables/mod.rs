@@ -215,27 +215,46 @@ impl<D> Tables<D> {
 }
 
 /// The published snapshot: swapped atomically, read without locks.
-pub struct SharedTables<D>(ArcSwap<Tables<D>>);
+pub struct SharedTables<D> {
+    current: ArcSwap<Tables<D>>,
+    /// While set, workers leave what arrives queued on the ports (a restart restoring its
+    /// state: a frame forwarded by half-restored tables would be dropped).
+    held: std::sync::atomic::AtomicBool,
+}
 
 impl<D> SharedTables<D> {
     /// Starts with `tables`.
     pub fn new(tables: Tables<D>) -> Self {
-        Self(ArcSwap::from_pointee(tables))
+        Self {
+            current: ArcSwap::from_pointee(tables),
+            held: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Holds forwarding back (`true`) or lets it go on.
+    pub fn hold(&self, held: bool) {
+        self.held.store(held, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether forwarding is held back.
+    #[inline]
+    pub fn held(&self) -> bool {
+        self.held.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The current snapshot; hold it for one round of work, not longer.
     #[inline]
     pub fn load(&self) -> arc_swap::Guard<Arc<Tables<D>>> {
-        self.0.load()
+        self.current.load()
     }
 
     /// The current snapshot as an owned reference.
     pub fn load_full(&self) -> Arc<Tables<D>> {
-        self.0.load_full()
+        self.current.load_full()
     }
 
     /// Replaces the snapshot. Readers see either the old or the new one, never a mix.
     pub fn publish(&self, tables: Tables<D>) {
-        self.0.store(Arc::new(tables));
+        self.current.store(Arc::new(tables));
     }
 }

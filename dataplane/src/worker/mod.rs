@@ -309,6 +309,11 @@ fn run(
         if pending.is_empty() {
             continue;
         }
+        if shared.held() {
+            // A restart restoring its state: the frames wait on their ports.
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
         let tables = shared.load();
         last_work = Instant::now();
         let now_ns = monotonic_ns();
