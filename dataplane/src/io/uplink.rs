@@ -60,7 +60,9 @@ impl Uplink {
     /// receive queues (VXLAN). Frames delivered get `mac` as source and `gateway` as
     /// destination. An earlier process's receive sockets (`kept`, see
     /// [`super::handover`]) are taken over when they are bound where these would be: the
-    /// datagrams that arrived meanwhile wait in them.
+    /// datagrams that arrived meanwhile wait in them. With `per_cpu` (workers pinned, worker
+    /// `i` on CPU `i`), a datagram goes to the socket of the worker on the CPU that
+    /// received it (`SO_INCOMING_CPU`), so no other CPU has to be woken.
     pub fn open(
         encap: Encap,
         local: Ipv4Addr,
@@ -68,6 +70,7 @@ impl Uplink {
         mac: MacAddr,
         gateway: MacAddr,
         kept: Option<Vec<OwnedFd>>,
+        per_cpu: bool,
     ) -> io::Result<Self> {
         let (rx, tx) = match encap {
             Encap::Vxlan { port, .. } => {
@@ -78,6 +81,11 @@ impl Uplink {
                         .map(|_| udp_socket(at, true))
                         .collect::<io::Result<Vec<_>>>()?,
                 };
+                if per_cpu {
+                    for (queue, socket) in rx.iter().enumerate() {
+                        set_incoming_cpu(socket, queue)?;
+                    }
+                }
                 let tx = (0..TX_POOL)
                     .map(|_| udp_socket(SocketAddrV4::new(local, 0), false))
                     .collect::<io::Result<Vec<_>>>()?;
@@ -492,6 +500,28 @@ fn raw_socket(local: Ipv4Addr, protocol: u8) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Makes the kernel pick `socket` among its `SO_REUSEPORT` group for the datagrams it
+/// receives on CPU `cpu` (Linux 6.1 and later: `reuseport_select_sock_by_hash` prefers the
+/// socket whose incoming CPU is the current one; earlier kernels accept the option and
+/// keep spreading by hash).
+fn set_incoming_cpu(socket: &OwnedFd, cpu: usize) -> io::Result<()> {
+    let cpu = libc::c_int::try_from(cpu).map_err(io::Error::other)?;
+    // SAFETY: SO_INCOMING_CPU reads one int from the pointer, which is valid for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_INCOMING_CPU,
+            (&cpu as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether every socket of `fds` is a UDP socket bound to `at`.
 fn bound_at(fds: &[OwnedFd], at: SocketAddrV4) -> bool {
     fds.iter().all(|fd| {
@@ -501,4 +531,28 @@ fn bound_at(fds: &[OwnedFd], at: SocketAddrV4) -> bool {
             .is_ok_and(|a| a.ip() == *at.ip() && a.port() == at.port());
         udp && bound
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_receive_socket_takes_the_cpu_it_serves() {
+        let socket = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), true).unwrap();
+        set_incoming_cpu(&socket, 1).unwrap();
+        let mut cpu: libc::c_int = -1;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: SO_INCOMING_CPU writes one int and its length to valid pointers.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_INCOMING_CPU,
+                (&mut cpu as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!((rc, cpu), (0, 1));
+    }
 }

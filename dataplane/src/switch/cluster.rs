@@ -427,6 +427,7 @@ impl Switch {
                 UPLINK_MAC,
                 self.config.gateway.mac,
                 self.kept(&crate::io::handover::uplink_key(name, spec.underlay)),
+                self.config.steering.pins_workers() && self.workers.len() > 1,
             )
             .map_err(|e| system("cannot open the uplink sockets", e))?;
             let id = state.next_port_id;
