@@ -948,11 +948,15 @@ impl Scenario {
                 replies.len()
             ));
         }
-        // When each new dataplane had its node settings again (its agent's log).
+        // When each new dataplane had its node settings again: applied from its own record
+        // at start (its log), or pushed by its agent (the agent's log), whichever came first.
         let logs = self.daemonset_logs();
         let settled: Vec<f64> = logs
             .lines()
-            .filter(|l| l.contains("has the node settings"))
+            .filter(|l| {
+                l.contains("has the node settings")
+                    || l.contains("applied the recorded node settings")
+            })
             .filter_map(|l| l.split_whitespace().next()?.parse::<jiff::Timestamp>().ok())
             .map(|t| t.as_millisecond() as f64 / 1000.0)
             .collect();

@@ -144,10 +144,7 @@ fn main() {
             kept.len()
         );
     }
-    let (node, restored) = switch.restore(kept);
-    if node {
-        tracing::info!("applied the recorded node settings");
-    }
+    let (_, restored) = switch.restore(kept);
     if restored > 0 {
         tracing::info!("re-attached {restored} pod ports");
     }

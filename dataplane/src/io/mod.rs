@@ -16,6 +16,7 @@
 //! on veth copies anyway) and its send posts to the TX ring, with the fd polled the same
 //! way.
 
+pub mod bpf;
 pub mod handover;
 pub mod links;
 pub mod memory;
@@ -25,6 +26,7 @@ pub mod shared;
 pub mod steering;
 pub mod tap;
 pub mod uplink;
+pub mod xdp;
 
 use crate::buffer::PacketBuf;
 use std::io;

@@ -14,7 +14,7 @@
 #![allow(unsafe_code)] // bpf(2) and the steering ioctl
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
 
 /// How a pod's frames are spread over its TAP's queues.
@@ -39,11 +39,6 @@ impl Steering {
     }
 }
 
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
-const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
-
 /// Helpers called by the programs.
 const HELPER_MAP_LOOKUP_ELEM: i32 = 1;
 const HELPER_KTIME_GET_NS: i32 = 5;
@@ -59,27 +54,7 @@ const SMALL_FRAME: i32 = 256;
 /// same TAP is latency-bound: nothing queued behind it to batch with.
 const QUIET_NS: i32 = 20_000;
 
-/// One `struct bpf_insn`: opcode, registers (source in the high nibble), offset, immediate.
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
-    let o = off.to_le_bytes();
-    let i = imm.to_le_bytes();
-    [code, (src << 4) | dst, o[0], o[1], i[0], i[1], i[2], i[3]]
-}
-
-const CALL: u8 = 0x85; // BPF_JMP | BPF_CALL
-const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
-const MOV64_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
-const ADD64_K: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
-const SUB64_X: u8 = 0x1f; // BPF_ALU64 | BPF_SUB | BPF_X
-const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
-const LDX_DW: u8 = 0x79; // BPF_LDX | BPF_MEM | BPF_DW
-const ST_W: u8 = 0x62; // BPF_ST | BPF_MEM | BPF_W
-const STX_DW: u8 = 0x7b; // BPF_STX | BPF_MEM | BPF_DW
-const JGT_K: u8 = 0x25; // BPF_JMP | BPF_JGT | BPF_K
-const JEQ_K: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
-const JLT_K: u8 = 0xa5; // BPF_JMP | BPF_JLT | BPF_K
-const LD_IMM64: u8 = 0x18; // BPF_LD | BPF_DW | BPF_IMM
-const PSEUDO_MAP_FD: u8 = 1;
+use super::bpf::{self, insn, op::*};
 
 /// `return bpf_get_smp_processor_id();`
 fn cpu_program() -> Vec<[u8; 8]> {
@@ -110,8 +85,8 @@ fn adaptive_program(map: RawFd) -> Vec<[u8; 8]> {
         insn(ST_W, 10, 0, -4, 0),                         // 5: key = 0 on the stack
         insn(MOV64_X, 2, 10, 0, 0),                       // 6: r2 = fp
         insn(ADD64_K, 2, 0, 0, -4),                       // 7: r2 = &key
-        insn(LD_IMM64, 1, PSEUDO_MAP_FD, 0, map),         // 8: r1 = map
-        insn(0, 0, 0, 0, 0),                              // 9: (its upper half)
+        bpf::load_map(1, map)[0],                         // 8: r1 = map
+        bpf::load_map(1, map)[1],                         // 9: (its upper half)
         insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM),      // 10: r0 = &map[0]
         insn(JEQ_K, 0, 0, jump(11), 0),                   // 11: no entry: by hash
         insn(LDX_DW, 1, 0, 0, 0),                         // 12: r1 = last
@@ -125,44 +100,13 @@ fn adaptive_program(map: RawFd) -> Vec<[u8; 8]> {
     ]
 }
 
-/// Calls bpf(2) with `attr` (a zero-padded `union bpf_attr`); returns the new descriptor.
-fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> io::Result<OwnedFd> {
-    // SAFETY: `attr` is a zero-padded `union bpf_attr` for `cmd` whose pointers (set by the
-    // callers) stay valid for the duration of the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new file descriptor that nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// Writes an object's name (at most 15 bytes and a NUL) into its field of `bpf_attr`.
-fn set_name(field: &mut [u8], name: &[u8]) {
-    let len = name.len().min(field.len() - 1);
-    field[..len].copy_from_slice(&name[..len]);
-}
-
 /// A one-entry per-CPU array of one `u64`.
 fn create_time_map() -> io::Result<OwnedFd> {
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&BPF_MAP_TYPE_PERCPU_ARRAY.to_ne_bytes());
-    attr[4..8].copy_from_slice(&4u32.to_ne_bytes());
-    attr[8..12].copy_from_slice(&8u32.to_ne_bytes());
-    attr[12..16].copy_from_slice(&1u32.to_ne_bytes());
-    set_name(&mut attr[28..44], b"sy_steer_last");
-    bpf(BPF_MAP_CREATE, &mut attr)
+    bpf::create_map(bpf::MAP_TYPE_PERCPU_ARRAY, 4, 8, 1, b"sy_steer_last")
 }
 
 fn load_program(program: &[[u8; 8]], name: &[u8]) -> io::Result<OwnedFd> {
-    let license = c"GPL";
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SOCKET_FILTER.to_ne_bytes());
-    attr[4..8].copy_from_slice(&(program.len() as u32).to_ne_bytes());
-    attr[8..16].copy_from_slice(&(program.as_ptr() as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    set_name(&mut attr[48..64], name);
-    bpf(BPF_PROG_LOAD, &mut attr)
+    bpf::load_program(bpf::PROG_TYPE_SOCKET_FILTER, 0, program, name)
 }
 
 /// The CPU program, shared by every TAP (loaded once).

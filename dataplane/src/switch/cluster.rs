@@ -136,6 +136,15 @@ impl Switch {
 
     /// The digest of the node settings in force.
     pub fn node_digest(&self) -> Option<u64> {
+        if self
+            .node_from_record
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // Settings applied from the record at start: the control process must push
+            // them once, so that it also pushes again what was not recorded (Services,
+            // policies).
+            return None;
+        }
         self.state().node.as_ref().map(|n| n.digest)
     }
 
@@ -148,6 +157,8 @@ impl Switch {
     /// join that fails part-way takes back the ports it opened (the host port, the
     /// uplinks), so that a later attempt starts from nothing.
     pub fn set_node(&self, spec: NodeSpec) -> Result<NodeStatus, ApiError> {
+        self.node_from_record
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let mut state = self.state();
         if state.node.as_ref().is_some_and(|n| n.spec == spec) {
             return Ok(status(state.node.as_ref(), &self.config.host_ifname));

@@ -148,6 +148,8 @@ pub struct Switch {
     originals: restore::Originals,
     /// Descriptors an earlier process kept for this one, until their ports take them.
     kept: Mutex<crate::io::handover::Kept>,
+    /// The node settings in force came from the record, not yet from the control process.
+    node_from_record: std::sync::atomic::AtomicBool,
 }
 
 use crate::wire::protocol_name;
@@ -182,6 +184,7 @@ impl Switch {
             shared,
             workers,
             kept: Mutex::default(),
+            node_from_record: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

@@ -167,6 +167,11 @@ impl Switch {
         self.shared.hold(true);
         let ports = self.restore_ports();
         let node = self.restore_node();
+        if node {
+            // Said before forwarding resumes, so that the log orders it before the first
+            // frame forwarded.
+            tracing::info!("applied the recorded node settings");
+        }
         self.shared.hold(false);
         for key in self.release_unclaimed() {
             tracing::info!("closed the kept descriptors of {key}: nothing here uses them");
@@ -204,7 +209,11 @@ impl Switch {
             }
         };
         match self.set_node(spec) {
-            Ok(_) => true,
+            Ok(_) => {
+                self.node_from_record
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                true
+            }
             Err(e) => {
                 tracing::warn!(
                     "not applying the recorded node settings ({}); waiting for the control process",
