@@ -39,3 +39,86 @@ fn the_redirect_program_attaches_to_a_veth_and_goes_with_its_owner() {
         "detached with its owner: {after}"
     );
 }
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and AF_XDP sockets"
+)]
+fn an_af_xdp_socket_receives_and_sends_frames_on_a_veth() {
+    use bench_env::rawsock::{capture, send_frames, CAPTURE_VNET_LEN};
+    use switchyard_dataplane::io::xsk::XskSocket;
+    bench_env::require_root("AF_XDP test");
+    let ns = Netns::create(&format!("sy-xsk-{}", std::process::id())).unwrap();
+    ns.exec(&[
+        "ip",
+        "link",
+        "add",
+        "syxsk0",
+        "numtxqueues",
+        "1",
+        "numrxqueues",
+        "1",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "syxsk1",
+        "numtxqueues",
+        "1",
+        "numrxqueues",
+        "1",
+    ])
+    .unwrap();
+    for dev in ["syxsk0", "syxsk1"] {
+        ns.exec(&["ip", "link", "set", dev, "up"]).unwrap();
+    }
+    let path = ns.path();
+    let (_redirect, mut socket) = run_in(&path, || {
+        let index = link_index("syxsk0").expect("the veth");
+        let redirect = XdpRedirect::attach(index, 1)?;
+        let socket = XskSocket::bind(index, 0)?;
+        redirect.insert_socket(0, socket.raw_fd())?;
+        Ok((redirect, socket))
+    })
+    .unwrap_or_else(|e| panic!("cannot set up the AF_XDP socket: {e}"));
+    // A frame of a local experimental EtherType, to every station.
+    let frame = |text: &[u8]| -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x88, 0xb5]);
+        f.extend_from_slice(text);
+        f.resize(60, 0);
+        f
+    };
+    let inbound = frame(b"to the socket");
+    send_frames(&path, "syxsk1", vec![inbound.clone()]).unwrap();
+    let mut buf = [0u8; 2048];
+    let started = std::time::Instant::now();
+    let received = loop {
+        if let Some(n) = socket.recv(&mut buf) {
+            break buf[..n].to_vec();
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "nothing reached the socket"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert_eq!(received, inbound);
+    let outbound = frame(b"from the socket");
+    let watcher = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            capture(&path, "syxsk1", std::time::Duration::from_millis(800)).unwrap()
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    socket.send(&outbound).unwrap();
+    let seen = watcher.join().unwrap();
+    assert!(
+        seen.iter()
+            .any(|f| f.get(CAPTURE_VNET_LEN..) == Some(&outbound[..])),
+        "the peer did not see the frame the socket sent: {} frames",
+        seen.len()
+    );
+}

@@ -27,6 +27,7 @@ pub mod steering;
 pub mod tap;
 pub mod uplink;
 pub mod xdp;
+pub mod xsk;
 
 use crate::buffer::PacketBuf;
 use std::io;

@@ -1,0 +1,344 @@
+//! An AF_XDP socket (XSK) bound to one queue of a device, with a UMEM of its own, in copy
+//! mode (what veth offers): the kernel writes received frames into UMEM frames the socket
+//! lent it on the fill ring and announces them on the RX ring; frames to send are written
+//! into free UMEM frames and posted on the TX ring, and come back on the completion ring
+//! once sent. Every ring is a single-producer, single-consumer array shared with the
+//! kernel through `mmap`, with the producer and consumer indexes as atomics.
+//!
+//! Half the UMEM circulates between the fill and RX rings (receiving), half between the TX
+//! and completion rings (sending); each ring holds as many entries as its half has frames,
+//! so no ring can overflow. The frames reach [`super::xdp::XdpRedirect`]'s map through
+//! [`XskSocket::raw_fd`].
+// Unsafe code here: the socket's setup (setsockopt/getsockopt/mmap with the kernel's
+// structures) and the rings, which live in memory shared with the kernel.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem::size_of;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Bytes per UMEM frame.
+pub const FRAME_SIZE: usize = 4096;
+/// Entries per ring, and frames per half of the UMEM.
+const RING: u32 = 1024;
+/// Frames in the UMEM: one half receives, the other sends.
+const FRAMES: usize = 2 * RING as usize;
+
+/// An anonymous or shared mapping, unmapped on drop.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory; which thread may touch which part is decided by
+// the rings' protocol, and `XskSocket`'s methods take `&mut self`.
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    fn new(len: usize, fd: Option<(RawFd, libc::off_t)>) -> io::Result<Self> {
+        let (flags, fd, offset) = match fd {
+            Some((fd, offset)) => (libc::MAP_SHARED | libc::MAP_POPULATE, fd, offset),
+            None => (
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            ),
+        };
+        // SAFETY: a new mapping at an address the kernel picks; nothing else is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are a mapping this value made and nothing uses it any more.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// One ring: its indexes, flags and entries inside a mapping shared with the kernel.
+struct Ring<T> {
+    producer: *const AtomicU32,
+    consumer: *const AtomicU32,
+    flags: *const AtomicU32,
+    entries: *mut T,
+    _map: Mapping,
+}
+
+// SAFETY: as for `Mapping`: the ring protocol decides who writes what.
+unsafe impl<T> Send for Ring<T> {}
+
+impl<T: Copy> Ring<T> {
+    fn map(fd: RawFd, offsets: &libc::xdp_ring_offset, page_offset: u64) -> io::Result<Self> {
+        let len = offsets.desc as usize + RING as usize * size_of::<T>();
+        let map = Mapping::new(len, Some((fd, page_offset as libc::off_t)))?;
+        let at = |offset: u64| -> *mut u8 {
+            // SAFETY: the kernel's offsets lie inside the mapping of `len` bytes.
+            unsafe { map.ptr.add(offset as usize) }
+        };
+        Ok(Self {
+            producer: at(offsets.producer).cast(),
+            consumer: at(offsets.consumer).cast(),
+            flags: at(offsets.flags).cast(),
+            entries: at(offsets.desc).cast(),
+            _map: map,
+        })
+    }
+
+    fn producer(&self) -> &AtomicU32 {
+        // SAFETY: points into the live mapping, at a 4-byte aligned u32 the kernel shares.
+        unsafe { &*self.producer }
+    }
+
+    fn consumer(&self) -> &AtomicU32 {
+        // SAFETY: as above.
+        unsafe { &*self.consumer }
+    }
+
+    fn needs_wakeup(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { &*self.flags }.load(Ordering::Relaxed) & libc::XDP_RING_NEED_WAKEUP != 0
+    }
+
+    /// Takes the next entry, as the ring's consumer.
+    fn pop(&mut self) -> Option<T> {
+        let consumer = self.consumer().load(Ordering::Relaxed);
+        if consumer == self.producer().load(Ordering::Acquire) {
+            return None;
+        }
+        // SAFETY: the entry at `consumer` was published by the producer (acquired above)
+        // and lies within the ring's `RING` entries.
+        let entry = unsafe { *self.entries.add((consumer & (RING - 1)) as usize) };
+        self.consumer()
+            .store(consumer.wrapping_add(1), Ordering::Release);
+        Some(entry)
+    }
+
+    /// Adds an entry, as the ring's producer; the caller never has more than `RING`
+    /// entries outstanding.
+    fn push(&mut self, entry: T) {
+        let producer = self.producer().load(Ordering::Relaxed);
+        // SAFETY: the slot is within the ring, and not the consumer's until published.
+        unsafe { *self.entries.add((producer & (RING - 1)) as usize) = entry };
+        self.producer()
+            .store(producer.wrapping_add(1), Ordering::Release);
+    }
+}
+
+/// An AF_XDP socket bound to one queue of one device.
+pub struct XskSocket {
+    rx: Ring<libc::xdp_desc>,
+    tx: Ring<libc::xdp_desc>,
+    fill: Ring<u64>,
+    completion: Ring<u64>,
+    /// Sending frames not in flight.
+    free: Vec<u64>,
+    umem: Mapping,
+    fd: OwnedFd,
+}
+
+fn set_option<T>(fd: &OwnedFd, name: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is the structure or int the option reads, valid for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_XDP,
+            name,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl XskSocket {
+    /// Opens a socket with its UMEM and rings and binds it, in copy mode, to queue `queue`
+    /// of the device `ifindex` in the caller's namespace.
+    pub fn bind(ifindex: u32, queue: u32) -> io::Result<Self> {
+        // SAFETY: socket(2) with constant arguments.
+        let raw = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` was just returned by socket(2) and nobody else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let umem = Mapping::new(FRAMES * FRAME_SIZE, None)?;
+        let reg = libc::xdp_umem_reg {
+            addr: umem.ptr as u64,
+            len: umem.len as u64,
+            chunk_size: FRAME_SIZE as u32,
+            headroom: 0,
+            flags: 0,
+            tx_metadata_len: 0,
+        };
+        set_option(&fd, libc::XDP_UMEM_REG, &reg)?;
+        let size = RING as libc::c_int;
+        for ring in [
+            libc::XDP_UMEM_FILL_RING,
+            libc::XDP_UMEM_COMPLETION_RING,
+            libc::XDP_RX_RING,
+            libc::XDP_TX_RING,
+        ] {
+            set_option(&fd, ring, &size)?;
+        }
+        // SAFETY: an all-zero `xdp_mmap_offsets` is valid (plain integers).
+        let mut offsets: libc::xdp_mmap_offsets = unsafe { std::mem::zeroed() };
+        let mut len = size_of::<libc::xdp_mmap_offsets>() as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes into `offsets`.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_XDP,
+                libc::XDP_MMAP_OFFSETS,
+                (&mut offsets as *mut libc::xdp_mmap_offsets).cast(),
+                &mut len,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let raw = fd.as_raw_fd();
+        let rx = Ring::map(raw, &offsets.rx, libc::XDP_PGOFF_RX_RING as u64)?;
+        let tx = Ring::map(raw, &offsets.tx, libc::XDP_PGOFF_TX_RING as u64)?;
+        let mut fill = Ring::map(raw, &offsets.fr, libc::XDP_UMEM_PGOFF_FILL_RING)?;
+        let completion = Ring::map(raw, &offsets.cr, libc::XDP_UMEM_PGOFF_COMPLETION_RING)?;
+        for frame in 0..RING as u64 {
+            fill.push(frame * FRAME_SIZE as u64);
+        }
+        let free = (RING as u64..FRAMES as u64)
+            .map(|frame| frame * FRAME_SIZE as u64)
+            .collect();
+        let address = libc::sockaddr_xdp {
+            sxdp_family: libc::AF_XDP as u16,
+            sxdp_flags: libc::XDP_COPY | libc::XDP_USE_NEED_WAKEUP,
+            sxdp_ifindex: ifindex,
+            sxdp_queue_id: queue,
+            sxdp_shared_umem_fd: 0,
+        };
+        // SAFETY: `address` is a complete `sockaddr_xdp` of the length given.
+        let rc = unsafe {
+            libc::bind(
+                raw,
+                (&address as *const libc::sockaddr_xdp).cast(),
+                size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            rx,
+            tx,
+            fill,
+            completion,
+            free,
+            umem,
+            fd,
+        })
+    }
+
+    /// The socket, to register in the device's XDP map and to poll for readability.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    fn frame(&mut self, addr: u64, len: usize) -> &mut [u8] {
+        let at = (addr as usize).min(self.umem.len);
+        let len = len.min(FRAME_SIZE).min(self.umem.len - at);
+        // SAFETY: `at..at + len` lies inside the UMEM, and the frame is this side's: the
+        // kernel handed it over on the RX or completion ring, or never had it.
+        unsafe { std::slice::from_raw_parts_mut(self.umem.ptr.add(at), len) }
+    }
+
+    /// Copies the next received frame into `out`; returns its length (cut to `out`'s), or
+    /// `None` when nothing has arrived. Its UMEM frame goes back to the fill ring.
+    pub fn recv(&mut self, out: &mut [u8]) -> Option<usize> {
+        let desc = self.rx.pop()?;
+        let frame = self.frame(desc.addr, desc.len as usize);
+        let len = frame.len().min(out.len());
+        out[..len].copy_from_slice(&frame[..len]);
+        self.fill.push(desc.addr - desc.addr % FRAME_SIZE as u64);
+        if self.fill.needs_wakeup() {
+            self.kick_rx();
+        }
+        Some(len)
+    }
+
+    /// Sends `frame` (at most [`FRAME_SIZE`] bytes). `WouldBlock` when every sending frame
+    /// is in flight.
+    pub fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        if frame.len() > FRAME_SIZE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "frame larger than a UMEM frame",
+            ));
+        }
+        while let Some(done) = self.completion.pop() {
+            self.free.push(done);
+        }
+        let addr = self.free.pop().ok_or(io::ErrorKind::WouldBlock)?;
+        self.frame(addr, frame.len()).copy_from_slice(frame);
+        self.tx.push(libc::xdp_desc {
+            addr,
+            len: frame.len() as u32,
+            options: 0,
+        });
+        // Copy mode sends from the system call: always kick.
+        // SAFETY: sendto(2) with no data and no address: the TX ring is the payload.
+        let rc = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                std::ptr::null(),
+                0,
+                libc::MSG_DONTWAIT,
+                std::ptr::null(),
+                0,
+            )
+        };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            // Busy or out of buffers: the frame stays queued for the next kick.
+            if !matches!(
+                err.raw_os_error(),
+                Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS)
+            ) {
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    fn kick_rx(&self) {
+        // SAFETY: recvfrom(2) with no buffer: tells the kernel the fill ring has frames.
+        unsafe {
+            libc::recvfrom(
+                self.fd.as_raw_fd(),
+                std::ptr::null_mut(),
+                0,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
+    }
+}
