@@ -623,9 +623,11 @@ mod tests {
         assert!(ct.outbound(near, Some(0x02), 3).is_ok(), "room was made");
         assert_eq!((ct.len(), ct.early_drops()), (2, 1));
         assert_eq!(ct.flows_by_protocol(), [2, 0, 0]);
-        assert_eq!(
+        // Its node port is free again and may already be the new flow's (whose replies
+        // then match this tuple): what matters is that none reaches the dropped client.
+        assert_ne!(
             ct.inbound(&answer_to(flood, flood_port), None, 4),
-            None,
+            Some((flood.src, flood.src_port)),
             "the dropped flow's replies no longer find it"
         );
         assert!(ct.inbound(&answer_to(t(1), answered), None, 4).is_some());
