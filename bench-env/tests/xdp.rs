@@ -5,6 +5,38 @@ use bench_env::netns::Netns;
 use switchyard_dataplane::io::netns::{link_index, run_in};
 use switchyard_dataplane::io::xdp::XdpRedirect;
 
+/// A namespace `sy-<what>-<pid>` with a veth pair `sy<what>0` / `sy<what>1` of one queue
+/// each, both up; removed with the namespace.
+fn veth_pair(what: &str) -> Netns {
+    let ns = Netns::create(&format!("sy-{what}-{}", std::process::id())).unwrap();
+    let (a, b) = (format!("sy{what}0"), format!("sy{what}1"));
+    let one = "1";
+    ns.exec(&[
+        "ip",
+        "link",
+        "add",
+        &a,
+        "numtxqueues",
+        one,
+        "numrxqueues",
+        one,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &b,
+        "numtxqueues",
+        one,
+        "numrxqueues",
+        one,
+    ])
+    .unwrap();
+    for dev in [&a, &b] {
+        ns.exec(&["ip", "link", "set", dev, "up"]).unwrap();
+    }
+    ns
+}
+
 #[test]
 #[cfg_attr(
     not(privileged),
@@ -12,14 +44,7 @@ use switchyard_dataplane::io::xdp::XdpRedirect;
 )]
 fn the_redirect_program_attaches_to_a_veth_and_goes_with_its_owner() {
     bench_env::require_root("XDP test");
-    let ns = Netns::create(&format!("sy-xdp-{}", std::process::id())).unwrap();
-    ns.exec(&[
-        "ip", "link", "add", "syxdp0", "type", "veth", "peer", "name", "syxdp1",
-    ])
-    .unwrap();
-    for dev in ["syxdp0", "syxdp1"] {
-        ns.exec(&["ip", "link", "set", dev, "up"]).unwrap();
-    }
+    let ns = veth_pair("xdp");
     let shown = || ns.exec(&["ip", "-d", "link", "show", "syxdp0"]).unwrap();
     assert!(!shown().contains("prog/xdp"), "nothing before: {}", shown());
     let redirect = run_in(&ns.path(), || {
@@ -49,30 +74,7 @@ fn an_af_xdp_socket_receives_and_sends_frames_on_a_veth() {
     use bench_env::rawsock::{capture, send_frames, CAPTURE_VNET_LEN};
     use switchyard_dataplane::io::xsk::XskSocket;
     bench_env::require_root("AF_XDP test");
-    let ns = Netns::create(&format!("sy-xsk-{}", std::process::id())).unwrap();
-    ns.exec(&[
-        "ip",
-        "link",
-        "add",
-        "syxsk0",
-        "numtxqueues",
-        "1",
-        "numrxqueues",
-        "1",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "syxsk1",
-        "numtxqueues",
-        "1",
-        "numrxqueues",
-        "1",
-    ])
-    .unwrap();
-    for dev in ["syxsk0", "syxsk1"] {
-        ns.exec(&["ip", "link", "set", dev, "up"]).unwrap();
-    }
+    let ns = veth_pair("xsk");
     let path = ns.path();
     let (_redirect, mut socket) = run_in(&path, || {
         let index = link_index("syxsk0").expect("the veth");
