@@ -149,7 +149,8 @@ pub fn hold(path: &Path, entries: &[(String, Vec<RawFd>)]) -> io::Result<()> {
         SockFlag::SOCK_CLOEXEC,
     )?;
     let _ = std::fs::remove_file(path);
-    let mut child = std::process::Command::new(std::env::current_exe()?)
+    // This very executable, even when an upgrade has replaced or removed its file.
+    let mut child = std::process::Command::new("/proc/self/exe")
         .arg("--hold-descriptors")
         .arg(path)
         .stdin(std::process::Stdio::from(theirs))
