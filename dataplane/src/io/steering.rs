@@ -76,6 +76,7 @@ fn cpu_program() -> Vec<[u8; 8]> {
 fn adaptive_program(map: RawFd) -> Vec<[u8; 8]> {
     let hash = 18; // index of the `return skb->hash` tail
     let jump = |from: usize| (hash - from - 1) as i16;
+    let [map_lo, map_hi] = bpf::load_map(1, map);
     vec![
         insn(MOV64_X, 6, 1, 0, 0),                        // 0: r6 = skb
         insn(LDX_W, 0, 6, SKB_LEN, 0),                    // 1: r0 = skb->len
@@ -85,8 +86,8 @@ fn adaptive_program(map: RawFd) -> Vec<[u8; 8]> {
         insn(ST_W, 10, 0, -4, 0),                         // 5: key = 0 on the stack
         insn(MOV64_X, 2, 10, 0, 0),                       // 6: r2 = fp
         insn(ADD64_K, 2, 0, 0, -4),                       // 7: r2 = &key
-        bpf::load_map(1, map)[0],                         // 8: r1 = map
-        bpf::load_map(1, map)[1],                         // 9: (its upper half)
+        map_lo,                                           // 8: r1 = map
+        map_hi,                                           // 9: (its upper half)
         insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM),      // 10: r0 = &map[0]
         insn(JEQ_K, 0, 0, jump(11), 0),                   // 11: no entry: by hash
         insn(LDX_DW, 1, 0, 0, 0),                         // 12: r1 = last

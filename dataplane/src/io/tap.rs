@@ -75,6 +75,19 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+impl IfReq {
+    /// A request naming the device `name` (shorter than `IFNAMSIZ`) with `flags`.
+    fn new(name: &[u8], flags: libc::c_short) -> Self {
+        let mut req = Self {
+            name: [0; libc::IFNAMSIZ],
+            flags,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name);
+        req
+    }
+}
+
 impl TapDevice {
     /// Creates and configures the pod's interface, with `queues` queues, inside the
     /// namespace at `netns`; returns the device and the interface index in that namespace.
@@ -246,11 +259,7 @@ impl TapDevice {
             return Err(io::Error::other("no queue to adopt"));
         }
         for fd in &fds {
-            let mut req = IfReq {
-                name: [0; libc::IFNAMSIZ],
-                flags: 0,
-                _pad: [0; 22],
-            };
+            let mut req = IfReq::new(b"", 0);
             // SAFETY: `req` is a properly sized `struct ifreq` that lives across the call.
             if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, &mut req) } < 0 {
                 return Err(io::Error::last_os_error());
@@ -366,12 +375,7 @@ fn open_queue(name: &[u8], flags: libc::c_short) -> io::Result<OwnedFd> {
     }
     // SAFETY: `fd` was just returned by open(2) and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name);
+    let mut req = IfReq::new(name, flags);
     // SAFETY: `req` is a properly sized `struct ifreq` that lives across the call.
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
         return Err(io::Error::last_os_error());

@@ -165,7 +165,6 @@ impl Switch {
         }
         let first = state.node.is_none();
         let before: std::collections::HashSet<u32> = state.builder.ports().map(|p| p.id).collect();
-        let spec_applied = spec.clone();
         let result = self.join(&mut state, spec);
         if result.is_err() && first {
             let opened: Vec<Arc<Port<PortIo>>> = state
@@ -183,9 +182,11 @@ impl Switch {
                 self.unpublish_port(&mut state, port);
             }
         }
+        if let (Ok(_), Some(node)) = (&result, &state.node) {
+            self.save_node(node.spec());
+        }
         drop(state);
         if result.is_ok() {
-            self.save_node(&spec_applied);
             self.sync_host_port_rules();
             if first {
                 // Only now, with this process's rules in place, go the rules an earlier

@@ -28,12 +28,7 @@ impl Switch {
             .filter(|p| p.role == PortRole::Pod && p.info.kind == "tap")
             .map(|p| p.info.clone())
             .collect();
-        let written = serde_json::to_vec_pretty(&ports)
-            .map_err(std::io::Error::other)
-            .and_then(|text| write_atomically(path, &text));
-        if let Err(e) = written {
-            tracing::warn!("cannot record the ports in {}: {e}", path.display());
-        }
+        record(path, serde_json::to_vec_pretty(&ports), "the ports");
     }
 
     /// Re-attaches the pod ports recorded in the state file; returns how many came back.
@@ -100,9 +95,7 @@ impl Switch {
         .map(|_| ())
         .map_err(|e| e.message)
     }
-}
 
-impl Switch {
     /// Takes the descriptors a stopped process kept for this one; ports opened from now
     /// on use them where they fit.
     fn keep_descriptors(&self, kept: Kept) {
@@ -184,12 +177,7 @@ impl Switch {
         let Some(path) = &self.config.node_file else {
             return;
         };
-        let written = serde_json::to_vec_pretty(spec)
-            .map_err(std::io::Error::other)
-            .and_then(|text| write_atomically(path, &text));
-        if let Err(e) = written {
-            tracing::warn!("cannot record the node settings in {}: {e}", path.display());
-        }
+        record(path, serde_json::to_vec_pretty(spec), "the node settings");
     }
 
     /// Applies the node settings recorded by an earlier process, if any; returns whether
@@ -222,6 +210,17 @@ impl Switch {
                 false
             }
         }
+    }
+}
+
+/// Writes the JSON `text` of `what` to `path` (atomically); a failure is reported, not
+/// fatal: forwarding goes on, only a restart would miss `what`.
+fn record(path: &Path, text: serde_json::Result<Vec<u8>>, what: &str) {
+    let written = text
+        .map_err(std::io::Error::other)
+        .and_then(|text| write_atomically(path, &text));
+    if let Err(e) = written {
+        tracing::warn!("cannot record {what} in {}: {e}", path.display());
     }
 }
 
