@@ -161,6 +161,42 @@ pub struct AddPort {
     /// Ports of the node published to the pod (hostPort, CNI's `portMappings`).
     #[serde(default)]
     pub port_mappings: Vec<PortMapping>,
+    /// What carries the pod's frames; the dataplane's `--pod-ports` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<PodPorts>,
+}
+
+/// What carries a pod's frames between its namespace and the dataplane.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PodPorts {
+    /// A TAP device in the pod's namespace: TSO super-frames cross whole (bulk TCP).
+    #[default]
+    Tap,
+    /// A veth pair whose node end is read and written through AF_XDP sockets: one system
+    /// call per batch instead of per frame (small packets).
+    Afxdp,
+}
+
+impl PodPorts {
+    /// The name as configurations spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            PodPorts::Tap => "tap",
+            PodPorts::Afxdp => "afxdp",
+        }
+    }
+}
+
+impl std::str::FromStr for PodPorts {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tap" => Ok(PodPorts::Tap),
+            "afxdp" => Ok(PodPorts::Afxdp),
+            other => Err(format!("unknown pod port kind {other:?}: tap or afxdp")),
+        }
+    }
 }
 
 /// A port of the node published to a pod's port (Kubernetes' hostPort), as CNI's

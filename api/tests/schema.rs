@@ -138,6 +138,7 @@ fn requests() -> Vec<Request> {
             owner: Some("container-id".into()),
             pod: Some("default/busybox-1".into()),
             port_mappings: port_info().port_mappings,
+            kind: None,
         }),
         Request::DelPort(PortSelector::Id { id: 3 }),
         Request::DelPort(PortSelector::Attachment {

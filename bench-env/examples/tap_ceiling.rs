@@ -25,7 +25,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use switchyard_api::MacAddr;
-use switchyard_dataplane::io::tap::{TapConfig, TapDevice};
+use switchyard_dataplane::io::interface::PodInterface;
+use switchyard_dataplane::io::tap::TapDevice;
 use switchyard_dataplane::tables::Gateway;
 
 const QUEUES: usize = 2;
@@ -45,7 +46,7 @@ impl NullBed {
         let mut devices = Vec::new();
         for i in 0..2 {
             let ns = Netns::create(&format!("{prefix}-null{i}"))?;
-            let config = TapConfig {
+            let config = PodInterface {
                 ifname: "eth0".into(),
                 mac: MacAddr([0x02, 0x5e, 0, 0, 0, i as u8 + 1]),
                 mtu: 1500,

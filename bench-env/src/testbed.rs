@@ -247,6 +247,7 @@ impl Testbed {
             owner: Some(format!("bench-env/{prefix}/pod{i}")),
             pod: None,
             port_mappings: Vec::new(),
+            kind: None,
         }))?;
         let Reply::Port(port) = reply else {
             return Err(fail!("unexpected reply to add_port: {reply:?}"));

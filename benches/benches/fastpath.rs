@@ -111,6 +111,7 @@ fn port(ip: &str) -> AddPort {
         owner: None,
         pod: None,
         port_mappings: Vec::new(),
+        kind: None,
     }
 }
 

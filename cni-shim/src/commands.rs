@@ -148,6 +148,7 @@ pub fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
         owner: Some(owner(&conf.name, &env.container_id)),
         pod: kubernetes_pod(env),
         port_mappings: conf.port_mappings.clone(),
+        kind: conf.pod_ports,
     };
     let port = match client.call(Request::AddPort(spec)) {
         Ok(Reply::Port(port)) => port,

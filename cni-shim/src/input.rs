@@ -129,6 +129,9 @@ pub struct NetConf {
     pub prev_result: Option<Value>,
     /// `dns` passed through to the result.
     pub dns: Option<Value>,
+    /// `podPorts`: what carries the pod's frames (`tap`, `afxdp`), else the dataplane's
+    /// `--pod-ports`.
+    pub pod_ports: Option<switchyard_api::PodPorts>,
     /// `runtimeConfig.portMappings` (the `portMappings` capability): hostPorts.
     pub port_mappings: Vec<switchyard_api::PortMapping>,
     /// The whole configuration object.
@@ -211,6 +214,15 @@ pub fn netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
                 })? as u32,
         ),
     };
+    let pod_ports = match obj.get("podPorts") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_str().and_then(|k| k.parse().ok()).ok_or_else(|| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                format!("\"podPorts\" must be \"tap\" or \"afxdp\", not {v}"),
+            )
+        })?),
+    };
     let ipam = obj.get("ipam").filter(|v| !v.is_null()).cloned();
     if let Some(ipam) = &ipam {
         if ipam
@@ -234,6 +246,7 @@ pub fn netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
         name,
         dataplane_api: text("dataplane_api").unwrap_or_else(|| DEFAULT_API_PATH.into()),
         mtu,
+        pod_ports,
         ipam,
         prev_result: obj.get("prevResult").filter(|v| !v.is_null()).cloned(),
         dns: obj.get("dns").filter(|v| !v.is_null()).cloned(),
@@ -343,11 +356,19 @@ mod tests {
                 .code,
             7
         );
+        assert_eq!(
+            netconf(br#"{"cniVersion":"1.0.0","name":"n","podPorts":"xdp"}"#)
+                .unwrap_err()
+                .code,
+            7
+        );
         let c = netconf(br#"{"cniVersion":"1.1.0","name":"n","type":"switchyard","mtu":9000,"ipam":{"type":"host-local"}}"#).unwrap();
         assert_eq!(
-            (c.mtu, c.dataplane_api.as_str()),
-            (Some(9000), DEFAULT_API_PATH)
+            (c.mtu, c.dataplane_api.as_str(), c.pod_ports),
+            (Some(9000), DEFAULT_API_PATH, None)
         );
+        let c = netconf(br#"{"cniVersion":"1.1.0","name":"n","podPorts":"afxdp"}"#).unwrap();
+        assert_eq!(c.pod_ports, Some(switchyard_api::PodPorts::Afxdp));
         let gc = netconf(br#"{"cniVersion":"1.1.0","name":"n","cni.dev/valid-attachments":[{"containerID":"a","ifname":"eth0"}]}"#).unwrap();
         assert_eq!(
             valid_attachments(&gc).unwrap(),

@@ -35,6 +35,12 @@ struct Args {
     /// forwards every frame on the CPU that sent it (pinned workers).
     #[arg(long, value_enum, default_value_t = SteeringArg::Adaptive)]
     steering: SteeringArg,
+    /// What carries a pod's frames when its CNI configuration does not say (`podPorts`):
+    /// `tap` (a TAP device: TSO super-frames cross whole, the most bulk TCP) or `afxdp`
+    /// (a veth pair read through AF_XDP sockets: one system call per batch, the most
+    /// small packets per second; MTU up to 3506).
+    #[arg(long, default_value = "tap")]
+    pod_ports: switchyard_api::PodPorts,
     /// Name of the node-side interface through which the node's own stack reaches pods
     /// (created when the control process pushes the node settings).
     #[arg(long, default_value = "sy0")]
@@ -119,6 +125,7 @@ fn main() {
     };
     config.host_ifname = args.host_ifname;
     config.worker_nice = args.worker_nice;
+    config.pod_ports = args.pod_ports;
     config.state_file = Some(files.ports.clone());
     config.node_file = Some(files.node.clone());
     config.sysctl_file = Some(files.sysctls.clone());

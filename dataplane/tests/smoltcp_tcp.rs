@@ -79,6 +79,7 @@ fn pod(switch: &Switch, name: &str, v4: [u8; 4], v6_last: u16) -> Pod {
         owner: None,
         pod: None,
         port_mappings: Vec::new(),
+        kind: None,
     };
     let (info, peer) = switch.add_memory_port(&spec, false).unwrap();
     let mut device = PodDevice(peer);

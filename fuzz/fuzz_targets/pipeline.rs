@@ -35,6 +35,7 @@ fn switch() -> &'static Switch {
                 owner: None,
                 pod: None,
                 port_mappings: if uso { published() } else { Vec::new() },
+                kind: None,
             };
             s.add_memory_port(&spec, uso).unwrap();
         }

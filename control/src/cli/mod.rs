@@ -281,6 +281,7 @@ pub fn request_for(command: &Command) -> Result<Request, String> {
             owner: None,
             pod: None,
             port_mappings: Vec::new(),
+            kind: None,
         }),
         Command::Port(PortCommand::Del { id, netns, ifname }) => {
             Request::DelPort(match (id, netns, ifname) {

@@ -7,17 +7,18 @@
 //! device has nothing left, [`PortIo::send`] writes one frame. Kinds:
 //! * [`tap::TapDevice`]: a TAP device inside the pod's namespace, with a virtio-net
 //!   header and TSO/USO offloads, so GSO super-frames cross unsegmented;
+//! * [`afxdp::AfXdpPort`]: a veth pair into the pod's namespace whose node end hands its
+//!   frames to AF_XDP sockets; sent to with [`afxdp::AfXdpPort::post`], which queues on
+//!   the ring, and [`afxdp::AfXdpPort::flush`] once per batch;
 //! * [`memory::MemoryPort`]: queues in memory, for tests, benchmarks and fuzzing;
 //! * [`uplink::Uplink`]: the node's sockets that carry pod traffic to and from other
 //!   nodes (VXLAN, IP-in-IP); sent to with [`uplink::Uplink::send_to`], which
 //!   encapsulates.
-//!
-//! An AF_XDP port would be one more variant: its receive fills the same buffers (copy mode
-//! on veth copies anyway) and its send posts to the TX ring, with the fd polled the same
-//! way.
 
+pub mod afxdp;
 pub mod bpf;
 pub mod handover;
+pub mod interface;
 pub mod links;
 pub mod memory;
 pub mod netlink;
@@ -41,6 +42,8 @@ pub enum PortIo {
     Memory(memory::MemoryPort),
     /// The overlay's sockets.
     Uplink(uplink::Uplink),
+    /// A veth pair into a pod's namespace, read and written through AF_XDP sockets.
+    AfXdp(afxdp::AfXdpPort),
 }
 
 impl PortIo {
@@ -52,18 +55,20 @@ impl PortIo {
             PortIo::Tap(tap) => tap.recv_batch(queue, bufs),
             PortIo::Memory(mem) => Ok(mem.recv_batch(bufs)),
             PortIo::Uplink(up) => up.recv_batch(queue, bufs),
+            PortIo::AfXdp(port) => port.recv_batch(queue, bufs),
         }
     }
 
     /// Writes one frame (virtio-net header included) through queue `queue`. An uplink
-    /// needs a destination: use [`uplink::Uplink::send_to`].
+    /// needs a destination: use [`uplink::Uplink::send_to`]; an AF_XDP port sends in
+    /// batches: use [`afxdp::AfXdpPort::post`].
     pub fn send(&self, queue: usize, frame: &[u8]) -> io::Result<()> {
         match self {
             PortIo::Tap(tap) => tap.send(queue, frame),
             PortIo::Memory(mem) => mem.send(frame),
-            PortIo::Uplink(_) => Err(io::Error::new(
+            PortIo::Uplink(_) | PortIo::AfXdp(_) => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "an uplink sends to a peer, not to a port",
+                "this port sends through its own call, not PortIo::send",
             )),
         }
     }
@@ -74,6 +79,7 @@ impl PortIo {
             PortIo::Tap(tap) => Some(tap.raw_fd(queue)),
             PortIo::Memory(_) => None,
             PortIo::Uplink(up) => up.raw_fd(queue),
+            PortIo::AfXdp(port) => Some(port.raw_fd(queue)),
         }
     }
 
@@ -83,6 +89,17 @@ impl PortIo {
             PortIo::Tap(_) => "tap",
             PortIo::Memory(_) => "memory",
             PortIo::Uplink(up) => up.encap().name(),
+            PortIo::AfXdp(_) => "afxdp",
+        }
+    }
+
+    /// Number of queues (one per worker, or one).
+    pub fn queues(&self) -> usize {
+        match self {
+            PortIo::Tap(tap) => tap.queues(),
+            PortIo::Memory(_) => 1,
+            PortIo::Uplink(up) => up.queues(),
+            PortIo::AfXdp(port) => port.queues(),
         }
     }
 }

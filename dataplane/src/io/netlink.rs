@@ -1,5 +1,5 @@
 //! A minimal rtnetlink client: just what configuring a pod interface needs (link state,
-//! MAC, MTU, addresses, routes). Synchronous; every request is acknowledged.
+//! MAC, MTU, addresses, routes, veth pairs). Synchronous; every request is acknowledged.
 #![allow(unsafe_code)] // the rtnetlink socket's raw sends and receives
 
 use std::io;
@@ -8,6 +8,16 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use switchyard_api::{IpNet, MacAddr};
 
 const RTM_NEWLINK: u16 = libc::RTM_NEWLINK;
+const RTM_DELLINK: u16 = libc::RTM_DELLINK;
+const IFLA_IFNAME: u16 = libc::IFLA_IFNAME;
+const IFLA_LINKINFO: u16 = libc::IFLA_LINKINFO;
+const IFLA_INFO_KIND: u16 = libc::IFLA_INFO_KIND;
+const IFLA_INFO_DATA: u16 = libc::IFLA_INFO_DATA;
+const IFLA_NET_NS_FD: u16 = libc::IFLA_NET_NS_FD;
+const IFLA_NUM_TX_QUEUES: u16 = libc::IFLA_NUM_TX_QUEUES;
+const IFLA_NUM_RX_QUEUES: u16 = libc::IFLA_NUM_RX_QUEUES;
+/// `VETH_INFO_PEER` (linux/veth.h), which libc does not define.
+const VETH_INFO_PEER: u16 = 1;
 const RTM_NEWADDR: u16 = libc::RTM_NEWADDR;
 const RTM_NEWROUTE: u16 = libc::RTM_NEWROUTE;
 const RTM_DELROUTE: u16 = libc::RTM_DELROUTE;
@@ -120,6 +130,35 @@ impl Message {
         self
     }
 
+    /// A nested attribute: what `inner` writes becomes its payload.
+    fn nest(&mut self, kind: u16, inner: impl FnOnce(&mut Self)) -> &mut Self {
+        let start = self.0.len();
+        self.attr(kind, &[]);
+        inner(self);
+        let len = (self.0.len() - start) as u16;
+        self.0[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+        self
+    }
+
+    /// A `struct ifinfomsg` for link `index` (0: a new link), with no flags changed.
+    fn link_header(&mut self, index: u32) -> &mut Self {
+        self.bytes(&[libc::AF_UNSPEC as u8, 0])
+            .bytes(&0u16.to_ne_bytes())
+            .bytes(&(index as i32).to_ne_bytes())
+            .bytes(&0u32.to_ne_bytes())
+            .bytes(&0u32.to_ne_bytes())
+    }
+
+    /// A link's name, MTU and queue counts (`queues` each way).
+    fn link_attrs(&mut self, name: &str, mtu: u32, queues: u32) -> &mut Self {
+        let mut cname = name.as_bytes().to_vec();
+        cname.push(0);
+        self.attr(IFLA_IFNAME, &cname)
+            .attr(IFLA_MTU, &mtu.to_ne_bytes())
+            .attr(IFLA_NUM_TX_QUEUES, &queues.to_ne_bytes())
+            .attr(IFLA_NUM_RX_QUEUES, &queues.to_ne_bytes())
+    }
+
     fn finish(&mut self) -> &[u8] {
         let len = self.0.len() as u32;
         self.0[0..4].copy_from_slice(&len.to_ne_bytes());
@@ -229,15 +268,46 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Creates a veth pair: `host` in this socket's namespace and `pod` (with MAC
+    /// `pod_mac`) in the namespace open at `pod_netns`, both with `mtu` and `queues` queues
+    /// each way, both down. Fails with `EEXIST` when either name is taken.
+    pub fn add_veth(
+        &mut self,
+        host: &str,
+        pod: &str,
+        pod_netns: std::os::fd::BorrowedFd<'_>,
+        pod_mac: MacAddr,
+        mtu: u32,
+        queues: u32,
+    ) -> io::Result<()> {
+        let mut msg = Message::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, self.seq);
+        msg.link_header(0).link_attrs(host, mtu, queues);
+        msg.nest(IFLA_LINKINFO, |info| {
+            info.attr(IFLA_INFO_KIND, b"veth\0");
+            info.nest(IFLA_INFO_DATA, |data| {
+                data.nest(VETH_INFO_PEER, |peer| {
+                    peer.link_header(0)
+                        .link_attrs(pod, mtu, queues)
+                        .attr(IFLA_ADDRESS, &pod_mac.0)
+                        .attr(IFLA_NET_NS_FD, &pod_netns.as_raw_fd().to_ne_bytes());
+                });
+            });
+        });
+        self.transact(msg)
+    }
+
+    /// Deletes link `index` (a veth takes its peer with it).
+    pub fn delete_link(&mut self, index: u32) -> io::Result<()> {
+        let mut msg = Message::new(RTM_DELLINK, 0, self.seq);
+        msg.link_header(index);
+        self.transact(msg)
+    }
+
     /// Caps the size of the GSO super-frames the link's stack builds.
     pub fn set_gso_max_size(&mut self, index: u32, size: u32) -> io::Result<()> {
         let mut msg = Message::new(RTM_NEWLINK, 0, self.seq);
-        msg.bytes(&[libc::AF_UNSPEC as u8, 0])
-            .bytes(&0u16.to_ne_bytes())
-            .bytes(&(index as i32).to_ne_bytes())
-            .bytes(&0u32.to_ne_bytes())
-            .bytes(&0u32.to_ne_bytes());
-        msg.attr(IFLA_GSO_MAX_SIZE, &size.to_ne_bytes());
+        msg.link_header(index)
+            .attr(IFLA_GSO_MAX_SIZE, &size.to_ne_bytes());
         self.transact(msg)
     }
 

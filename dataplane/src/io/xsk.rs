@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// Bytes per UMEM frame.
 pub const FRAME_SIZE: usize = 4096;
 /// Entries per ring, and frames per half of the UMEM.
-const RING: u32 = 1024;
+const RING: u32 = 512;
 /// Frames in the UMEM: one half receives, the other sends.
 const FRAMES: usize = 2 * RING as usize;
 
@@ -150,6 +150,8 @@ pub struct XskSocket {
     completion: Ring<u64>,
     /// Sending frames not in flight.
     free: Vec<u64>,
+    /// Whether frames were posted since the last flush.
+    posted: bool,
     umem: Mapping,
     fd: OwnedFd,
 }
@@ -182,6 +184,25 @@ impl XskSocket {
         }
         // SAFETY: `raw` was just returned by socket(2) and nobody else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // Copy mode builds an skb per frame sent, charged to the socket until the receiver
+        // frees it: the default send buffer (~200 KiB) would stop the ring after about a
+        // hundred frames. Room for every sending frame; best effort.
+        let sndbuf = (RING as usize * 2 * FRAME_SIZE) as libc::c_int;
+        for option in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
+            // SAFETY: the option reads one int from the pointer, valid for the call.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&sndbuf as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+        }
         let umem = Mapping::new(FRAMES * FRAME_SIZE, None)?;
         let reg = libc::xdp_umem_reg {
             addr: umem.ptr as u64,
@@ -252,6 +273,7 @@ impl XskSocket {
             fill,
             completion,
             free,
+            posted: false,
             umem,
             fd,
         })
@@ -284,17 +306,30 @@ impl XskSocket {
         Some(len)
     }
 
-    /// Sends `frame` (at most [`FRAME_SIZE`] bytes). `WouldBlock` when every sending frame
-    /// is in flight.
+    /// Sends `frame` (at most [`FRAME_SIZE`] bytes) now: [`XskSocket::post`], then
+    /// [`XskSocket::flush`].
     pub fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.post(frame)?;
+        self.flush()
+    }
+
+    /// Posts `frame` (at most [`FRAME_SIZE`] bytes) on the TX ring; it leaves at the next
+    /// [`XskSocket::flush`]. `WouldBlock` when every sending frame is in flight.
+    pub fn post(&mut self, frame: &[u8]) -> io::Result<()> {
         if frame.len() > FRAME_SIZE {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "frame larger than a UMEM frame",
             ));
         }
-        while let Some(done) = self.completion.pop() {
-            self.free.push(done);
+        if self.free.is_empty() {
+            self.reclaim();
+        }
+        if self.free.is_empty() {
+            // Everything is on the ring (a segmented super-frame is many frames): send it
+            // to get frames back.
+            self.flush()?;
+            self.reclaim();
         }
         let addr = self.free.pop().ok_or(io::ErrorKind::WouldBlock)?;
         self.frame(addr, frame.len()).copy_from_slice(frame);
@@ -303,28 +338,57 @@ impl XskSocket {
             len: frame.len() as u32,
             options: 0,
         });
-        // Copy mode sends from the system call: always kick.
-        // SAFETY: sendto(2) with no data and no address: the TX ring is the payload.
-        let rc = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                std::ptr::null(),
-                0,
-                libc::MSG_DONTWAIT,
-                std::ptr::null(),
-                0,
-            )
-        };
-        if rc < 0 {
+        self.posted = true;
+        Ok(())
+    }
+
+    /// Takes back the frames the kernel has sent.
+    fn reclaim(&mut self) {
+        while let Some(done) = self.completion.pop() {
+            self.free.push(done);
+        }
+    }
+
+    /// Sends what [`XskSocket::post`] queued. Copy mode sends from the system call, at
+    /// most 32 frames per call: it is repeated while the kernel leaves frames on the ring
+    /// (`EAGAIN`), a bounded number of times.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if !std::mem::take(&mut self.posted) {
+            return Ok(());
+        }
+        for _ in 0..RING / 32 + 1 {
+            // SAFETY: sendto(2) with no data and no address: the TX ring is the payload.
+            let rc = unsafe {
+                libc::sendto(
+                    self.fd.as_raw_fd(),
+                    std::ptr::null(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null(),
+                    0,
+                )
+            };
+            if rc >= 0 {
+                return Ok(());
+            }
             let err = io::Error::last_os_error();
-            // Busy or out of buffers: the frame stays queued for the next kick.
-            if !matches!(
-                err.raw_os_error(),
-                Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS)
-            ) {
-                return Err(err);
+            match err.raw_os_error() {
+                // More than one call's worth, or the device was busy: call again.
+                Some(libc::EAGAIN | libc::EBUSY) => {}
+                // Out of buffers: what is left waits for the next flush.
+                Some(libc::ENOBUFS) => {
+                    self.posted = true;
+                    return Ok(());
+                }
+                _ => return Err(err),
+            }
+            if self.tx.consumer().load(Ordering::Acquire)
+                == self.tx.producer().load(Ordering::Relaxed)
+            {
+                return Ok(());
             }
         }
+        self.posted = true;
         Ok(())
     }
 

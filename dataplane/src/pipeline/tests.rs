@@ -30,6 +30,7 @@ fn port(name: &str, ips: &[&str], mtu: u32) -> AddPort {
         owner: None,
         pod: None,
         port_mappings: Vec::new(),
+        kind: None,
     }
 }
 

@@ -15,9 +15,11 @@ mod services;
 mod tests;
 mod trace;
 
+use crate::io::afxdp::AfXdpPort;
+use crate::io::interface::PodInterface;
 use crate::io::memory::{self, MemoryPeer};
 pub use crate::io::steering::Steering;
-use crate::io::tap::{TapConfig, TapDevice, TUN_F_USO};
+use crate::io::tap::{TapDevice, TUN_F_USO};
 use crate::io::PortIo;
 use crate::pipeline::{DropReason, Event};
 use crate::tables::builder::TableBuilder;
@@ -30,8 +32,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use switchyard_api::{
-    self as api, AddPort, ApiError, ErrorCode, HelloReply, IpNet, MacAddr, PortInfo, PortSelector,
-    Reply, Request, Stats,
+    self as api, AddPort, ApiError, ErrorCode, HelloReply, IpNet, MacAddr, PodPorts, PortInfo,
+    PortSelector, Reply, Request, Stats,
 };
 
 /// The files a dataplane keeps beside its API socket `api` so that its successor finds
@@ -107,6 +109,8 @@ pub struct SwitchConfig {
     /// Where masquerade's flows are journaled so that a restarted or crashed dataplane's
     /// successor takes them back (none: they live in memory only).
     pub conntrack_file: Option<std::path::PathBuf>,
+    /// What carries a pod's frames when its port request does not say.
+    pub pod_ports: PodPorts,
 }
 
 impl Default for SwitchConfig {
@@ -124,6 +128,7 @@ impl Default for SwitchConfig {
             node_file: None,
             sysctl_file: None,
             worker_nice: 0,
+            pod_ports: PodPorts::Tap,
         }
     }
 }
@@ -212,7 +217,7 @@ impl Switch {
                 pod_cidrs: self.pod_cidrs(),
             })),
             Request::AddPort(spec) => {
-                let port = self.add_tap_port(&spec)?;
+                let port = self.add_pod_port(&spec)?;
                 self.save_ports();
                 self.sync_host_port_rules();
                 Ok(Reply::Port(port))
@@ -367,8 +372,9 @@ impl Switch {
         Ok((mac, mtu))
     }
 
-    /// Creates a TAP port in the pod's namespace and starts forwarding for it.
-    pub fn add_tap_port(&self, spec: &AddPort) -> Result<PortInfo, ApiError> {
+    /// Creates a pod's port (of the kind the spec names, else the dataplane's
+    /// `--pod-ports`) in the pod's namespace and starts forwarding for it.
+    pub fn add_pod_port(&self, spec: &AddPort) -> Result<PortInfo, ApiError> {
         let (mac, mtu) = self.validate(spec)?;
         let netns = Path::new(&spec.netns);
         if !netns.exists() {
@@ -381,34 +387,48 @@ impl Switch {
         state
             .builder
             .check_new_port(&spec.netns, &spec.ifname, &spec.ips, &spec.port_mappings)?;
-        let config = TapConfig {
+        let kind = spec.kind.unwrap_or(self.config.pod_ports);
+        let config = PodInterface {
             ifname: spec.ifname.clone(),
             mac,
             mtu,
             ips: spec.ips.clone(),
             gateway: self.config.gateway,
             steering: self.config.steering,
+            // Only a TAP's pod builds super-frames.
             gso_max_size: state
                 .node
                 .as_ref()
-                .filter(|n| n.segments_over_udp())
-                .map(|_| crate::io::tap::gso_max_for_overlay(mtu)),
+                .filter(|n| n.segments_over_udp() && kind == PodPorts::Tap)
+                .map(|_| crate::io::interface::gso_max_for_overlay(mtu)),
         };
-        let (tap, ifindex) =
-            TapDevice::create(netns, &config, self.workers.len()).map_err(|err| {
-                let code = match err.kind() {
-                    io::ErrorKind::AlreadyExists => ErrorCode::Conflict,
-                    io::ErrorKind::InvalidInput => ErrorCode::InvalidRequest,
-                    io::ErrorKind::NotFound => ErrorCode::NotFound,
-                    _ => ErrorCode::System,
-                };
-                ApiError::new(
-                    code,
-                    format!("cannot create {} in {}: {err}", spec.ifname, spec.netns),
-                )
-            })?;
-        let uso = tap.offloads() & TUN_F_USO == TUN_F_USO;
-        self.insert_port(&mut state, spec, (mac, mtu, ifindex), PortIo::Tap(tap), uso)
+        let workers = self.workers.len();
+        let created = match kind {
+            PodPorts::Tap => TapDevice::create(netns, &config, workers).map(|(tap, ifindex)| {
+                let uso = tap.offloads() & TUN_F_USO == TUN_F_USO;
+                (PortIo::Tap(tap), ifindex, uso)
+            }),
+            PodPorts::Afxdp => AfXdpPort::create(netns, &spec.netns, &config, workers)
+                .map(|(port, ifindex)| (PortIo::AfXdp(port), ifindex, false)),
+        };
+        let (io, ifindex, uso) = created.map_err(|err| {
+            let code = match err.kind() {
+                io::ErrorKind::AlreadyExists => ErrorCode::Conflict,
+                io::ErrorKind::InvalidInput => ErrorCode::InvalidRequest,
+                io::ErrorKind::NotFound => ErrorCode::NotFound,
+                _ => ErrorCode::System,
+            };
+            ApiError::new(
+                code,
+                format!(
+                    "cannot create the {} port {} in {}: {err}",
+                    kind.name(),
+                    spec.ifname,
+                    spec.netns
+                ),
+            )
+        })?;
+        self.insert_port(&mut state, spec, (mac, mtu, ifindex), io, uso)
     }
 
     /// Adds an in-memory port (tests, benchmarks, fuzzing); returns it and the pod's end.
@@ -445,11 +465,7 @@ impl Switch {
     ) -> Result<PortInfo, ApiError> {
         let (mac, mtu, ifindex) = link;
         let id = state.next_port_id;
-        let queues = match &io {
-            PortIo::Tap(tap) => tap.queues(),
-            PortIo::Memory(_) => 1,
-            PortIo::Uplink(up) => up.queues(),
-        };
+        let queues = io.queues();
         let info = PortInfo {
             id,
             kind: io.kind().into(),
@@ -544,11 +560,19 @@ impl Switch {
                 ),
             ));
         }
-        if let PortIo::Tap(tap) = &port.device {
-            // The device goes away with its last descriptor.
-            let _ = tap.set_persist(false);
-        }
         self.unpublish_port(&mut state, &port);
+        match &port.device {
+            // The device goes away with its last descriptor.
+            PortIo::Tap(tap) => {
+                let _ = tap.set_persist(false);
+            }
+            PortIo::AfXdp(veth) => {
+                if let Err(e) = veth.delete() {
+                    tracing::warn!("cannot delete {}: {e}", veth.host_ifname());
+                }
+            }
+            _ => {}
+        }
         // Its flows go with it: a pod given the address later must not inherit them (nor
         // replies, nor connections to the published ports it had).
         let addrs: Vec<IpAddr> = port.info.ips.iter().map(IpNet::addr).collect();

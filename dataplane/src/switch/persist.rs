@@ -7,12 +7,14 @@
 //! frames wait in them for the successor.
 
 use super::Switch;
+use crate::io::afxdp::AfXdpPort;
 use crate::io::handover::{self, Kept};
 use crate::io::tap::{TapDevice, TUN_F_USO};
 use crate::io::PortIo;
 use crate::tables::PortRole;
 use std::path::Path;
-use switchyard_api::{AddPort, PortInfo};
+use std::str::FromStr;
+use switchyard_api::{AddPort, PodPorts, PortInfo};
 
 impl Switch {
     /// Writes the pod ports to the state file (atomically), if there is one. A failure is
@@ -25,7 +27,9 @@ impl Switch {
             .state()
             .builder
             .ports()
-            .filter(|p| p.role == PortRole::Pod && p.info.kind == "tap")
+            .filter(|p| {
+                p.role == PortRole::Pod && matches!(p.device, PortIo::Tap(_) | PortIo::AfXdp(_))
+            })
             .map(|p| p.info.clone())
             .collect();
         record(path, serde_json::to_vec_pretty(&ports), "the ports");
@@ -70,6 +74,7 @@ impl Switch {
             owner: info.owner.clone(),
             pod: info.pod.clone(),
             port_mappings: info.port_mappings.clone(),
+            kind: PodPorts::from_str(&info.kind).ok(),
         };
         self.validate(&spec).map_err(|e| e.message)?;
         let mut state = self.state();
@@ -77,23 +82,24 @@ impl Switch {
             .builder
             .check_new_port(&spec.netns, &spec.ifname, &spec.ips, &spec.port_mappings)
             .map_err(|e| e.message)?;
-        let kept = self.kept(&handover::tap_key(&info.netns, &info.ifname));
-        let (tap, ifindex) =
-            TapDevice::attach(Path::new(&info.netns), &info.ifname, info.queues, kept)
+        let netns = Path::new(&info.netns);
+        let (io, ifindex, uso) = if info.kind == PodPorts::Afxdp.name() {
+            let (port, ifindex) = AfXdpPort::attach(netns, &info.netns, &info.ifname, info.queues)
                 .map_err(|e| e.to_string())?;
-        if tap.queues() > 1 {
-            crate::io::steering::attach(tap.raw_fd(0), self.config.steering);
-        }
-        let uso = tap.offloads() & TUN_F_USO == TUN_F_USO;
-        self.insert_port(
-            &mut state,
-            &spec,
-            (info.mac, info.mtu, ifindex),
-            PortIo::Tap(tap),
-            uso,
-        )
-        .map(|_| ())
-        .map_err(|e| e.message)
+            (PortIo::AfXdp(port), ifindex, false)
+        } else {
+            let kept = self.kept(&handover::tap_key(&info.netns, &info.ifname));
+            let (tap, ifindex) = TapDevice::attach(netns, &info.ifname, info.queues, kept)
+                .map_err(|e| e.to_string())?;
+            if tap.queues() > 1 {
+                crate::io::steering::attach(tap.raw_fd(0), self.config.steering);
+            }
+            let uso = tap.offloads() & TUN_F_USO == TUN_F_USO;
+            (PortIo::Tap(tap), ifindex, uso)
+        };
+        self.insert_port(&mut state, &spec, (info.mac, info.mtu, ifindex), io, uso)
+            .map(|_| ())
+            .map_err(|e| e.message)
     }
 
     /// Takes the descriptors a stopped process kept for this one; ports opened from now

@@ -23,6 +23,7 @@ fn pod(name: &str, ip: &str) -> AddPort {
         owner: Some(format!("owner-{name}")),
         pod: None,
         port_mappings: Vec::new(),
+        kind: None,
     }
 }
 

@@ -49,6 +49,7 @@ pub fn forward_batch(
     PortCounters::add(&port.counters.rx_bytes, bytes as u64);
     pipeline.process(tables, port, &mut bufs[..n], &mut verdicts[..n], now_ns);
     let (counters, scratch) = pipeline.tx_parts();
+    let mut posted = Posted::default();
     for (buf, verdict) in bufs[..n].iter_mut().zip(&verdicts[..n]) {
         let (egress, peer) = match *verdict {
             Verdict::Drop | Verdict::Merged => continue,
@@ -66,11 +67,53 @@ pub fn forward_batch(
         let len = frame.len();
         let sent = match (&egress.device, peer) {
             (PortIo::Uplink(uplink), Some(peer)) => uplink.send_to(frame, peer, scratch),
+            (PortIo::AfXdp(xsk), _) => {
+                posted.note(egress, queue);
+                xsk.post(queue, frame, scratch)
+            }
             (io, _) => io.send(queue, frame),
         };
         count_tx(counters, egress, len, sent);
     }
+    posted.flush_all(queue);
     Ok(n)
+}
+
+/// The AF_XDP ports a batch posted frames to, flushed once at its end (one system call
+/// per port and batch). A batch that reaches more ports than there are slots flushes the
+/// oldest early.
+#[derive(Default)]
+struct Posted<'a> {
+    ports: [Option<&'a Port<PortIo>>; 4],
+}
+
+impl<'a> Posted<'a> {
+    fn note(&mut self, port: &'a Port<PortIo>, queue: usize) {
+        if self.ports.iter().flatten().any(|p| std::ptr::eq(*p, port)) {
+            return;
+        }
+        if let Some(slot) = self.ports.iter_mut().find(|p| p.is_none()) {
+            *slot = Some(port);
+            return;
+        }
+        flush(self.ports[0], queue);
+        self.ports.rotate_left(1);
+        self.ports[3] = Some(port);
+    }
+
+    fn flush_all(self, queue: usize) {
+        self.ports.into_iter().for_each(|p| flush(p, queue));
+    }
+}
+
+fn flush(port: Option<&Port<PortIo>>, queue: usize) {
+    if let Some(port) = port {
+        if let PortIo::AfXdp(xsk) = &port.device {
+            if xsk.flush(queue).is_err() {
+                PortCounters::add(&port.counters.tx_errors, 1);
+            }
+        }
+    }
 }
 
 #[inline]
