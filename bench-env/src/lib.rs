@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod cleanup;
 pub mod cluster;
 pub mod error;
+pub mod flood;
 pub mod kube;
 pub mod kube_e2e;
 pub mod measure;

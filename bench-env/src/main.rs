@@ -73,6 +73,11 @@ enum Scenario {
         /// Extra arguments for switchyard-dataplane (e.g. --dataplane-arg=--spin-us=0).
         #[arg(long = "dataplane-arg", allow_hyphen_values = true)]
         dataplane_args: Vec<String>,
+        /// Pod port kinds to measure, one Switchyard testbed each, in the same run as the
+        /// kernel (`tap`, `afxdp`, or both: `tap,afxdp`). Rows of kinds other than `tap`
+        /// carry the kind in their name (`udp_64b_flood_pps_afxdp`).
+        #[arg(long, value_delimiter = ',', default_value = "tap")]
+        pod_ports: Vec<switchyard_api::PodPorts>,
     },
     /// Several nodes on an underlay, pods attached through CNI on each: Switchyard (one
     /// dataplane and one control process per node, one manifests directory) against the
@@ -175,12 +180,11 @@ enum UnderlayArg {
     Routed,
 }
 
-fn print_matrix(arm: Arm, m: &Matrix) {
+fn print_matrix(arm: &str, m: &Matrix) {
     let ok = m.attempted - m.failures.len();
     println!(
         "connectivity {:<10} {ok}/{} pings answered (IPv4 and IPv6, every pod to every other)",
-        arm.name(),
-        m.attempted
+        arm, m.attempted
     );
     for f in &m.failures {
         println!("  FAILED {f}");
@@ -190,6 +194,7 @@ fn print_matrix(arm: Arm, m: &Matrix) {
 /// What the single-node scenario was asked to do.
 struct SingleNode {
     pods: usize,
+    pod_ports: Vec<switchyard_api::PodPorts>,
     seconds: u64,
     json: Option<PathBuf>,
     pings: usize,
@@ -203,8 +208,10 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn single_node(run: SingleNode) -> Result<bool> {
+    use switchyard_api::PodPorts;
     let SingleNode {
         pods,
+        pod_ports,
         seconds,
         json,
         pings,
@@ -215,26 +222,40 @@ fn single_node(run: SingleNode) -> Result<bool> {
     if pods < 2 {
         return Err(fail!("--pods must be at least 2"));
     }
+    if pod_ports.is_empty() {
+        return Err(fail!("--pod-ports needs at least one kind"));
+    }
     if !bench_env::is_root() {
         return Err(fail!(
             "bench-env creates network namespaces and TAP devices: run it as root"
         ));
     }
     tools::ensure_installed()?;
-    println!("building testbeds: {pods} pods, MTU {mtu}, kernel bridge and Switchyard, attached {}; {repeat} rounds of {seconds} s per metric, medians", if options.attach == Attach::Cni { "through CNI" } else { "directly" });
+    let kinds: Vec<&str> = pod_ports.iter().map(|k| k.name()).collect();
+    println!("building testbeds: {pods} pods, MTU {mtu}, kernel bridge and Switchyard ({} ports), attached {}; {repeat} rounds of {seconds} s per metric, medians", kinds.join(", "), if options.attach == Attach::Cni { "through CNI" } else { "directly" });
     let kernel = Testbed::build(Arm::Kernel, &options)?;
-    let switchyard = Testbed::build(Arm::Switchyard, &options)?;
-    let beds = [&kernel, &switchyard];
+    let mut switchyards = Vec::new();
+    for kind in &pod_ports {
+        let mut options = options.clone();
+        options
+            .dataplane_args
+            .extend(["--pod-ports".to_string(), kind.name().to_string()]);
+        switchyards.push(Testbed::build(Arm::Switchyard, &options)?);
+    }
+    let mut arms: Vec<(&str, &Testbed)> = kinds
+        .iter()
+        .zip(&switchyards)
+        .map(|(kind, bed)| (*kind, bed))
+        .collect();
+    arms.push(("kernel", &kernel));
 
     let mut all_connected = true;
-    for bed in beds {
+    for (name, bed) in &arms {
         let m = measure::connectivity(&bed.pods);
-        print_matrix(bed.arm, &m);
+        print_matrix(name, &m);
         all_connected &= m.failures.is_empty();
     }
 
-    let mut results: Vec<[f64; 2]> = Vec::new();
-    let mut names: Vec<(&str, &str)> = Vec::new();
     type Measure<'a> = Box<dyn Fn(&Testbed) -> Result<Vec<f64>> + 'a>;
     let runs: Vec<(&[(&str, &str)], Measure)> = vec![
         (
@@ -248,6 +269,18 @@ fn single_node(run: SingleNode) -> Result<bool> {
         (
             &[("udp_64b_pps", "packets/s")],
             Box::new(|b| Ok(vec![measure::udp_64b_pps(&b.pods[0], &b.pods[1], seconds)?])),
+        ),
+        (
+            &[("udp_64b_flood_pps", "packets/s")],
+            Box::new(|b| {
+                let to = std::net::SocketAddrV4::new(b.pods[1].ipv4, bench_env::flood::FLOOD_PORT);
+                Ok(vec![bench_env::flood::udp_flood_pps(
+                    &b.pods[0].ns,
+                    &b.pods[1].ns,
+                    to,
+                    seconds,
+                )?])
+            }),
         ),
         (
             &[("rtt_p50_us", "µs"), ("rtt_p99_us", "µs")],
@@ -267,41 +300,58 @@ fn single_node(run: SingleNode) -> Result<bool> {
             }),
         ));
     }
+    let mut metrics: Vec<Metric> = Vec::new();
+    // (metric, afxdp / tap) when both ran.
+    let mut between: Vec<(String, f64, f64)> = Vec::new();
     for (metric_names, run) in &runs {
         let label = metric_names
             .iter()
             .map(|m| m.0)
             .collect::<Vec<_>>()
             .join(", ");
-        let medians = rounds([&switchyard, &kernel], repeat, &label, run.as_ref())?;
-        names.extend(metric_names.iter().copied());
-        results.extend(medians);
+        let medians = rounds_of(&arms, repeat, &label, run.as_ref())?;
+        for ((name, unit), per_arm) in metric_names.iter().zip(medians) {
+            let kernel = per_arm[per_arm.len() - 1];
+            for (kind, value) in pod_ports.iter().zip(&per_arm) {
+                let row = match kind {
+                    PodPorts::Tap => name.to_string(),
+                    other => format!("{name}_{}", other.name()),
+                };
+                metrics.push(Metric::new(&row, unit, *value, kernel));
+            }
+            let at = |k: PodPorts| pod_ports.iter().position(|p| *p == k).map(|i| per_arm[i]);
+            if let (Some(tap), Some(afxdp)) = (at(PodPorts::Tap), at(PodPorts::Afxdp)) {
+                between.push((name.to_string(), afxdp, tap));
+            }
+        }
     }
-    let metrics: Vec<Metric> = names
-        .iter()
-        .zip(&results)
-        .map(|((n, u), [s, k])| Metric::new(n, u, *s, *k))
-        .collect();
     println!();
     print!("{}", report::table(&metrics));
-    if let Ok(Reply::Stats(stats)) = switchyard
-        .client()
-        .and_then(|mut c| Ok(c.call(Request::Stats)?))
-    {
-        let drops: Vec<String> = stats
-            .drops
-            .iter()
-            .filter(|(_, v)| **v > 0)
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        println!(
-            "\nswitchyard drops: {}",
-            if drops.is_empty() {
-                "none".into()
-            } else {
-                drops.join(" ")
-            }
-        );
+    if !between.is_empty() {
+        println!("\nafxdp against tap, same run:");
+        for (name, afxdp, tap) in &between {
+            let ratio = if *tap > 0.0 { afxdp / tap } else { 0.0 };
+            println!("  {name:<24} {afxdp:>12.2} / {tap:>12.2} = {ratio:.2}x");
+        }
+    }
+    for ((kind, bed), _) in arms.iter().zip(&pod_ports) {
+        if let Ok(Reply::Stats(stats)) = bed.client().and_then(|mut c| Ok(c.call(Request::Stats)?))
+        {
+            let drops: Vec<String> = stats
+                .drops
+                .iter()
+                .filter(|(_, v)| **v > 0)
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            println!(
+                "\nswitchyard ({kind}) drops: {}",
+                if drops.is_empty() {
+                    "none".into()
+                } else {
+                    drops.join(" ")
+                }
+            );
+        }
     }
     if let Some(path) = json {
         std::fs::write(&path, serde_json::to_string_pretty(&metrics)?)?;
@@ -317,41 +367,55 @@ fn rounds<T>(
     label: &str,
     measure: &dyn Fn(&T) -> Result<Vec<f64>>,
 ) -> Result<Vec<[f64; 2]>> {
+    let medians = rounds_of(
+        &[("switchyard", arms[0]), ("kernel", arms[1])],
+        repeat,
+        label,
+        measure,
+    )?;
+    Ok(medians.into_iter().map(|m| [m[0], m[1]]).collect())
+}
+
+/// Runs `measure` `repeat` times on each of the named arms, alternating (the last arm
+/// first in each round); returns, per output, the medians in the arms' order.
+fn rounds_of<T>(
+    arms: &[(&str, &T)],
+    repeat: usize,
+    label: &str,
+    measure: &dyn Fn(&T) -> Result<Vec<f64>>,
+) -> Result<Vec<Vec<f64>>> {
     use std::io::Write;
     print!("measuring {label} ...");
     let _ = std::io::stdout().flush();
-    let (mut s_rounds, mut k_rounds) = (Vec::new(), Vec::new());
+    let mut per_arm: Vec<Vec<Vec<f64>>> = vec![Vec::new(); arms.len()];
     for _ in 0..repeat.max(1) {
-        k_rounds.push(measure(arms[1])?);
-        s_rounds.push(measure(arms[0])?);
+        for (i, (_, arm)) in arms.iter().enumerate().rev() {
+            per_arm[i].push(measure(arm)?);
+        }
         print!(".");
         let _ = std::io::stdout().flush();
     }
-    let width = s_rounds.first().map_or(0, Vec::len);
+    let width = per_arm[0].first().map_or(0, Vec::len);
     // Every round's figures, so that the spread behind a median shows.
-    let each = |rounds: &[Vec<f64>], i: usize| {
-        rounds
-            .iter()
-            .map(|r| format!("{:.2}", r[i]))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
     let spread: Vec<String> = (0..width)
         .map(|i| {
-            format!(
-                "switchyard {}, kernel {}",
-                each(&s_rounds, i),
-                each(&k_rounds, i)
-            )
+            arms.iter()
+                .zip(&per_arm)
+                .map(|((name, _), rounds)| {
+                    let each: Vec<String> = rounds.iter().map(|r| format!("{:.2}", r[i])).collect();
+                    format!("{name} {}", each.join(" "))
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
         })
         .collect();
     println!(" done ({})", spread.join("; "));
     Ok((0..width)
         .map(|i| {
-            [
-                median(s_rounds.iter().map(|r: &Vec<f64>| r[i]).collect()),
-                median(k_rounds.iter().map(|r: &Vec<f64>| r[i]).collect()),
-            ]
+            per_arm
+                .iter()
+                .map(|rounds| median(rounds.iter().map(|r| r[i]).collect()))
+                .collect()
         })
         .collect())
 }
@@ -644,8 +708,10 @@ fn main() -> ExitCode {
             repeat,
             attach,
             dataplane_args,
+            pod_ports,
         } => single_node(SingleNode {
             pods,
+            pod_ports,
             seconds,
             json,
             pings,

@@ -52,10 +52,17 @@ pub struct PolicyWorld {
 impl PolicyWorld {
     /// Builds the cluster, attaches the pods, writes the world and starts the servers.
     pub fn build() -> Result<Self> {
+        Self::build_with(Vec::new())
+    }
+
+    /// [`PolicyWorld::build`] with extra arguments for every node's dataplane
+    /// (`--pod-ports afxdp`).
+    pub fn build_with(dataplane_args: Vec<String>) -> Result<Self> {
         let cluster = Cluster::build(
             Arm::Switchyard,
             &ClusterOptions {
                 pods_per_node: 5,
+                dataplane_args,
                 ..ClusterOptions::default()
             },
         )?;

@@ -359,3 +359,84 @@ fn fifty_concurrent_adds_then_dels_leak_nothing() {
         assert!(!pod.exec(&["ip", "-o", "link"]).unwrap().contains("eth0"));
     }
 }
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces, veth pairs and AF_XDP sockets"
+)]
+fn pod_ports_afxdp_in_the_configuration_gives_a_veth_pair_that_del_removes() {
+    let net = network();
+    let node_ends = || {
+        net.bed
+            .node
+            .exec(&["ip", "-o", "link", "show"])
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(": syx"))
+            .count()
+    };
+    let mut afxdp = net.conf.clone();
+    afxdp["podPorts"] = json!("afxdp");
+    let a = Netns::create(&format!("{}-a", unique_prefix())).unwrap();
+    let b = Netns::create(&format!("{}-b", unique_prefix())).unwrap();
+    let ns_a = a.path().display().to_string();
+    let (ra, ok) = net.call("ADD", "ctr-a", &ns_a, "eth0", &afxdp);
+    assert!(ok, "ADD with podPorts afxdp: {ra}");
+    let rb = net.add("ctr-b", &b);
+    let kinds: Vec<(String, String)> = net.ports().into_iter().map(|p| (p.netns, p.kind)).collect();
+    assert!(kinds.contains(&(ns_a.clone(), "afxdp".into())), "{kinds:?}");
+    assert!(
+        kinds.contains(&(b.path().display().to_string(), "tap".into())),
+        "the dataplane's default for a configuration without podPorts: {kinds:?}"
+    );
+    assert_eq!(node_ends(), 1);
+    for ip in rb["ips"].as_array().unwrap() {
+        let addr = ip["address"].as_str().unwrap().split('/').next().unwrap();
+        a.exec(&["ping", "-c", "1", "-W", "2", addr])
+            .unwrap_or_else(|e| panic!("afxdp pod -> tap pod {addr}: {e}"));
+    }
+    let mut check = afxdp.clone();
+    check["prevResult"] = ra;
+    assert!(net.call("CHECK", "ctr-a", &ns_a, "eth0", &check).1);
+    assert!(net.call("DEL", "ctr-a", &ns_a, "eth0", &afxdp).1);
+    assert_eq!(node_ends(), 0, "DEL removes the pair");
+    assert!(!a
+        .exec(&["ip", "-o", "link", "show"])
+        .unwrap()
+        .contains("eth0"));
+    // An MTU an AF_XDP port cannot take: a clear refusal, nothing left allocated.
+    let before = net.allocations().len();
+    let mut jumbo = afxdp.clone();
+    jumbo["mtu"] = json!(9000);
+    let c = Netns::create(&format!("{}-c", unique_prefix())).unwrap();
+    let (err, ok) = net.call(
+        "ADD",
+        "ctr-c",
+        &c.path().display().to_string(),
+        "eth0",
+        &jumbo,
+    );
+    assert!(!ok);
+    let msg = err["msg"].as_str().unwrap_or_default().to_string()
+        + err["details"].as_str().unwrap_or_default();
+    assert!(msg.contains("3506") && msg.contains("tap"), "{err}");
+    assert_eq!(
+        net.allocations().len(),
+        before,
+        "the addresses were released"
+    );
+    assert_eq!(node_ends(), 0, "no pair left behind");
+    // A kind the plugin does not know: the configuration is refused.
+    let mut bad = net.conf.clone();
+    bad["podPorts"] = json!("xdp");
+    let (err, ok) = net.call(
+        "ADD",
+        "ctr-d",
+        &c.path().display().to_string(),
+        "eth0",
+        &bad,
+    );
+    assert!(!ok);
+    assert_eq!(err["code"], 7, "{err}");
+}

@@ -112,7 +112,23 @@ fn concat(parts: &[Vec<String>]) -> Vec<String> {
     ignore = "needs root: network namespaces and TAP devices"
 )]
 fn selectors_and_directions_on_two_nodes() {
-    let w = world();
+    selectors_and_directions(&world());
+}
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces, veth pairs and AF_XDP sockets"
+)]
+fn selectors_and_directions_on_two_nodes_with_afxdp_pod_ports() {
+    bench_env::require_root("NetworkPolicy integration test");
+    let w = PolicyWorld::build_with(vec!["--pod-ports".into(), "afxdp".into()])
+        .expect("NetworkPolicy world");
+    selectors_and_directions(&w);
+}
+
+/// Every selector and direction of the truth tables, in `w`.
+fn selectors_and_directions(w: &PolicyWorld) {
     expect(&w, "no policy", 80, "TCP", &[]);
     expect(&w, "no policy", 81, "UDP", &[]);
 

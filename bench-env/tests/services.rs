@@ -22,12 +22,18 @@ fn cluster() -> Cluster {
 /// Two nodes with two pods each; `external`: with a host outside the cluster behind the
 /// nodes' router.
 fn cluster_with(external: bool) -> Cluster {
+    cluster_of(external, Vec::new())
+}
+
+/// [`cluster_with`], with extra arguments for every node's dataplane.
+fn cluster_of(external: bool, dataplane_args: Vec<String>) -> Cluster {
     bench_env::require_root("Services integration test");
     Cluster::build(
         Arm::Switchyard,
         &ClusterOptions {
             pods_per_node: 2,
             external,
+            dataplane_args,
             ..ClusterOptions::default()
         },
     )
@@ -226,7 +232,24 @@ fn ips(vips: (&str, &str)) -> [IpAddr; 2] {
     ignore = "needs root: network namespaces and TAP devices"
 )]
 fn cluster_ips_reach_backends_on_both_nodes_which_see_the_client_pod() {
-    let c = cluster();
+    cluster_ips_reach_backends(&cluster());
+}
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces, veth pairs and AF_XDP sockets"
+)]
+fn cluster_ips_reach_backends_on_afxdp_pod_ports() {
+    cluster_ips_reach_backends(&cluster_of(
+        false,
+        vec!["--pod-ports".into(), "afxdp".into()],
+    ));
+}
+
+/// ClusterIPs of both families reach backends on both nodes of `c`, which see the client
+/// pod's address.
+fn cluster_ips_reach_backends(c: &Cluster) {
     let (client, local, remote) = (
         &c.nodes[0].pods[0],
         &c.nodes[0].pods[1],
