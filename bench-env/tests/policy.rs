@@ -129,8 +129,8 @@ fn selectors_and_directions_on_two_nodes_with_afxdp_pod_ports() {
 
 /// Every selector and direction of the truth tables, in `w`.
 fn selectors_and_directions(w: &PolicyWorld) {
-    expect(&w, "no policy", 80, "TCP", &[]);
-    expect(&w, "no policy", 81, "UDP", &[]);
+    expect(w, "no policy", 80, "TCP", &[]);
+    expect(w, "no policy", 81, "UDP", &[]);
 
     w.set_policies(&policy(
         "deny",
@@ -139,14 +139,14 @@ fn selectors_and_directions(w: &PolicyWorld) {
     ))
     .unwrap();
     expect(
-        &w,
+        w,
         "default deny ingress in x",
         80,
         "TCP",
         &into_namespace("x"),
     );
     expect(
-        &w,
+        w,
         "default deny ingress in x",
         80,
         "UDP",
@@ -164,7 +164,7 @@ fn selectors_and_directions(w: &PolicyWorld) {
         .flat_map(|p| out_of(&format!("x/{p}"), &[]))
         .collect();
     expect(
-        &w,
+        w,
         "deny all in x",
         81,
         "TCP",
@@ -177,7 +177,7 @@ fn selectors_and_directions(w: &PolicyWorld) {
         "  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {pod: b}}}]\n",
     ))
     .unwrap();
-    expect(&w, "pod selector", 80, "TCP", &into("x/a", &["x/b"]));
+    expect(w, "pod selector", 80, "TCP", &into("x/a", &["x/b"]));
 
     w.set_policies(&policy(
         "and",
@@ -186,7 +186,7 @@ fn selectors_and_directions(w: &PolicyWorld) {
     ))
     .unwrap();
     expect(
-        &w,
+        w,
         "namespace AND pod selector",
         80,
         "TCP",
@@ -200,7 +200,7 @@ fn selectors_and_directions(w: &PolicyWorld) {
     ))
     .unwrap();
     expect(
-        &w,
+        w,
         "namespace OR pod selector",
         80,
         "TCP",
@@ -213,8 +213,8 @@ fn selectors_and_directions(w: &PolicyWorld) {
         "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n",
     ))
     .unwrap();
-    expect(&w, "egress deny", 80, "TCP", &out_of("x/a", &[]));
-    expect(&w, "egress deny", 81, "UDP", &out_of("x/a", &[]));
+    expect(w, "egress deny", 80, "TCP", &out_of("x/a", &[]));
+    expect(w, "egress deny", 81, "UDP", &out_of("x/a", &[]));
 
     // Egress to y only; without policyTypes the policy also isolates x/a's ingress.
     w.set_policies(&policy(
@@ -224,7 +224,7 @@ fn selectors_and_directions(w: &PolicyWorld) {
     ))
     .unwrap();
     expect(
-        &w,
+        w,
         "client egress and server ingress",
         80,
         "TCP",

@@ -258,13 +258,13 @@ fn cluster_ips_reach_backends(c: &Cluster) {
     let _a = Servers::start(local, "local");
     let _b = Servers::start(remote, "remote");
     publish(
-        &c,
+        c,
         "web",
         WEB,
         "",
         &[ep(local, "node0"), ep(remote, "node1")],
     );
-    wait_served(&c, "web", &[local, remote]);
+    wait_served(c, "web", &[local, remote]);
     for vip in ips(WEB) {
         let client_ip: IpAddr = if vip.is_ipv4() {
             client.ipv4.into()
