@@ -7,6 +7,7 @@
 //! is created in the root namespace.
 
 pub mod agent_scale;
+pub mod ceiling;
 pub mod cgroup;
 pub mod cleanup;
 pub mod cluster;

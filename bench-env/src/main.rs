@@ -465,16 +465,40 @@ fn multi_node(run: MultiNode) -> Result<bool> {
         all_connected &= m.failures.is_empty();
     }
     let mut metrics = Vec::new();
+    // The ceiling of any user-space forwarder on this path, VXLAN over one link: measured
+    // in the same rounds (bench_env::ceiling).
+    let null = match options.backend {
+        switchyard_api::BackendKind::Vxlan => Some(bench_env::ceiling::CrossNodeNull::build()?),
+        _ => None,
+    };
+    let mut ceilings = Vec::new();
+    // A pod on each of the first two nodes, per arm.
+    let mut arms = vec![("switchyard", cross(&switchyard)?)];
+    if let Some(null) = &null {
+        arms.push(("null", (&null.pods[0], &null.pods[1])));
+    }
+    arms.push(("kernel", cross(&kernel)?));
+    let arm_refs: Vec<(&str, &(&Pod, &Pod))> = arms.iter().map(|(n, p)| (*n, p)).collect();
     for streams in [1, 4] {
         let name = format!(
             "cross_node_tcp_{streams}_stream{}",
             if streams > 1 { "s" } else { "" }
         );
-        let r = rounds([&switchyard, &kernel], repeat, &name, &|c| {
-            let (a, b) = cross(c)?;
+        let r = rounds_of(&arm_refs, repeat, &name, &|(a, b)| {
             Ok(vec![measure::tcp_gbps(a, b, streams, seconds)?])
         })?;
-        metrics.push(Metric::new(&name, "Gbit/s", r[0][0], r[0][1]));
+        let (ours, kernel_figure) = (r[0][0], r[0][r[0].len() - 1]);
+        metrics.push(Metric::new(&name, "Gbit/s", ours, kernel_figure));
+        if null.is_some() {
+            let ceiling = r[0][1];
+            metrics.push(Metric::new(
+                &format!("{name}_null"),
+                "Gbit/s",
+                ceiling,
+                kernel_figure,
+            ));
+            ceilings.push((name, ours, ceiling));
+        }
     }
     if options.external {
         let r = rounds(
@@ -501,15 +525,35 @@ fn multi_node(run: MultiNode) -> Result<bool> {
             r[0][1],
         ));
     }
-    let r = rounds([&switchyard, &kernel], repeat, "cross-node rtt", &|c| {
-        let (a, b) = cross(c)?;
+    let r = rounds_of(&arm_refs, repeat, "cross-node rtt", &|(a, b)| {
         let (p50, p99) = measure::rtt_us(a, b, 200)?;
         Ok(vec![p50, p99])
     })?;
-    metrics.push(Metric::new("cross_node_rtt_p50_us", "µs", r[0][0], r[0][1]));
-    metrics.push(Metric::new("cross_node_rtt_p99_us", "µs", r[1][0], r[1][1]));
+    for (i, name) in ["cross_node_rtt_p50_us", "cross_node_rtt_p99_us"]
+        .iter()
+        .enumerate()
+    {
+        let kernel_figure = r[i][r[i].len() - 1];
+        metrics.push(Metric::new(name, "µs", r[i][0], kernel_figure));
+        if null.is_some() {
+            metrics.push(Metric::new(
+                &format!("{name}_null"),
+                "µs",
+                r[i][1],
+                kernel_figure,
+            ));
+            ceilings.push((name.to_string(), r[i][0], r[i][1]));
+        }
+    }
     println!();
     print!("{}", report::table(&metrics));
+    if !ceilings.is_empty() {
+        println!("\nswitchyard against the null forwarder (the ceiling; rows *_null), same run:");
+        for (name, ours, ceiling) in &ceilings {
+            let ratio = if *ceiling > 0.0 { ours / ceiling } else { 0.0 };
+            println!("  {name:<28} {ours:>8.2} / {ceiling:>8.2} = {ratio:.2}x");
+        }
+    }
     if let Some(path) = json {
         std::fs::write(&path, serde_json::to_string_pretty(&metrics)?)?;
         println!("results written to {}", path.display());
