@@ -156,12 +156,12 @@ pub struct XskSocket {
     fd: OwnedFd,
 }
 
-fn set_option<T>(fd: &OwnedFd, name: libc::c_int, value: &T) -> io::Result<()> {
+fn set_option<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
     // SAFETY: `value` is the structure or int the option reads, valid for the call.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::SOL_XDP,
+            level,
             name,
             (value as *const T).cast(),
             size_of::<T>() as libc::socklen_t,
@@ -188,21 +188,8 @@ impl XskSocket {
         // frees it: the default send buffer (~200 KiB) would stop the ring after about a
         // hundred frames. Room for every sending frame; best effort.
         let sndbuf = (RING as usize * 2 * FRAME_SIZE) as libc::c_int;
-        for option in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
-            // SAFETY: the option reads one int from the pointer, valid for the call.
-            let rc = unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    option,
-                    (&sndbuf as *const libc::c_int).cast(),
-                    size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if rc == 0 {
-                break;
-            }
-        }
+        let _ = set_option(&fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &sndbuf)
+            .or_else(|_| set_option(&fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &sndbuf));
         let umem = Mapping::new(FRAMES * FRAME_SIZE, None)?;
         let reg = libc::xdp_umem_reg {
             addr: umem.ptr as u64,
@@ -212,7 +199,7 @@ impl XskSocket {
             flags: 0,
             tx_metadata_len: 0,
         };
-        set_option(&fd, libc::XDP_UMEM_REG, &reg)?;
+        set_option(&fd, libc::SOL_XDP, libc::XDP_UMEM_REG, &reg)?;
         let size = RING as libc::c_int;
         for ring in [
             libc::XDP_UMEM_FILL_RING,
@@ -220,7 +207,7 @@ impl XskSocket {
             libc::XDP_RX_RING,
             libc::XDP_TX_RING,
         ] {
-            set_option(&fd, ring, &size)?;
+            set_option(&fd, libc::SOL_XDP, ring, &size)?;
         }
         // SAFETY: an all-zero `xdp_mmap_offsets` is valid (plain integers).
         let mut offsets: libc::xdp_mmap_offsets = unsafe { std::mem::zeroed() };
