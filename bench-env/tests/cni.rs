@@ -427,6 +427,17 @@ fn pod_ports_afxdp_in_the_configuration_gives_a_veth_pair_that_del_removes() {
         "the addresses were released"
     );
     assert_eq!(node_ends(), 0, "no pair left behind");
+    // The pod's namespace deleted without a DEL (a runtime crash): the pair goes with it,
+    // and the DEL that comes later still succeeds and releases the addresses.
+    let e = Netns::create(&format!("{}-e", unique_prefix())).unwrap();
+    let ns_e = e.path().display().to_string();
+    assert!(net.call("ADD", "ctr-e", &ns_e, "eth0", &afxdp).1);
+    assert_eq!(node_ends(), 1);
+    drop(e);
+    assert_eq!(node_ends(), 0, "the pair went with the namespace");
+    assert!(net.call("DEL", "ctr-e", &ns_e, "eth0", &afxdp).1);
+    assert_eq!(net.allocations().len(), before, "the addresses were released");
+    assert!(!net.ports().iter().any(|p| p.netns == ns_e));
     // A kind the plugin does not know: the configuration is refused.
     let mut bad = net.conf.clone();
     bad["podPorts"] = json!("xdp");
