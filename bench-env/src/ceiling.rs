@@ -1,5 +1,6 @@
-//! The ceiling of a user-space forwarder between two nodes, measured beside Switchyard and
-//! the kernel: two node namespaces on one underlay link, one pod on each with a TAP created
+//! The ceilings of a user-space forwarder across nodes ([`CrossNodeNull`]) and toward an
+//! external network ([`EgressNull`]), measured beside Switchyard and the kernel. Across
+//! nodes: two node namespaces on one underlay link, one pod on each with a TAP created
 //! exactly as the dataplane creates it (virtio-net header, TSO, one queue per worker, its
 //! super-frames capped to fit one `UDP_SEGMENT` send), and on each node a *null forwarder*:
 //! per queue, one thread that moves whatever its TAP queue holds into the dataplane's own
@@ -212,6 +213,180 @@ fn forward(node: &NullNode, queue: usize, stop: &AtomicBool) {
                 let _ = node.tap.send(queue, frame);
             }
             moved += n;
+            if moved == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// The pod's subnet behind the egress null forwarder.
+const EGRESS_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 9, 10);
+
+/// The egress ceiling: a pod whose TAP a null forwarder joins to a host-side TAP in its
+/// node's namespace (both made as the dataplane makes a pod's TAP and its host port), the
+/// node routing to an external host behind a router namespace, as the cluster's external
+/// network is laid out. The forwarder moves frames between the two TAPs unchanged: the
+/// host TAP carries the gateway's MAC and the node's neighbour entry for the pod is the
+/// pod's MAC, so no byte is rewritten; the router routes the pod's subnet back to the node,
+/// so nothing is translated either. Everything goes when it drops.
+pub struct EgressNull {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    /// The pod.
+    pub pod: Pod,
+    /// The external host.
+    pub external: Pod,
+    // Dropped last.
+    _namespaces: Vec<Netns>,
+}
+
+impl EgressNull {
+    /// Builds the pod, the node, the router and the external host, and the forwarder.
+    pub fn build() -> Result<Self> {
+        let prefix = unique_prefix();
+        let node = Netns::create(&format!("{prefix}-nue"))?;
+        let hub = Netns::create(&format!("{prefix}-nuh"))?;
+        let ext = Netns::create(&format!("{prefix}-nux"))?;
+        let hub_name = hub.path().to_string_lossy().into_owned();
+        node.exec(&[
+            "ip", "link", "add", "nue0", "type", "veth", "peer", "name", "nuh0", "netns", &hub_name,
+        ])?;
+        ext.exec(&[
+            "ip", "link", "add", "nux0", "type", "veth", "peer", "name", "nuh1", "netns", &hub_name,
+        ])?;
+        node.add_address("nue0", "192.168.79.2/24")?;
+        hub.add_address("nuh0", "192.168.79.1/24")?;
+        hub.add_address("nuh1", "192.168.80.1/24")?;
+        ext.add_address("nux0", "192.168.80.10/24")?;
+        for (ns, devs) in [
+            (&node, &["nue0", "lo"][..]),
+            (&hub, &["nuh0", "nuh1", "lo"][..]),
+            (&ext, &["nux0", "lo"][..]),
+        ] {
+            for dev in devs {
+                ns.exec(&["ip", "link", "set", dev, "up"])?;
+            }
+        }
+        for ns in [&node, &hub] {
+            ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        }
+        node.exec(&[
+            "ip",
+            "route",
+            "add",
+            "192.168.80.0/24",
+            "via",
+            "192.168.79.1",
+        ])?;
+        hub.exec(&["ip", "route", "add", "10.244.9.0/24", "via", "192.168.79.2"])?;
+        ext.exec(&["ip", "route", "add", "default", "via", "192.168.80.1"])?;
+        let gateway = Gateway::default();
+        let pod_ns = Netns::create(&format!("{prefix}-nuepod"))?;
+        let pod_mac = MacAddr([0x02, 0x5e, 0, 0, 9, 10]);
+        let config = PodInterface {
+            ifname: "eth0".into(),
+            mac: pod_mac,
+            mtu: 1500,
+            ips: vec![format!("{EGRESS_POD}/24")
+                .parse()
+                .map_err(|e| fail!("{e}"))?],
+            gateway,
+            steering: Default::default(),
+            gso_max_size: None,
+        };
+        let (pod_tap, _) = TapDevice::create(&pod_ns.path(), &config, QUEUES)?;
+        pod_tap.set_persist(false)?;
+        pod_ns.exec(&[
+            "ip",
+            "neigh",
+            "replace",
+            &gateway.ipv4.to_string(),
+            "lladdr",
+            &gateway.mac.to_string(),
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
+        let (host_tap, _, _) = run_in(&node.path(), move || {
+            let made = TapDevice::create_host("nulhost", gateway.mac, 65_521, QUEUES, None)?;
+            made.0.set_persist(false)?;
+            Ok(made)
+        })?;
+        node.exec(&["ip", "route", "add", "10.244.9.0/24", "dev", "nulhost"])?;
+        node.exec(&[
+            "ip",
+            "neigh",
+            "replace",
+            &EGRESS_POD.to_string(),
+            "lladdr",
+            &pod_mac.to_string(),
+            "dev",
+            "nulhost",
+            "nud",
+            "permanent",
+        ])?;
+        let taps = Arc::new([PortIo::Tap(pod_tap), PortIo::Tap(host_tap)]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..QUEUES)
+            .map(|queue| {
+                let (taps, stop) = (taps.clone(), stop.clone());
+                std::thread::spawn(move || between_taps(&taps, queue, &stop))
+            })
+            .collect();
+        Ok(Self {
+            stop,
+            threads,
+            pod: Pod {
+                ns: pod_ns,
+                ipv4: EGRESS_POD,
+                ipv6: std::net::Ipv6Addr::UNSPECIFIED,
+                port: None,
+            },
+            external: Pod {
+                ns: ext,
+                ipv4: Ipv4Addr::new(192, 168, 80, 10),
+                ipv6: std::net::Ipv6Addr::UNSPECIFIED,
+                port: None,
+            },
+            _namespaces: vec![node, hub],
+        })
+    }
+}
+
+impl Drop for EgressNull {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Queue `queue` of two TAPs, each way, unchanged, until `stop`; pinned as a worker.
+fn between_taps(taps: &[PortIo; 2], queue: usize, stop: &AtomicBool) {
+    let _ = switchyard_dataplane::io::steering::pin_current_thread(queue, QUEUES);
+    let mut pfds = [0, 1].map(|i| libc::pollfd {
+        fd: taps[i].raw_fd(queue).unwrap_or(-1),
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: `pfds` is a valid array of two pollfd for the duration of the call.
+        if unsafe { libc::poll(pfds.as_mut_ptr(), 2, 100) } <= 0 {
+            continue;
+        }
+        loop {
+            let mut moved = 0;
+            for side in 0..2 {
+                let n = taps[side].recv_batch(queue, &mut bufs).unwrap_or(0);
+                for buf in &bufs[..n] {
+                    let _ = taps[1 - side].send(queue, buf.frame());
+                }
+                moved += n;
+            }
             if moved == 0 {
                 break;
             }

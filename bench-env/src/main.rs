@@ -501,29 +501,34 @@ fn multi_node(run: MultiNode) -> Result<bool> {
         }
     }
     if options.external {
-        let r = rounds(
-            [&switchyard, &kernel],
-            repeat,
-            "egress_tcp_1_stream",
-            &|c| {
-                let ext = c
-                    .external
-                    .as_ref()
-                    .ok_or_else(|| fail!("no external host"))?;
-                Ok(vec![measure::tcp_gbps(
-                    &c.nodes[0].pods[0],
-                    ext,
-                    1,
-                    seconds,
-                )?])
-            },
-        )?;
+        // The egress ceiling: a pod's TAP joined to a host TAP, no translation, the same
+        // router in between (bench_env::ceiling).
+        let null = bench_env::ceiling::EgressNull::build()?;
+        fn external(c: &Cluster) -> Result<(&Pod, &Pod)> {
+            let ext = c
+                .external
+                .as_ref()
+                .ok_or_else(|| fail!("no external host"))?;
+            Ok((&c.nodes[0].pods[0], ext))
+        }
+        let arms = [
+            ("switchyard", external(&switchyard)?),
+            ("null", (&null.pod, &null.external)),
+            ("kernel", external(&kernel)?),
+        ];
+        let arm_refs: Vec<(&str, &(&Pod, &Pod))> = arms.iter().map(|(n, p)| (*n, p)).collect();
+        let r = rounds_of(&arm_refs, repeat, "egress_tcp_1_stream", &|(a, b)| {
+            Ok(vec![measure::tcp_gbps(a, b, 1, seconds)?])
+        })?;
+        let name = "egress_tcp_1_stream";
+        metrics.push(Metric::new(name, "Gbit/s", r[0][0], r[0][2]));
         metrics.push(Metric::new(
-            "egress_tcp_1_stream",
+            &format!("{name}_null"),
             "Gbit/s",
-            r[0][0],
             r[0][1],
+            r[0][2],
         ));
+        ceilings.push((name.to_string(), r[0][0], r[0][1]));
     }
     let r = rounds_of(&arm_refs, repeat, "cross-node rtt", &|(a, b)| {
         let (p50, p99) = measure::rtt_us(a, b, 200)?;

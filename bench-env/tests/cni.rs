@@ -436,7 +436,11 @@ fn pod_ports_afxdp_in_the_configuration_gives_a_veth_pair_that_del_removes() {
     drop(e);
     assert_eq!(node_ends(), 0, "the pair went with the namespace");
     assert!(net.call("DEL", "ctr-e", &ns_e, "eth0", &afxdp).1);
-    assert_eq!(net.allocations().len(), before, "the addresses were released");
+    assert_eq!(
+        net.allocations().len(),
+        before,
+        "the addresses were released"
+    );
     assert!(!net.ports().iter().any(|p| p.netns == ns_e));
     // A kind the plugin does not know: the configuration is refused.
     let mut bad = net.conf.clone();
