@@ -256,3 +256,30 @@ fn afxdp_pods_across_nodes_reach_the_external_network_a_host_port_and_survive_a_
         c.logs()
     );
 }
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces, veth pairs and AF_XDP sockets"
+)]
+fn afxdp_pods_with_a_3000_byte_mtu_carry_full_size_frames() {
+    bench_env::require_root("AF_XDP port test");
+    // Above 1778 bytes a frame no longer fits a 2 KiB UMEM frame: 4 KiB frames.
+    let bed = Testbed::build(
+        Arm::Switchyard,
+        &Options {
+            pods: 2,
+            mtus: vec![3000],
+            dataplane_args: afxdp_args(),
+            ..Options::default()
+        },
+    )
+    .expect("testbed");
+    let target = bed.pods[1].ipv4.to_string();
+    bed.pods[0]
+        .ns
+        .exec(&["ping", "-c", "3", "-W", "2", "-M", "do", "-s", "2972", &target])
+        .unwrap_or_else(|e| panic!("full-size frames: {e}\n{}", bed.dataplane_log()));
+    let t = tcp_transfer(&bed.pods[0], &bed.pods[1], 20 << 20).expect("transfer");
+    assert_eq!(t.sent_hash, t.received_hash, "payload corrupted in transit");
+}

@@ -79,7 +79,7 @@ fn an_af_xdp_socket_receives_and_sends_frames_on_a_veth() {
     let (_redirect, mut socket) = run_in(&path, || {
         let index = link_index("syxsk0").expect("the veth");
         let redirect = XdpRedirect::attach(index, 1)?;
-        let socket = XskSocket::bind(index, 0)?;
+        let socket = XskSocket::bind(index, 0, switchyard_dataplane::io::xsk::FRAME_SIZE)?;
         redirect.insert_socket(0, socket.raw_fd())?;
         Ok((redirect, socket))
     })

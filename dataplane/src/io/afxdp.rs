@@ -21,7 +21,7 @@ use super::interface::{configure, PodInterface};
 use super::netlink::Netlink;
 use super::netns;
 use super::xdp::XdpRedirect;
-use super::xsk::{XskSocket, FRAME_SIZE};
+use super::xsk::{frame_size_for, XskSocket};
 use crate::buffer::PacketBuf;
 use crate::offload::segment::{self, Segments};
 use crate::wire::{vnet, VnetHeader};
@@ -116,7 +116,11 @@ impl AfXdpPort {
                 configure(index, config)?;
                 Ok(index)
             })?;
-            Ok((Self::bind(host.clone(), host_index, queues)?, pod_index))
+            let frames = frame_size_for(config.mtu);
+            Ok((
+                Self::bind(host.clone(), host_index, queues, frames)?,
+                pod_index,
+            ))
         })();
         if made.is_err() {
             if let Some(index) = netns::link_index(&host) {
@@ -150,11 +154,17 @@ impl AfXdpPort {
                 format!("the node has no interface {host} for {ifname}"),
             )
         })?;
-        Ok((Self::bind(host, host_index, queues.max(1))?, pod_index))
+        // The pair's MTU, as created, sizes the UMEM frames.
+        let frames = frame_size_for(super::links::mtu(&host)?);
+        Ok((
+            Self::bind(host, host_index, queues.max(1), frames)?,
+            pod_index,
+        ))
     }
 
-    /// Brings the node's end up, attaches the program and binds one socket per queue.
-    fn bind(host: String, host_index: u32, queues: usize) -> io::Result<Self> {
+    /// Brings the node's end up, attaches the program and binds one socket per queue, with
+    /// UMEM frames of `frame_size` bytes.
+    fn bind(host: String, host_index: u32, queues: usize, frame_size: usize) -> io::Result<Self> {
         // The node's end carries no address: it must not forward nor take part in IPv6
         // (what no socket takes would otherwise reach the node's stack). Best effort.
         let _ = super::links::set_sysctl(&format!("net.ipv4.conf.{host}.forwarding"), "0");
@@ -164,7 +174,7 @@ impl AfXdpPort {
         let mut sockets = Vec::with_capacity(queues);
         let mut fds = Vec::with_capacity(queues);
         for queue in 0..queues as u32 {
-            let socket = XskSocket::bind(host_index, queue)?;
+            let socket = XskSocket::bind(host_index, queue, frame_size)?;
             redirect.insert_socket(queue, socket.raw_fd())?;
             fds.push(socket.raw_fd());
             sockets.push(Mutex::new(socket));
@@ -239,7 +249,6 @@ impl AfXdpPort {
             vnet::GSO_TCPV4 | vnet::GSO_TCPV6 => {
                 let Segments { stride, total, .. } = segment::tcp(frame, 0, scratch)
                     .map_err(|e| invalid(&format!("cannot segment: {e:?}")))?;
-                debug_assert!(stride <= FRAME_SIZE);
                 scratch[..total]
                     .chunks(stride)
                     .try_for_each(|seg| socket.post(seg))

@@ -18,8 +18,20 @@ use std::mem::size_of;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// Bytes per UMEM frame.
+/// Bytes per UMEM frame, by default.
 pub const FRAME_SIZE: usize = 4096;
+/// Room the kernel keeps before a received frame in copy mode (`XDP_PACKET_HEADROOM`).
+const KERNEL_HEADROOM: usize = 256;
+
+/// The UMEM frame size that holds an Ethernet frame of `mtu` bytes of payload: 2 KiB when
+/// it fits (half the memory), else 4 KiB.
+pub fn frame_size_for(mtu: u32) -> usize {
+    if mtu as usize + 14 <= 2048 - KERNEL_HEADROOM {
+        2048
+    } else {
+        FRAME_SIZE
+    }
+}
 /// Entries per ring, and frames per half of the UMEM.
 const RING: u32 = 512;
 /// Frames in the UMEM: one half receives, the other sends.
@@ -150,6 +162,8 @@ pub struct XskSocket {
     completion: Ring<u64>,
     /// Sending frames not in flight.
     free: Vec<u64>,
+    /// Bytes per UMEM frame.
+    frame_size: usize,
     /// Whether frames were posted since the last flush.
     posted: bool,
     umem: Mapping,
@@ -174,9 +188,16 @@ fn set_option<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T)
 }
 
 impl XskSocket {
-    /// Opens a socket with its UMEM and rings and binds it, in copy mode, to queue `queue`
-    /// of the device `ifindex` in the caller's namespace.
-    pub fn bind(ifindex: u32, queue: u32) -> io::Result<Self> {
+    /// Opens a socket with its UMEM (frames of `frame_size` bytes: 2048 or 4096) and rings
+    /// and binds it, in copy mode, to queue `queue` of the device `ifindex` in the caller's
+    /// namespace.
+    pub fn bind(ifindex: u32, queue: u32, frame_size: usize) -> io::Result<Self> {
+        if frame_size != 2048 && frame_size != FRAME_SIZE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "UMEM frames are 2048 or 4096 bytes",
+            ));
+        }
         // SAFETY: socket(2) with constant arguments.
         let raw = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
         if raw < 0 {
@@ -187,14 +208,14 @@ impl XskSocket {
         // Copy mode builds an skb per frame sent, charged to the socket until the receiver
         // frees it: the default send buffer (~200 KiB) would stop the ring after about a
         // hundred frames. Room for every sending frame; best effort.
-        let sndbuf = (RING as usize * 2 * FRAME_SIZE) as libc::c_int;
+        let sndbuf = (RING as usize * 2 * frame_size) as libc::c_int;
         let _ = set_option(&fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &sndbuf)
             .or_else(|_| set_option(&fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &sndbuf));
-        let umem = Mapping::new(FRAMES * FRAME_SIZE, None)?;
+        let umem = Mapping::new(FRAMES * frame_size, None)?;
         let reg = libc::xdp_umem_reg {
             addr: umem.ptr as u64,
             len: umem.len as u64,
-            chunk_size: FRAME_SIZE as u32,
+            chunk_size: frame_size as u32,
             headroom: 0,
             flags: 0,
             tx_metadata_len: 0,
@@ -231,10 +252,10 @@ impl XskSocket {
         let mut fill = Ring::map(raw, &offsets.fr, libc::XDP_UMEM_PGOFF_FILL_RING)?;
         let completion = Ring::map(raw, &offsets.cr, libc::XDP_UMEM_PGOFF_COMPLETION_RING)?;
         for frame in 0..RING as u64 {
-            fill.push(frame * FRAME_SIZE as u64);
+            fill.push(frame * frame_size as u64);
         }
         let free = (RING as u64..FRAMES as u64)
-            .map(|frame| frame * FRAME_SIZE as u64)
+            .map(|frame| frame * frame_size as u64)
             .collect();
         let address = libc::sockaddr_xdp {
             sxdp_family: libc::AF_XDP as u16,
@@ -260,6 +281,7 @@ impl XskSocket {
             fill,
             completion,
             free,
+            frame_size,
             posted: false,
             umem,
             fd,
@@ -273,7 +295,7 @@ impl XskSocket {
 
     fn frame(&mut self, addr: u64, len: usize) -> &mut [u8] {
         let at = (addr as usize).min(self.umem.len);
-        let len = len.min(FRAME_SIZE).min(self.umem.len - at);
+        let len = len.min(self.frame_size).min(self.umem.len - at);
         // SAFETY: `at..at + len` lies inside the UMEM, and the frame is this side's: the
         // kernel handed it over on the RX or completion ring, or never had it.
         unsafe { std::slice::from_raw_parts_mut(self.umem.ptr.add(at), len) }
@@ -286,24 +308,25 @@ impl XskSocket {
         let frame = self.frame(desc.addr, desc.len as usize);
         let len = frame.len().min(out.len());
         out[..len].copy_from_slice(&frame[..len]);
-        self.fill.push(desc.addr - desc.addr % FRAME_SIZE as u64);
+        self.fill
+            .push(desc.addr - desc.addr % self.frame_size as u64);
         if self.fill.needs_wakeup() {
             self.kick_rx();
         }
         Some(len)
     }
 
-    /// Sends `frame` (at most [`FRAME_SIZE`] bytes) now: [`XskSocket::post`], then
+    /// Sends `frame` (at most a UMEM frame) now: [`XskSocket::post`], then
     /// [`XskSocket::flush`].
     pub fn send(&mut self, frame: &[u8]) -> io::Result<()> {
         self.post(frame)?;
         self.flush()
     }
 
-    /// Posts `frame` (at most [`FRAME_SIZE`] bytes) on the TX ring; it leaves at the next
+    /// Posts `frame` (at most a UMEM frame) on the TX ring; it leaves at the next
     /// [`XskSocket::flush`]. `WouldBlock` when every sending frame is in flight.
     pub fn post(&mut self, frame: &[u8]) -> io::Result<()> {
-        if frame.len() > FRAME_SIZE {
+        if frame.len() > self.frame_size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "frame larger than a UMEM frame",
@@ -391,5 +414,18 @@ impl XskSocket {
                 std::ptr::null_mut(),
             )
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_2_kib_while_a_full_frame_fits_behind_the_kernel_headroom() {
+        assert_eq!(frame_size_for(1500), 2048);
+        assert_eq!(frame_size_for(1778), 2048);
+        assert_eq!(frame_size_for(1779), 4096);
+        assert_eq!(frame_size_for(3506), 4096);
     }
 }
