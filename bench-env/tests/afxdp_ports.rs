@@ -278,7 +278,9 @@ fn afxdp_pods_with_a_3000_byte_mtu_carry_full_size_frames() {
     let target = bed.pods[1].ipv4.to_string();
     bed.pods[0]
         .ns
-        .exec(&["ping", "-c", "3", "-W", "2", "-M", "do", "-s", "2972", &target])
+        .exec(&[
+            "ping", "-c", "3", "-W", "2", "-M", "do", "-s", "2972", &target,
+        ])
         .unwrap_or_else(|e| panic!("full-size frames: {e}\n{}", bed.dataplane_log()));
     let t = tcp_transfer(&bed.pods[0], &bed.pods[1], 20 << 20).expect("transfer");
     assert_eq!(t.sent_hash, t.received_hash, "payload corrupted in transit");
