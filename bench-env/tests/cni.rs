@@ -434,6 +434,11 @@ fn pod_ports_afxdp_in_the_configuration_gives_a_veth_pair_that_del_removes() {
     assert!(net.call("ADD", "ctr-e", &ns_e, "eth0", &afxdp).1);
     assert_eq!(node_ends(), 1);
     drop(e);
+    // The kernel dismantles a deleted namespace in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while node_ends() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert_eq!(node_ends(), 0, "the pair went with the namespace");
     assert!(net.call("DEL", "ctr-e", &ns_e, "eth0", &afxdp).1);
     assert_eq!(
