@@ -90,30 +90,13 @@ impl CrossNodeNull {
             let ns = Netns::create(&format!("{prefix}-nul{i}pod"))?;
             let ipv4 = Ipv4Addr::new(10, 244, i as u8, 10);
             let pod_mac = MacAddr([0x02, 0x5e, 0, 0, i as u8, 10]);
-            let config = PodInterface {
-                ifname: "eth0".into(),
-                mac: pod_mac,
-                mtu: POD_MTU,
-                ips: vec![format!("{ipv4}/24").parse().map_err(|e| fail!("{e}"))?],
-                gateway,
-                steering: Default::default(),
-                gso_max_size: Some(gso_max_for_overlay(POD_MTU)),
-            };
-            let (tap, _) = TapDevice::create(&ns.path(), &config, QUEUES)?;
-            tap.set_persist(false)?;
-            // The pod's kernel asks for the gateway's MAC; nobody here answers ARP.
-            ns.exec(&[
-                "ip",
-                "neigh",
-                "replace",
-                &gateway.ipv4.to_string(),
-                "lladdr",
-                &gateway.mac.to_string(),
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ])?;
+            let tap = null_pod(
+                &ns,
+                ipv4,
+                pod_mac,
+                POD_MTU,
+                Some(gso_max_for_overlay(POD_MTU)),
+            )?;
             let local = underlay[i];
             let uplink = run_in(&node.path(), move || {
                 Uplink::open(
@@ -169,54 +152,91 @@ impl Drop for CrossNodeNull {
     }
 }
 
-/// Queue `queue` of one node, both ways, until `stop`; pinned as the dataplane pins its
-/// workers under its default steering (which the TAP carries too), with the uplink's
-/// sockets chosen by receiving CPU as the dataplane's are.
+/// Queue `queue` of one node, both ways, until `stop`, as a worker pinned under the
+/// dataplane's default steering (which the TAP carries too), with the uplink's sockets
+/// chosen by receiving CPU as the dataplane's are.
 fn forward(node: &NullNode, queue: usize, stop: &AtomicBool) {
-    let _ = switchyard_dataplane::io::steering::pin_current_thread(queue, QUEUES);
-    let fds: [RawFd; 2] = [
+    let PortIo::Uplink(uplink) = node.uplink.as_ref() else {
+        return;
+    };
+    let fds = [
         node.tap.raw_fd(queue).unwrap_or(-1),
         node.uplink.raw_fd(queue).unwrap_or(-1),
     ];
+    let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
+    let mut scratch = vec![0u8; SCRATCH_LEN];
+    let gateway = Gateway::default().mac;
+    poll_loop(queue, fds, stop, || {
+        // Pod to the other node.
+        let sent = node.tap.recv_batch(queue, &mut bufs).unwrap_or(0);
+        for buf in &mut bufs[..sent] {
+            let _ = uplink.send_to(buf.frame_mut(), node.peer, &mut scratch);
+        }
+        // The other node to the pod: the frame is for the pod, from the gateway.
+        let received = node.uplink.recv_batch(queue, &mut bufs).unwrap_or(0);
+        for buf in &mut bufs[..received] {
+            let frame = buf.frame_mut();
+            if frame.len() >= vnet::HEADER_LEN + 12 {
+                frame[vnet::HEADER_LEN..vnet::HEADER_LEN + 6].copy_from_slice(&node.pod_mac.0);
+                frame[vnet::HEADER_LEN + 6..vnet::HEADER_LEN + 12].copy_from_slice(&gateway.0);
+            }
+            let _ = node.tap.send(queue, frame);
+        }
+        sent + received
+    });
+}
+
+/// A pod's TAP in `ns`, made as the dataplane makes it (`queues` = [`QUEUES`]), going with
+/// its descriptors, and a permanent neighbour entry for the gateway (nobody answers ARP).
+fn null_pod(
+    ns: &Netns,
+    ipv4: Ipv4Addr,
+    mac: MacAddr,
+    mtu: u32,
+    gso_max_size: Option<u32>,
+) -> Result<TapDevice> {
+    let gateway = Gateway::default();
+    let config = PodInterface {
+        ifname: "eth0".into(),
+        mac,
+        mtu,
+        ips: vec![format!("{ipv4}/24").parse().map_err(|e| fail!("{e}"))?],
+        gateway,
+        steering: Default::default(),
+        gso_max_size,
+    };
+    let (tap, _) = TapDevice::create(&ns.path(), &config, QUEUES)?;
+    tap.set_persist(false)?;
+    ns.exec(&[
+        "ip",
+        "neigh",
+        "replace",
+        &gateway.ipv4.to_string(),
+        "lladdr",
+        &gateway.mac.to_string(),
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ])?;
+    Ok(tap)
+}
+
+/// Pins the thread as worker `queue`, then, until `stop`, waits for `fds` to be readable
+/// and calls `step` until it moves nothing (it returns how many frames it moved).
+fn poll_loop(queue: usize, fds: [RawFd; 2], stop: &AtomicBool, mut step: impl FnMut() -> usize) {
+    let _ = switchyard_dataplane::io::steering::pin_current_thread(queue, QUEUES);
     let mut pfds = fds.map(|fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     });
-    let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
-    let mut scratch = vec![0u8; SCRATCH_LEN];
-    let PortIo::Uplink(uplink) = node.uplink.as_ref() else {
-        return;
-    };
-    let gateway = Gateway::default().mac;
     while !stop.load(Ordering::Relaxed) {
         // SAFETY: `pfds` is a valid array of two pollfd for the duration of the call.
         if unsafe { libc::poll(pfds.as_mut_ptr(), 2, 100) } <= 0 {
             continue;
         }
-        loop {
-            let mut moved = 0;
-            // Pod to the other node.
-            let n = node.tap.recv_batch(queue, &mut bufs).unwrap_or(0);
-            for buf in &mut bufs[..n] {
-                let _ = uplink.send_to(buf.frame_mut(), node.peer, &mut scratch);
-            }
-            moved += n;
-            // The other node to the pod: the frame is for the pod, from the gateway.
-            let n = node.uplink.recv_batch(queue, &mut bufs).unwrap_or(0);
-            for buf in &mut bufs[..n] {
-                let frame = buf.frame_mut();
-                if frame.len() >= vnet::HEADER_LEN + 12 {
-                    frame[vnet::HEADER_LEN..vnet::HEADER_LEN + 6].copy_from_slice(&node.pod_mac.0);
-                    frame[vnet::HEADER_LEN + 6..vnet::HEADER_LEN + 12].copy_from_slice(&gateway.0);
-                }
-                let _ = node.tap.send(queue, frame);
-            }
-            moved += n;
-            if moved == 0 {
-                break;
-            }
-        }
+        while step() > 0 {}
     }
 }
 
@@ -284,31 +304,7 @@ impl EgressNull {
         let gateway = Gateway::default();
         let pod_ns = Netns::create(&format!("{prefix}-nuepod"))?;
         let pod_mac = MacAddr([0x02, 0x5e, 0, 0, 9, 10]);
-        let config = PodInterface {
-            ifname: "eth0".into(),
-            mac: pod_mac,
-            mtu: 1500,
-            ips: vec![format!("{EGRESS_POD}/24")
-                .parse()
-                .map_err(|e| fail!("{e}"))?],
-            gateway,
-            steering: Default::default(),
-            gso_max_size: None,
-        };
-        let (pod_tap, _) = TapDevice::create(&pod_ns.path(), &config, QUEUES)?;
-        pod_tap.set_persist(false)?;
-        pod_ns.exec(&[
-            "ip",
-            "neigh",
-            "replace",
-            &gateway.ipv4.to_string(),
-            "lladdr",
-            &gateway.mac.to_string(),
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ])?;
+        let pod_tap = null_pod(&pod_ns, EGRESS_POD, pod_mac, 1500, None)?;
         let (host_tap, _, _) = run_in(&node.path(), move || {
             let made = TapDevice::create_host("nulhost", gateway.mac, 65_521, QUEUES, None)?;
             made.0.set_persist(false)?;
@@ -366,30 +362,17 @@ impl Drop for EgressNull {
 
 /// Queue `queue` of two TAPs, each way, unchanged, until `stop`; pinned as a worker.
 fn between_taps(taps: &[PortIo; 2], queue: usize, stop: &AtomicBool) {
-    let _ = switchyard_dataplane::io::steering::pin_current_thread(queue, QUEUES);
-    let mut pfds = [0, 1].map(|i| libc::pollfd {
-        fd: taps[i].raw_fd(queue).unwrap_or(-1),
-        events: libc::POLLIN,
-        revents: 0,
-    });
+    let fds = [0, 1].map(|i| taps[i].raw_fd(queue).unwrap_or(-1));
     let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
-    while !stop.load(Ordering::Relaxed) {
-        // SAFETY: `pfds` is a valid array of two pollfd for the duration of the call.
-        if unsafe { libc::poll(pfds.as_mut_ptr(), 2, 100) } <= 0 {
-            continue;
-        }
-        loop {
-            let mut moved = 0;
-            for side in 0..2 {
-                let n = taps[side].recv_batch(queue, &mut bufs).unwrap_or(0);
-                for buf in &bufs[..n] {
-                    let _ = taps[1 - side].send(queue, buf.frame());
-                }
-                moved += n;
+    poll_loop(queue, fds, stop, || {
+        let mut moved = 0;
+        for side in 0..2 {
+            let n = taps[side].recv_batch(queue, &mut bufs).unwrap_or(0);
+            for buf in &bufs[..n] {
+                let _ = taps[1 - side].send(queue, buf.frame());
             }
-            if moved == 0 {
-                break;
-            }
+            moved += n;
         }
-    }
+        moved
+    });
 }

@@ -43,8 +43,16 @@ pub fn udp_flood_pps(
                 set_receive_buffer(&socket, 8 << 20);
                 listening.store(true, Ordering::Release);
                 let mut bufs = vec![[0u8; 256]; PER_CALL];
+                let mut iovs: Vec<libc::iovec> = bufs
+                    .iter_mut()
+                    .map(|b| libc::iovec {
+                        iov_base: b.as_mut_ptr().cast(),
+                        iov_len: b.len(),
+                    })
+                    .collect();
+                let mut hdrs = headers(&mut iovs);
                 while !stop.load(Ordering::Relaxed) {
-                    let n = recv_many(&socket, &mut bufs);
+                    let n = recv_many(&socket, &mut hdrs);
                     received.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Ok(())
@@ -70,8 +78,13 @@ pub fn udp_flood_pps(
                 let socket = UdpSocket::bind("0.0.0.0:0")?;
                 socket.connect(to)?;
                 let payload = [0x5au8; PAYLOAD];
+                let mut iovs = [libc::iovec {
+                    iov_base: payload.as_ptr() as *mut libc::c_void,
+                    iov_len: PAYLOAD,
+                }; PER_CALL];
+                let mut hdrs = headers(&mut iovs);
                 while !stop.load(Ordering::Relaxed) {
-                    send_many(&socket, &payload);
+                    send_many(&socket, &mut hdrs);
                 }
                 Ok(())
             })
@@ -110,41 +123,29 @@ fn set_receive_buffer(socket: &UdpSocket, bytes: libc::c_int) {
     };
 }
 
-/// One `sendmmsg` of [`PER_CALL`] copies of `payload` on the connected `socket`.
-fn send_many(socket: &UdpSocket, payload: &[u8; PAYLOAD]) {
-    let mut iov = libc::iovec {
-        iov_base: payload.as_ptr() as *mut libc::c_void,
-        iov_len: PAYLOAD,
-    };
-    // SAFETY: an all-zero `mmsghdr` is valid (null pointers, zero lengths).
-    let mut hdrs: [libc::mmsghdr; PER_CALL] = unsafe { std::mem::zeroed() };
-    for h in &mut hdrs {
-        h.msg_hdr.msg_iov = &mut iov;
-        h.msg_hdr.msg_iovlen = 1;
-    }
-    // SAFETY: every header points at `iov`, which points at `payload`; all outlive the
-    // call, and sendmmsg only reads them.
-    unsafe { libc::sendmmsg(socket.as_raw_fd(), hdrs.as_mut_ptr(), PER_CALL as u32, 0) };
+/// One message header per iovec in `iovs` (which must outlive them).
+fn headers(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iovs.iter_mut()
+        .map(|iov| {
+            // SAFETY: an all-zero `mmsghdr` is valid (null pointers, zero lengths).
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+            h
+        })
+        .collect()
 }
 
-/// One `recvmmsg` into `bufs` (waiting up to the socket's timeout for the first);
+/// One `sendmmsg` of `hdrs` (each pointing at the payload) on the connected `socket`.
+fn send_many(socket: &UdpSocket, hdrs: &mut [libc::mmsghdr]) {
+    // SAFETY: every header points at an iovec over the payload; all outlive the call, and
+    // sendmmsg only reads them.
+    unsafe { libc::sendmmsg(socket.as_raw_fd(), hdrs.as_mut_ptr(), hdrs.len() as u32, 0) };
+}
+
+/// One `recvmmsg` into `hdrs` (waiting up to the socket's timeout for the first);
 /// returns how many datagrams arrived.
-fn recv_many(socket: &UdpSocket, bufs: &mut [[u8; 256]]) -> usize {
-    let mut iovs: Vec<libc::iovec> = bufs
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
-    // SAFETY: an all-zero `mmsghdr` is valid (null pointers, zero lengths).
-    let mut hdrs: Vec<libc::mmsghdr> = (0..iovs.len())
-        .map(|_| unsafe { std::mem::zeroed() })
-        .collect();
-    for (h, iov) in hdrs.iter_mut().zip(&mut iovs) {
-        h.msg_hdr.msg_iov = iov;
-        h.msg_hdr.msg_iovlen = 1;
-    }
+fn recv_many(socket: &UdpSocket, hdrs: &mut [libc::mmsghdr]) -> usize {
     // SAFETY: each header points at its own iovec over its own buffer; all outlive the
     // call. MSG_WAITFORONE: return once something arrived.
     let n = unsafe {

@@ -13,7 +13,6 @@ use crate::io::tap::{TapDevice, TUN_F_USO};
 use crate::io::PortIo;
 use crate::tables::PortRole;
 use std::path::Path;
-use std::str::FromStr;
 use switchyard_api::{AddPort, PodPorts, PortInfo};
 
 impl Switch {
@@ -65,6 +64,8 @@ impl Switch {
     }
 
     fn reattach(&self, info: &PortInfo) -> Result<(), String> {
+        // Only TAP and AF_XDP ports are recorded.
+        let kind: PodPorts = info.kind.parse().unwrap_or_default();
         let spec = AddPort {
             netns: info.netns.clone(),
             ifname: info.ifname.clone(),
@@ -74,7 +75,7 @@ impl Switch {
             owner: info.owner.clone(),
             pod: info.pod.clone(),
             port_mappings: info.port_mappings.clone(),
-            kind: PodPorts::from_str(&info.kind).ok(),
+            kind: Some(kind),
         };
         self.validate(&spec).map_err(|e| e.message)?;
         let mut state = self.state();
@@ -83,7 +84,7 @@ impl Switch {
             .check_new_port(&spec.netns, &spec.ifname, &spec.ips, &spec.port_mappings)
             .map_err(|e| e.message)?;
         let netns = Path::new(&info.netns);
-        let (io, ifindex, uso) = if info.kind == PodPorts::Afxdp.name() {
+        let (io, ifindex, uso) = if kind == PodPorts::Afxdp {
             let (port, ifindex) = AfXdpPort::attach(netns, &info.netns, &info.ifname, info.queues)
                 .map_err(|e| e.to_string())?;
             (PortIo::AfXdp(port), ifindex, false)
