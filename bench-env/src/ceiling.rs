@@ -24,7 +24,7 @@ use switchyard_dataplane::buffer::{PacketBuf, BATCH};
 use switchyard_dataplane::io::interface::{gso_max_for_overlay, PodInterface};
 use switchyard_dataplane::io::netns::run_in;
 use switchyard_dataplane::io::tap::TapDevice;
-use switchyard_dataplane::io::uplink::{Encap, Uplink};
+use switchyard_dataplane::io::uplink::{Encap, Uplink, UplinkMode};
 use switchyard_dataplane::io::PortIo;
 use switchyard_dataplane::offload::segment::SCRATCH_LEN;
 use switchyard_dataplane::tables::Gateway;
@@ -107,6 +107,7 @@ impl CrossNodeNull {
                     gateway.mac,
                     None,
                     true,
+                    UplinkMode::Sockets,
                 )
             })?;
             let peer = underlay[1 - i];
@@ -170,7 +171,7 @@ fn forward(node: &NullNode, queue: usize, stop: &AtomicBool) {
         // Pod to the other node.
         let sent = node.tap.recv_batch(queue, &mut bufs).unwrap_or(0);
         for buf in &mut bufs[..sent] {
-            let _ = uplink.send_to(buf.frame_mut(), node.peer, &mut scratch);
+            let _ = uplink.send_to(queue, buf.frame_mut(), node.peer, &mut scratch);
         }
         // The other node to the pod: the frame is for the pod, from the gateway.
         let received = node.uplink.recv_batch(queue, &mut bufs).unwrap_or(0);

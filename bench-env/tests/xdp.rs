@@ -3,7 +3,7 @@
 
 use bench_env::netns::Netns;
 use switchyard_dataplane::io::netns::{link_index, run_in};
-use switchyard_dataplane::io::xdp::XdpRedirect;
+use switchyard_dataplane::io::xdp::{Filter, XdpRedirect};
 
 /// A namespace `sy-<what>-<pid>` with a veth pair `sy<what>0` / `sy<what>1` of one queue
 /// each, both up; removed with the namespace.
@@ -49,7 +49,7 @@ fn the_redirect_program_attaches_to_a_veth_and_goes_with_its_owner() {
     assert!(!shown().contains("prog/xdp"), "nothing before: {}", shown());
     let redirect = run_in(&ns.path(), || {
         let index = link_index("syxdp0").expect("the veth");
-        XdpRedirect::attach(index, 2)
+        XdpRedirect::attach(index, 2, Filter::All)
     })
     .unwrap_or_else(|e| panic!("the kernel refused the program or the link: {e}"));
     let attached = shown();
@@ -78,7 +78,7 @@ fn an_af_xdp_socket_receives_and_sends_frames_on_a_veth() {
     let path = ns.path();
     let (_redirect, mut socket) = run_in(&path, || {
         let index = link_index("syxsk0").expect("the veth");
-        let redirect = XdpRedirect::attach(index, 1)?;
+        let redirect = XdpRedirect::attach(index, 1, Filter::All)?;
         let socket = XskSocket::bind(index, 0, switchyard_dataplane::io::xsk::FRAME_SIZE)?;
         redirect.insert_socket(0, socket.raw_fd())?;
         Ok((redirect, socket))

@@ -41,6 +41,13 @@ struct Args {
     /// small packets per second; MTU up to 3506).
     #[arg(long, default_value = "tap")]
     pod_ports: switchyard_api::PodPorts,
+    /// How the uplink carries VXLAN between nodes: `sockets` (the node's UDP sockets; the
+    /// kernel segments and merges: the most bulk TCP) or `afxdp` (AF_XDP sockets on the
+    /// underlay device behind an XDP program that takes only VXLAN to this node; whole
+    /// frames built by the dataplane, next hops from the kernel's neighbour table; the
+    /// path to zero copy on NICs that have it).
+    #[arg(long, default_value = "sockets")]
+    uplink_mode: switchyard_dataplane::io::uplink::UplinkMode,
     /// Name of the node-side interface through which the node's own stack reaches pods
     /// (created when the control process pushes the node settings).
     #[arg(long, default_value = "sy0")]
@@ -126,6 +133,7 @@ fn main() {
     config.host_ifname = args.host_ifname;
     config.worker_nice = args.worker_nice;
     config.pod_ports = args.pod_ports;
+    config.uplink_mode = args.uplink_mode;
     config.state_file = Some(files.ports.clone());
     config.node_file = Some(files.node.clone());
     config.sysctl_file = Some(files.sysctls.clone());

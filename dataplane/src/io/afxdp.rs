@@ -20,7 +20,7 @@
 use super::interface::{configure, PodInterface};
 use super::netlink::Netlink;
 use super::netns;
-use super::xdp::XdpRedirect;
+use super::xdp::{Filter, XdpRedirect};
 use super::xsk::{frame_size_for, XskSocket};
 use crate::buffer::PacketBuf;
 use crate::offload::segment::{self, Segments};
@@ -170,7 +170,7 @@ impl AfXdpPort {
         let _ = super::links::set_sysctl(&format!("net.ipv4.conf.{host}.forwarding"), "0");
         let _ = super::links::set_sysctl(&format!("net.ipv6.conf.{host}.disable_ipv6"), "1");
         Netlink::open()?.set_link(host_index, None, None)?;
-        let redirect = XdpRedirect::attach(host_index, queues as u32)?;
+        let redirect = XdpRedirect::attach(host_index, queues as u32, Filter::All)?;
         let mut sockets = Vec::with_capacity(queues);
         let mut fds = Vec::with_capacity(queues);
         for queue in 0..queues as u32 {

@@ -42,6 +42,18 @@ pub mod op {
     pub const LDX_W: u8 = 0x61;
     /// BPF_LDX | BPF_MEM | BPF_DW
     pub const LDX_DW: u8 = 0x79;
+    /// BPF_LDX | BPF_MEM | BPF_H
+    pub const LDX_H: u8 = 0x69;
+    /// BPF_LDX | BPF_MEM | BPF_B
+    pub const LDX_B: u8 = 0x71;
+    /// BPF_ALU64 | BPF_AND | BPF_K
+    pub const AND64_K: u8 = 0x57;
+    /// BPF_JMP | BPF_JGT | BPF_X
+    pub const JGT_X: u8 = 0x2d;
+    /// BPF_JMP | BPF_JNE | BPF_K
+    pub const JNE_K: u8 = 0x55;
+    /// BPF_JMP32 | BPF_JNE | BPF_K (compares the low 32 bits)
+    pub const JNE32_K: u8 = 0x56;
     /// BPF_ST | BPF_MEM | BPF_W
     pub const ST_W: u8 = 0x62;
     /// BPF_STX | BPF_MEM | BPF_DW

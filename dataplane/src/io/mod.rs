@@ -27,6 +27,7 @@ pub mod shared;
 pub mod steering;
 pub mod tap;
 pub mod uplink;
+pub mod uplink_xdp;
 pub mod xdp;
 pub mod xsk;
 
@@ -80,6 +81,26 @@ impl PortIo {
             PortIo::Memory(_) => None,
             PortIo::Uplink(up) => up.raw_fd(queue),
             PortIo::AfXdp(port) => Some(port.raw_fd(queue)),
+        }
+    }
+
+    /// Every descriptor worker `queue` polls for this port: [`PortIo::raw_fd`], and an
+    /// uplink's AF_XDP socket beside its UDP socket.
+    pub fn fds(&self, queue: usize) -> impl Iterator<Item = RawFd> {
+        let extra = match self {
+            PortIo::Uplink(up) => up.xdp_fd(queue),
+            _ => None,
+        };
+        self.raw_fd(queue).into_iter().chain(extra)
+    }
+
+    /// Sends what worker `queue` posted on a port that queues its sends (AF_XDP); nothing
+    /// to do for the others.
+    pub fn flush(&self, queue: usize) -> io::Result<()> {
+        match self {
+            PortIo::AfXdp(port) => port.flush(queue),
+            PortIo::Uplink(up) => up.flush(queue),
+            PortIo::Tap(_) | PortIo::Memory(_) => Ok(()),
         }
     }
 

@@ -56,6 +56,14 @@ const RT_TABLE_MAIN: u8 = libc::RT_TABLE_MAIN;
 const RTPROT_STATIC: u8 = libc::RTPROT_STATIC;
 const RTM_GETROUTE: u16 = libc::RTM_GETROUTE;
 const RTA_TABLE: u16 = libc::RTA_TABLE;
+const RTM_GETLINK: u16 = libc::RTM_GETLINK;
+const RTM_GETNEIGH: u16 = libc::RTM_GETNEIGH;
+const RTM_NEWNEIGH: u16 = libc::RTM_NEWNEIGH;
+const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
+/// Neighbour states whose address may be used: reachable, stale, delay, probe, no ARP,
+/// permanent.
+const NUD_USABLE: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
 /// The routing protocol number that marks the node routes Switchyard installs
 /// (`ip route show proto 83`), so that an uninstall finds every one of them.
 pub const RTPROT_SWITCHYARD: u8 = 83;
@@ -263,6 +271,54 @@ impl Netlink {
         self.exchange(msg, |kind, payload| {
             if kind == RTM_NEWRULE {
                 out.extend(parse_rule(payload));
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// The route the kernel would take to `dst` now (`ip route get`): its output
+    /// interface and gateway; `None` for a local or unreachable destination.
+    pub fn route_to(&mut self, dst: Ipv4Addr) -> io::Result<Option<KernelRoute>> {
+        let mut msg = Message::new(RTM_GETROUTE, 0, self.seq);
+        msg.bytes(&[libc::AF_INET as u8, 32, 0, 0, 0, 0, 0, 0])
+            .bytes(&0u32.to_ne_bytes())
+            .attr(RTA_DST, &dst.octets());
+        let mut out = None;
+        self.exchange(msg, |kind, payload| {
+            if kind == RTM_NEWROUTE {
+                out = parse_route(payload);
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// The usable entries (reachable, stale, being probed or permanent) of the kernel's
+    /// IPv4 neighbour table on interface `index`: address and link-layer address.
+    pub fn neighbours(&mut self, index: u32) -> io::Result<Vec<(Ipv4Addr, MacAddr)>> {
+        let mut msg = Message::new(RTM_GETNEIGH, NLM_F_DUMP, self.seq);
+        // struct ndmsg: family, padding, ifindex, state, flags, type.
+        msg.bytes(&[libc::AF_INET as u8, 0, 0, 0])
+            .bytes(&(index as i32).to_ne_bytes())
+            .bytes(&[0, 0, 0, 0]);
+        let mut out = Vec::new();
+        self.exchange(msg, |kind, payload| {
+            if kind == RTM_NEWNEIGH {
+                out.extend(parse_neighbour(payload, index));
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Interface `index`'s link-layer address.
+    pub fn link_mac(&mut self, index: u32) -> io::Result<Option<MacAddr>> {
+        let mut msg = Message::new(RTM_GETLINK, 0, self.seq);
+        msg.link_header(index);
+        let mut out = None;
+        self.exchange(msg, |kind, payload| {
+            if kind == RTM_NEWLINK {
+                out = attributes(payload.get(16..).unwrap_or_default())
+                    .find(|(kind, _)| *kind == IFLA_ADDRESS)
+                    .and_then(|(_, data)| Some(MacAddr(data.get(..6)?.try_into().ok()?)));
             }
         })?;
         Ok(out)
@@ -537,6 +593,39 @@ fn parse_route(payload: &[u8]) -> Option<KernelRoute> {
     })
 }
 
+/// The attributes (kind, data) in `data`, a sequence of `struct rtattr`.
+fn attributes(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        let len = usize::from(u16::from_ne_bytes([*data.first()?, *data.get(1)?]));
+        let kind = u16::from_ne_bytes([*data.get(2)?, *data.get(3)?]);
+        let value = data.get(4..len)?;
+        data = data
+            .get(len.next_multiple_of(4).max(4)..)
+            .unwrap_or_default();
+        Some((kind, value))
+    })
+}
+
+/// The address and link-layer address of a usable IPv4 neighbour entry on interface
+/// `index` in a `RTM_NEWNEIGH` payload (`struct ndmsg` and its attributes).
+fn parse_neighbour(payload: &[u8], index: u32) -> Option<(Ipv4Addr, MacAddr)> {
+    let header = payload.get(..12)?;
+    let ifindex = u32::from_ne_bytes(header[4..8].try_into().ok()?);
+    let state = u16::from_ne_bytes([header[8], header[9]]);
+    if header[0] != libc::AF_INET as u8 || ifindex != index || state & NUD_USABLE == 0 {
+        return None;
+    }
+    let (mut dst, mut mac) = (None, None);
+    for (kind, data) in attributes(&payload[12..]) {
+        match kind {
+            NDA_DST => dst = <[u8; 4]>::try_from(data).ok().map(Ipv4Addr::from),
+            NDA_LLADDR => mac = <[u8; 6]>::try_from(data).ok().map(MacAddr),
+            _ => {}
+        }
+    }
+    Some((dst?, mac?))
+}
+
 /// The rule in a `RTM_NEWRULE` payload (`struct fib_rule_hdr` and its attributes), if it
 /// is an IPv4 rule that looks up a table.
 fn parse_rule(payload: &[u8]) -> Option<KernelRule> {
@@ -590,6 +679,30 @@ fn parse_rule(payload: &[u8]) -> Option<KernelRule> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usable_neighbour_entries_of_the_interface_are_read_others_skipped() {
+        let entry = |index: i32, state: u16| {
+            let mut m = Message::new(RTM_NEWNEIGH, 0, 1);
+            m.bytes(&[libc::AF_INET as u8, 0, 0, 0])
+                .bytes(&index.to_ne_bytes())
+                .bytes(&state.to_ne_bytes())
+                .bytes(&[0, 1])
+                .attr(NDA_DST, &[192, 168, 77, 2])
+                .attr(NDA_LLADDR, &[2, 0, 0, 0, 0, 9]);
+            m.0[16..].to_vec()
+        };
+        let want = (Ipv4Addr::new(192, 168, 77, 2), MacAddr([2, 0, 0, 0, 0, 9]));
+        assert_eq!(parse_neighbour(&entry(3, 0x02), 3), Some(want), "reachable");
+        assert_eq!(parse_neighbour(&entry(3, 0x04), 3), Some(want), "stale");
+        assert_eq!(parse_neighbour(&entry(3, 0x20), 3), None, "failed");
+        assert_eq!(parse_neighbour(&entry(3, 0x01), 3), None, "incomplete");
+        assert_eq!(
+            parse_neighbour(&entry(4, 0x02), 3),
+            None,
+            "another interface"
+        );
+    }
 
     #[test]
     fn a_route_reads_back_as_it_was_written() {

@@ -13,6 +13,12 @@
 //! * **IP-in-IP**: a raw socket per inner family (protocol 4 for IPv4, 41 for IPv6), read
 //!   by worker 0 (a raw socket gets every packet of its protocol).
 //!
+//! With `--uplink-mode afxdp` ([`UplinkMode::AfXdp`], VXLAN only), VXLAN also moves through
+//! AF_XDP sockets on the underlay device ([`super::uplink_xdp`]): received frames are
+//! checked and decapsulated here, frames to a peer whose next hop the kernel has resolved
+//! leave as whole frames with outer headers built here; the sockets stay open beside them
+//! for what the program lets through and for peers not resolved yet.
+//!
 //! A datagram from an address that is not a peer, with another VNI, malformed, or with no
 //! buffer left is dropped here and counted by reason ([`Uplink::drops`], reported in the
 //! stats as `uplink_not_a_peer`, `uplink_not_ours`, `uplink_malformed`, `uplink_no_buffer`).
@@ -20,10 +26,12 @@
 // recvmmsg/sendmmsg (the fast path: libc, with no allocation per call; docs/crates.md).
 #![allow(unsafe_code)]
 
+use super::uplink_xdp::XdpPath;
 use crate::buffer::{PacketBuf, BATCH};
+use crate::offload::outer::{self, NotVxlan, OuterAddrs};
 pub use crate::offload::tunnel::Encap;
 use crate::offload::tunnel::{self, Decapsulator, Outgoing, Received, Reject};
-use crate::wire::{vxlan, L3_OFFSET};
+use crate::wire::{vnet, vxlan, L3_OFFSET};
 use arc_swap::ArcSwap;
 use nix::sys::socket::{setsockopt, sockopt, AddressFamily, SockFlag, SockProtocol, SockType};
 use std::io;
@@ -39,16 +47,43 @@ const MAX_UDP_PAYLOAD: usize = 65_507;
 /// Sockets in the VXLAN send pool (distinct outer source ports).
 const TX_POOL: usize = 16;
 
+/// How an uplink moves its datagrams.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UplinkMode {
+    /// The node's UDP (or raw IP) sockets: the kernel builds the outer headers, segments
+    /// and merges (`UDP_SEGMENT`, `UDP_GRO`).
+    #[default]
+    Sockets,
+    /// AF_XDP sockets on the underlay device for VXLAN, whole frames built by the
+    /// dataplane, next hops from the kernel's tables; the sockets beside them.
+    AfXdp,
+}
+
+impl std::str::FromStr for UplinkMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sockets" => Ok(Self::Sockets),
+            "afxdp" => Ok(Self::AfXdp),
+            other => Err(format!("unknown uplink mode {other:?} (sockets or afxdp)")),
+        }
+    }
+}
+
 /// An uplink port's sockets.
 pub struct Uplink {
     decap: Decapsulator,
     vxlan_header: [u8; vxlan::HEADER_LEN],
+    /// The node's underlay address.
+    local: Ipv4Addr,
     /// Receive sockets, one per worker queue (IP-in-IP: one, read by worker 0).
     rx: Vec<OwnedFd>,
     /// Send sockets; the inner flow hash picks one.
     tx: Vec<OwnedFd>,
     /// Underlay addresses accepted as senders.
-    peers: ArcSwap<Vec<Ipv4Addr>>,
+    peers: Arc<ArcSwap<Vec<Ipv4Addr>>>,
+    /// The AF_XDP path ([`UplinkMode::AfXdp`]).
+    xdp: Option<XdpPath>,
     /// Whether the kernel accepted `UDP_SEGMENT` so far.
     gso: AtomicBool,
     /// Datagrams dropped on receive, by [`Reject`] index.
@@ -62,7 +97,9 @@ impl Uplink {
     /// [`super::handover`]) are taken over when they are bound where these would be: the
     /// datagrams that arrived meanwhile wait in them. With `per_cpu` (workers pinned, worker
     /// `i` on CPU `i`), a datagram goes to the socket of the worker on the CPU that
-    /// received it (`SO_INCOMING_CPU`), so no other CPU has to be woken.
+    /// received it (`SO_INCOMING_CPU`), so no other CPU has to be woken. `mode` says
+    /// whether AF_XDP sockets on the underlay device carry VXLAN too.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         encap: Encap,
         local: Ipv4Addr,
@@ -71,6 +108,7 @@ impl Uplink {
         gateway: MacAddr,
         kept: Option<Vec<OwnedFd>>,
         per_cpu: bool,
+        mode: UplinkMode,
     ) -> io::Result<Self> {
         let (rx, tx) = match encap {
             Encap::Vxlan { port, .. } => {
@@ -97,6 +135,17 @@ impl Uplink {
                 (vec![raw], tx)
             }
         };
+        let peers = Arc::new(ArcSwap::from_pointee(Vec::new()));
+        let xdp =
+            match (mode, encap) {
+                (UplinkMode::Sockets, _) => None,
+                (UplinkMode::AfXdp, Encap::Vxlan { port, .. }) => {
+                    Some(XdpPath::open(local, port, queues, peers.clone())?)
+                }
+                (UplinkMode::AfXdp, Encap::Ipip { .. }) => return Err(invalid(
+                    "the AF_XDP uplink carries VXLAN only: use --uplink-mode sockets with IP-in-IP",
+                )),
+            };
         Ok(Self {
             decap: Decapsulator {
                 encap,
@@ -104,9 +153,11 @@ impl Uplink {
                 gateway,
             },
             vxlan_header: encap.vxlan_header().unwrap_or_default(),
+            local,
             rx,
             tx,
-            peers: ArcSwap::from_pointee(Vec::new()),
+            peers,
+            xdp,
             gso: AtomicBool::new(true),
             drops: Default::default(),
         })
@@ -120,6 +171,14 @@ impl Uplink {
     /// Replaces the set of underlay addresses accepted as senders.
     pub fn set_peers(&self, peers: Vec<Ipv4Addr>) {
         self.peers.store(Arc::new(peers));
+        if let Some(xdp) = &self.xdp {
+            xdp.refresh();
+        }
+    }
+
+    /// The AF_XDP path, when the uplink has one.
+    pub fn xdp(&self) -> Option<&XdpPath> {
+        self.xdp.as_ref()
     }
 
     /// The receive sockets (to keep across a restart).
@@ -135,6 +194,11 @@ impl Uplink {
     /// The receive socket of worker `queue`, if that worker reads this uplink.
     pub fn raw_fd(&self, queue: usize) -> Option<RawFd> {
         self.rx.get(queue).map(AsRawFd::as_raw_fd)
+    }
+
+    /// Worker `queue`'s AF_XDP socket, which it polls beside [`Uplink::raw_fd`].
+    pub fn xdp_fd(&self, queue: usize) -> Option<RawFd> {
+        self.xdp.as_ref()?.raw_fd(queue)
     }
 
     /// Datagrams dropped on receive so far, by reason.
@@ -158,15 +222,67 @@ impl Uplink {
     }
 
     /// Reads and decapsulates datagrams into `bufs`; returns how many frames are ready.
+    /// With the AF_XDP path, its socket first, then the UDP socket with the buffers left.
     pub(super) fn recv_batch(&self, queue: usize, bufs: &mut [PacketBuf]) -> io::Result<usize> {
-        let Some(fd) = self.raw_fd(queue) else {
-            return Ok(0);
-        };
         let want = bufs.len().min(BATCH);
-        match self.decap.encap {
-            Encap::Vxlan { .. } => self.recv_gro(fd, &mut bufs[..want]),
-            Encap::Ipip { .. } => self.recv_packets(fd, &mut bufs[..want]),
+        let from_xdp = match &self.xdp {
+            Some(xdp) => self.recv_frames(xdp, queue, &mut bufs[..want]),
+            None => 0,
+        };
+        let Some(fd) = self.raw_fd(queue).filter(|_| from_xdp < want) else {
+            return Ok(from_xdp);
+        };
+        let rest = &mut bufs[from_xdp..want];
+        let from_socket = match self.decap.encap {
+            Encap::Vxlan { .. } => self.recv_gro(fd, rest),
+            Encap::Ipip { .. } => self.recv_packets(fd, rest),
+        };
+        match from_socket {
+            Ok(n) => Ok(from_xdp + n),
+            Err(_) if from_xdp > 0 => Ok(from_xdp),
+            Err(e) => Err(e),
         }
+    }
+
+    /// AF_XDP receive: every VXLAN frame on worker `queue`'s socket becomes a frame in
+    /// `bufs` (its datagram copied once, behind room for the virtio-net header), or is
+    /// dropped and counted.
+    fn recv_frames(&self, xdp: &XdpPath, queue: usize, bufs: &mut [PacketBuf]) -> usize {
+        let Encap::Vxlan { port, .. } = self.decap.encap else {
+            return 0;
+        };
+        let at = self.decap.encap.rx_offset();
+        let peers = self.peers.load();
+        let mut kept = 0;
+        xdp.recv(queue, bufs.len(), |frame| {
+            let got = match outer::datagram(frame, self.local, port) {
+                Ok(d) if !peers.contains(&d.src) => Err(Reject::NotAPeer),
+                Ok(d) => {
+                    let buf = &mut bufs[kept];
+                    let payload = &frame[d.payload];
+                    match buf.receive_space().get_mut(at..at + payload.len()) {
+                        Some(space) => {
+                            space.copy_from_slice(payload);
+                            self.decap.decapsulate(buf, payload.len()).map(|()| {
+                                if !d.checksummed {
+                                    // Nothing covered the inner packet: its own checksum
+                                    // is still to be checked.
+                                    buf.frame_mut()[0] &= !vnet::F_DATA_VALID;
+                                }
+                            })
+                        }
+                        None => Err(Reject::Malformed),
+                    }
+                }
+                Err(NotVxlan::NotOurs) => Err(Reject::NotOurs),
+                Err(NotVxlan::Malformed) => Err(Reject::Malformed),
+            };
+            match got {
+                Ok(()) => kept += 1,
+                Err(reason) => self.reject(reason),
+            }
+        });
+        kept
     }
 
     /// IP-in-IP receive: one `recvmmsg` fills the batch, one packet per buffer.
@@ -257,9 +373,48 @@ impl Uplink {
 
     /// Encapsulates `frame` (virtio-net header then Ethernet, as the pipeline left it) and
     /// sends it to the node at `peer`. A TCP super-frame is segmented first, into
-    /// `scratch` (see [`crate::offload::segment::SCRATCH_LEN`]).
-    pub fn send_to(&self, frame: &mut [u8], peer: Ipv4Addr, scratch: &mut [u8]) -> io::Result<()> {
+    /// `scratch` (see [`crate::offload::segment::SCRATCH_LEN`]). With the AF_XDP path and
+    /// the peer's next hop resolved, the frames are posted on worker `queue`'s AF_XDP
+    /// socket and leave at the next [`Uplink::flush`].
+    pub fn send_to(
+        &self,
+        queue: usize,
+        frame: &mut [u8],
+        peer: Ipv4Addr,
+        scratch: &mut [u8],
+    ) -> io::Result<()> {
         let hash = frame.get(L3_OFFSET..).map_or(0, tunnel::flow_hash);
+        if let Some((xdp, next_hop)) = self
+            .xdp
+            .as_ref()
+            .and_then(|xdp| Some((xdp, xdp.next_hop(peer)?)))
+        {
+            let addrs = OuterAddrs {
+                src_mac: xdp.mac(),
+                dst_mac: next_hop,
+                src: self.local,
+                dst: peer,
+                // The ephemeral range the kernel's own VXLAN picks source ports from.
+                src_port: 49_152 + (hash % 16_384) as u16,
+                dst_port: self.decap.encap.dst_port(),
+            };
+            let post = |parts: &[&[u8]]| {
+                let head = outer::headers(&addrs, parts);
+                match parts {
+                    [a] => xdp.post(queue, &[&head, a]),
+                    [a, b] => xdp.post(queue, &[&head, a, b]),
+                    _ => Err(invalid("a datagram in more than two parts")),
+                }
+            };
+            return match tunnel::encapsulate(self.decap.encap, &self.vxlan_header, frame, scratch)
+                .map_err(|e| invalid(&format!("cannot carry the frame: {e}")))?
+            {
+                Outgoing::One(parts) => post(&parts),
+                Outgoing::Segments { data, stride, .. } => {
+                    data.chunks(stride).try_for_each(|seg| post(&[seg]))
+                }
+            };
+        }
         let socket = self.tx[hash as usize % self.tx.len()].as_raw_fd();
         let dst = sockaddr(SocketAddrV4::new(peer, self.decap.encap.dst_port()));
         let outgoing = tunnel::encapsulate(self.decap.encap, &self.vxlan_header, frame, scratch)
@@ -291,6 +446,16 @@ impl Uplink {
             Outgoing::Segments {
                 data, stride, skip, ..
             } => send_many(socket, &dst, data.chunks(stride).map(|seg| &seg[skip..])),
+        }
+    }
+}
+
+impl Uplink {
+    /// Sends what worker `queue` posted on the AF_XDP path (nothing to do otherwise).
+    pub fn flush(&self, queue: usize) -> io::Result<()> {
+        match &self.xdp {
+            Some(xdp) => xdp.flush(queue),
+            None => Ok(()),
         }
     }
 }

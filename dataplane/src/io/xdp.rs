@@ -1,13 +1,31 @@
-//! XDP on a device, for AF_XDP ports: a four-instruction program that hands every frame
-//! the device receives on queue `q` to the AF_XDP socket registered for `q` in its map
-//! (`bpf_redirect_map` on an `XSKMAP`), and lets the kernel have the frame (`XDP_PASS`)
-//! when no socket is registered for that queue. Attached through a BPF link, so the
-//! program is on the device exactly as long as the [`XdpRedirect`] lives: dropping it, or
-//! the process ending in any way, detaches it.
+//! XDP on a device, for AF_XDP ports: a program that hands the frames the device receives
+//! on queue `q` to the AF_XDP socket registered for `q` in its map (`bpf_redirect_map` on
+//! an `XSKMAP`), and lets the kernel have the frame (`XDP_PASS`) when no socket is
+//! registered for that queue. On a pod's veth every frame goes ([`Filter::All`]); on the
+//! node's uplink only VXLAN datagrams to the node's address and port do
+//! ([`Filter::Vxlan`]): the node's own traffic stays the kernel's. Attached through a BPF
+//! link, so the program is on the device exactly as long as the [`XdpRedirect`] lives:
+//! dropping it, or the process ending in any way, detaches it.
 
 use super::bpf::{self, insn, op};
 use std::io;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+/// Which frames the program hands to the sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// Every frame (a pod's veth).
+    All,
+    /// Untagged IPv4 frames without options or fragmentation carrying UDP to this address
+    /// and port (the node's uplink: VXLAN to the node); everything else is the kernel's.
+    Vxlan {
+        /// The node's address.
+        local: Ipv4Addr,
+        /// The VXLAN port.
+        port: u16,
+    },
+}
 
 /// `bpf_redirect_map`.
 const HELPER_REDIRECT_MAP: i32 = 51;
@@ -33,6 +51,55 @@ fn redirect_program(map: RawFd) -> Vec<[u8; 8]> {
     ]
 }
 
+/// `offsetof(struct xdp_md, data)` and `data_end`.
+const XDP_MD_DATA: i16 = 0;
+const XDP_MD_DATA_END: i16 = 4;
+
+/// The VXLAN filter in front of [`redirect_program`]: frames that are not untagged IPv4
+/// (no options, not a fragment) UDP to `local`:`port` go to the kernel.
+///
+/// ```text
+/// if (data + 42 > data_end) return XDP_PASS;          // Ethernet, IPv4, UDP
+/// if (eth.type != IPv4 || ip.ver_ihl != 0x45 || ip.proto != UDP) return XDP_PASS;
+/// if (ip.frag_off & (MF | offset)) return XDP_PASS;
+/// if (ip.dst != local || udp.dst != port) return XDP_PASS;
+/// return bpf_redirect_map(map, ctx->rx_queue_index, XDP_PASS);
+/// ```
+fn vxlan_program(map: RawFd, local: Ipv4Addr, port: u16) -> Vec<[u8; 8]> {
+    // Packet bytes are loaded little-endian: compare against the wire bytes read so.
+    let local = i32::from_le_bytes(local.octets());
+    let port = i32::from(u16::from_le_bytes(port.to_be_bytes()));
+    let ethertype = i32::from(u16::from_le_bytes([0x08, 0x00]));
+    // Jumps to `pass` (instruction 24: r0 = XDP_PASS; exit) from instruction `at`.
+    const PASS: i16 = 24;
+    let pass = |at: i16| PASS - (at + 1);
+    let mut program = vec![
+        insn(op::LDX_W, 2, 1, XDP_MD_DATA, 0),     // 0: r2 = data
+        insn(op::LDX_W, 3, 1, XDP_MD_DATA_END, 0), // 1: r3 = data_end
+        insn(op::MOV64_X, 4, 2, 0, 0),             // 2: r4 = data
+        insn(op::ADD64_K, 4, 0, 0, 42),            // 3: r4 += 42
+        insn(op::JGT_X, 4, 3, pass(4), 0),         // 4: too short
+        insn(op::LDX_H, 5, 2, 12, 0),              // 5: EtherType
+        insn(op::JNE_K, 5, 0, pass(6), ethertype), // 6
+        insn(op::LDX_B, 5, 2, 14, 0),              // 7: version, header length
+        insn(op::JNE_K, 5, 0, pass(8), 0x45),      // 8
+        insn(op::LDX_B, 5, 2, 23, 0),              // 9: protocol
+        insn(op::JNE_K, 5, 0, pass(10), 17),       // 10
+        insn(op::LDX_H, 5, 2, 20, 0),              // 11: flags, fragment offset
+        insn(op::AND64_K, 5, 0, 0, 0xff3f),        // 12: MF and the offset
+        insn(op::JNE_K, 5, 0, pass(13), 0),        // 13
+        insn(op::LDX_W, 5, 2, 30, 0),              // 14: destination address
+        insn(op::JNE32_K, 5, 0, pass(15), local),  // 15
+        insn(op::LDX_H, 5, 2, 36, 0),              // 16: UDP destination port
+        insn(op::JNE_K, 5, 0, pass(17), port),     // 17
+    ];
+    program.extend(redirect_program(map)); // 18-23: the redirect
+    program.push(insn(op::MOV64_K, 0, 0, 0, XDP_PASS)); // 24: pass
+    program.push(insn(op::EXIT, 0, 0, 0, 0));
+    debug_assert_eq!(program.len(), PASS as usize + 2);
+    program
+}
+
 /// The redirect program attached to one device, with its socket map.
 pub struct XdpRedirect {
     map: OwnedFd,
@@ -41,17 +108,18 @@ pub struct XdpRedirect {
 }
 
 impl XdpRedirect {
-    /// Loads the program with room for `queues` sockets and attaches it to the device
-    /// `ifindex` of the caller's namespace (native XDP where the driver has it, as veth
-    /// does; the kernel's generic XDP otherwise).
-    pub fn attach(ifindex: u32, queues: u32) -> io::Result<Self> {
+    /// Loads the program for the frames `filter` names, with room for `queues` sockets,
+    /// and attaches it to the device `ifindex` of the caller's namespace (native XDP where
+    /// the driver has it, as veth does; the kernel's generic XDP otherwise).
+    pub fn attach(ifindex: u32, queues: u32, filter: Filter) -> io::Result<Self> {
         let map = bpf::create_map(bpf::MAP_TYPE_XSKMAP, 4, 4, queues.max(1), b"sy_xsks")?;
-        let program = bpf::load_program(
-            bpf::PROG_TYPE_XDP,
-            bpf::ATTACH_XDP,
-            &redirect_program(map.as_raw_fd()),
-            b"sy_xsk_redirect",
-        )?;
+        let (instructions, name): (_, &[u8]) = match filter {
+            Filter::All => (redirect_program(map.as_raw_fd()), b"sy_xsk_redirect"),
+            Filter::Vxlan { local, port } => {
+                (vxlan_program(map.as_raw_fd(), local, port), b"sy_xsk_vxlan")
+            }
+        };
+        let program = bpf::load_program(bpf::PROG_TYPE_XDP, bpf::ATTACH_XDP, &instructions, name)?;
         let link = bpf::link_device(program.as_raw_fd(), ifindex, bpf::ATTACH_XDP, 0)?;
         Ok(Self {
             map,
@@ -88,5 +156,34 @@ mod tests {
         assert_eq!(program[3], [0xb7, 0x03, 0, 0, 2, 0, 0, 0], "r3 = XDP_PASS");
         assert_eq!(program[4][4], 51, "bpf_redirect_map");
         assert_eq!(program[5][0], 0x95, "exit");
+    }
+
+    #[test]
+    fn the_vxlan_filter_compares_wire_bytes_and_jumps_to_pass() {
+        let program = vxlan_program(9, Ipv4Addr::new(192, 168, 77, 1), 4789);
+        assert_eq!(program.len(), 26);
+        // Every conditional jump lands on `r0 = XDP_PASS`.
+        for (at, i) in program.iter().enumerate() {
+            if [op::JGT_X, op::JNE_K, op::JNE32_K].contains(&i[0]) {
+                let off = i16::from_le_bytes([i[2], i[3]]);
+                let target = at as i16 + 1 + off;
+                assert_eq!(
+                    program[target as usize],
+                    [0xb7, 0, 0, 0, 2, 0, 0, 0],
+                    "from {at}"
+                );
+            }
+        }
+        // 192.168.77.1 as its wire bytes loaded little-endian; port 4789 = 0x12b5 on the wire.
+        assert_eq!(program[15][4..], [192, 168, 77, 1]);
+        assert_eq!(
+            i32::from_le_bytes(program[17][4..].try_into().unwrap()),
+            0xb512
+        );
+        assert_eq!(
+            i32::from_le_bytes(program[6][4..].try_into().unwrap()),
+            0x0008
+        );
+        assert_eq!(program[18..24], redirect_program(9)[..]);
     }
 }

@@ -304,16 +304,25 @@ impl XskSocket {
     /// Copies the next received frame into `out`; returns its length (cut to `out`'s), or
     /// `None` when nothing has arrived. Its UMEM frame goes back to the fill ring.
     pub fn recv(&mut self, out: &mut [u8]) -> Option<usize> {
+        self.recv_with(|frame| {
+            let len = frame.len().min(out.len());
+            out[..len].copy_from_slice(&frame[..len]);
+            len
+        })
+    }
+
+    /// Hands the next received frame, in place in the UMEM, to `take`, and returns what it
+    /// returns, or `None` when nothing has arrived. The UMEM frame then goes back to the
+    /// fill ring.
+    pub fn recv_with<R>(&mut self, take: impl FnOnce(&[u8]) -> R) -> Option<R> {
         let desc = self.rx.pop()?;
-        let frame = self.frame(desc.addr, desc.len as usize);
-        let len = frame.len().min(out.len());
-        out[..len].copy_from_slice(&frame[..len]);
+        let out = take(self.frame(desc.addr, desc.len as usize));
         self.fill
             .push(desc.addr - desc.addr % self.frame_size as u64);
         if self.fill.needs_wakeup() {
             self.kick_rx();
         }
-        Some(len)
+        Some(out)
     }
 
     /// Sends `frame` (at most a UMEM frame) now: [`XskSocket::post`], then
@@ -326,7 +335,14 @@ impl XskSocket {
     /// Posts `frame` (at most a UMEM frame) on the TX ring; it leaves at the next
     /// [`XskSocket::flush`]. `WouldBlock` when every sending frame is in flight.
     pub fn post(&mut self, frame: &[u8]) -> io::Result<()> {
-        if frame.len() > self.frame_size {
+        self.post_parts(&[frame])
+    }
+
+    /// Posts the concatenation of `parts` as one frame, as [`XskSocket::post`] does: each
+    /// part is copied once, into the UMEM frame.
+    pub fn post_parts(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > self.frame_size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "frame larger than a UMEM frame",
@@ -342,10 +358,15 @@ impl XskSocket {
             self.reclaim();
         }
         let addr = self.free.pop().ok_or(io::ErrorKind::WouldBlock)?;
-        self.frame(addr, frame.len()).copy_from_slice(frame);
+        let mut frame = self.frame(addr, len);
+        for part in parts {
+            let (head, rest) = frame.split_at_mut(part.len());
+            head.copy_from_slice(part);
+            frame = rest;
+        }
         self.tx.push(libc::xdp_desc {
             addr,
-            len: frame.len() as u32,
+            len: len as u32,
             options: 0,
         });
         self.posted = true;

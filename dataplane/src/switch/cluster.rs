@@ -440,8 +440,9 @@ impl Switch {
                 self.config.gateway.mac,
                 self.kept(&crate::io::handover::uplink_key(name, spec.underlay)),
                 self.config.steering.pins_workers() && self.workers.len() > 1,
+                self.config.uplink_mode,
             )
-            .map_err(|e| system("cannot open the uplink sockets", e))?;
+            .map_err(|e| system("cannot open the uplink", e))?;
             let id = state.next_port_id;
             let port = Arc::new(node_port(
                 id,

@@ -111,6 +111,8 @@ pub struct SwitchConfig {
     pub conntrack_file: Option<std::path::PathBuf>,
     /// What carries a pod's frames when its port request does not say.
     pub pod_ports: PodPorts,
+    /// How the uplink moves VXLAN datagrams.
+    pub uplink_mode: crate::io::uplink::UplinkMode,
 }
 
 impl Default for SwitchConfig {
@@ -129,6 +131,7 @@ impl Default for SwitchConfig {
             sysctl_file: None,
             worker_nice: 0,
             pod_ports: PodPorts::Tap,
+            uplink_mode: crate::io::uplink::UplinkMode::Sockets,
         }
     }
 }

@@ -66,7 +66,12 @@ pub fn forward_batch(
         let frame = buf.frame_mut();
         let len = frame.len();
         let sent = match (&egress.device, peer) {
-            (PortIo::Uplink(uplink), Some(peer)) => uplink.send_to(frame, peer, scratch),
+            (PortIo::Uplink(uplink), Some(peer)) => {
+                if uplink.xdp().is_some() {
+                    posted.note(egress, queue);
+                }
+                uplink.send_to(queue, frame, peer, scratch)
+            }
             (PortIo::AfXdp(xsk), _) => {
                 posted.note(egress, queue);
                 xsk.post(queue, frame, scratch)
@@ -108,10 +113,8 @@ impl<'a> Posted<'a> {
 
 fn flush(port: Option<&Port<PortIo>>, queue: usize) {
     if let Some(port) = port {
-        if let PortIo::AfXdp(xsk) = &port.device {
-            if xsk.flush(queue).is_err() {
-                PortCounters::add(&port.counters.tx_errors, 1);
-            }
+        if port.device.flush(queue).is_err() {
+            PortCounters::add(&port.counters.tx_errors, 1);
         }
     }
 }
@@ -282,19 +285,19 @@ impl Worker {
     /// Starts polling this worker's queue of a port (ports without a file descriptor are
     /// skipped).
     pub fn watch(&self, port: &Port<PortIo>) -> io::Result<()> {
-        match port.device.raw_fd(self.index) {
-            Some(fd) => self.registry.register(
+        for fd in port.device.fds(self.index) {
+            self.registry.register(
                 &mut SourceFd(&fd),
                 Token(port.id as usize),
                 Interest::READABLE,
-            ),
-            None => Ok(()),
+            )?;
         }
+        Ok(())
     }
 
     /// Stops polling this worker's queue of a port.
     pub fn unwatch(&self, port: &Port<PortIo>) {
-        if let Some(fd) = port.device.raw_fd(self.index) {
+        for fd in port.device.fds(self.index) {
             let _ = self.registry.deregister(&mut SourceFd(&fd));
         }
     }

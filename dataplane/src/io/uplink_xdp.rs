@@ -1,0 +1,228 @@
+//! The uplink's AF_XDP path (`--uplink-mode afxdp`): AF_XDP sockets on the device that
+//! holds the node's underlay address, behind an XDP program that hands them only the VXLAN
+//! datagrams addressed to the node's address and port ([`Filter::Vxlan`]); everything else
+//! the device receives stays the kernel's. Frames to other nodes leave through the same
+//! sockets with outer headers built by the dataplane ([`crate::offload::outer`]).
+//!
+//! The next hop's MAC comes from the kernel's own tables: a thread asks the kernel's route
+//! to every peer and reads the neighbour table over netlink every [`REFRESH`]; the
+//! dataplane never sends or answers ARP itself. A peer whose next hop the kernel has not
+//! resolved yet, or that it reaches through another device, is sent to through the
+//! uplink's sockets ([`super::uplink`]), which makes the kernel resolve it. The program
+//! goes with this value (a BPF link), so a stopped or crashed dataplane leaves nothing on
+//! the device.
+
+use super::netlink::Netlink;
+use super::xdp::{Filter, XdpRedirect};
+use super::xsk::{frame_size_for, XskSocket};
+use super::{links, netns};
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use switchyard_api::MacAddr;
+
+/// How often the next hops are read again from the kernel's tables.
+pub const REFRESH: Duration = Duration::from_millis(500);
+
+/// The AF_XDP sockets of an uplink, their program and the next hops.
+pub struct XdpPath {
+    /// One socket per device queue that has one; worker `i` takes socket `i` (modulo).
+    sockets: Vec<Mutex<XskSocket>>,
+    fds: Vec<RawFd>,
+    /// The device's name and MAC.
+    ifname: String,
+    mac: MacAddr,
+    /// Next hops' MACs by peer, as the kernel resolved them.
+    next_hops: Arc<ArcSwap<HashMap<Ipv4Addr, MacAddr>>>,
+    stop: Arc<AtomicBool>,
+    refresher: Option<JoinHandle<()>>,
+    // Dropped after the sockets: the program then finds no socket and goes with its link.
+    _redirect: XdpRedirect,
+}
+
+impl XdpPath {
+    /// Attaches to the device holding `local` (in the caller's namespace) for VXLAN on
+    /// `port`, with up to `queues` sockets (fewer when the device has fewer queues), and
+    /// starts reading next hops for the addresses `peers` holds.
+    pub fn open(
+        local: Ipv4Addr,
+        port: u16,
+        queues: usize,
+        peers: Arc<ArcSwap<Vec<Ipv4Addr>>>,
+    ) -> io::Result<Self> {
+        let owner = links::owner_of(IpAddr::V4(local))?.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no interface holds {local}: nothing to attach the AF_XDP uplink to"),
+            )
+        })?;
+        let ifname = owner.ifname;
+        let index = netns::link_index(&ifname)
+            .ok_or_else(|| io::Error::other(format!("{ifname} vanished")))?;
+        let mut netlink = Netlink::open()?;
+        let mac = netlink
+            .link_mac(index)?
+            .ok_or_else(|| io::Error::other(format!("{ifname} has no MAC address")))?;
+        let frame_size = frame_size_for(links::mtu(&ifname)?);
+        let queues = queues.max(1);
+        let redirect = XdpRedirect::attach(index, queues as u32, Filter::Vxlan { local, port })
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot attach the uplink's XDP program to {ifname}: {e}"),
+                )
+            })?;
+        let mut sockets = Vec::new();
+        for queue in 0..queues as u32 {
+            match XskSocket::bind(index, queue, frame_size) {
+                Ok(socket) => {
+                    redirect.insert_socket(queue, socket.raw_fd())?;
+                    sockets.push(socket);
+                }
+                // The device has fewer queues than workers.
+                Err(e) if queue > 0 && e.raw_os_error() == Some(libc::EINVAL) => break,
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("cannot bind an AF_XDP socket to {ifname} queue {queue}: {e}"),
+                    ))
+                }
+            }
+        }
+        let fds = sockets.iter().map(XskSocket::raw_fd).collect();
+        let next_hops = Arc::new(ArcSwap::from_pointee(HashMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let refresher = std::thread::Builder::new()
+            .name("sy-uplink-nh".into())
+            .spawn({
+                let (next_hops, stop) = (next_hops.clone(), stop.clone());
+                move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match resolve(&mut netlink, index, &peers.load()) {
+                            Ok(found) => next_hops.store(Arc::new(found)),
+                            Err(e) => tracing::warn!("uplink: cannot read next hops: {e}"),
+                        }
+                        std::thread::park_timeout(REFRESH);
+                    }
+                }
+            })?;
+        Ok(Self {
+            sockets: sockets.into_iter().map(Mutex::new).collect(),
+            fds,
+            ifname,
+            mac,
+            next_hops,
+            stop,
+            refresher: Some(refresher),
+            _redirect: redirect,
+        })
+    }
+
+    /// The device the sockets are on.
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    /// The device's MAC (the source of every frame sent).
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// The socket worker `queue` polls, if there is one for it.
+    pub fn raw_fd(&self, queue: usize) -> Option<RawFd> {
+        self.fds.get(queue).copied()
+    }
+
+    /// Reads the next hops again now (after the peers changed).
+    pub fn refresh(&self) {
+        if let Some(thread) = &self.refresher {
+            thread.thread().unpark();
+        }
+    }
+
+    /// The MAC of the next hop toward `peer`, once the kernel has resolved it.
+    pub fn next_hop(&self, peer: Ipv4Addr) -> Option<MacAddr> {
+        self.next_hops.load().get(&peer).copied()
+    }
+
+    fn socket(&self, queue: usize) -> Option<MutexGuard<'_, XskSocket>> {
+        // Only worker `queue` (modulo) locks it: uncontended unless the device has fewer
+        // queues than there are workers.
+        let socket = self.sockets.get(queue % self.sockets.len().max(1))?;
+        Some(socket.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Hands up to `max` frames received on worker `queue`'s socket to `each`; returns
+    /// how many.
+    pub fn recv(&self, queue: usize, max: usize, mut each: impl FnMut(&[u8])) -> usize {
+        let Some(mut socket) = self.fds.get(queue).and_then(|_| self.socket(queue)) else {
+            return 0;
+        };
+        let mut n = 0;
+        while n < max && socket.recv_with(&mut each).is_some() {
+            n += 1;
+        }
+        n
+    }
+
+    /// Posts the concatenation of `parts` as one frame on worker `queue`'s socket; it
+    /// leaves at the next [`XdpPath::flush`].
+    pub fn post(&self, queue: usize, parts: &[&[u8]]) -> io::Result<()> {
+        match self.socket(queue) {
+            Some(mut socket) => socket.post_parts(parts),
+            None => Err(io::Error::other("no AF_XDP socket on the uplink")),
+        }
+    }
+
+    /// Sends what worker `queue` posted.
+    pub fn flush(&self, queue: usize) -> io::Result<()> {
+        match self.socket(queue) {
+            Some(mut socket) => socket.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for XdpPath {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.refresher.take() {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The next hop's MAC for every peer the kernel reaches through interface `index` and has
+/// resolved: its route to the peer (the gateway, or the peer itself on the link), then
+/// that address's entry in the neighbour table.
+fn resolve(
+    netlink: &mut Netlink,
+    index: u32,
+    peers: &[Ipv4Addr],
+) -> io::Result<HashMap<Ipv4Addr, MacAddr>> {
+    let neighbours: HashMap<Ipv4Addr, MacAddr> = netlink.neighbours(index)?.into_iter().collect();
+    let mut out = HashMap::with_capacity(peers.len());
+    for &peer in peers {
+        let Some(route) = netlink.route_to(peer)? else {
+            continue;
+        };
+        if route.oif != index {
+            continue;
+        }
+        let hop = match route.gateway {
+            Some(IpAddr::V4(gateway)) => gateway,
+            _ => peer,
+        };
+        if let Some(mac) = neighbours.get(&hop) {
+            out.insert(peer, *mac);
+        }
+    }
+    Ok(out)
+}
