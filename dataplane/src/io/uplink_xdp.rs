@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -30,8 +30,18 @@ use switchyard_api::MacAddr;
 /// How often the next hops are read again from the kernel's tables.
 pub const REFRESH: Duration = Duration::from_millis(500);
 
+/// Frames one worker moved through the AF_XDP sockets, on a cache line of its own.
+#[derive(Default)]
+#[repr(align(64))]
+struct Moved {
+    received: AtomicU64,
+    sent: AtomicU64,
+}
+
 /// The AF_XDP sockets of an uplink, their program and the next hops.
 pub struct XdpPath {
+    /// Frames moved, by worker.
+    moved: Vec<Moved>,
     /// One socket per device queue that has one; worker `i` takes socket `i` (modulo).
     sockets: Vec<Mutex<XskSocket>>,
     fds: Vec<RawFd>,
@@ -113,6 +123,7 @@ impl XdpPath {
                 }
             })?;
         Ok(Self {
+            moved: (0..queues).map(|_| Moved::default()).collect(),
             sockets: sockets.into_iter().map(Mutex::new).collect(),
             fds,
             ifname,
@@ -168,14 +179,37 @@ impl XdpPath {
         while n < max && socket.recv_with(&mut each).is_some() {
             n += 1;
         }
+        if n > 0 {
+            self.moved(queue)
+                .received
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
         n
+    }
+
+    fn moved(&self, queue: usize) -> &Moved {
+        &self.moved[queue % self.moved.len()]
+    }
+
+    /// Frames received and sent through the AF_XDP sockets so far.
+    pub fn frames(&self) -> (u64, u64) {
+        self.moved.iter().fold((0, 0), |(r, s), m| {
+            (
+                r + m.received.load(Ordering::Relaxed),
+                s + m.sent.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// Posts the concatenation of `parts` as one frame on worker `queue`'s socket; it
     /// leaves at the next [`XdpPath::flush`].
     pub fn post(&self, queue: usize, parts: &[&[u8]]) -> io::Result<()> {
         match self.socket(queue) {
-            Some(mut socket) => socket.post_parts(parts),
+            Some(mut socket) => {
+                socket.post_parts(parts)?;
+                self.moved(queue).sent.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
             None => Err(io::Error::other("no AF_XDP socket on the uplink")),
         }
     }

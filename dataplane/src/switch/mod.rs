@@ -616,6 +616,11 @@ impl Switch {
                 for (reason, n) in uplink.drops() {
                     *drops.entry(reason.name().to_string()).or_insert(0) += n;
                 }
+                if let Some(xdp) = uplink.xdp() {
+                    let (received, sent) = xdp.frames();
+                    *counters.entry("uplink_afxdp_rx_frames".into()).or_insert(0) += received;
+                    *counters.entry("uplink_afxdp_tx_frames".into()).or_insert(0) += sent;
+                }
             }
         }
         let mut ports: Vec<api::PortCounters> = tables

@@ -1,0 +1,117 @@
+//! The uplink on AF_XDP (`--uplink-mode afxdp`): VXLAN between nodes through AF_XDP
+//! sockets on each node's underlay device, behind a program that takes only VXLAN to the
+//! node; the node's own traffic, masquerade and published ports beside it through the
+//! kernel as before. Namespace tests; they need root and run in CI.
+
+use bench_env::cluster::{self, Cluster, ClusterOptions};
+use bench_env::netns::Netns;
+use bench_env::testbed::Arm;
+use bench_env::transfer::tcp_transfer;
+use std::net::IpAddr;
+use std::time::Duration;
+
+fn afxdp_uplink() -> Vec<String> {
+    vec!["--uplink-mode".into(), "afxdp".into()]
+}
+
+/// The name of the XDP program on the node's underlay device, if any.
+fn uplink_program(node: &Netns) -> Option<String> {
+    let shown = node.exec(&["ip", "-d", "link", "show", "eth0"]).unwrap();
+    shown
+        .contains("prog/xdp")
+        .then(|| shown.split_whitespace().skip_while(|w| *w != "name").nth(1))
+        .flatten()
+        .map(str::to_string)
+}
+
+fn counter(c: &Cluster, node: usize, name: &str) -> u64 {
+    let stats = c.nodes[node].client().unwrap().stats().unwrap();
+    stats.counters.get(name).copied().unwrap_or(0)
+}
+
+fn assert_connected(c: &Cluster, when: &str) {
+    let m = cluster::connectivity(c);
+    assert!(
+        m.failures.is_empty(),
+        "{when}: {} of {} pings failed: {:?}\n{}",
+        m.failures.len(),
+        m.attempted,
+        m.failures,
+        c.logs()
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces, XDP programs and AF_XDP sockets"
+)]
+fn the_afxdp_uplink_carries_pods_across_nodes_beside_egress_and_goes_with_its_dataplane() {
+    bench_env::require_root("AF_XDP uplink test");
+    let mut c = Cluster::build(
+        Arm::Switchyard,
+        &ClusterOptions {
+            pods_per_node: 2,
+            external: true,
+            dataplane_args: afxdp_uplink(),
+            ..ClusterOptions::default()
+        },
+    )
+    .expect("cluster");
+    for node in &c.nodes {
+        assert_eq!(
+            uplink_program(&node.ns).as_deref(),
+            Some("sy_xsk_vxlan"),
+            "{}: the VXLAN filter on the underlay device",
+            node.name
+        );
+    }
+    assert_connected(&c, "AF_XDP uplink");
+    // Bulk data across nodes, intact, and carried by the AF_XDP sockets both ways.
+    let before: Vec<(u64, u64)> = (0..2)
+        .map(|i| {
+            (
+                counter(&c, i, "uplink_afxdp_tx_frames"),
+                counter(&c, i, "uplink_afxdp_rx_frames"),
+            )
+        })
+        .collect();
+    let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[1]);
+    let t = tcp_transfer(a, b, 50 << 20).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    assert_eq!(t.sent_hash, t.received_hash, "corrupted across nodes");
+    let (sent, received) = (
+        counter(&c, 0, "uplink_afxdp_tx_frames") - before[0].0,
+        counter(&c, 1, "uplink_afxdp_rx_frames") - before[1].1,
+    );
+    // 50 MB in frames of at most 1,400 bytes of payload.
+    assert!(
+        sent > 35_000 && received > 35_000,
+        "the AF_XDP sockets carried {sent} frames out of node 0 and {received} into node 1"
+    );
+    // The kernel's own traffic on the device is untouched: masquerade to the external
+    // network and the nodes' pings to each other.
+    let ext = c.external.as_ref().unwrap();
+    let t = tcp_transfer(a, ext, 20 << 20).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    assert_eq!(t.sent_hash, t.received_hash, "corrupted through masquerade");
+    assert_eq!(t.peer.ip(), IpAddr::V4(c.nodes[0].ipv4), "masqueraded");
+    let other = c.nodes[1].ipv4.to_string();
+    c.nodes[0]
+        .ns
+        .exec(&["ping", "-c", "2", "-W", "1", &other])
+        .unwrap_or_else(|e| panic!("node to node: {e}"));
+    // A restart attaches again; a stop leaves nothing on the device.
+    c.restart_dataplane(0).unwrap();
+    c.wait_for_peers(0, 1, Duration::from_secs(20)).unwrap();
+    assert_eq!(
+        uplink_program(&c.nodes[0].ns).as_deref(),
+        Some("sy_xsk_vxlan")
+    );
+    assert_connected(&c, "after a restart");
+    c.stop_dataplane(0, nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    assert_eq!(uplink_program(&c.nodes[0].ns), None, "left after a stop");
+    c.restart_dataplane(0).unwrap();
+    c.stop_dataplane(0, nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    assert_eq!(uplink_program(&c.nodes[0].ns), None, "left after a crash");
+}
