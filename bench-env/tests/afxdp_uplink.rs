@@ -99,6 +99,41 @@ fn the_afxdp_uplink_carries_pods_across_nodes_beside_egress_and_goes_with_its_da
         .ns
         .exec(&["ping", "-c", "2", "-W", "1", &other])
         .unwrap_or_else(|e| panic!("node to node: {e}"));
+    // The next hop is the kernel's to resolve: with its neighbour table flushed, the
+    // kernel resolves it again (the dataplane marks the entry in use) and frames go back
+    // to the AF_XDP socket, the UDP sockets carrying them meanwhile.
+    c.nodes[0]
+        .ns
+        .exec(&["ip", "neigh", "flush", "dev", "eth0"])
+        .unwrap();
+    let resolved = || {
+        let shown = c.nodes[0]
+            .ns
+            .exec(&["ip", "neigh", "show", "dev", "eth0"])
+            .unwrap();
+        shown
+            .lines()
+            .any(|l| l.starts_with(&format!("{other} ")) && l.contains("lladdr"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !resolved() {
+        assert!(
+            bench_env::measure::ping(&a.ns, b.ipv4.into()),
+            "no ping after the flush"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kernel did not resolve the peer again after its neighbour table was flushed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(2 * switchyard_dataplane::io::uplink_xdp::REFRESH);
+    let sent = counter(&c, 0, "uplink_afxdp_tx_frames");
+    assert!(bench_env::measure::ping(&a.ns, b.ipv4.into()));
+    assert!(
+        counter(&c, 0, "uplink_afxdp_tx_frames") > sent,
+        "the AF_XDP socket carries frames again once the kernel resolved the next hop"
+    );
     // A restart attaches again; a stop leaves nothing on the device.
     c.restart_dataplane(0).unwrap();
     c.wait_for_peers(0, 1, Duration::from_secs(20)).unwrap();

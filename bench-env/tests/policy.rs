@@ -127,6 +127,18 @@ fn selectors_and_directions_on_two_nodes_with_afxdp_pod_ports() {
     selectors_and_directions(&w);
 }
 
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces, XDP programs and AF_XDP sockets"
+)]
+fn selectors_and_directions_on_two_nodes_across_an_afxdp_uplink() {
+    bench_env::require_root("NetworkPolicy integration test");
+    let w = PolicyWorld::build_with(vec!["--uplink-mode".into(), "afxdp".into()])
+        .expect("NetworkPolicy world");
+    selectors_and_directions(&w);
+}
+
 /// Every selector and direction of the truth tables, in `w`.
 fn selectors_and_directions(w: &PolicyWorld) {
     expect(w, "no policy", 80, "TCP", &[]);

@@ -247,6 +247,18 @@ fn cluster_ips_reach_backends_on_afxdp_pod_ports() {
     ));
 }
 
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces, XDP programs and AF_XDP sockets"
+)]
+fn cluster_ips_reach_backends_across_an_afxdp_uplink() {
+    cluster_ips_reach_backends(&cluster_of(
+        false,
+        vec!["--uplink-mode".into(), "afxdp".into()],
+    ));
+}
+
 /// ClusterIPs of both families reach backends on both nodes of `c`, which see the client
 /// pod's address.
 fn cluster_ips_reach_backends(c: &Cluster) {

@@ -64,6 +64,10 @@ const NDA_LLADDR: u16 = 2;
 /// Neighbour states whose address may be used: reachable, stale, delay, probe, no ARP,
 /// permanent.
 const NUD_USABLE: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
+/// Neighbour states the kernel holds confirmed: reachable, no ARP, permanent.
+const NUD_CONFIRMED: u16 = 0x02 | 0x40 | 0x80;
+/// `ndm_flags`: the entry is in use (resolve or confirm it).
+const NTF_USE: u8 = 0x01;
 /// The routing protocol number that marks the node routes Switchyard installs
 /// (`ip route show proto 83`), so that an uninstall finds every one of them.
 pub const RTPROT_SWITCHYARD: u8 = 83;
@@ -293,8 +297,9 @@ impl Netlink {
     }
 
     /// The usable entries (reachable, stale, being probed or permanent) of the kernel's
-    /// IPv4 neighbour table on interface `index`: address and link-layer address.
-    pub fn neighbours(&mut self, index: u32) -> io::Result<Vec<(Ipv4Addr, MacAddr)>> {
+    /// IPv4 neighbour table on interface `index`: address, link-layer address, and whether
+    /// the kernel holds it confirmed (reachable, permanent, no ARP).
+    pub fn neighbours(&mut self, index: u32) -> io::Result<Vec<Neighbour>> {
         let mut msg = Message::new(RTM_GETNEIGH, NLM_F_DUMP, self.seq);
         // struct ndmsg: family, padding, ifindex, state, flags, type.
         msg.bytes(&[libc::AF_INET as u8, 0, 0, 0])
@@ -307,6 +312,19 @@ impl Netlink {
             }
         })?;
         Ok(out)
+    }
+
+    /// Tells the kernel that its neighbour entry for `ip` on interface `index` is in use,
+    /// as its own sends would (`ip neigh replace IP dev DEV use`): it creates the entry
+    /// and resolves it when missing, and confirms a stale one with a probe.
+    pub fn use_neighbour(&mut self, index: u32, ip: Ipv4Addr) -> io::Result<()> {
+        let mut msg = Message::new(RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE, self.seq);
+        msg.bytes(&[libc::AF_INET as u8, 0, 0, 0])
+            .bytes(&(index as i32).to_ne_bytes())
+            .bytes(&0u16.to_ne_bytes())
+            .bytes(&[NTF_USE, 0])
+            .attr(NDA_DST, &ip.octets());
+        self.transact(msg)
     }
 
     /// Interface `index`'s link-layer address.
@@ -606,9 +624,21 @@ fn attributes(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
-/// The address and link-layer address of a usable IPv4 neighbour entry on interface
-/// `index` in a `RTM_NEWNEIGH` payload (`struct ndmsg` and its attributes).
-fn parse_neighbour(payload: &[u8], index: u32) -> Option<(Ipv4Addr, MacAddr)> {
+/// A usable entry of the kernel's neighbour table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Neighbour {
+    /// The neighbour's address.
+    pub ip: Ipv4Addr,
+    /// Its link-layer address.
+    pub mac: MacAddr,
+    /// Whether the kernel holds it confirmed (reachable, permanent, no ARP), rather than
+    /// stale or being probed.
+    pub confirmed: bool,
+}
+
+/// The usable IPv4 neighbour entry on interface `index` in a `RTM_NEWNEIGH` payload
+/// (`struct ndmsg` and its attributes).
+fn parse_neighbour(payload: &[u8], index: u32) -> Option<Neighbour> {
     let header = payload.get(..12)?;
     let ifindex = u32::from_ne_bytes(header[4..8].try_into().ok()?);
     let state = u16::from_ne_bytes([header[8], header[9]]);
@@ -623,7 +653,11 @@ fn parse_neighbour(payload: &[u8], index: u32) -> Option<(Ipv4Addr, MacAddr)> {
             _ => {}
         }
     }
-    Some((dst?, mac?))
+    Some(Neighbour {
+        ip: dst?,
+        mac: mac?,
+        confirmed: state & NUD_CONFIRMED != 0,
+    })
 }
 
 /// The rule in a `RTM_NEWRULE` payload (`struct fib_rule_hdr` and its attributes), if it
@@ -692,9 +726,16 @@ mod tests {
                 .attr(NDA_LLADDR, &[2, 0, 0, 0, 0, 9]);
             m.0[16..].to_vec()
         };
-        let want = (Ipv4Addr::new(192, 168, 77, 2), MacAddr([2, 0, 0, 0, 0, 9]));
-        assert_eq!(parse_neighbour(&entry(3, 0x02), 3), Some(want), "reachable");
-        assert_eq!(parse_neighbour(&entry(3, 0x04), 3), Some(want), "stale");
+        let want = |confirmed| {
+            Some(Neighbour {
+                ip: Ipv4Addr::new(192, 168, 77, 2),
+                mac: MacAddr([2, 0, 0, 0, 0, 9]),
+                confirmed,
+            })
+        };
+        assert_eq!(parse_neighbour(&entry(3, 0x02), 3), want(true), "reachable");
+        assert_eq!(parse_neighbour(&entry(3, 0x04), 3), want(false), "stale");
+        assert_eq!(parse_neighbour(&entry(3, 0x80), 3), want(true), "permanent");
         assert_eq!(parse_neighbour(&entry(3, 0x20), 3), None, "failed");
         assert_eq!(parse_neighbour(&entry(3, 0x01), 3), None, "incomplete");
         assert_eq!(

@@ -4,15 +4,17 @@
 //! the device receives stays the kernel's. Frames to other nodes leave through the same
 //! sockets with outer headers built by the dataplane ([`crate::offload::outer`]).
 //!
-//! The next hop's MAC comes from the kernel's own tables: a thread asks the kernel's route
-//! to every peer and reads the neighbour table over netlink every [`REFRESH`]; the
+//! The next hop's MAC comes from the kernel's own tables: a thread reads the kernel's
+//! routes to the peers and its neighbour table over netlink every [`REFRESH`], and marks
+//! the entries it uses "in use" (`NTF_USE`) when the kernel has not confirmed them lately,
+//! so that the kernel resolves and re-probes them as if its own packets went there; the
 //! dataplane never sends or answers ARP itself. A peer whose next hop the kernel has not
 //! resolved yet, or that it reaches through another device, is sent to through the
 //! uplink's sockets ([`super::uplink`]), which makes the kernel resolve it. The program
 //! goes with this value (a BPF link), so a stopped or crashed dataplane leaves nothing on
 //! the device.
 
-use super::netlink::Netlink;
+use super::netlink::{Neighbour, Netlink};
 use super::xdp::{Filter, XdpRedirect};
 use super::xsk::{frame_size_for, XskSocket};
 use super::{links, netns};
@@ -113,8 +115,9 @@ impl XdpPath {
             .spawn({
                 let (next_hops, stop) = (next_hops.clone(), stop.clone());
                 move || {
+                    let mut resolver = Resolver::default();
                     while !stop.load(Ordering::Relaxed) {
-                        match resolve(&mut netlink, index, &peers.load()) {
+                        match resolver.resolve(&mut netlink, index, &peers.load()) {
                             Ok(found) => next_hops.store(Arc::new(found)),
                             Err(e) => tracing::warn!("uplink: cannot read next hops: {e}"),
                         }
@@ -233,30 +236,67 @@ impl Drop for XdpPath {
     }
 }
 
-/// The next hop's MAC for every peer the kernel reaches through interface `index` and has
-/// resolved: its route to the peer (the gateway, or the peer itself on the link), then
-/// that address's entry in the neighbour table.
-fn resolve(
-    netlink: &mut Netlink,
-    index: u32,
-    peers: &[Ipv4Addr],
-) -> io::Result<HashMap<Ipv4Addr, MacAddr>> {
-    let neighbours: HashMap<Ipv4Addr, MacAddr> = netlink.neighbours(index)?.into_iter().collect();
-    let mut out = HashMap::with_capacity(peers.len());
-    for &peer in peers {
-        let Some(route) = netlink.route_to(peer)? else {
-            continue;
-        };
-        if route.oif != index {
-            continue;
+/// What the refresher knows of the way to each peer.
+#[derive(Default)]
+struct Resolver {
+    /// The next hop toward each peer the kernel reaches through the device (the gateway,
+    /// or the peer itself on the link), from its routes.
+    hops: HashMap<Ipv4Addr, Ipv4Addr>,
+    /// Refreshes until the routes are read again.
+    routes_due: u32,
+}
+
+/// Routes are read again every this many refreshes (and for a new peer at once).
+const ROUTES_EVERY: u32 = 10;
+
+impl Resolver {
+    /// The next hop's MAC for every peer the kernel reaches through interface `index` and
+    /// has resolved. Next hops the kernel has not confirmed lately (missing, stale) are
+    /// marked in use, so that the kernel resolves or probes them as its own sends would:
+    /// the dataplane's frames do not pass through its neighbour table.
+    fn resolve(
+        &mut self,
+        netlink: &mut Netlink,
+        index: u32,
+        peers: &[Ipv4Addr],
+    ) -> io::Result<HashMap<Ipv4Addr, MacAddr>> {
+        let stale_routes = self.routes_due == 0 || peers.iter().any(|p| !self.hops.contains_key(p));
+        if stale_routes {
+            self.hops.clear();
+            for &peer in peers {
+                match netlink.route_to(peer)? {
+                    Some(route) if route.oif == index => {
+                        let hop = match route.gateway {
+                            Some(IpAddr::V4(gateway)) => gateway,
+                            _ => peer,
+                        };
+                        self.hops.insert(peer, hop);
+                    }
+                    _ => {}
+                }
+            }
+            self.routes_due = ROUTES_EVERY;
         }
-        let hop = match route.gateway {
-            Some(IpAddr::V4(gateway)) => gateway,
-            _ => peer,
-        };
-        if let Some(mac) = neighbours.get(&hop) {
-            out.insert(peer, *mac);
+        self.routes_due -= 1;
+        let neighbours: HashMap<Ipv4Addr, Neighbour> = netlink
+            .neighbours(index)?
+            .into_iter()
+            .map(|n| (n.ip, n))
+            .collect();
+        let mut out = HashMap::with_capacity(peers.len());
+        let mut nudged = std::collections::HashSet::new();
+        for &peer in peers {
+            let Some(&hop) = self.hops.get(&peer) else {
+                continue;
+            };
+            let known = neighbours.get(&hop);
+            if let Some(n) = known {
+                out.insert(peer, n.mac);
+            }
+            if !known.is_some_and(|n| n.confirmed) && nudged.insert(hop) {
+                netlink.use_neighbour(index, hop)?;
+            }
         }
+        Ok(out)
     }
-    Ok(out)
 }
