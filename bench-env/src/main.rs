@@ -116,6 +116,11 @@ enum Scenario {
         /// iptables MASQUERADE, as flannel does).
         #[arg(long)]
         external: bool,
+        /// Uplink modes to measure across nodes, one Switchyard cluster each, in the same
+        /// rounds as the kernel (`sockets`, `afxdp`, or both: `sockets,afxdp`). Rows of
+        /// `afxdp` carry it in their name (`cross_node_tcp_1_stream_afxdp`).
+        #[arg(long, value_delimiter = ',', default_value = "sockets")]
+        uplink_mode: Vec<switchyard_dataplane::io::uplink::UplinkMode>,
     },
     /// Services on two nodes: Switchyard's own load balancing against kube-proxy's iptables
     /// rules on flannel's layout, same run. A Service with three backends spread over both
@@ -425,14 +430,17 @@ struct MultiNode {
     seconds: u64,
     repeat: usize,
     json: Option<PathBuf>,
+    uplink_modes: Vec<switchyard_dataplane::io::uplink::UplinkMode>,
     options: ClusterOptions,
 }
 
 fn multi_node(run: MultiNode) -> Result<bool> {
+    use switchyard_dataplane::io::uplink::UplinkMode;
     let MultiNode {
         seconds,
         repeat,
         json,
+        uplink_modes,
         options,
     } = run;
     if options.nodes < 2 {
@@ -443,15 +451,32 @@ fn multi_node(run: MultiNode) -> Result<bool> {
             "bench-env creates network namespaces and TAP devices: run it as root"
         ));
     }
+    if uplink_modes.is_empty() {
+        return Err(fail!("--uplink-mode needs sockets, afxdp or both"));
+    }
     tools::ensure_installed()?;
+    let modes: Vec<&str> = uplink_modes.iter().map(|m| m.name()).collect();
     println!(
-        "building clusters: {} nodes ({:?} underlay), {} pods per node attached through CNI; Switchyard with {} against the kernel's VXLAN (flannel layout)",
-        options.nodes, options.underlay, options.pods_per_node, options.backend.name()
+        "building clusters: {} nodes ({:?} underlay), {} pods per node attached through CNI; Switchyard with {} (uplink: {}) against the kernel's VXLAN (flannel layout)",
+        options.nodes, options.underlay, options.pods_per_node, options.backend.name(), modes.join(", ")
     );
     let kernel = Cluster::build(Arm::Kernel, &options)?;
-    let switchyard = Cluster::build(Arm::Switchyard, &options)?;
+    // One Switchyard cluster per uplink mode; rows of modes other than sockets carry the
+    // mode in their name.
+    let mut switchyards = Vec::new();
+    for mode in &uplink_modes {
+        let mut options = options.clone();
+        options
+            .dataplane_args
+            .extend(["--uplink-mode".to_string(), mode.name().to_string()]);
+        let suffix = match mode {
+            UplinkMode::Sockets => String::new(),
+            other => format!("_{}", other.name()),
+        };
+        switchyards.push((suffix, Cluster::build(Arm::Switchyard, &options)?));
+    }
     let mut all_connected = true;
-    for c in [&kernel, &switchyard] {
+    for c in std::iter::once(&kernel).chain(switchyards.iter().map(|(_, c)| c)) {
         let m = cluster::connectivity(c);
         let ok = m.attempted - m.failures.len();
         println!(
@@ -471,14 +496,43 @@ fn multi_node(run: MultiNode) -> Result<bool> {
         switchyard_api::BackendKind::Vxlan => Some(bench_env::ceiling::CrossNodeNull::build()?),
         _ => None,
     };
+    // (row suffix, Switchyard figure, null figure) for the ratios printed after the table.
     let mut ceilings = Vec::new();
-    // A pod on each of the first two nodes, per arm.
-    let mut arms = vec![("switchyard", cross(&switchyard)?)];
-    if let Some(null) = &null {
-        arms.push(("null", (&null.pods[0], &null.pods[1])));
+    // A pod on each of the first two nodes, per arm: every Switchyard cluster, the null,
+    // then the kernel (last).
+    let mut arms = Vec::new();
+    for (suffix, c) in &switchyards {
+        arms.push((format!("switchyard{suffix}"), cross(c)?));
     }
-    arms.push(("kernel", cross(&kernel)?));
-    let arm_refs: Vec<(&str, &(&Pod, &Pod))> = arms.iter().map(|(n, p)| (*n, p)).collect();
+    let sy = switchyards.len();
+    if let Some(null) = &null {
+        arms.push(("null".to_string(), (&null.pods[0], &null.pods[1])));
+    }
+    arms.push(("kernel".to_string(), cross(&kernel)?));
+    let arm_refs: Vec<(&str, &(&Pod, &Pod))> = arms.iter().map(|(n, p)| (n.as_str(), p)).collect();
+    // Rows of metric `name` (its rounds `r`, one value per arm), and the ceilings.
+    let mut record = |name: &str, unit: &str, r: &[f64], ceilings: &mut Vec<(String, f64, f64)>| {
+        let kernel_figure = r[r.len() - 1];
+        for (i, (suffix, _)) in switchyards.iter().enumerate() {
+            metrics.push(Metric::new(
+                &format!("{name}{suffix}"),
+                unit,
+                r[i],
+                kernel_figure,
+            ));
+            if null.is_some() {
+                ceilings.push((format!("{name}{suffix}"), r[i], r[sy]));
+            }
+        }
+        if null.is_some() {
+            metrics.push(Metric::new(
+                &format!("{name}_null"),
+                unit,
+                r[sy],
+                kernel_figure,
+            ));
+        }
+    };
     for streams in [1, 4] {
         let name = format!(
             "cross_node_tcp_{streams}_stream{}",
@@ -487,22 +541,22 @@ fn multi_node(run: MultiNode) -> Result<bool> {
         let r = rounds_of(&arm_refs, repeat, &name, &|(a, b)| {
             Ok(vec![measure::tcp_gbps(a, b, streams, seconds)?])
         })?;
-        let (ours, kernel_figure) = (r[0][0], r[0][r[0].len() - 1]);
-        metrics.push(Metric::new(&name, "Gbit/s", ours, kernel_figure));
-        if null.is_some() {
-            let ceiling = r[0][1];
-            metrics.push(Metric::new(
-                &format!("{name}_null"),
-                "Gbit/s",
-                ceiling,
-                kernel_figure,
-            ));
-            ceilings.push((name, ours, ceiling));
-        }
+        record(&name, "Gbit/s", &r[0], &mut ceilings);
+    }
+    let r = rounds_of(&arm_refs, repeat, "cross-node rtt", &|(a, b)| {
+        let (p50, p99) = measure::rtt_us(a, b, 200)?;
+        Ok(vec![p50, p99])
+    })?;
+    for (i, name) in ["cross_node_rtt_p50_us", "cross_node_rtt_p99_us"]
+        .iter()
+        .enumerate()
+    {
+        record(name, "µs", &r[i], &mut ceilings);
     }
     if options.external {
         // The egress ceiling: a pod's TAP joined to a host TAP, no translation, the same
-        // router in between (bench_env::ceiling).
+        // router in between (bench_env::ceiling). Egress does not cross the uplink's
+        // VXLAN: measured with the first Switchyard cluster.
         let null = bench_env::ceiling::EgressNull::build()?;
         fn external(c: &Cluster) -> Result<(&Pod, &Pod)> {
             let ext = c
@@ -512,7 +566,7 @@ fn multi_node(run: MultiNode) -> Result<bool> {
             Ok((&c.nodes[0].pods[0], ext))
         }
         let arms = [
-            ("switchyard", external(&switchyard)?),
+            ("switchyard", external(&switchyards[0].1)?),
             ("null", (&null.pod, &null.external)),
             ("kernel", external(&kernel)?),
         ];
@@ -530,33 +584,13 @@ fn multi_node(run: MultiNode) -> Result<bool> {
         ));
         ceilings.push((name.to_string(), r[0][0], r[0][1]));
     }
-    let r = rounds_of(&arm_refs, repeat, "cross-node rtt", &|(a, b)| {
-        let (p50, p99) = measure::rtt_us(a, b, 200)?;
-        Ok(vec![p50, p99])
-    })?;
-    for (i, name) in ["cross_node_rtt_p50_us", "cross_node_rtt_p99_us"]
-        .iter()
-        .enumerate()
-    {
-        let kernel_figure = r[i][r[i].len() - 1];
-        metrics.push(Metric::new(name, "µs", r[i][0], kernel_figure));
-        if null.is_some() {
-            metrics.push(Metric::new(
-                &format!("{name}_null"),
-                "µs",
-                r[i][1],
-                kernel_figure,
-            ));
-            ceilings.push((name.to_string(), r[i][0], r[i][1]));
-        }
-    }
     println!();
     print!("{}", report::table(&metrics));
     if !ceilings.is_empty() {
         println!("\nswitchyard against the null forwarder (the ceiling; rows *_null), same run:");
         for (name, ours, ceiling) in &ceilings {
             let ratio = if *ceiling > 0.0 { ours / ceiling } else { 0.0 };
-            println!("  {name:<28} {ours:>8.2} / {ceiling:>8.2} = {ratio:.2}x");
+            println!("  {name:<34} {ours:>8.2} / {ceiling:>8.2} = {ratio:.2}x");
         }
     }
     if let Some(path) = json {
@@ -787,10 +821,12 @@ fn main() -> ExitCode {
             workers,
             dataplane_args,
             external,
+            uplink_mode,
         } => multi_node(MultiNode {
             seconds,
             repeat,
             json,
+            uplink_modes: uplink_mode,
             options: ClusterOptions {
                 nodes,
                 pods_per_node,

@@ -29,18 +29,6 @@ fn counter(c: &Cluster, node: usize, name: &str) -> u64 {
     stats.counters.get(name).copied().unwrap_or(0)
 }
 
-fn assert_connected(c: &Cluster, when: &str) {
-    let m = cluster::connectivity(c);
-    assert!(
-        m.failures.is_empty(),
-        "{when}: {} of {} pings failed: {:?}\n{}",
-        m.failures.len(),
-        m.attempted,
-        m.failures,
-        c.logs()
-    );
-}
-
 #[test]
 #[cfg_attr(
     not(privileged),
@@ -66,7 +54,7 @@ fn the_afxdp_uplink_carries_pods_across_nodes_beside_egress_and_goes_with_its_da
             node.name
         );
     }
-    assert_connected(&c, "AF_XDP uplink");
+    cluster::assert_connected(&c, "AF_XDP uplink");
     // Bulk data across nodes, intact, and carried by the AF_XDP sockets both ways.
     let before: Vec<(u64, u64)> = (0..2)
         .map(|i| {
@@ -141,7 +129,7 @@ fn the_afxdp_uplink_carries_pods_across_nodes_beside_egress_and_goes_with_its_da
         uplink_program(&c.nodes[0].ns).as_deref(),
         Some("sy_xsk_vxlan")
     );
-    assert_connected(&c, "after a restart");
+    cluster::assert_connected(&c, "after a restart");
     c.stop_dataplane(0, nix::sys::signal::Signal::SIGTERM)
         .unwrap();
     assert_eq!(uplink_program(&c.nodes[0].ns), None, "left after a stop");

@@ -74,18 +74,6 @@ fn serves(c: &Cluster, i: usize, name: &str) -> bool {
     }
 }
 
-fn assert_matrix(c: &Cluster, when: &str) {
-    let m = cluster::connectivity(c);
-    assert!(
-        m.failures.is_empty(),
-        "{when}: {} of {} pings failed: {:?}\n{}",
-        m.failures.len(),
-        m.attempted,
-        m.failures,
-        c.logs()
-    );
-}
-
 /// Waits until `check` holds, up to `timeout`; returns how long it took.
 fn wait(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
@@ -103,7 +91,7 @@ fn wait(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) -> Durat
 )]
 fn nodes_join_from_the_api_server_and_a_new_node_reaches_both_within_a_second() {
     let mut c = cluster(1);
-    assert_matrix(&c, "two nodes from the API server");
+    cluster::assert_connected(&c, "two nodes from the API server");
     for node in ["node0", "node1"] {
         wait(Duration::from_secs(5), "NetworkUnavailable=False", || {
             network_unavailable(&c, node, "reason") == "SwitchyardIsUp"
@@ -121,7 +109,7 @@ fn nodes_join_from_the_api_server_and_a_new_node_reaches_both_within_a_second() 
     eprintln!("a new Node reached every node {joined:?} after kubectl returned");
     assert!(joined < Duration::from_secs(1), "{joined:?}");
     c.add_pod(2, 0).unwrap();
-    assert_matrix(&c, "three nodes");
+    cluster::assert_connected(&c, "three nodes");
 }
 
 #[test]
@@ -186,7 +174,7 @@ fn the_agent_outlives_a_forced_relist_and_the_api_server_going_away() {
     c.api.as_mut().unwrap().stop_apiserver();
     let gone = Instant::now();
     while gone.elapsed() < Duration::from_secs(30) {
-        assert_matrix(&c, "while the API server is away");
+        cluster::assert_connected(&c, "while the API server is away");
         std::thread::sleep(Duration::from_secs(5));
     }
     c.api.as_mut().unwrap().start_apiserver(&c.hub).unwrap();
@@ -198,7 +186,7 @@ fn the_agent_outlives_a_forced_relist_and_the_api_server_going_away() {
         || (0..2).all(|i| serves(&c, i, "after-outage")),
     );
     eprintln!("after the outage, a change reached both dataplanes in {took:?}");
-    assert_matrix(&c, "after the outage");
+    cluster::assert_connected(&c, "after the outage");
 }
 
 #[test]
@@ -257,7 +245,7 @@ fn the_deploy_manifest_applies_and_grants_exactly_what_the_agent_uses() {
                 panic!("node{i} with the ServiceAccount's token: {e}\n{}", c.logs())
             });
     }
-    assert_matrix(&c, "agents with the ServiceAccount's token");
+    cluster::assert_connected(&c, "agents with the ServiceAccount's token");
     publish_service(&c, "read-by-the-account");
     wait(
         Duration::from_secs(5),

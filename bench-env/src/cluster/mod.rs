@@ -356,6 +356,20 @@ impl Cluster {
     }
 }
 
+/// Panics, naming the failed pings and with the nodes' logs, unless every ping of
+/// [`connectivity`] is answered (`when` says at which step of a test).
+pub fn assert_connected(cluster: &Cluster, when: &str) {
+    let m = connectivity(cluster);
+    assert!(
+        m.failures.is_empty(),
+        "{when}: {} of {} pings failed: {:?}\n{}",
+        m.failures.len(),
+        m.attempted,
+        m.failures,
+        cluster.logs()
+    );
+}
+
 /// The cluster matrix: every pod pings every other pod (same node and across nodes), every
 /// node pings every pod of the other nodes, and every pod pings every other node, over IPv4
 /// and IPv6; with an external network, every pod pings the external host too.

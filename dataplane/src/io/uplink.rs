@@ -59,6 +59,16 @@ pub enum UplinkMode {
     AfXdp,
 }
 
+impl UplinkMode {
+    /// The mode's name, as `--uplink-mode` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sockets => "sockets",
+            Self::AfXdp => "afxdp",
+        }
+    }
+}
+
 impl std::str::FromStr for UplinkMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -384,6 +394,8 @@ impl Uplink {
         scratch: &mut [u8],
     ) -> io::Result<()> {
         let hash = frame.get(L3_OFFSET..).map_or(0, tunnel::flow_hash);
+        let outgoing = tunnel::encapsulate(self.decap.encap, &self.vxlan_header, frame, scratch)
+            .map_err(|e| invalid(&format!("cannot carry the frame: {e}")))?;
         if let Some((xdp, next_hop)) = self
             .xdp
             .as_ref()
@@ -398,27 +410,20 @@ impl Uplink {
                 src_port: 49_152 + (hash % 16_384) as u16,
                 dst_port: self.decap.encap.dst_port(),
             };
-            let post = |parts: &[&[u8]]| {
-                let head = outer::headers(&addrs, parts);
-                match parts {
-                    [a] => xdp.post(queue, &[&head, a]),
-                    [a, b] => xdp.post(queue, &[&head, a, b]),
-                    _ => Err(invalid("a datagram in more than two parts")),
-                }
+            // One datagram in at most two parts, behind its outer headers.
+            let post = |a: &[u8], b: &[u8]| {
+                let head = outer::headers(&addrs, &[a, b]);
+                xdp.post(queue, &[&head, a, b])
             };
-            return match tunnel::encapsulate(self.decap.encap, &self.vxlan_header, frame, scratch)
-                .map_err(|e| invalid(&format!("cannot carry the frame: {e}")))?
-            {
-                Outgoing::One(parts) => post(&parts),
+            return match outgoing {
+                Outgoing::One([a, b]) => post(a, b),
                 Outgoing::Segments { data, stride, .. } => {
-                    data.chunks(stride).try_for_each(|seg| post(&[seg]))
+                    data.chunks(stride).try_for_each(|seg| post(seg, &[]))
                 }
             };
         }
         let socket = self.tx[hash as usize % self.tx.len()].as_raw_fd();
         let dst = sockaddr(SocketAddrV4::new(peer, self.decap.encap.dst_port()));
-        let outgoing = tunnel::encapsulate(self.decap.encap, &self.vxlan_header, frame, scratch)
-            .map_err(|e| invalid(&format!("cannot carry the frame: {e}")))?;
         match outgoing {
             Outgoing::One(parts) => send(socket, &dst, &parts, 0),
             Outgoing::Segments {
