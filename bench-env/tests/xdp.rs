@@ -124,3 +124,40 @@ fn an_af_xdp_socket_receives_and_sends_frames_on_a_veth() {
         seen.len()
     );
 }
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and XDP programs"
+)]
+fn the_afxdp_uplink_refuses_a_device_that_runs_another_program_and_says_what_to_do() {
+    use switchyard_dataplane::io::uplink::{Encap, Uplink, UplinkMode};
+    bench_env::require_root("XDP test");
+    let ns = veth_pair("xup");
+    ns.add_address("syxup0", "192.168.79.1/24").unwrap();
+    let result = run_in(&ns.path(), || {
+        let index = link_index("syxup0").expect("the veth");
+        let _other = XdpRedirect::attach(index, 1, Filter::All)?;
+        let mac = switchyard_api::MacAddr([2, 0, 0, 0, 0, 1]);
+        match Uplink::open(
+            Encap::Vxlan { vni: 1, port: 4789 },
+            "192.168.79.1".parse().unwrap(),
+            1,
+            mac,
+            mac,
+            None,
+            false,
+            UplinkMode::AfXdp,
+        ) {
+            Ok(_) => Ok(None),
+            Err(e) => Ok(Some(e.to_string())),
+        }
+    })
+    .unwrap();
+    let message = result.expect("a second XDP program on the device is refused");
+    assert!(
+        message.contains("another XDP program is on syxup0")
+            && message.contains("--uplink-mode sockets"),
+        "{message}"
+    );
+}

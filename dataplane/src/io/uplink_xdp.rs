@@ -85,9 +85,16 @@ impl XdpPath {
         let queues = queues.max(1);
         let redirect = XdpRedirect::attach(index, queues as u32, Filter::Vxlan { local, port })
             .map_err(|e| {
+                let hint = match e.raw_os_error() {
+                    Some(libc::EBUSY | libc::EEXIST) => format!(
+                        " (another XDP program is on {ifname}, see `ip link show {ifname}`: \
+                         only one fits; use --uplink-mode sockets)"
+                    ),
+                    _ => String::new(),
+                };
                 io::Error::new(
                     e.kind(),
-                    format!("cannot attach the uplink's XDP program to {ifname}: {e}"),
+                    format!("cannot attach the uplink's XDP program to {ifname}: {e}{hint}"),
                 )
             })?;
         let mut sockets = Vec::new();
