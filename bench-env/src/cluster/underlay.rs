@@ -12,22 +12,41 @@ impl Cluster {
         }
     }
 
-    /// Connects `ns` to the hub: `eth0` in `ns`, `port` in the hub.
+    /// Connects `ns` to the hub: `eth0` in `ns`, `port` in the hub, each with one queue
+    /// per CPU, and the hub sending on queue `i` from CPU `i` (XPS), as a NIC with RSS and
+    /// one interrupt per CPU delivers: a frame the hub forwards on CPU `i` arrives on
+    /// `eth0`'s queue `i`, whose NAPI runs on CPU `i` (what an AF_XDP socket is bound to).
     pub(super) fn wire_to_hub(&self, ns: &Netns, port: &str) -> Result<()> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let queues = cpus.to_string();
         ns.exec(&[
             "ip",
             "link",
             "add",
             "eth0",
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
             "type",
             "veth",
             "peer",
             "name",
             port,
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
             "netns",
             self.hub.name(),
-        ])
-        .map(|_| ())
+        ])?;
+        for cpu in 0..cpus.min(64) {
+            let mask = format!("{:x}", 1u64 << cpu);
+            let file = format!("/sys/class/net/{port}/queues/tx-{cpu}/xps_cpus");
+            self.hub
+                .exec(&["sh", "-c", &format!("echo {mask} > {file}")])?;
+        }
+        Ok(())
     }
 
     /// The external host: a namespace behind the hub, which routes to it.
