@@ -138,3 +138,49 @@ fn the_afxdp_uplink_carries_pods_across_nodes_beside_egress_and_goes_with_its_da
         .unwrap();
     assert_eq!(uplink_program(&c.nodes[0].ns), None, "left after a crash");
 }
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces, XDP programs and AF_XDP sockets"
+)]
+fn pods_on_afxdp_ports_cross_an_afxdp_uplink_intact() {
+    bench_env::require_root("AF_XDP uplink test");
+    let mut args = afxdp_uplink();
+    args.extend(["--pod-ports".to_string(), "afxdp".to_string()]);
+    let c = Cluster::build(
+        Arm::Switchyard,
+        &ClusterOptions {
+            pods_per_node: 2,
+            dataplane_args: args,
+            ..ClusterOptions::default()
+        },
+    )
+    .expect("cluster");
+    let kinds: Vec<String> = c.nodes[0]
+        .client()
+        .unwrap()
+        .ports()
+        .unwrap()
+        .into_iter()
+        .filter(|p| !p.netns.is_empty())
+        .map(|p| p.kind)
+        .collect();
+    assert!(kinds.iter().all(|k| k == "afxdp"), "{kinds:?}");
+    cluster::assert_connected(&c, "AF_XDP pods over an AF_XDP uplink");
+    // Both ways at once: every frame crosses two AF_XDP rings on each node.
+    let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
+    let (c0, c1) = (&c.nodes[0].pods[1], &c.nodes[1].pods[1]);
+    std::thread::scope(|s| {
+        let there = s.spawn(|| tcp_transfer(a, b, 30 << 20));
+        let back = tcp_transfer(c1, c0, 30 << 20).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back.sent_hash, back.received_hash, "corrupted node 1 -> 0");
+        let there = there.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            there.sent_hash, there.received_hash,
+            "corrupted node 0 -> 1"
+        );
+    });
+    assert!(counter(&c, 1, "uplink_afxdp_rx_frames") > 20_000);
+    assert!(counter(&c, 1, "uplink_afxdp_tx_frames") > 20_000);
+}
