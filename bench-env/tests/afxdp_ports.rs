@@ -200,15 +200,7 @@ fn afxdp_pods_across_nodes_reach_the_external_network_a_host_port_and_survive_a_
         .map(|p| p.kind)
         .collect();
     assert!(kinds.iter().any(|k| k == "afxdp"), "{kinds:?}");
-    let m = cluster::connectivity(&c);
-    assert!(
-        m.failures.is_empty(),
-        "{} of {} pings failed: {:?}\n{}",
-        m.failures.len(),
-        m.attempted,
-        m.failures,
-        c.logs()
-    );
+    cluster::assert_connected(&c, "AF_XDP pods across nodes");
     let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
     let t = tcp_transfer(a, b, 50 << 20).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     assert_eq!(t.sent_hash, t.received_hash, "corrupted across nodes");
@@ -248,13 +240,7 @@ fn afxdp_pods_across_nodes_reach_the_external_network_a_host_port_and_survive_a_
     back.retain(|p| !p.netns.is_empty()); // the node's own ports
     assert_eq!(back.len(), c.nodes[0].pods.len(), "{back:?}");
     assert!(back.iter().all(|p| p.kind == "afxdp"), "{back:?}");
-    let m = cluster::connectivity(&c);
-    assert!(
-        m.failures.is_empty(),
-        "after the restart: {:?}\n{}",
-        m.failures,
-        c.logs()
-    );
+    cluster::assert_connected(&c, "after the restart");
 }
 
 #[test]

@@ -23,15 +23,7 @@ fn assert_matrix(backend: BackendKind, underlay: Underlay) {
         pods_per_node: 2,
         ..ClusterOptions::default()
     });
-    let m = cluster::connectivity(&c);
-    assert!(
-        m.failures.is_empty(),
-        "{backend:?} over {underlay:?}: {} of {} pings failed: {:?}\n{}",
-        m.failures.len(),
-        m.attempted,
-        m.failures,
-        c.logs()
-    );
+    let m = cluster::assert_connected(&c, &format!("{backend:?} over {underlay:?}"));
     // 4 pods x 3 others x 2 families + 4 pods x 1 remote node x 2 + 2 nodes x 2 remote pods x 2.
     assert_eq!(m.attempted, 24 + 8 + 8);
 }

@@ -357,8 +357,8 @@ impl Cluster {
 }
 
 /// Panics, naming the failed pings and with the nodes' logs, unless every ping of
-/// [`connectivity`] is answered (`when` says at which step of a test).
-pub fn assert_connected(cluster: &Cluster, when: &str) {
+/// [`connectivity`] is answered (`when` says at which step of a test); returns the matrix.
+pub fn assert_connected(cluster: &Cluster, when: &str) -> crate::measure::Matrix {
     let m = connectivity(cluster);
     assert!(
         m.failures.is_empty(),
@@ -368,6 +368,7 @@ pub fn assert_connected(cluster: &Cluster, when: &str) {
         m.failures,
         cluster.logs()
     );
+    m
 }
 
 /// The cluster matrix: every pod pings every other pod (same node and across nodes), every

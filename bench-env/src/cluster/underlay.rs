@@ -40,8 +40,9 @@ impl Cluster {
             "netns",
             self.hub.name(),
         ])?;
-        for cpu in 0..cpus.min(64) {
-            let mask = format!("{:x}", 1u64 << cpu);
+        for cpu in 0..cpus {
+            // A CPU mask as sysfs reads it: 32-bit hex words, the highest first.
+            let mask = format!("{:x}{}", 1u32 << (cpu % 32), ",00000000".repeat(cpu / 32));
             let file = format!("/sys/class/net/{port}/queues/tx-{cpu}/xps_cpus");
             self.hub
                 .exec(&["sh", "-c", &format!("echo {mask} > {file}")])?;

@@ -94,6 +94,16 @@ impl PortIo {
         self.raw_fd(queue).into_iter().chain(extra)
     }
 
+    /// Whether frames sent to this port wait on a ring until [`PortIo::flush`] (AF_XDP:
+    /// pod ports, and an uplink with its AF_XDP path).
+    pub fn posts(&self) -> bool {
+        match self {
+            PortIo::AfXdp(_) => true,
+            PortIo::Uplink(up) => up.xdp().is_some(),
+            PortIo::Tap(_) | PortIo::Memory(_) => false,
+        }
+    }
+
     /// Sends what worker `queue` posted on a port that queues its sends (AF_XDP); nothing
     /// to do for the others.
     pub fn flush(&self, queue: usize) -> io::Result<()> {

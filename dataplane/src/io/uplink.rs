@@ -206,6 +206,14 @@ impl Uplink {
         self.rx.get(queue).map(AsRawFd::as_raw_fd)
     }
 
+    /// Sends what worker `queue` posted on the AF_XDP path (nothing to do otherwise).
+    pub fn flush(&self, queue: usize) -> io::Result<()> {
+        match &self.xdp {
+            Some(xdp) => xdp.flush(queue),
+            None => Ok(()),
+        }
+    }
+
     /// Worker `queue`'s AF_XDP socket, which it polls beside [`Uplink::raw_fd`].
     pub fn xdp_fd(&self, queue: usize) -> Option<RawFd> {
         self.xdp.as_ref()?.raw_fd(queue)
@@ -451,16 +459,6 @@ impl Uplink {
             Outgoing::Segments {
                 data, stride, skip, ..
             } => send_many(socket, &dst, data.chunks(stride).map(|seg| &seg[skip..])),
-        }
-    }
-}
-
-impl Uplink {
-    /// Sends what worker `queue` posted on the AF_XDP path (nothing to do otherwise).
-    pub fn flush(&self, queue: usize) -> io::Result<()> {
-        match &self.xdp {
-            Some(xdp) => xdp.flush(queue),
-            None => Ok(()),
         }
     }
 }

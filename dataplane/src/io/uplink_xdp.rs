@@ -47,8 +47,7 @@ pub struct XdpPath {
     /// One socket per device queue that has one; worker `i` takes socket `i` (modulo).
     sockets: Vec<Mutex<XskSocket>>,
     fds: Vec<RawFd>,
-    /// The device's name and MAC.
-    ifname: String,
+    /// The device's MAC.
     mac: MacAddr,
     /// Next hops' MACs by peer, as the kernel resolved them.
     next_hops: Arc<ArcSwap<HashMap<Ipv4Addr, MacAddr>>>,
@@ -136,18 +135,12 @@ impl XdpPath {
             moved: (0..queues).map(|_| Moved::default()).collect(),
             sockets: sockets.into_iter().map(Mutex::new).collect(),
             fds,
-            ifname,
             mac,
             next_hops,
             stop,
             refresher: Some(refresher),
             _redirect: redirect,
         })
-    }
-
-    /// The device the sockets are on.
-    pub fn ifname(&self) -> &str {
-        &self.ifname
     }
 
     /// The device's MAC (the source of every frame sent).

@@ -41,11 +41,10 @@ pub fn headers(addrs: &OuterAddrs, parts: &[&[u8]]) -> [u8; OUTER_LEN] {
     out[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
     let (ip, l4) = out[ethernet::HEADER_LEN..].split_at_mut(ipv4::MIN_HEADER_LEN);
     ipv4::emit_header(ip, addrs.src, addrs.dst, ipv4::PROTO_UDP, udp_len, 64);
-    // Don't fragment: the sender sized the inner frames to the path (the header checksum
-    // is redone with the flag).
+    // Don't fragment: the sender sized the inner frames to the path (the flags word
+    // changes from 0, the header checksum with it).
     ip[6] = 0x40;
-    ip[10..12].fill(0);
-    let check = checksum::checksum(ip);
+    let check = checksum::update_word(u16::from_be_bytes([ip[10], ip[11]]), 0, 0x4000);
     ip[10..12].copy_from_slice(&check.to_be_bytes());
     l4[0..2].copy_from_slice(&addrs.src_port.to_be_bytes());
     l4[2..4].copy_from_slice(&addrs.dst_port.to_be_bytes());

@@ -65,17 +65,12 @@ pub fn forward_batch(
         };
         let frame = buf.frame_mut();
         let len = frame.len();
+        if egress.device.posts() {
+            posted.note(egress, queue);
+        }
         let sent = match (&egress.device, peer) {
-            (PortIo::Uplink(uplink), Some(peer)) => {
-                if uplink.xdp().is_some() {
-                    posted.note(egress, queue);
-                }
-                uplink.send_to(queue, frame, peer, scratch)
-            }
-            (PortIo::AfXdp(xsk), _) => {
-                posted.note(egress, queue);
-                xsk.post(queue, frame, scratch)
-            }
+            (PortIo::Uplink(uplink), Some(peer)) => uplink.send_to(queue, frame, peer, scratch),
+            (PortIo::AfXdp(xsk), _) => xsk.post(queue, frame, scratch),
             (io, _) => io.send(queue, frame),
         };
         count_tx(counters, egress, len, sent);
