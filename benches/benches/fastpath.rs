@@ -605,6 +605,7 @@ fn policy(c: &mut Criterion) {
         .unwrap();
         let (a, _pa) = switch.add_memory_port(&port("10.244.0.5"), false).unwrap();
         let (_, _pb) = switch.add_memory_port(&port("10.244.0.6"), false).unwrap();
+        let (_, _pc) = switch.add_memory_port(&port("10.244.0.7"), false).unwrap();
         let m = policy_world(n);
         // What the agent does on a change: compile the node's rules, send them, and the
         // dataplane decodes, compiles and publishes them.
@@ -649,6 +650,14 @@ fn policy(c: &mut Criterion) {
             &tables,
             &ingress,
             &established,
+        );
+        // One established flow between pods no policy selects (A and C).
+        forwarded_batches(
+            &mut g,
+            &format!("established_64B_{n}_policies_unselected"),
+            &tables,
+            &ingress,
+            &one_flow(Ipv4Addr::new(10, 244, 0, 7)),
         );
         // As many established flows as packets in a batch, interleaved: no packet is of
         // the previous packet's flow, so each verdict comes from the worker's cache.

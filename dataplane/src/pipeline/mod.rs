@@ -433,18 +433,17 @@ impl Pipeline {
     }
 
     /// What the policy stage needs of the IP packet `l3` (IPv6 when `v6`) as it arrived,
-    /// before the stages that translate: nothing when no policy is in force.
+    /// taken here only when a stage may translate it before the policy stage: otherwise
+    /// the policy stage reads the same tuple from the packet itself, without carrying it
+    /// through the stages in between.
     #[inline(always)]
-    fn origin<D>(&self, tables: &Tables<D>, l3: &[u8], v6: bool) -> policy::Origin {
-        if tables.policy.is_empty() {
-            return policy::Origin::default();
-        }
+    fn origin<D>(&self, tables: &Tables<D>, l3: &[u8], v6: bool) -> Option<policy::Origin> {
         let translating = !tables.services.is_empty() || (!v6 && tables.masquerade.is_some());
-        policy::Origin::of(l3, v6, translating)
+        (translating && !tables.policy.is_empty()).then(|| policy::Origin::of(l3, v6, true))
     }
 
-    /// Runs the policy stage over a routed packet `l3` (IPv6 when `v6`) that arrived as
-    /// `origin` says.
+    /// Runs the policy stage over a routed packet `l3` (IPv6 when `v6`) from `ingress` to
+    /// `egress`; `origin`: the packet as it arrived, when a stage may have translated it.
     #[inline(always)]
     fn police<D>(
         &mut self,
@@ -453,11 +452,17 @@ impl Pipeline {
         egress: &Port<D>,
         l3: &[u8],
         v6: bool,
-        origin: policy::Origin,
+        origin: Option<policy::Origin>,
     ) -> Result<(), DropReason> {
-        if tables.policy.is_empty() {
+        // Between two pods no policy selects (or a pod and the node or the overlay): no
+        // rule applies either way, and the packet is not read.
+        let selected = &tables.selected_ports;
+        if tables.policy.is_empty()
+            || !(selected.contains(ingress.id) || selected.contains(egress.id))
+        {
             return Ok(());
         }
+        let origin = origin.unwrap_or_else(|| policy::Origin::of(l3, v6, false));
         let generation = tables.policy.generation;
         if let Some(verdict) = self.verdicts.get(&origin, generation, self.now_ns) {
             return verdict;

@@ -174,7 +174,7 @@ pub(super) struct Origin {
 impl Origin {
     /// Reads `l3` (IPv6 when `v6`); `translating`: a stage may change its source before
     /// the policy stage.
-    #[inline]
+    #[inline(always)]
     pub fn of(l3: &[u8], v6: bool, translating: bool) -> Self {
         let raw = raw_tuple(l3, v6);
         let source = match &raw {
@@ -201,35 +201,39 @@ impl RawTuple {
 /// The raw tuple of `l3` (IPv6 when `v6`), if it is a TCP segment without SYN, FIN or RST,
 /// a UDP or SCTP packet or an ICMP echo request or reply, whole (not a fragment, no IPv6
 /// extension header): a packet a cached verdict may decide.
-#[inline]
+#[inline(always)]
 fn raw_tuple(l3: &[u8], v6: bool) -> Option<RawTuple> {
-    let word = |at: usize| -> Option<u128> {
-        Some(u128::from_be_bytes(l3.get(at..at + 16)?.try_into().ok()?))
-    };
-    let (protocol, first, second, l4_at) = if v6 {
-        (*l3.get(6)?, word(8)?, word(24)?, ipv6::HEADER_LEN)
+    // Fixed-size views: one length check per header, none per field.
+    let word = |bytes: &[u8; 16]| u128::from_be_bytes(*bytes);
+    let (protocol, first, second, l4) = if v6 {
+        let h = l3.first_chunk::<{ ipv6::HEADER_LEN }>()?;
+        let (src, dst) = (h[8..24].try_into().ok()?, h[24..40].try_into().ok()?);
+        (h[6], word(src), word(dst), &l3[ipv6::HEADER_LEN..])
     } else {
-        let fragment = u16::from_be_bytes([*l3.get(6)?, *l3.get(7)?]);
-        if fragment & 0x3fff != 0 {
+        let h = l3.first_chunk::<20>()?;
+        if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
             return None;
         }
-        let ihl = usize::from(l3.first()? & 0x0f) * 4;
-        let addrs = u64::from_be_bytes(l3.get(12..20)?.try_into().ok()?);
-        (*l3.get(9)?, u128::from(addrs), 0, ihl)
+        let addrs = u64::from_be_bytes(h[12..20].try_into().ok()?);
+        let l4 = l3.get(usize::from(h[0] & 0x0f) * 4..)?;
+        (h[9], u128::from(addrs), 0, l4)
     };
-    match protocol {
+    let ports = match protocol {
         ipv4::PROTO_TCP => {
-            let flags = *l3.get(l4_at + 13)?;
-            if flags & (tcp::FLAG_SYN | tcp::FLAG_FIN | tcp::FLAG_RST) != 0 {
+            let h = l4.first_chunk::<14>()?;
+            if h[13] & (tcp::FLAG_SYN | tcp::FLAG_FIN | tcp::FLAG_RST) != 0 {
                 return None;
             }
+            u32::from_be_bytes([h[0], h[1], h[2], h[3]])
         }
         ipv4::PROTO_UDP | ipv4::PROTO_SCTP => {
-            l3.get(l4_at + 7)?;
+            let h = l4.first_chunk::<8>()?;
+            u32::from_be_bytes([h[0], h[1], h[2], h[3]])
         }
         ipv4::PROTO_ICMP | ipv6::NEXT_ICMPV6 if (protocol == ipv6::NEXT_ICMPV6) == v6 => {
             // Echo requests and replies only (their identifier in place of ports).
-            let kind = *l3.get(l4_at)?;
+            let h = l4.first_chunk::<6>()?;
+            let kind = h[0];
             let echo = if v6 {
                 kind == icmp::V6_ECHO_REQUEST || kind == icmp::V6_ECHO_REPLY
             } else {
@@ -238,10 +242,7 @@ fn raw_tuple(l3: &[u8], v6: bool) -> Option<RawTuple> {
             if !echo {
                 return None;
             }
-            let ident = u32::from(u16::from_be_bytes([
-                *l3.get(l4_at + 4)?,
-                *l3.get(l4_at + 5)?,
-            ]));
+            let ident = u32::from(u16::from_be_bytes([h[4], h[5]]));
             return Some(RawTuple {
                 first,
                 second,
@@ -252,8 +253,7 @@ fn raw_tuple(l3: &[u8], v6: bool) -> Option<RawTuple> {
             });
         }
         _ => return None,
-    }
-    let ports = u32::from_be_bytes(l3.get(l4_at..l4_at + 4)?.try_into().ok()?);
+    };
     Some(RawTuple {
         first,
         second,
@@ -273,6 +273,17 @@ struct Cached {
     generation: u64,
     verdict: Result<(), DropReason>,
     refreshed_ns: u64,
+}
+
+impl Cached {
+    /// True when this entry decides packets with `tuple` under rules of `generation` at
+    /// `now_ns`.
+    #[inline(always)]
+    fn fresh(&self, tuple: &RawTuple, generation: u64, now_ns: u64) -> bool {
+        self.tuple == *tuple
+            && self.generation == generation
+            && now_ns.wrapping_sub(self.refreshed_ns) < CACHE_REFRESH_NS
+    }
 }
 
 /// A worker's last verdicts, direct-mapped by the packet's raw tuple; read and written
@@ -306,7 +317,7 @@ impl VerdictCache {
 
     /// The verdict this worker used on packets like `origin`'s under rules of
     /// `generation` within the last second, if any.
-    #[inline]
+    #[inline(always)]
     pub(super) fn get(
         &mut self,
         origin: &Origin,
@@ -314,15 +325,22 @@ impl VerdictCache {
         now_ns: u64,
     ) -> Option<Result<(), DropReason>> {
         let tuple = origin.raw.as_ref()?;
-        let fresh = |c: &Cached| {
-            c.tuple == *tuple
-                && c.generation == generation
-                && now_ns.wrapping_sub(c.refreshed_ns) < CACHE_REFRESH_NS
-        };
-        if let Some(last) = self.last.as_ref().filter(|c| fresh(c)) {
-            return Some(last.verdict);
+        // Inline, the packet's tuple stays in registers: a bulk flow's packets end here.
+        match &self.last {
+            Some(last) if last.fresh(tuple, generation, now_ns) => Some(last.verdict),
+            _ => self.get_slot(tuple, generation, now_ns),
         }
-        let c = self.slots[Self::slot(tuple)].filter(fresh)?;
+    }
+
+    /// [`Self::get`] past the entry used last: the tuple's slot.
+    #[inline(never)]
+    fn get_slot(
+        &mut self,
+        tuple: &RawTuple,
+        generation: u64,
+        now_ns: u64,
+    ) -> Option<Result<(), DropReason>> {
+        let c = self.slots[Self::slot(tuple)].filter(|c| c.fresh(tuple, generation, now_ns))?;
         self.last = Some(c);
         Some(c.verdict)
     }

@@ -1425,6 +1425,16 @@ mod policy_stage {
     }
 
     #[test]
+    fn only_the_selected_pods_ports_are_marked_for_the_policy_stage() {
+        let t = tables(&b_admits_a_on_80(), 1);
+        assert!(t.selected_ports.contains(3), "B is selected");
+        assert!(!t.selected_ports.contains(1), "A is selected by nothing");
+        assert!(!t.selected_ports.contains(2), "the host port is no pod");
+        let none = tables(&PolicySet::default(), 2);
+        assert_eq!(none.selected_ports, Default::default());
+    }
+
+    #[test]
     fn a_trace_names_the_policy_that_stops_a_packet() {
         let t = tables(&b_admits_a_on_80(), 1);
         let admitted = trace_from(&t, 1, "10.244.0.5", "10.244.0.6", 6, 80);

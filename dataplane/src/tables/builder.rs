@@ -7,7 +7,7 @@
 //! forwarding.
 
 use super::lpm::{Lpm, Route};
-use super::{Gateway, NextHop, Port, Tables};
+use super::{Gateway, NextHop, Port, PortRole, Tables};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -389,6 +389,14 @@ impl<D> TableBuilder<D> {
                 IpNet::V6(n) => v6.push((u128::from(n.addr()), n.prefix_len(), nh)),
             }
         }
+        let mut selected_ports = super::policy::SelectedPorts::default();
+        for port in self.ports.values().filter(|p| p.role == PortRole::Pod) {
+            let v4 = port.ipv4.iter().map(|a| IpAddr::V4(*a));
+            let v6 = port.ipv6.iter().map(|a| IpAddr::V6(*a));
+            if self.policy.selects(v4.chain(v6)) {
+                selected_ports.insert(port.id);
+            }
+        }
         Tables {
             generation: self.generation,
             gateway: self.gateway,
@@ -402,6 +410,7 @@ impl<D> TableBuilder<D> {
             services: self.services.clone(),
             service_flows: self.service_flows.clone(),
             policy: self.policy.clone(),
+            selected_ports,
             policy_flows: self.policy_flows.clone(),
         }
     }

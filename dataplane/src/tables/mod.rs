@@ -156,6 +156,8 @@ pub struct Tables<D> {
     pub service_flows: Arc<crate::conntrack::service::ServiceFlows>,
     /// The NetworkPolicy rules of the node's selected pods.
     pub policy: Arc<policy::PolicyTable>,
+    /// The ports whose pods `policy` selects (a filter: see [`policy::SelectedPorts`]).
+    pub selected_ports: policy::SelectedPorts,
     /// The policy verdicts of flows, shared by every snapshot.
     pub policy_flows: Arc<crate::conntrack::policy::PolicyFlows>,
 }
@@ -175,6 +177,7 @@ impl<D> Tables<D> {
             services: Arc::default(),
             service_flows: Arc::new(crate::conntrack::service::ServiceFlows::new(0)),
             policy: Arc::default(),
+            selected_ports: policy::SelectedPorts::default(),
             policy_flows: Arc::new(crate::conntrack::policy::PolicyFlows::new(0)),
         }
     }
@@ -197,6 +200,7 @@ impl<D> Tables<D> {
                 self.service_flows.limit(),
             )),
             policy: self.policy.clone(),
+            selected_ports: self.selected_ports,
             policy_flows: Arc::new(crate::conntrack::policy::PolicyFlows::new(
                 self.policy_flows.limit(),
             )),

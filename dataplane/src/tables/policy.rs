@@ -245,6 +245,34 @@ pub struct PodRules {
     pub egress: Option<Arc<CompiledRules>>,
 }
 
+/// The ports whose pods some policy selects, as a filter over port ids: a port not in it
+/// is surely not selected; a port in it may be (ids share a bit modulo 256, so a few
+/// others pay the policy stage's check for nothing). The policy stage passes a packet
+/// between two ports not in it without reading it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SelectedPorts([u64; 4]);
+
+impl SelectedPorts {
+    #[inline(always)]
+    fn bit(id: u32) -> (usize, u64) {
+        let i = (id % 256) as usize;
+        (i / 64, 1 << (i % 64))
+    }
+
+    /// Adds the port `id`.
+    pub fn insert(&mut self, id: u32) {
+        let (word, bit) = Self::bit(id);
+        self.0[word] |= bit;
+    }
+
+    /// True when the port `id` may be selected.
+    #[inline(always)]
+    pub fn contains(&self, id: u32) -> bool {
+        let (word, bit) = Self::bit(id);
+        self.0[word] & bit != 0
+    }
+}
+
 /// The policies of a snapshot: selected pods by address, and this node's own addresses
 /// (traffic between a pod and its node is always allowed).
 #[derive(Debug, Default)]
@@ -308,6 +336,11 @@ impl PolicyTable {
     #[inline]
     pub fn pod(&self, addr: IpAddr) -> Option<&Arc<PodRules>> {
         self.pods.get(&Key(point(addr)))
+    }
+
+    /// True when a policy selects the pod that has one of `addrs`.
+    pub fn selects(&self, mut addrs: impl Iterator<Item = IpAddr>) -> bool {
+        addrs.any(|addr| self.pod(addr).is_some())
     }
 
     /// True when `addr` is one of the node's own.

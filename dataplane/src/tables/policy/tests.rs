@@ -217,3 +217,17 @@ fn pods_share_compiled_directions_and_open_directions_stay_open() {
     assert!(table.is_node(ip("192.168.1.1")));
     assert!(!table.is_node(ip("10.0.0.1")));
 }
+
+#[test]
+fn selected_ports_never_miss_a_port_and_share_bits_modulo_256() {
+    let mut ports = SelectedPorts::default();
+    assert!(!ports.contains(7));
+    ports.insert(7);
+    ports.insert(300);
+    assert!(ports.contains(7) && ports.contains(300));
+    assert!(
+        ports.contains(263),
+        "263 shares 7's bit: checked for nothing, never missed"
+    );
+    assert!(!ports.contains(8) && !ports.contains(299) && !ports.contains(45));
+}
