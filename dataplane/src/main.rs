@@ -45,7 +45,8 @@ struct Args {
     /// kernel segments and merges: the most bulk TCP) or `afxdp` (AF_XDP sockets on the
     /// underlay device behind an XDP program that takes only VXLAN to this node; whole
     /// frames built by the dataplane, next hops from the kernel's neighbour table; the
-    /// path to zero copy on NICs that have it).
+    /// path to zero copy on NICs that have it). VXLAN only: node settings with IP-in-IP or
+    /// direct routing are refused under `afxdp`.
     #[arg(long, default_value = "sockets")]
     uplink_mode: switchyard_dataplane::io::uplink::UplinkMode,
     /// Name of the node-side interface through which the node's own stack reaches pods

@@ -10,7 +10,7 @@ use super::{State, Switch};
 use crate::io::links;
 use crate::io::netlink::{KernelRoute, KernelRule, Netlink};
 use crate::io::tap::TapDevice;
-use crate::io::uplink::{Encap, Uplink};
+use crate::io::uplink::{Encap, Uplink, UplinkMode};
 use crate::io::PortIo;
 use crate::node::{self, KernelVia, NodePlan, UplinkInfo};
 use crate::tables::builder::NodePorts;
@@ -204,6 +204,15 @@ impl Switch {
 
     /// [`Switch::set_node`]'s work, under the state's lock.
     fn join(&self, state: &mut State, spec: NodeSpec) -> Result<NodeStatus, ApiError> {
+        if spec.backend.kind == BackendKind::Direct && self.config.uplink_mode == UplinkMode::AfXdp
+        {
+            // Refused rather than ignored: the operator asked for AF_XDP on this node.
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "the AF_XDP uplink carries VXLAN only; with direct routing, pod traffic \
+                 between nodes goes through the node's kernel: use --uplink-mode sockets",
+            ));
+        }
         let uplink = find_uplink(&spec)?;
         let plan = node::plan(&spec, &uplink)?;
         let uplink_index = crate::io::netns::link_index(&uplink.ifname).unwrap_or(0);
