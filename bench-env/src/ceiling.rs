@@ -108,6 +108,7 @@ impl CrossNodeNull {
                     None,
                     true,
                     UplinkMode::Sockets,
+                    None,
                 )
             })?;
             let peer = underlay[1 - i];

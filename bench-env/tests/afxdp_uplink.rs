@@ -184,3 +184,105 @@ fn pods_on_afxdp_ports_cross_an_afxdp_uplink_intact() {
     assert!(counter(&c, 1, "uplink_afxdp_rx_frames") > 20_000);
     assert!(counter(&c, 1, "uplink_afxdp_tx_frames") > 20_000);
 }
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces, XDP programs and AF_XDP sockets"
+)]
+fn direct_routing_on_the_afxdp_uplink_carries_ipv4_pods_itself_and_ipv6_through_the_kernel() {
+    bench_env::require_root("AF_XDP uplink test");
+    let mut c = Cluster::build(
+        Arm::Switchyard,
+        &ClusterOptions {
+            pods_per_node: 2,
+            backend: switchyard_api::BackendKind::Direct,
+            external: true,
+            dataplane_args: afxdp_uplink(),
+            ..ClusterOptions::default()
+        },
+    )
+    .expect("cluster");
+    for node in &c.nodes {
+        assert_eq!(
+            uplink_program(&node.ns).as_deref(),
+            Some("sy_xsk_pods"),
+            "{}: the pod CIDR filter on the underlay device",
+            node.name
+        );
+    }
+    // Every pair, both families (IPv6 between nodes stays with the nodes' kernels).
+    cluster::assert_connected(&c, "direct routing on an AF_XDP uplink");
+    // Both ways at once, intact, every IPv4 packet through the AF_XDP sockets.
+    let before: Vec<(u64, u64)> = (0..2)
+        .map(|i| {
+            (
+                counter(&c, i, "uplink_afxdp_tx_frames"),
+                counter(&c, i, "uplink_afxdp_rx_frames"),
+            )
+        })
+        .collect();
+    let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
+    let (c0, c1) = (&c.nodes[0].pods[1], &c.nodes[1].pods[1]);
+    std::thread::scope(|s| {
+        let there = s.spawn(|| tcp_transfer(a, b, 30 << 20));
+        let back = tcp_transfer(c1, c0, 30 << 20).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back.sent_hash, back.received_hash, "corrupted node 1 -> 0");
+        let there = there.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            there.sent_hash, there.received_hash,
+            "corrupted node 0 -> 1"
+        );
+    });
+    for (i, (tx, rx)) in before.iter().enumerate() {
+        let (sent, received) = (
+            counter(&c, i, "uplink_afxdp_tx_frames") - tx,
+            counter(&c, i, "uplink_afxdp_rx_frames") - rx,
+        );
+        // 30 MB each way in packets of at most 1,448 bytes of payload.
+        assert!(
+            sent > 20_000 && received > 20_000,
+            "node {i}: the AF_XDP sockets carried {sent} packets out and {received} in"
+        );
+    }
+    // The node's own traffic stays the kernel's: masquerade to the external network, and
+    // a node reaching a pod on the other node (through its kernel route to that node; the
+    // other node's program hands the packet to its dataplane).
+    let ext = c.external.as_ref().unwrap();
+    let t = tcp_transfer(a, ext, 10 << 20).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    assert_eq!(t.sent_hash, t.received_hash, "corrupted through masquerade");
+    assert_eq!(t.peer.ip(), IpAddr::V4(c.nodes[0].ipv4), "masqueraded");
+    c.nodes[0]
+        .ns
+        .exec(&["ping", "-c", "2", "-W", "1", &b.ipv4.to_string()])
+        .unwrap_or_else(|e| panic!("node 0 to a pod on node 1: {e}"));
+    // A live change to VXLAN and back: each uplink's program replaces the last one's.
+    for (backend, program) in [
+        (switchyard_api::BackendKind::Vxlan, "sy_xsk_vxlan"),
+        (switchyard_api::BackendKind::Direct, "sy_xsk_pods"),
+    ] {
+        c.set_backend(backend).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while c.nodes.iter().any(|n| {
+            n.client()
+                .unwrap()
+                .node()
+                .unwrap()
+                .spec
+                .map(|s| s.backend.kind)
+                != Some(backend)
+                || uplink_program(&n.ns).as_deref() != Some(program)
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{backend:?} not applied with {program}\n{}",
+                c.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cluster::assert_connected(&c, &format!("after the change to {backend:?}"));
+    }
+    c.stop_dataplane(0, nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    assert_eq!(uplink_program(&c.nodes[0].ns), None, "left after a stop");
+}

@@ -148,6 +148,7 @@ fn the_afxdp_uplink_refuses_a_device_that_runs_another_program_and_says_what_to_
             None,
             false,
             UplinkMode::AfXdp,
+            None,
         ) {
             Ok(_) => Ok(None),
             Err(e) => Ok(Some(e.to_string())),

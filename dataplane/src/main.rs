@@ -41,12 +41,13 @@ struct Args {
     /// small packets per second; MTU up to 3506).
     #[arg(long, default_value = "tap")]
     pod_ports: switchyard_api::PodPorts,
-    /// How the uplink carries VXLAN between nodes: `sockets` (the node's UDP sockets; the
-    /// kernel segments and merges: the most bulk TCP) or `afxdp` (AF_XDP sockets on the
-    /// underlay device behind an XDP program that takes only VXLAN to this node; whole
+    /// How the uplink carries pods' traffic between nodes: `sockets` (the node's UDP
+    /// sockets; the kernel segments and merges: the most bulk TCP) or `afxdp` (AF_XDP
+    /// sockets on the underlay device behind an XDP program that takes only VXLAN to this
+    /// node, or under direct routing only packets to its pod CIDR; whole
     /// frames built by the dataplane, next hops from the kernel's neighbour table; the
-    /// path to zero copy on NICs that have it). VXLAN only: node settings with IP-in-IP or
-    /// direct routing are refused under `afxdp`.
+    /// path to zero copy on NICs that have it). VXLAN and direct routing (its IPv4); node
+    /// settings with IP-in-IP are refused under `afxdp`.
     #[arg(long, default_value = "sockets")]
     uplink_mode: switchyard_dataplane::io::uplink::UplinkMode,
     /// Name of the node-side interface through which the node's own stack reaches pods

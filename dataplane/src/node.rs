@@ -240,6 +240,22 @@ pub fn plan(spec: &NodeSpec, uplink: &UplinkInfo) -> Result<NodePlan, ApiError> 
     })
 }
 
+/// Under direct routing with the uplink on AF_XDP, the dataplane carries IPv4 pod traffic
+/// to other nodes itself: each peer's IPv4 pod CIDRs go to that peer through the uplink
+/// instead of the node's stack (whose routes to them stay, for the node's own traffic and
+/// for packets whose next hop is not resolved yet). IPv6 stays with the node's stack.
+pub fn carry_direct_v4(plan: &mut NodePlan, spec: &NodeSpec) {
+    if spec.backend.kind != BackendKind::Direct {
+        return;
+    }
+    for peer in &spec.peers {
+        for cidr in peer.pod_cidrs.iter().filter(|c| c.addr().is_ipv4()) {
+            plan.routes
+                .insert(cidr.trunc(), NextHop::Peer(peer.underlay));
+        }
+    }
+}
+
 fn overlap(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
@@ -294,6 +310,22 @@ mod tests {
             mtu: 1500,
             prefixes: vec![net("192.168.1.0/24"), net("fd00:1::/64")],
         }
+    }
+
+    #[test]
+    fn direct_routing_on_afxdp_sends_ipv4_pods_through_the_uplink_and_ipv6_through_the_node() {
+        let s = spec(BackendKind::Direct);
+        let mut p = plan(&s, &uplink()).unwrap();
+        let before = p.kernel_routes.clone();
+        carry_direct_v4(&mut p, &s);
+        let peer = "192.168.1.3".parse().unwrap();
+        assert_eq!(p.routes[&net("10.244.1.0/24")], NextHop::Peer(peer));
+        assert_eq!(p.routes[&net("fd10:244:0:1::/64")], NextHop::Host);
+        assert_eq!(p.kernel_routes, before, "the node's own routes stay");
+        let mut vxlan = plan(&spec(BackendKind::Vxlan), &uplink()).unwrap();
+        let unchanged = vxlan.clone();
+        carry_direct_v4(&mut vxlan, &spec(BackendKind::Vxlan));
+        assert_eq!(vxlan, unchanged);
     }
 
     #[test]

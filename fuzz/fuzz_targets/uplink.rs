@@ -1,8 +1,9 @@
 //! Fuzzes the uplink's receive path: VXLAN runs of datagrams (as one `UDP_GRO` read returns
 //! them) decapsulated and merged in place, IP-in-IP packets stripped to frames, and whole
 //! VXLAN frames as the AF_XDP uplink receives them (outer Ethernet, IPv4 and UDP checked
-//! to 10.0.0.1:4789, then the datagram decapsulated). Input: one byte picks the kind, two
-//! more the segment size, the rest is the data.
+//! to 10.0.0.1:4789, then the datagram decapsulated), and whole frames routed directly as
+//! the AF_XDP uplink receives them (Ethernet and IPv4 checked, the packet made a frame).
+//! Input: one byte picks the kind, two more the segment size, the rest is the data.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -15,11 +16,12 @@ fuzz_target!(|data: &[u8]| {
     if data.len() < 3 {
         return;
     }
-    let kind = data[0] % 4;
+    let kind = data[0] % 5;
     let encap = match kind {
         0 | 3 => Encap::Vxlan { vni: 1, port: 4789 },
         1 => Encap::Ipip { protocol: 4 },
-        _ => Encap::Ipip { protocol: 41 },
+        2 => Encap::Ipip { protocol: 41 },
+        _ => Encap::Direct,
     };
     let segment = usize::from(u16::from_le_bytes([data[1], data[2]]));
     let mut data = &data[3..];
@@ -30,6 +32,13 @@ fuzz_target!(|data: &[u8]| {
         };
         assert!(d.payload.end <= data.len());
         data = &data[d.payload];
+    }
+    if kind == 4 {
+        let Some(packet) = outer::routed_packet(data) else {
+            return;
+        };
+        assert!(packet.end <= data.len());
+        data = &data[packet];
     }
     let decap = Decapsulator {
         encap,

@@ -12,6 +12,7 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// Program types.
 pub const PROG_TYPE_SOCKET_FILTER: u32 = 1;
@@ -177,6 +178,14 @@ pub fn link_device(
     put_u32(&mut attr, 8, attach_type);
     put_u32(&mut attr, 12, flags);
     call_fd(BPF_LINK_CREATE, &mut attr)
+}
+
+/// Detaches the link `link` from its device now (Linux 5.9 and later); its descriptor
+/// stays open, attached to nothing.
+pub fn detach_link(link: RawFd) -> io::Result<()> {
+    let mut attr = [0u8; 128];
+    put_u32(&mut attr, 0, link as u32);
+    call(BPF_LINK_DETACH, &mut attr).map(|_| ())
 }
 
 #[cfg(test)]

@@ -13,11 +13,16 @@
 //! * **IP-in-IP**: a raw socket per inner family (protocol 4 for IPv4, 41 for IPv6), read
 //!   by worker 0 (a raw socket gets every packet of its protocol).
 //!
-//! With `--uplink-mode afxdp` ([`UplinkMode::AfXdp`], VXLAN only), VXLAN also moves through
-//! AF_XDP sockets on the underlay device ([`super::uplink_xdp`]): received frames are
-//! checked and decapsulated here, frames to a peer whose next hop the kernel has resolved
-//! leave as whole frames with outer headers built here; the sockets stay open beside them
-//! for what the program lets through and for peers not resolved yet.
+//! With `--uplink-mode afxdp` ([`UplinkMode::AfXdp`]), VXLAN also moves through AF_XDP
+//! sockets on the underlay device ([`super::uplink_xdp`]): received frames are checked
+//! and decapsulated here, frames to a peer whose next hop the kernel has resolved leave as
+//! whole frames with outer headers built here; the sockets stay open beside them for what
+//! the program lets through and for peers not resolved yet.
+//! * **Direct routing** (AF_XDP only; without it the node's kernel routes pod traffic
+//!   between nodes): IPv4 packets to the node's pod CIDR arrive on the AF_XDP sockets, and
+//!   packets to peers' pods leave on them behind an Ethernet header to the next hop; until
+//!   a next hop is resolved, a raw socket (`IPPROTO_RAW`) hands them to the kernel's
+//!   routing as they are.
 //!
 //! A datagram from an address that is not a peer, with another VNI, malformed, or with no
 //! buffer left is dropped here and counted by reason ([`Uplink::drops`], reported in the
@@ -27,6 +32,7 @@
 #![allow(unsafe_code)]
 
 use super::uplink_xdp::XdpPath;
+use super::xdp::Filter;
 use crate::buffer::{PacketBuf, BATCH};
 use crate::offload::outer::{self, NotVxlan, OuterAddrs};
 pub use crate::offload::tunnel::Encap;
@@ -54,8 +60,8 @@ pub enum UplinkMode {
     /// and merges (`UDP_SEGMENT`, `UDP_GRO`).
     #[default]
     Sockets,
-    /// AF_XDP sockets on the underlay device for VXLAN, whole frames built by the
-    /// dataplane, next hops from the kernel's tables; the sockets beside them.
+    /// AF_XDP sockets on the underlay device for VXLAN (and direct routing), whole frames
+    /// built by the dataplane, next hops from the kernel's tables; the sockets beside them.
     AfXdp,
 }
 
@@ -108,7 +114,8 @@ impl Uplink {
     /// datagrams that arrived meanwhile wait in them. With `per_cpu` (workers pinned, worker
     /// `i` on CPU `i`), a datagram goes to the socket of the worker on the CPU that
     /// received it (`SO_INCOMING_CPU`), so no other CPU has to be woken. `mode` says
-    /// whether AF_XDP sockets on the underlay device carry VXLAN too.
+    /// whether AF_XDP sockets on the underlay device carry VXLAN too; `pods`: the node's
+    /// IPv4 pod CIDR, which the AF_XDP sockets take under direct routing.
     #[allow(clippy::too_many_arguments)]
     pub fn open(
         encap: Encap,
@@ -119,6 +126,7 @@ impl Uplink {
         kept: Option<Vec<OwnedFd>>,
         per_cpu: bool,
         mode: UplinkMode,
+        pods: Option<(Ipv4Addr, u8)>,
     ) -> io::Result<Self> {
         let (rx, tx) = match encap {
             Encap::Vxlan { port, .. } => {
@@ -144,16 +152,35 @@ impl Uplink {
                 let tx = vec![raw.try_clone()?];
                 (vec![raw], tx)
             }
+            // Sends packets whole, headers included; receives nothing (what the AF_XDP
+            // program passes reaches the pods through the node's routes).
+            Encap::Direct => (
+                Vec::new(),
+                vec![raw_socket(local, libc::IPPROTO_RAW as u8)?],
+            ),
         };
         let peers = Arc::new(ArcSwap::from_pointee(Vec::new()));
         let xdp =
             match (mode, encap) {
+                (UplinkMode::Sockets, Encap::Direct) => return Err(invalid(
+                    "direct routing goes through the node's kernel unless the uplink is AF_XDP",
+                )),
                 (UplinkMode::Sockets, _) => None,
-                (UplinkMode::AfXdp, Encap::Vxlan { port, .. }) => {
-                    Some(XdpPath::open(local, port, queues, peers.clone())?)
+                (UplinkMode::AfXdp, Encap::Vxlan { port, .. }) => Some(XdpPath::open(
+                    local,
+                    Filter::Vxlan { local, port },
+                    queues,
+                    peers.clone(),
+                )?),
+                (UplinkMode::AfXdp, Encap::Direct) => {
+                    let (net, prefix) = pods.ok_or_else(|| {
+                        invalid("direct routing on the AF_XDP uplink needs an IPv4 pod CIDR")
+                    })?;
+                    let filter = Filter::PodCidr { net, prefix };
+                    Some(XdpPath::open(local, filter, queues, peers.clone())?)
                 }
                 (UplinkMode::AfXdp, Encap::Ipip { .. }) => return Err(invalid(
-                    "the AF_XDP uplink carries VXLAN only: use --uplink-mode sockets with IP-in-IP",
+                    "the AF_XDP uplink carries VXLAN and direct routing, not IP-in-IP: use --uplink-mode sockets with IP-in-IP",
                 )),
             };
         Ok(Self {
@@ -171,6 +198,13 @@ impl Uplink {
             gso: AtomicBool::new(true),
             drops: Default::default(),
         })
+    }
+
+    /// Takes the AF_XDP path's program off the device now, if there is one (a new uplink
+    /// is about to attach its own there); the sockets go on receiving what the kernel hands
+    /// them.
+    pub fn detach_xdp(&self) -> io::Result<()> {
+        self.xdp.as_ref().map_or(Ok(()), XdpPath::detach)
     }
 
     /// The encapsulation.
@@ -253,7 +287,7 @@ impl Uplink {
         let rest = &mut bufs[from_xdp..want];
         let from_socket = match self.decap.encap {
             Encap::Vxlan { .. } => self.recv_gro(fd, rest),
-            Encap::Ipip { .. } => self.recv_packets(fd, rest),
+            Encap::Ipip { .. } | Encap::Direct => self.recv_packets(fd, rest),
         };
         match from_socket {
             Ok(n) => Ok(from_xdp + n),
@@ -262,14 +296,16 @@ impl Uplink {
         }
     }
 
-    /// AF_XDP receive: every VXLAN frame on worker `queue`'s socket becomes a frame in
-    /// `bufs` (its datagram copied once, behind room for the virtio-net header), or is
-    /// dropped and counted.
+    /// AF_XDP receive: every VXLAN frame (or routed packet) on worker `queue`'s socket
+    /// becomes a frame in `bufs` (its datagram copied once, behind room for the
+    /// virtio-net header), or is dropped and counted.
     fn recv_frames(&self, xdp: &XdpPath, queue: usize, bufs: &mut [PacketBuf]) -> usize {
-        let Encap::Vxlan { port, .. } = self.decap.encap else {
-            return 0;
-        };
         let at = self.decap.encap.rx_offset();
+        let port = match self.decap.encap {
+            Encap::Vxlan { port, .. } => port,
+            Encap::Direct => return self.recv_routed(xdp, queue, bufs),
+            Encap::Ipip { .. } => return 0,
+        };
         let peers = self.peers.load();
         let mut kept = 0;
         xdp.recv(queue, bufs.len(), |frame| {
@@ -294,6 +330,37 @@ impl Uplink {
                 }
                 Err(NotVxlan::NotOurs) => Err(Reject::NotOurs),
                 Err(NotVxlan::Malformed) => Err(Reject::Malformed),
+            };
+            match got {
+                Ok(()) => kept += 1,
+                Err(reason) => self.reject(reason),
+            }
+        });
+        kept
+    }
+
+    /// AF_XDP receive under direct routing: the IPv4 packet of every frame on worker
+    /// `queue`'s socket is copied once into a buffer and made a frame, or dropped and
+    /// counted. The program took only packets to the node's pods; their senders are
+    /// checked as the node's own routing would (the pipeline takes an uplink's packets
+    /// only to local pods and the node).
+    fn recv_routed(&self, xdp: &XdpPath, queue: usize, bufs: &mut [PacketBuf]) -> usize {
+        let at = self.decap.encap.rx_offset();
+        let mut kept = 0;
+        xdp.recv(queue, bufs.len(), |frame| {
+            let got = match outer::routed_packet(frame) {
+                Some(packet) => {
+                    let buf = &mut bufs[kept];
+                    let packet = &frame[packet];
+                    match buf.receive_space().get_mut(at..at + packet.len()) {
+                        Some(space) => {
+                            space.copy_from_slice(packet);
+                            self.decap.decapsulate(buf, packet.len())
+                        }
+                        None => Err(Reject::Malformed),
+                    }
+                }
+                None => Err(Reject::Malformed),
             };
             match got {
                 Ok(()) => kept += 1,
@@ -409,6 +476,18 @@ impl Uplink {
             .as_ref()
             .and_then(|xdp| Some((xdp, xdp.next_hop(peer)?)))
         {
+            if self.decap.encap == Encap::Direct {
+                // The packet as it is, behind an Ethernet header to the next hop.
+                let head = outer::ethernet_v4(next_hop, xdp.mac());
+                return match outgoing {
+                    Outgoing::One([packet, _]) => xdp.post(queue, &[&head, packet]),
+                    Outgoing::Segments {
+                        data, stride, skip, ..
+                    } => data
+                        .chunks(stride)
+                        .try_for_each(|seg| xdp.post(queue, &[&head, &seg[skip..]])),
+                };
+            }
             let addrs = OuterAddrs {
                 src_mac: xdp.mac(),
                 dst_mac: next_hop,

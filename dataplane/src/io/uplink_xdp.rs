@@ -1,8 +1,9 @@
 //! The uplink's AF_XDP path (`--uplink-mode afxdp`): AF_XDP sockets on the device that
 //! holds the node's underlay address, behind an XDP program that hands them only the VXLAN
-//! datagrams addressed to the node's address and port ([`Filter::Vxlan`]); everything else
-//! the device receives stays the kernel's. Frames to other nodes leave through the same
-//! sockets with outer headers built by the dataplane ([`crate::offload::outer`]).
+//! datagrams addressed to the node's address and port ([`Filter::Vxlan`]), or under direct
+//! routing only the IPv4 packets to the node's pod CIDR ([`Filter::PodCidr`]); everything
+//! else the device receives stays the kernel's. Frames to other nodes leave through the
+//! same sockets with headers built by the dataplane ([`crate::offload::outer`]).
 //!
 //! The next hop's MAC comes from the kernel's own tables: a thread reads the kernel's
 //! routes to the peers and its neighbour table over netlink every [`REFRESH`], and marks
@@ -45,7 +46,8 @@ pub struct XdpPath {
     /// Frames moved, by worker.
     moved: Vec<Moved>,
     /// One socket per device queue that has one; worker `i` takes socket `i` (modulo).
-    sockets: Vec<Mutex<XskSocket>>,
+    /// Taken out (closed) by [`XdpPath::detach`].
+    sockets: Vec<Mutex<Option<XskSocket>>>,
     fds: Vec<RawFd>,
     /// The device's MAC.
     mac: MacAddr,
@@ -54,16 +56,16 @@ pub struct XdpPath {
     stop: Arc<AtomicBool>,
     refresher: Option<JoinHandle<()>>,
     // Dropped after the sockets: the program then finds no socket and goes with its link.
-    _redirect: XdpRedirect,
+    redirect: XdpRedirect,
 }
 
 impl XdpPath {
-    /// Attaches to the device holding `local` (in the caller's namespace) for VXLAN on
-    /// `port`, with up to `queues` sockets (fewer when the device has fewer queues), and
-    /// starts reading next hops for the addresses `peers` holds.
+    /// Attaches to the device holding `local` (in the caller's namespace) for the frames
+    /// `filter` names, with up to `queues` sockets (fewer when the device has fewer
+    /// queues), and starts reading next hops for the addresses `peers` holds.
     pub fn open(
         local: Ipv4Addr,
-        port: u16,
+        filter: Filter,
         queues: usize,
         peers: Arc<ArcSwap<Vec<Ipv4Addr>>>,
     ) -> io::Result<Self> {
@@ -82,20 +84,19 @@ impl XdpPath {
             .ok_or_else(|| io::Error::other(format!("{ifname} has no MAC address")))?;
         let frame_size = frame_size_for(links::mtu(&ifname)?);
         let queues = queues.max(1);
-        let redirect = XdpRedirect::attach(index, queues as u32, Filter::Vxlan { local, port })
-            .map_err(|e| {
-                let hint = match e.raw_os_error() {
-                    Some(libc::EBUSY | libc::EEXIST) => format!(
-                        " (another XDP program is on {ifname}, see `ip link show {ifname}`: \
+        let redirect = XdpRedirect::attach(index, queues as u32, filter).map_err(|e| {
+            let hint = match e.raw_os_error() {
+                Some(libc::EBUSY | libc::EEXIST) => format!(
+                    " (another XDP program is on {ifname}, see `ip link show {ifname}`: \
                          only one fits; use --uplink-mode sockets)"
-                    ),
-                    _ => String::new(),
-                };
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot attach the uplink's XDP program to {ifname}: {e}{hint}"),
-                )
-            })?;
+                ),
+                _ => String::new(),
+            };
+            io::Error::new(
+                e.kind(),
+                format!("cannot attach the uplink's XDP program to {ifname}: {e}{hint}"),
+            )
+        })?;
         let mut sockets = Vec::new();
         for queue in 0..queues as u32 {
             match XskSocket::bind(index, queue, frame_size) {
@@ -133,14 +134,31 @@ impl XdpPath {
             })?;
         Ok(Self {
             moved: (0..queues).map(|_| Moved::default()).collect(),
-            sockets: sockets.into_iter().map(Mutex::new).collect(),
+            sockets: sockets.into_iter().map(|s| Mutex::new(Some(s))).collect(),
             fds,
             mac,
             next_hops,
             stop,
             refresher: Some(refresher),
-            _redirect: redirect,
+            redirect,
         })
+    }
+
+    /// Takes the program off the device and closes the sockets now (for an uplink that
+    /// replaces this one on the same device: only one program fits a device, one socket a
+    /// queue). What the program took goes to the kernel again, and no next hop is known
+    /// any more, so frames leave through the uplink's other sockets until it goes.
+    pub fn detach(&self) -> io::Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = &self.refresher {
+            thread.thread().unpark();
+        }
+        self.next_hops.store(Arc::new(HashMap::new()));
+        let detached = self.redirect.detach();
+        for socket in &self.sockets {
+            socket.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+        detached
     }
 
     /// The device's MAC (the source of every frame sent).
@@ -165,23 +183,31 @@ impl XdpPath {
         self.next_hops.load().get(&peer).copied()
     }
 
-    fn socket(&self, queue: usize) -> Option<MutexGuard<'_, XskSocket>> {
+    /// Runs `f` on worker `queue`'s socket, if it has one.
+    fn with_socket<R>(&self, queue: usize, f: impl FnOnce(&mut XskSocket) -> R) -> Option<R> {
         // Only worker `queue` (modulo) locks it: uncontended unless the device has fewer
         // queues than there are workers.
         let socket = self.sockets.get(queue % self.sockets.len().max(1))?;
-        Some(socket.lock().unwrap_or_else(|e| e.into_inner()))
+        let mut socket: MutexGuard<'_, Option<XskSocket>> =
+            socket.lock().unwrap_or_else(|e| e.into_inner());
+        socket.as_mut().map(f)
     }
 
     /// Hands up to `max` frames received on worker `queue`'s socket to `each`; returns
     /// how many.
     pub fn recv(&self, queue: usize, max: usize, mut each: impl FnMut(&[u8])) -> usize {
-        let Some(mut socket) = self.fds.get(queue).and_then(|_| self.socket(queue)) else {
+        if self.fds.get(queue).is_none() {
             return 0;
-        };
-        let mut n = 0;
-        while n < max && socket.recv_with(&mut each).is_some() {
-            n += 1;
         }
+        let n = self
+            .with_socket(queue, |socket| {
+                let mut n = 0;
+                while n < max && socket.recv_with(&mut each).is_some() {
+                    n += 1;
+                }
+                n
+            })
+            .unwrap_or(0);
         if n > 0 {
             self.moved(queue)
                 .received
@@ -207,9 +233,9 @@ impl XdpPath {
     /// Posts the concatenation of `parts` as one frame on worker `queue`'s socket; it
     /// leaves at the next [`XdpPath::flush`].
     pub fn post(&self, queue: usize, parts: &[&[u8]]) -> io::Result<()> {
-        match self.socket(queue) {
-            Some(mut socket) => {
-                socket.post_parts(parts)?;
+        match self.with_socket(queue, |socket| socket.post_parts(parts)) {
+            Some(posted) => {
+                posted?;
                 self.moved(queue).sent.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
@@ -219,10 +245,7 @@ impl XdpPath {
 
     /// Sends what worker `queue` posted.
     pub fn flush(&self, queue: usize) -> io::Result<()> {
-        match self.socket(queue) {
-            Some(mut socket) => socket.flush(),
-            None => Ok(()),
-        }
+        self.with_socket(queue, XskSocket::flush).unwrap_or(Ok(()))
     }
 }
 

@@ -3,7 +3,8 @@
 //! an `XSKMAP`), and lets the kernel have the frame (`XDP_PASS`) when no socket is
 //! registered for that queue. On a pod's veth every frame goes ([`Filter::All`]); on the
 //! node's uplink only VXLAN datagrams to the node's address and port do
-//! ([`Filter::Vxlan`]): the node's own traffic stays the kernel's. Attached through a BPF
+//! ([`Filter::Vxlan`]), or with direct routing only IPv4 packets to the node's pod CIDR
+//! ([`Filter::PodCidr`]): the node's own traffic stays the kernel's. Attached through a BPF
 //! link, so the program is on the device exactly as long as the [`XdpRedirect`] lives:
 //! dropping it, or the process ending in any way, detaches it.
 
@@ -24,6 +25,14 @@ pub enum Filter {
         local: Ipv4Addr,
         /// The VXLAN port.
         port: u16,
+    },
+    /// Untagged IPv4 frames to an address in `net`/`prefix` (the node's uplink under
+    /// direct routing: packets for the node's pods); everything else is the kernel's.
+    PodCidr {
+        /// The network's address.
+        net: Ipv4Addr,
+        /// Its prefix length (0 to 32).
+        prefix: u8,
     },
 }
 
@@ -100,11 +109,50 @@ fn vxlan_program(map: RawFd, local: Ipv4Addr, port: u16) -> Vec<[u8; 8]> {
     program
 }
 
+/// The pod CIDR filter in front of [`redirect_program`]: frames that are not untagged IPv4
+/// to an address in `net`/`prefix` go to the kernel.
+///
+/// ```text
+/// if (data + 34 > data_end) return XDP_PASS;          // Ethernet, IPv4
+/// if (eth.type != IPv4) return XDP_PASS;
+/// if ((ip.dst & mask) != net) return XDP_PASS;
+/// return bpf_redirect_map(map, ctx->rx_queue_index, XDP_PASS);
+/// ```
+fn pod_cidr_program(map: RawFd, net: Ipv4Addr, prefix: u8) -> Vec<[u8; 8]> {
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix.min(32)))
+        .unwrap_or(0);
+    // Packet bytes are loaded little-endian: compare against the wire bytes read so.
+    let wire = |v: u32| i32::from_le_bytes(v.to_be_bytes());
+    let (mask, net) = (wire(mask), wire(u32::from(net) & mask));
+    let ethertype = i32::from(u16::from_le_bytes([0x08, 0x00]));
+    // Jumps to `pass` (instruction 16: r0 = XDP_PASS; exit) from instruction `at`.
+    const PASS: i16 = 16;
+    let pass = |at: i16| PASS - (at + 1);
+    let mut program = vec![
+        insn(op::LDX_W, 2, 1, XDP_MD_DATA, 0),     // 0: r2 = data
+        insn(op::LDX_W, 3, 1, XDP_MD_DATA_END, 0), // 1: r3 = data_end
+        insn(op::MOV64_X, 4, 2, 0, 0),             // 2: r4 = data
+        insn(op::ADD64_K, 4, 0, 0, 34),            // 3: r4 += 34
+        insn(op::JGT_X, 4, 3, pass(4), 0),         // 4: too short
+        insn(op::LDX_H, 5, 2, 12, 0),              // 5: EtherType
+        insn(op::JNE_K, 5, 0, pass(6), ethertype), // 6
+        insn(op::LDX_W, 5, 2, 30, 0),              // 7: destination address
+        insn(op::AND64_K, 5, 0, 0, mask),          // 8: its network
+        insn(op::JNE32_K, 5, 0, pass(9), net),     // 9
+    ];
+    program.extend(redirect_program(map)); // 10-15: the redirect
+    program.push(insn(op::MOV64_K, 0, 0, 0, XDP_PASS)); // 16: pass
+    program.push(insn(op::EXIT, 0, 0, 0, 0));
+    debug_assert_eq!(program.len(), PASS as usize + 2);
+    program
+}
+
 /// The redirect program attached to one device, with its socket map.
 pub struct XdpRedirect {
     map: OwnedFd,
     _program: OwnedFd,
-    _link: OwnedFd,
+    link: OwnedFd,
 }
 
 impl XdpRedirect {
@@ -118,14 +166,24 @@ impl XdpRedirect {
             Filter::Vxlan { local, port } => {
                 (vxlan_program(map.as_raw_fd(), local, port), b"sy_xsk_vxlan")
             }
+            Filter::PodCidr { net, prefix } => (
+                pod_cidr_program(map.as_raw_fd(), net, prefix),
+                b"sy_xsk_pods",
+            ),
         };
         let program = bpf::load_program(bpf::PROG_TYPE_XDP, bpf::ATTACH_XDP, &instructions, name)?;
         let link = bpf::link_device(program.as_raw_fd(), ifindex, bpf::ATTACH_XDP, 0)?;
         Ok(Self {
             map,
             _program: program,
-            _link: link,
+            link,
         })
+    }
+
+    /// Takes the program off the device now, before this value goes (only one XDP
+    /// program fits a device: a successor's goes on after this).
+    pub fn detach(&self) -> io::Result<()> {
+        bpf::detach_link(self.link.as_raw_fd())
     }
 
     /// Sends the frames of queue `queue` to the AF_XDP socket `socket` (bound to that
@@ -185,5 +243,26 @@ mod tests {
             0x0008
         );
         assert_eq!(program[18..24], redirect_program(9)[..]);
+    }
+
+    #[test]
+    fn the_pod_cidr_filter_masks_the_destination_and_jumps_to_pass() {
+        let program = pod_cidr_program(9, Ipv4Addr::new(10, 244, 128, 77), 17);
+        assert_eq!(program.len(), 18);
+        for (at, i) in program.iter().enumerate() {
+            if [op::JGT_X, op::JNE_K, op::JNE32_K].contains(&i[0]) {
+                let off = i16::from_le_bytes([i[2], i[3]]);
+                let target = at as i16 + 1 + off;
+                assert_eq!(program[target as usize], [0xb7, 0, 0, 0, 2, 0, 0, 0]);
+            }
+        }
+        // /17: 255.255.128.0 and the network 10.244.128.0, as wire bytes.
+        assert_eq!(program[8][4..], [255, 255, 128, 0]);
+        assert_eq!(program[9][4..], [10, 244, 128, 0]);
+        assert_eq!(program[10..16], redirect_program(9)[..]);
+        let all = pod_cidr_program(9, Ipv4Addr::new(10, 0, 0, 1), 0);
+        assert_eq!(all[8][4..], [0, 0, 0, 0], "/0 matches everything");
+        let one = pod_cidr_program(9, Ipv4Addr::new(10, 0, 0, 1), 32);
+        assert_eq!(one[9][4..], [10, 0, 0, 1]);
     }
 }

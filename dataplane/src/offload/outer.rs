@@ -1,7 +1,8 @@
 //! The outer headers of VXLAN datagrams that travel as whole frames, as an AF_XDP uplink
 //! sends and receives them (the socket uplink leaves these headers to the kernel): Ethernet,
-//! IPv4 without options, UDP. Pure functions over buffers; [`super::tunnel`] makes and
-//! takes the VXLAN datagrams inside.
+//! IPv4 without options, UDP; and the Ethernet header alone around a packet routed
+//! directly. Pure functions over buffers; [`super::tunnel`] makes and takes the VXLAN
+//! datagrams inside.
 
 use crate::wire::{checksum, ethernet, ipv4, udp, Ipv4Header};
 use std::net::Ipv4Addr;
@@ -36,9 +37,7 @@ pub fn headers(addrs: &OuterAddrs, parts: &[&[u8]]) -> [u8; OUTER_LEN] {
     let payload: usize = parts.iter().map(|p| p.len()).sum();
     let udp_len = udp::HEADER_LEN + payload;
     let mut out = [0u8; OUTER_LEN];
-    out[0..6].copy_from_slice(&addrs.dst_mac.0);
-    out[6..12].copy_from_slice(&addrs.src_mac.0);
-    out[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    out[..ethernet::HEADER_LEN].copy_from_slice(&ethernet_v4(addrs.dst_mac, addrs.src_mac));
     let (ip, l4) = out[ethernet::HEADER_LEN..].split_at_mut(ipv4::MIN_HEADER_LEN);
     ipv4::emit_header(ip, addrs.src, addrs.dst, ipv4::PROTO_UDP, udp_len, 64);
     // Don't fragment: the sender sized the inner frames to the path (the flags word
@@ -61,6 +60,29 @@ pub fn headers(addrs: &OuterAddrs, parts: &[&[u8]]) -> [u8; OUTER_LEN] {
     };
     l4[6..8].copy_from_slice(&check.to_be_bytes());
     out
+}
+
+/// The Ethernet header of an IPv4 frame from `src` to `dst`.
+pub fn ethernet_v4(dst: MacAddr, src: MacAddr) -> [u8; ethernet::HEADER_LEN] {
+    let mut out = [0u8; ethernet::HEADER_LEN];
+    out[0..6].copy_from_slice(&dst.0);
+    out[6..12].copy_from_slice(&src.0);
+    out[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    out
+}
+
+/// Where the IPv4 packet of the received Ethernet frame `frame` lies (direct routing: no
+/// encapsulation), without the padding of a short frame; `None` when it is not an IPv4
+/// packet whose header checksum and lengths hold.
+pub fn routed_packet(frame: &[u8]) -> Option<Range<usize>> {
+    if frame.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    let l3 = &frame[ethernet::HEADER_LEN..];
+    let ip = Ipv4Header::new_checked(l3).ok()?;
+    let total = ip.total_len();
+    (ip.verify_checksum() && total <= l3.len() && total >= ip.header_len())
+        .then_some(ethernet::HEADER_LEN..ethernet::HEADER_LEN + total)
 }
 
 /// A VXLAN datagram found in a received frame.
@@ -145,6 +167,31 @@ mod tests {
         let vxlan = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
         let inner: Vec<u8> = (0..61u8).collect();
         (vxlan, inner)
+    }
+
+    #[test]
+    fn a_routed_packet_is_found_without_its_padding_and_checked() {
+        let mut ip = [0u8; 28];
+        ipv4::emit_header(
+            &mut ip,
+            Ipv4Addr::new(10, 244, 1, 5),
+            Ipv4Addr::new(10, 244, 0, 5),
+            ipv4::PROTO_UDP,
+            8,
+            64,
+        );
+        let head = ethernet_v4(MacAddr([2, 0, 0, 0, 0, 2]), MacAddr([2, 0, 0, 0, 0, 1]));
+        assert_eq!(head[..6], [2, 0, 0, 0, 0, 2]);
+        assert_eq!(head[6..12], [2, 0, 0, 0, 0, 1]);
+        // Padded to Ethernet's 60-byte minimum.
+        let mut frame = [&head[..], &ip, &[0u8; 18]].concat();
+        assert_eq!(routed_packet(&frame), Some(14..42));
+        frame[14 + 8] = 1; // TTL changed, checksum not
+        assert_eq!(routed_packet(&frame), None, "header checksum");
+        assert_eq!(routed_packet(&frame[..30]), None, "cut short");
+        let mut arp = [&head[..], &ip].concat();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(routed_packet(&arp), None, "not IPv4");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!   `UDP_GRO` read returns them, is checked (flag, VNI) and turned in place into frames
 //!   in the layout every port delivers (virtio-net header, Ethernet from the uplink's MAC
 //!   to the gateway's); consecutive TCP segments of one inner flow are merged into one
-//!   super-frame ([`super::gro`]). An IP-in-IP packet loses its outer header the same way.
+//!   super-frame ([`super::gro`]). An IP-in-IP packet loses its outer header the same way;
+//!   a packet routed directly (no encapsulation) only gets the frame's headers.
 //! * **Send** ([`encapsulate`]): a frame becomes one packet to send (VXLAN: the header then
 //!   the inner Ethernet frame, in two parts so that nothing is copied; IP-in-IP: the inner
 //!   IP packet) or, for a TCP super-frame, segments cut in software ([`super::segment`])
@@ -34,6 +35,9 @@ pub enum Encap {
         /// Outer IP protocol.
         protocol: u8,
     },
+    /// No encapsulation (direct routing on the AF_XDP uplink): IPv4 packets as they are,
+    /// each behind an Ethernet header toward the peer.
+    Direct,
 }
 
 /// The shortest inner packet accepted: an IPv4 header.
@@ -47,6 +51,7 @@ impl Encap {
         match self {
             Encap::Vxlan { .. } => vnet::HEADER_LEN - vxlan::HEADER_LEN,
             Encap::Ipip { .. } => L3_OFFSET - MIN_INNER_L3,
+            Encap::Direct => L3_OFFSET,
         }
     }
 
@@ -54,15 +59,15 @@ impl Encap {
     pub fn vxlan_header(self) -> Option<[u8; vxlan::HEADER_LEN]> {
         match self {
             Encap::Vxlan { vni, .. } => Some(vxlan::header(vni)),
-            Encap::Ipip { .. } => None,
+            Encap::Ipip { .. } | Encap::Direct => None,
         }
     }
 
-    /// The destination UDP port (0 for IP-in-IP).
+    /// The destination UDP port (0 for IP-in-IP and direct routing).
     pub fn dst_port(self) -> u16 {
         match self {
             Encap::Vxlan { port, .. } => port,
-            Encap::Ipip { .. } => 0,
+            Encap::Ipip { .. } | Encap::Direct => 0,
         }
     }
 
@@ -71,6 +76,7 @@ impl Encap {
         match self {
             Encap::Vxlan { .. } => "vxlan",
             Encap::Ipip { .. } => "ipip",
+            Encap::Direct => "direct",
         }
     }
 }
@@ -155,7 +161,7 @@ impl Decapsulator {
         match self.encap {
             Encap::Vxlan { .. } if len > 0 => self.split_runs(bufs, len, segment.clamp(1, len)),
             Encap::Vxlan { .. } => Received::default(),
-            Encap::Ipip { .. } => {
+            Encap::Ipip { .. } | Encap::Direct => {
                 let mut out = Received::default();
                 match self.decapsulate(first, len) {
                     Ok(()) => out.frames = 1,
@@ -311,6 +317,12 @@ impl Decapsulator {
                 }
                 at + len - (outer_len - MIN_INNER_L3)
             }
+            Encap::Direct => {
+                if len < MIN_INNER_L3 || space.len() < at + len {
+                    return Err(Reject::Malformed);
+                }
+                at + len
+            }
         };
         let ethertype = match space[L3_OFFSET] >> 4 {
             4 => ethernet::EtherType::Ipv4,
@@ -360,11 +372,11 @@ pub enum EncapError {
 #[derive(Debug)]
 pub enum Outgoing<'a> {
     /// One packet, in parts sent as one (VXLAN: the header, then the inner Ethernet frame;
-    /// IP-in-IP: the inner IP packet alone).
+    /// IP-in-IP and direct routing: the IP packet alone).
     One([&'a [u8]; 2]),
     /// Segments back to back in `data`, every `stride` bytes (the last may be shorter):
-    /// VXLAN datagram payloads, header included; for IP-in-IP each starts with an
-    /// Ethernet header that is not sent (`skip`).
+    /// VXLAN datagram payloads, header included; for IP-in-IP and direct routing each
+    /// starts with an Ethernet header that is not sent (`skip`).
     Segments {
         /// The segments.
         data: &'a [u8],
@@ -402,13 +414,13 @@ pub fn encapsulate<'a>(
             }
             Ok(Outgoing::One(match encap {
                 Encap::Vxlan { .. } => [&vxlan_header[..], &frame[vnet::HEADER_LEN..]],
-                Encap::Ipip { .. } => [&frame[L3_OFFSET..], &[]],
+                Encap::Ipip { .. } | Encap::Direct => [&frame[L3_OFFSET..], &[]],
             }))
         }
         vnet::GSO_TCPV4 | vnet::GSO_TCPV6 => {
             let gap = match encap {
                 Encap::Vxlan { .. } => vxlan::HEADER_LEN,
-                Encap::Ipip { .. } => 0,
+                Encap::Ipip { .. } | Encap::Direct => 0,
             };
             let Segments {
                 count,
@@ -423,7 +435,7 @@ pub fn encapsulate<'a>(
             }
             let skip = match encap {
                 Encap::Vxlan { .. } => 0,
-                Encap::Ipip { .. } => ethernet::HEADER_LEN,
+                Encap::Ipip { .. } | Encap::Direct => ethernet::HEADER_LEN,
             };
             Ok(Outgoing::Segments {
                 data,

@@ -113,14 +113,16 @@ fn node_port(
     }
 }
 
-/// The encapsulations a backend needs: (inner IPv4, inner IPv6) uplinks, the same for VXLAN.
-fn encaps(spec: &NodeSpec) -> Vec<Encap> {
+/// The encapsulations a backend needs: (inner IPv4, inner IPv6) uplinks, the same for VXLAN;
+/// direct routing needs one only on an AF_XDP uplink (else the node's kernel routes).
+fn encaps(spec: &NodeSpec, mode: UplinkMode) -> Vec<Encap> {
     match spec.backend.kind {
         BackendKind::Vxlan => vec![Encap::Vxlan {
             vni: spec.backend.vni,
             port: spec.backend.port,
         }],
         BackendKind::Ipip => vec![Encap::Ipip { protocol: 4 }, Encap::Ipip { protocol: 41 }],
+        BackendKind::Direct if mode == UplinkMode::AfXdp => vec![Encap::Direct],
         BackendKind::Direct => Vec::new(),
     }
 }
@@ -204,17 +206,12 @@ impl Switch {
 
     /// [`Switch::set_node`]'s work, under the state's lock.
     fn join(&self, state: &mut State, spec: NodeSpec) -> Result<NodeStatus, ApiError> {
-        if spec.backend.kind == BackendKind::Direct && self.config.uplink_mode == UplinkMode::AfXdp
-        {
-            // Refused rather than ignored: the operator asked for AF_XDP on this node.
-            return Err(ApiError::new(
-                ErrorCode::InvalidRequest,
-                "the AF_XDP uplink carries VXLAN only; with direct routing, pod traffic \
-                 between nodes goes through the node's kernel: use --uplink-mode sockets",
-            ));
-        }
         let uplink = find_uplink(&spec)?;
-        let plan = node::plan(&spec, &uplink)?;
+        let mut plan = node::plan(&spec, &uplink)?;
+        let mode = self.config.uplink_mode;
+        if mode == UplinkMode::AfXdp {
+            node::carry_direct_v4(&mut plan, &spec);
+        }
         let uplink_index = crate::io::netns::link_index(&uplink.ifname).unwrap_or(0);
 
         let (host, host_ifindex) = match &state.node {
@@ -225,18 +222,36 @@ impl Switch {
             .and_then(|mut nl| nl.set_link(host_ifindex, None, Some(plan.pod_mtu)))
             .map_err(|e| system("cannot set the host port's MTU", e))?;
 
-        let old_tunnels: Vec<Arc<Port<PortIo>>> = state
+        let mut old_tunnels: Vec<Arc<Port<PortIo>>> = state
             .node
             .as_ref()
             .map(|n| n.tunnels.clone())
             .unwrap_or_default();
-        let same_uplink = state
-            .node
-            .as_ref()
-            .is_some_and(|n| n.spec.underlay == spec.underlay && encaps(&n.spec) == encaps(&spec));
+        let same_uplink = state.node.as_ref().is_some_and(|n| {
+            let direct = encaps(&spec, mode).contains(&Encap::Direct);
+            n.spec.underlay == spec.underlay
+                    && encaps(&n.spec, mode) == encaps(&spec, mode)
+                    // The AF_XDP program of direct routing takes the node's pod CIDR.
+                    && (!direct || n.spec.pod_cidrs == spec.pod_cidrs)
+        });
         let tunnels = if same_uplink {
             old_tunnels.clone()
         } else {
+            if mode == UplinkMode::AfXdp {
+                // Only one XDP program fits a device, and one AF_XDP socket a queue: the
+                // old uplinks go first (out of the workers' polls before their sockets
+                // close, so that no descriptor number a new socket reuses is unwatched).
+                if let Some(node) = state.node.as_mut() {
+                    node.tunnels.clear();
+                }
+                for port in old_tunnels.drain(..) {
+                    self.unpublish_port(state, &port);
+                    if let PortIo::Uplink(up) = &port.device {
+                        up.detach_xdp()
+                            .map_err(|e| system("cannot detach the old uplink's XDP program", e))?;
+                    }
+                }
+            }
             self.open_tunnels(state, &spec, plan.pod_mtu)?
         };
         for port in &tunnels {
@@ -435,11 +450,16 @@ impl Switch {
         mtu: u32,
     ) -> Result<Vec<Arc<Port<PortIo>>>, ApiError> {
         let mut out: Vec<Arc<Port<PortIo>>> = Vec::new();
-        for encap in encaps(spec) {
+        let pods_v4 = spec.pod_cidrs.iter().find_map(|c| match c.trunc() {
+            IpNet::V4(n) => Some((n.addr(), n.prefix_len())),
+            IpNet::V6(_) => None,
+        });
+        for encap in encaps(spec, self.config.uplink_mode) {
             let name = match encap {
                 Encap::Vxlan { .. } => "vxlan",
                 Encap::Ipip { protocol: 4 } => "ipip4",
                 Encap::Ipip { .. } => "ipip6",
+                Encap::Direct => "direct",
             };
             let uplink = Uplink::open(
                 encap,
@@ -450,6 +470,7 @@ impl Switch {
                 self.kept(&crate::io::handover::uplink_key(name, spec.underlay)),
                 self.config.steering.pins_workers() && self.workers.len() > 1,
                 self.config.uplink_mode,
+                pods_v4,
             )
             .map_err(|e| system("cannot open the uplink", e))?;
             let id = state.next_port_id;

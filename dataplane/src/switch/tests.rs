@@ -112,39 +112,3 @@ fn stats_name_every_drop_reason_and_the_uplink_drops() {
     }
     assert_eq!(stats.workers, 1);
 }
-
-#[test]
-fn direct_routing_on_an_afxdp_uplink_is_refused_with_what_to_do_and_nothing_opened() {
-    let s = Switch::start(SwitchConfig {
-        workers: 1,
-        uplink_mode: crate::io::uplink::UplinkMode::AfXdp,
-        ..SwitchConfig::default()
-    })
-    .unwrap();
-    let spec = api::NodeSpec {
-        name: "a".into(),
-        underlay: "192.168.1.2".parse().unwrap(),
-        addresses: vec!["192.168.1.2".parse().unwrap()],
-        uplink: None,
-        pod_cidrs: vec!["10.244.0.0/24".parse().unwrap()],
-        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-        backend: api::Backend {
-            kind: api::BackendKind::Direct,
-            ..api::Backend::default()
-        },
-        mtu: None,
-        peers: Vec::new(),
-        masquerade: Default::default(),
-        routes: Vec::new(),
-        service_cidrs: Vec::new(),
-    };
-    let err = s.set_node(spec).unwrap_err();
-    assert_eq!(err.code, ErrorCode::InvalidRequest);
-    assert!(
-        err.message.contains("--uplink-mode sockets"),
-        "{}",
-        err.message
-    );
-    assert!(s.node_status().spec.is_none(), "no node settings taken");
-    assert_eq!(s.tables().ports.len(), 0, "no port opened");
-}
