@@ -469,3 +469,61 @@ fn the_backend_changes_live_and_stale_routes_go() {
         );
     }
 }
+
+/// A socket bound to `addr`:`port` in `ns` (a socket stays in the namespace it was made in).
+fn udp_in(ns: &bench_env::netns::Netns, addr: IpAddr, port: u16) -> std::net::UdpSocket {
+    switchyard_dataplane::io::netns::run_in(&ns.path(), || std::net::UdpSocket::bind((addr, port)))
+        .expect("UDP socket in the pod")
+}
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
+fn udp_gso_datagrams_reach_a_pod_on_another_node_one_by_one() {
+    // An application that sends with UDP_SEGMENT (QUIC stacks do) hands the pod's kernel
+    // one buffer of several datagrams; they must arrive as datagrams on the other node.
+    let afxdp = || vec!["--uplink-mode".to_string(), "afxdp".to_string()];
+    for (backend, dataplane_args) in [
+        (BackendKind::Vxlan, Vec::new()),
+        (BackendKind::Ipip, Vec::new()),
+        (BackendKind::Direct, Vec::new()),
+        (BackendKind::Vxlan, afxdp()),
+        (BackendKind::Direct, afxdp()),
+    ] {
+        let backend_args = format!("{backend:?} {dataplane_args:?}");
+        let c = cluster(ClusterOptions {
+            backend,
+            dataplane_args,
+            ..ClusterOptions::default()
+        });
+        let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
+        let rx = udp_in(&b.ns, IpAddr::V4(b.ipv4), 9999);
+        rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let tx = udp_in(&a.ns, IpAddr::V4(a.ipv4), 0);
+        nix::sys::socket::setsockopt(&tx, nix::sys::socket::sockopt::UdpGsoSegment, &1000).unwrap();
+        let payload: Vec<u8> = (0..4_000u32).map(|i| (i % 251) as u8).collect();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2_000];
+        for _ in 0..3 {
+            tx.send_to(&payload, (b.ipv4, 9999)).unwrap();
+            while got.len() < 4 {
+                match rx.recv(&mut buf) {
+                    Ok(n) => got.push(buf[..n].to_vec()),
+                    Err(_) => break,
+                }
+            }
+            if got.len() == 4 {
+                break;
+            }
+        }
+        assert_eq!(
+            got.len(),
+            4,
+            "{backend_args}: datagrams received\n{}",
+            c.logs()
+        );
+        assert_eq!(got.concat(), payload, "{backend_args}: in order, intact");
+    }
+}

@@ -276,12 +276,13 @@ fn segmentation(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(payload as u64));
     g.bench_function("tcp_64KiB_into_45", |b| {
         b.iter(|| {
-            switchyard_dataplane::offload::segment::tcp(black_box(&frame), 8, &mut out).unwrap()
+            switchyard_dataplane::offload::segment::super_frame(black_box(&frame), 8, &mut out)
+                .unwrap()
         })
     });
     // The other node's receive: the 45 segments as one UDP_GRO read returns them, each
     // behind its VXLAN header, decapsulated and merged back into one super-frame.
-    let s = switchyard_dataplane::offload::segment::tcp(&frame, 8, &mut out).unwrap();
+    let s = switchyard_dataplane::offload::segment::super_frame(&frame, 8, &mut out).unwrap();
     let mut wire = out[..s.total].to_vec();
     for seg in wire.chunks_mut(s.stride) {
         seg[..8].copy_from_slice(&[0x08, 0, 0, 0, 0, 0, 1, 0]);

@@ -63,7 +63,7 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     let mut out = vec![0u8; 80_000];
-    if let Ok(s) = switchyard_dataplane::offload::segment::tcp(data, 8, &mut out) {
+    if let Ok(s) = switchyard_dataplane::offload::segment::super_frame(data, 8, &mut out) {
         assert!(s.total <= out.len() && s.count >= 1);
     }
     if let Ok(m) = IcmpPacket::new_checked(data) {

@@ -234,7 +234,7 @@ impl AfXdpPort {
     }
 
     /// Posts `frame` (virtio-net header then Ethernet, as the pipeline left it) on queue
-    /// `queue`'s ring, its partial checksum finished, a TCP super-frame segmented into
+    /// `queue`'s ring, its partial checksum finished, a TCP or UDP super-frame segmented into
     /// `scratch` first; it leaves at the next [`AfXdpPort::flush`].
     pub fn post(&self, queue: usize, frame: &mut [u8], scratch: &mut [u8]) -> io::Result<()> {
         let vh = VnetHeader::new_checked(&*frame).map_err(|_| invalid("truncated frame"))?;
@@ -246,14 +246,14 @@ impl AfXdpPort {
                 }
                 socket.post(&frame[vnet::HEADER_LEN..])
             }
-            vnet::GSO_TCPV4 | vnet::GSO_TCPV6 => {
-                let Segments { stride, total, .. } = segment::tcp(frame, 0, scratch)
+            vnet::GSO_TCPV4 | vnet::GSO_TCPV6 | vnet::GSO_UDP_L4 => {
+                let Segments { stride, total, .. } = segment::super_frame(frame, 0, scratch)
                     .map_err(|e| invalid(&format!("cannot segment: {e:?}")))?;
                 scratch[..total]
                     .chunks(stride)
                     .try_for_each(|seg| socket.post(seg))
             }
-            _ => Err(invalid("a UDP super-frame cannot cross an AF_XDP port")),
+            _ => Err(invalid("a super-frame of an unknown GSO type")),
         }
     }
 

@@ -2,7 +2,7 @@
 //! would do to a packet's bytes on the way between a pod and the wire.
 //!
 //! * [`gro`]: merging packets of one flow into one GSO super-frame;
-//! * [`segment`]: cutting a TCP super-frame into segments (software GSO);
+//! * [`segment`]: cutting a TCP or UDP super-frame into segments or datagrams (software GSO);
 //! * [`tunnel`]: VXLAN and IP-in-IP encapsulation and decapsulation;
 //! * [`outer`]: the Ethernet, IPv4 and UDP headers around a VXLAN datagram, for an uplink
 //!   that sends and receives whole frames (AF_XDP).

@@ -1,6 +1,8 @@
-//! TCP segmentation in user space (software GSO): a TCP super-frame as a pod's kernel hands
-//! it over a TAP (virtio-net header with `GSO_TCPV4`/`GSO_TCPV6`, partial checksum) becomes
-//! MSS-sized Ethernet frames with complete headers and checksums.
+//! Segmentation in user space (software GSO): a TCP super-frame as a pod's kernel hands it
+//! over a TAP (virtio-net header with `GSO_TCPV4`/`GSO_TCPV6`, partial checksum) becomes
+//! MSS-sized Ethernet frames with complete headers and checksums; a UDP one (`GSO_UDP_L4`,
+//! as an application sending with `UDP_SEGMENT` makes, QUIC stacks among them) becomes its
+//! datagrams.
 //!
 //! The segments are written back to back into one buffer, each after `gap` bytes left free
 //! for the caller (a VXLAN header, say), and all but the last have the same length: the
@@ -9,7 +11,8 @@
 //!
 //! Per segment: IPv4 total length and identification (+1 each), header checksum; IPv6
 //! payload length; TCP sequence number advanced by the payload before it; FIN and PSH only
-//! on the last segment, CWR only on the first; TCP checksum computed in full.
+//! on the last segment, CWR only on the first; UDP length; the TCP or UDP checksum
+//! computed in full.
 
 use crate::wire::{checksum, ethernet, ipv4, ipv6, read_u16, vnet, write_u16, VnetHeader};
 
@@ -20,8 +23,8 @@ pub const SCRATCH_LEN: usize = 128 * 1024;
 /// Why a frame could not be segmented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SegmentError {
-    /// Not a TCP GSO frame with a usable segment size.
-    NotTcpGso,
+    /// Not a TCP or UDP GSO frame with a usable segment size.
+    NotGso,
     /// Headers missing or inconsistent.
     Malformed,
     /// The output buffer is too small.
@@ -44,51 +47,58 @@ const TCP_PSH: u8 = 0x08;
 const TCP_CWR: u8 = 0x80;
 
 /// Segments `frame` (virtio-net header + Ethernet) into `out`; see the module docs.
-pub fn tcp(frame: &[u8], gap: usize, out: &mut [u8]) -> Result<Segments, SegmentError> {
+pub fn super_frame(frame: &[u8], gap: usize, out: &mut [u8]) -> Result<Segments, SegmentError> {
     let vh = VnetHeader::new_checked(frame).map_err(|_| SegmentError::Malformed)?;
-    let v6 = match vh.gso_type() {
-        vnet::GSO_TCPV4 => false,
-        vnet::GSO_TCPV6 => true,
-        _ => return Err(SegmentError::NotTcpGso),
-    };
-    let mss = usize::from(vh.gso_size());
-    if mss == 0 {
-        return Err(SegmentError::NotTcpGso);
-    }
     let eth = frame
         .get(vnet::HEADER_LEN..)
         .ok_or(SegmentError::Malformed)?;
     let l3 = eth
         .get(ethernet::HEADER_LEN..)
         .ok_or(SegmentError::Malformed)?;
-    let (l3_header, l3_total) = if v6 {
+    // UDP's GSO type names no family: the packet's version says.
+    let (v6, protocol) = match vh.gso_type() {
+        vnet::GSO_TCPV4 => (false, ipv4::PROTO_TCP),
+        vnet::GSO_TCPV6 => (true, ipv4::PROTO_TCP),
+        vnet::GSO_UDP_L4 => (l3.first().map(|b| b >> 4) == Some(6), ipv4::PROTO_UDP),
+        _ => return Err(SegmentError::NotGso),
+    };
+    let mss = usize::from(vh.gso_size());
+    if mss == 0 {
+        return Err(SegmentError::NotGso);
+    }
+    let (l3_header, l3_total, next) = if v6 {
         let ip = ipv6::Ipv6Packet::new_checked(l3).map_err(|_| SegmentError::Malformed)?;
-        if ip.next_header() != ipv4::PROTO_TCP {
-            return Err(SegmentError::Malformed);
-        }
-        (ipv6::HEADER_LEN, ip.total_len())
+        (ipv6::HEADER_LEN, ip.total_len(), ip.next_header())
     } else {
         let ip = ipv4::Ipv4Packet::new_checked(l3).map_err(|_| SegmentError::Malformed)?;
-        if ip.protocol() != ipv4::PROTO_TCP {
-            return Err(SegmentError::Malformed);
-        }
-        (ip.header_len(), ip.total_len())
+        (ip.header_len(), ip.total_len(), ip.protocol())
     };
-    let tcp = l3.get(l3_header..l3_total).ok_or(SegmentError::Malformed)?;
-    let tcp_header = usize::from(tcp.get(12).ok_or(SegmentError::Malformed)? >> 4) * 4;
-    if tcp_header < 20 || tcp.len() < tcp_header {
+    if next != protocol {
         return Err(SegmentError::Malformed);
     }
-    let headers = ethernet::HEADER_LEN + l3_header + tcp_header;
-    let payload = &tcp[tcp_header..];
+    let l4 = l3.get(l3_header..l3_total).ok_or(SegmentError::Malformed)?;
+    let l4_header = if protocol == ipv4::PROTO_TCP {
+        usize::from(l4.get(12).ok_or(SegmentError::Malformed)? >> 4) * 4
+    } else {
+        8
+    };
+    if l4_header < 8 || l4.len() < l4_header {
+        return Err(SegmentError::Malformed);
+    }
+    let headers = ethernet::HEADER_LEN + l3_header + l4_header;
+    let payload = &l4[l4_header..];
     let count = payload.len().div_ceil(mss).max(1);
     let stride = gap + headers + mss;
     let total = gap + headers + payload.len() + (count - 1) * (gap + headers);
     if out.len() < total {
         return Err(SegmentError::NoRoom);
     }
-    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-    let flags = tcp[13];
+    let tcp = protocol == ipv4::PROTO_TCP;
+    if tcp && l4_header < 20 {
+        return Err(SegmentError::Malformed);
+    }
+    let seq = u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]);
+    let flags = l4[13.min(l4.len() - 1)];
     let ipv4_id = if v6 { 0 } else { read_u16(l3, 4) };
     let mut at = 0;
     for (i, chunk) in payload
@@ -100,31 +110,41 @@ pub fn tcp(frame: &[u8], gap: usize, out: &mut [u8]) -> Result<Segments, Segment
         seg[..headers].copy_from_slice(&eth[..headers]);
         seg[headers..].copy_from_slice(chunk);
         let (_, l3) = seg.split_at_mut(ethernet::HEADER_LEN);
-        let tcp_len = tcp_header + chunk.len();
+        let l4_len = l4_header + chunk.len();
         if v6 {
-            write_u16(l3, 4, tcp_len as u16);
+            write_u16(l3, 4, l4_len as u16);
         } else {
-            write_u16(l3, 2, (l3_header + tcp_len) as u16);
+            write_u16(l3, 2, (l3_header + l4_len) as u16);
             write_u16(l3, 4, ipv4_id.wrapping_add(i as u16));
             write_u16(l3, 10, 0);
             let check = checksum::checksum(&l3[..l3_header]);
             write_u16(l3, 10, check);
         }
         let (iph, t) = l3.split_at_mut(l3_header);
-        t[4..8].copy_from_slice(&seq.wrapping_add((i * mss) as u32).to_be_bytes());
-        let last = i + 1 == count;
-        let mut f = flags;
-        if !last {
-            f &= !(TCP_FIN | TCP_PSH);
-        }
-        if i > 0 {
-            f &= !TCP_CWR;
-        }
-        t[13] = f;
-        write_u16(t, 16, 0);
-        let pseudo = checksum::pseudo_header_of(iph, ipv4::PROTO_TCP, tcp_len as u32);
-        let check = checksum::finish(checksum::accumulate(pseudo, &t[..tcp_len]));
-        write_u16(t, 16, check);
+        let check_at = if tcp {
+            t[4..8].copy_from_slice(&seq.wrapping_add((i * mss) as u32).to_be_bytes());
+            let last = i + 1 == count;
+            let mut f = flags;
+            if !last {
+                f &= !(TCP_FIN | TCP_PSH);
+            }
+            if i > 0 {
+                f &= !TCP_CWR;
+            }
+            t[13] = f;
+            16
+        } else {
+            write_u16(t, 4, l4_len as u16);
+            6
+        };
+        write_u16(t, check_at, 0);
+        let pseudo = checksum::pseudo_header_of(iph, protocol, l4_len as u32);
+        let check = match checksum::finish(checksum::accumulate(pseudo, &t[..l4_len])) {
+            // UDP sends a computed zero as all ones (zero means "no checksum").
+            0 if !tcp => 0xffff,
+            c => c,
+        };
+        write_u16(t, check_at, check);
         at += gap + headers + chunk.len();
     }
     Ok(Segments {
@@ -199,16 +219,16 @@ mod tests {
 
     const FLAGS_ACK_PSH_FIN_CWR: u8 = 0x10 | TCP_PSH | TCP_FIN | TCP_CWR;
 
-    fn super_frame(v6: bool, payload: &[u8], mss: u16) -> Vec<u8> {
+    fn tcp_frame(v6: bool, payload: &[u8], mss: u16) -> Vec<u8> {
         frame_with(v6, payload, mss, FLAGS_ACK_PSH_FIN_CWR)
     }
 
     fn check_segments(v6: bool) {
         let payload: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let frame = super_frame(v6, &payload, 1448);
+        let frame = tcp_frame(v6, &payload, 1448);
         let mut out = vec![0u8; 16 * 1024];
         let gap = 8;
-        let s = tcp(&frame, gap, &mut out).unwrap();
+        let s = super_frame(&frame, gap, &mut out).unwrap();
         let headers = 14 + if v6 { 40 } else { 20 } + 20;
         assert_eq!(s.count, 4);
         assert_eq!(s.stride, gap + headers + 1448);
@@ -271,22 +291,98 @@ mod tests {
         check_segments(true);
     }
 
+    /// A UDP GSO super-frame, as an application's `UDP_SEGMENT` send makes it: datagrams
+    /// of `size` bytes of `payload`, partial checksum.
+    fn udp_frame(v6: bool, payload: &[u8], size: u16) -> Vec<u8> {
+        let mut f = tcp_frame(v6, &[], 1000);
+        f[1] = vnet::GSO_UDP_L4;
+        f[4..6].copy_from_slice(&size.to_le_bytes());
+        let l3 = 12 + 14;
+        let l4 = l3 + if v6 { 40 } else { 20 };
+        f.truncate(l4);
+        let udp_len = 8 + payload.len();
+        if v6 {
+            f[l3 + 6] = 17;
+            write_u16(&mut f[l3..], 4, udp_len as u16);
+        } else {
+            f[l3 + 9] = 17;
+            write_u16(&mut f[l3..], 2, (20 + udp_len) as u16);
+        }
+        f.extend_from_slice(&40000u16.to_be_bytes());
+        f.extend_from_slice(&4433u16.to_be_bytes());
+        f.extend_from_slice(&(udp_len as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn check_datagrams(v6: bool) {
+        let payload: Vec<u8> = (0..3_500u32).map(|i| (i * 13 % 251) as u8).collect();
+        let frame = udp_frame(v6, &payload, 1_200);
+        let mut out = vec![0u8; 16 * 1024];
+        let s = super_frame(&frame, 8, &mut out).unwrap();
+        let headers = 14 + if v6 { 40 } else { 20 } + 8;
+        assert_eq!((s.count, s.stride), (3, 8 + headers + 1_200));
+        let mut joined = Vec::new();
+        for (i, seg) in out[..s.total].chunks(s.stride).enumerate() {
+            let l3 = &seg[8 + 14..];
+            let (pseudo, udp) = if v6 {
+                let ip = Ipv6Packet::new_checked(l3).unwrap();
+                let udp = &l3[40..ip.total_len()];
+                let p = checksum::pseudo_header_v6(ip.src(), ip.dst(), 17, udp.len() as u32);
+                (p, udp)
+            } else {
+                let ip = Ipv4Packet::new_checked(l3).unwrap();
+                assert!(ip.verify_checksum(), "datagram {i} IPv4 checksum");
+                assert_eq!(ip.total_len(), seg.len() - 8 - 14);
+                let udp = &l3[20..ip.total_len()];
+                let p = checksum::pseudo_header_v4(ip.src(), ip.dst(), 17, udp.len() as u32);
+                (p, udp)
+            };
+            assert_eq!(usize::from(read_u16(udp, 4)), udp.len(), "UDP length");
+            assert_eq!(read_u16(udp, 2), 4433);
+            assert_eq!(
+                checksum::fold(checksum::accumulate(pseudo, udp)),
+                0xffff,
+                "datagram {i} UDP checksum"
+            );
+            joined.extend_from_slice(&udp[8..]);
+        }
+        assert_eq!(joined, payload, "the datagrams, in order");
+    }
+
+    #[test]
+    fn a_udp_super_frame_becomes_its_datagrams_ipv4() {
+        check_datagrams(false);
+    }
+
+    #[test]
+    fn a_udp_super_frame_becomes_its_datagrams_ipv6() {
+        check_datagrams(true);
+    }
+
     #[test]
     fn refuses_what_it_cannot_segment() {
-        let frame = super_frame(false, &[1; 3000], 1448);
+        let frame = tcp_frame(false, &[1; 3000], 1448);
         let mut small = vec![0u8; 100];
-        assert_eq!(tcp(&frame, 0, &mut small), Err(SegmentError::NoRoom));
+        assert_eq!(
+            super_frame(&frame, 0, &mut small),
+            Err(SegmentError::NoRoom)
+        );
         let mut plain = frame.clone();
         plain[1] = vnet::GSO_NONE;
         let mut out = vec![0u8; 8192];
-        assert_eq!(tcp(&plain, 0, &mut out), Err(SegmentError::NotTcpGso));
+        assert_eq!(super_frame(&plain, 0, &mut out), Err(SegmentError::NotGso));
         let mut no_mss = frame.clone();
         no_mss[4..6].fill(0);
-        assert_eq!(tcp(&no_mss, 0, &mut out), Err(SegmentError::NotTcpGso));
-        assert_eq!(tcp(&frame[..40], 0, &mut out), Err(SegmentError::Malformed));
+        assert_eq!(super_frame(&no_mss, 0, &mut out), Err(SegmentError::NotGso));
+        assert_eq!(
+            super_frame(&frame[..40], 0, &mut out),
+            Err(SegmentError::Malformed)
+        );
         // Arbitrary truncations never panic.
         for cut in 0..frame.len() {
-            let _ = tcp(&frame[..cut], 8, &mut out);
+            let _ = super_frame(&frame[..cut], 8, &mut out);
         }
     }
 }

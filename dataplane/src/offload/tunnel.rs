@@ -10,7 +10,7 @@
 //!   a packet routed directly (no encapsulation) only gets the frame's headers.
 //! * **Send** ([`encapsulate`]): a frame becomes one packet to send (VXLAN: the header then
 //!   the inner Ethernet frame, in two parts so that nothing is copied; IP-in-IP: the inner
-//!   IP packet) or, for a TCP super-frame, segments cut in software ([`super::segment`])
+//!   IP packet) or, for a TCP or UDP super-frame, segments cut in software ([`super::segment`])
 //!   into a scratch buffer, each behind room for its VXLAN header, laid out for one
 //!   `UDP_SEGMENT` send.
 
@@ -350,7 +350,7 @@ impl std::fmt::Display for EncapError {
             EncapError::Truncated => f.write_str("shorter than its headers"),
             EncapError::BadChecksumOffsets => f.write_str("partial checksum outside the frame"),
             EncapError::Segmentation(e) => write!(f, "cannot segment the super-frame: {e:?}"),
-            EncapError::UdpGso => f.write_str("UDP GSO frames are not carried between nodes"),
+            EncapError::UnknownGso => f.write_str("a super-frame of an unknown GSO type"),
         }
     }
 }
@@ -362,10 +362,10 @@ pub enum EncapError {
     Truncated,
     /// A partial checksum whose offsets point outside the frame.
     BadChecksumOffsets,
-    /// A TCP super-frame that cannot be segmented.
+    /// A super-frame that cannot be segmented.
     Segmentation(segment::SegmentError),
-    /// A UDP GSO super-frame (pods on VXLAN nodes do not get USO).
-    UdpGso,
+    /// A super-frame of a kind that is never segmented (not TCP, not UDP).
+    UnknownGso,
 }
 
 /// What to send for one frame.
@@ -390,7 +390,7 @@ pub enum Outgoing<'a> {
 }
 
 /// Prepares `frame` (virtio-net header then Ethernet, as the pipeline left it) for the
-/// tunnel: finishes a partial checksum, or segments a TCP super-frame into `scratch`
+/// tunnel: finishes a partial checksum, or segments a TCP or UDP super-frame into `scratch`
 /// (see [`segment::SCRATCH_LEN`]), and writes each segment's VXLAN header.
 pub fn encapsulate<'a>(
     encap: Encap,
@@ -417,7 +417,7 @@ pub fn encapsulate<'a>(
                 Encap::Ipip { .. } | Encap::Direct => [&frame[L3_OFFSET..], &[]],
             }))
         }
-        vnet::GSO_TCPV4 | vnet::GSO_TCPV6 => {
+        vnet::GSO_TCPV4 | vnet::GSO_TCPV6 | vnet::GSO_UDP_L4 => {
             let gap = match encap {
                 Encap::Vxlan { .. } => vxlan::HEADER_LEN,
                 Encap::Ipip { .. } | Encap::Direct => 0,
@@ -426,7 +426,7 @@ pub fn encapsulate<'a>(
                 count,
                 stride,
                 total,
-            } = segment::tcp(frame, gap, scratch).map_err(EncapError::Segmentation)?;
+            } = segment::super_frame(frame, gap, scratch).map_err(EncapError::Segmentation)?;
             let data = &mut scratch[..total];
             if gap > 0 {
                 for seg in data.chunks_mut(stride) {
@@ -444,7 +444,7 @@ pub fn encapsulate<'a>(
                 skip,
             })
         }
-        _ => Err(EncapError::UdpGso),
+        _ => Err(EncapError::UnknownGso),
     }
 }
 
@@ -517,7 +517,7 @@ mod tests {
     /// VXLAN header with `vni`; returns the datagrams back to back and their size.
     fn datagrams(frame: &[u8], vni: u32) -> (Vec<u8>, usize) {
         let mut out = vec![0u8; segment::SCRATCH_LEN];
-        let s = segment::tcp(frame, vxlan::HEADER_LEN, &mut out).unwrap();
+        let s = segment::super_frame(frame, vxlan::HEADER_LEN, &mut out).unwrap();
         out.truncate(s.total);
         let header = vxlan::header(vni);
         for seg in out.chunks_mut(s.stride) {
