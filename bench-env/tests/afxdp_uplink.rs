@@ -29,6 +29,31 @@ fn counter(c: &Cluster, node: usize, name: &str) -> u64 {
     stats.counters.get(name).copied().unwrap_or(0)
 }
 
+/// Frames node `node`'s AF_XDP sockets sent and received so far.
+fn afxdp_frames(c: &Cluster, node: usize) -> (u64, u64) {
+    (
+        counter(c, node, "uplink_afxdp_tx_frames"),
+        counter(c, node, "uplink_afxdp_rx_frames"),
+    )
+}
+
+/// `bytes` from node 0's first pod to node 1's and from node 1's second pod to node 0's
+/// at once, each checked intact.
+fn transfer_both_ways(c: &Cluster, bytes: u64) {
+    let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
+    let (c0, c1) = (&c.nodes[0].pods[1], &c.nodes[1].pods[1]);
+    std::thread::scope(|s| {
+        let there = s.spawn(|| tcp_transfer(a, b, bytes));
+        let back = tcp_transfer(c1, c0, bytes).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back.sent_hash, back.received_hash, "corrupted node 1 -> 0");
+        let there = there.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            there.sent_hash, there.received_hash,
+            "corrupted node 0 -> 1"
+        );
+    });
+}
+
 #[test]
 #[cfg_attr(
     not(privileged),
@@ -56,20 +81,13 @@ fn the_afxdp_uplink_carries_pods_across_nodes_beside_egress_and_goes_with_its_da
     }
     cluster::assert_connected(&c, "AF_XDP uplink");
     // Bulk data across nodes, intact, and carried by the AF_XDP sockets both ways.
-    let before: Vec<(u64, u64)> = (0..2)
-        .map(|i| {
-            (
-                counter(&c, i, "uplink_afxdp_tx_frames"),
-                counter(&c, i, "uplink_afxdp_rx_frames"),
-            )
-        })
-        .collect();
+    let before: Vec<(u64, u64)> = (0..2).map(|i| afxdp_frames(&c, i)).collect();
     let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[1]);
     let t = tcp_transfer(a, b, 50 << 20).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     assert_eq!(t.sent_hash, t.received_hash, "corrupted across nodes");
     let (sent, received) = (
-        counter(&c, 0, "uplink_afxdp_tx_frames") - before[0].0,
-        counter(&c, 1, "uplink_afxdp_rx_frames") - before[1].1,
+        afxdp_frames(&c, 0).0 - before[0].0,
+        afxdp_frames(&c, 1).1 - before[1].1,
     );
     // 50 MB in frames of at most 1,400 bytes of payload.
     assert!(
@@ -169,18 +187,7 @@ fn pods_on_afxdp_ports_cross_an_afxdp_uplink_intact() {
     assert!(kinds.iter().all(|k| k == "afxdp"), "{kinds:?}");
     cluster::assert_connected(&c, "AF_XDP pods over an AF_XDP uplink");
     // Both ways at once: every frame crosses two AF_XDP rings on each node.
-    let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
-    let (c0, c1) = (&c.nodes[0].pods[1], &c.nodes[1].pods[1]);
-    std::thread::scope(|s| {
-        let there = s.spawn(|| tcp_transfer(a, b, 30 << 20));
-        let back = tcp_transfer(c1, c0, 30 << 20).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(back.sent_hash, back.received_hash, "corrupted node 1 -> 0");
-        let there = there.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            there.sent_hash, there.received_hash,
-            "corrupted node 0 -> 1"
-        );
-    });
+    transfer_both_ways(&c, 30 << 20);
     assert!(counter(&c, 1, "uplink_afxdp_rx_frames") > 20_000);
     assert!(counter(&c, 1, "uplink_afxdp_tx_frames") > 20_000);
 }
@@ -214,31 +221,11 @@ fn direct_routing_on_the_afxdp_uplink_carries_ipv4_pods_itself_and_ipv6_through_
     // Every pair, both families (IPv6 between nodes stays with the nodes' kernels).
     cluster::assert_connected(&c, "direct routing on an AF_XDP uplink");
     // Both ways at once, intact, every IPv4 packet through the AF_XDP sockets.
-    let before: Vec<(u64, u64)> = (0..2)
-        .map(|i| {
-            (
-                counter(&c, i, "uplink_afxdp_tx_frames"),
-                counter(&c, i, "uplink_afxdp_rx_frames"),
-            )
-        })
-        .collect();
+    let before: Vec<(u64, u64)> = (0..2).map(|i| afxdp_frames(&c, i)).collect();
+    transfer_both_ways(&c, 30 << 20);
     let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
-    let (c0, c1) = (&c.nodes[0].pods[1], &c.nodes[1].pods[1]);
-    std::thread::scope(|s| {
-        let there = s.spawn(|| tcp_transfer(a, b, 30 << 20));
-        let back = tcp_transfer(c1, c0, 30 << 20).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(back.sent_hash, back.received_hash, "corrupted node 1 -> 0");
-        let there = there.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            there.sent_hash, there.received_hash,
-            "corrupted node 0 -> 1"
-        );
-    });
     for (i, (tx, rx)) in before.iter().enumerate() {
-        let (sent, received) = (
-            counter(&c, i, "uplink_afxdp_tx_frames") - tx,
-            counter(&c, i, "uplink_afxdp_rx_frames") - rx,
-        );
+        let (sent, received) = (afxdp_frames(&c, i).0 - tx, afxdp_frames(&c, i).1 - rx);
         // 30 MB each way in packets of at most 1,448 bytes of payload.
         assert!(
             sent > 20_000 && received > 20_000,

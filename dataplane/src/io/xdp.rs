@@ -64,6 +64,33 @@ fn redirect_program(map: RawFd) -> Vec<[u8; 8]> {
 const XDP_MD_DATA: i16 = 0;
 const XDP_MD_DATA_END: i16 = 4;
 
+/// The jump offset [`filtered`] turns into a jump to `return XDP_PASS`.
+const TO_PASS: i16 = i16::MIN;
+
+/// A filter in front of [`redirect_program`]: with `r2 = data` and `r3 = data_end`, frames
+/// shorter than `min_len` go to the kernel, then `checks` run (their jumps with offset
+/// [`TO_PASS`] send the frame to the kernel), then the redirect.
+fn filtered(map: RawFd, min_len: i32, checks: &[[u8; 8]]) -> Vec<[u8; 8]> {
+    let mut program = vec![
+        insn(op::LDX_W, 2, 1, XDP_MD_DATA, 0),     // r2 = data
+        insn(op::LDX_W, 3, 1, XDP_MD_DATA_END, 0), // r3 = data_end
+        insn(op::MOV64_X, 4, 2, 0, 0),             // r4 = data
+        insn(op::ADD64_K, 4, 0, 0, min_len),       // r4 += min_len
+        insn(op::JGT_X, 4, 3, TO_PASS, 0),         // too short
+    ];
+    program.extend_from_slice(checks);
+    program.extend(redirect_program(map));
+    let pass = program.len() as i16;
+    program.push(insn(op::MOV64_K, 0, 0, 0, XDP_PASS)); // pass: r0 = XDP_PASS
+    program.push(insn(op::EXIT, 0, 0, 0, 0));
+    for (at, i) in program.iter_mut().enumerate() {
+        if i16::from_le_bytes([i[2], i[3]]) == TO_PASS {
+            i[2..4].copy_from_slice(&(pass - (at as i16 + 1)).to_le_bytes());
+        }
+    }
+    program
+}
+
 /// The VXLAN filter in front of [`redirect_program`]: frames that are not untagged IPv4
 /// (no options, not a fragment) UDP to `local`:`port` go to the kernel.
 ///
@@ -78,36 +105,29 @@ fn vxlan_program(map: RawFd, local: Ipv4Addr, port: u16) -> Vec<[u8; 8]> {
     // Packet bytes are loaded little-endian: compare against the wire bytes read so.
     let local = i32::from_le_bytes(local.octets());
     let port = i32::from(u16::from_le_bytes(port.to_be_bytes()));
-    let ethertype = i32::from(u16::from_le_bytes([0x08, 0x00]));
-    // Jumps to `pass` (instruction 24: r0 = XDP_PASS; exit) from instruction `at`.
-    const PASS: i16 = 24;
-    let pass = |at: i16| PASS - (at + 1);
-    let mut program = vec![
-        insn(op::LDX_W, 2, 1, XDP_MD_DATA, 0),     // 0: r2 = data
-        insn(op::LDX_W, 3, 1, XDP_MD_DATA_END, 0), // 1: r3 = data_end
-        insn(op::MOV64_X, 4, 2, 0, 0),             // 2: r4 = data
-        insn(op::ADD64_K, 4, 0, 0, 42),            // 3: r4 += 42
-        insn(op::JGT_X, 4, 3, pass(4), 0),         // 4: too short
-        insn(op::LDX_H, 5, 2, 12, 0),              // 5: EtherType
-        insn(op::JNE_K, 5, 0, pass(6), ethertype), // 6
-        insn(op::LDX_B, 5, 2, 14, 0),              // 7: version, header length
-        insn(op::JNE_K, 5, 0, pass(8), 0x45),      // 8
-        insn(op::LDX_B, 5, 2, 23, 0),              // 9: protocol
-        insn(op::JNE_K, 5, 0, pass(10), 17),       // 10
-        insn(op::LDX_H, 5, 2, 20, 0),              // 11: flags, fragment offset
-        insn(op::AND64_K, 5, 0, 0, 0xff3f),        // 12: MF and the offset
-        insn(op::JNE_K, 5, 0, pass(13), 0),        // 13
-        insn(op::LDX_W, 5, 2, 30, 0),              // 14: destination address
-        insn(op::JNE32_K, 5, 0, pass(15), local),  // 15
-        insn(op::LDX_H, 5, 2, 36, 0),              // 16: UDP destination port
-        insn(op::JNE_K, 5, 0, pass(17), port),     // 17
-    ];
-    program.extend(redirect_program(map)); // 18-23: the redirect
-    program.push(insn(op::MOV64_K, 0, 0, 0, XDP_PASS)); // 24: pass
-    program.push(insn(op::EXIT, 0, 0, 0, 0));
-    debug_assert_eq!(program.len(), PASS as usize + 2);
-    program
+    filtered(
+        map,
+        42,
+        &[
+            insn(op::LDX_H, 5, 2, 12, 0),                   // 5: EtherType
+            insn(op::JNE_K, 5, 0, TO_PASS, ETHERTYPE_IPV4), // 6
+            insn(op::LDX_B, 5, 2, 14, 0),                   // 7: version, header length
+            insn(op::JNE_K, 5, 0, TO_PASS, 0x45),           // 8
+            insn(op::LDX_B, 5, 2, 23, 0),                   // 9: protocol
+            insn(op::JNE_K, 5, 0, TO_PASS, 17),             // 10
+            insn(op::LDX_H, 5, 2, 20, 0),                   // 11: flags, fragment offset
+            insn(op::AND64_K, 5, 0, 0, 0xff3f),             // 12: MF and the offset
+            insn(op::JNE_K, 5, 0, TO_PASS, 0),              // 13
+            insn(op::LDX_W, 5, 2, 30, 0),                   // 14: destination address
+            insn(op::JNE32_K, 5, 0, TO_PASS, local),        // 15
+            insn(op::LDX_H, 5, 2, 36, 0),                   // 16: UDP destination port
+            insn(op::JNE_K, 5, 0, TO_PASS, port),           // 17
+        ],
+    )
 }
+
+/// The EtherType of IPv4 as its wire bytes load little-endian.
+const ETHERTYPE_IPV4: i32 = 0x0008;
 
 /// The pod CIDR filter in front of [`redirect_program`]: frames that are not untagged IPv4
 /// to an address in `net`/`prefix` go to the kernel.
@@ -125,27 +145,17 @@ fn pod_cidr_program(map: RawFd, net: Ipv4Addr, prefix: u8) -> Vec<[u8; 8]> {
     // Packet bytes are loaded little-endian: compare against the wire bytes read so.
     let wire = |v: u32| i32::from_le_bytes(v.to_be_bytes());
     let (mask, net) = (wire(mask), wire(u32::from(net) & mask));
-    let ethertype = i32::from(u16::from_le_bytes([0x08, 0x00]));
-    // Jumps to `pass` (instruction 16: r0 = XDP_PASS; exit) from instruction `at`.
-    const PASS: i16 = 16;
-    let pass = |at: i16| PASS - (at + 1);
-    let mut program = vec![
-        insn(op::LDX_W, 2, 1, XDP_MD_DATA, 0),     // 0: r2 = data
-        insn(op::LDX_W, 3, 1, XDP_MD_DATA_END, 0), // 1: r3 = data_end
-        insn(op::MOV64_X, 4, 2, 0, 0),             // 2: r4 = data
-        insn(op::ADD64_K, 4, 0, 0, 34),            // 3: r4 += 34
-        insn(op::JGT_X, 4, 3, pass(4), 0),         // 4: too short
-        insn(op::LDX_H, 5, 2, 12, 0),              // 5: EtherType
-        insn(op::JNE_K, 5, 0, pass(6), ethertype), // 6
-        insn(op::LDX_W, 5, 2, 30, 0),              // 7: destination address
-        insn(op::AND64_K, 5, 0, 0, mask),          // 8: its network
-        insn(op::JNE32_K, 5, 0, pass(9), net),     // 9
-    ];
-    program.extend(redirect_program(map)); // 10-15: the redirect
-    program.push(insn(op::MOV64_K, 0, 0, 0, XDP_PASS)); // 16: pass
-    program.push(insn(op::EXIT, 0, 0, 0, 0));
-    debug_assert_eq!(program.len(), PASS as usize + 2);
-    program
+    filtered(
+        map,
+        34,
+        &[
+            insn(op::LDX_H, 5, 2, 12, 0),                   // 5: EtherType
+            insn(op::JNE_K, 5, 0, TO_PASS, ETHERTYPE_IPV4), // 6
+            insn(op::LDX_W, 5, 2, 30, 0),                   // 7: destination address
+            insn(op::AND64_K, 5, 0, 0, mask),               // 8: its network
+            insn(op::JNE32_K, 5, 0, TO_PASS, net),          // 9
+        ],
+    )
 }
 
 /// The redirect program attached to one device, with its socket map.
