@@ -29,6 +29,31 @@ fn counter(c: &Cluster, node: usize, name: &str) -> u64 {
     stats.counters.get(name).copied().unwrap_or(0)
 }
 
+/// Two nodes of two pods on `backend` with the uplink on AF_XDP and an external network;
+/// every node's underlay device runs `program`.
+fn external_cluster(backend: switchyard_api::BackendKind, program: &str) -> Cluster {
+    let c = Cluster::build(
+        Arm::Switchyard,
+        &ClusterOptions {
+            pods_per_node: 2,
+            backend,
+            external: true,
+            dataplane_args: afxdp_uplink(),
+            ..ClusterOptions::default()
+        },
+    )
+    .expect("cluster");
+    for node in &c.nodes {
+        assert_eq!(
+            uplink_program(&node.ns).as_deref(),
+            Some(program),
+            "{}: the filter on the underlay device",
+            node.name
+        );
+    }
+    c
+}
+
 /// Frames node `node`'s AF_XDP sockets sent and received so far.
 fn afxdp_frames(c: &Cluster, node: usize) -> (u64, u64) {
     (
@@ -61,24 +86,7 @@ fn transfer_both_ways(c: &Cluster, bytes: u64) {
 )]
 fn the_afxdp_uplink_carries_pods_across_nodes_beside_egress_and_goes_with_its_dataplane() {
     bench_env::require_root("AF_XDP uplink test");
-    let mut c = Cluster::build(
-        Arm::Switchyard,
-        &ClusterOptions {
-            pods_per_node: 2,
-            external: true,
-            dataplane_args: afxdp_uplink(),
-            ..ClusterOptions::default()
-        },
-    )
-    .expect("cluster");
-    for node in &c.nodes {
-        assert_eq!(
-            uplink_program(&node.ns).as_deref(),
-            Some("sy_xsk_vxlan"),
-            "{}: the VXLAN filter on the underlay device",
-            node.name
-        );
-    }
+    let mut c = external_cluster(switchyard_api::BackendKind::Vxlan, "sy_xsk_vxlan");
     cluster::assert_connected(&c, "AF_XDP uplink");
     // Bulk data across nodes, intact, and carried by the AF_XDP sockets both ways.
     let before: Vec<(u64, u64)> = (0..2).map(|i| afxdp_frames(&c, i)).collect();
@@ -199,25 +207,7 @@ fn pods_on_afxdp_ports_cross_an_afxdp_uplink_intact() {
 )]
 fn direct_routing_on_the_afxdp_uplink_carries_ipv4_pods_itself_and_ipv6_through_the_kernel() {
     bench_env::require_root("AF_XDP uplink test");
-    let mut c = Cluster::build(
-        Arm::Switchyard,
-        &ClusterOptions {
-            pods_per_node: 2,
-            backend: switchyard_api::BackendKind::Direct,
-            external: true,
-            dataplane_args: afxdp_uplink(),
-            ..ClusterOptions::default()
-        },
-    )
-    .expect("cluster");
-    for node in &c.nodes {
-        assert_eq!(
-            uplink_program(&node.ns).as_deref(),
-            Some("sy_xsk_pods"),
-            "{}: the pod CIDR filter on the underlay device",
-            node.name
-        );
-    }
+    let mut c = external_cluster(switchyard_api::BackendKind::Direct, "sy_xsk_pods");
     // Every pair, both families (IPv6 between nodes stays with the nodes' kernels).
     cluster::assert_connected(&c, "direct routing on an AF_XDP uplink");
     // Both ways at once, intact, every IPv4 packet through the AF_XDP sockets.
