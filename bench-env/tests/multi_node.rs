@@ -476,14 +476,63 @@ fn udp_in(ns: &bench_env::netns::Netns, addr: IpAddr, port: u16) -> std::net::Ud
         .expect("UDP socket in the pod")
 }
 
+/// Sends `payload` from `from` to `to` (UDP port `port`) in one send, cut into datagrams of
+/// `gso` bytes by the pod's kernel (`UDP_SEGMENT`) or, without, as one datagram that the
+/// kernel fragments past the MTU; returns the datagrams `to` received, up to the number
+/// sent (three tries).
+fn udp_one_send(
+    from: &bench_env::testbed::Pod,
+    to: &bench_env::testbed::Pod,
+    v6: bool,
+    port: u16,
+    gso: Option<u16>,
+    payload: &[u8],
+) -> Vec<Vec<u8>> {
+    let addr = |p: &bench_env::testbed::Pod| -> IpAddr {
+        if v6 {
+            p.ipv6.into()
+        } else {
+            p.ipv4.into()
+        }
+    };
+    let rx = udp_in(&to.ns, addr(to), port);
+    rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let tx = udp_in(&from.ns, addr(from), 0);
+    if let Some(size) = gso {
+        nix::sys::socket::setsockopt(
+            &tx,
+            nix::sys::socket::sockopt::UdpGsoSegment,
+            &i32::from(size),
+        )
+        .unwrap();
+    }
+    let expected = gso.map_or(1, |size| payload.len().div_ceil(usize::from(size)));
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65_536];
+    for _ in 0..3 {
+        tx.send_to(payload, (addr(to), port)).unwrap();
+        while got.len() < expected {
+            match rx.recv(&mut buf) {
+                Ok(n) => got.push(buf[..n].to_vec()),
+                Err(_) => break,
+            }
+        }
+        if got.len() == expected {
+            break;
+        }
+    }
+    got
+}
+
 #[test]
 #[cfg_attr(
     not(privileged),
     ignore = "needs root: network namespaces and TAP devices"
 )]
-fn udp_gso_datagrams_reach_a_pod_on_another_node_one_by_one() {
+fn udp_gso_and_fragmented_datagrams_reach_a_pod_on_another_node() {
     // An application that sends with UDP_SEGMENT (QUIC stacks do) hands the pod's kernel
-    // one buffer of several datagrams; they must arrive as datagrams on the other node.
+    // one buffer of several datagrams: they arrive as datagrams on the other node. A
+    // datagram larger than the MTU leaves its pod in fragments: it arrives whole.
     let afxdp = || vec!["--uplink-mode".to_string(), "afxdp".to_string()];
     for (backend, dataplane_args) in [
         (BackendKind::Vxlan, Vec::new()),
@@ -499,31 +548,17 @@ fn udp_gso_datagrams_reach_a_pod_on_another_node_one_by_one() {
             ..ClusterOptions::default()
         });
         let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
-        let rx = udp_in(&b.ns, IpAddr::V4(b.ipv4), 9999);
-        rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let tx = udp_in(&a.ns, IpAddr::V4(a.ipv4), 0);
-        nix::sys::socket::setsockopt(&tx, nix::sys::socket::sockopt::UdpGsoSegment, &1000).unwrap();
         let payload: Vec<u8> = (0..4_000u32).map(|i| (i % 251) as u8).collect();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 2_000];
-        for _ in 0..3 {
-            tx.send_to(&payload, (b.ipv4, 9999)).unwrap();
-            while got.len() < 4 {
-                match rx.recv(&mut buf) {
-                    Ok(n) => got.push(buf[..n].to_vec()),
-                    Err(_) => break,
-                }
-            }
-            if got.len() == 4 {
-                break;
+        let mut port = 9_000;
+        for v6 in [false, true] {
+            for gso in [Some(1_000), None] {
+                port += 1;
+                let got = udp_one_send(a, b, v6, port, gso, &payload);
+                let what = format!("{backend_args}, IPv6 {v6}, GSO {gso:?}");
+                let expected = if gso.is_some() { 4 } else { 1 };
+                assert_eq!(got.len(), expected, "{what}: datagrams\n{}", c.logs());
+                assert_eq!(got.concat(), payload, "{what}: in order, intact");
             }
         }
-        assert_eq!(
-            got.len(),
-            4,
-            "{backend_args}: datagrams received\n{}",
-            c.logs()
-        );
-        assert_eq!(got.concat(), payload, "{backend_args}: in order, intact");
     }
 }
