@@ -439,7 +439,7 @@ impl Pipeline {
     #[inline(always)]
     fn origin<D>(&self, tables: &Tables<D>, l3: &[u8], v6: bool) -> Option<policy::Origin> {
         let translating = !tables.services.is_empty() || (!v6 && tables.masquerade.is_some());
-        (translating && !tables.policy.is_empty()).then(|| policy::Origin::of(l3, v6, true))
+        (translating && tables.selected_ports.any()).then(|| policy::Origin::of(l3, v6, true))
     }
 
     /// Runs the policy stage over a routed packet `l3` (IPv6 when `v6`) from `ingress` to
@@ -455,18 +455,25 @@ impl Pipeline {
         origin: Option<policy::Origin>,
     ) -> Result<(), DropReason> {
         // Between two pods no policy selects (or a pod and the node or the overlay): no
-        // rule applies either way, and the packet is not read.
+        // rule applies either way, and the packet is not read. (With no policy, no port
+        // is selected.)
         let selected = &tables.selected_ports;
-        if tables.policy.is_empty()
-            || !(selected.contains(ingress.id) || selected.contains(egress.id))
-        {
+        if !(selected.contains(ingress.id) || selected.contains(egress.id)) {
             return Ok(());
         }
-        let origin = origin.unwrap_or_else(|| policy::Origin::of(l3, v6, false));
+        // A packet of a flow this worker decided last takes only its raw tuple and a
+        // comparison; the rest is read on a miss.
         let generation = tables.policy.generation;
-        if let Some(verdict) = self.verdicts.get(&origin, generation, self.now_ns) {
-            return verdict;
+        let raw = match &origin {
+            Some(origin) => origin.raw,
+            None => policy::raw_tuple(l3, v6),
+        };
+        if let Some(tuple) = &raw {
+            if let Some(verdict) = self.verdicts.get(tuple, generation, self.now_ns) {
+                return verdict;
+            }
         }
+        let origin = origin.unwrap_or(policy::Origin { raw, source: None });
         let Some(mut packet) = policy::packet(l3, v6) else {
             return Ok(());
         };

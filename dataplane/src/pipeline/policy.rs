@@ -202,7 +202,7 @@ impl RawTuple {
 /// a UDP or SCTP packet or an ICMP echo request or reply, whole (not a fragment, no IPv6
 /// extension header): a packet a cached verdict may decide.
 #[inline(always)]
-fn raw_tuple(l3: &[u8], v6: bool) -> Option<RawTuple> {
+pub(super) fn raw_tuple(l3: &[u8], v6: bool) -> Option<RawTuple> {
     // Fixed-size views: one length check per header, none per field.
     let word = |bytes: &[u8; 16]| u128::from_be_bytes(*bytes);
     let (protocol, first, second, l4) = if v6 {
@@ -315,16 +315,15 @@ impl VerdictCache {
         (mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % CACHE_SLOTS
     }
 
-    /// The verdict this worker used on packets like `origin`'s under rules of
-    /// `generation` within the last second, if any.
+    /// The verdict this worker used on packets with `tuple` under rules of `generation`
+    /// within the last second, if any.
     #[inline(always)]
     pub(super) fn get(
         &mut self,
-        origin: &Origin,
+        tuple: &RawTuple,
         generation: u64,
         now_ns: u64,
     ) -> Option<Result<(), DropReason>> {
-        let tuple = origin.raw.as_ref()?;
         // Inline, the packet's tuple stays in registers: a bulk flow's packets end here.
         match &self.last {
             Some(last) if last.fresh(tuple, generation, now_ns) => Some(last.verdict),
@@ -570,29 +569,40 @@ mod tests {
     fn a_cached_verdict_decides_only_the_same_direction_of_a_flow_under_the_same_rules_within_a_second(
     ) {
         let mut cache = VerdictCache::default();
+        let get = |cache: &mut VerdictCache, origin: &Origin, generation, now_ns| {
+            let tuple = origin.raw.as_ref()?;
+            cache.get(tuple, generation, now_ns)
+        };
         let packet = v4(6, tcp::FLAG_ACK, 0);
         let origin = Origin::of(&packet, false, false);
-        assert_eq!(cache.get(&origin, 1, 0), None);
+        assert_eq!(get(&mut cache, &origin, 1, 0), None);
         cache.put(&origin, 1, Err(DropReason::PolicyDeniedIngress), 0);
         assert_eq!(
-            cache.get(&origin, 1, 10),
+            get(&mut cache, &origin, 1, 10),
             Some(Err(DropReason::PolicyDeniedIngress))
         );
-        assert_eq!(cache.get(&origin, 2, 10), None, "the rules changed");
-        assert_eq!(cache.get(&origin, 1, CACHE_REFRESH_NS), None, "refresh");
+        assert_eq!(get(&mut cache, &origin, 2, 10), None, "the rules changed");
+        assert_eq!(
+            get(&mut cache, &origin, 1, CACHE_REFRESH_NS),
+            None,
+            "refresh"
+        );
         let mut other = packet.clone();
         other[22..24].copy_from_slice(&81u16.to_be_bytes());
-        assert_eq!(cache.get(&Origin::of(&other, false, false), 1, 10), None);
+        assert_eq!(
+            get(&mut cache, &Origin::of(&other, false, false), 1, 10),
+            None
+        );
         let mut reply = packet.clone();
         reply.copy_within(12..16, 16);
         reply[12..16].copy_from_slice(&[10, 244, 0, 6]);
         assert_eq!(
-            cache.get(&Origin::of(&reply, false, false), 1, 10),
+            get(&mut cache, &Origin::of(&reply, false, false), 1, 10),
             None,
             "the other direction is its own"
         );
         let syn = Origin::of(&v4(6, tcp::FLAG_SYN, 0), false, true);
-        assert_eq!(cache.get(&syn, 1, 10), None, "a SYN always goes on");
+        assert!(syn.raw.is_none(), "a SYN always goes on");
         assert_eq!(
             syn.source,
             Some(("10.244.0.5".parse().unwrap(), 40000)),

@@ -271,6 +271,12 @@ impl SelectedPorts {
         let (word, bit) = Self::bit(id);
         self.0[word] & bit != 0
     }
+
+    /// True when some port may be selected (a policy selects a pod of this node).
+    #[inline(always)]
+    pub fn any(&self) -> bool {
+        self.0.iter().any(|w| *w != 0)
+    }
 }
 
 /// The policies of a snapshot: selected pods by address, and this node's own addresses

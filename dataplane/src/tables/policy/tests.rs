@@ -221,8 +221,9 @@ fn pods_share_compiled_directions_and_open_directions_stay_open() {
 #[test]
 fn selected_ports_never_miss_a_port_and_share_bits_modulo_256() {
     let mut ports = SelectedPorts::default();
-    assert!(!ports.contains(7));
+    assert!(!ports.contains(7) && !ports.any());
     ports.insert(7);
+    assert!(ports.any());
     ports.insert(300);
     assert!(ports.contains(7) && ports.contains(300));
     assert!(
