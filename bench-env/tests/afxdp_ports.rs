@@ -209,30 +209,8 @@ fn afxdp_pods_across_nodes_reach_the_external_network_a_host_port_and_survive_a_
     assert_eq!(t.sent_hash, t.received_hash, "corrupted through masquerade");
     assert_eq!(t.peer.ip(), IpAddr::V4(c.nodes[0].ipv4), "masqueraded");
     // A published port on the first node reaches an AF_XDP pod.
-    let mappings = serde_json::json!({"portMappings": [
-        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}
-    ]});
-    let p = c.nodes[0].pods.len();
-    c.add_pod_with(0, p, Some(mappings)).unwrap();
-    let node = std::net::SocketAddr::from((c.nodes[0].ipv4, 8080));
-    let pod = c.nodes[0].pods[p].ns.path();
-    let ext = c.external.as_ref().unwrap();
-    let server = std::thread::spawn(move || {
-        switchyard_dataplane::io::netns::run_in(&pod, || {
-            let l = std::net::TcpListener::bind("0.0.0.0:80")?;
-            let (mut s, _) = l.accept()?;
-            let mut buf = Vec::new();
-            std::io::Read::read_to_end(&mut s, &mut buf)?;
-            Ok(buf)
-        })
-    });
-    std::thread::sleep(Duration::from_millis(100));
-    switchyard_dataplane::io::netns::run_in(&ext.ns.path(), move || {
-        let mut s = std::net::TcpStream::connect_timeout(&node, Duration::from_secs(5))?;
-        std::io::Write::write_all(&mut s, b"through the node's port")
-    })
-    .unwrap_or_else(|e| panic!("external host cannot reach node:8080: {e}\n{}", c.logs()));
-    assert_eq!(server.join().unwrap().unwrap(), b"through the node's port");
+    c.check_host_port_from_outside(0, 8080)
+        .unwrap_or_else(|e| panic!("{e}"));
     // A restarted dataplane re-attaches the pods' pairs.
     c.restart_dataplane(0).unwrap();
     c.wait_for_peers(0, 1, Duration::from_secs(20)).unwrap();

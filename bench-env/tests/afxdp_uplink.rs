@@ -1,7 +1,7 @@
 //! The uplink on AF_XDP (`--uplink-mode afxdp`): VXLAN between nodes through AF_XDP
 //! sockets on each node's underlay device, behind a program that takes only VXLAN to the
-//! node; the node's own traffic, masquerade and published ports beside it through the
-//! kernel as before. Namespace tests; they need root and run in CI.
+//! node; the node's own traffic, masquerade and published ports (hostPort) beside it
+//! through the kernel as before. Namespace tests; they need root and run in CI.
 
 use bench_env::cluster::{self, Cluster, ClusterOptions};
 use bench_env::netns::Netns;
@@ -148,6 +148,10 @@ fn the_afxdp_uplink_carries_pods_across_nodes_beside_egress_and_goes_with_its_da
         counter(&c, 0, "uplink_afxdp_tx_frames") > sent,
         "the AF_XDP socket carries frames again once the kernel resolved the next hop"
     );
+    // A published port (hostPort) on the node's address, reached from outside: the
+    // kernel takes the connection to the dataplane beside the program.
+    c.check_host_port_from_outside(0, 8080)
+        .unwrap_or_else(|e| panic!("{e}"));
     // A restart attaches again; a stop leaves nothing on the device.
     c.restart_dataplane(0).unwrap();
     c.wait_for_peers(0, 1, Duration::from_secs(20)).unwrap();
@@ -233,6 +237,8 @@ fn direct_routing_on_the_afxdp_uplink_carries_ipv4_pods_itself_and_ipv6_through_
         .ns
         .exec(&["ping", "-c", "2", "-W", "1", &b.ipv4.to_string()])
         .unwrap_or_else(|e| panic!("node 0 to a pod on node 1: {e}"));
+    c.check_host_port_from_outside(1, 8080)
+        .unwrap_or_else(|e| panic!("{e}"));
     // A live change to VXLAN and back: each uplink's program replaces the last one's.
     for (backend, program) in [
         (switchyard_api::BackendKind::Vxlan, "sy_xsk_vxlan"),

@@ -97,6 +97,55 @@ impl Cluster {
         Ok(())
     }
 
+    /// Attaches a new pod on node `i` that publishes its TCP port 80 as the node's port
+    /// `host_port` (CNI `portMappings`), and has the external host (with
+    /// `ClusterOptions::external`) send a message to the node's address and that port: the
+    /// pod must receive it whole.
+    pub fn check_host_port_from_outside(&mut self, i: usize, host_port: u16) -> Result<()> {
+        let mappings = serde_json::json!({"portMappings": [
+            {"hostPort": host_port, "containerPort": 80, "protocol": "tcp"}
+        ]});
+        let at = self.at(i)?;
+        let p = self.nodes[at].pods.len();
+        self.add_pod_with(i, p, Some(mappings))?;
+        let node = std::net::SocketAddr::from((self.nodes[at].ipv4, host_port));
+        let pod = self.nodes[at].pods[p].ns.path();
+        let ext = self
+            .external
+            .as_ref()
+            .ok_or_else(|| fail!("no external host in this cluster"))?
+            .ns
+            .path();
+        let listening = switchyard_dataplane::io::netns::run_in(&pod, || {
+            std::net::TcpListener::bind("0.0.0.0:80")
+        })?;
+        let server = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+            let (mut s, _) = listening.accept()?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut s, &mut buf)?;
+            Ok(buf)
+        });
+        const MESSAGE: &[u8] = b"through the node's port";
+        switchyard_dataplane::io::netns::run_in(&ext, move || {
+            let mut s = std::net::TcpStream::connect_timeout(&node, Duration::from_secs(5))?;
+            std::io::Write::write_all(&mut s, MESSAGE)
+        })
+        .map_err(|e| {
+            fail!(
+                "the external host cannot reach {node}: {e}\n{}",
+                self.logs()
+            )
+        })?;
+        let received = server
+            .join()
+            .map_err(|_| fail!("the pod's server panicked"))??;
+        if received != MESSAGE {
+            return Err(fail!("the pod behind {node} received {received:?}"));
+        }
+        Ok(())
+    }
+
     /// Every pod, with the index of its node.
     pub fn pods(&self) -> impl Iterator<Item = (usize, &Pod)> {
         self.nodes
