@@ -596,16 +596,19 @@ fn two_hundred_thousand_flows_then_a_full_table_makes_room_from_unanswered_ones(
     let pid = c.nodes[0].dataplane_pid().unwrap();
     let before = rss_kib(pid);
     let nat = |c: &Cluster| nat(c, 0);
-    // A datagram the pod's kernel could not queue opens no flow: send again what is
-    // missing (a known flow is only refreshed).
-    for _ in 0..8 {
-        open_flows(pod, ext.ipv4, 200_000, 1000);
-        if nat(&c).udp >= 200_000 {
-            break;
+    // A datagram the pod's kernel could not queue opens no flow: the flows are sent again,
+    // up to 8 times, until `done` (a known flow is only refreshed). A busy machine loses
+    // some on the way; the queues drain in between.
+    let open_until = |count: u32, first_dport: u16, done: &dyn Fn() -> bool| {
+        for _ in 0..8 {
+            open_flows(pod, ext.ipv4, count, first_dport);
+            if done() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
         }
-        // A busy machine lost some on the way: let the queues drain, then send again.
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    };
+    open_until(200_000, 1000, &|| nat(&c).udp >= 200_000);
     let n = nat(&c);
     assert_eq!(n.udp, 200_000, "flows tracked");
     assert_eq!(
@@ -618,16 +621,9 @@ fn two_hundred_thousand_flows_then_a_full_table_makes_room_from_unanswered_ones(
     assert_eq!(t.sent_hash, t.received_hash);
     let mut known = EchoFlow::open(pod, ext).expect("a TCP connection to the external host");
     assert!(known.echo(b"before the table fills"));
-    // 20,000 new flows where about 10,000 fit: about 10,000 early drops. Making room
-    // slows the worker, and what the pod's queue toward its TAP could not hold opens no
-    // flow: send again what is missing (flows that got in are only refreshed).
-    for _ in 0..8 {
-        open_flows(pod, ext.ipv4, 20_000, 60_000);
-        if nat(&c).early_drops > 5_000 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    // 20,000 new flows where about 10,000 fit: about 10,000 early drops (making room slows
+    // the worker, so more of them may need sending again).
+    open_until(20_000, 60_000, &|| nat(&c).early_drops > 5_000);
     let n = nat(&c);
     assert!(
         n.early_drops > 5_000,
