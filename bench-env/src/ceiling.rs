@@ -109,6 +109,7 @@ impl CrossNodeNull {
                     true,
                     UplinkMode::Sockets,
                     None,
+                    None,
                 )
             })?;
             let peer = underlay[1 - i];

@@ -1,7 +1,9 @@
-//! The uplink on AF_XDP (`--uplink-mode afxdp`): VXLAN between nodes through AF_XDP
-//! sockets on each node's underlay device, behind a program that takes only VXLAN to the
-//! node; the node's own traffic, masquerade and published ports (hostPort) beside it
-//! through the kernel as before. Namespace tests; they need root and run in CI.
+//! The uplink on AF_XDP (`--uplink-mode afxdp`): VXLAN (or directly routed packets)
+//! between nodes through AF_XDP sockets on each node's underlay device, behind a program
+//! that takes only that and what comes back to the node for the dataplane (masquerade
+//! replies, connections to published ports, ICMP); masqueraded flows and published ports
+//! leave through the same sockets, so the node's stack forwards none of them; the node's
+//! own traffic stays the kernel's. Namespace tests; they need root and run in CI.
 
 use bench_env::cluster::{self, Cluster, ClusterOptions};
 use bench_env::netns::Netns;
@@ -62,6 +64,44 @@ fn afxdp_frames(c: &Cluster, node: usize) -> (u64, u64) {
     )
 }
 
+/// Packets the node's kernel has forwarded so far (`Ip: ForwDatagrams`).
+fn kernel_forwarded(node: &Netns) -> u64 {
+    let snmp = node.exec(&["cat", "/proc/net/snmp"]).unwrap();
+    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip: "));
+    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "ForwDatagrams")
+        .unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// Runs `f` (traffic between node `i`'s pods and the external host) and checks that node
+/// `i`'s AF_XDP sockets sent at least `sent` and received at least `received` frames
+/// meanwhile, and its kernel forwarded none of it (at most `slack` packets).
+fn through_the_exit<T>(
+    c: &mut Cluster,
+    i: usize,
+    sent: u64,
+    received: u64,
+    f: impl FnOnce(&mut Cluster) -> T,
+) -> T {
+    let (forwarded, frames) = (kernel_forwarded(&c.nodes[i].ns), afxdp_frames(c, i));
+    let out = f(c);
+    let forwarded = kernel_forwarded(&c.nodes[i].ns) - forwarded;
+    let (tx, rx) = afxdp_frames(c, i);
+    let (tx, rx) = (tx - frames.0, rx - frames.1);
+    assert!(
+        tx >= sent && rx >= received,
+        "node {i}'s AF_XDP sockets sent {tx} and received {rx} frames, not at least {sent} and {received}"
+    );
+    assert!(
+        forwarded <= 2,
+        "node {i}'s kernel forwarded {forwarded} packets of it"
+    );
+    out
+}
+
 /// `bytes` from node 0's first pod to node 1's and from node 1's second pod to node 0's
 /// at once, each checked intact.
 fn transfer_both_ways(c: &Cluster, bytes: u64) {
@@ -102,12 +142,20 @@ fn the_afxdp_uplink_carries_pods_across_nodes_beside_egress_and_goes_with_its_da
         sent > 35_000 && received > 35_000,
         "the AF_XDP sockets carried {sent} frames out of node 0 and {received} into node 1"
     );
-    // The kernel's own traffic on the device is untouched: masquerade to the external
-    // network and the nodes' pings to each other.
-    let ext = c.external.as_ref().unwrap();
-    let t = tcp_transfer(a, ext, 20 << 20).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    // Masquerade to the external network leaves and comes back through the AF_XDP
+    // sockets (20 MB in segments of at most 1,448 bytes), not through the node's stack.
+    let t = through_the_exit(&mut c, 0, 14_000, 500, |c| {
+        tcp_transfer(&c.nodes[0].pods[0], c.external.as_ref().unwrap(), 20 << 20)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     assert_eq!(t.sent_hash, t.received_hash, "corrupted through masquerade");
     assert_eq!(t.peer.ip(), IpAddr::V4(c.nodes[0].ipv4), "masqueraded");
+    // A published port (hostPort) on the node's address, reached from outside: both
+    // ways through the AF_XDP sockets too.
+    through_the_exit(&mut c, 0, 3, 3, |c| c.check_host_port_from_outside(0, 8080))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[1]);
+    // The node's own traffic on the device stays the kernel's: the nodes' pings.
     let other = c.nodes[1].ipv4.to_string();
     c.nodes[0]
         .ns
@@ -148,10 +196,18 @@ fn the_afxdp_uplink_carries_pods_across_nodes_beside_egress_and_goes_with_its_da
         counter(&c, 0, "uplink_afxdp_tx_frames") > sent,
         "the AF_XDP socket carries frames again once the kernel resolved the next hop"
     );
-    // A published port (hostPort) on the node's address, reached from outside: the
-    // kernel takes the connection to the dataplane beside the program.
-    c.check_host_port_from_outside(0, 8080)
-        .unwrap_or_else(|e| panic!("{e}"));
+    // The gateway toward the external network went with the flush too: a masqueraded
+    // connection still gets through (its first packets through the node's stack, whose
+    // kernel resolves the gateway again, asked by the dataplane), and the next leaves
+    // through the AF_XDP sockets again (1 MB in segments of at most 1,448 bytes).
+    let to_external = |c: &mut Cluster| {
+        let t = tcp_transfer(&c.nodes[0].pods[0], c.external.as_ref().unwrap(), 1 << 20)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.sent_hash, t.received_hash, "corrupted through masquerade");
+    };
+    to_external(&mut c);
+    std::thread::sleep(2 * switchyard_dataplane::io::uplink_xdp::REFRESH);
+    through_the_exit(&mut c, 0, 700, 20, to_external);
     // A restart attaches again; a stop leaves nothing on the device.
     c.restart_dataplane(0).unwrap();
     c.wait_for_peers(0, 1, Duration::from_secs(20)).unwrap();
@@ -217,7 +273,6 @@ fn direct_routing_on_the_afxdp_uplink_carries_ipv4_pods_itself_and_ipv6_through_
     // Both ways at once, intact, every IPv4 packet through the AF_XDP sockets.
     let before: Vec<(u64, u64)> = (0..2).map(|i| afxdp_frames(&c, i)).collect();
     transfer_both_ways(&c, 30 << 20);
-    let (a, b) = (&c.nodes[0].pods[0], &c.nodes[1].pods[0]);
     for (i, (tx, rx)) in before.iter().enumerate() {
         let (sent, received) = (afxdp_frames(&c, i).0 - tx, afxdp_frames(&c, i).1 - rx);
         // 30 MB each way in packets of at most 1,448 bytes of payload.
@@ -226,18 +281,22 @@ fn direct_routing_on_the_afxdp_uplink_carries_ipv4_pods_itself_and_ipv6_through_
             "node {i}: the AF_XDP sockets carried {sent} packets out and {received} in"
         );
     }
-    // The node's own traffic stays the kernel's: masquerade to the external network, and
-    // a node reaching a pod on the other node (through its kernel route to that node; the
-    // other node's program hands the packet to its dataplane).
-    let ext = c.external.as_ref().unwrap();
-    let t = tcp_transfer(a, ext, 10 << 20).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    // Masquerade to the external network and a published port through the AF_XDP
+    // sockets as well; the node's own traffic stays the kernel's: a node reaching a pod on
+    // the other node (through its kernel route to that node; the other node's program
+    // hands the packet to its dataplane).
+    let t = through_the_exit(&mut c, 0, 7_000, 300, |c| {
+        tcp_transfer(&c.nodes[0].pods[0], c.external.as_ref().unwrap(), 10 << 20)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let b = &c.nodes[1].pods[0];
     assert_eq!(t.sent_hash, t.received_hash, "corrupted through masquerade");
     assert_eq!(t.peer.ip(), IpAddr::V4(c.nodes[0].ipv4), "masqueraded");
     c.nodes[0]
         .ns
         .exec(&["ping", "-c", "2", "-W", "1", &b.ipv4.to_string()])
         .unwrap_or_else(|e| panic!("node 0 to a pod on node 1: {e}"));
-    c.check_host_port_from_outside(1, 8080)
+    through_the_exit(&mut c, 1, 3, 3, |c| c.check_host_port_from_outside(1, 8080))
         .unwrap_or_else(|e| panic!("{e}"));
     // A live change to VXLAN and back: each uplink's program replaces the last one's.
     for (backend, program) in [

@@ -49,7 +49,7 @@ fn the_redirect_program_attaches_to_a_veth_and_goes_with_its_owner() {
     assert!(!shown().contains("prog/xdp"), "nothing before: {}", shown());
     let redirect = run_in(&ns.path(), || {
         let index = link_index("syxdp0").expect("the veth");
-        XdpRedirect::attach(index, 2, Filter::All)
+        XdpRedirect::attach(index, 2, Filter::All, None)
     })
     .unwrap_or_else(|e| panic!("the kernel refused the program or the link: {e}"));
     let attached = shown();
@@ -78,7 +78,7 @@ fn an_af_xdp_socket_receives_and_sends_frames_on_a_veth() {
     let path = ns.path();
     let (_redirect, mut socket) = run_in(&path, || {
         let index = link_index("syxsk0").expect("the veth");
-        let redirect = XdpRedirect::attach(index, 1, Filter::All)?;
+        let redirect = XdpRedirect::attach(index, 1, Filter::All, None)?;
         let socket = XskSocket::bind(index, 0, switchyard_dataplane::io::xsk::FRAME_SIZE)?;
         redirect.insert_socket(0, socket.raw_fd())?;
         Ok((redirect, socket))
@@ -142,7 +142,7 @@ fn the_afxdp_uplink_refuses_a_device_that_runs_another_program_and_says_what_to_
     ns.add_address("syxup0", "192.168.79.1/24").unwrap();
     let result = run_in(&ns.path(), || {
         let index = link_index("syxup0").expect("the veth");
-        let _other = XdpRedirect::attach(index, 1, Filter::All)?;
+        let _other = XdpRedirect::attach(index, 1, Filter::All, None)?;
         let mac = switchyard_api::MacAddr([2, 0, 0, 0, 0, 1]);
         match Uplink::open(
             Encap::Vxlan { vni: 1, port: 4789 },
@@ -153,6 +153,7 @@ fn the_afxdp_uplink_refuses_a_device_that_runs_another_program_and_says_what_to_
             None,
             false,
             UplinkMode::AfXdp,
+            None,
             None,
         ) {
             Ok(_) => Ok(None),

@@ -170,7 +170,7 @@ impl AfXdpPort {
         let _ = super::links::set_sysctl(&format!("net.ipv4.conf.{host}.forwarding"), "0");
         let _ = super::links::set_sysctl(&format!("net.ipv6.conf.{host}.disable_ipv6"), "1");
         Netlink::open()?.set_link(host_index, None, None)?;
-        let redirect = XdpRedirect::attach(host_index, queues as u32, Filter::All)?;
+        let redirect = XdpRedirect::attach(host_index, queues as u32, Filter::All, None)?;
         let mut sockets = Vec::with_capacity(queues);
         let mut fds = Vec::with_capacity(queues);
         for queue in 0..queues as u32 {

@@ -18,6 +18,8 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 pub const PROG_TYPE_SOCKET_FILTER: u32 = 1;
 /// XDP programs.
 pub const PROG_TYPE_XDP: u32 = 6;
+/// Map types: an array.
+pub const MAP_TYPE_ARRAY: u32 = 2;
 /// Map types: a per-CPU array.
 pub const MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 /// Map types: AF_XDP sockets by queue.
@@ -49,6 +51,12 @@ pub mod op {
     pub const LDX_B: u8 = 0x71;
     /// BPF_ALU64 | BPF_AND | BPF_K
     pub const AND64_K: u8 = 0x57;
+    /// BPF_ALU64 | BPF_AND | BPF_X
+    pub const AND64_X: u8 = 0x5f;
+    /// BPF_JMP | BPF_JA
+    pub const JA: u8 = 0x05;
+    /// BPF_STX | BPF_MEM | BPF_W
+    pub const STX_W: u8 = 0x63;
     /// BPF_JMP | BPF_JGT | BPF_X
     pub const JGT_X: u8 = 0x2d;
     /// BPF_JMP | BPF_JNE | BPF_K

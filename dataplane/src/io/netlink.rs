@@ -90,6 +90,11 @@ pub struct KernelRoute {
     pub table: u8,
 }
 
+/// An IPv4 route of the main table as [`Netlink::main_routes_v4`] reads it: its
+/// destination (address, prefix length), and the route when it is unicast through one
+/// interface.
+pub type MainRoute = ((Ipv4Addr, u8), Option<KernelRoute>);
+
 /// A policy routing rule (`ip rule`), IPv4: which packets look up which table.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KernelRule {
@@ -469,6 +474,23 @@ impl Netlink {
         Ok(out)
     }
 
+    /// The IPv4 routes of the main table (destination, prefix length), each with its way
+    /// out: `Some` for a unicast route through one interface (its gateway, if any), `None`
+    /// for any other (blackhole, unreachable, prohibit, several next hops): traffic for
+    /// those is the kernel's to decide.
+    pub fn main_routes_v4(&mut self) -> io::Result<Vec<MainRoute>> {
+        let mut msg = Message::new(RTM_GETROUTE, NLM_F_DUMP, self.seq);
+        msg.bytes(&[libc::AF_INET as u8, 0, 0, 0, 0, 0, 0, 0])
+            .bytes(&0u32.to_ne_bytes());
+        let mut out = Vec::new();
+        self.exchange(msg, |kind, payload| {
+            if kind == RTM_NEWROUTE {
+                out.extend(parse_main_route_v4(payload));
+            }
+        })?;
+        Ok(out)
+    }
+
     fn route_message(
         &mut self,
         kind: u16,
@@ -609,6 +631,30 @@ fn parse_route(payload: &[u8]) -> Option<KernelRoute> {
         src,
         table: u8::try_from(table).ok()?,
     })
+}
+
+/// An IPv4 route of the main table in a `RTM_NEWROUTE` payload: its destination, and the
+/// route itself when it is unicast through one interface.
+fn parse_main_route_v4(payload: &[u8]) -> Option<MainRoute> {
+    let header = payload.get(..12)?;
+    if header[0] != libc::AF_INET as u8 {
+        return None;
+    }
+    let mut table = u32::from(header[4]);
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    for (kind, data) in attributes(&payload[12..]) {
+        match kind {
+            RTA_DST => dst = Ipv4Addr::from(<[u8; 4]>::try_from(data).ok()?),
+            RTA_TABLE => table = u32::from_ne_bytes(data.get(..4)?.try_into().ok()?),
+            _ => {}
+        }
+    }
+    if table != u32::from(libc::RT_TABLE_MAIN) {
+        return None;
+    }
+    let net = (dst, header[1].min(32));
+    let route = parse_route(payload).filter(|r| r.oif != 0);
+    Some((net, route))
 }
 
 /// The attributes (kind, data) in `data`, a sequence of `struct rtattr`.

@@ -100,6 +100,9 @@ pub struct Uplink {
     peers: Arc<ArcSwap<Vec<Ipv4Addr>>>,
     /// The AF_XDP path ([`UplinkMode::AfXdp`]).
     xdp: Option<XdpPath>,
+    /// Makes frames of what the AF_XDP path takes for the node (not overlay traffic) as if
+    /// they came from the host port (whose MAC is their source), when it is the exit.
+    for_node: Option<Decapsulator>,
     /// Whether the kernel accepted `UDP_SEGMENT` so far.
     gso: AtomicBool,
     /// Datagrams dropped on receive, by [`Reject`] index.
@@ -115,7 +118,11 @@ impl Uplink {
     /// `i` on CPU `i`), a datagram goes to the socket of the worker on the CPU that
     /// received it (`SO_INCOMING_CPU`), so no other CPU has to be woken. `mode` says
     /// whether AF_XDP sockets on the underlay device carry VXLAN too; `pods`: the node's
-    /// IPv4 pod CIDR, which the AF_XDP sockets take under direct routing.
+    /// IPv4 pod CIDR, which the AF_XDP sockets take under direct routing. With `exit` (the
+    /// host port's MAC) the AF_XDP path is also the node's exit: it takes what comes back
+    /// to the node for the dataplane (see [`super::uplink_xdp`]), delivered as frames from
+    /// the host port ([`Uplink::recv_split`]), and sends packets that leave the node with
+    /// its address ([`Uplink::send_outside`]).
     #[allow(clippy::too_many_arguments)]
     pub fn open(
         encap: Encap,
@@ -127,6 +134,7 @@ impl Uplink {
         per_cpu: bool,
         mode: UplinkMode,
         pods: Option<(Ipv4Addr, u8)>,
+        exit: Option<MacAddr>,
     ) -> io::Result<Self> {
         let (rx, tx) = match encap {
             Encap::Vxlan { port, .. } => {
@@ -171,13 +179,20 @@ impl Uplink {
                     Filter::Vxlan { local, port },
                     queues,
                     peers.clone(),
+                    exit.is_some(),
                 )?),
                 (UplinkMode::AfXdp, Encap::Direct) => {
                     let (net, prefix) = pods.ok_or_else(|| {
                         invalid("direct routing on the AF_XDP uplink needs an IPv4 pod CIDR")
                     })?;
                     let filter = Filter::PodCidr { net, prefix };
-                    Some(XdpPath::open(local, filter, queues, peers.clone())?)
+                    Some(XdpPath::open(
+                        local,
+                        filter,
+                        queues,
+                        peers.clone(),
+                        exit.is_some(),
+                    )?)
                 }
                 (UplinkMode::AfXdp, Encap::Ipip { .. }) => return Err(invalid(
                     "the AF_XDP uplink carries VXLAN and direct routing, not IP-in-IP: use --uplink-mode sockets with IP-in-IP",
@@ -194,6 +209,11 @@ impl Uplink {
             rx,
             tx,
             peers,
+            for_node: exit.filter(|_| xdp.is_some()).map(|host_mac| Decapsulator {
+                encap: Encap::Direct,
+                mac: host_mac,
+                gateway,
+            }),
             xdp,
             gso: AtomicBool::new(true),
             drops: Default::default(),
@@ -273,16 +293,27 @@ impl Uplink {
         self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Reads and decapsulates datagrams into `bufs`; returns how many frames are ready.
-    /// With the AF_XDP path, its socket first, then the UDP socket with the buffers left.
+    /// Reads and decapsulates datagrams into `bufs`; returns how many frames are ready
+    /// (overlay frames first, then those for the node: see [`Uplink::recv_split`]).
     pub(super) fn recv_batch(&self, queue: usize, bufs: &mut [PacketBuf]) -> io::Result<usize> {
+        self.recv_split(queue, bufs)
+            .map(|(overlay, node)| overlay + node)
+    }
+
+    /// Reads and decapsulates datagrams into `bufs`: with the AF_XDP path, its socket
+    /// first, then the UDP socket with the buffers left. Returns how many overlay frames
+    /// are ready at the start of `bufs`, and how many frames for the node follow them:
+    /// what the exit's program took for the node's address, made frames from the host port
+    /// (to be run through the pipeline as if that port had read them).
+    pub fn recv_split(&self, queue: usize, bufs: &mut [PacketBuf]) -> io::Result<(usize, usize)> {
         let want = bufs.len().min(BATCH);
-        let from_xdp = match &self.xdp {
+        let (overlay, node) = match &self.xdp {
             Some(xdp) => self.recv_frames(xdp, queue, &mut bufs[..want]),
-            None => 0,
+            None => (0, 0),
         };
+        let from_xdp = overlay + node;
         let Some(fd) = self.raw_fd(queue).filter(|_| from_xdp < want) else {
-            return Ok(from_xdp);
+            return Ok((overlay, node));
         };
         let rest = &mut bufs[from_xdp..want];
         let from_socket = match self.decap.encap {
@@ -290,29 +321,35 @@ impl Uplink {
             Encap::Ipip { .. } | Encap::Direct => self.recv_packets(fd, rest),
         };
         match from_socket {
-            Ok(n) => Ok(from_xdp + n),
-            Err(_) if from_xdp > 0 => Ok(from_xdp),
+            Ok(n) => {
+                // Overlay frames first: the socket's move before those for the node.
+                bufs[overlay..from_xdp + n].rotate_left(node);
+                Ok((overlay + n, node))
+            }
+            Err(_) if from_xdp > 0 => Ok((overlay, node)),
             Err(e) => Err(e),
         }
     }
 
     /// AF_XDP receive: every VXLAN frame (or routed packet) on worker `queue`'s socket
     /// becomes a frame in `bufs` (its datagram copied once, behind room for the
-    /// virtio-net header), or is dropped and counted.
-    fn recv_frames(&self, xdp: &XdpPath, queue: usize, bufs: &mut [PacketBuf]) -> usize {
+    /// virtio-net header), or is dropped and counted; so does every packet for the node
+    /// when the path is the exit. Returns how many overlay frames start `bufs` and how
+    /// many frames for the node follow them.
+    fn recv_frames(&self, xdp: &XdpPath, queue: usize, bufs: &mut [PacketBuf]) -> (usize, usize) {
         let at = self.decap.encap.rx_offset();
         let port = match self.decap.encap {
             Encap::Vxlan { port, .. } => port,
             Encap::Direct => return self.recv_routed(xdp, queue, bufs),
-            Encap::Ipip { .. } => return 0,
+            Encap::Ipip { .. } => return (0, 0),
         };
         let peers = self.peers.load();
-        let mut kept = 0;
+        let mut kept = Kept::default();
         xdp.recv(queue, bufs.len(), |frame| {
             let got = match outer::datagram(frame, self.local, port) {
                 Ok(d) if !peers.contains(&d.src) => Err(Reject::NotAPeer),
                 Ok(d) => {
-                    let buf = &mut bufs[kept];
+                    let buf = &mut bufs[kept.len()];
                     let payload = &frame[d.payload];
                     match buf.receive_space().get_mut(at..at + payload.len()) {
                         Some(space) => {
@@ -328,46 +365,52 @@ impl Uplink {
                         None => Err(Reject::Malformed),
                     }
                 }
-                Err(NotVxlan::NotOurs) => Err(Reject::NotOurs),
+                Err(NotVxlan::NotOurs) => match &self.for_node {
+                    Some(node) => {
+                        let got = routed_for_node(node, frame, &mut bufs[kept.len()]);
+                        if got.is_ok() {
+                            kept.for_node(kept.len());
+                        }
+                        got
+                    }
+                    None => Err(Reject::NotOurs),
+                },
                 Err(NotVxlan::Malformed) => Err(Reject::Malformed),
             };
             match got {
-                Ok(()) => kept += 1,
+                Ok(()) => kept.total += 1,
                 Err(reason) => self.reject(reason),
             }
         });
-        kept
+        kept.split(bufs)
     }
 
     /// AF_XDP receive under direct routing: the IPv4 packet of every frame on worker
     /// `queue`'s socket is copied once into a buffer and made a frame, or dropped and
-    /// counted. The program took only packets to the node's pods; their senders are
-    /// checked as the node's own routing would (the pipeline takes an uplink's packets
-    /// only to local pods and the node).
-    fn recv_routed(&self, xdp: &XdpPath, queue: usize, bufs: &mut [PacketBuf]) -> usize {
-        let at = self.decap.encap.rx_offset();
-        let mut kept = 0;
+    /// counted. The program took packets to the node's pods, and (as the exit) what comes
+    /// back to the node's own address: those are made frames from the host port. The
+    /// senders of the first are checked as the node's own routing would (the pipeline takes
+    /// an uplink's packets only to local pods and the node).
+    fn recv_routed(&self, xdp: &XdpPath, queue: usize, bufs: &mut [PacketBuf]) -> (usize, usize) {
+        let mut kept = Kept::default();
         xdp.recv(queue, bufs.len(), |frame| {
-            let got = match outer::routed_packet(frame) {
-                Some(packet) => {
-                    let buf = &mut bufs[kept];
-                    let packet = &frame[packet];
-                    match buf.receive_space().get_mut(at..at + packet.len()) {
-                        Some(space) => {
-                            space.copy_from_slice(packet);
-                            self.decap.decapsulate(buf, packet.len())
-                        }
-                        None => Err(Reject::Malformed),
+            let buf = &mut bufs[kept.len()];
+            let got = match &self.for_node {
+                Some(node) if outer::routed_to(frame) == Some(self.local) => {
+                    let got = routed_for_node(node, frame, buf);
+                    if got.is_ok() {
+                        kept.for_node(kept.len());
                     }
+                    got
                 }
-                None => Err(Reject::Malformed),
+                _ => routed(&self.decap, frame, buf),
             };
             match got {
-                Ok(()) => kept += 1,
+                Ok(()) => kept.total += 1,
                 Err(reason) => self.reject(reason),
             }
         });
-        kept
+        kept.split(bufs)
     }
 
     /// IP-in-IP receive: one `recvmmsg` fills the batch, one packet per buffer.
@@ -456,6 +499,24 @@ impl Uplink {
         Ok(n)
     }
 
+    /// Sends `frame` (virtio-net header then Ethernet, as the pipeline left it: an IPv4
+    /// packet leaving the node with its address) straight out of the AF_XDP path, when it
+    /// is the node's exit and the kernel's tables give the next hop toward the destination
+    /// (a super-frame is segmented first, into `scratch`); it leaves at the next
+    /// [`Uplink::flush`]. `None` when not: nothing was sent, and the frame is the node's
+    /// stack's to route.
+    pub fn send_outside(
+        &self,
+        queue: usize,
+        frame: &mut [u8],
+        scratch: &mut [u8],
+    ) -> Option<io::Result<()>> {
+        let xdp = self.xdp.as_ref().filter(|xdp| xdp.is_exit())?;
+        let dst: [u8; 4] = frame.get(L3_OFFSET + 16..L3_OFFSET + 20)?.try_into().ok()?;
+        let next_hop = xdp.exit_hop(Ipv4Addr::from(dst))?;
+        Some(post_routed(xdp, queue, next_hop, frame, scratch))
+    }
+
     /// Encapsulates `frame` (virtio-net header then Ethernet, as the pipeline left it) and
     /// sends it to the node at `peer`. A TCP super-frame is segmented first, into
     /// `scratch` (see [`crate::offload::segment::SCRATCH_LEN`]). With the AF_XDP path and
@@ -469,25 +530,16 @@ impl Uplink {
         scratch: &mut [u8],
     ) -> io::Result<()> {
         let hash = frame.get(L3_OFFSET..).map_or(0, tunnel::flow_hash);
-        let outgoing = tunnel::encapsulate(self.decap.encap, &self.vxlan_header, frame, scratch)
-            .map_err(|e| invalid(&format!("cannot carry the frame: {e}")))?;
-        if let Some((xdp, next_hop)) = self
+        let resolved = self
             .xdp
             .as_ref()
-            .and_then(|xdp| Some((xdp, xdp.next_hop(peer)?)))
-        {
-            if self.decap.encap == Encap::Direct {
-                // The packet as it is, behind an Ethernet header to the next hop.
-                let head = outer::ethernet_v4(next_hop, xdp.mac());
-                return match outgoing {
-                    Outgoing::One([packet, _]) => xdp.post(queue, &[&head, packet]),
-                    Outgoing::Segments {
-                        data, stride, skip, ..
-                    } => data
-                        .chunks(stride)
-                        .try_for_each(|seg| xdp.post(queue, &[&head, &seg[skip..]])),
-                };
-            }
+            .and_then(|xdp| Some((xdp, xdp.next_hop(peer)?)));
+        if let (Some((xdp, next_hop)), Encap::Direct) = (resolved, self.decap.encap) {
+            return post_routed(xdp, queue, next_hop, frame, scratch);
+        }
+        let outgoing = tunnel::encapsulate(self.decap.encap, &self.vxlan_header, frame, scratch)
+            .map_err(|e| invalid(&format!("cannot carry the frame: {e}")))?;
+        if let Some((xdp, next_hop)) = resolved {
             let addrs = OuterAddrs {
                 src_mac: xdp.mac(),
                 dst_mac: next_hop,
@@ -539,6 +591,87 @@ impl Uplink {
                 data, stride, skip, ..
             } => send_many(socket, &dst, data.chunks(stride).map(|seg| &seg[skip..])),
         }
+    }
+}
+
+/// Copies the IPv4 packet of the received Ethernet frame `frame` into `buf` and makes it a
+/// frame with `decap` (direct routing: no encapsulation).
+fn routed(decap: &Decapsulator, frame: &[u8], buf: &mut PacketBuf) -> Result<(), Reject> {
+    let packet = outer::routed_packet(frame).ok_or(Reject::Malformed)?;
+    let packet = &frame[packet];
+    let at = decap.encap.rx_offset();
+    let space = buf
+        .receive_space()
+        .get_mut(at..at + packet.len())
+        .ok_or(Reject::Malformed)?;
+    space.copy_from_slice(packet);
+    decap.decapsulate(buf, packet.len())
+}
+
+/// [`routed`], for a packet that came back to the node's address from outside the cluster:
+/// its TCP or UDP checksum is checked, and a partial one (from a sender behind a virtual
+/// link) is marked so, as the node's stack would have taken it.
+fn routed_for_node(decap: &Decapsulator, frame: &[u8], buf: &mut PacketBuf) -> Result<(), Reject> {
+    routed(decap, frame, buf)?;
+    vnet::note_received_checksum(buf.frame_mut());
+    Ok(())
+}
+
+/// The frames one AF_XDP receive kept, and which of them are for the node.
+#[derive(Default)]
+struct Kept {
+    total: usize,
+    /// Bit `i`: frame `i` is for the node (a batch holds at most 64 frames).
+    node: u64,
+}
+
+impl Kept {
+    fn len(&self) -> usize {
+        self.total
+    }
+
+    fn for_node(&mut self, at: usize) {
+        self.node |= 1 << at;
+    }
+
+    /// Moves the overlay frames of `bufs` before those for the node (keeping each kind's
+    /// order); returns how many there are of each.
+    fn split(&self, bufs: &mut [PacketBuf]) -> (usize, usize) {
+        if self.node == 0 {
+            return (self.total, 0);
+        }
+        let mut overlay = 0;
+        for i in 0..self.total {
+            if self.node & (1 << i) == 0 {
+                // Frames for the node between `overlay` and `i` shift up by one.
+                bufs[overlay..=i].rotate_right(1);
+                overlay += 1;
+            }
+        }
+        (overlay, self.total - overlay)
+    }
+}
+
+/// Posts the IPv4 packet of `frame` (virtio-net header then Ethernet) as it is, behind an
+/// Ethernet header to `next_hop`, on worker `queue`'s AF_XDP socket; a super-frame is
+/// segmented first, into `scratch`.
+fn post_routed(
+    xdp: &XdpPath,
+    queue: usize,
+    next_hop: MacAddr,
+    frame: &mut [u8],
+    scratch: &mut [u8],
+) -> io::Result<()> {
+    let outgoing = tunnel::encapsulate(Encap::Direct, &[0; vxlan::HEADER_LEN], frame, scratch)
+        .map_err(|e| invalid(&format!("cannot carry the frame: {e}")))?;
+    let head = outer::ethernet_v4(next_hop, xdp.mac());
+    match outgoing {
+        Outgoing::One([packet, _]) => xdp.post(queue, &[&head, packet]),
+        Outgoing::Segments {
+            data, stride, skip, ..
+        } => data
+            .chunks(stride)
+            .try_for_each(|seg| xdp.post(queue, &[&head, &seg[skip..]])),
     }
 }
 

@@ -11,20 +11,32 @@
 //! so that the kernel resolves and re-probes them as if its own packets went there; the
 //! dataplane never sends or answers ARP itself. A peer whose next hop the kernel has not
 //! resolved yet, or that it reaches through another device, is sent to through the
-//! uplink's sockets ([`super::uplink`]), which makes the kernel resolve it. The program
-//! goes with this value (a BPF link), so a stopped or crashed dataplane leaves nothing on
-//! the device.
+//! uplink's sockets ([`super::uplink`]), which makes the kernel resolve it.
+//!
+//! With `published` set, the program also takes what comes back to the node's address for
+//! the dataplane (ICMP, and TCP and UDP to the ports [`XdpPath::publish`] lists: the
+//! masquerade range and the ports published to pods), and packets that leave the node with
+//! its address (masqueraded, or answering a published port) go out through the sockets
+//! too, to the next hop the kernel's main table and neighbour table give
+//! ([`XdpPath::exit_hop`]). Both halves of such a flow then pass the dataplane and neither
+//! passes the kernel, whose connection tracking and firewall never see half a flow. A
+//! destination whose next hop is unknown, or that the kernel reaches otherwise, goes
+//! through the node's stack as before.
+//!
+//! The program goes with this value (a BPF link), so a stopped or crashed dataplane leaves
+//! nothing on the device.
 
-use super::netlink::{Neighbour, Netlink};
+use super::netlink::{MainRoute, Neighbour, Netlink};
 use super::xdp::{Filter, XdpRedirect};
 use super::xsk::{frame_size_for, XskSocket};
 use super::{links, netns};
+use crate::tables::lpm::Lpm;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -33,12 +45,70 @@ use switchyard_api::MacAddr;
 /// How often the next hops are read again from the kernel's tables.
 pub const REFRESH: Duration = Duration::from_millis(500);
 
+/// How soon the next hops are read again after an exit's next hop was found missing and
+/// the kernel asked to resolve it.
+const RESOLVING: Duration = Duration::from_millis(5);
+
 /// Frames one worker moved through the AF_XDP sockets, on a cache line of its own.
 #[derive(Default)]
 #[repr(align(64))]
 struct Moved {
     received: AtomicU64,
     sent: AtomicU64,
+}
+
+/// How a destination outside the cluster leaves, by the kernel's main table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Through another interface, or a route the kernel keeps to itself (blackhole,
+    /// unreachable, several next hops).
+    Kernel,
+    /// Through the device, to this router.
+    Gateway(Ipv4Addr),
+    /// Through the device, to the destination itself.
+    OnLink,
+}
+
+/// The main table's IPv4 routes as the exits see them: an LPM whose values index `via`.
+#[derive(Default)]
+struct ExitRoutes {
+    routes: Lpm<u32>,
+    via: Vec<Via>,
+    /// The routes as read, to rebuild only when they change.
+    read: Vec<((Ipv4Addr, u8), Via)>,
+}
+
+impl ExitRoutes {
+    fn build(mut read: Vec<((Ipv4Addr, u8), Via)>) -> Self {
+        read.sort_unstable_by_key(|&((net, len), _)| (net, len));
+        let mut via = vec![Via::Kernel];
+        let mut routes = Vec::with_capacity(read.len());
+        for &((net, len), v) in &read {
+            via.push(v);
+            routes.push((u32::from(net), len, via.len() as u32 - 1));
+        }
+        Self {
+            routes: Lpm::build(routes).unwrap_or_default(),
+            via,
+            read,
+        }
+    }
+
+    fn via(&self, dst: Ipv4Addr) -> Via {
+        let at = self.routes.lookup(u32::from(dst)) as usize;
+        self.via.get(at).copied().unwrap_or(Via::Kernel)
+    }
+}
+
+/// What the refresher publishes: the next hops' MACs.
+#[derive(Default)]
+struct Hops {
+    /// By peer node.
+    peers: HashMap<Ipv4Addr, MacAddr>,
+    /// The main table's routes (exits only).
+    exits: Arc<ExitRoutes>,
+    /// The device's resolved neighbours (exits only).
+    neighbours: HashMap<Ipv4Addr, MacAddr>,
 }
 
 /// The AF_XDP sockets of an uplink, their program and the next hops.
@@ -51,8 +121,13 @@ pub struct XdpPath {
     fds: Vec<RawFd>,
     /// The device's MAC.
     mac: MacAddr,
-    /// Next hops' MACs by peer, as the kernel resolved them.
-    next_hops: Arc<ArcSwap<HashMap<Ipv4Addr, MacAddr>>>,
+    /// Next hops' MACs, as the kernel resolved them.
+    next_hops: Arc<ArcSwap<Hops>>,
+    /// Whether packets leaving the node with its address go out here ([`XdpPath::exit_hop`]).
+    exits: bool,
+    /// The last exit next hop a worker found unresolved (an IPv4 address as an integer, 0
+    /// for none), for the refresher to have the kernel resolve.
+    missing: Arc<AtomicU32>,
     stop: Arc<AtomicBool>,
     refresher: Option<JoinHandle<()>>,
     // Dropped after the sockets: the program then finds no socket and goes with its link.
@@ -62,12 +137,15 @@ pub struct XdpPath {
 impl XdpPath {
     /// Attaches to the device holding `local` (in the caller's namespace) for the frames
     /// `filter` names, with up to `queues` sockets (fewer when the device has fewer
-    /// queues), and starts reading next hops for the addresses `peers` holds.
+    /// queues), and starts reading next hops for the addresses `peers` holds. With
+    /// `published`, it also takes what comes back to `local` for the dataplane and is
+    /// the exit of packets leaving the node with its address (see the module's doc).
     pub fn open(
         local: Ipv4Addr,
         filter: Filter,
         queues: usize,
         peers: Arc<ArcSwap<Vec<Ipv4Addr>>>,
+        published: bool,
     ) -> io::Result<Self> {
         let owner = links::owner_of(IpAddr::V4(local))?.ok_or_else(|| {
             io::Error::new(
@@ -84,19 +162,21 @@ impl XdpPath {
             .ok_or_else(|| io::Error::other(format!("{ifname} has no MAC address")))?;
         let frame_size = frame_size_for(links::mtu(&ifname)?);
         let queues = queues.max(1);
-        let redirect = XdpRedirect::attach(index, queues as u32, filter).map_err(|e| {
-            let hint = match e.raw_os_error() {
-                Some(libc::EBUSY | libc::EEXIST) => format!(
-                    " (another XDP program is on {ifname}, see `ip link show {ifname}`: \
+        let published = published.then_some(local);
+        let redirect =
+            XdpRedirect::attach(index, queues as u32, filter, published).map_err(|e| {
+                let hint = match e.raw_os_error() {
+                    Some(libc::EBUSY | libc::EEXIST) => format!(
+                        " (another XDP program is on {ifname}, see `ip link show {ifname}`: \
                          only one fits; use --uplink-mode sockets)"
-                ),
-                _ => String::new(),
-            };
-            io::Error::new(
-                e.kind(),
-                format!("cannot attach the uplink's XDP program to {ifname}: {e}{hint}"),
-            )
-        })?;
+                    ),
+                    _ => String::new(),
+                };
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot attach the uplink's XDP program to {ifname}: {e}{hint}"),
+                )
+            })?;
         let mut sockets = Vec::new();
         for queue in 0..queues as u32 {
             match XskSocket::bind(index, queue, frame_size) {
@@ -115,20 +195,34 @@ impl XdpPath {
             }
         }
         let fds = sockets.iter().map(XskSocket::raw_fd).collect();
-        let next_hops = Arc::new(ArcSwap::from_pointee(HashMap::new()));
+        let next_hops = Arc::new(ArcSwap::from_pointee(Hops::default()));
+        let exits = published.is_some();
+        let missing = Arc::new(AtomicU32::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let refresher = std::thread::Builder::new()
             .name("sy-uplink-nh".into())
             .spawn({
                 let (next_hops, stop) = (next_hops.clone(), stop.clone());
+                let missing = missing.clone();
                 move || {
-                    let mut resolver = Resolver::default();
+                    let mut resolver = Resolver {
+                        exits,
+                        ..Resolver::default()
+                    };
                     while !stop.load(Ordering::Relaxed) {
-                        match resolver.resolve(&mut netlink, index, &peers.load()) {
+                        let wanted = Ipv4Addr::from(missing.swap(0, Ordering::Relaxed));
+                        let wanted = (!wanted.is_unspecified()).then_some(wanted);
+                        match resolver.resolve(&mut netlink, index, &peers.load(), wanted) {
                             Ok(found) => next_hops.store(Arc::new(found)),
                             Err(e) => tracing::warn!("uplink: cannot read next hops: {e}"),
                         }
-                        std::thread::park_timeout(REFRESH);
+                        // A next hop just asked for is read again as soon as the kernel
+                        // may have it.
+                        std::thread::park_timeout(if wanted.is_some() {
+                            RESOLVING
+                        } else {
+                            REFRESH
+                        });
                     }
                 }
             })?;
@@ -138,6 +232,8 @@ impl XdpPath {
             fds,
             mac,
             next_hops,
+            exits,
+            missing,
             stop,
             refresher: Some(refresher),
             redirect,
@@ -153,7 +249,7 @@ impl XdpPath {
         if let Some(thread) = &self.refresher {
             thread.thread().unpark();
         }
-        self.next_hops.store(Arc::new(HashMap::new()));
+        self.next_hops.store(Arc::new(Hops::default()));
         let detached = self.redirect.detach();
         for socket in &self.sockets {
             socket.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -180,7 +276,37 @@ impl XdpPath {
 
     /// The MAC of the next hop toward `peer`, once the kernel has resolved it.
     pub fn next_hop(&self, peer: Ipv4Addr) -> Option<MacAddr> {
-        self.next_hops.load().get(&peer).copied()
+        self.next_hops.load().peers.get(&peer).copied()
+    }
+
+    /// Whether this path is the exit of packets leaving the node with its address
+    /// (opened with `published`).
+    pub fn is_exit(&self) -> bool {
+        self.exits
+    }
+
+    /// The MAC of the next hop toward `dst`, a destination outside the cluster, when the
+    /// kernel's main table sends it through this device and the kernel has resolved that
+    /// hop; `None` sends it through the node's stack. A hop not resolved is handed to the
+    /// refresher, which asks the kernel to resolve it and reads it again soon after.
+    pub fn exit_hop(&self, dst: Ipv4Addr) -> Option<MacAddr> {
+        let hops = self.next_hops.load();
+        let hop = match hops.exits.via(dst) {
+            Via::Kernel => return None,
+            Via::Gateway(gateway) => gateway,
+            Via::OnLink => dst,
+        };
+        let mac = hops.neighbours.get(&hop).copied();
+        if mac.is_none() && self.missing.swap(u32::from(hop), Ordering::Relaxed) != u32::from(hop) {
+            self.refresh();
+        }
+        mac
+    }
+
+    /// Makes the program take TCP and UDP to exactly these (protocol, port) pairs of the
+    /// node's address (a path opened without `published` takes none).
+    pub fn publish(&self, ports: impl IntoIterator<Item = (u8, u16)>) -> io::Result<()> {
+        self.redirect.publish(ports)
     }
 
     /// Runs `f` on worker `queue`'s socket, if it has one.
@@ -259,12 +385,16 @@ impl Drop for XdpPath {
     }
 }
 
-/// What the refresher knows of the way to each peer.
+/// What the refresher knows of the way to each peer, and out of the node.
 #[derive(Default)]
 struct Resolver {
     /// The next hop toward each peer the kernel reaches through the device (the gateway,
     /// or the peer itself on the link), from its routes.
     hops: HashMap<Ipv4Addr, Ipv4Addr>,
+    /// Whether the main table's routes are read for the exits.
+    exits: bool,
+    /// The main table's routes, as last read.
+    exit_routes: Arc<ExitRoutes>,
     /// Refreshes until the routes are read again.
     routes_due: u32,
 }
@@ -273,16 +403,19 @@ struct Resolver {
 const ROUTES_EVERY: u32 = 10;
 
 impl Resolver {
-    /// The next hop's MAC for every peer the kernel reaches through interface `index` and
-    /// has resolved. Next hops the kernel has not confirmed lately (missing, stale) are
-    /// marked in use, so that the kernel resolves or probes them as its own sends would:
-    /// the dataplane's frames do not pass through its neighbour table.
+    /// The next hops' MACs for every peer the kernel reaches through interface `index`
+    /// and has resolved (and, for the exits, the routes and every resolved neighbour on
+    /// it). Next hops the kernel has not confirmed lately (missing or stale peers' hops,
+    /// stale gateways, the exit hop a worker found `wanted`) are marked in use, so that the kernel resolves or probes them as
+    /// its own sends would: the dataplane's frames do not pass through its neighbour
+    /// table.
     fn resolve(
         &mut self,
         netlink: &mut Netlink,
         index: u32,
         peers: &[Ipv4Addr],
-    ) -> io::Result<HashMap<Ipv4Addr, MacAddr>> {
+        wanted: Option<Ipv4Addr>,
+    ) -> io::Result<Hops> {
         let stale_routes = self.routes_due == 0 || peers.iter().any(|p| !self.hops.contains_key(p));
         if stale_routes {
             self.hops.clear();
@@ -298,6 +431,14 @@ impl Resolver {
                     _ => {}
                 }
             }
+            if self.exits {
+                let read = exit_routes(netlink.main_routes_v4()?, index);
+                let mut sorted = read.clone();
+                sorted.sort_unstable_by_key(|&((net, len), _)| (net, len));
+                if sorted != self.exit_routes.read {
+                    self.exit_routes = Arc::new(ExitRoutes::build(read));
+                }
+            }
             self.routes_due = ROUTES_EVERY;
         }
         self.routes_due -= 1;
@@ -306,7 +447,10 @@ impl Resolver {
             .into_iter()
             .map(|n| (n.ip, n))
             .collect();
-        let mut out = HashMap::with_capacity(peers.len());
+        let mut out = Hops {
+            peers: HashMap::with_capacity(peers.len()),
+            ..Hops::default()
+        };
         let mut nudged = std::collections::HashSet::new();
         for &peer in peers {
             let Some(&hop) = self.hops.get(&peer) else {
@@ -314,12 +458,87 @@ impl Resolver {
             };
             let known = neighbours.get(&hop);
             if let Some(n) = known {
-                out.insert(peer, n.mac);
+                out.peers.insert(peer, n.mac);
             }
             if !known.is_some_and(|n| n.confirmed) && nudged.insert(hop) {
                 netlink.use_neighbour(index, hop)?;
             }
         }
+        if self.exits {
+            // A hop a worker found missing is resolved; gateways the kernel resolved once
+            // are kept confirmed.
+            if let Some(hop) = wanted.filter(|h| !neighbours.contains_key(h)) {
+                if nudged.insert(hop) {
+                    netlink.use_neighbour(index, hop)?;
+                }
+            }
+            for via in &self.exit_routes.via {
+                if let Via::Gateway(gateway) = via {
+                    let stale = neighbours.get(gateway).is_some_and(|n| !n.confirmed);
+                    if stale && nudged.insert(*gateway) {
+                        netlink.use_neighbour(index, *gateway)?;
+                    }
+                }
+            }
+            out.exits = self.exit_routes.clone();
+            out.neighbours = neighbours.into_iter().map(|(ip, n)| (ip, n.mac)).collect();
+        }
         Ok(out)
+    }
+}
+
+/// The main table's routes `read` as exits through interface `index`.
+fn exit_routes(read: Vec<MainRoute>, index: u32) -> Vec<((Ipv4Addr, u8), Via)> {
+    read.into_iter()
+        .map(|(net, route)| {
+            let via = match route {
+                Some(r) if r.oif == index => match r.gateway {
+                    Some(IpAddr::V4(gateway)) => Via::Gateway(gateway),
+                    Some(IpAddr::V6(_)) => Via::Kernel,
+                    None => Via::OnLink,
+                },
+                _ => Via::Kernel,
+            };
+            (net, via)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(oif: u32, gateway: Option<Ipv4Addr>) -> Option<super::super::netlink::KernelRoute> {
+        Some(super::super::netlink::KernelRoute {
+            dst: switchyard_api::IpNet::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0).unwrap(),
+            oif,
+            gateway: gateway.map(IpAddr::V4),
+            src: None,
+            table: 254,
+        })
+    }
+
+    #[test]
+    fn exits_follow_the_longest_route_and_leave_other_devices_to_the_kernel() {
+        let gw = Ipv4Addr::new(192, 168, 1, 1);
+        let read = vec![
+            ((Ipv4Addr::UNSPECIFIED, 0), route(2, Some(gw))),
+            ((Ipv4Addr::new(192, 168, 1, 0), 24), route(2, None)),
+            ((Ipv4Addr::new(192, 168, 2, 0), 24), route(3, None)),
+            ((Ipv4Addr::new(192, 168, 2, 128), 25), route(2, Some(gw))),
+            ((Ipv4Addr::new(203, 0, 113, 0), 24), None),
+        ];
+        let exits = ExitRoutes::build(exit_routes(read, 2));
+        assert_eq!(exits.via(Ipv4Addr::new(8, 8, 8, 8)), Via::Gateway(gw));
+        assert_eq!(exits.via(Ipv4Addr::new(192, 168, 1, 7)), Via::OnLink);
+        assert_eq!(exits.via(Ipv4Addr::new(192, 168, 2, 7)), Via::Kernel);
+        assert_eq!(exits.via(Ipv4Addr::new(192, 168, 2, 200)), Via::Gateway(gw));
+        assert_eq!(
+            exits.via(Ipv4Addr::new(203, 0, 113, 9)),
+            Via::Kernel,
+            "a blackhole is the kernel's"
+        );
+        let none = ExitRoutes::build(Vec::new());
+        assert_eq!(none.via(Ipv4Addr::new(8, 8, 8, 8)), Via::Kernel);
     }
 }

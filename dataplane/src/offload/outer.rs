@@ -85,6 +85,18 @@ pub fn routed_packet(frame: &[u8]) -> Option<Range<usize>> {
         .then_some(ethernet::HEADER_LEN..ethernet::HEADER_LEN + total)
 }
 
+/// The destination address of the received Ethernet frame `frame`, if it carries IPv4.
+pub fn routed_to(frame: &[u8]) -> Option<Ipv4Addr> {
+    if frame.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    let dst: [u8; 4] = frame
+        .get(ethernet::HEADER_LEN + 16..ethernet::HEADER_LEN + 20)?
+        .try_into()
+        .ok()?;
+    Some(Ipv4Addr::from(dst))
+}
+
 /// A VXLAN datagram found in a received frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Datagram {

@@ -52,6 +52,10 @@ pub enum Verdict {
     Reply,
     /// Sent to the next hop with this index in [`Tables::nexthops`].
     Forward(u32),
+    /// Leaving the node with its address (masqueraded, or answering a port it publishes):
+    /// sent straight out of the uplink that is the node's exit ([`Tables::exit`]) where it
+    /// knows the way, else to the next hop with this index (the host port).
+    Leave(u32),
     /// Carried inside an earlier frame of the batch (UDP coalescing); nothing to send.
     Merged,
 }
@@ -291,6 +295,13 @@ impl Pipeline {
                     }
                 }
                 self.rewrite_ethernet(tables, egress, head, Event::ForwardedIpv4);
+                if tables.exit.is_some()
+                    && egress.role == PortRole::Host
+                    && ingress.role != PortRole::Host
+                    && leaves_as_node(tables, l3)
+                {
+                    return Verdict::Leave(nh);
+                }
                 Verdict::Forward(nh)
             }
             Err(Reject::Icmp(IcmpError::TooBig(_), _)) if !ip.dont_fragment() && !is_gso(vnet) => {
@@ -580,6 +591,14 @@ fn wire_l3_len(vnet: &[u8], l3_header: usize, l3_total: usize, l4: &[u8]) -> usi
         _ => 8,
     };
     (l3_header + l4_header + usize::from(h.gso_size())).min(l3_total)
+}
+
+/// Whether the IPv4 packet `l3` carries the node's own address as its source (the
+/// masquerade address): a packet the dataplane made leave as the node.
+#[inline]
+fn leaves_as_node<D>(tables: &Tables<D>, l3: &[u8]) -> bool {
+    let node = tables.masquerade.as_ref().map(|m| m.node().octets());
+    node.is_some() && l3.get(12..16) == node.as_ref().map(|n| &n[..])
 }
 
 fn is_martian_v4(dst: Ipv4Addr) -> bool {

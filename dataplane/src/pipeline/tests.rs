@@ -691,9 +691,15 @@ mod masquerade_stage {
     }
 
     fn tables_with_mtu_of_b(mtu: u32) -> crate::tables::Tables<()> {
+        tables_with(mtu, false)
+    }
+
+    /// [`tables`], with an uplink (port 4) that is the node's exit when `exit`.
+    fn tables_with(mtu: u32, exit: bool) -> crate::tables::Tables<()> {
         let mut b = TableBuilder::new(Gateway::default());
         let pod = port(1, A_MAC, &["10.244.0.5/24"], PortRole::Pod);
         let host = port(2, HOST_MAC, &[], PortRole::Host);
+        let uplink = port(4, MacAddr([2, 0, 0, 0, 0, 4]), &[], PortRole::Uplink);
         let mut published = port(3, B_MAC, &["10.244.0.6/24"], PortRole::Pod);
         let port = Arc::get_mut(&mut published).unwrap();
         port.mtu = mtu;
@@ -713,6 +719,7 @@ mod masquerade_stage {
             routes,
             NodePorts {
                 host: Some(host),
+                exit: exit.then_some(uplink),
                 ..NodePorts::default()
             },
         );
@@ -765,6 +772,45 @@ mod masquerade_stage {
         assert_eq!(u16::from_be_bytes([l3[22], l3[23]]), 5353);
         assert!(valid(l3), "checksums after the reverse translation");
         assert_eq!(&frame[..6], &A_MAC.0);
+    }
+
+    #[test]
+    fn with_an_exit_what_leaves_as_the_node_leaves_through_it_and_nothing_else_does() {
+        let t = tables_with(1500, true);
+        let host_port = |v: Verdict| match v {
+            Verdict::Leave(nh) | Verdict::Forward(nh) => {
+                matches!(t.nexthop(nh), Some(NextHop::Port(p)) if p.id == 2)
+            }
+            _ => false,
+        };
+        // Masqueraded: leaves as the node, through the host port when the exit does not
+        // know the way.
+        let out = udp_datagram([10, 244, 0, 5], EXT, 5353, 53);
+        let (v, frame) = run(&t, 1, eth(GW, A_MAC, 0x0800, &out));
+        assert!(matches!(v, Verdict::Leave(_)) && host_port(v), "{v:?}");
+        let port = u16::from_be_bytes([frame[34], frame[35]]);
+        // The reply, as the exit hands it over (from the host port): back to the pod.
+        let reply = udp_datagram(EXT, NODE.octets(), 53, port);
+        let (v, frame) = run(&t, 2, eth(GW, HOST_MAC, 0x0800, &reply));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        assert_eq!(&frame[14 + 16..14 + 20], &[10, 244, 0, 5]);
+        // A client outside asks pod B's published port; B's answer leaves as node:5353.
+        let query = udp_datagram(EXT, NODE.octets(), 40_001, 5353);
+        let (v, _) = run(&t, 2, eth(GW, HOST_MAC, 0x0800, &query));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        let answer = udp_datagram([10, 244, 0, 6], EXT, 53, 40_001);
+        let (v, frame) = run(&t, 3, eth(GW, B_MAC, 0x0800, &answer));
+        assert!(matches!(v, Verdict::Leave(_)) && host_port(v), "{v:?}");
+        assert_eq!(&frame[14 + 12..14 + 16], &NODE.octets());
+        assert_eq!(u16::from_be_bytes([frame[34], frame[35]]), 5353);
+        // Not masqueraded (an exempt destination): the pod's own address, through the
+        // node's stack as before.
+        let exempt = udp_datagram([10, 244, 0, 5], [10, 244, 9, 9], 5353, 53);
+        let (v, _) = run(&t, 1, eth(GW, A_MAC, 0x0800, &exempt));
+        assert!(matches!(v, Verdict::Forward(_)) && host_port(v), "{v:?}");
+        // Without an exit, a masqueraded packet is an ordinary forward.
+        let (v, _) = run(&tables(), 1, eth(GW, A_MAC, 0x0800, &out));
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
     }
 
     #[test]

@@ -191,8 +191,8 @@ pub fn trace<D>(tables: &Tables<D>, ingress: &Port<D>, probe: &Probe, now_ns: u6
     }
     // Routing ran when the packet was forwarded or stopped at or after the route; the
     // destination it routed is the translated one, unless an answer replaced the packet.
-    let routed =
-        matches!(verdict, Verdict::Forward(_)) || first_drop(counters, ROUTED_DROPS).is_some();
+    let routed = matches!(verdict, Verdict::Forward(_) | Verdict::Leave(_))
+        || first_drop(counters, ROUTED_DROPS).is_some();
     if !routed {
         return finish(probe, steps, verdict, &pkt, tables, v6, counters);
     }
@@ -261,6 +261,18 @@ fn finish<D>(
         Verdict::Forward(index) => {
             if let Some(hop) = tables.nexthop(index) {
                 step("egress", egress(hop, pkt, v6));
+            }
+            "forwarded"
+        }
+        Verdict::Leave(index) => {
+            if let Some(hop) = tables.nexthop(index) {
+                let through = egress(hop, pkt, v6);
+                step(
+                    "egress",
+                    format!(
+                        "the AF_XDP uplink, to the kernel's next hop (when it has none: {through})"
+                    ),
+                );
             }
             "forwarded"
         }

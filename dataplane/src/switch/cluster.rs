@@ -66,6 +66,14 @@ impl NodeState {
         self.spec.underlay
     }
 
+    /// The AF_XDP path that is the node's exit, if the uplink has one.
+    pub(super) fn exit(&self) -> Option<&crate::io::uplink_xdp::XdpPath> {
+        self.tunnels.iter().find_map(|port| match &port.device {
+            PortIo::Uplink(up) => up.xdp().filter(|xdp| xdp.is_exit()),
+            _ => None,
+        })
+    }
+
     /// True when traffic to other nodes is sent with `UDP_SEGMENT` (VXLAN).
     pub(super) fn segments_over_udp(&self) -> bool {
         self.spec.backend.kind == BackendKind::Vxlan
@@ -339,10 +347,15 @@ impl Switch {
         let policy = state.policies.table(&self.config.gateway, Some(&spec));
         state.builder.set_policy(policy);
 
+        let exit = tunnels.iter().find(|port| match &port.device {
+            PortIo::Uplink(up) => up.xdp().is_some_and(|xdp| xdp.is_exit()),
+            _ => false,
+        });
         let ports = NodePorts {
             host: Some(host.clone()),
             tunnel_v4: tunnels.first().cloned(),
             tunnel_v6: tunnels.last().cloned(),
+            exit: exit.cloned(),
         };
         state.builder.set_cluster(plan.routes.clone(), ports);
         self.publish(state);
@@ -454,6 +467,10 @@ impl Switch {
             IpNet::V4(n) => Some((n.addr(), n.prefix_len())),
             IpNet::V6(_) => None,
         });
+        // Packets leaving the node with its address go out through the AF_XDP uplink
+        // only where the main table alone routes them (see egress::routed_by_main_table).
+        let exit =
+            self.config.uplink_mode == UplinkMode::AfXdp && super::egress::routed_by_main_table();
         for encap in encaps(spec, self.config.uplink_mode) {
             let name = match encap {
                 Encap::Vxlan { .. } => "vxlan",
@@ -471,6 +488,7 @@ impl Switch {
                 self.config.steering.pins_workers() && self.workers.len() > 1,
                 self.config.uplink_mode,
                 pods_v4,
+                exit.then_some(HOST_MAC),
             )
             .map_err(|e| system("cannot open the uplink", e))?;
             let id = state.next_port_id;

@@ -304,6 +304,35 @@ impl Switch {
     }
 }
 
+/// Whether the node routes by its main table alone: no policy rule of its own (beyond the
+/// kernel's local, main and default tables and the dataplane's steering). Only then does
+/// the AF_XDP uplink send packets that leave the node with its address itself, by the main
+/// table's routes; a node with rules of its own keeps them going through its stack, where
+/// the rules apply.
+pub(super) fn routed_by_main_table() -> bool {
+    let foreign = Netlink::open().and_then(|mut nl| nl.rules()).map(|rules| {
+        rules
+            .into_iter()
+            .filter(|r| ![253, 254, 255, u32::from(STEER_TABLE)].contains(&r.table))
+            .collect::<Vec<_>>()
+    });
+    match foreign {
+        Ok(foreign) if foreign.is_empty() => true,
+        Ok(foreign) => {
+            tracing::info!(
+                "the node has policy routing rules of its own ({} of them, the first to table {}): masquerade and published ports keep going through its stack, beside the AF_XDP uplink",
+                foreign.len(),
+                foreign[0].table
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!("cannot read the node's policy routing rules ({e}): masquerade and published ports keep going through its stack");
+            false
+        }
+    }
+}
+
 impl Switch {
     /// Keeps two steering rules per port of the node published to a pod (hostPort) and per
     /// Service node port: one for connections arriving on the uplink, one for the node's
@@ -327,6 +356,17 @@ impl Switch {
                 ports.extend(state.builder.services().node_port_list());
                 ports.sort();
                 ports.dedup();
+                if let Some(exit) = node.exit() {
+                    // The AF_XDP exit takes them before the kernel, with the masquerade
+                    // range (the rules stay for what its program leaves to the kernel).
+                    let range = node.spec().masquerade.port_range;
+                    let masquerade = (range.first..=range.last).flat_map(|p| [(6, p), (17, p)]);
+                    if let Err(e) = exit.publish(ports.iter().copied().chain(masquerade)) {
+                        tracing::warn!(
+                            "cannot list the node's ports in the uplink's XDP program: {e}"
+                        );
+                    }
+                }
                 ports
                     .into_iter()
                     .flat_map(|(protocol, port)| {

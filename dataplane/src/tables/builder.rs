@@ -44,6 +44,9 @@ pub struct NodePorts<D> {
     pub tunnel_v4: Option<Arc<Port<D>>>,
     /// The uplink carrying IPv6 pod traffic.
     pub tunnel_v6: Option<Arc<Port<D>>>,
+    /// The uplink that sends packets leaving the node with its address itself, if one does
+    /// (see [`super::Exit`]).
+    pub exit: Option<Arc<Port<D>>>,
 }
 
 impl<D> Default for NodePorts<D> {
@@ -52,6 +55,7 @@ impl<D> Default for NodePorts<D> {
             host: None,
             tunnel_v4: None,
             tunnel_v6: None,
+            exit: None,
         }
     }
 }
@@ -62,6 +66,7 @@ impl<D> Clone for NodePorts<D> {
             host: self.host.clone(),
             tunnel_v4: self.tunnel_v4.clone(),
             tunnel_v6: self.tunnel_v6.clone(),
+            exit: self.exit.clone(),
         }
     }
 }
@@ -412,6 +417,12 @@ impl<D> TableBuilder<D> {
             policy: self.policy.clone(),
             selected_ports,
             policy_flows: self.policy_flows.clone(),
+            exit: self
+                .node_ports
+                .exit
+                .clone()
+                .zip(self.node_ports.host.clone())
+                .map(|(uplink, host)| super::Exit { uplink, host }),
         }
     }
 }
@@ -559,7 +570,7 @@ mod tests {
             NodePorts {
                 host: Some(host),
                 tunnel_v4: Some(uplink),
-                tunnel_v6: None,
+                ..NodePorts::default()
             },
         );
         // A static route for the same prefix as a cluster route wins.

@@ -132,6 +132,27 @@ impl<D> Clone for NextHop<D> {
     }
 }
 
+/// An uplink that sends packets leaving the node with the node's own address (masqueraded,
+/// or answering a port the node publishes) out by itself, and receives what comes back
+/// for them, as frames from the host port. Such packets then never pass the node's stack:
+/// the stack sees neither half of their flows. Packets whose way out the uplink does not
+/// know go through the host port as all others.
+pub struct Exit<D> {
+    /// The uplink.
+    pub uplink: Arc<Port<D>>,
+    /// The host port, through which the rest of the node's traffic goes.
+    pub host: Arc<Port<D>>,
+}
+
+impl<D> Clone for Exit<D> {
+    fn clone(&self) -> Self {
+        Self {
+            uplink: self.uplink.clone(),
+            host: self.host.clone(),
+        }
+    }
+}
+
 /// An immutable snapshot of everything the fast path reads.
 pub struct Tables<D> {
     /// Increases with every publication.
@@ -160,6 +181,8 @@ pub struct Tables<D> {
     pub selected_ports: policy::SelectedPorts,
     /// The policy verdicts of flows, shared by every snapshot.
     pub policy_flows: Arc<crate::conntrack::policy::PolicyFlows>,
+    /// Where packets leaving the node with its address go straight out, if anywhere.
+    pub exit: Option<Exit<D>>,
 }
 
 impl<D> Tables<D> {
@@ -179,6 +202,7 @@ impl<D> Tables<D> {
             policy: Arc::default(),
             selected_ports: policy::SelectedPorts::default(),
             policy_flows: Arc::new(crate::conntrack::policy::PolicyFlows::new(0)),
+            exit: None,
         }
     }
 
@@ -204,6 +228,7 @@ impl<D> Tables<D> {
             policy_flows: Arc::new(crate::conntrack::policy::PolicyFlows::new(
                 self.policy_flows.limit(),
             )),
+            exit: self.exit.clone(),
         }
     }
 

@@ -138,6 +138,49 @@ pub fn finish_checksum(frame: &mut [u8]) -> bool {
     true
 }
 
+/// Checks the TCP or UDP checksum of `frame` (virtio-net header then Ethernet, IPv4, the
+/// header cleared) as received from a device, and says what it found in the header:
+/// `F_DATA_VALID` when it holds; `F_NEEDS_CSUM` (with its start and offset) when the field
+/// holds the pseudo-header sum, as a sending kernel leaves it when it offloads the
+/// checksum to a virtual device (a veth's peer does; a physical link never carries such
+/// a packet); nothing otherwise (a fragment, another protocol, no UDP checksum, or a
+/// wrong one, left for the receiver to find).
+pub fn note_received_checksum(frame: &mut [u8]) {
+    let l3_at = HEADER_LEN + super::ethernet::HEADER_LEN;
+    let Some(l3) = frame.get(l3_at..) else {
+        return;
+    };
+    let Ok(ip) = super::Ipv4Header::new_checked(l3) else {
+        return;
+    };
+    let (header, total) = (ip.header_len(), ip.total_len());
+    let offset = match ip.protocol() {
+        super::ipv4::PROTO_TCP => 16,
+        super::ipv4::PROTO_UDP => 6,
+        _ => return,
+    };
+    if ip.is_fragment() || total > l3.len() || total < header + offset + 2 {
+        return;
+    }
+    let l4 = &l3[header..total];
+    let field = u16::from_be_bytes([l4[offset], l4[offset + 1]]);
+    if offset == 6 && field == 0 {
+        return;
+    }
+    let pseudo = super::checksum::pseudo_header_of(l3, ip.protocol(), l4.len() as u32);
+    let flags = if super::checksum::fold(super::checksum::accumulate(pseudo, l4)) == 0xffff {
+        F_DATA_VALID
+    } else if field == super::checksum::fold(pseudo) {
+        let start = super::ethernet::HEADER_LEN + header;
+        frame[6..8].copy_from_slice(&(start as u16).to_le_bytes());
+        frame[8..10].copy_from_slice(&(offset as u16).to_le_bytes());
+        F_NEEDS_CSUM
+    } else {
+        return;
+    };
+    frame[0] = flags;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +239,51 @@ mod tests {
         assert!(!h.is_gso());
         assert_eq!(b, [0; 12]);
         assert!(VnetHeader::new_checked(&GSO[..11]).is_err());
+    }
+
+    /// A frame (cleared virtio-net header, Ethernet, IPv4 10.0.0.1 -> 10.0.0.2) carrying
+    /// a UDP datagram 1000 -> 2000 "hi" whose checksum field is `check`.
+    fn udp_frame(check: u16) -> Vec<u8> {
+        let mut f = vec![0; 12];
+        f.extend_from_slice(&[0; 12]);
+        f.extend_from_slice(&[0x08, 0x00]);
+        let mut ip = [
+            0x45, 0, 0, 30, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
+        let sum = super::super::checksum::checksum(&ip);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&[0x03, 0xe8, 0x07, 0xd0, 0, 10]);
+        f.extend_from_slice(&check.to_be_bytes());
+        f.extend_from_slice(b"hi");
+        f
+    }
+
+    #[test]
+    fn a_received_checksum_is_found_valid_partial_or_left_alone() {
+        use super::super::checksum::{accumulate, finish, fold, pseudo_header_v4};
+        let pseudo = pseudo_header_v4([10, 0, 0, 1].into(), [10, 0, 0, 2].into(), 17, 10);
+        let partial = fold(pseudo);
+        let mut full = udp_frame(0);
+        let sum = finish(accumulate(pseudo, &full[46..]));
+        full[52..54].copy_from_slice(&sum.to_be_bytes());
+        note_received_checksum(&mut full);
+        assert_eq!(full[0], F_DATA_VALID, "a full checksum that holds");
+        let mut half = udp_frame(partial);
+        note_received_checksum(&mut half);
+        assert_eq!(half[0], F_NEEDS_CSUM, "the pseudo-header sum: partial");
+        assert_eq!(&half[6..10], &[34, 0, 6, 0], "start and offset");
+        assert!(finish_checksum(&mut half));
+        assert_eq!(half[52..54], full[52..54], "completed, it is the full one");
+        let mut wrong = udp_frame(sum ^ 0x0101);
+        note_received_checksum(&mut wrong);
+        assert_eq!(wrong[0], 0, "a wrong checksum is the receiver's to find");
+        let mut none = udp_frame(0);
+        note_received_checksum(&mut none);
+        assert_eq!(none[0], 0, "UDP without a checksum");
+        let mut short = udp_frame(partial);
+        short.truncate(40);
+        note_received_checksum(&mut short);
+        assert_eq!(short[0], 0, "a truncated packet");
     }
 }

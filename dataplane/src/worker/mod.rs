@@ -28,7 +28,8 @@ pub fn monotonic_ns() -> u64 {
 
 /// Reads one batch from queue `queue` of `port`, runs the pipeline and transmits the
 /// results through the same queue number of each egress port. Returns how many frames were
-/// read (a full batch means there may be more).
+/// read (a full batch means there may be more). What an uplink that is the node's exit
+/// read for the node is run through the pipeline as if the host port had read it.
 pub fn forward_batch(
     pipeline: &mut Pipeline,
     tables: &Tables<PortIo>,
@@ -38,45 +39,99 @@ pub fn forward_batch(
     verdicts: &mut [Verdict],
     now_ns: u64,
 ) -> io::Result<usize> {
-    let n = port.device.recv_batch(queue, bufs)?;
-    if n == 0 {
+    let (n, for_node) = match &port.device {
+        PortIo::Uplink(uplink) => uplink.recv_split(queue, bufs)?,
+        device => (device.recv_batch(queue, bufs)?, 0),
+    };
+    let read = n + for_node;
+    if read == 0 {
         return Ok(0);
     }
     pipeline.counters_mut().add(Event::RxBatches, 1);
-    pipeline.counters_mut().add(Event::RxFrames, n as u64);
-    let bytes: usize = bufs[..n].iter().map(PacketBuf::len).sum();
-    PortCounters::add(&port.counters.rx_frames, n as u64);
+    pipeline.counters_mut().add(Event::RxFrames, read as u64);
+    let bytes: usize = bufs[..read].iter().map(PacketBuf::len).sum();
+    PortCounters::add(&port.counters.rx_frames, read as u64);
     PortCounters::add(&port.counters.rx_bytes, bytes as u64);
     pipeline.process(tables, port, &mut bufs[..n], &mut verdicts[..n], now_ns);
+    let host = tables.exit.as_ref().map(|exit| exit.host.as_ref());
+    if for_node > 0 {
+        match host {
+            Some(host) => pipeline.process(
+                tables,
+                host,
+                &mut bufs[n..read],
+                &mut verdicts[n..read],
+                now_ns,
+            ),
+            // The exit went with the last snapshot: nothing to take these now.
+            None => verdicts[n..read].fill(Verdict::Drop),
+        }
+    }
     let (counters, scratch) = pipeline.tx_parts();
     let mut posted = Posted::default();
-    for (buf, verdict) in bufs[..n].iter_mut().zip(&verdicts[..n]) {
-        let (egress, peer) = match *verdict {
+    for (i, (buf, verdict)) in bufs[..read].iter_mut().zip(&verdicts[..read]).enumerate() {
+        let (nh, leaves) = match *verdict {
             Verdict::Drop | Verdict::Merged => continue,
-            Verdict::Reply => (port, None),
-            Verdict::Forward(nh) => match tables.nexthop(nh) {
-                Some(NextHop::Port(p)) => (p.as_ref(), None),
-                Some(NextHop::Tunnel { port, peer }) => (port.as_ref(), Some(*peer)),
-                _ => {
-                    counters.drop(DropReason::PortGone);
-                    continue;
+            Verdict::Reply => {
+                let ingress = match host {
+                    Some(host) if i >= n => host,
+                    _ => port,
+                };
+                send(counters, &mut posted, queue, ingress, None, buf, scratch);
+                continue;
+            }
+            Verdict::Forward(nh) => (nh, false),
+            Verdict::Leave(nh) => (nh, true),
+        };
+        if leaves {
+            if let Some(exit) = &tables.exit {
+                if let PortIo::Uplink(uplink) = &exit.uplink.device {
+                    let len = buf.len();
+                    if let Some(sent) = uplink.send_outside(queue, buf.frame_mut(), scratch) {
+                        posted.note(&exit.uplink, queue);
+                        count_tx(counters, &exit.uplink, len, sent);
+                        continue;
+                    }
                 }
-            },
-        };
-        let frame = buf.frame_mut();
-        let len = frame.len();
-        if egress.device.posts() {
-            posted.note(egress, queue);
+            }
         }
-        let sent = match (&egress.device, peer) {
-            (PortIo::Uplink(uplink), Some(peer)) => uplink.send_to(queue, frame, peer, scratch),
-            (PortIo::AfXdp(xsk), _) => xsk.post(queue, frame, scratch),
-            (io, _) => io.send(queue, frame),
+        let (egress, peer) = match tables.nexthop(nh) {
+            Some(NextHop::Port(p)) => (p.as_ref(), None),
+            Some(NextHop::Tunnel { port, peer }) => (port.as_ref(), Some(*peer)),
+            _ => {
+                counters.drop(DropReason::PortGone);
+                continue;
+            }
         };
-        count_tx(counters, egress, len, sent);
+        send(counters, &mut posted, queue, egress, peer, buf, scratch);
     }
     posted.flush_all(queue);
-    Ok(n)
+    Ok(read)
+}
+
+/// Sends `buf` through queue `queue` of `egress` (to `peer`, through an uplink), noting a
+/// port that posts for the batch's flush, and counts it.
+#[inline]
+fn send<'a>(
+    counters: &mut Counters,
+    posted: &mut Posted<'a>,
+    queue: usize,
+    egress: &'a Port<PortIo>,
+    peer: Option<std::net::Ipv4Addr>,
+    buf: &mut PacketBuf,
+    scratch: &mut [u8],
+) {
+    let frame = buf.frame_mut();
+    let len = frame.len();
+    if egress.device.posts() {
+        posted.note(egress, queue);
+    }
+    let sent = match (&egress.device, peer) {
+        (PortIo::Uplink(uplink), Some(peer)) => uplink.send_to(queue, frame, peer, scratch),
+        (PortIo::AfXdp(xsk), _) => xsk.post(queue, frame, scratch),
+        (io, _) => io.send(queue, frame),
+    };
+    count_tx(counters, egress, len, sent);
 }
 
 /// The AF_XDP ports a batch posted frames to, flushed once at its end (one system call
