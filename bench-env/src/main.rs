@@ -555,8 +555,9 @@ fn multi_node(run: MultiNode) -> Result<bool> {
     }
     if options.external {
         // The egress ceiling: a pod's TAP joined to a host TAP, no translation, the same
-        // router in between (bench_env::ceiling). Egress does not cross the uplink's
-        // VXLAN: measured with the first Switchyard cluster.
+        // router in between (bench_env::ceiling). Every Switchyard cluster: masquerade
+        // leaves through the node's stack with the sockets uplink, through the AF_XDP
+        // sockets with the AF_XDP uplink.
         let null = bench_env::ceiling::EgressNull::build()?;
         fn external(c: &Cluster) -> Result<(&Pod, &Pod)> {
             let ext = c
@@ -565,24 +566,30 @@ fn multi_node(run: MultiNode) -> Result<bool> {
                 .ok_or_else(|| fail!("no external host"))?;
             Ok((&c.nodes[0].pods[0], ext))
         }
-        let arms = [
-            ("switchyard", external(&switchyards[0].1)?),
-            ("null", (&null.pod, &null.external)),
-            ("kernel", external(&kernel)?),
-        ];
-        let arm_refs: Vec<(&str, &(&Pod, &Pod))> = arms.iter().map(|(n, p)| (*n, p)).collect();
+        let mut arms = Vec::new();
+        for (suffix, c) in &switchyards {
+            arms.push((format!("switchyard{suffix}"), external(c)?));
+        }
+        arms.push(("null".to_string(), (&null.pod, &null.external)));
+        arms.push(("kernel".to_string(), external(&kernel)?));
+        let arm_refs: Vec<(&str, &(&Pod, &Pod))> =
+            arms.iter().map(|(n, p)| (n.as_str(), p)).collect();
         let r = rounds_of(&arm_refs, repeat, "egress_tcp_1_stream", &|(a, b)| {
             Ok(vec![measure::tcp_gbps(a, b, 1, seconds)?])
         })?;
         let name = "egress_tcp_1_stream";
-        metrics.push(Metric::new(name, "Gbit/s", r[0][0], r[0][2]));
+        let (null_figure, kernel_figure) = (r[0][sy], r[0][sy + 1]);
+        for (i, (suffix, _)) in switchyards.iter().enumerate() {
+            let row = format!("{name}{suffix}");
+            metrics.push(Metric::new(&row, "Gbit/s", r[0][i], kernel_figure));
+            ceilings.push((row, r[0][i], null_figure));
+        }
         metrics.push(Metric::new(
             &format!("{name}_null"),
             "Gbit/s",
-            r[0][1],
-            r[0][2],
+            null_figure,
+            kernel_figure,
         ));
-        ceilings.push((name.to_string(), r[0][0], r[0][1]));
     }
     println!();
     print!("{}", report::table(&metrics));

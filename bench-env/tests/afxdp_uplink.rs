@@ -230,14 +230,15 @@ fn the_afxdp_uplink_carries_pods_across_nodes_beside_egress_and_goes_with_its_da
     not(privileged),
     ignore = "needs root: network namespaces, XDP programs and AF_XDP sockets"
 )]
-fn pods_on_afxdp_ports_cross_an_afxdp_uplink_intact() {
+fn pods_on_afxdp_ports_cross_an_afxdp_uplink_intact_and_leave_through_the_kernel_if_asked() {
     bench_env::require_root("AF_XDP uplink test");
     let mut args = afxdp_uplink();
-    args.extend(["--pod-ports".to_string(), "afxdp".to_string()]);
+    args.extend(["--pod-ports", "afxdp", "--node-exit", "kernel"].map(String::from));
     let c = Cluster::build(
         Arm::Switchyard,
         &ClusterOptions {
             pods_per_node: 2,
+            external: true,
             dataplane_args: args,
             ..ClusterOptions::default()
         },
@@ -258,6 +259,25 @@ fn pods_on_afxdp_ports_cross_an_afxdp_uplink_intact() {
     transfer_both_ways(&c, 30 << 20);
     assert!(counter(&c, 1, "uplink_afxdp_rx_frames") > 20_000);
     assert!(counter(&c, 1, "uplink_afxdp_tx_frames") > 20_000);
+    // With `--node-exit kernel`, masquerade goes through the node's stack both ways (1 MB
+    // is at least 16 packets of 64 KiB, and their answers), not through the AF_XDP
+    // sockets.
+    let ns = &c.nodes[0].ns;
+    let (forwarded, frames) = (kernel_forwarded(ns), afxdp_frames(&c, 0));
+    let t = tcp_transfer(&c.nodes[0].pods[0], c.external.as_ref().unwrap(), 1 << 20)
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    assert_eq!(t.sent_hash, t.received_hash, "corrupted through masquerade");
+    assert_eq!(t.peer.ip(), IpAddr::V4(c.nodes[0].ipv4), "masqueraded");
+    let forwarded = kernel_forwarded(ns) - forwarded;
+    assert!(
+        forwarded >= 32,
+        "the node's kernel forwarded {forwarded} packets"
+    );
+    assert_eq!(
+        afxdp_frames(&c, 0),
+        frames,
+        "the AF_XDP sockets carried some"
+    );
 }
 
 #[test]

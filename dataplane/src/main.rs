@@ -50,6 +50,14 @@ struct Args {
     /// settings with IP-in-IP are refused under `afxdp`.
     #[arg(long, default_value = "sockets")]
     uplink_mode: switchyard_dataplane::io::uplink::UplinkMode,
+    /// Under `--uplink-mode afxdp`, how packets that leave the node with its address
+    /// (masqueraded flows, answers from ports published to pods and Service node ports)
+    /// travel: `afxdp` (both halves through the AF_XDP sockets, next hops from the
+    /// kernel's main table; the node's stack forwards none of them) or `kernel` (through
+    /// the node's stack both ways, where its netfilter rules apply; the faster on veth
+    /// underlays, where AF_XDP runs in copy mode).
+    #[arg(long, default_value = "afxdp")]
+    node_exit: switchyard_dataplane::io::uplink::NodeExit,
     /// Name of the node-side interface through which the node's own stack reaches pods
     /// (created when the control process pushes the node settings).
     #[arg(long, default_value = "sy0")]
@@ -136,6 +144,7 @@ fn main() {
     config.worker_nice = args.worker_nice;
     config.pod_ports = args.pod_ports;
     config.uplink_mode = args.uplink_mode;
+    config.node_exit = args.node_exit;
     config.state_file = Some(files.ports.clone());
     config.node_file = Some(files.node.clone());
     config.sysctl_file = Some(files.sysctls.clone());

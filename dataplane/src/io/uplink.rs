@@ -86,6 +86,38 @@ impl std::str::FromStr for UplinkMode {
     }
 }
 
+/// How packets that leave the node with its address (masqueraded, or answering a port it
+/// publishes) travel when the uplink is on AF_XDP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NodeExit {
+    /// Both halves through the AF_XDP sockets: the node's stack forwards none of them.
+    #[default]
+    AfXdp,
+    /// Through the node's stack, both ways, where its netfilter rules apply.
+    Kernel,
+}
+
+impl NodeExit {
+    /// The way's name, as `--node-exit` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AfXdp => "afxdp",
+            Self::Kernel => "kernel",
+        }
+    }
+}
+
+impl std::str::FromStr for NodeExit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "afxdp" => Ok(Self::AfXdp),
+            "kernel" => Ok(Self::Kernel),
+            other => Err(format!("unknown node exit {other:?} (afxdp or kernel)")),
+        }
+    }
+}
+
 /// An uplink port's sockets.
 pub struct Uplink {
     decap: Decapsulator,

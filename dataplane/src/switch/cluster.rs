@@ -468,9 +468,11 @@ impl Switch {
             IpNet::V6(_) => None,
         });
         // Packets leaving the node with its address go out through the AF_XDP uplink
-        // only where the main table alone routes them (see egress::routed_by_main_table).
-        let exit =
-            self.config.uplink_mode == UplinkMode::AfXdp && super::egress::routed_by_main_table();
+        // when asked to, and only where the main table alone routes them (see
+        // egress::routed_by_main_table).
+        let exit = self.config.uplink_mode == UplinkMode::AfXdp
+            && self.config.node_exit == crate::io::uplink::NodeExit::AfXdp
+            && super::egress::routed_by_main_table();
         for encap in encaps(spec, self.config.uplink_mode) {
             let name = match encap {
                 Encap::Vxlan { .. } => "vxlan",

@@ -113,6 +113,8 @@ pub struct SwitchConfig {
     pub pod_ports: PodPorts,
     /// How the uplink moves VXLAN datagrams.
     pub uplink_mode: crate::io::uplink::UplinkMode,
+    /// How packets leaving the node with its address travel under the AF_XDP uplink.
+    pub node_exit: crate::io::uplink::NodeExit,
 }
 
 impl Default for SwitchConfig {
@@ -132,6 +134,7 @@ impl Default for SwitchConfig {
             worker_nice: 0,
             pod_ports: PodPorts::Tap,
             uplink_mode: crate::io::uplink::UplinkMode::Sockets,
+            node_exit: crate::io::uplink::NodeExit::AfXdp,
         }
     }
 }
