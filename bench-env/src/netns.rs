@@ -2,7 +2,7 @@
 
 use crate::cleanup::{self, Resource};
 use crate::process::{run, Process};
-use crate::Result;
+use crate::{fail, Result};
 use std::path::PathBuf;
 
 /// A network namespace created with `ip netns add`.
@@ -59,6 +59,23 @@ impl Netns {
             argv.push("nodad");
         }
         self.exec(&argv).map(|_| ())
+    }
+
+    /// IPv4 packets the namespace's kernel has forwarded so far (`Ip: ForwDatagrams` of
+    /// `/proc/net/snmp`).
+    pub fn ipv4_forwarded(&self) -> Result<u64> {
+        let snmp = self.exec(&["cat", "/proc/net/snmp"])?;
+        let mut ip = snmp.lines().filter(|l| l.starts_with("Ip: "));
+        let (names, values) = ip
+            .next()
+            .zip(ip.next())
+            .ok_or_else(|| fail!("no Ip: lines in /proc/net/snmp"))?;
+        names
+            .split_whitespace()
+            .position(|n| n == "ForwDatagrams")
+            .and_then(|at| values.split_whitespace().nth(at))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| fail!("no ForwDatagrams in /proc/net/snmp"))
     }
 
     /// Starts a command inside the namespace; it is killed when the guard drops.

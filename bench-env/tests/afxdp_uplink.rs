@@ -64,18 +64,6 @@ fn afxdp_frames(c: &Cluster, node: usize) -> (u64, u64) {
     )
 }
 
-/// Packets the node's kernel has forwarded so far (`Ip: ForwDatagrams`).
-fn kernel_forwarded(node: &Netns) -> u64 {
-    let snmp = node.exec(&["cat", "/proc/net/snmp"]).unwrap();
-    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip: "));
-    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
-    let at = names
-        .split_whitespace()
-        .position(|n| n == "ForwDatagrams")
-        .unwrap();
-    values.split_whitespace().nth(at).unwrap().parse().unwrap()
-}
-
 /// Runs `f` (traffic between node `i`'s pods and the external host) and checks that node
 /// `i`'s AF_XDP sockets sent at least `sent` and received at least `received` frames
 /// meanwhile, and its kernel forwarded none of it (at most `slack` packets).
@@ -86,9 +74,9 @@ fn through_the_exit<T>(
     received: u64,
     f: impl FnOnce(&mut Cluster) -> T,
 ) -> T {
-    let (forwarded, frames) = (kernel_forwarded(&c.nodes[i].ns), afxdp_frames(c, i));
+    let (forwarded, frames) = (c.nodes[i].ns.ipv4_forwarded().unwrap(), afxdp_frames(c, i));
     let out = f(c);
-    let forwarded = kernel_forwarded(&c.nodes[i].ns) - forwarded;
+    let forwarded = c.nodes[i].ns.ipv4_forwarded().unwrap() - forwarded;
     let (tx, rx) = afxdp_frames(c, i);
     let (tx, rx) = (tx - frames.0, rx - frames.1);
     assert!(
@@ -263,12 +251,12 @@ fn pods_on_afxdp_ports_cross_an_afxdp_uplink_intact_and_leave_through_the_kernel
     // is at least 16 packets of 64 KiB, and their answers), not through the AF_XDP
     // sockets.
     let ns = &c.nodes[0].ns;
-    let (forwarded, frames) = (kernel_forwarded(ns), afxdp_frames(&c, 0));
+    let (forwarded, frames) = (ns.ipv4_forwarded().unwrap(), afxdp_frames(&c, 0));
     let t = tcp_transfer(&c.nodes[0].pods[0], c.external.as_ref().unwrap(), 1 << 20)
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     assert_eq!(t.sent_hash, t.received_hash, "corrupted through masquerade");
     assert_eq!(t.peer.ip(), IpAddr::V4(c.nodes[0].ipv4), "masqueraded");
-    let forwarded = kernel_forwarded(ns) - forwarded;
+    let forwarded = ns.ipv4_forwarded().unwrap() - forwarded;
     assert!(
         forwarded >= 32,
         "the node's kernel forwarded {forwarded} packets"

@@ -539,11 +539,36 @@ fn a_udp_sender_follows_endpoint_changes_and_terminating_endpoints_serve_when_no
     ignore = "needs root: network namespaces and TAP devices"
 )]
 fn node_ports_answer_outside_clients_pods_and_the_node_on_every_node() {
-    let c = cluster_with(true);
+    node_ports_answer_everyone(&cluster_with(true));
+}
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces, XDP programs and AF_XDP sockets"
+)]
+fn node_ports_answer_outside_clients_through_an_afxdp_uplink() {
+    // The uplink's program takes the outside client's connections to the node port, and
+    // their answers leave through its AF_XDP sockets: the nodes' kernels forward none of
+    // it (through the node's stack, each connection is several forwarded packets).
+    let c = cluster_of(true, vec!["--uplink-mode".into(), "afxdp".into()]);
+    let forwarded = |i: usize| c.nodes[i].ns.ipv4_forwarded().unwrap();
+    let before = [forwarded(0), forwarded(1)];
+    node_ports_answer_everyone(&c);
+    for (i, before) in before.into_iter().enumerate() {
+        let n = forwarded(i) - before;
+        assert!(n <= 2, "node {i}'s kernel forwarded {n} packets");
+    }
+}
+
+/// A node port on every node of `c` (with an external host) answers a client outside the
+/// cluster (seen as the node: `externalTrafficPolicy: Cluster`), a pod (seen as itself)
+/// and the node itself, from a backend on the second node.
+fn node_ports_answer_everyone(c: &Cluster) {
     let backend = &c.nodes[1].pods[0];
     let _s = Servers::start(backend, "remote");
-    publish_node_port(&c, "np", 30080, "", &[ep(backend, "node1")]);
-    wait_served(&c, "np", &[backend]);
+    publish_node_port(c, "np", 30080, "", &[ep(backend, "node1")]);
+    wait_served(c, "np", &[backend]);
     let ext = c.external.as_ref().unwrap();
     for node in &c.nodes {
         let at = SocketAddr::from((node.ipv4, 30080));

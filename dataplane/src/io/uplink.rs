@@ -398,13 +398,7 @@ impl Uplink {
                     }
                 }
                 Err(NotVxlan::NotOurs) => match &self.for_node {
-                    Some(node) => {
-                        let got = routed_for_node(node, frame, &mut bufs[kept.len()]);
-                        if got.is_ok() {
-                            kept.for_node(kept.len());
-                        }
-                        got
-                    }
+                    Some(node) => kept.for_node(node, frame, bufs),
                     None => Err(Reject::NotOurs),
                 },
                 Err(NotVxlan::Malformed) => Err(Reject::Malformed),
@@ -426,16 +420,11 @@ impl Uplink {
     fn recv_routed(&self, xdp: &XdpPath, queue: usize, bufs: &mut [PacketBuf]) -> (usize, usize) {
         let mut kept = Kept::default();
         xdp.recv(queue, bufs.len(), |frame| {
-            let buf = &mut bufs[kept.len()];
             let got = match &self.for_node {
                 Some(node) if outer::routed_to(frame) == Some(self.local) => {
-                    let got = routed_for_node(node, frame, buf);
-                    if got.is_ok() {
-                        kept.for_node(kept.len());
-                    }
-                    got
+                    kept.for_node(node, frame, bufs)
                 }
-                _ => routed(&self.decap, frame, buf),
+                _ => routed(&self.decap, frame, &mut bufs[kept.len()]),
             };
             match got {
                 Ok(()) => kept.total += 1,
@@ -640,15 +629,6 @@ fn routed(decap: &Decapsulator, frame: &[u8], buf: &mut PacketBuf) -> Result<(),
     decap.decapsulate(buf, packet.len())
 }
 
-/// [`routed`], for a packet that came back to the node's address from outside the cluster:
-/// its TCP or UDP checksum is checked, and a partial one (from a sender behind a virtual
-/// link) is marked so, as the node's stack would have taken it.
-fn routed_for_node(decap: &Decapsulator, frame: &[u8], buf: &mut PacketBuf) -> Result<(), Reject> {
-    routed(decap, frame, buf)?;
-    vnet::note_received_checksum(buf.frame_mut());
-    Ok(())
-}
-
 /// The frames one AF_XDP receive kept, and which of them are for the node.
 #[derive(Default)]
 struct Kept {
@@ -662,8 +642,21 @@ impl Kept {
         self.total
     }
 
-    fn for_node(&mut self, at: usize) {
-        self.node |= 1 << at;
+    /// Makes the packet of `frame`, which came back to the node's address from outside the
+    /// cluster, the next frame in `bufs` with `decap` ([`routed`]), marked for the node:
+    /// its TCP or UDP checksum is checked, and a partial one (from a sender behind a
+    /// virtual link) is marked so, as the node's stack would have taken it.
+    fn for_node(
+        &mut self,
+        decap: &Decapsulator,
+        frame: &[u8],
+        bufs: &mut [PacketBuf],
+    ) -> Result<(), Reject> {
+        let buf = &mut bufs[self.total];
+        routed(decap, frame, buf)?;
+        vnet::note_received_checksum(buf.frame_mut());
+        self.node |= 1 << self.total;
+        Ok(())
     }
 
     /// Moves the overlay frames of `bufs` before those for the node (keeping each kind's
