@@ -342,11 +342,6 @@ impl XdpRedirect {
         })
     }
 
-    /// Whether the program takes published ports (attached with `published`).
-    pub fn takes_published(&self) -> bool {
-        self.ports.is_some()
-    }
-
     /// Makes the program take TCP and UDP to exactly these (protocol, port) pairs of the
     /// node's address, and leave every other port to the kernel; protocols other than
     /// TCP (6) and UDP (17), and a program without published ports, ignore them.

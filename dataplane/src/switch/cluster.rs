@@ -473,6 +473,18 @@ impl Switch {
         let exit = self.config.uplink_mode == UplinkMode::AfXdp
             && self.config.node_exit == crate::io::uplink::NodeExit::AfXdp
             && super::egress::routed_by_main_table();
+        if self.config.uplink_mode == UplinkMode::AfXdp {
+            use crate::io::uplink::NodeExit;
+            let way = if exit {
+                NodeExit::AfXdp
+            } else {
+                NodeExit::Kernel
+            };
+            tracing::info!(
+                "masquerade and published ports leave and return through: {}",
+                way.name()
+            );
+        }
         for encap in encaps(spec, self.config.uplink_mode) {
             let name = match encap {
                 Encap::Vxlan { .. } => "vxlan",
