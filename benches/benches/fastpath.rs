@@ -218,7 +218,7 @@ fn pipeline(c: &mut Criterion) {
                 while let Some(f) = peer_b.recv() {
                     peer_b.recycle(f);
                 }
-                n
+                n.frames
             })
         });
     }

@@ -13,6 +13,11 @@ pub const HEADROOM: usize = 128;
 pub const MAX_FRAME: usize = vnet::HEADER_LEN + 14 + 65_535 + 64;
 /// Frames moved per batch.
 pub const BATCH: usize = 32;
+/// Bytes after which a port stops filling a batch: 32 GSO super-frames would keep a worker
+/// on one port for a millisecond or more (each copied in, copied out, and the receiving
+/// pod's stack run in the write), while a ping on another port waits; 4 of them are
+/// plenty to amortise a batch's fixed costs.
+pub const BATCH_BYTES: usize = 256 * 1024;
 
 /// One packet buffer.
 pub struct PacketBuf {

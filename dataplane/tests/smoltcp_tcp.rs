@@ -156,6 +156,7 @@ fn transfer(server_addr: IpAddress) {
             let port = &tables.ports[&id];
             while forward_batch(&mut pipeline, &tables, port, 0, &mut bufs, &mut verdicts, 0)
                 .unwrap()
+                .frames
                 > 0
             {}
         }

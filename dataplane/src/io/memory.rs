@@ -48,12 +48,13 @@ fn filled(spare: &ArrayQueue<Vec<u8>>, frame: &[u8]) -> Vec<u8> {
 
 impl MemoryPort {
     pub(super) fn recv_batch(&self, bufs: &mut [PacketBuf]) -> usize {
-        let mut n = 0;
-        while n < bufs.len() {
+        let (mut n, mut bytes) = (0, 0);
+        while n < bufs.len() && bytes < crate::buffer::BATCH_BYTES {
             let Some(frame) = self.queues.to_switch.pop() else {
                 break;
             };
             bufs[n].load(&frame);
+            bytes += frame.len();
             let _ = self.queues.spare.push(frame);
             n += 1;
         }

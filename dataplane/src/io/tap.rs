@@ -292,8 +292,8 @@ impl TapDevice {
 
     pub(super) fn recv_batch(&self, queue: usize, bufs: &mut [PacketBuf]) -> io::Result<usize> {
         let fd = self.raw_fd(queue);
-        let mut n = 0;
-        while n < bufs.len() {
+        let (mut n, mut bytes) = (0, 0);
+        while n < bufs.len() && bytes < crate::buffer::BATCH_BYTES {
             let space = bufs[n].receive_space();
             // SAFETY: `space` is a writable buffer of `space.len()` bytes.
             let got = unsafe { libc::read(fd, space.as_mut_ptr().cast(), space.len()) };
@@ -305,6 +305,7 @@ impl TapDevice {
                 break;
             }
             bufs[n].set_len(got as usize);
+            bytes += got as usize;
             n += 1;
         }
         Ok(n)

@@ -26,10 +26,20 @@ pub fn monotonic_ns() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
+/// What one [`forward_batch`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchRead {
+    /// Frames read.
+    pub frames: usize,
+    /// Whether the batch stopped full (of frames, or of [`crate::buffer::BATCH_BYTES`]):
+    /// the port may hold more.
+    pub full: bool,
+}
+
 /// Reads one batch from queue `queue` of `port`, runs the pipeline and transmits the
-/// results through the same queue number of each egress port. Returns how many frames were
-/// read (a full batch means there may be more). What an uplink that is the node's exit
-/// read for the node is run through the pipeline as if the host port had read it.
+/// results through the same queue number of each egress port. What an uplink that is the
+/// node's exit read for the node is run through the pipeline as if the host port had read
+/// it.
 pub fn forward_batch(
     pipeline: &mut Pipeline,
     tables: &Tables<PortIo>,
@@ -38,14 +48,17 @@ pub fn forward_batch(
     bufs: &mut [PacketBuf],
     verdicts: &mut [Verdict],
     now_ns: u64,
-) -> io::Result<usize> {
+) -> io::Result<BatchRead> {
     let (n, for_node) = match &port.device {
         PortIo::Uplink(uplink) => uplink.recv_split(queue, bufs)?,
         device => (device.recv_batch(queue, bufs)?, 0),
     };
     let read = n + for_node;
     if read == 0 {
-        return Ok(0);
+        return Ok(BatchRead {
+            frames: 0,
+            full: false,
+        });
     }
     pipeline.counters_mut().add(Event::RxBatches, 1);
     pipeline.counters_mut().add(Event::RxFrames, read as u64);
@@ -106,7 +119,10 @@ pub fn forward_batch(
         send(counters, &mut posted, queue, egress, peer, buf, scratch);
     }
     posted.flush_all(queue);
-    Ok(read)
+    Ok(BatchRead {
+        frames: read,
+        full: read == bufs.len() || bytes >= crate::buffer::BATCH_BYTES,
+    })
 }
 
 /// Sends `buf` through queue `queue` of `egress` (to `peer`, through an uplink), noting a
@@ -430,13 +446,13 @@ fn run(
             );
             let batch_end = monotonic_ns();
             match read {
-                Ok(0) => {}
-                Ok(n) => {
+                Ok(BatchRead { frames: 0, .. }) => {}
+                Ok(BatchRead { frames, full }) => {
                     let took = batch_end - batch_start;
-                    times.batch_sizes[log2_bucket(n as u64, 0)] += 1;
+                    times.batch_sizes[log2_bucket(frames as u64, 0)] += 1;
                     times.batch_ns[log2_bucket(took, 10)] += 1;
                     times.batch_ns_sum += took;
-                    if n == BATCH {
+                    if full {
                         pending.push_back(id);
                     }
                 }
@@ -529,6 +545,51 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_of_large_frames_stops_at_its_byte_budget_and_says_it_is_full() {
+        let a_mac = MacAddr([0x0a, 0x58, 10, 244, 0, 5]);
+        let (a, pa) = memory_port(1, a_mac, "10.244.0.5/24", 16);
+        let mut builder = TableBuilder::new(Gateway::default());
+        builder.insert_port(a.clone());
+        let tables = builder.build();
+        // Ten frames of 60,000 bytes (to nowhere: dropped): a batch takes them until they
+        // reach the budget.
+        let mut big = frame(a_mac, [10, 244, 0, 5], [10, 244, 0, 6]);
+        big.resize(60_000, 0);
+        for _ in 0..10 {
+            assert!(pa.send(&big));
+        }
+        let mut pipeline = Pipeline::new();
+        let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
+        let mut verdicts = [Verdict::Drop; BATCH];
+        let mut run = || forward_batch(&mut pipeline, &tables, &a, 0, &mut bufs, &mut verdicts, 1);
+        let per_batch = crate::buffer::BATCH_BYTES.div_ceil(60_000);
+        let first = run().unwrap();
+        assert_eq!(
+            first,
+            BatchRead {
+                frames: per_batch,
+                full: true
+            }
+        );
+        let second = run().unwrap();
+        assert_eq!(
+            second,
+            BatchRead {
+                frames: per_batch,
+                full: true
+            }
+        );
+        let last = run().unwrap();
+        assert_eq!(
+            last,
+            BatchRead {
+                frames: 10 - 2 * per_batch,
+                full: false
+            }
+        );
+    }
+
+    #[test]
     fn a_batch_is_forwarded_and_counted_and_a_full_port_counts_a_failed_write() {
         let a_mac = MacAddr([0x0a, 0x58, 10, 244, 0, 5]);
         let (a, pa) = memory_port(1, a_mac, "10.244.0.5/24", 4);
@@ -545,7 +606,13 @@ mod tests {
         let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
         let mut verdicts = [Verdict::Drop; BATCH];
         let n = forward_batch(&mut pipeline, &tables, &a, 0, &mut bufs, &mut verdicts, 1).unwrap();
-        assert_eq!(n, 3);
+        assert_eq!(
+            n,
+            BatchRead {
+                frames: 3,
+                full: false
+            }
+        );
         assert_eq!(a.counters.rx_frames.load(Ordering::Relaxed), 3);
         assert_eq!(b.counters.tx_frames.load(Ordering::Relaxed), 2);
         assert_eq!(b.counters.tx_errors.load(Ordering::Relaxed), 1);
@@ -554,7 +621,7 @@ mod tests {
         assert!(pb.recv().is_some() && pb.recv().is_some() && pb.recv().is_none());
         // Nothing more to read: no batch.
         let n = forward_batch(&mut pipeline, &tables, &a, 0, &mut bufs, &mut verdicts, 2).unwrap();
-        assert_eq!(n, 0);
+        assert_eq!(n.frames, 0);
         assert_eq!(pipeline.counters().count(Event::RxBatches), 1);
         // What the worker publishes is what its pipeline counted.
         let stats = WorkerStats::default();
