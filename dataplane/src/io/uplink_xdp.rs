@@ -74,13 +74,12 @@ enum Via {
 struct ExitRoutes {
     routes: Lpm<u32>,
     via: Vec<Via>,
-    /// The routes as read, to rebuild only when they change.
+    /// The routes as read (sorted by the refresher), to rebuild only when they change.
     read: Vec<((Ipv4Addr, u8), Via)>,
 }
 
 impl ExitRoutes {
-    fn build(mut read: Vec<((Ipv4Addr, u8), Via)>) -> Self {
-        read.sort_unstable_by_key(|&((net, len), _)| (net, len));
+    fn build(read: Vec<((Ipv4Addr, u8), Via)>) -> Self {
         let mut via = vec![Via::Kernel];
         let mut routes = Vec::with_capacity(read.len());
         for &((net, len), v) in &read {
@@ -432,10 +431,9 @@ impl Resolver {
                 }
             }
             if self.exits {
-                let read = exit_routes(netlink.main_routes_v4()?, index);
-                let mut sorted = read.clone();
-                sorted.sort_unstable_by_key(|&((net, len), _)| (net, len));
-                if sorted != self.exit_routes.read {
+                let mut read = exit_routes(netlink.main_routes_v4()?, index);
+                read.sort_unstable_by_key(|&((net, len), _)| (net, len));
+                if read != self.exit_routes.read {
                     self.exit_routes = Arc::new(ExitRoutes::build(read));
                 }
             }

@@ -597,8 +597,10 @@ fn wire_l3_len(vnet: &[u8], l3_header: usize, l3_total: usize, l4: &[u8]) -> usi
 /// masquerade address): a packet the dataplane made leave as the node.
 #[inline]
 fn leaves_as_node<D>(tables: &Tables<D>, l3: &[u8]) -> bool {
-    let node = tables.masquerade.as_ref().map(|m| m.node().octets());
-    node.is_some() && l3.get(12..16) == node.as_ref().map(|n| &n[..])
+    tables
+        .masquerade
+        .as_ref()
+        .is_some_and(|m| l3.get(12..16) == Some(&m.node().octets()[..]))
 }
 
 fn is_martian_v4(dst: Ipv4Addr) -> bool {

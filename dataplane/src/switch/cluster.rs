@@ -68,15 +68,20 @@ impl NodeState {
 
     /// The AF_XDP path that is the node's exit, if the uplink has one.
     pub(super) fn exit(&self) -> Option<&crate::io::uplink_xdp::XdpPath> {
-        self.tunnels.iter().find_map(|port| match &port.device {
-            PortIo::Uplink(up) => up.xdp().filter(|xdp| xdp.is_exit()),
-            _ => None,
-        })
+        self.tunnels.iter().find_map(|port| exit_of(port))
     }
 
     /// True when traffic to other nodes is sent with `UDP_SEGMENT` (VXLAN).
     pub(super) fn segments_over_udp(&self) -> bool {
         self.spec.backend.kind == BackendKind::Vxlan
+    }
+}
+
+/// The AF_XDP path of `port`, when it is an uplink that is the node's exit.
+fn exit_of(port: &Port<PortIo>) -> Option<&crate::io::uplink_xdp::XdpPath> {
+    match &port.device {
+        PortIo::Uplink(up) => up.xdp().filter(|xdp| xdp.is_exit()),
+        _ => None,
     }
 }
 
@@ -347,10 +352,7 @@ impl Switch {
         let policy = state.policies.table(&self.config.gateway, Some(&spec));
         state.builder.set_policy(policy);
 
-        let exit = tunnels.iter().find(|port| match &port.device {
-            PortIo::Uplink(up) => up.xdp().is_some_and(|xdp| xdp.is_exit()),
-            _ => false,
-        });
+        let exit = tunnels.iter().find(|port| exit_of(port).is_some());
         let ports = NodePorts {
             host: Some(host.clone()),
             tunnel_v4: tunnels.first().cloned(),
