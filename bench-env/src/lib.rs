@@ -15,6 +15,7 @@ pub mod error;
 pub mod flood;
 pub mod kube;
 pub mod kube_e2e;
+pub mod listen;
 pub mod measure;
 pub mod netns;
 pub mod policy;

@@ -7,6 +7,7 @@
 //! every pod to every other pod, all at once, and reports which pairs got through.
 
 use crate::cluster::{Cluster, ClusterOptions};
+use crate::listen::accept_within;
 use crate::testbed::{Arm, Pod};
 use crate::{fail, Result};
 use std::collections::{BTreeMap, BTreeSet};
@@ -232,12 +233,9 @@ impl EchoServers {
                 let stop_t = stop.clone();
                 threads.push(std::thread::spawn(move || {
                     while !stop_t.load(Ordering::Relaxed) {
-                        match tcp.accept() {
-                            Ok((s, _)) => {
-                                let stop_c = stop_t.clone();
-                                std::thread::spawn(move || echo(s, &stop_c));
-                            }
-                            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                        if let Some((s, _)) = accept_within(&tcp, Duration::from_millis(50)) {
+                            let stop_c = stop_t.clone();
+                            std::thread::spawn(move || echo(s, &stop_c));
                         }
                     }
                 }));

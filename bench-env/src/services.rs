@@ -6,6 +6,7 @@
 //! through a Service: connections per second.
 
 use crate::cluster::Cluster;
+use crate::listen::accept_within;
 use crate::netns::Netns;
 use crate::testbed::{Arm, Pod};
 use crate::{fail, Result};
@@ -278,6 +279,9 @@ fn nat(ns: &Netns, rule: &str) -> Result<String> {
     ns.exec(&argv)
 }
 
+/// How long a server thread waits in the kernel before it looks at its stop flag.
+const WAIT: Duration = Duration::from_millis(100);
+
 /// Servers for [`conn_rate`]: on port `port` of each pod, answer one byte with one byte
 /// and close. Stop on drop.
 pub struct RequestServers {
@@ -302,15 +306,12 @@ impl RequestServers {
                 threads.push(std::thread::spawn(move || {
                     let mut byte = [0u8; 1];
                     while !stop.load(Ordering::Relaxed) {
-                        match listener.accept() {
-                            Ok((mut s, _)) => {
-                                let _ = s.set_nonblocking(false);
-                                let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-                                if s.read_exact(&mut byte).is_ok() {
-                                    let _ = s.write_all(&byte);
-                                }
+                        if let Some((mut s, _)) = accept_within(&listener, WAIT) {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                            if s.read_exact(&mut byte).is_ok() {
+                                let _ = s.write_all(&byte);
                             }
-                            Err(_) => std::thread::sleep(Duration::from_micros(200)),
                         }
                     }
                 }));

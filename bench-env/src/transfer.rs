@@ -1,6 +1,7 @@
 //! A checked bulk TCP transfer between two pods: the client sends a deterministic
 //! pseudo-random stream, both ends hash what they saw, and the hashes must match.
 
+use crate::listen::accept_within;
 use crate::testbed::Pod;
 use crate::{fail, Result};
 use std::io::{Read, Write};
@@ -80,14 +81,14 @@ pub fn tcp_transfer(client: &Pod, server: &Pod, bytes: u64) -> Result<Transfer> 
         let _ = ready.send(());
         let deadline = Instant::now() + Duration::from_secs(30);
         let (mut stream, peer) = loop {
-            match listener.accept() {
-                Ok(s) => break s,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(e),
+            if let Some(s) = accept_within(&listener, Duration::from_millis(100)) {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no connection within 30 s",
+                ));
             }
         };
         stream.set_nonblocking(false)?;
