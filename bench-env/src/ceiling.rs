@@ -309,7 +309,14 @@ impl EgressNull {
         let pod_mac = MacAddr([0x02, 0x5e, 0, 0, 9, 10]);
         let pod_tap = null_pod(&pod_ns, EGRESS_POD, pod_mac, 1500, None)?;
         let (host_tap, _, _) = run_in(&node.path(), move || {
-            let made = TapDevice::create_host("nulhost", gateway.mac, 65_521, QUEUES, None)?;
+            let made = TapDevice::create_host(
+                "nulhost",
+                gateway.mac,
+                65_521,
+                QUEUES,
+                None,
+                Default::default(),
+            )?;
             made.0.set_persist(false)?;
             Ok(made)
         })?;

@@ -354,9 +354,9 @@ fn udp_datagrams_arrive_intact_through_coalescing() {
     not(privileged),
     ignore = "needs root: network namespaces and TAP devices"
 )]
-fn cpu_and_adaptive_steering_forward_everything() {
+fn every_steering_mode_forwards_everything() {
     bench_env::require_root("single-node integration test");
-    for mode in ["cpu", "adaptive"] {
+    for mode in ["cpu", "adaptive", "hash"] {
         let options = Options {
             pods: 2,
             workers: Some(2),

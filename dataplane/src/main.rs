@@ -28,11 +28,11 @@ struct Args {
     /// `"subnet": "usePodCidr"` allocate from it.
     #[arg(long = "pod-cidr")]
     pod_cidrs: Vec<switchyard_api::IpNet>,
-    /// How a pod's TAP spreads frames over the workers' queues: `adaptive` forwards a
-    /// small frame after a quiet spell (a ping, a request) on the CPU that sent it and
-    /// spreads the rest by flow hash (eBPF steering, pinned workers); `hash` spreads every
-    /// flow by hash (workers float: the most 4-stream bulk throughput on busy CPUs); `cpu`
-    /// forwards every frame on the CPU that sent it (pinned workers).
+    /// How a TAP (a pod's, the host port) spreads frames over the workers' queues:
+    /// `adaptive` forwards a small frame after a quiet spell (a ping, a request) on the
+    /// CPU that sent it and spreads the rest by flow hash (eBPF steering, pinned workers);
+    /// `hash` spreads every flow by hash (workers float: the most 4-stream bulk throughput
+    /// on busy CPUs); `cpu` forwards every frame on the CPU that sent it (pinned workers).
     #[arg(long, value_enum, default_value_t = SteeringArg::Adaptive)]
     steering: SteeringArg,
     /// What carries a pod's frames when its CNI configuration does not say (`podPorts`):

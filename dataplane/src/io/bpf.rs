@@ -73,6 +73,25 @@ pub mod op {
     pub const JEQ_K: u8 = 0x15;
     /// BPF_JMP | BPF_JLT | BPF_K
     pub const JLT_K: u8 = 0xa5;
+    /// BPF_ALU64 | BPF_XOR | BPF_X
+    pub const XOR64_X: u8 = 0xaf;
+    /// BPF_ALU64 | BPF_LSH | BPF_K
+    pub const LSH64_K: u8 = 0x67;
+    /// BPF_ALU | BPF_MOV | BPF_X (the low 32 bits, the upper cleared)
+    pub const MOV32_X: u8 = 0xbc;
+    /// BPF_ALU | BPF_MUL | BPF_K
+    pub const MUL32_K: u8 = 0x24;
+    /// BPF_ALU | BPF_RSH | BPF_K
+    pub const RSH32_K: u8 = 0x74;
+    /// BPF_LD | BPF_ABS | BPF_W: `r0 = ntohl(*(u32 *)(skb->data + imm))` (needs `r6 = skb`;
+    /// a load past the end ends the program with 0)
+    pub const LD_ABS_W: u8 = 0x20;
+    /// BPF_LD | BPF_ABS | BPF_H
+    pub const LD_ABS_H: u8 = 0x28;
+    /// BPF_LD | BPF_ABS | BPF_B
+    pub const LD_ABS_B: u8 = 0x30;
+    /// BPF_LD | BPF_IND | BPF_W: as `LD_ABS_W` at `src + imm`
+    pub const LD_IND_W: u8 = 0x40;
     /// BPF_LD | BPF_DW | BPF_IMM (two instructions)
     pub const LD_IMM64: u8 = 0x18;
     /// The source register of `LD_IMM64` that makes its immediate a map's descriptor.
@@ -92,6 +111,24 @@ pub fn load_map(dst: u8, map: RawFd) -> [[u8; 8]; 2] {
         insn(op::LD_IMM64, dst, op::PSEUDO_MAP_FD, 0, map),
         insn(0, 0, 0, 0, 0),
     ]
+}
+
+/// The jump offset that stands for label `n` until [`resolve_labels`] replaces it.
+pub const fn label(n: u8) -> i16 {
+    i16::MIN + n as i16
+}
+
+/// Turns every jump to a [`label`] in `program` into a jump to its instruction:
+/// `targets[n]` is label `n`'s index.
+pub fn resolve_labels(program: &mut [[u8; 8]], targets: &[usize]) {
+    for (at, i) in program.iter_mut().enumerate() {
+        let is_jump = matches!(i[0] & 0x07, 0x05 | 0x06); // BPF_JMP, BPF_JMP32
+                                                          // label(n) - label(0) == n; any other offset lands far outside `targets`.
+        let n = i16::from_le_bytes([i[2], i[3]]).wrapping_sub(label(0)) as usize;
+        if let (true, Some(&target)) = (is_jump, targets.get(n)) {
+            i[2..4].copy_from_slice(&(target as i16 - (at as i16 + 1)).to_le_bytes());
+        }
+    }
 }
 
 /// Calls bpf(2) with `attr` (a zero-padded `union bpf_attr`); returns what it returns.

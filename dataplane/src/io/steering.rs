@@ -10,7 +10,12 @@
 //!   a request) goes to the sender's CPU, as with `Cpu`; everything else (bulk
 //!   super-frames, a stream of small datagrams) is spread over the queues by the flow's
 //!   hash, so that forwarding runs beside the sender instead of taking its CPU.
-//! - [`Steering::Hash`]: no program; the kernel spreads flows over the queues.
+//! - [`Steering::Hash`]: by the flow's hash alone, workers floating.
+//!
+//! Every program puts a flow that is not latency-bound on the queue of its hash: the
+//! sending socket's, or for a frame the node forwards (no socket) a hash of its addresses
+//! and ports. Not the kernel's own spreading, which moves a flow to the queue its last
+//! reply was written to, and so reorders it whenever replies come through another worker.
 #![allow(unsafe_code)] // bpf(2) and the steering ioctl
 
 use std::io;
@@ -20,7 +25,7 @@ use std::sync::OnceLock;
 /// How a pod's frames are spread over its TAP's queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Steering {
-    /// The kernel's flow hash; workers float.
+    /// The flow's hash; workers float.
     Hash,
     /// The queue of the sending CPU; workers pinned.
     Cpu,
@@ -64,41 +69,135 @@ fn cpu_program() -> Vec<[u8; 8]> {
     ]
 }
 
+/// `return flow_hash(skb);`
+fn hash_program() -> Vec<[u8; 8]> {
+    let mut program = vec![insn(MOV64_X, 6, 1, 0, 0)]; // r6 = skb
+    append_flow_hash(&mut program);
+    program
+}
+
 /// The adaptive program over `map`, a one-entry per-CPU array holding the time of the
 /// last small frame:
 ///
 /// ```text
-/// if (skb->len > SMALL_FRAME) return skb->hash;
+/// if (skb->len > SMALL_FRAME) return flow_hash(skb);
 /// now = ktime_get_ns(); last = map[0] (this CPU's); map[0] = now;
-/// if (now - last < QUIET_NS) return skb->hash;
+/// if (now - last < QUIET_NS) return flow_hash(skb);
 /// return smp_processor_id();
 /// ```
 fn adaptive_program(map: RawFd) -> Vec<[u8; 8]> {
-    let hash = 18; // index of the `return skb->hash` tail
-    let jump = |from: usize| (hash - from - 1) as i16;
     let [map_lo, map_hi] = bpf::load_map(1, map);
-    vec![
-        insn(MOV64_X, 6, 1, 0, 0),                        // 0: r6 = skb
-        insn(LDX_W, 0, 6, SKB_LEN, 0),                    // 1: r0 = skb->len
-        insn(JGT_K, 0, 0, jump(2), SMALL_FRAME),          // 2: large: by hash
-        insn(CALL, 0, 0, 0, HELPER_KTIME_GET_NS),         // 3: r0 = now
-        insn(MOV64_X, 7, 0, 0, 0),                        // 4: r7 = now
-        insn(ST_W, 10, 0, -4, 0),                         // 5: key = 0 on the stack
-        insn(MOV64_X, 2, 10, 0, 0),                       // 6: r2 = fp
-        insn(ADD64_K, 2, 0, 0, -4),                       // 7: r2 = &key
-        map_lo,                                           // 8: r1 = map
-        map_hi,                                           // 9: (its upper half)
-        insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM),      // 10: r0 = &map[0]
-        insn(JEQ_K, 0, 0, jump(11), 0),                   // 11: no entry: by hash
-        insn(LDX_DW, 1, 0, 0, 0),                         // 12: r1 = last
-        insn(STX_DW, 0, 7, 0, 0),                         // 13: map[0] = now
-        insn(SUB64_X, 7, 1, 0, 0),                        // 14: r7 = now - last
-        insn(JLT_K, 7, 0, jump(15), QUIET_NS),            // 15: busy: by hash
-        insn(CALL, 0, 0, 0, HELPER_GET_SMP_PROCESSOR_ID), // 16: quiet: this CPU
-        insn(EXIT, 0, 0, 0, 0),                           // 17
-        insn(LDX_W, 0, 6, SKB_HASH, 0),                   // 18: r0 = skb->hash
-        insn(EXIT, 0, 0, 0, 0),                           // 19
-    ]
+    let mut program = vec![
+        insn(MOV64_X, 6, 1, 0, 0),                        // r6 = skb
+        insn(LDX_W, 0, 6, SKB_LEN, 0),                    // r0 = skb->len
+        insn(JGT_K, 0, 0, TO_HASH, SMALL_FRAME),          // large: by flow
+        insn(CALL, 0, 0, 0, HELPER_KTIME_GET_NS),         // r0 = now
+        insn(MOV64_X, 7, 0, 0, 0),                        // r7 = now
+        insn(ST_W, 10, 0, -4, 0),                         // key = 0 on the stack
+        insn(MOV64_X, 2, 10, 0, 0),                       // r2 = fp
+        insn(ADD64_K, 2, 0, 0, -4),                       // r2 = &key
+        map_lo,                                           // r1 = map
+        map_hi,                                           // (its upper half)
+        insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM),      // r0 = &map[0]
+        insn(JEQ_K, 0, 0, TO_HASH, 0),                    // no entry: by flow
+        insn(LDX_DW, 1, 0, 0, 0),                         // r1 = last
+        insn(STX_DW, 0, 7, 0, 0),                         // map[0] = now
+        insn(SUB64_X, 7, 1, 0, 0),                        // r7 = now - last
+        insn(JLT_K, 7, 0, TO_HASH, QUIET_NS),             // busy: by flow
+        insn(CALL, 0, 0, 0, HELPER_GET_SMP_PROCESSOR_ID), // quiet: this CPU
+        insn(EXIT, 0, 0, 0, 0),
+    ];
+    append_flow_hash(&mut program);
+    program
+}
+
+/// Jump offsets standing for the labels of [`adaptive_program`] and [`flow_hash`].
+const TO_HASH: i16 = bpf::label(0);
+const TO_EXIT: i16 = bpf::label(1);
+const TO_IPV6: i16 = bpf::label(2);
+const TO_PORTS4: i16 = bpf::label(3);
+const TO_PORTS6: i16 = bpf::label(4);
+const TO_MIX: i16 = bpf::label(5);
+
+/// Appends the program's tail (label `TO_HASH`, with `r6 = skb`) and resolves every jump
+/// to a label in `program`: the queue of the frame's flow. A frame a local socket sent
+/// carries the socket's hash; one the node forwards (node ports, hostPorts, masqueraded
+/// replies into the host port) carries none, and hashing nothing would put every such
+/// flow on one queue. Its addresses, protocol and ports are hashed instead, so that each
+/// flow stays on one queue: the kernel's default, which follows the queue a flow's last
+/// reply was written to, moved a single node-port stream between workers and reordered
+/// it.
+///
+/// ```text
+/// if (skb->hash) return skb->hash;
+/// if (eth.type == IPv4) h = src ^ dst ^ proto, ^ ports unless a later fragment;
+/// else if (eth.type == IPv6) h = the eight words of src and dst ^ next header, ^ ports;
+/// else return eth.type;
+/// return (u32)(h * 0x9e3779b1) >> 16;
+/// ```
+fn append_flow_hash(program: &mut Vec<[u8; 8]>) {
+    const GOLDEN: i32 = 0x9e37_79b1_u32 as i32;
+    let hash = program.len();
+    program.extend([
+        insn(LDX_W, 0, 6, SKB_HASH, 0),     // r0 = skb->hash
+        insn(JNE_K, 0, 0, TO_EXIT, 0),      // a socket's hash
+        insn(LD_ABS_H, 0, 0, 0, 12),        // r0 = EtherType
+        insn(JEQ_K, 0, 0, TO_IPV6, 0x86dd), //
+        insn(JNE_K, 0, 0, TO_EXIT, 0x0800), // neither: one queue per EtherType
+        insn(LD_ABS_W, 0, 0, 0, 26),        // IPv4 source
+        insn(MOV64_X, 7, 0, 0, 0),          //
+        insn(LD_ABS_W, 0, 0, 0, 30),        // destination
+        insn(XOR64_X, 7, 0, 0, 0),          //
+        insn(LD_ABS_B, 0, 0, 0, 23),        // protocol
+        insn(XOR64_X, 7, 0, 0, 0),          //
+        insn(JEQ_K, 0, 0, TO_PORTS4, 6),    // TCP
+        insn(JEQ_K, 0, 0, TO_PORTS4, 17),   // UDP
+        insn(JNE_K, 0, 0, TO_MIX, 132),     // nor SCTP: the addresses alone
+    ]);
+    let ports4 = program.len();
+    program.extend([
+        insn(LD_ABS_H, 0, 0, 0, 20),    // flags, fragment offset
+        insn(AND64_K, 0, 0, 0, 0x1fff), //
+        insn(JNE_K, 0, 0, TO_MIX, 0),   // a later fragment has no ports
+        insn(LD_ABS_B, 0, 0, 0, 14),    // version, header length
+        insn(AND64_K, 0, 0, 0, 0x0f),   //
+        insn(LSH64_K, 0, 0, 0, 2),      // header bytes
+        insn(MOV64_X, 8, 0, 0, 0),      //
+        insn(LD_IND_W, 0, 8, 0, 14),    // both ports
+        insn(XOR64_X, 7, 0, 0, 0),      //
+        insn(JA, 0, 0, TO_MIX, 0),      //
+    ]);
+    let ipv6 = program.len();
+    program.extend([
+        insn(LD_ABS_W, 0, 0, 0, 22), // the source's first word
+        insn(MOV64_X, 7, 0, 0, 0),   //
+    ]);
+    for offset in (26..54).step_by(4) {
+        // The rest of the source, then the destination.
+        program.extend([insn(LD_ABS_W, 0, 0, 0, offset), insn(XOR64_X, 7, 0, 0, 0)]);
+    }
+    program.extend([
+        insn(LD_ABS_B, 0, 0, 0, 20),      // next header
+        insn(XOR64_X, 7, 0, 0, 0),        //
+        insn(JEQ_K, 0, 0, TO_PORTS6, 6),  // TCP
+        insn(JEQ_K, 0, 0, TO_PORTS6, 17), // UDP
+        insn(JNE_K, 0, 0, TO_MIX, 132),   // nor SCTP (nor an extension header)
+    ]);
+    let ports6 = program.len();
+    program.extend([
+        insn(LD_ABS_W, 0, 0, 0, 54), // both ports
+        insn(XOR64_X, 7, 0, 0, 0),   //
+    ]);
+    let mix = program.len();
+    program.extend([
+        insn(MOV32_X, 0, 7, 0, 0),      // r0 = (u32)h
+        insn(MUL32_K, 0, 0, 0, GOLDEN), //
+        insn(RSH32_K, 0, 0, 0, 16),     // its upper half
+    ]);
+    let exit = program.len();
+    program.push(insn(EXIT, 0, 0, 0, 0));
+    // In the order of the labels.
+    bpf::resolve_labels(program, &[hash, exit, ipv6, ports4, ports6, mix]);
 }
 
 /// A one-entry per-CPU array of one `u64`.
@@ -110,12 +209,18 @@ fn load_program(program: &[[u8; 8]], name: &[u8]) -> io::Result<OwnedFd> {
     bpf::load_program(bpf::PROG_TYPE_SOCKET_FILTER, 0, program, name)
 }
 
-/// The CPU program, shared by every TAP (loaded once).
-fn cpu_program_fd() -> io::Result<RawFd> {
-    static PROG: OnceLock<Result<OwnedFd, i32>> = OnceLock::new();
-    match PROG.get_or_init(|| {
-        load_program(&cpu_program(), b"sy_cpu_steer")
-            .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))
+/// A program without a map, loaded once and shared by every TAP.
+type Shared = OnceLock<Result<OwnedFd, i32>>;
+static CPU: Shared = OnceLock::new();
+static HASH: Shared = OnceLock::new();
+
+fn shared_program_fd(
+    slot: &'static Shared,
+    program: fn() -> Vec<[u8; 8]>,
+    name: &[u8],
+) -> io::Result<RawFd> {
+    match slot.get_or_init(|| {
+        load_program(&program(), name).map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))
     }) {
         Ok(fd) => Ok(fd.as_raw_fd()),
         Err(errno) => Err(io::Error::from_raw_os_error(*errno)),
@@ -143,8 +248,8 @@ fn try_attach(queue_fd: RawFd, steering: Steering) -> io::Result<()> {
     // An adaptive program of its own: the TAP keeps it alive once this fd is closed.
     let own;
     let prog: libc::c_int = match steering {
-        Steering::Hash => return Ok(()),
-        Steering::Cpu => cpu_program_fd()?,
+        Steering::Hash => shared_program_fd(&HASH, hash_program, b"sy_hash_steer")?,
+        Steering::Cpu => shared_program_fd(&CPU, cpu_program, b"sy_cpu_steer")?,
         Steering::Adaptive => {
             let map = create_time_map()?;
             own = load_program(&adaptive_program(map.as_raw_fd()), b"sy_adapt_steer")?;
@@ -217,16 +322,27 @@ mod tests {
     }
 
     #[test]
-    fn the_adaptive_programs_jumps_land_on_the_hash_tail() {
+    fn every_jump_lands_inside_the_program_and_the_quiet_checks_on_the_hash() {
         let program = adaptive_program(7);
-        let tail = program.len() - 2;
-        assert_eq!(program[tail], insn(LDX_W, 0, 6, SKB_HASH, 0));
+        let hash = program
+            .iter()
+            .position(|i| *i == insn(LDX_W, 0, 6, SKB_HASH, 0))
+            .expect("the hash tail");
+        assert_eq!(hash, 18, "right after the quiet branch's exit");
+        let mut to_hash = 0;
         for (at, i) in program.iter().enumerate() {
-            if [JGT_K, JEQ_K, JLT_K].contains(&i[0]) {
-                let off = i16::from_le_bytes([i[2], i[3]]);
-                assert_eq!(at as i16 + 1 + off, tail as i16, "jump at {at}");
+            if matches!(i[0], JGT_K | JEQ_K | JNE_K | JLT_K | JA) {
+                let target = at as i64 + 1 + i64::from(i16::from_le_bytes([i[2], i[3]]));
+                assert!(target > at as i64, "jump at {at} goes back");
+                assert!(
+                    target < program.len() as i64,
+                    "jump at {at} leaves the program"
+                );
+                to_hash += usize::from(at < hash && target == hash as i64);
             }
         }
+        assert_eq!(to_hash, 3, "large, no entry and busy go by flow");
         assert_eq!(program[8][4..8], 7i32.to_le_bytes());
+        assert_eq!(program.last(), Some(&insn(EXIT, 0, 0, 0, 0)));
     }
 }

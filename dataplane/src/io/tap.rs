@@ -16,6 +16,7 @@
 use super::interface::{configure, PodInterface};
 use super::netlink::Netlink;
 use super::netns;
+use super::steering::Steering;
 use crate::buffer::PacketBuf;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -147,13 +148,15 @@ impl TapDevice {
     /// its interface index and whether it re-attached to the host port an earlier
     /// dataplane process left (the device is persistent: it outlives a crash, with the
     /// node's routes through it, until [`TapDevice::remove_persistent`] or a clean exit
-    /// takes it away). Routes through it are the caller's business.
+    /// takes it away). Routes through it are the caller's business. Its frames are spread
+    /// over the queues by `steering`, as a pod's are.
     pub fn create_host(
         ifname: &str,
         mac: MacAddr,
         mtu: u32,
         queues: usize,
         kept: Option<Vec<OwnedFd>>,
+        steering: Steering,
     ) -> io::Result<(Self, u32, bool)> {
         let mut reattached = false;
         if netns::link_index(ifname).is_some() {
@@ -178,6 +181,9 @@ impl TapDevice {
             Err(e) => return Err(e),
         };
         device.set_persist(true)?;
+        if device.queues() > 1 {
+            super::steering::attach(device.raw_fd(0), steering);
+        }
         let index = netns::link_index(ifname)
             .ok_or_else(|| io::Error::other("TAP device vanished after creation"))?;
         // The dataplane answers neighbour solicitations for every address but the port's

@@ -71,9 +71,9 @@ const XDP_MD_DATA_END: i16 = 4;
 
 /// Jump offsets [`filtered`] turns into jumps to its labels: `return XDP_PASS`, the
 /// published ports' checks (or `return XDP_PASS` without them), and the redirect.
-const TO_PASS: i16 = i16::MIN;
-const TO_MISS: i16 = i16::MIN + 1;
-const TO_REDIRECT: i16 = i16::MIN + 2;
+const TO_PASS: i16 = bpf::label(0);
+const TO_MISS: i16 = bpf::label(1);
+const TO_REDIRECT: i16 = bpf::label(2);
 
 /// `bpf_map_lookup_elem`.
 const HELPER_MAP_LOOKUP: i32 = 1;
@@ -171,15 +171,8 @@ fn filtered(
     program.push(insn(op::MOV64_K, 0, 0, 0, XDP_PASS)); // pass: r0 = XDP_PASS
     program.push(insn(op::EXIT, 0, 0, 0, 0));
     let miss = if miss < 0 { pass } else { miss };
-    for (at, i) in program.iter_mut().enumerate() {
-        let target = match i16::from_le_bytes([i[2], i[3]]) {
-            TO_PASS => pass,
-            TO_MISS => miss,
-            TO_REDIRECT => redirect,
-            _ => continue,
-        };
-        i[2..4].copy_from_slice(&(target - (at as i16 + 1)).to_le_bytes());
-    }
+    // In the order of the labels TO_PASS, TO_MISS, TO_REDIRECT.
+    bpf::resolve_labels(&mut program, &[pass, miss, redirect].map(|t| t as usize));
     program
 }
 

@@ -428,6 +428,7 @@ impl Switch {
             mtu,
             self.workers.len(),
             self.kept(&crate::io::handover::host_key(name)),
+            self.config.steering,
         )
         .map_err(|e| system(&format!("cannot create the host port {name}"), e))?;
         if reattached {
