@@ -9,22 +9,37 @@ use switchyard_dataplane::io::steering::Steering;
 use switchyard_dataplane::io::tap::TapDevice;
 use switchyard_dataplane::io::PortIo;
 
-/// A 600-byte UDP frame of flow `flow` (its source port), IPv4 or IPv6, `from` one side
-/// or the other (addresses and ports swapped), as a node forwards it: no socket, so no
-/// socket's hash.
-fn frame(flow: u16, ipv6: bool, reply: bool) -> Vec<u8> {
+/// What a test frame is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    /// IPv4 UDP, flow `f` from source port 40000 + f.
+    V4,
+    /// IPv6 UDP, likewise.
+    V6,
+    /// The first fragment of IPv4 datagram `f` (its ports inside), from 192.0.2.(1 + f).
+    FirstFragment,
+    /// A later fragment of it (no ports).
+    LaterFragment,
+}
+
+/// A 600-byte frame of flow `flow` (IPv4's identification field, or the source port for
+/// IPv6), or with addresses and ports swapped for its `reply`, as a node forwards it: no
+/// socket, so no socket's hash.
+fn frame(flow: u16, kind: Kind, reply: bool) -> Vec<u8> {
+    let ipv6 = kind == Kind::V6;
     let mut f = vec![0x0e, 0xee, 0xee, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
     let (mut src, mut dst) = (vec![192, 0, 2, 1], vec![198, 51, 100, 7]);
+    if matches!(kind, Kind::FirstFragment | Kind::LaterFragment) {
+        src[3] += flow as u8;
+    }
     if ipv6 {
         src = [0x20, 0x01, 0x0d, 0xb8]
-            .iter()
-            .copied()
+            .into_iter()
             .chain([0; 11])
             .chain([1])
             .collect();
         dst = [0x20, 0x01, 0x0d, 0xb8]
-            .iter()
-            .copied()
+            .into_iter()
             .chain([9; 12])
             .collect();
     }
@@ -40,22 +55,31 @@ fn frame(flow: u16, ipv6: bool, reply: bool) -> Vec<u8> {
         f.extend_from_slice(&udp_len.to_be_bytes());
         f.extend_from_slice(&[17, 64]);
     } else {
+        let fragment: u16 = match kind {
+            Kind::FirstFragment => 0x2000, // more fragments
+            Kind::LaterFragment => 185,    // at 1,480 bytes
+            _ => 0x4000,                   // don't fragment
+        };
         f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
         f.extend_from_slice(&(20 + udp_len).to_be_bytes());
-        f.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+        f.extend_from_slice(&flow.to_be_bytes());
+        f.extend_from_slice(&fragment.to_be_bytes());
+        f.extend_from_slice(&[64, 17, 0, 0]);
     }
     f.extend_from_slice(&src);
     f.extend_from_slice(&dst);
-    f.extend_from_slice(&sport.to_be_bytes());
-    f.extend_from_slice(&dport.to_be_bytes());
-    f.extend_from_slice(&udp_len.to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
+    if kind != Kind::LaterFragment {
+        f.extend_from_slice(&sport.to_be_bytes());
+        f.extend_from_slice(&dport.to_be_bytes());
+        f.extend_from_slice(&udp_len.to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+    }
     f.resize(600, 0xab);
     f
 }
 
-/// The flows (source ports as `frame` built them) of what each queue of `tap` holds.
-fn drain(tap: &PortIo, queues: usize) -> Vec<Vec<(bool, u16)>> {
+/// The test's frames each queue of `tap` holds, as (kind, flow).
+fn drain(tap: &PortIo, queues: usize) -> Vec<Vec<(Kind, u16)>> {
     let mut bufs: Vec<PacketBuf> = (0..8).map(|_| PacketBuf::new()).collect();
     (0..queues)
         .map(|q| {
@@ -64,24 +88,33 @@ fn drain(tap: &PortIo, queues: usize) -> Vec<Vec<(bool, u16)>> {
                 if n == 0 {
                     break;
                 }
-                for b in &bufs[..n] {
-                    let e = b.ethernet();
-                    let (ipv6, at) = match e.get(12..14) {
-                        Some([0x08, 0x00]) => (false, 14 + 20),
-                        Some([0x86, 0xdd]) => (true, 14 + 40),
-                        _ => continue,
-                    };
-                    let port =
-                        |at: usize| e.get(at..at + 2).map(|p| u16::from_be_bytes([p[0], p[1]]));
-                    // Only the test's own: the kernel sends its own IPv6 frames on a new link.
-                    if let (Some(sport @ 40_000..), Some(30_201)) = (port(at), port(at + 2)) {
-                        seen.push((ipv6, sport - 40_000));
-                    }
-                }
+                seen.extend(bufs[..n].iter().filter_map(|b| recognise(b.ethernet())));
             }
             seen
         })
         .collect()
+}
+
+/// A frame [`frame`] built, as (kind, flow); `None` for others (the kernel sends its own
+/// IPv6 frames on a new link).
+fn recognise(e: &[u8]) -> Option<(Kind, u16)> {
+    let word = |at: usize| e.get(at..at + 2).map(|p| u16::from_be_bytes([p[0], p[1]]));
+    match e.get(12..14)? {
+        [0x08, 0x00] if e.get(23) == Some(&17) => {
+            let (flow, fragment) = (word(18)?, word(20)? & 0x3fff);
+            let kind = match fragment {
+                0 => Kind::V4,
+                0x2000 => Kind::FirstFragment,
+                _ => Kind::LaterFragment,
+            };
+            Some((kind, flow))
+        }
+        [0x86, 0xdd] => match (word(54)?, word(56)?) {
+            (sport @ 40_000.., 30_201) => Some((Kind::V6, sport - 40_000)),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 #[test]
@@ -110,17 +143,27 @@ fn flows_stay_on_their_queues(steering: Steering) {
         Ok(PortIo::Tap(tap))
     })
     .unwrap_or_else(|e| panic!("cannot create the TAP: {e}"));
-    let flows: Vec<(bool, u16)> = (0..FLOWS).flat_map(|f| [(false, f), (true, f)]).collect();
+    let flows: Vec<(Kind, u16)> = (0..FLOWS)
+        .flat_map(|f| [(Kind::V4, f), (Kind::V6, f)])
+        .collect();
+    let fragments: Vec<(Kind, u16)> = (0..FLOWS)
+        .flat_map(|f| [(Kind::FirstFragment, f), (Kind::LaterFragment, f)])
+        .collect();
     let send = |round: u16| {
         let frames = (0..4)
-            .flat_map(|_| flows.iter().map(|&(v6, f)| frame(f, v6, false)))
+            .flat_map(|_| flows.iter().chain(&fragments))
+            .map(|&(kind, f)| frame(f, kind, false))
             .collect();
         let sent = send_frames(&path, "systeer0", frames).unwrap();
-        assert_eq!(sent, flows.len() * 4, "{steering:?}, round {round}");
+        assert_eq!(
+            sent,
+            (flows.len() + fragments.len()) * 4,
+            "{steering:?}, round {round}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
         drain(&tap, QUEUES)
     };
-    let queue_of = |held: &[Vec<(bool, u16)>], flow: (bool, u16)| -> usize {
+    let queue_of = |held: &[Vec<(Kind, u16)>], flow: (Kind, u16)| -> usize {
         let on: Vec<usize> = (0..QUEUES).filter(|&q| held[q].contains(&flow)).collect();
         assert_eq!(on.len(), 1, "flow {flow:?} on queues {on:?}: {held:?}");
         assert_eq!(held[on[0]].iter().filter(|&&f| f == flow).count(), 4);
@@ -133,12 +176,21 @@ fn flows_stay_on_their_queues(steering: Steering) {
         "{steering:?}: {} flows, all on one queue: {placed:?}",
         flows.len()
     );
+    // Fragments go by their addresses alone: the first, which holds the ports, with the
+    // later ones of its datagram.
+    for f in 0..FLOWS {
+        assert_eq!(
+            queue_of(&first, (Kind::FirstFragment, f)),
+            queue_of(&first, (Kind::LaterFragment, f)),
+            "{steering:?}: the fragments of datagram {f} parted"
+        );
+    }
     // Each flow's reply written through the queue it did not arrive on, as a worker that
     // received the reply from another node would: the kernel's own spreading moves the
     // flow to that queue, which reorders it.
-    for (&(v6, f), &q) in flows.iter().zip(&placed) {
+    for (&(kind, f), &q) in flows.iter().zip(&placed) {
         let mut buf = PacketBuf::new();
-        buf.load_ethernet(&frame(f, v6, true));
+        buf.load_ethernet(&frame(f, kind, true));
         tap.send((q + 1) % QUEUES, buf.frame()).unwrap();
     }
     let second = send(1);

@@ -130,7 +130,7 @@ const TO_MIX: i16 = bpf::label(5);
 ///
 /// ```text
 /// if (skb->hash) return skb->hash;
-/// if (eth.type == IPv4) h = src ^ dst ^ proto, ^ ports unless a later fragment;
+/// if (eth.type == IPv4) h = src ^ dst ^ proto, ^ ports unless a fragment;
 /// else if (eth.type == IPv6) h = the eight words of src and dst ^ next header, ^ ports;
 /// else return eth.type;
 /// return (u32)(h * 0x9e3779b1) >> 16;
@@ -157,8 +157,8 @@ fn append_flow_hash(program: &mut Vec<[u8; 8]>) {
     let ports4 = program.len();
     program.extend([
         insn(LD_ABS_H, 0, 0, 0, 20),    // flags, fragment offset
-        insn(AND64_K, 0, 0, 0, 0x1fff), //
-        insn(JNE_K, 0, 0, TO_MIX, 0),   // a later fragment has no ports
+        insn(AND64_K, 0, 0, 0, 0x3fff), // more fragments, offset
+        insn(JNE_K, 0, 0, TO_MIX, 0),   // a fragment: its datagram's fragments together
         insn(LD_ABS_B, 0, 0, 0, 14),    // version, header length
         insn(AND64_K, 0, 0, 0, 0x0f),   //
         insn(LSH64_K, 0, 0, 0, 2),      // header bytes
