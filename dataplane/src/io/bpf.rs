@@ -122,8 +122,9 @@ pub const fn label(n: u8) -> i16 {
 /// `targets[n]` is label `n`'s index.
 pub fn resolve_labels(program: &mut [[u8; 8]], targets: &[usize]) {
     for (at, i) in program.iter_mut().enumerate() {
-        let is_jump = matches!(i[0] & 0x07, 0x05 | 0x06); // BPF_JMP, BPF_JMP32
-                                                          // label(n) - label(0) == n; any other offset lands far outside `targets`.
+        // BPF_JMP and BPF_JMP32 classes; other instructions' offsets are addresses.
+        let is_jump = matches!(i[0] & 0x07, 0x05 | 0x06);
+        // label(n) - label(0) == n; any other offset lands far outside `targets`.
         let n = i16::from_le_bytes([i[2], i[3]]).wrapping_sub(label(0)) as usize;
         if let (true, Some(&target)) = (is_jump, targets.get(n)) {
             i[2..4].copy_from_slice(&(target as i16 - (at as i16 + 1)).to_le_bytes());
@@ -252,5 +253,29 @@ mod tests {
         let [first, second] = load_map(1, 7);
         assert_eq!(first, [0x18, 0x11, 0, 0, 7, 0, 0, 0]);
         assert_eq!(second, [0; 8]);
+    }
+
+    #[test]
+    fn jumps_to_labels_become_offsets_and_nothing_else_changes() {
+        let mut program = vec![
+            insn(op::JEQ_K, 0, 0, label(1), 6),   // 0: forward to label 1
+            insn(op::LDX_W, 0, 6, label(0), 0),   // 1: not a jump: its offset stays
+            insn(op::JNE32_K, 0, 0, label(0), 0), // 2: a JMP32 to label 0
+            insn(op::JA, 0, 0, -3, 0),            // 3: a plain offset stays
+            insn(op::EXIT, 0, 0, 0, 0),           // 4: label 0
+            insn(op::JA, 0, 0, label(2), 0),      // 5: a label without a target stays
+            insn(op::EXIT, 0, 0, 0, 0),           // 6: label 1
+        ];
+        let before = program.clone();
+        resolve_labels(&mut program, &[4, 6]);
+        let offset = |i: &[u8; 8]| i16::from_le_bytes([i[2], i[3]]);
+        assert_eq!(offset(&program[0]), 5, "0 + 1 + 5 = 6");
+        assert_eq!(offset(&program[2]), 1, "2 + 1 + 1 = 4");
+        for unchanged in [1, 3, 4, 5, 6] {
+            assert_eq!(
+                program[unchanged], before[unchanged],
+                "instruction {unchanged}"
+            );
+        }
     }
 }
