@@ -22,7 +22,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
 
-/// How a pod's frames are spread over its TAP's queues.
+/// How the frames sent into a TAP (a pod's, the host port) are spread over its queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Steering {
     /// The flow's hash; workers float.
@@ -111,7 +111,7 @@ fn adaptive_program(map: RawFd) -> Vec<[u8; 8]> {
     program
 }
 
-/// Jump offsets standing for the labels of [`adaptive_program`] and [`flow_hash`].
+/// Jump offsets standing for the labels of [`adaptive_program`] and [`append_flow_hash`].
 const TO_HASH: i16 = bpf::label(0);
 const TO_EXIT: i16 = bpf::label(1);
 const TO_IPV6: i16 = bpf::label(2);

@@ -77,9 +77,7 @@ impl TapDevice {
                 ));
             }
             let device = Self::open(&config.ifname, queues.max(1))?;
-            if device.queues() > 1 {
-                super::steering::attach(device.raw_fd(0), config.steering);
-            }
+            device.steer(config.steering);
             let index = netns::link_index(&config.ifname)
                 .ok_or_else(|| io::Error::other("TAP device vanished after creation"))?;
             configure(index, config)?;
@@ -181,9 +179,7 @@ impl TapDevice {
             Err(e) => return Err(e),
         };
         device.set_persist(true)?;
-        if device.queues() > 1 {
-            super::steering::attach(device.raw_fd(0), steering);
-        }
+        device.steer(steering);
         let index = netns::link_index(ifname)
             .ok_or_else(|| io::Error::other("TAP device vanished after creation"))?;
         // The dataplane answers neighbour solicitations for every address but the port's
@@ -274,6 +270,14 @@ impl TapDevice {
             queues: fds,
             offloads,
         })
+    }
+
+    /// Spreads the frames the kernel sends into this device over its queues by
+    /// `steering` (nothing to choose with one queue).
+    pub fn steer(&self, steering: Steering) {
+        if self.queues() > 1 {
+            super::steering::attach(self.raw_fd(0), steering);
+        }
     }
 
     /// Number of queues.

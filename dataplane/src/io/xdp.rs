@@ -6,7 +6,7 @@
 //! ([`Filter::Vxlan`]), or with direct routing only IPv4 packets to the node's pod CIDR
 //! ([`Filter::PodCidr`]): the node's own traffic stays the kernel's. On the uplink the
 //! program may also take what comes back to the node's address for the dataplane
-//! ([`Published`]): ICMP, and TCP and UDP to the ports it lists (the masquerade range, the
+//! (`PublishedChecks`): ICMP, and TCP and UDP to the ports it lists (the masquerade range, the
 //! ports published to pods). Attached through a BPF link, so the program is on the device
 //! exactly as long as the [`XdpRedirect`] lives: dropping it, or the process ending in any
 //! way, detaches it.
@@ -78,7 +78,7 @@ const TO_REDIRECT: i16 = bpf::label(2);
 /// `bpf_map_lookup_elem`.
 const HELPER_MAP_LOOKUP: i32 = 1;
 
-/// What the program also takes for the node's address `node` (see [`Published`]), with
+/// What the program also takes for the node's address `node`, with
 /// `ports` its map of ports.
 struct PublishedChecks {
     node: Ipv4Addr,

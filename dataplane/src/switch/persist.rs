@@ -92,9 +92,7 @@ impl Switch {
             let kept = self.kept(&handover::tap_key(&info.netns, &info.ifname));
             let (tap, ifindex) = TapDevice::attach(netns, &info.ifname, info.queues, kept)
                 .map_err(|e| e.to_string())?;
-            if tap.queues() > 1 {
-                crate::io::steering::attach(tap.raw_fd(0), self.config.steering);
-            }
+            tap.steer(self.config.steering);
             let uso = tap.offloads() & TUN_F_USO == TUN_F_USO;
             (PortIo::Tap(tap), ifindex, uso)
         };
