@@ -45,6 +45,11 @@ impl Client {
             path: path.to_owned(),
             source,
         })?;
+        Self::over(stream)
+    }
+
+    /// A client over an open stream to the dataplane.
+    fn over(stream: UnixStream) -> Result<Self, ClientError> {
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         stream.set_write_timeout(Some(Duration::from_secs(30)))?;
         let writer = stream.try_clone()?;
@@ -52,6 +57,21 @@ impl Client {
             reader: BufReader::new(stream),
             writer,
         })
+    }
+
+    /// Whether the dataplane still holds this connection open, asked without a request
+    /// (a dataplane that stopped or restarted has closed it): the connection is read
+    /// without waiting, and anything but "nothing yet" means it can no longer carry calls.
+    pub fn is_open(&mut self) -> bool {
+        let stream = self.reader.get_ref();
+        if stream.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let idle = matches!(
+            self.reader.fill_buf(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        );
+        idle && self.reader.get_ref().set_nonblocking(false).is_ok()
     }
 
     /// Sends one request and waits for its answer.
@@ -133,5 +153,43 @@ impl Client {
             Reply::Node(n) => Ok(*n),
             other => Err(unexpected("set_node", other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_is_open_until_the_dataplane_closes_it_and_calls_still_work_after_the_check() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut client = Client::over(ours).unwrap();
+        assert!(client.is_open());
+        // The check leaves the connection blocking: a call waits for its answer.
+        let server = std::thread::spawn(move || {
+            let mut reader = BufReader::new(theirs.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let reply = ResponseEnvelope::from(Ok(Reply::NodeDigest(Some(7))));
+            let mut answer = serde_json::to_vec(&reply).unwrap();
+            answer.push(b'\n');
+            // Late, so that a non-blocking read would fail instead of waiting.
+            std::thread::sleep(Duration::from_millis(50));
+            (&theirs).write_all(&answer).unwrap();
+            theirs
+        });
+        assert_eq!(client.node_digest().unwrap(), Some(7));
+        let theirs = server.join().unwrap();
+        assert!(client.is_open());
+        drop(theirs);
+        assert!(!client.is_open());
+    }
+
+    #[test]
+    fn a_connection_with_words_nobody_asked_for_is_not_open() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let mut client = Client::over(ours).unwrap();
+        theirs.write_all(b"{}\n").unwrap();
+        assert!(!client.is_open());
     }
 }

@@ -102,6 +102,9 @@ enum Scenario {
         /// Rounds per metric, alternating the arms; the median is reported.
         #[arg(long, default_value_t = 3)]
         repeat: usize,
+        /// Pings across nodes for the RTT percentiles, per round (5 ms apart).
+        #[arg(long, default_value_t = 1000)]
+        pings: usize,
         /// Write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -429,6 +432,7 @@ fn rounds_of<T>(
 struct MultiNode {
     seconds: u64,
     repeat: usize,
+    pings: usize,
     json: Option<PathBuf>,
     uplink_modes: Vec<switchyard_dataplane::io::uplink::UplinkMode>,
     options: ClusterOptions,
@@ -439,6 +443,7 @@ fn multi_node(run: MultiNode) -> Result<bool> {
     let MultiNode {
         seconds,
         repeat,
+        pings,
         json,
         uplink_modes,
         options,
@@ -544,7 +549,7 @@ fn multi_node(run: MultiNode) -> Result<bool> {
         record(&name, "Gbit/s", &r[0], &mut ceilings);
     }
     let r = rounds_of(&arm_refs, repeat, "cross-node rtt", &|(a, b)| {
-        let (p50, p99) = measure::rtt_us(a, b, 200)?;
+        let (p50, p99) = measure::rtt_us(a, b, pings)?;
         Ok(vec![p50, p99])
     })?;
     for (i, name) in ["cross_node_rtt_p50_us", "cross_node_rtt_p99_us"]
@@ -824,6 +829,7 @@ fn main() -> ExitCode {
             underlay,
             seconds,
             repeat,
+            pings,
             json,
             workers,
             dataplane_args,
@@ -832,6 +838,7 @@ fn main() -> ExitCode {
         } => multi_node(MultiNode {
             seconds,
             repeat,
+            pings,
             json,
             uplink_modes: uplink_mode,
             options: ClusterOptions {
