@@ -65,21 +65,16 @@ impl CrossNodeNull {
             Ipv4Addr::new(192, 168, 77, 1),
             Ipv4Addr::new(192, 168, 77, 2),
         ];
-        let peer_ns = nodes[1].path().to_string_lossy().into_owned();
-        nodes[0].exec(&[
-            "ip", "link", "add", "nul0", "type", "veth", "peer", "name", "nul1", "netns", &peer_ns,
-        ])?;
+        // The same underlay as the clusters': a switch (a bridge in a hub namespace) and
+        // one multi-queue link per node.
+        let hub = Netns::create(&format!("{prefix}-nuh"))?;
+        crate::cluster::bridge(&hub, "br0", None)?;
         for (i, ns) in nodes.iter().enumerate() {
-            let dev = format!("nul{i}");
-            ns.exec(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("{}/24", underlay[i]),
-                "dev",
-                &dev,
-            ])?;
-            ns.exec(&["ip", "link", "set", &dev, "up"])?;
+            let port = format!("nul{i}");
+            crate::cluster::wire(&hub, ns, &port)?;
+            hub.exec(&["ip", "link", "set", &port, "master", "br0", "up"])?;
+            ns.add_address("eth0", &format!("{}/24", underlay[i]))?;
+            ns.exec(&["ip", "link", "set", "eth0", "up"])?;
             ns.exec(&["ip", "link", "set", "lo", "up"])?;
         }
         let gateway = Gateway::default();
@@ -136,6 +131,7 @@ impl CrossNodeNull {
             }
         }
         namespaces.extend(nodes);
+        namespaces.push(hub);
         Ok(Self {
             stop,
             threads,

@@ -51,6 +51,24 @@ impl Netns {
         run(&refs)
     }
 
+    /// Makes the namespace's bridges forward frames without handing them to iptables,
+    /// ip6tables or arptables. Where the kernel has `br_netfilter` (built in on this
+    /// machine kind, loaded for kube-proxy elsewhere), every new namespace starts with
+    /// those calls on and each bridged frame takes a detour through netfilter's hooks, as
+    /// on a Kubernetes node; a switch between nodes does no such thing. Nothing to do
+    /// without `br_netfilter`.
+    pub fn bridges_without_netfilter(&self) -> Result<()> {
+        for table in ["iptables", "ip6tables", "arptables"] {
+            // -e: a kernel without br_netfilter loaded has no such key.
+            self.exec(&[
+                "sysctl",
+                "-qew",
+                &format!("net.bridge.bridge-nf-call-{table}=0"),
+            ])?;
+        }
+        Ok(())
+    }
+
     /// Adds `cidr` (`10.0.0.1/24`, `fd00::1/64`; IPv6 without duplicate address detection)
     /// to `ifname`.
     pub fn add_address(&self, ifname: &str, cidr: &str) -> Result<()> {

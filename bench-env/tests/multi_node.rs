@@ -167,6 +167,33 @@ fn time_to_answer(from: &bench_env::netns::Netns, target: IpAddr, limit: Duratio
     panic!("{target} did not answer within {limit:?}");
 }
 
+/// `sysctl -n net.bridge.bridge-nf-call-iptables` in `ns`; `None` without br_netfilter.
+fn bridge_calls_iptables(ns: &bench_env::netns::Netns) -> Option<String> {
+    ns.exec(&["sysctl", "-n", "net.bridge.bridge-nf-call-iptables"])
+        .ok()
+        .map(|v| v.trim().to_string())
+}
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
+fn the_underlay_switch_hands_no_frame_to_netfilter() {
+    bench_env::require_root("underlay test");
+    let c = Cluster::build(Arm::Kernel, &ClusterOptions::default()).expect("cluster");
+    let fresh = bench_env::netns::Netns::create(&format!("sybrnf{}", std::process::id()))
+        .expect("namespace");
+    match bridge_calls_iptables(&fresh) {
+        // A kernel with br_netfilter: new namespaces start with the calls on.
+        Some(default) => {
+            assert_eq!(default, "1", "a new namespace's default");
+            assert_eq!(bridge_calls_iptables(&c.hub).as_deref(), Some("0"));
+        }
+        None => assert_eq!(bridge_calls_iptables(&c.hub), None),
+    }
+}
+
 #[test]
 #[cfg_attr(
     not(privileged),

@@ -15,6 +15,8 @@ mod pods;
 mod switchyard;
 mod underlay;
 
+pub(crate) use underlay::{bridge, wire};
+
 use crate::cleanup::{self, Resource};
 use crate::netns::Netns;
 use crate::process::Process;
@@ -27,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use switchyard::wait_for_api;
 use switchyard_api::{BackendKind, Client};
-use underlay::{address_on_subnet, bridge, default_via_hub};
+use underlay::{address_on_subnet, default_via_hub};
 
 /// How the nodes are connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,42 +12,9 @@ impl Cluster {
         }
     }
 
-    /// Connects `ns` to the hub: `eth0` in `ns`, `port` in the hub, each with one queue
-    /// per CPU, and the hub sending on queue `i` from CPU `i` (XPS), as a NIC with RSS and
-    /// one interrupt per CPU delivers: a frame the hub forwards on CPU `i` arrives on
-    /// `eth0`'s queue `i`, whose NAPI runs on CPU `i` (what an AF_XDP socket is bound to).
+    /// Connects `ns` to this cluster's hub through `port` ([`wire`]).
     pub(super) fn wire_to_hub(&self, ns: &Netns, port: &str) -> Result<()> {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let queues = cpus.to_string();
-        ns.exec(&[
-            "ip",
-            "link",
-            "add",
-            "eth0",
-            "numtxqueues",
-            &queues,
-            "numrxqueues",
-            &queues,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            port,
-            "numtxqueues",
-            &queues,
-            "numrxqueues",
-            &queues,
-            "netns",
-            self.hub.name(),
-        ])?;
-        for cpu in 0..cpus {
-            // A CPU mask as sysfs reads it: 32-bit hex words, the highest first.
-            let mask = format!("{:x}{}", 1u32 << (cpu % 32), ",00000000".repeat(cpu / 32));
-            let file = format!("/sys/class/net/{port}/queues/tx-{cpu}/xps_cpus");
-            self.hub
-                .exec(&["sh", "-c", &format!("echo {mask} > {file}")])?;
-        }
-        Ok(())
+        wire(&self.hub, ns, port)
     }
 
     /// The external host: a namespace behind the hub, which routes to it.
@@ -98,7 +65,47 @@ impl Cluster {
     }
 }
 
-pub(super) fn bridge(ns: &Netns, name: &str, addrs: Option<(&str, &str)>) -> Result<()> {
+/// Connects `ns` to the hub namespace `hub`: `eth0` in `ns`, `port` in `hub`, each with one
+/// queue per CPU, and the hub sending on queue `i` from CPU `i` (XPS), as a NIC with RSS
+/// and one interrupt per CPU delivers: a frame the hub forwards on CPU `i` arrives on
+/// `eth0`'s queue `i`, whose NAPI runs on CPU `i` (what an AF_XDP socket is bound to).
+pub(crate) fn wire(hub: &Netns, ns: &Netns, port: &str) -> Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let queues = cpus.to_string();
+    ns.exec(&[
+        "ip",
+        "link",
+        "add",
+        "eth0",
+        "numtxqueues",
+        &queues,
+        "numrxqueues",
+        &queues,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        port,
+        "numtxqueues",
+        &queues,
+        "numrxqueues",
+        &queues,
+        "netns",
+        hub.name(),
+    ])?;
+    for cpu in 0..cpus {
+        // A CPU mask as sysfs reads it: 32-bit hex words, the highest first.
+        let mask = format!("{:x}{}", 1u32 << (cpu % 32), ",00000000".repeat(cpu / 32));
+        let file = format!("/sys/class/net/{port}/queues/tx-{cpu}/xps_cpus");
+        hub.exec(&["sh", "-c", &format!("echo {mask} > {file}")])?;
+    }
+    Ok(())
+}
+
+/// A bridge `name` in the hub namespace `ns` (with `addrs`, IPv4 and IPv6, when given): the
+/// underlay's switch, which hands no frame to netfilter.
+pub(crate) fn bridge(ns: &Netns, name: &str, addrs: Option<(&str, &str)>) -> Result<()> {
+    ns.bridges_without_netfilter()?;
     ns.exec(&["ip", "link", "add", name, "type", "bridge"])?;
     if let Some((v4, v6)) = addrs {
         ns.add_address(name, v4)?;
