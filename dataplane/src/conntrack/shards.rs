@@ -65,7 +65,7 @@ impl Hasher for Fx {
     }
 }
 
-/// Hash maps keyed with [`Fx`].
+/// Hash maps keyed with FxHash (`Fx`).
 pub type FxBuild = BuildHasherDefault<Fx>;
 
 /// The hash of `key` in a table whose hashes are seeded with `seed`.
