@@ -127,6 +127,7 @@ impl Pipeline {
     ) {
         self.icmp_limit.refill(now_ns);
         self.now_ns = now_ns;
+        self.verdicts.begin(tables.policy.generation, now_ns);
         for (frame, verdict) in frames.iter_mut().zip(verdicts.iter_mut()) {
             *verdict = self.process_one(tables, ingress, frame);
         }
@@ -474,13 +475,12 @@ impl Pipeline {
         }
         // A packet of a flow this worker decided last takes only its raw tuple and a
         // comparison; the rest is read on a miss.
-        let generation = tables.policy.generation;
         let raw = match &origin {
             Some(origin) => origin.raw,
             None => policy::raw_tuple(l3, v6),
         };
         if let Some(tuple) = &raw {
-            if let Some(verdict) = self.verdicts.get(tuple, generation, self.now_ns) {
+            if let Some(verdict) = self.verdicts.get(tuple) {
                 return verdict;
             }
         }
@@ -493,7 +493,7 @@ impl Pipeline {
             packet.key.src_port = src_port;
         }
         let verdict = policy::check(tables, ingress, egress, &packet, self.now_ns);
-        self.verdicts.put(&origin, generation, verdict, self.now_ns);
+        self.verdicts.put(&origin, verdict);
         verdict
     }
 

@@ -23,7 +23,9 @@
 //! Each worker keeps the verdicts it used last in a small direct-mapped cache
 //! ([`VerdictCache`]), so that a packet of an established flow takes no lock: a hit is a
 //! verdict of the same flow under the same rules, refreshed from the shared table at
-//! least once a second (which keeps the flow alive there); TCP SYN, FIN and RST segments
+//! least once a second (which keeps the flow alive there): the cache is emptied when the
+//! rules change and once a second, at the start of a batch, so that a packet's lookup
+//! compares its tuple and nothing else; TCP SYN, FIN and RST segments
 //! always go to the shared table, which follows the flow's state. In front of the cache,
 //! the verdict on the previous packet is kept with that packet's tuple as raw bytes, as it
 //! arrived ([`Origin`]): the next packet of the same flow, the common case in a batch of
@@ -270,31 +272,24 @@ const CACHE_REFRESH_NS: u64 = 1_000_000_000;
 #[derive(Debug, Clone, Copy)]
 struct Cached {
     tuple: RawTuple,
-    generation: u64,
     verdict: Result<(), DropReason>,
-    refreshed_ns: u64,
-}
-
-impl Cached {
-    /// True when this entry decides packets with `tuple` under rules of `generation` at
-    /// `now_ns`.
-    #[inline(always)]
-    fn fresh(&self, tuple: &RawTuple, generation: u64, now_ns: u64) -> bool {
-        self.tuple == *tuple
-            && self.generation == generation
-            && now_ns.wrapping_sub(self.refreshed_ns) < CACHE_REFRESH_NS
-    }
 }
 
 /// A worker's last verdicts, direct-mapped by the packet's raw tuple; read and written
-/// without a lock (each worker has its own). A hit costs three word comparisons after one
-/// multiplication: the packet is not parsed into a flow key.
+/// without a lock (each worker has its own). Every entry was decided under the rules of
+/// `generation` less than a second ago ([`VerdictCache::begin`] empties the cache
+/// otherwise), so a hit costs three word comparisons after one multiplication: the packet
+/// is not parsed into a flow key.
 #[derive(Debug)]
 pub struct VerdictCache {
     slots: Vec<Option<Cached>>,
     /// The entry used last, looked at first: a batch of a bulk transfer is mostly one
     /// flow, whose packets then cost three comparisons and no hashing.
     last: Option<Cached>,
+    /// The rules the entries were decided under.
+    generation: u64,
+    /// When the cache was last emptied.
+    since_ns: u64,
 }
 
 impl Default for VerdictCache {
@@ -302,11 +297,34 @@ impl Default for VerdictCache {
         Self {
             slots: vec![None; CACHE_SLOTS],
             last: None,
+            generation: 0,
+            since_ns: 0,
         }
     }
 }
 
 impl VerdictCache {
+    /// Called once per batch, before any [`Self::get`]: empties the cache when the rules
+    /// are no longer those of `generation`'s entries, or a second has passed since it was
+    /// last emptied (so that every flow in use asks the shared table, which keeps it
+    /// alive there, at least once a second).
+    #[inline]
+    pub(super) fn begin(&mut self, generation: u64, now_ns: u64) {
+        if generation != self.generation || now_ns.wrapping_sub(self.since_ns) >= CACHE_REFRESH_NS {
+            self.empty(generation, now_ns);
+        }
+    }
+
+    #[cold]
+    fn empty(&mut self, generation: u64, now_ns: u64) {
+        if self.last.is_some() {
+            self.slots.fill(None);
+            self.last = None;
+        }
+        self.generation = generation;
+        self.since_ns = now_ns;
+    }
+
     #[inline]
     fn slot(tuple: &RawTuple) -> usize {
         let mixed = (tuple.first ^ (tuple.first >> 64) ^ tuple.second ^ (tuple.second >> 64))
@@ -315,51 +333,31 @@ impl VerdictCache {
         (mixed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % CACHE_SLOTS
     }
 
-    /// The verdict this worker used on packets with `tuple` under rules of `generation`
-    /// within the last second, if any.
+    /// The verdict this worker used on packets with `tuple` since [`Self::begin`] last
+    /// emptied the cache, if any.
     #[inline(always)]
-    pub(super) fn get(
-        &mut self,
-        tuple: &RawTuple,
-        generation: u64,
-        now_ns: u64,
-    ) -> Option<Result<(), DropReason>> {
+    pub(super) fn get(&mut self, tuple: &RawTuple) -> Option<Result<(), DropReason>> {
         // Inline, the packet's tuple stays in registers: a bulk flow's packets end here.
         match &self.last {
-            Some(last) if last.fresh(tuple, generation, now_ns) => Some(last.verdict),
-            _ => self.get_slot(tuple, generation, now_ns),
+            Some(last) if last.tuple == *tuple => Some(last.verdict),
+            _ => self.get_slot(tuple),
         }
     }
 
     /// [`Self::get`] past the entry used last: the tuple's slot.
     #[inline(never)]
-    fn get_slot(
-        &mut self,
-        tuple: &RawTuple,
-        generation: u64,
-        now_ns: u64,
-    ) -> Option<Result<(), DropReason>> {
-        let c = self.slots[Self::slot(tuple)].filter(|c| c.fresh(tuple, generation, now_ns))?;
+    fn get_slot(&mut self, tuple: &RawTuple) -> Option<Result<(), DropReason>> {
+        let c = self.slots[Self::slot(tuple)].filter(|c| c.tuple == *tuple)?;
         self.last = Some(c);
         Some(c.verdict)
     }
 
-    /// Keeps `verdict` on packets like `origin`'s, when a cached verdict may decide them.
+    /// Keeps `verdict`, decided under the rules [`Self::begin`] was given, on packets
+    /// like `origin`'s, when a cached verdict may decide them.
     #[inline]
-    pub(super) fn put(
-        &mut self,
-        origin: &Origin,
-        generation: u64,
-        verdict: Result<(), DropReason>,
-        now_ns: u64,
-    ) {
+    pub(super) fn put(&mut self, origin: &Origin, verdict: Result<(), DropReason>) {
         if let Some(tuple) = origin.raw {
-            let entry = Some(Cached {
-                tuple,
-                generation,
-                verdict,
-                refreshed_ns: now_ns,
-            });
+            let entry = Some(Cached { tuple, verdict });
             self.slots[Self::slot(&tuple)] = entry;
             self.last = entry;
         }
@@ -569,23 +567,42 @@ mod tests {
     fn a_cached_verdict_decides_only_the_same_direction_of_a_flow_under_the_same_rules_within_a_second(
     ) {
         let mut cache = VerdictCache::default();
+        // A batch under rules of `generation` at `now_ns`, of one packet like `origin`'s.
         let get = |cache: &mut VerdictCache, origin: &Origin, generation, now_ns| {
+            cache.begin(generation, now_ns);
             let tuple = origin.raw.as_ref()?;
-            cache.get(tuple, generation, now_ns)
+            cache.get(tuple)
         };
         let packet = v4(6, tcp::FLAG_ACK, 0);
         let origin = Origin::of(&packet, false, false);
         assert_eq!(get(&mut cache, &origin, 1, 0), None);
-        cache.put(&origin, 1, Err(DropReason::PolicyDeniedIngress), 0);
+        cache.put(&origin, Err(DropReason::PolicyDeniedIngress));
         assert_eq!(
             get(&mut cache, &origin, 1, 10),
             Some(Err(DropReason::PolicyDeniedIngress))
         );
         assert_eq!(get(&mut cache, &origin, 2, 10), None, "the rules changed");
+        cache.put(&origin, Ok(()));
         assert_eq!(
-            get(&mut cache, &origin, 1, CACHE_REFRESH_NS),
+            get(&mut cache, &origin, 2, 20),
+            Some(Ok(())),
+            "decided again"
+        );
+        assert_eq!(
+            get(&mut cache, &origin, 2, CACHE_REFRESH_NS + 9),
+            Some(Ok(())),
+            "within a second of the rules' change"
+        );
+        assert_eq!(
+            get(&mut cache, &origin, 2, CACHE_REFRESH_NS + 10),
             None,
-            "refresh"
+            "a second since the rules changed: asked again"
+        );
+        cache.put(&origin, Ok(()));
+        assert_eq!(
+            get(&mut cache, &origin, 2, CACHE_REFRESH_NS + 20),
+            Some(Ok(())),
+            "and kept for the next second"
         );
         let mut other = packet.clone();
         other[22..24].copy_from_slice(&81u16.to_be_bytes());
