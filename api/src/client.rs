@@ -32,6 +32,7 @@ pub enum ClientError {
 }
 
 /// A connection to the dataplane's API socket.
+#[derive(Debug)]
 pub struct Client {
     reader: BufReader<UnixStream>,
     writer: UnixStream,

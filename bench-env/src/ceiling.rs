@@ -71,8 +71,7 @@ impl CrossNodeNull {
         crate::cluster::bridge(&hub, "br0", None)?;
         for (i, ns) in nodes.iter().enumerate() {
             let port = format!("nul{i}");
-            crate::cluster::wire(&hub, ns, &port)?;
-            hub.exec(&["ip", "link", "set", &port, "master", "br0", "up"])?;
+            crate::cluster::wire(&hub, ns, &port, Some("br0"))?;
             ns.add_address("eth0", &format!("{}/24", underlay[i]))?;
             ns.exec(&["ip", "link", "set", "eth0", "up"])?;
             ns.exec(&["ip", "link", "set", "lo", "up"])?;

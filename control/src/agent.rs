@@ -65,21 +65,12 @@ struct Pushed {
 pub const DIGEST_RECHECK: Duration = Duration::from_secs(5);
 
 /// The agent's connection to its dataplane, kept from tick to tick.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Link {
     client: Option<Client>,
     /// The digest of the node settings the dataplane confirmed holding on this
     /// connection, and when.
     confirmed: Option<(u64, Instant)>,
-}
-
-impl std::fmt::Debug for Link {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Link")
-            .field("connected", &self.client.is_some())
-            .field("confirmed", &self.confirmed)
-            .finish()
-    }
 }
 
 /// How the agent runs.

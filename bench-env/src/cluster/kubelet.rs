@@ -147,9 +147,7 @@ impl Cluster {
         let name = format!("node{i}");
         let ns = Netns::create(&format!("{}-k{i}", self.prefix))?;
         let port = format!("k{i}");
-        self.wire_to_hub(&ns, &port)?;
-        self.hub
-            .exec(&["ip", "link", "set", &port, "master", "br0", "up"])?;
+        self.wire_to_hub(&ns, &port, Some("br0"))?;
         let (ipv4, _) = address_on_subnet(&ns, 1, 10 + i as u8)?;
         if self.options.external {
             self.route_to_external(&ns)?;

@@ -290,13 +290,11 @@ impl Cluster {
         let ns = Netns::create(&format!("{}-n{i}", self.prefix))?;
         let s = self.subnet(i);
         let port = format!("n{i}");
-        self.wire_to_hub(&ns, &port)?;
         let bridge = match self.options.underlay {
             Underlay::Flat => "br0".to_string(),
             Underlay::Routed => format!("br{s}"),
         };
-        self.hub
-            .exec(&["ip", "link", "set", &port, "master", &bridge, "up"])?;
+        self.wire_to_hub(&ns, &port, Some(&bridge))?;
         let (ipv4, ipv6) = address_on_subnet(&ns, s, 10 + i as u8)?;
         if self.options.external && self.options.underlay == Underlay::Flat {
             // The node reaches the external subnet by a static route.

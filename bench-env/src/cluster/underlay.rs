@@ -12,16 +12,16 @@ impl Cluster {
         }
     }
 
-    /// Connects `ns` to this cluster's hub through `port` ([`wire`]).
-    pub(super) fn wire_to_hub(&self, ns: &Netns, port: &str) -> Result<()> {
-        wire(&self.hub, ns, port)
+    /// Connects `ns` to this cluster's hub through `port`, on `bridge` if given ([`wire`]).
+    pub(super) fn wire_to_hub(&self, ns: &Netns, port: &str, bridge: Option<&str>) -> Result<()> {
+        wire(&self.hub, ns, port, bridge)
     }
 
     /// The external host: a namespace behind the hub, which routes to it.
     pub(super) fn add_external(&mut self) -> Result<()> {
         let x = self.external_subnet();
         let ns = Netns::create(&format!("{}-ext", self.prefix))?;
-        self.wire_to_hub(&ns, "x0")?;
+        self.wire_to_hub(&ns, "x0", None)?;
         let (ipv4, ipv6) = address_on_subnet(&ns, x, 10)?;
         default_via_hub(&ns, x)?;
         let hub = &self.hub;
@@ -68,8 +68,9 @@ impl Cluster {
 /// Connects `ns` to the hub namespace `hub`: `eth0` in `ns`, `port` in `hub`, each with one
 /// queue per CPU, and the hub sending on queue `i` from CPU `i` (XPS), as a NIC with RSS
 /// and one interrupt per CPU delivers: a frame the hub forwards on CPU `i` arrives on
-/// `eth0`'s queue `i`, whose NAPI runs on CPU `i` (what an AF_XDP socket is bound to).
-pub(crate) fn wire(hub: &Netns, ns: &Netns, port: &str) -> Result<()> {
+/// `eth0`'s queue `i`, whose NAPI runs on CPU `i` (what an AF_XDP socket is bound to). With
+/// `bridge`, `port` joins that bridge of the hub and comes up.
+pub(crate) fn wire(hub: &Netns, ns: &Netns, port: &str, bridge: Option<&str>) -> Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let queues = cpus.to_string();
     ns.exec(&[
@@ -98,6 +99,9 @@ pub(crate) fn wire(hub: &Netns, ns: &Netns, port: &str) -> Result<()> {
         let mask = format!("{:x}{}", 1u32 << (cpu % 32), ",00000000".repeat(cpu / 32));
         let file = format!("/sys/class/net/{port}/queues/tx-{cpu}/xps_cpus");
         hub.exec(&["sh", "-c", &format!("echo {mask} > {file}")])?;
+    }
+    if let Some(bridge) = bridge {
+        hub.exec(&["ip", "link", "set", port, "master", bridge, "up"])?;
     }
     Ok(())
 }
