@@ -4,7 +4,8 @@
 //! to 10.0.0.1:4789, then the datagram decapsulated), and whole frames routed directly as
 //! the AF_XDP uplink receives them (Ethernet and IPv4 checked, the packet made a frame),
 //! or as it receives them for the node's address (the same, then the TCP or UDP checksum
-//! noted: a partial one must be one that can be finished).
+//! noted: a partial one must be one that can be finished), whose TCP SYNs name their
+//! client.
 //! Input: one byte picks the kind, two more the segment size, the rest is the data.
 #![no_main]
 
@@ -38,6 +39,9 @@ fuzz_target!(|data: &[u8]| {
     }
     if kind >= 4 {
         let _ = outer::routed_to(data);
+        if let Some(client) = outer::connection_opened_by(data) {
+            assert_eq!(data[26..30], client.octets(), "the client is the IPv4 source");
+        }
         let Some(packet) = outer::routed_packet(data) else {
             return;
         };

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use switchyard_api::{IpNet, MacAddr};
 
 const RTM_NEWLINK: u16 = libc::RTM_NEWLINK;
@@ -243,19 +243,13 @@ impl Netlink {
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
-            let mut rest = &buf[..n as usize];
-            while rest.len() >= 16 {
-                let len = u32::from_ne_bytes(rest[0..4].try_into().unwrap_or_default()) as usize;
-                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-                let msg_seq = u32::from_ne_bytes(rest[8..12].try_into().unwrap_or_default());
-                if len < 16 || len > rest.len() {
-                    return Err(io::Error::other("truncated netlink answer"));
-                }
+            for message in messages(&buf[..n as usize]) {
+                let (kind, msg_seq, payload) = message?;
                 if msg_seq == seq {
                     match kind {
-                        NLMSG_ERROR if len >= 20 => {
+                        NLMSG_ERROR if payload.len() >= 4 => {
                             let code =
-                                i32::from_ne_bytes(rest[16..20].try_into().unwrap_or_default());
+                                i32::from_ne_bytes(payload[..4].try_into().unwrap_or_default());
                             return if code == 0 {
                                 Ok(())
                             } else {
@@ -263,10 +257,9 @@ impl Netlink {
                             };
                         }
                         NLMSG_DONE => return Ok(()),
-                        _ => each(kind, &rest[16..len]),
+                        _ => each(kind, payload),
                     }
                 }
-                rest = &rest[len.next_multiple_of(4).min(rest.len())..];
             }
         }
     }
@@ -670,6 +663,109 @@ fn attributes(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
+/// The netlink messages in `buf`, one datagram's worth: each message's type, sequence
+/// number and payload; a truncated message ends them with an error.
+fn messages(mut rest: &[u8]) -> impl Iterator<Item = io::Result<(u16, u32, &[u8])>> {
+    std::iter::from_fn(move || {
+        if rest.len() < 16 {
+            return None;
+        }
+        let len = u32::from_ne_bytes(rest[0..4].try_into().unwrap_or_default()) as usize;
+        if len < 16 || len > rest.len() {
+            rest = &[];
+            return Some(Err(io::Error::other("truncated netlink message")));
+        }
+        let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+        let seq = u32::from_ne_bytes(rest[8..12].try_into().unwrap_or_default());
+        let payload = &rest[16..len];
+        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+        Some(Ok((kind, seq, payload)))
+    })
+}
+
+/// `RTMGRP_NEIGH`: the multicast group of the neighbour tables' changes.
+const RTMGRP_NEIGH: u32 = 0x4;
+
+/// A nonblocking NETLINK_ROUTE socket that hears every change of the kernel's neighbour
+/// tables (`RTMGRP_NEIGH`), in the namespace of the thread that opened it: what `ip monitor
+/// neigh` prints.
+pub struct NeighbourEvents {
+    fd: OwnedFd,
+}
+
+impl NeighbourEvents {
+    /// Opens the socket and joins the group.
+    pub fn open() -> io::Result<Self> {
+        // SAFETY: plain socket(2) call with constant arguments.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_nl is valid; the fields are set below.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = RTMGRP_NEIGH;
+        // SAFETY: `addr` is a valid sockaddr_nl and the length is its size.
+        let bound = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if bound < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { fd })
+    }
+
+    /// The socket, to wait on until it is readable.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Reads every change waiting; returns whether one made an IPv4 entry on interface
+    /// `index` usable (or changes were lost: the socket's buffer overran, and anything may
+    /// have changed).
+    pub fn drain(&mut self, index: u32) -> io::Result<bool> {
+        let mut buf = [0u8; 8192];
+        let mut usable = false;
+        loop {
+            // SAFETY: `buf` is a writable buffer of the given length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EAGAIN) => Ok(usable),
+                    Some(libc::ENOBUFS) => {
+                        usable = true;
+                        continue;
+                    }
+                    _ => Err(e),
+                };
+            }
+            usable |= neighbour_became_usable(&buf[..n as usize], index);
+        }
+    }
+}
+
+/// Whether the datagram `buf` of neighbour table changes makes an IPv4 entry on interface
+/// `index` usable.
+fn neighbour_became_usable(buf: &[u8], index: u32) -> bool {
+    messages(buf).any(|m| {
+        matches!(m, Ok((RTM_NEWNEIGH, _, payload)) if parse_neighbour(payload, index).is_some())
+    })
+}
+
 /// A usable entry of the kernel's neighbour table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Neighbour {
@@ -760,18 +856,21 @@ fn parse_rule(payload: &[u8]) -> Option<KernelRule> {
 mod tests {
     use super::*;
 
+    /// A whole `RTM_NEWNEIGH` message for 192.168.77.2 on interface `index` in `state`.
+    fn neighbour_message(index: i32, state: u16) -> Vec<u8> {
+        let mut m = Message::new(RTM_NEWNEIGH, 0, 1);
+        m.bytes(&[libc::AF_INET as u8, 0, 0, 0])
+            .bytes(&index.to_ne_bytes())
+            .bytes(&state.to_ne_bytes())
+            .bytes(&[0, 1])
+            .attr(NDA_DST, &[192, 168, 77, 2])
+            .attr(NDA_LLADDR, &[2, 0, 0, 0, 0, 9]);
+        m.finish().to_vec()
+    }
+
     #[test]
     fn usable_neighbour_entries_of_the_interface_are_read_others_skipped() {
-        let entry = |index: i32, state: u16| {
-            let mut m = Message::new(RTM_NEWNEIGH, 0, 1);
-            m.bytes(&[libc::AF_INET as u8, 0, 0, 0])
-                .bytes(&index.to_ne_bytes())
-                .bytes(&state.to_ne_bytes())
-                .bytes(&[0, 1])
-                .attr(NDA_DST, &[192, 168, 77, 2])
-                .attr(NDA_LLADDR, &[2, 0, 0, 0, 0, 9]);
-            m.0[16..].to_vec()
-        };
+        let entry = |index: i32, state: u16| neighbour_message(index, state)[16..].to_vec();
         let want = |confirmed| {
             Some(Neighbour {
                 ip: Ipv4Addr::new(192, 168, 77, 2),
@@ -789,6 +888,24 @@ mod tests {
             None,
             "another interface"
         );
+    }
+
+    #[test]
+    fn a_change_counts_when_it_makes_an_entry_of_the_interface_usable() {
+        let incomplete = neighbour_message(3, 0x01);
+        let reachable = neighbour_message(3, 0x02);
+        let elsewhere = neighbour_message(4, 0x02);
+        assert!(!neighbour_became_usable(&incomplete, 3), "being resolved");
+        assert!(!neighbour_became_usable(&elsewhere, 3), "another interface");
+        let datagram = [incomplete.as_slice(), &elsewhere, &reachable].concat();
+        assert!(neighbour_became_usable(&datagram, 3), "the third of three");
+        assert!(
+            !neighbour_became_usable(&reachable[..reachable.len() - 4], 3),
+            "truncated"
+        );
+        let mut deleted = reachable.clone();
+        deleted[4..6].copy_from_slice(&(RTM_NEWNEIGH + 1).to_ne_bytes());
+        assert!(!neighbour_became_usable(&deleted, 3), "a deletion");
     }
 
     #[test]

@@ -398,7 +398,7 @@ impl Uplink {
                     }
                 }
                 Err(NotVxlan::NotOurs) => match &self.for_node {
-                    Some(node) => kept.for_node(node, frame, bufs),
+                    Some(node) => kept.for_node(node, xdp, frame, bufs),
                     None => Err(Reject::NotOurs),
                 },
                 Err(NotVxlan::Malformed) => Err(Reject::Malformed),
@@ -422,7 +422,7 @@ impl Uplink {
         xdp.recv(queue, bufs.len(), |frame| {
             let got = match &self.for_node {
                 Some(node) if outer::routed_to(frame) == Some(self.local) => {
-                    kept.for_node(node, frame, bufs)
+                    kept.for_node(node, xdp, frame, bufs)
                 }
                 _ => routed(&self.decap, frame, &mut bufs[kept.len()]),
             };
@@ -643,17 +643,23 @@ impl Kept {
     }
 
     /// Makes the packet of `frame`, which came back to the node's address from outside the
-    /// cluster, the next frame in `bufs` with `decap` ([`routed`]), marked for the node:
-    /// its TCP or UDP checksum is checked, and a partial one (from a sender behind a
-    /// virtual link) is marked so, as the node's stack would have taken it.
+    /// cluster through `xdp`, the next frame in `bufs` with `decap` ([`routed`]), marked
+    /// for the node: its TCP or UDP checksum is checked, and a partial one (from a sender
+    /// behind a virtual link) is marked so, as the node's stack would have taken it. A
+    /// connection opened from outside has the kernel resolve the way back to its client
+    /// now, ahead of the first answer.
     fn for_node(
         &mut self,
         decap: &Decapsulator,
+        xdp: &XdpPath,
         frame: &[u8],
         bufs: &mut [PacketBuf],
     ) -> Result<(), Reject> {
         let buf = &mut bufs[self.total];
         routed(decap, frame, buf)?;
+        if let Some(client) = outer::connection_opened_by(frame) {
+            xdp.expect_answers_to(client);
+        }
         vnet::note_received_checksum(buf.frame_mut());
         self.node |= 1 << self.total;
         Ok(())

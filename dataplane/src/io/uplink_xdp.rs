@@ -6,10 +6,12 @@
 //! same sockets with headers built by the dataplane ([`crate::offload::outer`]).
 //!
 //! The next hop's MAC comes from the kernel's own tables: a thread reads the kernel's
-//! routes to the peers and its neighbour table over netlink every [`REFRESH`], and marks
-//! the entries it uses "in use" (`NTF_USE`) when the kernel has not confirmed them lately,
-//! so that the kernel resolves and re-probes them as if its own packets went there; the
-//! dataplane never sends or answers ARP itself. A peer whose next hop the kernel has not
+//! routes to the peers and its neighbour table over netlink every [`REFRESH`], and at once
+//! when the kernel says an entry on the device became usable (it listens to the neighbour
+//! table's changes, as `ip monitor neigh` does), and marks the entries it uses "in use"
+//! (`NTF_USE`) when the kernel has not confirmed them lately, so that the kernel resolves
+//! and re-probes them as if its own packets went there; the dataplane never sends or
+//! answers ARP itself. A peer whose next hop the kernel has not
 //! resolved yet, or that it reaches through another device, is sent to through the
 //! uplink's sockets ([`super::uplink`]), which makes the kernel resolve it.
 //!
@@ -26,7 +28,7 @@
 //! The program goes with this value (a BPF link), so a stopped or crashed dataplane leaves
 //! nothing on the device.
 
-use super::netlink::{MainRoute, Neighbour, Netlink};
+use super::netlink::{MainRoute, Neighbour, NeighbourEvents, Netlink};
 use super::xdp::{Filter, XdpRedirect};
 use super::xsk::{frame_size_for, XskSocket};
 use super::{links, netns};
@@ -39,15 +41,12 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use switchyard_api::MacAddr;
 
-/// How often the next hops are read again from the kernel's tables.
+/// How often the next hops are read again from the kernel's tables (besides when a
+/// worker asks and when the kernel resolves a neighbour on the device).
 pub const REFRESH: Duration = Duration::from_millis(500);
-
-/// How soon the next hops are read again after an exit's next hop was found missing and
-/// the kernel asked to resolve it.
-const RESOLVING: Duration = Duration::from_millis(5);
 
 /// Frames one worker moved through the AF_XDP sockets, on a cache line of its own.
 #[derive(Default)]
@@ -127,6 +126,8 @@ pub struct XdpPath {
     /// The last exit next hop a worker found unresolved (an IPv4 address as an integer, 0
     /// for none), for the refresher to have the kernel resolve.
     missing: Arc<AtomicU32>,
+    /// Has the refresher read the tables again now.
+    waker: Arc<mio::Waker>,
     stop: Arc<AtomicBool>,
     refresher: Option<JoinHandle<()>>,
     // Dropped after the sockets: the program then finds no socket and goes with its link.
@@ -198,6 +199,8 @@ impl XdpPath {
         let exits = published.is_some();
         let missing = Arc::new(AtomicU32::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let mut wait = RefresherWait::open()?;
+        let waker = wait.waker.clone();
         let refresher = std::thread::Builder::new()
             .name("sy-uplink-nh".into())
             .spawn({
@@ -215,13 +218,10 @@ impl XdpPath {
                             Ok(found) => next_hops.store(Arc::new(found)),
                             Err(e) => tracing::warn!("uplink: cannot read next hops: {e}"),
                         }
-                        // A next hop just asked for is read again as soon as the kernel
-                        // may have it.
-                        std::thread::park_timeout(if wanted.is_some() {
-                            RESOLVING
-                        } else {
-                            REFRESH
-                        });
+                        if let Err(e) = wait.until_due(index, REFRESH) {
+                            tracing::warn!("uplink: cannot hear neighbour changes: {e}");
+                            std::thread::sleep(REFRESH);
+                        }
                     }
                 }
             })?;
@@ -233,6 +233,7 @@ impl XdpPath {
             next_hops,
             exits,
             missing,
+            waker,
             stop,
             refresher: Some(refresher),
             redirect,
@@ -245,9 +246,7 @@ impl XdpPath {
     /// any more, so frames leave through the uplink's other sockets until it goes.
     pub fn detach(&self) -> io::Result<()> {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = &self.refresher {
-            thread.thread().unpark();
-        }
+        self.refresh();
         self.next_hops.store(Arc::new(Hops::default()));
         let detached = self.redirect.detach();
         for socket in &self.sockets {
@@ -268,8 +267,8 @@ impl XdpPath {
 
     /// Reads the next hops again now (after the peers changed).
     pub fn refresh(&self) {
-        if let Some(thread) = &self.refresher {
-            thread.thread().unpark();
+        if let Err(e) = self.waker.wake() {
+            tracing::warn!("uplink: cannot wake the next hops' reader: {e}");
         }
     }
 
@@ -300,6 +299,14 @@ impl XdpPath {
             self.refresh();
         }
         mac
+    }
+
+    /// Has the kernel resolve the next hop toward `client`, which just opened a connection
+    /// to the node from outside the cluster, so that the answers find it known: the first
+    /// answers of a flow whose hop is unknown go through the node's stack.
+    pub fn expect_answers_to(&self, client: Ipv4Addr) {
+        // Only the lookup's side effect is wanted: a missing hop is handed to the refresher.
+        let _ = self.exit_hop(client);
     }
 
     /// Makes the program take TCP and UDP to exactly these (protocol, port) pairs of the
@@ -377,9 +384,67 @@ impl XdpPath {
 impl Drop for XdpPath {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.refresh();
         if let Some(thread) = self.refresher.take() {
-            thread.thread().unpark();
             let _ = thread.join();
+        }
+    }
+}
+
+/// What the refresher waits on between two readings: a worker's call ([`XdpPath::refresh`])
+/// and the kernel's neighbour table changes.
+struct RefresherWait {
+    poll: mio::Poll,
+    events: mio::Events,
+    waker: Arc<mio::Waker>,
+    neighbours: NeighbourEvents,
+}
+
+const WOKEN: mio::Token = mio::Token(0);
+const NEIGHBOURS: mio::Token = mio::Token(1);
+
+impl RefresherWait {
+    /// Opens the wait, in the calling thread's namespace.
+    fn open() -> io::Result<Self> {
+        let poll = mio::Poll::new()?;
+        let waker = Arc::new(mio::Waker::new(poll.registry(), WOKEN)?);
+        let neighbours = NeighbourEvents::open()?;
+        poll.registry().register(
+            &mut mio::unix::SourceFd(&neighbours.raw_fd()),
+            NEIGHBOURS,
+            mio::Interest::READABLE,
+        )?;
+        Ok(Self {
+            poll,
+            events: mio::Events::with_capacity(4),
+            waker,
+            neighbours,
+        })
+    }
+
+    /// Returns after `timeout`, or sooner when woken or when an entry on interface `index`
+    /// became usable (the kernel resolved a next hop a worker may be waiting for).
+    fn until_due(&mut self, index: u32, timeout: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            match self.poll.poll(&mut self.events, Some(left)) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => other?,
+            }
+            let mut due = false;
+            for event in &self.events {
+                match event.token() {
+                    NEIGHBOURS => due |= self.neighbours.drain(index)?,
+                    _ => due = true,
+                }
+            }
+            if due {
+                return Ok(());
+            }
         }
     }
 }

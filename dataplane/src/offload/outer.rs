@@ -4,7 +4,7 @@
 //! directly. Pure functions over buffers; [`super::tunnel`] makes and takes the VXLAN
 //! datagrams inside.
 
-use crate::wire::{checksum, ethernet, ipv4, udp, Ipv4Header};
+use crate::wire::{checksum, ethernet, ipv4, tcp, udp, Ipv4Header, TcpPacket};
 use std::net::Ipv4Addr;
 use std::ops::Range;
 use switchyard_api::MacAddr;
@@ -95,6 +95,20 @@ pub fn routed_to(frame: &[u8]) -> Option<Ipv4Addr> {
         .try_into()
         .ok()?;
     Some(Ipv4Addr::from(dst))
+}
+
+/// The source address of the received Ethernet frame `frame` when it opens a TCP
+/// connection: an IPv4 packet, not a later fragment, carrying a SYN without ACK.
+pub fn connection_opened_by(frame: &[u8]) -> Option<Ipv4Addr> {
+    if frame.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    let ip = Ipv4Header::new_checked(&frame[ethernet::HEADER_LEN..]).ok()?;
+    if ip.protocol() != ipv4::PROTO_TCP || ip.is_later_fragment() {
+        return None;
+    }
+    let flags = TcpPacket::new_checked(ip.rest()).ok()?.flags();
+    (flags & (tcp::FLAG_SYN | tcp::FLAG_ACK) == tcp::FLAG_SYN).then(|| ip.src())
 }
 
 /// A VXLAN datagram found in a received frame.
@@ -204,6 +218,42 @@ mod tests {
         let mut arp = [&head[..], &ip].concat();
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
         assert_eq!(routed_packet(&arp), None, "not IPv4");
+    }
+
+    #[test]
+    fn a_syn_without_ack_opens_a_connection_and_names_its_client() {
+        let client = Ipv4Addr::new(192, 168, 77, 9);
+        let frame = |protocol: u8, flags: u8| {
+            let mut ip = [0u8; 40];
+            ipv4::emit_header(
+                &mut ip,
+                client,
+                Ipv4Addr::new(192, 168, 77, 1),
+                protocol,
+                20,
+                64,
+            );
+            ip[20 + 12] = 0x50; // data offset: 5 words
+            ip[20 + 13] = flags;
+            let head = ethernet_v4(MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 9]));
+            [&head[..], &ip].concat()
+        };
+        let syn = frame(ipv4::PROTO_TCP, tcp::FLAG_SYN);
+        assert_eq!(connection_opened_by(&syn), Some(client));
+        let syn_ack = frame(ipv4::PROTO_TCP, tcp::FLAG_SYN | tcp::FLAG_ACK);
+        assert_eq!(connection_opened_by(&syn_ack), None, "an answer");
+        assert_eq!(
+            connection_opened_by(&frame(ipv4::PROTO_TCP, tcp::FLAG_ACK)),
+            None
+        );
+        assert_eq!(
+            connection_opened_by(&frame(ipv4::PROTO_UDP, tcp::FLAG_SYN)),
+            None
+        );
+        assert_eq!(connection_opened_by(&syn[..40]), None, "cut short");
+        let mut later = syn.clone();
+        later[14 + 7] = 1; // fragment offset 8
+        assert_eq!(connection_opened_by(&later), None, "a later fragment");
     }
 
     #[test]
