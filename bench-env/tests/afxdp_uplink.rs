@@ -66,7 +66,8 @@ fn afxdp_frames(c: &Cluster, node: usize) -> (u64, u64) {
 
 /// Runs `f` (traffic between node `i`'s pods and the external host) and checks that node
 /// `i`'s AF_XDP sockets sent at least `sent` and received at least `received` frames
-/// meanwhile, and its kernel forwarded none of it (at most `slack` packets).
+/// meanwhile, and its kernel forwarded none of it (at most 2 packets: the first of a flow
+/// whose next hop the kernel was still resolving).
 fn through_the_exit<T>(
     c: &mut Cluster,
     i: usize,
