@@ -11,6 +11,7 @@ pub mod ceiling;
 pub mod cgroup;
 pub mod cleanup;
 pub mod cluster;
+pub mod connections;
 pub mod error;
 pub mod flood;
 pub mod kube;

@@ -438,6 +438,9 @@ struct MultiNode {
     options: ClusterOptions,
 }
 
+/// The port of the request servers behind `cross_node_conn_rate`.
+const CONN_RATE_PORT: u16 = 9090;
+
 fn multi_node(run: MultiNode) -> Result<bool> {
     use switchyard_dataplane::io::uplink::UplinkMode;
     let MultiNode {
@@ -548,6 +551,19 @@ fn multi_node(run: MultiNode) -> Result<bool> {
         })?;
         record(&name, "Gbit/s", &r[0], &mut ceilings);
     }
+    // Short connections across nodes (64 clients on the first pod, servers on the
+    // second): what each packet's trip through the forwarder costs, at small packets.
+    let _servers = arms
+        .iter()
+        .map(|(_, (_, b))| bench_env::connections::RequestServers::start(&[b], CONN_RATE_PORT))
+        .collect::<Result<Vec<_>>>()?;
+    let r = rounds_of(&arm_refs, repeat, "cross_node_conn_rate", &|(a, b)| {
+        let target = std::net::SocketAddr::from((b.ipv4, CONN_RATE_PORT));
+        Ok(vec![bench_env::connections::conn_rate(
+            &a.ns, target, 64, seconds,
+        )?])
+    })?;
+    record("cross_node_conn_rate", "conn/s", &r[0], &mut ceilings);
     let r = rounds_of(&arm_refs, repeat, "cross-node rtt", &|(a, b)| {
         let (p50, p99) = measure::rtt_us(a, b, pings)?;
         Ok(vec![p50, p99])
@@ -599,11 +615,7 @@ fn multi_node(run: MultiNode) -> Result<bool> {
     println!();
     print!("{}", report::table(&metrics));
     if !ceilings.is_empty() {
-        println!("\nswitchyard against the null forwarder (the ceiling; rows *_null), same run:");
-        for (name, ours, ceiling) in &ceilings {
-            let ratio = if *ceiling > 0.0 { ours / ceiling } else { 0.0 };
-            println!("  {name:<34} {ours:>8.2} / {ceiling:>8.2} = {ratio:.2}x");
-        }
+        print_ceilings("the ceiling; rows *_null", &ceilings);
     }
     if let Some(path) = json {
         std::fs::write(&path, serde_json::to_string_pretty(&metrics)?)?;
@@ -701,41 +713,53 @@ fn services(
             &c.nodes[1].pods[0],
             &c.nodes[1].pods[1],
         ];
-        servers.push(svc::RequestServers::start(&pods, 8080)?);
+        servers.push(bench_env::connections::RequestServers::start(&pods, 8080)?);
     }
+    // The ceiling of the path the Services' remote backends sit behind: the null forwarder
+    // (frames moved between TAPs and VXLAN sockets, nothing else) from a pod to a pod on
+    // the other node, no Service, in the same rounds.
+    let null = bench_env::ceiling::CrossNodeNull::build()?;
+    servers.push(bench_env::connections::RequestServers::start(
+        &[&null.pods[1]],
+        8080,
+    )?);
+    let arms = [
+        ("switchyard", ServiceArm::Cluster(&switchyard)),
+        ("null", ServiceArm::Null(&null.pods[0], &null.pods[1])),
+        ("kernel", ServiceArm::Cluster(&kernel)),
+    ];
+    let arms: Vec<(&str, &ServiceArm)> = arms.iter().map(|(n, a)| (*n, a)).collect();
     let mut metrics = Vec::new();
-    let r = rounds(
-        [&switchyard, &kernel],
-        repeat,
-        "service_tcp_1_stream",
-        &|c| {
-            let target = std::net::SocketAddr::from((stream.cluster_ip, stream.port));
-            let backends = [&c.nodes[1].pods[0], &c.nodes[1].pods[1]];
-            Ok(vec![measure::tcp_gbps_via(
+    let mut ceilings = Vec::new();
+    let mut record = |name: &str, unit: &str, r: &[f64]| {
+        metrics.push(Metric::new(name, unit, r[0], r[2]));
+        metrics.push(Metric::new(&format!("{name}_null"), unit, r[1], r[2]));
+        ceilings.push((name.to_string(), r[0], r[1]));
+    };
+    let r = rounds_of(&arms, repeat, "service_tcp_1_stream", &|arm| {
+        Ok(vec![match arm {
+            ServiceArm::Cluster(c) => {
+                let target = std::net::SocketAddr::from((stream.cluster_ip, stream.port));
+                let backends = [&c.nodes[1].pods[0], &c.nodes[1].pods[1]];
+                measure::tcp_gbps_via(&c.nodes[0].pods[0].ns, &backends, target, 1, seconds)?
+            }
+            ServiceArm::Null(a, b) => measure::tcp_gbps(a, b, 1, seconds)?,
+        }])
+    })?;
+    record("service_tcp_1_stream", "Gbit/s", &r[0]);
+    let r = rounds_of(&arms, repeat, "service_conn_rate", &|arm| {
+        let (client, target) = match arm {
+            ServiceArm::Cluster(c) => (
                 &c.nodes[0].pods[0].ns,
-                &backends,
-                target,
-                1,
-                seconds,
-            )?])
-        },
-    )?;
-    metrics.push(Metric::new(
-        "service_tcp_1_stream",
-        "Gbit/s",
-        r[0][0],
-        r[0][1],
-    ));
-    let r = rounds([&switchyard, &kernel], repeat, "service_conn_rate", &|c| {
-        let target = std::net::SocketAddr::from((spread.cluster_ip, spread.port));
-        Ok(vec![svc::conn_rate(
-            &c.nodes[0].pods[0].ns,
-            target,
-            64,
-            seconds,
+                std::net::SocketAddr::from((spread.cluster_ip, spread.port)),
+            ),
+            ServiceArm::Null(a, b) => (&a.ns, std::net::SocketAddr::from((b.ipv4, 8080))),
+        };
+        Ok(vec![bench_env::connections::conn_rate(
+            client, target, 64, seconds,
         )?])
     })?;
-    metrics.push(Metric::new("service_conn_rate", "conn/s", r[0][0], r[0][1]));
+    record("service_conn_rate", "conn/s", &r[0]);
     let r = rounds(
         [&switchyard, &kernel],
         repeat,
@@ -761,11 +785,32 @@ fn services(
     drop(servers);
     println!();
     print!("{}", report::table(&metrics));
+    print_ceilings(
+        "pod to pod across nodes, no Service; rows *_null",
+        &ceilings,
+    );
     if let Some(path) = json {
         std::fs::write(&path, serde_json::to_string_pretty(&metrics)?)?;
         println!("results written to {}", path.display());
     }
     Ok(true)
+}
+
+/// Prints Switchyard's figures against the null forwarder's, `(row, ours, null)` each,
+/// under a title that says what the null measured (`what`).
+fn print_ceilings(what: &str, ceilings: &[(String, f64, f64)]) {
+    println!("\nswitchyard against the null forwarder ({what}), same run:");
+    for (name, ours, ceiling) in ceilings {
+        let ratio = if *ceiling > 0.0 { ours / ceiling } else { 0.0 };
+        println!("  {name:<34} {ours:>8.2} / {ceiling:>8.2} = {ratio:.2}x");
+    }
+}
+
+/// An arm of `bench-env services`: a cluster reached through its Services, or the null
+/// forwarder's two pods (client, server) on two nodes, reached directly.
+enum ServiceArm<'a> {
+    Cluster(&'a Cluster),
+    Null(&'a Pod, &'a Pod),
 }
 
 /// The first pod of node 0 and of node 1.
