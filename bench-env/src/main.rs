@@ -82,7 +82,8 @@ enum Scenario {
     /// Several nodes on an underlay, pods attached through CNI on each: Switchyard (one
     /// dataplane and one control process per node, one manifests directory) against the
     /// kernel in flannel's VXLAN layout. Matrix: pods on the same node and across nodes,
-    /// nodes to remote pods, IPv4 and IPv6; then cross-node iperf3.
+    /// nodes to remote pods, IPv4 and IPv6; then cross-node iperf3, short connections per
+    /// second and ping, with a null forwarder's figures beside (VXLAN).
     MultiNode {
         /// Number of nodes.
         #[arg(long, default_value_t = 2)]
@@ -129,7 +130,8 @@ enum Scenario {
     /// rules on flannel's layout, same run. A Service with three backends spread over both
     /// nodes (new connections per second, 64 clients), and one with ClientIP affinity and
     /// its backends on the other node, reached through its ClusterIP and its node port
-    /// (iperf3).
+    /// (iperf3). Beside them, the null forwarder from a pod to a pod on the other node (no
+    /// Service): the ceiling of the path the remote backends sit behind.
     Services {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 5)]
