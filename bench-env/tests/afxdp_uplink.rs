@@ -178,7 +178,7 @@ fn the_afxdp_uplink_carries_pods_across_nodes_beside_egress_and_goes_with_its_da
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(2 * switchyard_dataplane::io::uplink_xdp::REFRESH);
+    std::thread::sleep(2 * switchyard_dataplane::io::next_hops::REFRESH);
     let sent = counter(&c, 0, "uplink_afxdp_tx_frames");
     assert!(bench_env::measure::ping(&a.ns, b.ipv4.into()));
     assert!(
@@ -195,7 +195,7 @@ fn the_afxdp_uplink_carries_pods_across_nodes_beside_egress_and_goes_with_its_da
         assert_eq!(t.sent_hash, t.received_hash, "corrupted through masquerade");
     };
     to_external(&mut c);
-    std::thread::sleep(2 * switchyard_dataplane::io::uplink_xdp::REFRESH);
+    std::thread::sleep(2 * switchyard_dataplane::io::next_hops::REFRESH);
     through_the_exit(&mut c, 0, 700, 20, to_external);
     // A restart attaches again; a stop leaves nothing on the device.
     c.restart_dataplane(0).unwrap();

@@ -23,6 +23,7 @@ pub mod links;
 pub mod memory;
 pub mod netlink;
 pub mod netns;
+pub mod next_hops;
 pub mod shared;
 pub mod steering;
 pub mod tap;
