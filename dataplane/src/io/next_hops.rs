@@ -184,7 +184,7 @@ impl Drop for NextHops {
     }
 }
 
-/// What the reader waits on between two readings: a worker's call ([`XdpPath::refresh`])
+/// What the reader waits on between two readings: a worker's call ([`NextHops::refresh`], [`NextHops::exit`])
 /// and the kernel's neighbour table changes.
 struct ReaderWait {
     poll: mio::Poll,
