@@ -219,6 +219,36 @@ fn the_afxdp_uplink_carries_pods_across_nodes_beside_egress_and_goes_with_its_da
     not(privileged),
     ignore = "needs root: network namespaces, XDP programs and AF_XDP sockets"
 )]
+fn a_node_on_the_sockets_uplink_and_one_on_afxdp_carry_each_others_pods() {
+    // As during a rollout that changes the uplink mode node by node: node 0 sends through
+    // its UDP sockets, whose kernel leaves the outer checksum partial on a virtual link,
+    // and node 1's AF_XDP sockets take those datagrams (the inner checksums vouch for them).
+    bench_env::require_root("AF_XDP uplink test");
+    let mut c = external_cluster(switchyard_api::BackendKind::Vxlan, "sy_xsk_vxlan");
+    c.set_dataplane_args(Vec::new());
+    c.restart_dataplane(0).unwrap();
+    c.wait_for_peers(0, 1, Duration::from_secs(20)).unwrap();
+    assert_eq!(
+        uplink_program(&c.nodes[0].ns),
+        None,
+        "node 0 on the sockets"
+    );
+    cluster::assert_connected(&c, "a sockets node beside an AF_XDP node");
+    let received = afxdp_frames(&c, 1).1;
+    transfer_both_ways(&c, 20 << 20);
+    let received = afxdp_frames(&c, 1).1 - received;
+    // 20 MB from node 0 in datagrams of at most 1,400 bytes of payload.
+    assert!(
+        received > 14_000,
+        "node 1's AF_XDP sockets received {received} frames"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces, XDP programs and AF_XDP sockets"
+)]
 fn pods_on_afxdp_ports_cross_an_afxdp_uplink_intact_and_leave_through_the_kernel_if_asked() {
     bench_env::require_root("AF_XDP uplink test");
     let mut args = afxdp_uplink();

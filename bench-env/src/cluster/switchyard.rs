@@ -17,6 +17,12 @@ impl Cluster {
         self.write_config()
     }
 
+    /// Gives dataplanes started from now on these extra arguments instead of the
+    /// cluster's (a restart takes them: nodes may then differ).
+    pub fn set_dataplane_args(&mut self, args: Vec<String>) {
+        self.options.dataplane_args = args;
+    }
+
     pub(super) fn write_config(&self) -> Result<()> {
         let backend = match self.options.backend {
             BackendKind::Vxlan => "vxlan",
