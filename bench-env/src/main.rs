@@ -715,7 +715,10 @@ fn services(
             &c.nodes[1].pods[0],
             &c.nodes[1].pods[1],
         ];
-        servers.push(bench_env::connections::RequestServers::start(&pods, 8080)?);
+        servers.push(bench_env::connections::RequestServers::start(
+            &pods,
+            spread.target_port,
+        )?);
     }
     // The ceiling of the path the Services' remote backends sit behind: the null forwarder
     // (frames moved between TAPs and VXLAN sockets, nothing else) from a pod to a pod on
@@ -723,7 +726,7 @@ fn services(
     let null = bench_env::ceiling::CrossNodeNull::build()?;
     servers.push(bench_env::connections::RequestServers::start(
         &[&null.pods[1]],
-        8080,
+        spread.target_port,
     )?);
     let arms = [
         ("switchyard", ServiceArm::Cluster(&switchyard)),
@@ -755,7 +758,10 @@ fn services(
                 &c.nodes[0].pods[0].ns,
                 std::net::SocketAddr::from((spread.cluster_ip, spread.port)),
             ),
-            ServiceArm::Null(a, b) => (&a.ns, std::net::SocketAddr::from((b.ipv4, 8080))),
+            ServiceArm::Null(a, b) => (
+                &a.ns,
+                std::net::SocketAddr::from((b.ipv4, spread.target_port)),
+            ),
         };
         Ok(vec![bench_env::connections::conn_rate(
             client, target, 64, seconds,

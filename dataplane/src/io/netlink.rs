@@ -201,20 +201,10 @@ fn family(ip: IpAddr) -> u8 {
 impl Netlink {
     /// Opens a socket in the calling thread's network namespace.
     pub fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2) call with constant arguments.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { fd, seq: 1 })
+        Ok(Self {
+            fd: route_socket(0)?,
+            seq: 1,
+        })
     }
 
     fn transact(&mut self, msg: Message) -> io::Result<()> {
@@ -663,6 +653,24 @@ fn attributes(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
+/// A NETLINK_ROUTE socket (close-on-exec, with `flags` such as `SOCK_NONBLOCK`) in the
+/// calling thread's network namespace.
+fn route_socket(flags: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call with constant arguments.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | flags,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// The netlink messages in `buf`, one datagram's worth: each message's type, sequence
 /// number and payload; a truncated message ends them with an error.
 fn messages(mut rest: &[u8]) -> impl Iterator<Item = io::Result<(u16, u32, &[u8])>> {
@@ -696,19 +704,7 @@ pub struct NeighbourEvents {
 impl NeighbourEvents {
     /// Opens the socket and joins the group.
     pub fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2) call with constant arguments.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = route_socket(libc::SOCK_NONBLOCK)?;
         // SAFETY: an all-zero sockaddr_nl is valid; the fields are set below.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as u16;

@@ -75,35 +75,31 @@ pub fn ethernet_v4(dst: MacAddr, src: MacAddr) -> [u8; ethernet::HEADER_LEN] {
 /// encapsulation), without the padding of a short frame; `None` when it is not an IPv4
 /// packet whose header checksum and lengths hold.
 pub fn routed_packet(frame: &[u8]) -> Option<Range<usize>> {
-    if frame.get(12..14)? != [0x08, 0x00] {
-        return None;
-    }
-    let l3 = &frame[ethernet::HEADER_LEN..];
+    let l3 = ipv4_of(frame)?;
     let ip = Ipv4Header::new_checked(l3).ok()?;
     let total = ip.total_len();
     (ip.verify_checksum() && total <= l3.len() && total >= ip.header_len())
         .then_some(ethernet::HEADER_LEN..ethernet::HEADER_LEN + total)
 }
 
-/// The destination address of the received Ethernet frame `frame`, if it carries IPv4.
-pub fn routed_to(frame: &[u8]) -> Option<Ipv4Addr> {
+/// What follows the Ethernet header of `frame`, if the frame carries IPv4 (untagged).
+fn ipv4_of(frame: &[u8]) -> Option<&[u8]> {
     if frame.get(12..14)? != [0x08, 0x00] {
         return None;
     }
-    let dst: [u8; 4] = frame
-        .get(ethernet::HEADER_LEN + 16..ethernet::HEADER_LEN + 20)?
-        .try_into()
-        .ok()?;
+    frame.get(ethernet::HEADER_LEN..)
+}
+
+/// The destination address of the received Ethernet frame `frame`, if it carries IPv4.
+pub fn routed_to(frame: &[u8]) -> Option<Ipv4Addr> {
+    let dst: [u8; 4] = ipv4_of(frame)?.get(16..20)?.try_into().ok()?;
     Some(Ipv4Addr::from(dst))
 }
 
 /// The source address of the received Ethernet frame `frame` when it opens a TCP
 /// connection: an IPv4 packet, not a later fragment, carrying a SYN without ACK.
 pub fn connection_opened_by(frame: &[u8]) -> Option<Ipv4Addr> {
-    if frame.get(12..14)? != [0x08, 0x00] {
-        return None;
-    }
-    let ip = Ipv4Header::new_checked(&frame[ethernet::HEADER_LEN..]).ok()?;
+    let ip = Ipv4Header::new_checked(ipv4_of(frame)?).ok()?;
     if ip.protocol() != ipv4::PROTO_TCP || ip.is_later_fragment() {
         return None;
     }
