@@ -72,14 +72,14 @@ fn the_redirect_program_attaches_to_a_veth_and_goes_with_its_owner() {
 )]
 fn an_af_xdp_socket_receives_and_sends_frames_on_a_veth() {
     use bench_env::rawsock::{capture, send_frames, CAPTURE_VNET_LEN};
-    use switchyard_dataplane::io::xsk::XskSocket;
+    use switchyard_dataplane::io::xsk::{XskSocket, FRAME_SIZE, UPLINK_RX_RING};
     bench_env::require_root("AF_XDP test");
     let ns = veth_pair("xsk");
     let path = ns.path();
     let (_redirect, mut socket) = run_in(&path, || {
         let index = link_index("syxsk0").expect("the veth");
         let redirect = XdpRedirect::attach(index, 1, Filter::All, None)?;
-        let socket = XskSocket::bind(index, 0, switchyard_dataplane::io::xsk::FRAME_SIZE)?;
+        let socket = XskSocket::bind(index, 0, FRAME_SIZE, UPLINK_RX_RING)?;
         redirect.insert_socket(0, socket.raw_fd())?;
         Ok((redirect, socket))
     })

@@ -21,7 +21,7 @@ use super::interface::{configure, PodInterface};
 use super::netlink::Netlink;
 use super::netns;
 use super::xdp::{Filter, XdpRedirect};
-use super::xsk::{frame_size_for, XskSocket};
+use super::xsk::{frame_size_for, XskSocket, POD_RX_RING};
 use crate::buffer::PacketBuf;
 use crate::offload::segment::{self, Segments};
 use crate::wire::{vnet, VnetHeader};
@@ -174,7 +174,7 @@ impl AfXdpPort {
         let mut sockets = Vec::with_capacity(queues);
         let mut fds = Vec::with_capacity(queues);
         for queue in 0..queues as u32 {
-            let socket = XskSocket::bind(host_index, queue, frame_size)?;
+            let socket = XskSocket::bind(host_index, queue, frame_size, POD_RX_RING)?;
             redirect.insert_socket(queue, socket.raw_fd())?;
             fds.push(socket.raw_fd());
             sockets.push(Mutex::new(socket));

@@ -26,7 +26,7 @@
 use super::netlink::Netlink;
 use super::next_hops::NextHops;
 use super::xdp::{Filter, XdpRedirect};
-use super::xsk::{frame_size_for, XskSocket};
+use super::xsk::{frame_size_for, XskSocket, UPLINK_RX_RING};
 use super::{links, netns};
 use arc_swap::ArcSwap;
 use std::io;
@@ -107,7 +107,7 @@ impl XdpPath {
             })?;
         let mut sockets = Vec::new();
         for queue in 0..queues as u32 {
-            match XskSocket::bind(index, queue, frame_size) {
+            match XskSocket::bind(index, queue, frame_size, UPLINK_RX_RING) {
                 Ok(socket) => {
                     redirect.insert_socket(queue, socket.raw_fd())?;
                     sockets.push(socket);

@@ -5,9 +5,11 @@
 //! once sent. Every ring is a single-producer, single-consumer array shared with the
 //! kernel through `mmap`, with the producer and consumer indexes as atomics.
 //!
-//! Half the UMEM circulates between the fill and RX rings (receiving), half between the TX
-//! and completion rings (sending); each ring holds as many entries as its half has frames,
-//! so no ring can overflow. The frames reach [`super::xdp::XdpRedirect`]'s map through
+//! Part of the UMEM circulates between the fill and RX rings (receiving), the rest between
+//! the TX and completion rings (sending); each ring holds as many entries as its part has
+//! frames, so no ring can overflow. The receiving part's size is the caller's choice
+//! ([`XskSocket::bind`]): a pod's port receives at its pod's pace, an uplink at a whole
+//! network's, whose bursts a small ring drops. The frames reach [`super::xdp::XdpRedirect`]'s map through
 //! [`XskSocket::raw_fd`].
 // Unsafe code here: the socket's setup (setsockopt/getsockopt/mmap with the kernel's
 // structures) and the rings, which live in memory shared with the kernel.
@@ -32,10 +34,16 @@ pub fn frame_size_for(mtu: u32) -> usize {
         FRAME_SIZE
     }
 }
-/// Entries per ring, and frames per half of the UMEM.
-const RING: u32 = 512;
-/// Frames in the UMEM: one half receives, the other sends.
-const FRAMES: usize = 2 * RING as usize;
+/// Entries of the TX and completion rings, and frames of the sending part of the UMEM.
+const TX_RING: u32 = 512;
+/// Entries of the fill and RX rings of a pod's port (frames of the receiving part).
+pub const POD_RX_RING: u32 = 512;
+/// Entries of the fill and RX rings of an uplink: an outside sender's burst at the
+/// kernel's speed overflowed [`POD_RX_RING`] entries (frames dropped at the device).
+pub const UPLINK_RX_RING: u32 = 4096;
+const _: () = assert!(
+    TX_RING.is_power_of_two() && POD_RX_RING.is_power_of_two() && UPLINK_RX_RING.is_power_of_two()
+);
 
 /// An anonymous or shared mapping, unmapped on drop.
 struct Mapping {
@@ -87,6 +95,8 @@ impl Drop for Mapping {
 
 /// One ring: its indexes, flags and entries inside a mapping shared with the kernel.
 struct Ring<T> {
+    /// Entries less one (a power of two less one): an index's slot is `index & mask`.
+    mask: u32,
     producer: *const AtomicU32,
     consumer: *const AtomicU32,
     flags: *const AtomicU32,
@@ -98,14 +108,20 @@ struct Ring<T> {
 unsafe impl<T> Send for Ring<T> {}
 
 impl<T: Copy> Ring<T> {
-    fn map(fd: RawFd, offsets: &libc::xdp_ring_offset, page_offset: u64) -> io::Result<Self> {
-        let len = offsets.desc as usize + RING as usize * size_of::<T>();
+    fn map(
+        fd: RawFd,
+        offsets: &libc::xdp_ring_offset,
+        page_offset: u64,
+        entries: u32,
+    ) -> io::Result<Self> {
+        let len = offsets.desc as usize + entries as usize * size_of::<T>();
         let map = Mapping::new(len, Some((fd, page_offset as libc::off_t)))?;
         let at = |offset: u64| -> *mut u8 {
             // SAFETY: the kernel's offsets lie inside the mapping of `len` bytes.
             unsafe { map.ptr.add(offset as usize) }
         };
         Ok(Self {
+            mask: entries - 1,
             producer: at(offsets.producer).cast(),
             consumer: at(offsets.consumer).cast(),
             flags: at(offsets.flags).cast(),
@@ -136,19 +152,19 @@ impl<T: Copy> Ring<T> {
             return None;
         }
         // SAFETY: the entry at `consumer` was published by the producer (acquired above)
-        // and lies within the ring's `RING` entries.
-        let entry = unsafe { *self.entries.add((consumer & (RING - 1)) as usize) };
+        // and lies within the ring's `mask + 1` entries.
+        let entry = unsafe { *self.entries.add((consumer & self.mask) as usize) };
         self.consumer()
             .store(consumer.wrapping_add(1), Ordering::Release);
         Some(entry)
     }
 
-    /// Adds an entry, as the ring's producer; the caller never has more than `RING`
+    /// Adds an entry, as the ring's producer; the caller never has more than the ring's
     /// entries outstanding.
     fn push(&mut self, entry: T) {
         let producer = self.producer().load(Ordering::Relaxed);
         // SAFETY: the slot is within the ring, and not the consumer's until published.
-        unsafe { *self.entries.add((producer & (RING - 1)) as usize) = entry };
+        unsafe { *self.entries.add((producer & self.mask) as usize) = entry };
         self.producer()
             .store(producer.wrapping_add(1), Ordering::Release);
     }
@@ -189,13 +205,20 @@ fn set_option<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T)
 
 impl XskSocket {
     /// Opens a socket with its UMEM (frames of `frame_size` bytes: 2048 or 4096) and rings
+    /// (`rx_ring` receiving entries: [`POD_RX_RING`] or [`UPLINK_RX_RING`], a power of two)
     /// and binds it, in copy mode, to queue `queue` of the device `ifindex` in the caller's
     /// namespace.
-    pub fn bind(ifindex: u32, queue: u32, frame_size: usize) -> io::Result<Self> {
+    pub fn bind(ifindex: u32, queue: u32, frame_size: usize, rx_ring: u32) -> io::Result<Self> {
         if frame_size != 2048 && frame_size != FRAME_SIZE {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "UMEM frames are 2048 or 4096 bytes",
+            ));
+        }
+        if !rx_ring.is_power_of_two() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "ring sizes are powers of two",
             ));
         }
         // SAFETY: socket(2) with constant arguments.
@@ -208,10 +231,11 @@ impl XskSocket {
         // Copy mode builds an skb per frame sent, charged to the socket until the receiver
         // frees it: the default send buffer (~200 KiB) would stop the ring after about a
         // hundred frames. Room for every sending frame; best effort.
-        let sndbuf = (RING as usize * 2 * frame_size) as libc::c_int;
+        let sndbuf = (TX_RING as usize * 2 * frame_size) as libc::c_int;
         let _ = set_option(&fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &sndbuf)
             .or_else(|_| set_option(&fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &sndbuf));
-        let umem = Mapping::new(FRAMES * frame_size, None)?;
+        let frames = (rx_ring + TX_RING) as usize;
+        let umem = Mapping::new(frames * frame_size, None)?;
         let reg = libc::xdp_umem_reg {
             addr: umem.ptr as u64,
             len: umem.len as u64,
@@ -221,14 +245,13 @@ impl XskSocket {
             tx_metadata_len: 0,
         };
         set_option(&fd, libc::SOL_XDP, libc::XDP_UMEM_REG, &reg)?;
-        let size = RING as libc::c_int;
-        for ring in [
-            libc::XDP_UMEM_FILL_RING,
-            libc::XDP_UMEM_COMPLETION_RING,
-            libc::XDP_RX_RING,
-            libc::XDP_TX_RING,
+        for (ring, size) in [
+            (libc::XDP_UMEM_FILL_RING, rx_ring),
+            (libc::XDP_UMEM_COMPLETION_RING, TX_RING),
+            (libc::XDP_RX_RING, rx_ring),
+            (libc::XDP_TX_RING, TX_RING),
         ] {
-            set_option(&fd, libc::SOL_XDP, ring, &size)?;
+            set_option(&fd, libc::SOL_XDP, ring, &(size as libc::c_int))?;
         }
         // SAFETY: an all-zero `xdp_mmap_offsets` is valid (plain integers).
         let mut offsets: libc::xdp_mmap_offsets = unsafe { std::mem::zeroed() };
@@ -247,14 +270,19 @@ impl XskSocket {
             return Err(io::Error::last_os_error());
         }
         let raw = fd.as_raw_fd();
-        let rx = Ring::map(raw, &offsets.rx, libc::XDP_PGOFF_RX_RING as u64)?;
-        let tx = Ring::map(raw, &offsets.tx, libc::XDP_PGOFF_TX_RING as u64)?;
-        let mut fill = Ring::map(raw, &offsets.fr, libc::XDP_UMEM_PGOFF_FILL_RING)?;
-        let completion = Ring::map(raw, &offsets.cr, libc::XDP_UMEM_PGOFF_COMPLETION_RING)?;
-        for frame in 0..RING as u64 {
+        let rx = Ring::map(raw, &offsets.rx, libc::XDP_PGOFF_RX_RING as u64, rx_ring)?;
+        let tx = Ring::map(raw, &offsets.tx, libc::XDP_PGOFF_TX_RING as u64, TX_RING)?;
+        let mut fill = Ring::map(raw, &offsets.fr, libc::XDP_UMEM_PGOFF_FILL_RING, rx_ring)?;
+        let completion = Ring::map(
+            raw,
+            &offsets.cr,
+            libc::XDP_UMEM_PGOFF_COMPLETION_RING,
+            TX_RING,
+        )?;
+        for frame in 0..u64::from(rx_ring) {
             fill.push(frame * frame_size as u64);
         }
-        let free = (RING as u64..FRAMES as u64)
+        let free = (u64::from(rx_ring)..frames as u64)
             .map(|frame| frame * frame_size as u64)
             .collect();
         let address = libc::sockaddr_xdp {
@@ -387,7 +415,7 @@ impl XskSocket {
         if !std::mem::take(&mut self.posted) {
             return Ok(());
         }
-        for _ in 0..RING / 32 + 1 {
+        for _ in 0..TX_RING / 32 + 1 {
             // SAFETY: sendto(2) with no data and no address: the TX ring is the payload.
             let rc = unsafe {
                 libc::sendto(
@@ -448,5 +476,11 @@ mod tests {
         assert_eq!(frame_size_for(1778), 2048);
         assert_eq!(frame_size_for(1779), 4096);
         assert_eq!(frame_size_for(3506), 4096);
+    }
+
+    #[test]
+    fn a_receive_ring_that_is_not_a_power_of_two_is_refused_before_any_socket() {
+        let refused = XskSocket::bind(1, 0, 2048, 3000).err().map(|e| e.kind());
+        assert_eq!(refused, Some(io::ErrorKind::InvalidInput));
     }
 }
