@@ -9,8 +9,8 @@
 //! the TX and completion rings (sending); each ring holds as many entries as its part has
 //! frames, so no ring can overflow. The receiving part's size is the caller's choice
 //! ([`XskSocket::bind`]): a pod's port receives at its pod's pace, an uplink at a whole
-//! network's, whose bursts a small ring drops. The frames reach [`super::xdp::XdpRedirect`]'s map through
-//! [`XskSocket::raw_fd`].
+//! network's, whose bursts a small ring drops. The frames reach
+//! [`super::xdp::XdpRedirect`]'s map through [`XskSocket::raw_fd`].
 // Unsafe code here: the socket's setup (setsockopt/getsockopt/mmap with the kernel's
 // structures) and the rings, which live in memory shared with the kernel.
 #![allow(unsafe_code)]
