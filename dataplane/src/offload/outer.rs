@@ -158,14 +158,14 @@ pub fn datagram(frame: &[u8], local: Ipv4Addr, port: u16) -> Result<Datagram, No
     let mut checksummed = field != 0;
     if checksummed {
         let sum = checksum::pseudo_header_v4(ip.src(), local, ipv4::PROTO_UDP, udp_len as u32);
-        if checksum::fold(checksum::accumulate(sum, l4)) != 0xffff {
-            // A partial checksum (the pseudo-header's sum, which a sender behind a virtual
-            // link leaves for a device to finish) vouches for nothing, as no checksum:
-            // the inner packet's own is checked. Anything else is corrupt.
-            if field != checksum::fold(sum) {
-                return Err(NotVxlan::Malformed);
-            }
+        // A partial checksum (the pseudo-header's sum, which a sender behind a virtual link
+        // leaves for a device to finish) vouches for nothing, as no checksum: the inner
+        // packet's own is checked, and the datagram is not summed in vain. Any other value
+        // must be the whole datagram's checksum.
+        if field == checksum::fold(sum) {
             checksummed = false;
+        } else if checksum::fold(checksum::accumulate(sum, l4)) != 0xffff {
+            return Err(NotVxlan::Malformed);
         }
     }
     let start = ethernet::HEADER_LEN + header + udp::HEADER_LEN;
