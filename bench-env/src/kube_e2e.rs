@@ -949,7 +949,9 @@ impl Scenario {
             ));
         }
         // When each new dataplane had its node settings again: applied from its own record
-        // at start (its log), or pushed by its agent (the agent's log), whichever came first.
+        // at start (its log, written before forwarding resumes), or pushed by its agent
+        // (the agent's log). A line's time is the process's own stamp (its second field),
+        // not the runtime's, taken later when the line is read: a reply can come between.
         let logs = self.daemonset_logs();
         let settled: Vec<f64> = logs
             .lines()
@@ -957,8 +959,15 @@ impl Scenario {
                 l.contains("has the node settings")
                     || l.contains("applied the recorded node settings")
             })
-            .filter_map(|l| l.split_whitespace().next()?.parse::<jiff::Timestamp>().ok())
-            .map(|t| t.as_millisecond() as f64 / 1000.0)
+            .filter_map(|l| {
+                let mut fields = l.split_whitespace();
+                let runtime = fields.next();
+                [fields.next(), runtime]
+                    .into_iter()
+                    .flatten()
+                    .find_map(|f| f.parse::<jiff::Timestamp>().ok())
+            })
+            .map(|t| t.as_microsecond() as f64 / 1e6)
             .collect();
         let outages: Vec<(f64, f64)> = replies
             .windows(2)
@@ -980,12 +989,14 @@ impl Scenario {
         );
         let mut late = Vec::new();
         for (lost, back) in &outages {
-            // The dataplane whose restart this was: the last to settle before the replies came back.
+            // The dataplane whose restart this was: the first to settle during the outage
+            // (one node at a time is replaced).
             let ready = settled
                 .iter()
                 .copied()
-                .filter(|t| t <= back)
-                .fold(f64::NAN, f64::max);
+                .filter(|t| t >= lost && t <= back)
+                .fold(f64::NAN, f64::min);
+            // NaN when no dataplane settled during the outage.
             let recovery = back - ready;
             detail += &format!(
                 "; replies stopped for {:.1} s (the pod replaced by Kubernetes), back {:.2} s after the new dataplane had its settings",
