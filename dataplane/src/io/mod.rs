@@ -24,6 +24,7 @@ pub mod memory;
 pub mod netlink;
 pub mod netns;
 pub mod next_hops;
+pub mod poller;
 pub mod shared;
 pub mod steering;
 pub mod tap;
@@ -93,6 +94,13 @@ impl PortIo {
             _ => None,
         };
         self.raw_fd(queue).into_iter().chain(extra)
+    }
+
+    /// Whether a read gives one frame per system call (a TAP), so that finding the queue
+    /// empty costs a call of its own; the other devices read a batch in one call or
+    /// from a ring.
+    pub fn reads_a_frame_per_call(&self) -> bool {
+        matches!(self, PortIo::Tap(_))
     }
 
     /// Whether frames sent to this port wait on a ring until [`PortIo::flush`] (AF_XDP:

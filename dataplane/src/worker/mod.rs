@@ -1,23 +1,19 @@
-//! Worker threads: each owns a set of ports, waits on them with epoll (mio), and runs the
-//! pipeline over batches of frames read from them. Workers share nothing mutable with
+//! Worker threads: each owns a set of ports, waits on them with level-triggered epoll
+//! ([`crate::io::poller`]), and runs the pipeline over batches of frames read from them. Workers share nothing mutable with
 //! each other or with the control side: they load the published tables once per round,
 //! write frames straight to the egress port's device, and publish their counters with
 //! plain atomic stores.
 
 use crate::buffer::{PacketBuf, BATCH};
+use crate::io::poller::{Events, Poller};
 use crate::io::PortIo;
 use crate::pipeline::{Counters, DropReason, Event, Pipeline, Verdict};
 use crate::tables::{NextHop, Port, PortCounters, SharedTables, Tables};
-use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Registry, Token, Waker};
-use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-const WAKE: Token = Token(usize::MAX);
 
 /// Nanoseconds on one monotonic clock shared by every worker and the housekeeping thread
 /// (connection-tracking timestamps are compared across them).
@@ -286,11 +282,84 @@ impl WorkerStats {
     }
 }
 
+/// How many frames a worker reads from each ready port in a round. A TAP gives one frame
+/// per read, and the read that finds its queue empty costs a system call as dear as one
+/// that finds a frame. Polling is level-triggered, so a port whose queue still holds
+/// frames is reported again by the very next wait: a port whose frames come one at a time
+/// (a ping, a request and its answer) is read once per round, without the empty read,
+/// and one reported again in the round right after such a read is read in batches, until
+/// a batch finds at most one frame. Ports that read a batch per call (sockets, rings) are
+/// always read in batches.
+#[derive(Debug)]
+struct ReadPlan {
+    /// Direct-mapped by port id: a collision only forgets a port's pace.
+    slots: Vec<Pace>,
+}
+
+/// What a [`ReadPlan`] remembers of one port.
+#[derive(Debug, Clone, Copy, Default)]
+struct Pace {
+    id: u32,
+    /// Read in batches.
+    bulk: bool,
+    /// The last round in which one frame was read without looking for more.
+    single_round: u64,
+}
+
+/// Slots of a [`ReadPlan`].
+const PLAN_SLOTS: usize = 256;
+
+impl Default for ReadPlan {
+    fn default() -> Self {
+        Self {
+            slots: vec![Pace::default(); PLAN_SLOTS],
+        }
+    }
+}
+
+impl ReadPlan {
+    fn pace(&mut self, id: u32) -> &mut Pace {
+        let pace = &mut self.slots[id as usize % PLAN_SLOTS];
+        if pace.id != id {
+            *pace = Pace {
+                id,
+                ..Pace::default()
+            };
+        }
+        pace
+    }
+
+    /// How many frames to read from port `id`, ready in round `round`.
+    fn limit(&mut self, id: u32, round: u64) -> usize {
+        let pace = self.pace(id);
+        if pace.single_round + 1 == round {
+            // Frames were left, or came at once: a burst.
+            pace.bulk = true;
+        }
+        if pace.bulk {
+            BATCH
+        } else {
+            1
+        }
+    }
+
+    /// Learns from what a read of up to `limit` frames from port `id` in round `round` got.
+    fn note(&mut self, id: u32, round: u64, limit: usize, read: BatchRead) {
+        let pace = self.pace(id);
+        if limit == 1 {
+            if read.frames == 1 {
+                pace.single_round = round;
+            }
+        } else {
+            pace.bulk = read.full || read.frames > 1;
+        }
+    }
+}
+
 /// A running worker thread. Worker `i` serves queue `i` of every port.
 pub struct Worker {
     index: usize,
-    registry: Registry,
-    waker: Arc<Waker>,
+    poller: Arc<Poller>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     /// What the worker counted.
@@ -312,9 +381,7 @@ impl Worker {
         pin_among: Option<usize>,
         nice: i32,
     ) -> io::Result<Self> {
-        let poll = Poll::new()?;
-        let registry = poll.registry().try_clone()?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        let poller = Arc::new(Poller::new()?);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(WorkerStats::default());
         let thread = std::thread::Builder::new()
@@ -322,6 +389,7 @@ impl Worker {
             .spawn({
                 let stop = stop.clone();
                 let stats = stats.clone();
+                let poller = poller.clone();
                 move || {
                     if nice != 0 {
                         if let Err(err) = crate::io::steering::set_current_thread_nice(nice) {
@@ -335,13 +403,12 @@ impl Worker {
                             tracing::warn!("worker {index}: cannot pin to its CPUs: {err}");
                         }
                     }
-                    run(index, spin, poll, &tables, &stop, &stats)
+                    run(index, spin, &poller, &tables, &stop, &stats)
                 }
             })?;
         Ok(Self {
             index,
-            registry,
-            waker,
+            poller,
             stop,
             thread: Some(thread),
             stats,
@@ -352,11 +419,7 @@ impl Worker {
     /// skipped).
     pub fn watch(&self, port: &Port<PortIo>) -> io::Result<()> {
         for fd in port.device.fds(self.index) {
-            self.registry.register(
-                &mut SourceFd(&fd),
-                Token(port.id as usize),
-                Interest::READABLE,
-            )?;
+            self.poller.add(fd, u64::from(port.id))?;
         }
         Ok(())
     }
@@ -364,14 +427,14 @@ impl Worker {
     /// Stops polling this worker's queue of a port.
     pub fn unwatch(&self, port: &Port<PortIo>) {
         for fd in port.device.fds(self.index) {
-            let _ = self.registry.deregister(&mut SourceFd(&fd));
+            let _ = self.poller.remove(fd);
         }
     }
 
     /// Asks the thread to finish and waits for it.
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = self.waker.wake();
+        let _ = self.poller.wake();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -387,38 +450,41 @@ impl Drop for Worker {
 fn run(
     queue: usize,
     spin: Duration,
-    mut poll: Poll,
+    poller: &Poller,
     shared: &SharedTables<PortIo>,
     stop: &AtomicBool,
     stats: &WorkerStats,
 ) {
     let mut events = Events::with_capacity(256);
-    let mut pending: VecDeque<u32> = VecDeque::with_capacity(1024);
+    let mut ready: Vec<u32> = Vec::with_capacity(256);
+    let mut plan = ReadPlan::default();
     let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
     let mut verdicts = [Verdict::Drop; BATCH];
     let mut pipeline = Pipeline::new();
     let mut times = WorkTimes::default();
     let mut last_work = Instant::now();
+    let mut round = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let timeout = if pending.is_empty() && last_work.elapsed() >= spin {
+        let timeout = if last_work.elapsed() >= spin {
             Duration::from_millis(500)
         } else {
             Duration::ZERO
         };
-        if let Err(err) = poll.poll(&mut events, Some(timeout)) {
+        if let Err(err) = poller.wait(&mut events, timeout) {
             if err.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
             tracing::error!("worker: poll failed: {err}");
             return;
         }
-        for event in events.iter() {
-            let token = event.token();
-            if token != WAKE && !pending.contains(&(token.0 as u32)) {
-                pending.push_back(token.0 as u32);
+        round += 1;
+        ready.clear();
+        for id in events.tokens().map(|token| token as u32) {
+            if !ready.contains(&id) {
+                ready.push(id);
             }
         }
-        if pending.is_empty() {
+        if ready.is_empty() {
             continue;
         }
         if shared.held() {
@@ -430,34 +496,48 @@ fn run(
         last_work = Instant::now();
         let now_ns = monotonic_ns();
         let mut batch_start = now_ns;
-        for _ in 0..pending.len() {
-            let Some(id) = pending.pop_front() else { break };
+        for &id in &ready {
             let Some(port) = tables.ports.get(&id) else {
                 continue;
+            };
+            let per_call = port.device.reads_a_frame_per_call();
+            let limit = if per_call {
+                plan.limit(id, round)
+            } else {
+                BATCH
             };
             let read = forward_batch(
                 &mut pipeline,
                 &tables,
                 port,
                 queue,
-                &mut bufs,
+                &mut bufs[..limit],
                 &mut verdicts,
                 now_ns,
             );
             let batch_end = monotonic_ns();
             match read {
-                Ok(BatchRead { frames: 0, .. }) => {}
-                Ok(BatchRead { frames, full }) => {
-                    let took = batch_end - batch_start;
-                    times.batch_sizes[log2_bucket(frames as u64, 0)] += 1;
-                    times.batch_ns[log2_bucket(took, 10)] += 1;
-                    times.batch_ns_sum += took;
-                    if full {
-                        pending.push_back(id);
+                Ok(read) => {
+                    if per_call {
+                        plan.note(id, round, limit, read);
+                    }
+                    if read.frames > 0 {
+                        let took = batch_end - batch_start;
+                        times.batch_sizes[log2_bucket(read.frames as u64, 0)] += 1;
+                        times.batch_ns[log2_bucket(took, 10)] += 1;
+                        times.batch_ns_sum += took;
                     }
                 }
-                Err(_) => {
+                Err(err) => {
                     stats.rx_errors.fetch_add(1, Ordering::Relaxed);
+                    if err.raw_os_error() == Some(libc::EBADFD) {
+                        // A TAP whose device is gone (its namespace deleted) stays
+                        // readable for ever: stop polling it until the port is removed.
+                        tracing::warn!("worker {queue}: port {id}'s device is gone: {err}");
+                        for fd in port.device.fds(queue) {
+                            let _ = poller.remove(fd);
+                        }
+                    }
                 }
             }
             batch_start = batch_end;
@@ -470,6 +550,57 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_is_read_a_frame_at_a_time_until_frames_are_left_then_in_batches_until_one_is_alone() {
+        let mut plan = ReadPlan::default();
+        let got = |frames| BatchRead {
+            frames,
+            full: false,
+        };
+        // A ping: one frame now and then, never the empty read.
+        assert_eq!(plan.limit(9, 5), 1);
+        plan.note(
+            9,
+            5,
+            1,
+            BatchRead {
+                frames: 1,
+                full: true,
+            },
+        );
+        assert_eq!(plan.limit(9, 7), 1);
+        plan.note(
+            9,
+            7,
+            1,
+            BatchRead {
+                frames: 1,
+                full: true,
+            },
+        );
+        // Reported again by the very next wait: frames were left.
+        assert_eq!(plan.limit(9, 8), BATCH);
+        plan.note(9, 8, BATCH, got(5));
+        assert_eq!(plan.limit(9, 12), BATCH);
+        plan.note(9, 12, BATCH, got(1));
+        // A batch that found one frame alone: back to single reads.
+        assert_eq!(plan.limit(9, 20), 1);
+        // Another port on the same slot starts afresh, and the first is forgotten.
+        let other = 9 + PLAN_SLOTS as u32;
+        assert_eq!(plan.limit(other, 21), 1);
+        plan.note(
+            other,
+            21,
+            1,
+            BatchRead {
+                frames: 1,
+                full: true,
+            },
+        );
+        assert_eq!(plan.limit(other, 22), BATCH);
+        assert_eq!(plan.limit(9, 23), 1);
+    }
 
     #[test]
     fn histogram_buckets_are_powers_of_two_with_a_last_catch_all() {
