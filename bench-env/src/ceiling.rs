@@ -166,12 +166,12 @@ fn forward(node: &NullNode, queue: usize, stop: &AtomicBool) {
     let gateway = Gateway::default().mac;
     poll_loop(queue, fds, stop, || {
         // Pod to the other node.
-        let sent = node.tap.recv_batch(queue, &mut bufs).unwrap_or(0);
+        let sent = node.tap.recv_batch(queue, &mut bufs, BATCH).unwrap_or(0);
         for buf in &mut bufs[..sent] {
             let _ = uplink.send_to(queue, buf.frame_mut(), node.peer, &mut scratch);
         }
         // The other node to the pod: the frame is for the pod, from the gateway.
-        let received = node.uplink.recv_batch(queue, &mut bufs).unwrap_or(0);
+        let received = node.uplink.recv_batch(queue, &mut bufs, BATCH).unwrap_or(0);
         for buf in &mut bufs[..received] {
             let frame = buf.frame_mut();
             if frame.len() >= vnet::HEADER_LEN + 12 {
@@ -372,7 +372,7 @@ fn between_taps(taps: &[PortIo; 2], queue: usize, stop: &AtomicBool) {
     poll_loop(queue, fds, stop, || {
         let mut moved = 0;
         for side in 0..2 {
-            let n = taps[side].recv_batch(queue, &mut bufs).unwrap_or(0);
+            let n = taps[side].recv_batch(queue, &mut bufs, BATCH).unwrap_or(0);
             for buf in &bufs[..n] {
                 let _ = taps[1 - side].send(queue, buf.frame());
             }

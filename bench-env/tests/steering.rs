@@ -84,7 +84,7 @@ fn drain(tap: &PortIo, queues: usize) -> Vec<Vec<(Kind, u16)>> {
     (0..queues)
         .map(|q| {
             let mut seen = Vec::new();
-            while let Ok(n) = tap.recv_batch(q, &mut bufs) {
+            while let Ok(n) = tap.recv_batch(q, &mut bufs, usize::MAX) {
                 if n == 0 {
                     break;
                 }

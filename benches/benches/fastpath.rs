@@ -11,7 +11,7 @@ use switchyard_dataplane::buffer::{PacketBuf, BATCH};
 use switchyard_dataplane::pipeline::{Pipeline, Verdict};
 use switchyard_dataplane::tables::lpm::Lpm;
 use switchyard_dataplane::wire::{EtherType, EthernetFrame, Ipv4Packet};
-use switchyard_dataplane::worker::forward_batch;
+use switchyard_dataplane::worker::{forward_batch, QueueRead};
 use switchyard_dataplane::{Switch, SwitchConfig};
 
 const GW: [u8; 6] = [0xee; 6];
@@ -209,7 +209,7 @@ fn pipeline(c: &mut Criterion) {
                     &mut pipeline,
                     &tables,
                     &ingress,
-                    0,
+                    QueueRead::drain(0),
                     &mut bufs,
                     &mut verdicts,
                     0,

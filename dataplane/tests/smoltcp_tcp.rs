@@ -11,7 +11,7 @@ use switchyard_api::AddPort;
 use switchyard_dataplane::buffer::{PacketBuf, BATCH};
 use switchyard_dataplane::io::memory::MemoryPeer;
 use switchyard_dataplane::pipeline::{Pipeline, Verdict};
-use switchyard_dataplane::worker::forward_batch;
+use switchyard_dataplane::worker::{forward_batch, QueueRead};
 use switchyard_dataplane::{Switch, SwitchConfig};
 
 /// A smoltcp device on the pod side of an in-memory port.
@@ -154,9 +154,17 @@ fn transfer(server_addr: IpAddress) {
         let tables = switch.tables();
         for id in [a.port, b.port] {
             let port = &tables.ports[&id];
-            while forward_batch(&mut pipeline, &tables, port, 0, &mut bufs, &mut verdicts, 0)
-                .unwrap()
-                .frames
+            while forward_batch(
+                &mut pipeline,
+                &tables,
+                port,
+                QueueRead::drain(0),
+                &mut bufs,
+                &mut verdicts,
+                0,
+            )
+            .unwrap()
+            .frames
                 > 0
             {}
         }

@@ -51,13 +51,20 @@ pub enum PortIo {
 
 impl PortIo {
     /// Reads frames from queue `queue` into `bufs` until the queue is empty or `bufs` is
-    /// full; returns how many were read. An error is returned only if nothing was read.
-    /// Each worker uses its own queue number.
-    pub fn recv_batch(&self, queue: usize, bufs: &mut [PacketBuf]) -> io::Result<usize> {
+    /// full, with at most `calls` reads on a device that takes one frame or datagram per
+    /// read ([`PortIo::reads_one_per_call`]; the others read a batch per call whatever
+    /// `calls` says); returns how many were read. An error is returned only if nothing
+    /// was read. Each worker uses its own queue number.
+    pub fn recv_batch(
+        &self,
+        queue: usize,
+        bufs: &mut [PacketBuf],
+        calls: usize,
+    ) -> io::Result<usize> {
         match self {
-            PortIo::Tap(tap) => tap.recv_batch(queue, bufs),
+            PortIo::Tap(tap) => tap.recv_batch(queue, bufs, calls),
             PortIo::Memory(mem) => Ok(mem.recv_batch(bufs)),
-            PortIo::Uplink(up) => up.recv_batch(queue, bufs),
+            PortIo::Uplink(up) => up.recv_batch(queue, bufs, calls),
             PortIo::AfXdp(port) => port.recv_batch(queue, bufs),
         }
     }
@@ -96,11 +103,15 @@ impl PortIo {
         self.raw_fd(queue).into_iter().chain(extra)
     }
 
-    /// Whether a read gives one frame per system call (a TAP), so that finding the queue
-    /// empty costs a call of its own; the other devices read a batch in one call or
-    /// from a ring.
-    pub fn reads_a_frame_per_call(&self) -> bool {
-        matches!(self, PortIo::Tap(_))
+    /// Whether a read takes one frame or datagram per system call (a TAP, the VXLAN
+    /// socket of an uplink without AF_XDP), so that finding the queue empty costs a call
+    /// of its own; the other devices read a batch in one call or from a ring.
+    pub fn reads_one_per_call(&self) -> bool {
+        match self {
+            PortIo::Tap(_) => true,
+            PortIo::Uplink(up) => up.reads_one_per_call(),
+            PortIo::Memory(_) | PortIo::AfXdp(_) => false,
+        }
     }
 
     /// Whether frames sent to this port wait on a ring until [`PortIo::flush`] (AF_XDP:

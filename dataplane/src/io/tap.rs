@@ -300,10 +300,15 @@ impl TapDevice {
         self.queues[queue % self.queues.len()].as_raw_fd()
     }
 
-    pub(super) fn recv_batch(&self, queue: usize, bufs: &mut [PacketBuf]) -> io::Result<usize> {
+    pub(super) fn recv_batch(
+        &self,
+        queue: usize,
+        bufs: &mut [PacketBuf],
+        calls: usize,
+    ) -> io::Result<usize> {
         let fd = self.raw_fd(queue);
         let (mut n, mut bytes) = (0, 0);
-        while n < bufs.len() && bytes < crate::buffer::BATCH_BYTES {
+        while n < bufs.len().min(calls) && bytes < crate::buffer::BATCH_BYTES {
             let space = bufs[n].receive_space();
             // SAFETY: `space` is a writable buffer of `space.len()` bytes.
             let got = unsafe { libc::read(fd, space.as_mut_ptr().cast(), space.len()) };

@@ -327,17 +327,34 @@ impl Uplink {
 
     /// Reads and decapsulates datagrams into `bufs`; returns how many frames are ready
     /// (overlay frames first, then those for the node: see [`Uplink::recv_split`]).
-    pub(super) fn recv_batch(&self, queue: usize, bufs: &mut [PacketBuf]) -> io::Result<usize> {
-        self.recv_split(queue, bufs)
+    pub(super) fn recv_batch(
+        &self,
+        queue: usize,
+        bufs: &mut [PacketBuf],
+        calls: usize,
+    ) -> io::Result<usize> {
+        self.recv_split(queue, bufs, calls)
             .map(|(overlay, node)| overlay + node)
     }
 
+    /// Whether its socket is read a datagram per call (VXLAN with `UDP_GRO`, and no
+    /// AF_XDP path read before it).
+    pub(super) fn reads_one_per_call(&self) -> bool {
+        self.xdp.is_none() && matches!(self.decap.encap, Encap::Vxlan { .. })
+    }
+
     /// Reads and decapsulates datagrams into `bufs`: with the AF_XDP path, its socket
-    /// first, then the UDP socket with the buffers left. Returns how many overlay frames
+    /// first, then the UDP socket with the buffers left (with at most `calls` `recvmsg`
+    /// under VXLAN, which reads one datagram per call). Returns how many overlay frames
     /// are ready at the start of `bufs`, and how many frames for the node follow them:
     /// what the exit's program took for the node's address, made frames from the host port
     /// (to be run through the pipeline as if that port had read them).
-    pub fn recv_split(&self, queue: usize, bufs: &mut [PacketBuf]) -> io::Result<(usize, usize)> {
+    pub fn recv_split(
+        &self,
+        queue: usize,
+        bufs: &mut [PacketBuf],
+        calls: usize,
+    ) -> io::Result<(usize, usize)> {
         let want = bufs.len().min(BATCH);
         let (overlay, node) = match &self.xdp {
             Some(xdp) => self.recv_frames(xdp, queue, &mut bufs[..want]),
@@ -349,7 +366,7 @@ impl Uplink {
         };
         let rest = &mut bufs[from_xdp..want];
         let from_socket = match self.decap.encap {
-            Encap::Vxlan { .. } => self.recv_gro(fd, rest),
+            Encap::Vxlan { .. } => self.recv_gro(fd, rest, calls),
             Encap::Ipip { .. } | Encap::Direct => self.recv_packets(fd, rest),
         };
         match from_socket {
@@ -497,10 +514,13 @@ impl Uplink {
     /// VXLAN receive with `UDP_GRO`: one `recvmsg` may return many datagrams of one size
     /// back to back (the kernel did not cut the sender's UDP GSO super-packet, or merged
     /// a run); the decapsulator turns them into frames, merging TCP runs.
-    fn recv_gro(&self, fd: RawFd, bufs: &mut [PacketBuf]) -> io::Result<usize> {
+    fn recv_gro(&self, fd: RawFd, bufs: &mut [PacketBuf], calls: usize) -> io::Result<usize> {
         let at = self.decap.encap.rx_offset();
         let mut n = 0;
-        while n < bufs.len() {
+        for _ in 0..calls {
+            if n == bufs.len() {
+                break;
+            }
             let space = &mut bufs[n].receive_space()[at..];
             let (len, from, segment) = match recv_one(fd, space) {
                 Ok(got) => got,

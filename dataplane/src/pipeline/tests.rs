@@ -5,7 +5,7 @@ use crate::io::memory::MemoryPeer;
 use crate::switch::{Switch, SwitchConfig};
 use crate::tables::{Port, PortCounters, PortRole, Tables};
 use crate::wire::{checksum, icmp, ipv4, ipv6};
-use crate::worker::forward_batch;
+use crate::worker::{forward_batch, QueueRead};
 use std::sync::Arc;
 use switchyard_api::{AddPort, MacAddr, PortInfo};
 
@@ -81,7 +81,7 @@ impl Harness {
             &mut self.pipeline,
             &tables,
             &port,
-            0,
+            QueueRead::drain(0),
             &mut bufs,
             &mut verdicts,
             0,

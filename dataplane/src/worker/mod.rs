@@ -32,7 +32,27 @@ pub struct BatchRead {
     pub full: bool,
 }
 
-/// Reads one batch from queue `queue` of `port`, runs the pipeline and transmits the
+/// Which queue of a port a batch reads, and how deep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueRead {
+    /// The queue: the worker's number.
+    pub queue: usize,
+    /// At most this many reads on a device that takes one frame or datagram per read
+    /// ([`PortIo::reads_one_per_call`]).
+    pub calls: usize,
+}
+
+impl QueueRead {
+    /// Queue `queue`, read until it is empty or the batch is full.
+    pub fn drain(queue: usize) -> Self {
+        Self {
+            queue,
+            calls: usize::MAX,
+        }
+    }
+}
+
+/// Reads one batch from `read`'s queue of `port`, runs the pipeline and transmits the
 /// results through the same queue number of each egress port. What an uplink that is the
 /// node's exit read for the node is run through the pipeline as if the host port had read
 /// it.
@@ -40,14 +60,15 @@ pub fn forward_batch(
     pipeline: &mut Pipeline,
     tables: &Tables<PortIo>,
     port: &Port<PortIo>,
-    queue: usize,
+    read: QueueRead,
     bufs: &mut [PacketBuf],
     verdicts: &mut [Verdict],
     now_ns: u64,
 ) -> io::Result<BatchRead> {
+    let QueueRead { queue, calls } = read;
     let (n, for_node) = match &port.device {
-        PortIo::Uplink(uplink) => uplink.recv_split(queue, bufs)?,
-        device => (device.recv_batch(queue, bufs)?, 0),
+        PortIo::Uplink(uplink) => uplink.recv_split(queue, bufs, calls)?,
+        device => (device.recv_batch(queue, bufs, calls)?, 0),
     };
     let read = n + for_node;
     if read == 0 {
@@ -282,14 +303,14 @@ impl WorkerStats {
     }
 }
 
-/// How many frames a worker reads from each ready port in a round. A TAP gives one frame
-/// per read, and the read that finds its queue empty costs a system call as dear as one
-/// that finds a frame. Polling is level-triggered, so a port whose queue still holds
-/// frames is reported again by the very next wait: a port whose frames come one at a time
-/// (a ping, a request and its answer) is read once per round, without the empty read,
-/// and one reported again in the round right after such a read is read in batches, until
-/// a batch finds at most one frame. Ports that read a batch per call (sockets, rings) are
-/// always read in batches.
+/// How many reads a worker makes on each ready port in a round. A TAP gives one frame per
+/// read (the uplink's VXLAN socket one datagram), and the read that finds the queue empty
+/// costs a system call as dear as one that finds a frame. Polling is level-triggered, so
+/// a port whose queue still holds frames is reported again by the very next wait: a port
+/// whose frames come one at a time (a ping, a request and its answer) is read once per
+/// round, without the empty read, and one reported again in the round right after such a
+/// read is drained, until a drain finds at most one frame. Ports read a batch per call
+/// (`recvmmsg`, rings) are always drained.
 #[derive(Debug)]
 struct ReadPlan {
     /// Direct-mapped by port id: a collision only forgets a port's pace.
@@ -329,7 +350,7 @@ impl ReadPlan {
         pace
     }
 
-    /// How many frames to read from port `id`, ready in round `round`.
+    /// How many reads to make on port `id`, ready in round `round`.
     fn limit(&mut self, id: u32, round: u64) -> usize {
         let pace = self.pace(id);
         if pace.single_round + 1 == round {
@@ -337,17 +358,17 @@ impl ReadPlan {
             pace.bulk = true;
         }
         if pace.bulk {
-            BATCH
+            usize::MAX
         } else {
             1
         }
     }
 
-    /// Learns from what a read of up to `limit` frames from port `id` in round `round` got.
+    /// Learns from what at most `limit` reads on port `id` in round `round` got.
     fn note(&mut self, id: u32, round: u64, limit: usize, read: BatchRead) {
         let pace = self.pace(id);
         if limit == 1 {
-            if read.frames == 1 {
+            if read.frames > 0 {
                 pace.single_round = round;
             }
         } else {
@@ -500,18 +521,18 @@ fn run(
             let Some(port) = tables.ports.get(&id) else {
                 continue;
             };
-            let per_call = port.device.reads_a_frame_per_call();
-            let limit = if per_call {
+            let per_call = port.device.reads_one_per_call();
+            let calls = if per_call {
                 plan.limit(id, round)
             } else {
-                BATCH
+                usize::MAX
             };
             let read = forward_batch(
                 &mut pipeline,
                 &tables,
                 port,
-                queue,
-                &mut bufs[..limit],
+                QueueRead { queue, calls },
+                &mut bufs,
                 &mut verdicts,
                 now_ns,
             );
@@ -519,7 +540,7 @@ fn run(
             match read {
                 Ok(read) => {
                     if per_call {
-                        plan.note(id, round, limit, read);
+                        plan.note(id, round, calls, read);
                     }
                     if read.frames > 0 {
                         let took = batch_end - batch_start;
@@ -552,7 +573,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_port_is_read_a_frame_at_a_time_until_frames_are_left_then_in_batches_until_one_is_alone() {
+    fn a_port_is_read_once_a_round_until_frames_are_left_then_drained_until_one_comes_alone() {
         let mut plan = ReadPlan::default();
         let got = |frames| BatchRead {
             frames,
@@ -580,10 +601,10 @@ mod tests {
             },
         );
         // Reported again by the very next wait: frames were left.
-        assert_eq!(plan.limit(9, 8), BATCH);
-        plan.note(9, 8, BATCH, got(5));
-        assert_eq!(plan.limit(9, 12), BATCH);
-        plan.note(9, 12, BATCH, got(1));
+        assert_eq!(plan.limit(9, 8), usize::MAX);
+        plan.note(9, 8, usize::MAX, got(5));
+        assert_eq!(plan.limit(9, 12), usize::MAX);
+        plan.note(9, 12, usize::MAX, got(1));
         // A batch that found one frame alone: back to single reads.
         assert_eq!(plan.limit(9, 20), 1);
         // Another port on the same slot starts afresh, and the first is forgotten.
@@ -598,7 +619,7 @@ mod tests {
                 full: true,
             },
         );
-        assert_eq!(plan.limit(other, 22), BATCH);
+        assert_eq!(plan.limit(other, 22), usize::MAX);
         assert_eq!(plan.limit(9, 23), 1);
     }
 
@@ -692,7 +713,17 @@ mod tests {
         let mut pipeline = Pipeline::new();
         let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
         let mut verdicts = [Verdict::Drop; BATCH];
-        let mut run = || forward_batch(&mut pipeline, &tables, &a, 0, &mut bufs, &mut verdicts, 1);
+        let mut run = || {
+            forward_batch(
+                &mut pipeline,
+                &tables,
+                &a,
+                QueueRead::drain(0),
+                &mut bufs,
+                &mut verdicts,
+                1,
+            )
+        };
         let per_batch = crate::buffer::BATCH_BYTES.div_ceil(60_000);
         let first = run().unwrap();
         assert_eq!(
@@ -736,7 +767,16 @@ mod tests {
         let mut pipeline = Pipeline::new();
         let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
         let mut verdicts = [Verdict::Drop; BATCH];
-        let n = forward_batch(&mut pipeline, &tables, &a, 0, &mut bufs, &mut verdicts, 1).unwrap();
+        let n = forward_batch(
+            &mut pipeline,
+            &tables,
+            &a,
+            QueueRead::drain(0),
+            &mut bufs,
+            &mut verdicts,
+            1,
+        )
+        .unwrap();
         assert_eq!(
             n,
             BatchRead {
@@ -751,7 +791,16 @@ mod tests {
         assert_eq!(pipeline.counters().count(Event::RxBatches), 1);
         assert!(pb.recv().is_some() && pb.recv().is_some() && pb.recv().is_none());
         // Nothing more to read: no batch.
-        let n = forward_batch(&mut pipeline, &tables, &a, 0, &mut bufs, &mut verdicts, 2).unwrap();
+        let n = forward_batch(
+            &mut pipeline,
+            &tables,
+            &a,
+            QueueRead::drain(0),
+            &mut bufs,
+            &mut verdicts,
+            2,
+        )
+        .unwrap();
         assert_eq!(n.frames, 0);
         assert_eq!(pipeline.counters().count(Event::RxBatches), 1);
         // What the worker publishes is what its pipeline counted.
