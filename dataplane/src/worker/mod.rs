@@ -696,6 +696,28 @@ mod tests {
         f
     }
 
+    /// One batch read from queue 0 of `port` until it is empty or the batch full.
+    fn drain_once(
+        pipeline: &mut Pipeline,
+        tables: &Tables<PortIo>,
+        port: &Port<PortIo>,
+        now_ns: u64,
+    ) -> BatchRead {
+        let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
+        let mut verdicts = [Verdict::Drop; BATCH];
+        let read = QueueRead::drain(0);
+        forward_batch(
+            pipeline,
+            tables,
+            port,
+            read,
+            &mut bufs,
+            &mut verdicts,
+            now_ns,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn a_batch_of_large_frames_stops_at_its_byte_budget_and_says_it_is_full() {
         let a_mac = MacAddr([0x0a, 0x58, 10, 244, 0, 5]);
@@ -711,21 +733,9 @@ mod tests {
             assert!(pa.send(&big));
         }
         let mut pipeline = Pipeline::new();
-        let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
-        let mut verdicts = [Verdict::Drop; BATCH];
-        let mut run = || {
-            forward_batch(
-                &mut pipeline,
-                &tables,
-                &a,
-                QueueRead::drain(0),
-                &mut bufs,
-                &mut verdicts,
-                1,
-            )
-        };
+        let mut run = || drain_once(&mut pipeline, &tables, &a, 1);
         let per_batch = crate::buffer::BATCH_BYTES.div_ceil(60_000);
-        let first = run().unwrap();
+        let first = run();
         assert_eq!(
             first,
             BatchRead {
@@ -733,7 +743,7 @@ mod tests {
                 full: true
             }
         );
-        let second = run().unwrap();
+        let second = run();
         assert_eq!(
             second,
             BatchRead {
@@ -741,7 +751,7 @@ mod tests {
                 full: true
             }
         );
-        let last = run().unwrap();
+        let last = run();
         assert_eq!(
             last,
             BatchRead {
@@ -765,18 +775,7 @@ mod tests {
             assert!(pa.send(&frame(a_mac, [10, 244, 0, 5], [10, 244, 0, 6])));
         }
         let mut pipeline = Pipeline::new();
-        let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
-        let mut verdicts = [Verdict::Drop; BATCH];
-        let n = forward_batch(
-            &mut pipeline,
-            &tables,
-            &a,
-            QueueRead::drain(0),
-            &mut bufs,
-            &mut verdicts,
-            1,
-        )
-        .unwrap();
+        let n = drain_once(&mut pipeline, &tables, &a, 1);
         assert_eq!(
             n,
             BatchRead {
@@ -791,16 +790,7 @@ mod tests {
         assert_eq!(pipeline.counters().count(Event::RxBatches), 1);
         assert!(pb.recv().is_some() && pb.recv().is_some() && pb.recv().is_none());
         // Nothing more to read: no batch.
-        let n = forward_batch(
-            &mut pipeline,
-            &tables,
-            &a,
-            QueueRead::drain(0),
-            &mut bufs,
-            &mut verdicts,
-            2,
-        )
-        .unwrap();
+        let n = drain_once(&mut pipeline, &tables, &a, 2);
         assert_eq!(n.frames, 0);
         assert_eq!(pipeline.counters().count(Event::RxBatches), 1);
         // What the worker publishes is what its pipeline counted.
