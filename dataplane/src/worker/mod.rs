@@ -1,8 +1,8 @@
 //! Worker threads: each owns a set of ports, waits on them with level-triggered epoll
-//! ([`crate::io::poller`]), and runs the pipeline over batches of frames read from them. Workers share nothing mutable with
-//! each other or with the control side: they load the published tables once per round,
-//! write frames straight to the egress port's device, and publish their counters with
-//! plain atomic stores.
+//! ([`crate::io::poller`]), and runs the pipeline over batches of frames read from them.
+//! Workers share nothing mutable with each other or with the control side: they load the
+//! published tables once per round, write frames straight to the egress port's device,
+//! and publish their counters with plain atomic stores.
 
 use crate::buffer::{PacketBuf, BATCH};
 use crate::io::poller::{Events, Poller};
@@ -321,9 +321,9 @@ struct ReadPlan {
 #[derive(Debug, Clone, Copy, Default)]
 struct Pace {
     id: u32,
-    /// Read in batches.
+    /// Drained when ready.
     bulk: bool,
-    /// The last round in which one frame was read without looking for more.
+    /// The last round in which its one read found something and no more was looked for.
     single_round: u64,
 }
 
