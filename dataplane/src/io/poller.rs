@@ -100,8 +100,9 @@ impl Poller {
         Ok(())
     }
 
-    /// Waits up to `timeout` (whole milliseconds; zero: not at all) until a descriptor is ready or a wake-up
-    /// comes; fills `events` with what is ready. A wake-up is consumed here.
+    /// Waits up to `timeout` (whole milliseconds; zero: not at all) until a descriptor is
+    /// ready or a wake-up comes; fills `events` with what is ready. A wake-up is consumed
+    /// here.
     pub fn wait(&self, events: &mut Events, timeout: Duration) -> io::Result<()> {
         let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: `events.events` is writable for its whole length, which is passed.

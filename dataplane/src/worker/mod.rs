@@ -581,25 +581,9 @@ mod tests {
         };
         // A ping: one frame now and then, never the empty read.
         assert_eq!(plan.limit(9, 5), 1);
-        plan.note(
-            9,
-            5,
-            1,
-            BatchRead {
-                frames: 1,
-                full: true,
-            },
-        );
+        plan.note(9, 5, 1, got(1));
         assert_eq!(plan.limit(9, 7), 1);
-        plan.note(
-            9,
-            7,
-            1,
-            BatchRead {
-                frames: 1,
-                full: true,
-            },
-        );
+        plan.note(9, 7, 1, got(1));
         // Reported again by the very next wait: frames were left.
         assert_eq!(plan.limit(9, 8), usize::MAX);
         plan.note(9, 8, usize::MAX, got(5));
@@ -610,15 +594,7 @@ mod tests {
         // Another port on the same slot starts afresh, and the first is forgotten.
         let other = 9 + PLAN_SLOTS as u32;
         assert_eq!(plan.limit(other, 21), 1);
-        plan.note(
-            other,
-            21,
-            1,
-            BatchRead {
-                frames: 1,
-                full: true,
-            },
-        );
+        plan.note(other, 21, 1, got(1));
         assert_eq!(plan.limit(other, 22), usize::MAX);
         assert_eq!(plan.limit(9, 23), 1);
     }
