@@ -51,10 +51,11 @@ pub enum PortIo {
 
 impl PortIo {
     /// Reads frames from queue `queue` into `bufs` until the queue is empty or `bufs` is
-    /// full, with at most `calls` reads on a device that takes one frame or datagram per
-    /// read ([`PortIo::reads_one_per_call`]; the others read a batch per call whatever
-    /// `calls` says); returns how many were read. An error is returned only if nothing
-    /// was read. Each worker uses its own queue number.
+    /// full, with at most `calls` read calls on the port's own descriptor (a device that
+    /// takes one frame or datagram per read, [`PortIo::reads_one_per_call`], reads one
+    /// per call, the others a batch; none when `calls` is 0, which leaves only an
+    /// uplink's AF_XDP ring to read); returns how many were read. An error is returned
+    /// only if nothing was read. Each worker uses its own queue number.
     pub fn recv_batch(
         &self,
         queue: usize,

@@ -344,8 +344,9 @@ impl Uplink {
     }
 
     /// Reads and decapsulates datagrams into `bufs`: with the AF_XDP path, its socket
-    /// first, then the UDP socket with the buffers left (with at most `calls` `recvmsg`
-    /// under VXLAN, which reads one datagram per call). Returns how many overlay frames
+    /// first, then the UDP socket with the buffers left, in at most `calls` calls (under
+    /// VXLAN a `recvmsg` reads one datagram, otherwise a `recvmmsg` a batch; with 0 the
+    /// UDP socket is not read: only the AF_XDP socket was found ready). Returns how many overlay frames
     /// are ready at the start of `bufs`, and how many frames for the node follow them:
     /// what the exit's program took for the node's address, made frames from the host port
     /// (to be run through the pipeline as if that port had read them).
@@ -361,7 +362,7 @@ impl Uplink {
             None => (0, 0),
         };
         let from_xdp = overlay + node;
-        let Some(fd) = self.raw_fd(queue).filter(|_| from_xdp < want) else {
+        let Some(fd) = self.raw_fd(queue).filter(|_| from_xdp < want && calls > 0) else {
             return Ok((overlay, node));
         };
         let rest = &mut bufs[from_xdp..want];

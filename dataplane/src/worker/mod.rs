@@ -37,8 +37,10 @@ pub struct BatchRead {
 pub struct QueueRead {
     /// The queue: the worker's number.
     pub queue: usize,
-    /// At most this many reads on a device that takes one frame or datagram per read
-    /// ([`PortIo::reads_one_per_call`]).
+    /// At most this many read calls on the port's own descriptor (a device that takes
+    /// one frame or datagram per read, [`PortIo::reads_one_per_call`], reads one per
+    /// call; the others a batch); with 0, only the AF_XDP ring an uplink has beside it is
+    /// read.
     pub calls: usize,
 }
 
@@ -439,8 +441,8 @@ impl Worker {
     /// Starts polling this worker's queue of a port (ports without a file descriptor are
     /// skipped).
     pub fn watch(&self, port: &Port<PortIo>) -> io::Result<()> {
-        for fd in port.device.fds(self.index) {
-            self.poller.add(fd, u64::from(port.id))?;
+        for (index, fd) in port.device.fds(self.index).enumerate() {
+            self.poller.add(fd, token(port.id, index))?;
         }
         Ok(())
     }
@@ -468,6 +470,33 @@ impl Drop for Worker {
     }
 }
 
+/// The poll token of a port's descriptor: the port's id, and the descriptor's place in
+/// [`PortIo::fds`] above it (0 for the port's own descriptor, 1 for an uplink's AF_XDP
+/// socket).
+fn token(id: u32, index: usize) -> u64 {
+    u64::from(id) | (index as u64) << 32
+}
+
+/// A port one wait found ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ready {
+    id: u32,
+    /// Whether its own descriptor was reported (not only the AF_XDP socket beside it).
+    main: bool,
+}
+
+/// Gathers the ports behind `tokens` into `ready`, each once, in the order first reported.
+fn gather(tokens: impl Iterator<Item = u64>, ready: &mut Vec<Ready>) {
+    ready.clear();
+    for token in tokens {
+        let (id, main) = (token as u32, token >> 32 == 0);
+        match ready.iter_mut().find(|r| r.id == id) {
+            Some(r) => r.main |= main,
+            None => ready.push(Ready { id, main }),
+        }
+    }
+}
+
 fn run(
     queue: usize,
     spin: Duration,
@@ -477,7 +506,7 @@ fn run(
     stats: &WorkerStats,
 ) {
     let mut events = Events::with_capacity(256);
-    let mut ready: Vec<u32> = Vec::with_capacity(256);
+    let mut ready: Vec<Ready> = Vec::with_capacity(256);
     let mut plan = ReadPlan::default();
     let mut bufs: Vec<PacketBuf> = (0..BATCH).map(|_| PacketBuf::new()).collect();
     let mut verdicts = [Verdict::Drop; BATCH];
@@ -499,12 +528,7 @@ fn run(
             return;
         }
         round += 1;
-        ready.clear();
-        for id in events.tokens().map(|token| token as u32) {
-            if !ready.contains(&id) {
-                ready.push(id);
-            }
-        }
+        gather(events.tokens(), &mut ready);
         if ready.is_empty() {
             continue;
         }
@@ -517,12 +541,16 @@ fn run(
         last_work = Instant::now();
         let now_ns = monotonic_ns();
         let mut batch_start = now_ns;
-        for &id in &ready {
+        for &Ready { id, main } in &ready {
             let Some(port) = tables.ports.get(&id) else {
                 continue;
             };
             let per_call = port.device.reads_one_per_call();
-            let calls = if per_call {
+            let calls = if !main {
+                // Only the AF_XDP socket beside it: its ring is read, its own
+                // descriptor would find nothing.
+                0
+            } else if per_call {
                 plan.limit(id, round)
             } else {
                 usize::MAX
@@ -597,6 +625,34 @@ mod tests {
         plan.note(other, 21, 1, got(1));
         assert_eq!(plan.limit(other, 22), usize::MAX);
         assert_eq!(plan.limit(9, 23), 1);
+    }
+
+    #[test]
+    fn ready_ports_are_listed_once_each_saying_whether_their_own_descriptor_was_reported() {
+        let mut ready = vec![Ready { id: 1, main: true }];
+        // Port 7's AF_XDP socket alone, port 9's own descriptor, then port 7's too.
+        gather([token(7, 1), token(9, 0)].into_iter(), &mut ready);
+        assert_eq!(
+            ready,
+            [Ready { id: 7, main: false }, Ready { id: 9, main: true }]
+        );
+        gather(
+            [token(7, 1), token(9, 0), token(7, 0)].into_iter(),
+            &mut ready,
+        );
+        assert_eq!(
+            ready,
+            [Ready { id: 7, main: true }, Ready { id: 9, main: true }]
+        );
+        // Port ids fill the token's low half whole.
+        gather([token(u32::MAX, 1)].into_iter(), &mut ready);
+        assert_eq!(
+            ready,
+            [Ready {
+                id: u32::MAX,
+                main: false
+            }]
+        );
     }
 
     #[test]
