@@ -4,7 +4,6 @@
 use clap::Parser;
 use std::path::PathBuf;
 use std::sync::Arc;
-use switchyard_dataplane::io::steering::ThreadScheduling;
 use switchyard_dataplane::switch::Steering;
 use switchyard_dataplane::{server, Switch, SwitchConfig};
 
@@ -81,11 +80,6 @@ struct Args {
     /// to 1.4 ms at -10, but 64-byte UDP throughput fell by 40 % (docs/benchmarks.md).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     worker_nice: i32,
-    /// Time slice the worker threads ask the scheduler for, in microseconds (Linux 6.12
-    /// and later; the kernel keeps it within 100-100,000). Shorter than the default
-    /// 3,000, a worker woken by a frame runs before the sender goes on.
-    #[arg(long, value_name = "MICROSECONDS")]
-    worker_slice_us: Option<u64>,
     /// Serve Prometheus metrics on this address (`127.0.0.1:9964`, `[::]:9964`): per-port
     /// packets and bytes, drops by reason, connection tracking, worker busy time, batch
     /// sizes and times. Off unless given.
@@ -147,10 +141,7 @@ fn main() {
         SteeringArg::Adaptive => Steering::Adaptive,
     };
     config.host_ifname = args.host_ifname;
-    config.worker_scheduling = ThreadScheduling {
-        nice: args.worker_nice,
-        slice: args.worker_slice_us.map(std::time::Duration::from_micros),
-    };
+    config.worker_nice = args.worker_nice;
     config.pod_ports = args.pod_ports;
     config.uplink_mode = args.uplink_mode;
     config.node_exit = args.node_exit;

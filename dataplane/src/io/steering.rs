@@ -263,61 +263,12 @@ fn try_attach(queue_fd: RawFd, steering: Steering) -> io::Result<()> {
     Ok(())
 }
 
-/// How a worker thread is scheduled beside the node's other processes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ThreadScheduling {
-    /// Its nice value: its share of a busy CPU (0: left as inherited).
-    pub nice: i32,
-    /// The time slice it asks the scheduler for (Linux 6.12 and later: `sched_setattr`'s
-    /// `sched_runtime` under `SCHED_OTHER`, clamped by the kernel to 0.1-100 ms). A slice
-    /// shorter than the default 3 ms gives a woken worker an earlier deadline, so it runs
-    /// at once instead of after the thread that woke it (none: the kernel's default).
-    pub slice: Option<std::time::Duration>,
-}
-
-/// `struct sched_attr` of `sched_setattr(2)`, as of its first version (56 bytes).
-#[repr(C)]
-struct SchedAttr {
-    size: u32,
-    policy: u32,
-    flags: u64,
-    nice: i32,
-    priority: u32,
-    runtime: u64,
-    deadline: u64,
-    period: u64,
-}
-
-/// Applies `scheduling` to the calling thread.
-pub fn set_current_thread_scheduling(scheduling: ThreadScheduling) -> io::Result<()> {
-    let ThreadScheduling { nice, slice } = scheduling;
-    let Some(slice) = slice else {
-        if nice == 0 {
-            return Ok(());
-        }
-        // SAFETY: gettid and setpriority take plain integers and change only this
-        // thread's scheduling weight.
-        let rc =
-            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
-        return if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        };
-    };
-    let attr = SchedAttr {
-        size: std::mem::size_of::<SchedAttr>() as u32,
-        policy: libc::SCHED_OTHER as u32,
-        flags: 0,
-        nice,
-        priority: 0,
-        runtime: u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX),
-        deadline: 0,
-        period: 0,
-    };
-    // SAFETY: `attr` is a valid, initialised sched_attr of the size it states, read by
-    // the kernel during the call only; pid 0 is the calling thread.
-    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+/// Sets the calling thread's nice value (its share of a busy CPU against the node's
+/// other processes).
+pub fn set_current_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid and setpriority take plain integers and change only this thread's
+    // scheduling weight.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -358,25 +309,6 @@ fn set_current_thread_cpus(cpus: Vec<usize>) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_thread_gets_the_slice_it_asks_for() {
-        let slice = std::thread::spawn(|| {
-            set_current_thread_scheduling(ThreadScheduling {
-                nice: 0,
-                slice: Some(std::time::Duration::from_micros(250)),
-            })
-            .expect("sched_setattr under SCHED_OTHER needs no privilege");
-            std::fs::read_to_string("/proc/thread-self/sched").unwrap_or_default()
-        })
-        .join()
-        .unwrap();
-        // Kernels before 6.12 accept the call and keep their own slice; those since say
-        // the slice in force (with scheduler statistics in /proc).
-        if let Some(line) = slice.lines().find(|l| l.starts_with("se.slice")) {
-            assert!(line.ends_with(" 250000"), "{line}");
-        }
-    }
 
     #[test]
     fn an_instruction_is_encoded_as_the_kernel_reads_it() {

@@ -104,8 +104,8 @@ pub struct SwitchConfig {
     /// Where the node's sysctls are recorded before their first change, for the uninstall
     /// (none: not recorded).
     pub sysctl_file: Option<std::path::PathBuf>,
-    /// Nice value and time slice of the worker threads.
-    pub worker_scheduling: crate::io::steering::ThreadScheduling,
+    /// Nice value of the worker threads (0: left as inherited).
+    pub worker_nice: i32,
     /// Where masquerade's flows are journaled so that a restarted or crashed dataplane's
     /// successor takes them back (none: they live in memory only).
     pub conntrack_file: Option<std::path::PathBuf>,
@@ -131,7 +131,7 @@ impl Default for SwitchConfig {
             state_file: None,
             node_file: None,
             sysctl_file: None,
-            worker_scheduling: Default::default(),
+            worker_nice: 0,
             pod_ports: PodPorts::Tap,
             uplink_mode: crate::io::uplink::UplinkMode::Sockets,
             node_exit: crate::io::uplink::NodeExit::AfXdp,
@@ -177,13 +177,7 @@ impl Switch {
             .map(|i| {
                 let pin = (config.steering.pins_workers() && config.workers > 1)
                     .then_some(config.workers);
-                Worker::spawn(
-                    i,
-                    shared.clone(),
-                    config.spin,
-                    pin,
-                    config.worker_scheduling,
-                )
+                Worker::spawn(i, shared.clone(), config.spin, pin, config.worker_nice)
             })
             .collect::<io::Result<Vec<_>>>()?;
         spawn_housekeeping(Arc::downgrade(&shared))?;

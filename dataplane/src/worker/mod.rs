@@ -6,7 +6,6 @@
 
 use crate::buffer::{PacketBuf, BATCH};
 use crate::io::poller::{Events, Poller};
-use crate::io::steering::{set_current_thread_scheduling, ThreadScheduling};
 use crate::io::PortIo;
 use crate::pipeline::{Counters, DropReason, Event, Pipeline, Verdict};
 use crate::tables::{NextHop, Port, PortCounters, SharedTables, Tables};
@@ -396,14 +395,14 @@ impl Worker {
     /// epoll again: a frame that arrives meanwhile costs no thread wake-up (tens of
     /// microseconds on a VM).
     /// With `pin_among = Some(n)`, the thread is pinned to the CPUs whose frames CPU
-    /// steering puts on queue `index` of `n`; `scheduling` sets its nice value and time
-    /// slice.
+    /// steering puts on queue `index` of `n`. A `nice` other than 0 sets the thread's
+    /// nice value.
     pub fn spawn(
         index: usize,
         tables: Arc<SharedTables<PortIo>>,
         spin: Duration,
         pin_among: Option<usize>,
-        scheduling: ThreadScheduling,
+        nice: i32,
     ) -> io::Result<Self> {
         let poller = Arc::new(Poller::new()?);
         let stop = Arc::new(AtomicBool::new(false));
@@ -415,10 +414,12 @@ impl Worker {
                 let stats = stats.clone();
                 let poller = poller.clone();
                 move || {
-                    if let Err(err) = set_current_thread_scheduling(scheduling) {
-                        tracing::warn!(
-                            "worker {index}: cannot set its scheduling ({scheduling:?}): {err}"
-                        );
+                    if nice != 0 {
+                        if let Err(err) = crate::io::steering::set_current_thread_nice(nice) {
+                            tracing::warn!(
+                                "worker {index}: cannot set its nice value {nice}: {err}"
+                            );
+                        }
                     }
                     if let Some(workers) = pin_among {
                         if let Err(err) = crate::io::steering::pin_current_thread(index, workers) {
