@@ -346,10 +346,10 @@ impl Uplink {
     /// Reads and decapsulates datagrams into `bufs`: with the AF_XDP path, its socket
     /// first, then the UDP socket with the buffers left, in at most `calls` calls (under
     /// VXLAN a `recvmsg` reads one datagram, otherwise a `recvmmsg` a batch; with 0 the
-    /// UDP socket is not read: only the AF_XDP socket was found ready). Returns how many overlay frames
-    /// are ready at the start of `bufs`, and how many frames for the node follow them:
-    /// what the exit's program took for the node's address, made frames from the host port
-    /// (to be run through the pipeline as if that port had read them).
+    /// UDP socket is not read: only the AF_XDP socket was found ready). Returns how many
+    /// overlay frames are ready at the start of `bufs`, and how many frames for the node
+    /// follow them: what the exit's program took for the node's address, made frames from
+    /// the host port (to be run through the pipeline as if that port had read them).
     pub fn recv_split(
         &self,
         queue: usize,
