@@ -76,8 +76,9 @@ struct Args {
     #[arg(long, default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
     /// Nice value of the worker threads. Negative values put forwarding ahead of the pods'
-    /// own processes on a busy node: the ping p99 under a 4-stream load fell from 5.6 ms
-    /// to 1.4 ms at -10, but 64-byte UDP throughput fell by 40 % (docs/benchmarks.md).
+    /// own processes on a busy node: at -10 the ping p99 under a 4-stream load fell tenfold
+    /// and short connections through a Service rose by a quarter, but 64-byte UDP from one
+    /// sender lost half and more (docs/benchmarks.md, "Who waits for a CPU").
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     worker_nice: i32,
     /// Serve Prometheus metrics on this address (`127.0.0.1:9964`, `[::]:9964`): per-port
