@@ -24,6 +24,7 @@ use crate::io::PortIo;
 use crate::pipeline::{DropReason, Event};
 use crate::tables::builder::TableBuilder;
 use crate::tables::{Gateway, Port, PortCounters, PortRole, SharedTables, Tables};
+use crate::worker::priority::{NiceValues, NodeLoad};
 use crate::worker::Worker;
 use std::collections::BTreeMap;
 use std::io;
@@ -106,6 +107,9 @@ pub struct SwitchConfig {
     pub sysctl_file: Option<std::path::PathBuf>,
     /// Nice value of the worker threads (0: left as inherited).
     pub worker_nice: i32,
+    /// Nice value a worker takes while it is nearly idle
+    /// ([`crate::worker::priority`]; equal to `worker_nice`: never changed).
+    pub worker_quiet_nice: i32,
     /// Where masquerade's flows are journaled so that a restarted or crashed dataplane's
     /// successor takes them back (none: they live in memory only).
     pub conntrack_file: Option<std::path::PathBuf>,
@@ -132,6 +136,7 @@ impl Default for SwitchConfig {
             node_file: None,
             sysctl_file: None,
             worker_nice: 0,
+            worker_quiet_nice: 0,
             pod_ports: PodPorts::Tap,
             uplink_mode: crate::io::uplink::UplinkMode::Sockets,
             node_exit: crate::io::uplink::NodeExit::AfXdp,
@@ -173,11 +178,16 @@ impl Switch {
     /// Starts the worker threads with empty tables.
     pub fn start(config: SwitchConfig) -> io::Result<Self> {
         let shared = Arc::new(SharedTables::new(Tables::empty(config.gateway)));
+        let load = Arc::new(NodeLoad::new(config.workers.max(1)));
         let workers = (0..config.workers.max(1))
             .map(|i| {
                 let pin = (config.steering.pins_workers() && config.workers > 1)
                     .then_some(config.workers);
-                Worker::spawn(i, shared.clone(), config.spin, pin, config.worker_nice)
+                let nice = NiceValues {
+                    base: config.worker_nice,
+                    quiet: config.worker_quiet_nice,
+                };
+                Worker::spawn(i, shared.clone(), config.spin, pin, nice, load.clone())
             })
             .collect::<io::Result<Vec<_>>>()?;
         spawn_housekeeping(Arc::downgrade(&shared))?;

@@ -15,6 +15,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod priority;
+use priority::{NiceValues, NodeLoad, Priority};
+
 /// Nanoseconds on one monotonic clock shared by every worker and the housekeeping thread
 /// (connection-tracking timestamps are compared across them).
 pub fn monotonic_ns() -> u64 {
@@ -395,14 +398,16 @@ impl Worker {
     /// epoll again: a frame that arrives meanwhile costs no thread wake-up (tens of
     /// microseconds on a VM).
     /// With `pin_among = Some(n)`, the thread is pinned to the CPUs whose frames CPU
-    /// steering puts on queue `index` of `n`. A `nice` other than 0 sets the thread's
-    /// nice value.
+    /// steering puts on queue `index` of `n`. The thread takes `nice.base` (0: left as
+    /// inherited), and `nice.quiet` while the workers sharing `load` are nearly idle
+    /// ([`priority`]).
     pub fn spawn(
         index: usize,
         tables: Arc<SharedTables<PortIo>>,
         spin: Duration,
         pin_among: Option<usize>,
-        nice: i32,
+        nice: NiceValues,
+        load: Arc<NodeLoad>,
     ) -> io::Result<Self> {
         let poller = Arc::new(Poller::new()?);
         let stop = Arc::new(AtomicBool::new(false));
@@ -414,11 +419,14 @@ impl Worker {
                 let stats = stats.clone();
                 let poller = poller.clone();
                 move || {
-                    if nice != 0 {
-                        if let Err(err) = crate::io::steering::set_current_thread_nice(nice) {
+                    let mut nice = nice;
+                    if nice.base != 0 {
+                        if let Err(err) = crate::io::steering::set_current_thread_nice(nice.base) {
                             tracing::warn!(
-                                "worker {index}: cannot set its nice value {nice}: {err}"
+                                "worker {index}: cannot set its nice value {}: {err}",
+                                nice.base
                             );
+                            nice = NiceValues::default();
                         }
                     }
                     if let Some(workers) = pin_among {
@@ -426,7 +434,8 @@ impl Worker {
                             tracing::warn!("worker {index}: cannot pin to its CPUs: {err}");
                         }
                     }
-                    run(index, spin, &poller, &tables, &stop, &stats)
+                    let priority = Priority::new(nice, index, load, monotonic_ns());
+                    run(index, spin, priority, &poller, &tables, &stop, &stats)
                 }
             })?;
         Ok(Self {
@@ -500,6 +509,7 @@ fn gather(tokens: impl Iterator<Item = u64>, ready: &mut Vec<Ready>) {
 fn run(
     queue: usize,
     spin: Duration,
+    mut priority: Priority,
     poller: &Poller,
     shared: &SharedTables<PortIo>,
     stop: &AtomicBool,
@@ -593,6 +603,15 @@ fn run(
         }
         times.busy_ns += batch_start - now_ns;
         stats.publish(pipeline.counters(), &times);
+        let had = priority.current();
+        if let Some(nice) = priority.note(batch_start - now_ns, batch_start) {
+            if let Err(err) = crate::io::steering::set_current_thread_nice(nice) {
+                tracing::warn!(
+                    "worker {queue}: cannot set its nice value {nice}, keeping {had}: {err}"
+                );
+                priority.fix(had);
+            }
+        }
     }
 }
 
