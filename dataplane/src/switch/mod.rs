@@ -107,8 +107,10 @@ pub struct SwitchConfig {
     pub sysctl_file: Option<std::path::PathBuf>,
     /// Nice value of the worker threads (0: left as inherited).
     pub worker_nice: i32,
-    /// Nice value a worker takes while it is nearly idle
-    /// ([`crate::worker::priority`]; equal to `worker_nice`: never changed).
+    /// Nice value the workers take while all of them are nearly idle
+    /// ([`crate::worker::priority`]; equal to `worker_nice`: never changed). 0 by default
+    /// here, so that a program embedding a switch keeps its threads' values; the
+    /// dataplane's `--worker-quiet-nice` defaults to -10.
     pub worker_quiet_nice: i32,
     /// Where masquerade's flows are journaled so that a restarted or crashed dataplane's
     /// successor takes them back (none: they live in memory only).
