@@ -607,7 +607,9 @@ fn run(
         if let Some(nice) = priority.note(batch_start - now_ns, batch_start) {
             if let Err(err) = crate::io::steering::set_current_thread_nice(nice) {
                 tracing::warn!(
-                    "worker {queue}: cannot set its nice value {nice}, keeping {had}: {err}"
+                    "worker {queue}: cannot set its nice value {nice}, keeping {had}: {err} \
+                     (a lower value needs CAP_SYS_NICE; --worker-quiet-nice equal to \
+                     --worker-nice turns the change off)"
                 );
                 priority.fix(had);
             }

@@ -102,7 +102,7 @@ impl Priority {
         if elapsed < WINDOW_NS {
             return None;
         }
-        if self.window_busy_ns.saturating_mul(1000) >= BUSY_FROM_PERMILLE * elapsed {
+        if self.window_busy_ns.saturating_mul(1000) >= elapsed.saturating_mul(BUSY_FROM_PERMILLE) {
             self.load.note_busy(self.index, now_ns);
         }
         self.window_start_ns = now_ns;
