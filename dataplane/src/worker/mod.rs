@@ -420,14 +420,8 @@ impl Worker {
                 let poller = poller.clone();
                 move || {
                     let mut nice = nice;
-                    if nice.base != 0 {
-                        if let Err(err) = crate::io::steering::set_current_thread_nice(nice.base) {
-                            tracing::warn!(
-                                "worker {index}: cannot set its nice value {}: {err}",
-                                nice.base
-                            );
-                            nice = NiceValues::default();
-                        }
+                    if nice.base != 0 && !take_nice(index, nice.base) {
+                        nice = NiceValues::default();
                     }
                     if let Some(workers) = pin_among {
                         if let Err(err) = crate::io::steering::pin_current_thread(index, workers) {
@@ -605,14 +599,24 @@ fn run(
         stats.publish(pipeline.counters(), &times);
         let had = priority.current();
         if let Some(nice) = priority.note(batch_start - now_ns, batch_start) {
-            if let Err(err) = crate::io::steering::set_current_thread_nice(nice) {
-                tracing::warn!(
-                    "worker {queue}: cannot set its nice value {nice}, keeping {had}: {err} \
-                     (a lower value needs CAP_SYS_NICE; --worker-quiet-nice equal to \
-                     --worker-nice turns the change off)"
-                );
+            if !take_nice(queue, nice) {
                 priority.fix(had);
             }
+        }
+    }
+}
+
+/// Gives the calling worker thread `nice`; false, with a warning, when it cannot.
+fn take_nice(queue: usize, nice: i32) -> bool {
+    match crate::io::steering::set_current_thread_nice(nice) {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(
+                "worker {queue}: cannot set its nice value {nice}, keeping the one it has: \
+                 {err} (a lower value needs CAP_SYS_NICE; --worker-nice and \
+                 --worker-quiet-nice set the values, equal values turn the change off)"
+            );
+            false
         }
     }
 }
