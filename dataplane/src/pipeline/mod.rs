@@ -12,7 +12,9 @@
 //! 3. **forward** (this file): IPv4 / IPv6 validation, source address check,
 //!    longest-prefix match, TTL / hop-limit, MTU, then an in-place rewrite (MACs, TTL with
 //!    an incremental checksum). The virtio-net header is kept as it is, so a GSO
-//!    super-frame stays one.
+//!    super-frame stays one. A packet of the flow the batch forwarded last, untranslated,
+//!    takes that flow's next hop from the batch's memo (`memo.rs`) and skips the address
+//!    checks, the lookup and the policy stage; its own TTL, size and checksum are checked.
 //! 4. **masquerade and published ports** ([`masquerade`], [`nat`]): translations before and
 //!    after routing (IPv4).
 //! 5. **errors** ([`icmp_error`]): where the packet cannot go on, it is turned into an
@@ -26,11 +28,13 @@ pub mod coalesce;
 pub mod counters;
 pub mod icmp_error;
 pub mod masquerade;
+mod memo;
 pub mod nat;
 pub mod neighbor;
 mod policy;
 mod services;
 pub mod trace;
+mod tuple;
 
 use crate::buffer::PacketBuf;
 use crate::tables::{NextHop, Port, PortRole, Tables};
@@ -71,11 +75,62 @@ pub struct Pipeline {
     now_ns: u64,
     /// The policy verdicts this worker used last.
     verdicts: policy::VerdictCache,
+    /// The next hop of the last flow forwarded in the batch being processed.
+    route_memo: memo::RouteMemo,
 }
 
 impl Default for Pipeline {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// What the forward step read of a packet before the policy stage.
+struct Read {
+    /// The packet as it arrived, when a stage may have translated it since (and a policy
+    /// selects some port).
+    origin: Option<policy::Origin>,
+    /// Its raw tuple now, when no stage translated it.
+    raw: Option<tuple::RawTuple>,
+}
+
+/// What routing needs to know of an address family.
+trait Family: Copy + PartialEq {
+    /// The gateway's own address.
+    fn gateway<D>(tables: &Tables<D>) -> Self;
+    /// Whether no packet may be routed to it.
+    fn is_martian(self) -> bool;
+    /// Its longest-prefix match: a next hop index.
+    fn look_up<D>(self, tables: &Tables<D>) -> u32;
+}
+
+impl Family for Ipv4Addr {
+    fn gateway<D>(tables: &Tables<D>) -> Self {
+        tables.gateway.ipv4
+    }
+
+    fn is_martian(self) -> bool {
+        is_martian_v4(self)
+    }
+
+    #[inline(always)]
+    fn look_up<D>(self, tables: &Tables<D>) -> u32 {
+        tables.routes_v4.lookup(u32::from(self))
+    }
+}
+
+impl Family for Ipv6Addr {
+    fn gateway<D>(tables: &Tables<D>) -> Self {
+        tables.gateway.ipv6
+    }
+
+    fn is_martian(self) -> bool {
+        is_martian_v6(self)
+    }
+
+    #[inline(always)]
+    fn look_up<D>(self, tables: &Tables<D>) -> u32 {
+        tables.routes_v6.lookup(u128::from(self))
     }
 }
 
@@ -94,6 +149,7 @@ impl Pipeline {
             segment_buf: Vec::new(),
             now_ns: 0,
             verdicts: policy::VerdictCache::default(),
+            route_memo: memo::RouteMemo::default(),
         }
     }
 
@@ -128,6 +184,7 @@ impl Pipeline {
         self.icmp_limit.refill(now_ns);
         self.now_ns = now_ns;
         self.verdicts.begin(tables.policy.generation, now_ns);
+        self.route_memo.forget();
         for (frame, verdict) in frames.iter_mut().zip(verdicts.iter_mut()) {
             *verdict = self.process_one(tables, ingress, frame);
         }
@@ -208,6 +265,7 @@ impl Pipeline {
         }
         let origin = self.origin(tables, ip.as_bytes(), false);
         let mut serviced = false;
+        let mut translated = false;
         if !tables.services.is_empty() {
             let bytes = ip.into_inner();
             let step = self.services(tables, ingress, bytes, false, partial);
@@ -220,6 +278,7 @@ impl Pipeline {
                 Ok(true) => {
                     dst = ip.dst();
                     serviced = true;
+                    translated = true;
                 }
                 Ok(false) => {}
                 Err(Some(reason)) => return self.drop(reason),
@@ -238,7 +297,7 @@ impl Pipeline {
             {
                 let bytes = ip.into_inner();
                 let before = masquerade::tuple(bytes);
-                let translated = masquerade::translate_before_routing(
+                let outcome = masquerade::translate_before_routing(
                     m,
                     host_ports,
                     step,
@@ -251,7 +310,7 @@ impl Pipeline {
                     return self.drop(DropReason::MalformedIpv4);
                 };
                 ip = view;
-                match translated {
+                match outcome {
                     Ok(Translated::Nothing) => {}
                     Ok(done) => {
                         self.counters.event(match done {
@@ -261,26 +320,30 @@ impl Pipeline {
                         dst = ip.dst();
                         answered = done == Translated::Answer;
                         untranslated = before;
+                        translated = true;
                     }
                     Err(reason) => return self.drop(reason),
                 }
             }
         }
-        if dst == tables.gateway.ipv4 {
-            return self.drop(DropReason::ToGateway);
-        }
-        if is_martian_v4(dst) {
-            return self.drop(DropReason::Martian);
-        }
+        let raw = (!translated)
+            .then(|| tuple::raw_tuple(ip.as_bytes(), false))
+            .flatten();
+        let (nh, known) = match self.next_hop(tables, raw.as_ref(), dst) {
+            Ok(found) => found,
+            Err(reason) => return self.drop(reason),
+        };
         let vnet = &head[..vnet::HEADER_LEN];
         let wire_len = wire_l3_len(vnet, ip.header_len(), ip.total_len(), ip.payload());
-        let nh = tables.routes_v4.lookup(u32::from(dst));
         match self.route(tables, ingress, nh, ip.ttl(), wire_len) {
             Ok(egress) => {
-                if let Err(reason) =
-                    self.police(tables, ingress, egress, ip.as_bytes(), false, origin)
-                {
-                    return self.drop(reason);
+                if !known {
+                    let read = Read { origin, raw };
+                    let admitted =
+                        self.admit(tables, ingress, egress, ip.as_bytes(), false, read, nh);
+                    if let Err(reason) = admitted {
+                        return self.drop(reason);
+                    }
                 }
                 ip.decrement_ttl();
                 if ingress.role == PortRole::Pod
@@ -336,6 +399,7 @@ impl Pipeline {
             return self.drop(DropReason::SpoofedSource);
         }
         let origin = self.origin(tables, ip.as_bytes(), true);
+        let mut translated = false;
         if !tables.services.is_empty() {
             let partial = head[0] & vnet::F_NEEDS_CSUM != 0;
             let bytes = ip.into_inner();
@@ -345,7 +409,10 @@ impl Pipeline {
             };
             ip = view;
             match self.service_step(step) {
-                Ok(true) => dst = ip.dst(),
+                Ok(true) => {
+                    dst = ip.dst();
+                    translated = true;
+                }
                 Ok(false) => {}
                 Err(Some(reason)) => return self.drop(reason),
                 Err(None) => {
@@ -354,21 +421,24 @@ impl Pipeline {
                 }
             }
         }
-        if dst == tables.gateway.ipv6 {
-            return self.drop(DropReason::ToGateway);
-        }
-        if is_martian_v6(dst) {
-            return self.drop(DropReason::Martian);
-        }
+        let raw = (!translated)
+            .then(|| tuple::raw_tuple(ip.as_bytes(), true))
+            .flatten();
+        let (nh, known) = match self.next_hop(tables, raw.as_ref(), dst) {
+            Ok(found) => found,
+            Err(reason) => return self.drop(reason),
+        };
         let vnet = &head[..vnet::HEADER_LEN];
         let wire_len = wire_l3_len(vnet, 40, ip.total_len(), ip.payload());
-        let nh = tables.routes_v6.lookup(u128::from(dst));
         match self.route(tables, ingress, nh, ip.hop_limit(), wire_len) {
             Ok(egress) => {
-                if let Err(reason) =
-                    self.police(tables, ingress, egress, ip.as_bytes(), true, origin)
-                {
-                    return self.drop(reason);
+                if !known {
+                    let read = Read { origin, raw };
+                    let admitted =
+                        self.admit(tables, ingress, egress, ip.as_bytes(), true, read, nh);
+                    if let Err(reason) = admitted {
+                        return self.drop(reason);
+                    }
                 }
                 ip.decrement_hop_limit();
                 self.rewrite_ethernet(tables, egress, head, Event::ForwardedIpv6);
@@ -454,8 +524,53 @@ impl Pipeline {
         (translating && tables.selected_ports.any()).then(|| policy::Origin::of(l3, v6, true))
     }
 
+    /// The next hop toward `dst`, and whether it is the batch's memo's (the packet is of
+    /// the flow `raw` that the batch forwarded last): otherwise the destination is checked
+    /// and looked up.
+    #[inline(always)]
+    fn next_hop<A: Family, D>(
+        &self,
+        tables: &Tables<D>,
+        raw: Option<&tuple::RawTuple>,
+        dst: A,
+    ) -> Result<(u32, bool), DropReason> {
+        if let Some(nh) = raw.and_then(|raw| self.route_memo.get(raw)) {
+            return Ok((nh, true));
+        }
+        if dst == A::gateway(tables) {
+            return Err(DropReason::ToGateway);
+        }
+        if dst.is_martian() {
+            return Err(DropReason::Martian);
+        }
+        Ok((dst.look_up(tables), false))
+    }
+
+    /// Runs the policy stage over a packet routed to the next hop `nh` (see
+    /// [`Self::police`]) and, when it may go on, remembers its flow's way for the rest of
+    /// the batch.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn admit<D>(
+        &mut self,
+        tables: &Tables<D>,
+        ingress: &Port<D>,
+        egress: &Port<D>,
+        l3: &[u8],
+        v6: bool,
+        read: Read,
+        nh: u32,
+    ) -> Result<(), DropReason> {
+        let raw = read.raw;
+        self.police(tables, ingress, egress, l3, v6, read)?;
+        if let Some(raw) = raw {
+            self.route_memo.keep(raw, nh);
+        }
+        Ok(())
+    }
+
     /// Runs the policy stage over a routed packet `l3` (IPv6 when `v6`) from `ingress` to
-    /// `egress`; `origin`: the packet as it arrived, when a stage may have translated it.
+    /// `egress`, with what was read of it before.
     #[inline(always)]
     fn police<D>(
         &mut self,
@@ -464,8 +579,9 @@ impl Pipeline {
         egress: &Port<D>,
         l3: &[u8],
         v6: bool,
-        origin: Option<policy::Origin>,
+        read: Read,
     ) -> Result<(), DropReason> {
+        let Read { origin, raw } = read;
         // Between two pods no policy selects (or a pod and the node or the overlay): no
         // rule applies either way, and the packet is not read. (With no policy, no port
         // is selected.)
@@ -477,7 +593,7 @@ impl Pipeline {
         // comparison; the rest is read on a miss.
         let raw = match &origin {
             Some(origin) => origin.raw,
-            None => policy::raw_tuple(l3, v6),
+            None => raw,
         };
         if let Some(tuple) = &raw {
             if let Some(verdict) = self.verdicts.get(tuple) {

@@ -263,6 +263,34 @@ fn ttl_expiry_sends_time_exceeded() {
 }
 
 #[test]
+fn a_flows_later_packets_in_a_batch_are_still_checked_one_by_one() {
+    // One UDP flow, one batch: the second packet takes the first's route from the
+    // batch's memo, but its own TTL and size are still checked.
+    let mut h = Harness::new(9000, 1500);
+    let ports = [0x9c, 0x40, 0, 53, 0, 16, 0, 0];
+    let with = |ttl: u8, len: usize| {
+        let mut payload = ports.to_vec();
+        payload.resize(len, 7);
+        let packet = ipv4_packet([10, 244, 0, 5], [10, 244, 0, 6], ttl, true, 17, &payload);
+        ([0u8; 12], eth(GW, A_MAC, 0x0800, &packet))
+    };
+    h.send_batch_from_a(&[with(64, 16), with(1, 16), with(64, 3000), with(64, 16)]);
+    for _ in 0..2 {
+        let out = h.b.1.recv().expect("the flow's two good packets reach B");
+        let ip = Ipv4Packet::new_checked(&out[26..]).unwrap();
+        assert_eq!(ip.ttl(), 63);
+        assert!(ip.verify_checksum());
+    }
+    assert!(h.b.1.recv().is_none());
+    assert_eq!(h.drops(DropReason::TtlExceeded), 1);
+    assert_eq!(h.drops(DropReason::TooBig), 1);
+    let errors: Vec<u8> = std::iter::from_fn(|| h.a.1.recv())
+        .map(|out| Ipv4Packet::new_checked(&out[26..]).unwrap().payload()[0])
+        .collect();
+    assert_eq!(errors, [icmp::V4_TIME_EXCEEDED, icmp::V4_DEST_UNREACHABLE]);
+}
+
+#[test]
 fn no_route_sends_unreachable_but_never_about_an_error() {
     let mut h = Harness::new(1500, 1500);
     let packet = ipv4_packet([10, 244, 0, 5], [192, 0, 2, 1], 64, true, 17, &[0; 8]);
@@ -1648,6 +1676,31 @@ mod policy_stage {
         let t2 = tables(&closed, 41);
         assert_eq!(run(&t2, 1, &data, 2_000_000_001), Verdict::Drop);
         assert_eq!(run(&t2, 3, &reply, 2_000_000_002), Verdict::Drop);
+    }
+
+    #[test]
+    fn in_one_batch_a_denied_flow_stays_denied_between_packets_of_an_allowed_one() {
+        let t = tables(&b_admits_a_on_80(), 42);
+        let allowed = tcp("10.244.0.5", 45000, "10.244.0.6", 80, FLAG_ACK);
+        let denied = tcp("10.244.0.5", 45000, "10.244.0.6", 81, FLAG_ACK);
+        let batch = [&allowed, &allowed, &denied, &allowed, &denied, &denied];
+        let mut bufs: Vec<PacketBuf> = batch
+            .iter()
+            .map(|l3| {
+                let mut buf = PacketBuf::new();
+                buf.load_ethernet(&eth(GW, A_MAC, 0x0800, l3));
+                buf
+            })
+            .collect();
+        let mut verdicts = [Verdict::Drop; 6];
+        let mut pipeline = Pipeline::new();
+        pipeline.process(&t, &t.ports[&1].clone(), &mut bufs, &mut verdicts, 5);
+        let passed: Vec<bool> = verdicts.iter().map(|v| forwarded(*v)).collect();
+        assert_eq!(passed, [true, true, false, true, false, false]);
+        assert_eq!(
+            pipeline.counters().dropped(DropReason::PolicyDeniedIngress),
+            3
+        );
     }
 
     #[test]
