@@ -100,11 +100,11 @@ impl Poller {
         Ok(())
     }
 
-    /// Waits up to `timeout` (whole milliseconds; zero: not at all) until a descriptor is
-    /// ready or a wake-up comes; fills `events` with what is ready. A wake-up is consumed
-    /// here.
-    pub fn wait(&self, events: &mut Events, timeout: Duration) -> io::Result<()> {
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    /// Waits up to `timeout` (whole milliseconds; zero: not at all; `None`: with no
+    /// timer) until a descriptor is ready or a wake-up comes; fills `events` with what is
+    /// ready. A wake-up is consumed here.
+    pub fn wait(&self, events: &mut Events, timeout: Option<Duration>) -> io::Result<()> {
+        let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
         // SAFETY: `events.events` is writable for its whole length, which is passed.
         let n = unsafe {
             libc::epoll_wait(
@@ -153,22 +153,22 @@ mod tests {
         rx.set_nonblocking(true).unwrap();
         poller.add(rx.as_raw_fd(), 7).unwrap();
         let mut events = Events::with_capacity(4);
-        poller.wait(&mut events, Duration::ZERO).unwrap();
+        poller.wait(&mut events, Some(Duration::ZERO)).unwrap();
         assert!(events.is_empty());
         tx.write_all(b"ab").unwrap();
-        poller.wait(&mut events, Duration::ZERO).unwrap();
+        poller.wait(&mut events, Some(Duration::ZERO)).unwrap();
         assert_eq!(events.tokens().collect::<Vec<_>>(), [7]);
         let mut one = [0u8; 1];
         rx.read_exact(&mut one).unwrap();
         // One byte left: reported again without anything new arriving.
-        poller.wait(&mut events, Duration::ZERO).unwrap();
+        poller.wait(&mut events, Some(Duration::ZERO)).unwrap();
         assert_eq!(events.tokens().collect::<Vec<_>>(), [7]);
         rx.read_exact(&mut one).unwrap();
-        poller.wait(&mut events, Duration::ZERO).unwrap();
+        poller.wait(&mut events, Some(Duration::ZERO)).unwrap();
         assert!(events.is_empty());
         poller.remove(rx.as_raw_fd()).unwrap();
         tx.write_all(b"c").unwrap();
-        poller.wait(&mut events, Duration::ZERO).unwrap();
+        poller.wait(&mut events, Some(Duration::ZERO)).unwrap();
         assert!(events.is_empty());
     }
 
@@ -178,11 +178,15 @@ mod tests {
         let mut events = Events::with_capacity(4);
         poller.wake().unwrap();
         let start = std::time::Instant::now();
-        poller.wait(&mut events, Duration::from_secs(5)).unwrap();
+        poller
+            .wait(&mut events, Some(Duration::from_secs(5)))
+            .unwrap();
         assert!(start.elapsed() < Duration::from_secs(5));
         assert!(events.is_empty());
         // Consumed: the next wait times out.
-        poller.wait(&mut events, Duration::from_millis(20)).unwrap();
+        poller
+            .wait(&mut events, Some(Duration::from_millis(20)))
+            .unwrap();
         assert_eq!(events.len, 0);
     }
 }

@@ -519,11 +519,10 @@ fn run(
     let mut last_work = Instant::now();
     let mut round = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let timeout = if last_work.elapsed() >= spin {
-            Duration::from_millis(500)
-        } else {
-            Duration::ZERO
-        };
+        // Asleep, a worker arms no timer: a frame or `stop` (through the poller's wake-up)
+        // is all that wakes it, so an idle node's workers stay asleep and no sleep or
+        // wake-up arms and cancels one.
+        let timeout = (last_work.elapsed() < spin).then_some(Duration::ZERO);
         if let Err(err) = poller.wait(&mut events, timeout) {
             if err.kind() == io::ErrorKind::Interrupted {
                 continue;
