@@ -189,4 +189,25 @@ mod tests {
             .unwrap();
         assert_eq!(events.len, 0);
     }
+
+    #[test]
+    fn a_wait_without_a_timer_ends_at_a_wake_up_from_another_thread() {
+        let poller = std::sync::Arc::new(Poller::new().unwrap());
+        let waker = std::thread::spawn({
+            let poller = poller.clone();
+            move || {
+                std::thread::sleep(Duration::from_millis(20));
+                poller.wake().unwrap();
+            }
+        });
+        let mut events = Events::with_capacity(4);
+        let start = std::time::Instant::now();
+        poller.wait(&mut events, None).unwrap();
+        assert!(
+            start.elapsed() >= Duration::from_millis(20),
+            "it waited for the wake-up"
+        );
+        assert!(events.is_empty());
+        waker.join().unwrap();
+    }
 }
