@@ -45,6 +45,9 @@ named_counters! {
         RxBatches => "rx_batches",
         /// Frames read from ports.
         RxFrames => "rx_frames",
+        /// Frames a TAP's stack queued within the write of the frame before it (a ping's
+        /// echo, a SYN's SYN-ACK), read and forwarded in the same round, without a wait.
+        AnswersRead => "answers_read",
         /// UDP datagrams merged into an earlier one's GSO super-frame.
         UdpCoalesced => "udp_coalesced",
         /// TCP segments from another node merged into an earlier one's GSO super-frame.

@@ -33,6 +33,9 @@ pub struct BatchRead {
     /// Whether the batch stopped full (of frames, or of [`crate::buffer::BATCH_BYTES`]):
     /// the port may hold more.
     pub full: bool,
+    /// The TAP the batch's only frame was forwarded to. Its stack may have answered within
+    /// the write (a ping's echo, a SYN's SYN-ACK, an ACK): that answer is already queued.
+    pub answer_from: Option<u32>,
 }
 
 /// Which queue of a port a batch reads, and how deep.
@@ -80,6 +83,7 @@ pub fn forward_batch(
         return Ok(BatchRead {
             frames: 0,
             full: false,
+            answer_from: None,
         });
     }
     pipeline.counters_mut().add(Event::RxBatches, 1);
@@ -104,6 +108,7 @@ pub fn forward_batch(
     }
     let (counters, scratch) = pipeline.tx_parts();
     let mut posted = Posted::default();
+    let mut answer_from = None;
     for (i, (buf, verdict)) in bufs[..read].iter_mut().zip(&verdicts[..read]).enumerate() {
         let (nh, leaves) = match *verdict {
             Verdict::Drop | Verdict::Merged => continue,
@@ -138,12 +143,16 @@ pub fn forward_batch(
                 continue;
             }
         };
+        if read == 1 && bytes <= ANSWERED_FRAME_BYTES && matches!(egress.device, PortIo::Tap(_)) {
+            answer_from = Some(egress.id);
+        }
         send(counters, &mut posted, queue, egress, peer, buf, scratch);
     }
     posted.flush_all(queue);
     Ok(BatchRead {
         frames: read,
         full: read == bufs.len() || bytes >= crate::buffer::BATCH_BYTES,
+        answer_from,
     })
 }
 
@@ -246,6 +255,15 @@ pub struct WorkTimes {
     pub batch_ns_sum: u64,
 }
 
+impl WorkTimes {
+    /// Counts a batch of `frames` that took `took_ns` from its read to its last write.
+    fn note_batch(&mut self, frames: usize, took_ns: u64) {
+        self.batch_sizes[log2_bucket(frames as u64, 0)] += 1;
+        self.batch_ns[log2_bucket(took_ns, 10)] += 1;
+        self.batch_ns_sum += took_ns;
+    }
+}
+
 /// Counters a worker publishes after every round.
 pub struct WorkerStats {
     /// Event counts by [`Event`] index.
@@ -316,6 +334,12 @@ impl WorkerStats {
 /// round, without the empty read, and one reported again in the round right after such a
 /// read is drained, until a drain finds at most one frame. Ports read a batch per call
 /// (`recvmmsg`, rings) are always drained.
+///
+/// A TAP that was just written one frame is read once at once, in the same round, for the
+/// answer its stack may have queued within the write (a ping's echo, a SYN's SYN-ACK):
+/// the answer is forwarded without a wait. A port whose stack did not answer that way is
+/// not looked at again for [`SILENT_ROUNDS`] rounds, so a one-way stream of single frames
+/// costs almost no empty read.
 #[derive(Debug)]
 struct ReadPlan {
     /// Direct-mapped by port id: a collision only forgets a port's pace.
@@ -330,7 +354,22 @@ struct Pace {
     bulk: bool,
     /// The last round in which its one read found something and no more was looked for.
     single_round: u64,
+    /// The first round in which an answer within a write is looked for again.
+    silent_until: u64,
 }
+
+/// The largest frame (with its virtio-net header) after which a TAP is read for an answer
+/// within the write: a ping, a SYN, an ACK, a short request. A bulk stream's segments are
+/// answered, if at all, by the next batch.
+const ANSWERED_FRAME_BYTES: usize = 256;
+
+/// Rounds a port whose stack left a written frame unanswered goes without the read for
+/// an answer.
+const SILENT_ROUNDS: u64 = 1024;
+
+/// At most this many answers, each to the last, are followed in one round (a SYN, its
+/// SYN-ACK, the ACK: two).
+const ANSWER_HOPS: usize = 4;
 
 /// Slots of a [`ReadPlan`].
 const PLAN_SLOTS: usize = 256;
@@ -378,6 +417,18 @@ impl ReadPlan {
             }
         } else {
             pace.bulk = read.full || read.frames > 1;
+        }
+    }
+
+    /// Whether to read port `id`, just written one frame in round `round`, for its answer.
+    fn expects_answer(&mut self, id: u32, round: u64) -> bool {
+        self.pace(id).silent_until <= round
+    }
+
+    /// Learns whether the read of port `id` for an answer in round `round` found one.
+    fn note_answer(&mut self, id: u32, round: u64, found: bool) {
+        if !found {
+            self.pace(id).silent_until = round + SILENT_ROUNDS;
         }
     }
 }
@@ -567,17 +618,49 @@ fn run(
                 &mut verdicts,
                 now_ns,
             );
-            let batch_end = monotonic_ns();
+            let mut batch_end = monotonic_ns();
             match read {
                 Ok(read) => {
                     if per_call {
                         plan.note(id, round, calls, read);
                     }
                     if read.frames > 0 {
-                        let took = batch_end - batch_start;
-                        times.batch_sizes[log2_bucket(read.frames as u64, 0)] += 1;
-                        times.batch_ns[log2_bucket(took, 10)] += 1;
-                        times.batch_ns_sum += took;
+                        times.note_batch(read.frames, batch_end - batch_start);
+                    }
+                    let mut answer_from = read.answer_from;
+                    for _ in 0..ANSWER_HOPS {
+                        let Some(next) = answer_from.take() else {
+                            break;
+                        };
+                        let Some(next) = tables.ports.get(&next) else {
+                            break;
+                        };
+                        if !plan.expects_answer(next.id, round) {
+                            break;
+                        }
+                        // The read stands for the round it saves: a port read in the
+                        // round before is one that had frames left.
+                        round += 1;
+                        let answer = forward_batch(
+                            &mut pipeline,
+                            &tables,
+                            next,
+                            QueueRead { queue, calls: 1 },
+                            &mut bufs,
+                            &mut verdicts,
+                            now_ns,
+                        );
+                        let found = answer.as_ref().map_or(0, |a| a.frames);
+                        plan.note_answer(next.id, round, found > 0);
+                        if found > 0 {
+                            pipeline
+                                .counters_mut()
+                                .add(Event::AnswersRead, found as u64);
+                            let end = monotonic_ns();
+                            times.note_batch(found, end - batch_end);
+                            batch_end = end;
+                        }
+                        answer_from = answer.ok().and_then(|a| a.answer_from);
                     }
                 }
                 Err(err) => {
@@ -630,6 +713,7 @@ mod tests {
         let got = |frames| BatchRead {
             frames,
             full: false,
+            answer_from: None,
         };
         // A ping: one frame now and then, never the empty read.
         assert_eq!(plan.limit(9, 5), 1);
@@ -649,6 +733,24 @@ mod tests {
         plan.note(other, 21, 1, got(1));
         assert_eq!(plan.limit(other, 22), usize::MAX);
         assert_eq!(plan.limit(9, 23), 1);
+    }
+
+    #[test]
+    fn a_port_that_left_a_frame_unanswered_is_not_read_for_answers_for_a_while() {
+        let mut plan = ReadPlan::default();
+        // A pod that answers every ping at once is always read for the answer.
+        for round in 1..5 {
+            assert!(plan.expects_answer(3, round));
+            plan.note_answer(3, round, true);
+        }
+        // One that did not answer (a one-way stream) is left alone, then tried again.
+        assert!(plan.expects_answer(4, 10));
+        plan.note_answer(4, 10, false);
+        assert!(!plan.expects_answer(4, 11));
+        assert!(!plan.expects_answer(4, 10 + SILENT_ROUNDS - 1));
+        assert!(plan.expects_answer(4, 10 + SILENT_ROUNDS));
+        // The silence is the port's own.
+        assert!(plan.expects_answer(3, 11));
     }
 
     #[test]
@@ -796,7 +898,8 @@ mod tests {
             first,
             BatchRead {
                 frames: per_batch,
-                full: true
+                full: true,
+                answer_from: None
             }
         );
         let second = run();
@@ -804,7 +907,8 @@ mod tests {
             second,
             BatchRead {
                 frames: per_batch,
-                full: true
+                full: true,
+                answer_from: None
             }
         );
         let last = run();
@@ -812,7 +916,8 @@ mod tests {
             last,
             BatchRead {
                 frames: 10 - 2 * per_batch,
-                full: false
+                full: false,
+                answer_from: None
             }
         );
     }
@@ -836,7 +941,8 @@ mod tests {
             n,
             BatchRead {
                 frames: 3,
-                full: false
+                full: false,
+                answer_from: None
             }
         );
         assert_eq!(a.counters.rx_frames.load(Ordering::Relaxed), 3);
