@@ -343,9 +343,9 @@ impl WorkerStats {
 ///
 /// A TAP that was just written one small frame from another TAP is read once at once, in
 /// the same round, for the answer its stack may have queued within the write (a ping's
-/// echo, a SYN's SYN-ACK): the answer is forwarded without a wait. A port whose stack did not answer that way is
-/// not looked at again for [`SILENT_ROUNDS`] rounds, so a one-way stream of single frames
-/// costs almost no empty read.
+/// echo, a SYN's SYN-ACK): the answer is forwarded without a wait. A port whose stack did
+/// not answer that way is not looked at again for [`SILENT_ROUNDS`] rounds, so a one-way
+/// stream of single frames costs almost no empty read.
 #[derive(Debug)]
 struct ReadPlan {
     /// Direct-mapped by port id: a collision only forgets a port's pace.
