@@ -110,6 +110,9 @@ pub fn forward_batch(
     }
     let (counters, scratch) = pipeline.tx_parts();
     let mut posted = Posted::default();
+    // One small frame from a TAP: the TAP it goes to may answer within the write.
+    let may_be_answered =
+        read == 1 && bytes <= ANSWERED_FRAME_BYTES && matches!(port.device, PortIo::Tap(_));
     let mut answer_from = None;
     for (i, (buf, verdict)) in bufs[..read].iter_mut().zip(&verdicts[..read]).enumerate() {
         let (nh, leaves) = match *verdict {
@@ -145,11 +148,7 @@ pub fn forward_batch(
                 continue;
             }
         };
-        if read == 1
-            && bytes <= ANSWERED_FRAME_BYTES
-            && matches!(port.device, PortIo::Tap(_))
-            && matches!(egress.device, PortIo::Tap(_))
-        {
+        if may_be_answered && matches!(egress.device, PortIo::Tap(_)) {
             answer_from = Some(egress.id);
         }
         send(counters, &mut posted, queue, egress, peer, buf, scratch);
