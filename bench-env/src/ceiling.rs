@@ -1,5 +1,6 @@
-//! The ceilings of a user-space forwarder across nodes ([`CrossNodeNull`]) and toward an
-//! external network ([`EgressNull`]), measured beside Switchyard and the kernel. Across
+//! The ceilings of a user-space forwarder between two pods of one node ([`SameNodeNull`]),
+//! across nodes ([`CrossNodeNull`]) and toward an external network ([`EgressNull`]),
+//! measured beside Switchyard and the kernel. Across
 //! nodes: two node namespaces on one underlay link, one pod on each with a TAP created
 //! exactly as the dataplane creates it (virtio-net header, TSO, one queue per worker, its
 //! super-frames capped to fit one `UDP_SEGMENT` send), and on each node a *null forwarder*:
@@ -235,6 +236,85 @@ fn poll_loop(queue: usize, fds: [RawFd; 2], stop: &AtomicBool, mut step: impl Fn
             continue;
         }
         while step() > 0 {}
+    }
+}
+
+/// Two pods of one node whose TAPs a null forwarder joins, for a round trip's ceiling: per
+/// queue one thread, pinned as a worker and at the nice value the dataplane's workers take
+/// while the node is quiet (as they are between pings), that moves frames from one TAP to
+/// the other unchanged (each pod's neighbour entry for the other is the other's MAC, so no
+/// byte is rewritten). Its system calls per round trip are a worker's: a wake-up from
+/// `poll`, a read and a write each way. Everything goes when it drops.
+pub struct SameNodeNull {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    /// The two pods.
+    pub pods: Vec<Pod>,
+}
+
+impl SameNodeNull {
+    /// Builds the two pods and the forwarder.
+    pub fn build() -> Result<Self> {
+        let prefix = unique_prefix();
+        let mut pods = Vec::new();
+        let mut taps = Vec::new();
+        let mut macs = Vec::new();
+        for i in 0..2u8 {
+            let ns = Netns::create(&format!("{prefix}-nup{i}"))?;
+            let ipv4 = Ipv4Addr::new(10, 244, 8, 10 + i);
+            let mac = MacAddr([0x02, 0x5e, 0, 0, 8, 10 + i]);
+            taps.push(PortIo::Tap(null_pod(&ns, ipv4, mac, 1500, None)?));
+            macs.push(mac);
+            pods.push(Pod {
+                ns,
+                ipv4,
+                ipv6: std::net::Ipv6Addr::UNSPECIFIED,
+                port: None,
+            });
+        }
+        for (i, pod) in pods.iter().enumerate() {
+            let other = &pods[1 - i];
+            pod.ns.exec(&[
+                "ip",
+                "neigh",
+                "replace",
+                &other.ipv4.to_string(),
+                "lladdr",
+                &macs[1 - i].to_string(),
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        let [a, b]: [PortIo; 2] = taps.try_into().map_err(|_| fail!("two TAPs were made"))?;
+        let taps = Arc::new([a, b]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..QUEUES)
+            .map(|queue| {
+                let (taps, stop) = (taps.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let _ = switchyard_dataplane::io::steering::set_current_thread_nice(
+                        switchyard_dataplane::switch::QUIET_WORKER_NICE,
+                    );
+                    between_taps(&taps, queue, &stop)
+                })
+            })
+            .collect();
+        Ok(Self {
+            stop,
+            threads,
+            pods,
+        })
+    }
+}
+
+impl Drop for SameNodeNull {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 

@@ -252,82 +252,109 @@ fn single_node(run: SingleNode) -> Result<bool> {
             .extend(["--pod-ports".to_string(), kind.name().to_string()]);
         switchyards.push(Testbed::build(Arm::Switchyard, &options)?);
     }
-    let mut arms: Vec<(&str, &Testbed)> = kinds
+    let mut arms: Vec<(&str, &[Pod])> = kinds
         .iter()
         .zip(&switchyards)
-        .map(|(kind, bed)| (*kind, bed))
+        .map(|(kind, bed)| (*kind, &bed.pods[..]))
         .collect();
-    arms.push(("kernel", &kernel));
+    arms.push(("kernel", &kernel.pods[..]));
+    // The round trip's ceiling: two pods joined by a null forwarder (bench_env::ceiling),
+    // pinged in the same rounds.
+    let null = bench_env::ceiling::SameNodeNull::build()?;
 
     let mut all_connected = true;
-    for (name, bed) in &arms {
-        let m = measure::connectivity(&bed.pods);
+    for (name, pods) in &arms {
+        let m = measure::connectivity(pods);
         print_matrix(name, &m);
         all_connected &= m.failures.is_empty();
     }
 
-    type Measure<'a> = Box<dyn Fn(&Testbed) -> Result<Vec<f64>> + 'a>;
-    let runs: Vec<(&[(&str, &str)], Measure)> = vec![
+    type Measure<'a> = Box<dyn Fn(&[Pod]) -> Result<Vec<f64>> + 'a>;
+    // (name, unit) of each row a measurement gives.
+    type Rows = &'static [(&'static str, &'static str)];
+    // (rows, how, whether the null forwarder is measured too)
+    let runs: Vec<(Rows, Measure, bool)> = vec![
         (
             &[("tcp_1_stream", "Gbit/s")],
-            Box::new(|b| Ok(vec![measure::tcp_gbps(&b.pods[0], &b.pods[1], 1, seconds)?])),
+            Box::new(|p| Ok(vec![measure::tcp_gbps(&p[0], &p[1], 1, seconds)?])),
+            false,
         ),
         (
             &[("tcp_4_streams", "Gbit/s")],
-            Box::new(|b| Ok(vec![measure::tcp_gbps(&b.pods[0], &b.pods[1], 4, seconds)?])),
+            Box::new(|p| Ok(vec![measure::tcp_gbps(&p[0], &p[1], 4, seconds)?])),
+            false,
         ),
         (
             &[("udp_64b_pps", "packets/s")],
-            Box::new(|b| Ok(vec![measure::udp_64b_pps(&b.pods[0], &b.pods[1], seconds)?])),
+            Box::new(|p| Ok(vec![measure::udp_64b_pps(&p[0], &p[1], seconds)?])),
+            false,
         ),
         (
             &[("udp_64b_flood_pps", "packets/s")],
-            Box::new(|b| {
-                let to = std::net::SocketAddrV4::new(b.pods[1].ipv4, bench_env::flood::FLOOD_PORT);
+            Box::new(|p| {
+                let to = std::net::SocketAddrV4::new(p[1].ipv4, bench_env::flood::FLOOD_PORT);
                 Ok(vec![bench_env::flood::udp_flood_pps(
-                    &b.pods[0].ns,
-                    &b.pods[1].ns,
-                    to,
-                    seconds,
+                    &p[0].ns, &p[1].ns, to, seconds,
                 )?])
             }),
+            false,
         ),
         (
             &[("rtt_p50_us", "µs"), ("rtt_p99_us", "µs")],
-            Box::new(|b| {
-                let (p50, p99) = measure::rtt_us(&b.pods[0], &b.pods[1], pings)?;
+            Box::new(|p| {
+                let (p50, p99) = measure::rtt_us(&p[0], &p[1], pings)?;
                 Ok(vec![p50, p99])
             }),
+            true,
         ),
     ];
     let mut runs = runs;
     if pods >= 4 {
         runs.push((
             &[("rtt_p99_us_under_load", "µs")],
-            Box::new(|b| {
-                let (_, p99) = measure::rtt_us_under_load(&b.pods, pings)?;
+            Box::new(|p| {
+                let (_, p99) = measure::rtt_us_under_load(p, pings)?;
                 Ok(vec![p99])
             }),
+            false,
         ));
     }
     let mut metrics: Vec<Metric> = Vec::new();
     // (metric, afxdp / tap) when both ran.
     let mut between: Vec<(String, f64, f64)> = Vec::new();
-    for (metric_names, run) in &runs {
+    // (row, Switchyard figure, null figure) for the ratios printed after the table.
+    let mut ceilings: Vec<(String, f64, f64)> = Vec::new();
+    for (metric_names, run, with_null) in &runs {
         let label = metric_names
             .iter()
             .map(|m| m.0)
             .collect::<Vec<_>>()
             .join(", ");
-        let medians = rounds_of(&arms, repeat, &label, run.as_ref())?;
+        let mut these = arms.clone();
+        if *with_null {
+            these.insert(pod_ports.len(), ("null", &null.pods[..]));
+        }
+        let medians = rounds_of(&these, repeat, &label, run.as_ref())?;
         for ((name, unit), per_arm) in metric_names.iter().zip(medians) {
             let kernel = per_arm[per_arm.len() - 1];
+            let null_figure = with_null.then(|| per_arm[pod_ports.len()]);
             for (kind, value) in pod_ports.iter().zip(&per_arm) {
                 let row = match kind {
                     PodPorts::Tap => name.to_string(),
                     other => format!("{name}_{}", other.name()),
                 };
+                if let Some(null_figure) = null_figure {
+                    ceilings.push((row.clone(), *value, null_figure));
+                }
                 metrics.push(Metric::new(&row, unit, *value, kernel));
+            }
+            if let Some(null_figure) = null_figure {
+                metrics.push(Metric::new(
+                    &format!("{name}_null"),
+                    unit,
+                    null_figure,
+                    kernel,
+                ));
             }
             let at = |k: PodPorts| pod_ports.iter().position(|p| *p == k).map(|i| per_arm[i]);
             if let (Some(tap), Some(afxdp)) = (at(PodPorts::Tap), at(PodPorts::Afxdp)) {
@@ -337,6 +364,9 @@ fn single_node(run: SingleNode) -> Result<bool> {
     }
     println!();
     print!("{}", report::table(&metrics));
+    if !ceilings.is_empty() {
+        print_ceilings("two TAPs joined, nothing else; rows *_null", &ceilings);
+    }
     if !between.is_empty() {
         println!("\nafxdp against tap, same run:");
         for (name, afxdp, tap) in &between {
@@ -344,7 +374,7 @@ fn single_node(run: SingleNode) -> Result<bool> {
             println!("  {name:<24} {afxdp:>12.2} / {tap:>12.2} = {ratio:.2}x");
         }
     }
-    for ((kind, bed), _) in arms.iter().zip(&pod_ports) {
+    for (kind, bed) in kinds.iter().zip(&switchyards) {
         if let Ok(Reply::Stats(stats)) = bed.client().and_then(|mut c| Ok(c.call(Request::Stats)?))
         {
             let drops: Vec<String> = stats
@@ -388,7 +418,7 @@ fn rounds<T>(
 
 /// Runs `measure` `repeat` times on each of the named arms, alternating (the last arm
 /// first in each round); returns, per output, the medians in the arms' order.
-fn rounds_of<T>(
+fn rounds_of<T: ?Sized>(
     arms: &[(&str, &T)],
     repeat: usize,
     label: &str,

@@ -469,3 +469,31 @@ fn the_metrics_endpoint_serves_prometheus_text_with_the_pods_traffic() {
     let missing = scrape("GET /nothing HTTP/1.1\r\n\r\n");
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
 }
+
+#[test]
+#[cfg_attr(
+    not(privileged),
+    ignore = "needs root: network namespaces and TAP devices"
+)]
+fn the_round_trips_ceiling_joins_two_pods_and_leaves_nothing() {
+    bench_env::require_root("single-node integration test");
+    let null = bench_env::ceiling::SameNodeNull::build().expect("null forwarder");
+    let names: Vec<String> = null.pods.iter().map(|p| p.ns.name().to_string()).collect();
+    for (from, to) in [(0, 1), (1, 0)] {
+        let target = null.pods[to].ipv4.to_string();
+        let out = null.pods[from]
+            .ns
+            .exec(&["ping", "-c", "20", "-i", "0.01", "-W", "1", &target])
+            .expect("ping through the null forwarder");
+        assert!(out.contains(" 20 received"), "pings lost: {out}");
+    }
+    drop(null);
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    for name in &names {
+        assert!(!listed.contains(name.as_str()), "{name} left behind");
+    }
+}

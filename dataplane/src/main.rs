@@ -86,7 +86,7 @@ struct Args {
     /// busy: a woken worker then runs before the thread that sent it the frame sleeps, so
     /// the answer finds that thread still on its CPU (cross-node ping p50 about a third).
     /// The same value as `--worker-nice` turns it off.
-    #[arg(long, default_value_t = -10, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = switchyard_dataplane::switch::QUIET_WORKER_NICE, allow_hyphen_values = true)]
     worker_quiet_nice: i32,
     /// Serve Prometheus metrics on this address (`127.0.0.1:9964`, `[::]:9964`): per-port
     /// packets and bytes, drops by reason, connection tracking, worker busy time, batch

@@ -110,7 +110,7 @@ pub struct SwitchConfig {
     /// Nice value the workers take while all of them are nearly idle
     /// ([`crate::worker::priority`]; equal to `worker_nice`: never changed). 0 by default
     /// here, so that a program embedding a switch keeps its threads' values; the
-    /// dataplane's `--worker-quiet-nice` defaults to -10.
+    /// dataplane's `--worker-quiet-nice` defaults to [`QUIET_WORKER_NICE`].
     pub worker_quiet_nice: i32,
     /// Where masquerade's flows are journaled so that a restarted or crashed dataplane's
     /// successor takes them back (none: they live in memory only).
@@ -122,6 +122,10 @@ pub struct SwitchConfig {
     /// How packets leaving the node with its address travel under the AF_XDP uplink.
     pub node_exit: crate::io::uplink::NodeExit,
 }
+
+/// The nice value `switchyard-dataplane` gives its workers while the node is quiet
+/// (`--worker-quiet-nice`): enough for a woken worker to run before its waker sleeps.
+pub const QUIET_WORKER_NICE: i32 = -10;
 
 impl Default for SwitchConfig {
     fn default() -> Self {
