@@ -294,9 +294,14 @@ impl SameNodeNull {
             .map(|queue| {
                 let (taps, stop) = (taps.clone(), stop.clone());
                 std::thread::spawn(move || {
-                    let _ = switchyard_dataplane::io::steering::set_current_thread_nice(
-                        switchyard_dataplane::switch::QUIET_WORKER_NICE,
-                    );
+                    let nice = switchyard_dataplane::switch::QUIET_WORKER_NICE;
+                    if let Err(e) =
+                        switchyard_dataplane::io::steering::set_current_thread_nice(nice)
+                    {
+                        eprintln!(
+                            "null forwarder: cannot take nice {nice}, measured without it: {e}"
+                        );
+                    }
                     between_taps(&taps, queue, &stop)
                 })
             })
